@@ -1,0 +1,84 @@
+"""The Gemma (1) forward pass over refprism's parameter layout, recording every activation.
+
+No KV cache, no sampling, no batch axis. Each line is one equation of docs/math.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import ops
+from .config import Config
+from .record import Record
+
+
+def embed_normalizer(d_model: int, dtype, round_to=None):
+    """The embedding scale sqrt(D), as a scalar of the compute dtype.
+
+    Gemma trap: the embedding is multiplied by sqrt(D) and this constant is rounded in the dtype the model runs
+    in. HF transformers rounds it to the model's dtype (sqrt(2048) = 45.254834 in float32, 45.25 in bfloat16);
+    the original JAX code rounds it to the parameters' dtype. refprism uses the compute dtype by default (equal
+    to HF at the same dtype); `round_to="bfloat16"` reproduces a bf16 run's 45.25 exactly.
+    """
+    value = np.sqrt(np.float64(d_model))
+    if round_to is not None:
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
+
+        value = np.float64(np.asarray(value).astype(round_to))
+    return np.asarray(value, dtype=dtype)
+
+
+def forward(params: dict, cfg: Config, tokens, *, normalizer=None) -> Record:
+    """Run tokens [T] through the model; return the Record of every activation (see record.RECORD_TABLE).
+
+    Math:   x_0 = E[tokens] * sqrt(D)
+            x_{l+1/2} = x_l + attn_l(rms_norm(x_l; ln1_l))
+            x_{l+1}   = x_{l+1/2} + mlp_l(rms_norm(x_{l+1/2}; ln2_l))
+            logits    = rms_norm(x_L; ln_final) E^T          (tied unembedding)
+    Shapes: tokens [T] int -> record (logits [T, V])
+    """
+    E = params["embed"]
+    dtype = E.dtype
+    tokens = np.asarray(tokens, dtype=np.int64)
+    T = tokens.shape[0]
+    if normalizer is None:
+        normalizer = embed_normalizer(cfg.d_model, dtype)
+    rec = Record()
+
+    x = E[tokens] * normalizer  # [T, D]
+    rec["embed"] = x
+    cos, sin = ops.rope_tables(np.arange(T), cfg.d_head, cfg.rope_theta, dtype)  # [T, H] each
+
+    for l, p in enumerate(params["blocks"]):
+        name = f"blocks.{l}."
+        rec[name + "resid_pre"] = x
+
+        # Attention: RMSNorm (1 + w) -> q, k, v per head -> split-half RoPE on q, k -> causal softmax -> o_proj
+        h, s1 = ops.rms_norm(x, p["ln1"], eps=cfg.rms_norm_eps)
+        q = np.einsum("td,ndh->tnh", h, p["W_Q"], optimize=True)  # [T, N, H]
+        k = np.einsum("td,kdh->tkh", h, p["W_K"], optimize=True)  # [T, K, H]
+        v = np.einsum("td,kdh->tkh", h, p["W_V"], optimize=True)  # [T, K, H]
+        q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+        scores, pattern, z = ops.attention(q, k, v)  # [N, T, S] twice, [T, N, H]
+        attn_out = np.einsum("tnh,nhd->td", z, p["W_O"], optimize=True)  # [T, D]
+        rec.update({name + "ln1.scale": s1, name + "ln1.out": h, name + "attn.q": q, name + "attn.k": k,
+                    name + "attn.v": v, name + "attn.scores": scores, name + "attn.pattern": pattern, name + "attn.z": z,
+                    name + "attn.out": attn_out})
+        x = x + attn_out
+        rec[name + "resid_mid"] = x
+
+        # MLP: RMSNorm (1 + w) -> GeGLU gelu_tanh(gate) * up -> down
+        h, s2 = ops.rms_norm(x, p["ln2"], eps=cfg.rms_norm_eps)
+        gate, up, act = ops.geglu(h, p["W_gate"], p["W_up"])  # [T, F] each
+        mlp_out = act @ p["W_down"]  # [T, D]
+        rec.update({name + "ln2.scale": s2, name + "ln2.out": h, name + "mlp.gate": gate, name + "mlp.up": up,
+                    name + "mlp.act": act, name + "mlp.out": mlp_out})
+        x = x + mlp_out
+        rec[name + "resid_post"] = x
+
+    h, s = ops.rms_norm(x, params["ln_final"], eps=cfg.rms_norm_eps)
+    rec["ln_final.scale"] = s
+    rec["ln_final.out"] = h
+    rec["logits"] = h @ E.T  # [T, V]: Gemma trap: the unembedding is the embedding matrix itself (tied)
+    return rec
+

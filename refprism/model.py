@@ -1,0 +1,114 @@
+"""The user-facing object: `model = refprism.load(...)`, `run = model.run(prompt)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config, read_config
+from .errors import CheckpointError, InputError
+from .forward import embed_normalizer, forward
+from .record import Record
+from .weights import compute_dtype, read_tensors, resolve_model_dir, to_params
+
+
+@dataclass
+class Run:
+    """One forward pass: the token ids, their pieces, and every activation by name."""
+
+    tokens: np.ndarray  # [T] int64
+    pieces: list[str]
+    record: Record
+
+    @property
+    def logits(self) -> np.ndarray:
+        """[T, V] raw logits."""
+        return self.record["logits"]
+
+
+@dataclass
+class Model:
+    """A loaded Gemma (1) model: config, parameters in the compute dtype, tokenizer (if the directory has one)."""
+
+    config: Config
+    params: dict = field(repr=False)
+    tokenizer: object = field(repr=False)  # tokenizers.Tokenizer or None
+    name: str = ""
+    normalizer: np.ndarray = field(default=None, repr=False)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.params["embed"].dtype
+
+    def encode(self, prompt) -> np.ndarray:
+        """A prompt (text, with BOS as the tokenizer adds it) or a sequence of token ids -> ids [T], checked."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError(f"{self.name} has no tokenizer.json: give the prompt as token ids")
+            ids = self.tokenizer.encode(prompt).ids
+        else:
+            try:
+                ids = [int(i) for i in prompt]
+            except (TypeError, ValueError):
+                raise InputError("a prompt is a string or a sequence of integer token ids") from None
+            if not ids:
+                raise InputError("the token id list is empty (an empty text prompt is the BOS-only run)")
+        V = self.config.vocab_size
+        bad = [i for i in ids if not 0 <= i < V]
+        if bad:
+            raise InputError(f"token id {bad[0]} is out of range: the vocabulary has ids 0 .. {V - 1}")
+        if len(ids) > self.config.max_positions:
+            raise InputError(
+                f"the prompt has {len(ids)} tokens; the model's context is {self.config.max_positions}")
+        return np.asarray(ids, dtype=np.int64)
+
+    def piece(self, token_id: int) -> str:
+        """The vocabulary piece of an id (e.g. 7127 -> '▁Paris'), or '#id' without a tokenizer."""
+        if self.tokenizer is None:
+            return f"#{int(token_id)}"
+        piece = self.tokenizer.id_to_token(int(token_id))
+        return f"#{int(token_id)}" if piece is None else piece
+
+    def run(self, prompt) -> Run:
+        """Forward pass over a prompt (text or token ids), recording every activation."""
+        tokens = self.encode(prompt)
+        record = forward(self.params, self.config, tokens, normalizer=self.normalizer)
+        return Run(tokens=tokens, pieces=[self.piece(t) for t in tokens], record=record)
+
+
+def load(model=None, dtype="float32", *, normalizer_dtype=None) -> Model:
+    """Load a Gemma (1) model from a local directory or a hub repo id.
+
+    model:  a directory with config.json, safetensors weights (single or sharded) and tokenizer.json; or a hub
+            id such as "google/gemma-2b" (only the needed files are downloaded). None: $REFPRISM_MODEL, else
+            google/gemma-2b.
+    dtype:  "float32" (default) or "float64" (audit mode): every weight and activation is in this dtype.
+    normalizer_dtype: round the sqrt(D) embedding scale in this dtype instead of the compute dtype
+            (e.g. "bfloat16" reproduces a bf16 run's 45.25 for gemma-2b).
+    """
+    dt = compute_dtype(dtype)
+    model_dir, name = resolve_model_dir(model)
+    cfg = read_config(model_dir)
+    tokenizer = _read_tokenizer(model_dir, cfg)
+    params = to_params(read_tensors(model_dir, cfg), cfg, dt)
+    normalizer = embed_normalizer(cfg.d_model, dt, round_to=normalizer_dtype)
+    return Model(config=cfg, params=params, tokenizer=tokenizer, name=name, normalizer=normalizer)
+
+
+def _read_tokenizer(model_dir: Path, cfg: Config):
+    """tokenizer.json through `tokenizers`, or None when the directory has none."""
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise CheckpointError(f"{path} is not a valid tokenizers file ({str(e).splitlines()[0][:200]})") from None
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise CheckpointError(
+            f"tokenizer.json has {tok.get_vocab_size()} tokens but the embedding has only {cfg.vocab_size} rows")
+    return tok

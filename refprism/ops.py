@@ -1,0 +1,123 @@
+"""Pure math of a Gemma (1) layer, over NumPy arrays. No batch axis.
+
+Axis legend (the same letters in every einsum of refprism):
+    T query position   S source position   D model width      N query heads    K key/value heads
+    H head width       F MLP width         V vocabulary       L layers         C components
+
+Every function keeps its input's float dtype: constants are cast to x.dtype first, because NumPy 2 promotes
+float32 * float64 to float64 silently.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rms_norm(x, w, *, eps):
+    """Gemma RMSNorm with unit offset.
+
+    Math:   y = x / s * (1 + w),   s = sqrt(mean(x**2) + eps)
+            Gemma trap: the checkpoint stores w, applied as (1 + w) (a zero w is the identity scale).
+    Shapes: x [T, D], w [D] -> y [T, D], s [T]
+    """
+    eps = np.asarray(eps, dtype=x.dtype)
+    s = np.sqrt(np.mean(x * x, axis=-1) + eps)
+    y = x / s[..., None] * (1 + w.astype(x.dtype))
+    return y, s
+
+
+def rope_tables(positions, d_head, theta, dtype):
+    """cos and sin of the rotary angles, in float64 then rounded once to `dtype`.
+
+    Math:   inv_freq_i = theta ** (-2i / H),  i = 0 .. H/2 - 1
+            angle[t, i] = positions[t] * inv_freq_i,  repeated for both halves: [.., H/2] -> [.., H]
+    Shapes: positions [T] -> cos [T, H], sin [T, H]
+    """
+    inv_freq = float(theta) ** (-np.arange(0, d_head, 2, dtype=np.float64) / d_head)  # [H/2]
+    angles = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]  # [T, H/2]
+    angles = np.concatenate([angles, angles], axis=-1)  # [T, H]: split-half layout
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+def rotate_half(x):
+    """Split-half rotation partner: [x1, x2] -> [-x2, x1] over the last axis (Gemma/HF, not interleaved).
+
+    Shapes: x [..., H] -> [..., H]
+    """
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate([-x2, x1], axis=-1)
+
+
+def rope(x, cos, sin):
+    """Rotary position embedding, split-half convention (Gemma trap: not Llama's interleaved pairs).
+
+    Math:   rope(x)[t] = x[t] * cos[t] + rotate_half(x[t]) * sin[t]
+            (dimension i is rotated together with dimension i + H/2 by angle[t, i])
+    Shapes: x [T, heads, H], cos/sin [T, H] -> [T, heads, H]
+    """
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation (Gemma trap: not the exact erf GELU).
+
+    Math:   gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    Shapes: any -> same
+    """
+    c = np.asarray(np.sqrt(2.0 / np.pi), dtype=x.dtype)
+    k = np.asarray(0.044715, dtype=x.dtype)
+    half = np.asarray(0.5, dtype=x.dtype)
+    return half * x * (1 + np.tanh(c * (x + k * x * x * x)))
+
+
+def causal_softmax(scores):
+    """Softmax over sources with the causal mask s <= t.
+
+    Math:   pattern[n, t, s] = exp(a[n,t,s] - m) / sum_{s' <= t} exp(a[n,t,s'] - m)  for s <= t, else 0
+            with m = max_{s <= t} a[n, t, s] (subtracted for stability; it cancels).
+    Shapes: scores [N, T, S] (T == S) -> pattern [N, T, S]
+    """
+    T, S = scores.shape[-2:]
+    allowed = np.tril(np.ones((T, S), dtype=bool))  # [T, S]
+    masked = np.where(allowed, scores, np.asarray(-np.inf, dtype=scores.dtype))
+    masked = masked - masked.max(axis=-1, keepdims=True)
+    e = np.exp(masked)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def kv_index(n_heads, n_kv_heads):
+    """Which key/value head each query head reads: heads are grouped consecutively (HF repeat_kv).
+
+    gemma-2b: N = 8, K = 1 -> [0, 0, 0, 0, 0, 0, 0, 0] (multi-query attention); gemma-7b: N = K = 16 -> identity.
+    Shapes: -> [N] int
+    """
+    return np.arange(n_heads) // (n_heads // n_kv_heads)
+
+
+def attention(q, k, v):
+    """Causal multi-head attention with key/value heads shared by groups of query heads.
+
+    Math:   scores[n, t, s] = q[t, n] . k[s, kv(n)] * H ** -0.5      (Gemma 1 query scale: head_dim ** -0.5)
+            pattern = causal_softmax(scores)
+            z[t, n] = sum_s pattern[n, t, s] v[s, kv(n)]
+    Shapes: q [T, N, H], k [S, K, H], v [S, K, H] -> scores [N, T, S], pattern [N, T, S], z [T, N, H]
+    """
+    N, H = q.shape[1], q.shape[2]
+    kv = kv_index(N, k.shape[1])
+    k_n, v_n = k[:, kv, :], v[:, kv, :]  # [S, N, H]: the shared kv head, once per query head
+    scale = np.asarray(H ** -0.5, dtype=q.dtype)
+    scores = np.einsum("tnh,snh->nts", q, k_n) * scale
+    pattern = causal_softmax(scores)
+    z = np.einsum("nts,snh->tnh", pattern, v_n)
+    return scores, pattern, z
+
+
+def geglu(x, W_gate, W_up):
+    """Gated GELU MLP input: the neuron activations.
+
+    Math:   gate = x W_gate,  up = x W_up,  act = gelu_tanh(gate) * up
+    Shapes: x [T, D], W_gate/W_up [D, F] -> gate, up, act [T, F]
+    """
+    gate = x @ W_gate
+    up = x @ W_up
+    return gate, up, gelu_tanh(gate) * up

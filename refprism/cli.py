@@ -47,7 +47,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .npz file to write")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("residual", help="logits split into embed and each layer's attention and MLP (Fig 3/7)")
+    _prism_common(p)
+    p.set_defaults(func=cmd_residual)
+
+    p = sub.add_parser("attention", help="layer L's attention term split into heads x source tokens (Fig 4)")
+    _prism_common(p)
+    p.add_argument("--layer", type=int, required=True, help="the layer (0-based)")
+    p.add_argument("--top", type=int, default=20, help="rows in the table (default 20; JSON holds all)")
+    p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser("mlp", help="layer L's MLP term split into neurons (Fig 8)")
+    _prism_common(p)
+    p.add_argument("--layer", type=int, required=True, help="the layer (0-based)")
+    p.add_argument("--top", type=int, default=20, help="rows in the table (default 20; JSON holds all)")
+    p.set_defaults(func=cmd_mlp)
+
+    p = sub.add_parser("chain", help="a head's term at a source token split into the residual parts there (Fig 5)")
+    _prism_common(p)
+    _head_args(p)
+    p.add_argument("--then", action="append", default=[], metavar="STEP",
+                   help="pull back further: head:L:H:S (a head of layer L at source S) or neuron:L:N; repeatable")
+    p.add_argument("--split", default="residual", metavar="PRISM",
+                   help="the last prism: residual (default), attention:L or mlp:L")
+    p.add_argument("--top", type=int, default=None, help="rows in the table (default: all)")
+    p.set_defaults(func=cmd_chain)
+
+    p = sub.add_parser("map", help="a head's frozen map at a source token applied to other tokens (Fig 6)")
+    _prism_common(p)
+    _head_args(p)
+    p.add_argument("--inputs", nargs="+", required=True, metavar="TOKEN",
+                   help="tokens whose scaled embeddings the frozen map is applied to (e.g. ▁France ▁Japan)")
+    p.add_argument("--own-scale", action="store_true",
+                   help="normalise each input by its own RMS instead of the norm scale frozen at the source")
+    p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("pca", help="2-D PCA of the targets' unembedding vectors, joined in order (Fig 9)")
+    p.add_argument("--model", default=None, help="model directory or hub id")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 (default) or float64")
+    p.add_argument("--targets", nargs="+", required=True, metavar="TOKEN", help="tokens, in the order to join")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--plot", metavar="FILE.png", help="write the figure")
+    p.set_defaults(func=cmd_pca)
     return parser
+
+
+def _prism_common(p):
+    _common(p)
+    p.add_argument("--position", type=int, default=-1, help="the position whose logits are split (default: last)")
+    p.add_argument("--targets", nargs="+", metavar="TOKEN",
+                   help="target tokens: pieces (▁Paris), one-token text, or ids (#7127); default: the top 5")
+    p.add_argument("--versus", nargs="+", metavar="TOKEN",
+                   help="foils: each target minus the foil (or minus the mean of several foils)")
+    p.add_argument("--json", action="store_true", help="print JSON only (one schema for every prism)")
+    p.add_argument("--plot", metavar="FILE.png", help="write the prism's figure to this PNG file")
+
+
+def _head_args(p):
+    p.add_argument("--layer", type=int, required=True, help="the head's layer (0-based)")
+    p.add_argument("--head", type=int, required=True, help="the query head (0-based)")
+    p.add_argument("--source", type=int, required=True, help="the source token position (0-based, <= position)")
 
 
 def main(argv=None) -> int:
@@ -165,6 +225,170 @@ def cmd_record(args) -> int:
     arrays["config"] = np.array(json.dumps(model.config.to_dict()))
     atomic_write(out, lambda f: np.savez(f, **arrays))
     print(f"wrote {len(run.record)} activations for {len(run.tokens)} tokens to {out}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- prisms
+
+
+def _readout(args):
+    """Load, run, resolve targets (default: the top 5 at the position) -> the logits readout."""
+    from . import prisms
+
+    if args.plot:
+        _check_plot_path(args.plot)
+    model = load_model(args)
+    run = model.run(prompt_of(args))
+    p = prisms.resolve_position(run, args.position)
+    targets = args.targets
+    if not targets:
+        targets = [f"#{i}" for i in np.argsort(-run.logits[p], kind="stable")[:5]]
+    return prisms.logits_readout(model, run, targets, position=p, versus=args.versus or ())
+
+
+def _check_plot_path(path):
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise InputError(f"the directory of --plot {path!r} does not exist")
+    if out.suffix.lower() != ".png":
+        raise InputError(f"--plot writes a PNG: give a file name ending in .png, got {path!r}")
+
+
+def _show(args, split, *, top=None, extra=None):
+    """Print the split (table or JSON) and write its figure if asked."""
+    if args.plot:
+        from . import plots
+
+        plots.figure_for(split, args.plot)
+    if args.json:
+        print(json.dumps(split.to_json()))
+    else:
+        r = split.readout
+        print(f"{split.prism} prism  model {r.model.name}  dtype {r.model.dtype}  position {r.position} "
+              f"({r.run.pieces[r.position]})  reading {r.site_name}")
+        print("tokens: " + " ".join(f"{i}:{p}" for i, p in enumerate(r.run.pieces)))
+        print("targets: " + ", ".join(f"{t.piece} #{t.id}" for t in r.targets.targets + r.targets.versus))
+        print(split.table(top=top))
+        if extra:
+            print(extra)
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _check_top(args):
+    if getattr(args, "top", None) is not None and args.top < 1:
+        raise InputError(f"--top must be at least 1, got {args.top}")
+
+
+def cmd_residual(args) -> int:
+    from . import prisms
+
+    split = prisms.residual_prism(_readout(args))
+    return _show(args, split, extra=_beyond_table(split))
+
+
+def _beyond_table(split) -> str:
+    """Per target: the frozen term, the direct effect with the final norm recomputed, running sums and lens."""
+    ex = split.extras
+    lines = []
+    for z, col in enumerate(split.columns):
+        lines.append(f"\n{col}: frozen term | direct effect (norm recomputed) | frozen running sum | logit lens")
+        for i, label in enumerate(split.labels):
+            lines.append(f"  {label:<10} {split.values[i, z]:>11.4f} {ex['direct_effect']['values'][i, z]:>11.4f} "
+                         f"{ex['frozen_running_sum']['values'][i, z]:>11.4f} {ex['logit_lens']['values'][i, z]:>11.4f}")
+    return "\n".join(lines)
+
+
+def cmd_attention(args) -> int:
+    from . import prisms
+
+    _check_top(args)
+    split = prisms.attention_prism(_readout(args), args.layer)
+    return _show(args, split, top=args.top, extra="\nper head:\n" + prisms.head_split(split).table())
+
+
+def cmd_mlp(args) -> int:
+    from . import prisms
+
+    _check_top(args)
+    return _show(args, prisms.mlp_prism(_readout(args), args.layer), top=args.top)
+
+
+def _parse_int_fields(step, fields, expected):
+    parts = step.split(":")
+    if len(parts) != expected + 1:
+        raise InputError(f"--then {step!r}: expected {fields}")
+    try:
+        return [int(x) for x in parts[1:]]
+    except ValueError:
+        raise InputError(f"--then {step!r}: expected {fields} with integers") from None
+
+
+def _pull_back(args):
+    from . import prisms
+
+    readout = prisms.through_head(_readout(args), args.layer, args.head, args.source)
+    for step in getattr(args, "then", []):
+        kind = step.split(":")[0]
+        if kind == "head":
+            l, h, s = _parse_int_fields(step, "head:LAYER:HEAD:SOURCE", 3)
+            readout = prisms.through_head(readout, l, h, s)
+        elif kind == "neuron":
+            l, n = _parse_int_fields(step, "neuron:LAYER:NEURON", 2)
+            readout = prisms.through_neuron(readout, l, n)
+        else:
+            raise InputError(f"--then {step!r}: a step is head:LAYER:HEAD:SOURCE or neuron:LAYER:NEURON")
+    return readout
+
+
+def cmd_chain(args) -> int:
+    from . import prisms
+
+    _check_top(args)
+    readout = _pull_back(args)
+    kind, _, layer = args.split.partition(":")
+    if kind == "residual" and not layer:
+        split = prisms.residual_prism(readout)
+    elif kind in ("attention", "mlp") and layer.lstrip("-").isdigit():
+        split = (prisms.attention_prism if kind == "attention" else prisms.mlp_prism)(readout, int(layer))
+    else:
+        raise InputError(f"--split {args.split!r}: use residual, attention:LAYER or mlp:LAYER")
+    return _show(args, split, top=args.top)
+
+
+def cmd_map(args) -> int:
+    from . import prisms
+
+    readout = _pull_back(args)
+    tokens = [prisms.resolve_token(readout.model, t) for t in args.inputs]
+    split = prisms.apply_map(readout, prisms.scaled_embeddings(readout.model, tokens), [t.piece for t in tokens],
+                             own_scale=args.own_scale)
+    return _show(args, split)
+
+
+def cmd_pca(args) -> int:
+    from . import prisms
+
+    if args.plot:
+        _check_plot_path(args.plot)
+    model = load_model(args)
+    tokens = prisms.resolve_targets(model, args.targets).targets
+    coords, explained = prisms.unembedding_pca(model, tokens)
+    if args.plot:
+        from . import plots
+
+        plots.pca_figure(coords, [t.piece for t in tokens], explained, args.plot)
+    if args.json:
+        print(json.dumps({"prism": "pca", "model": model.name, "dtype": str(model.dtype),
+                          "targets": [t.to_json() for t in tokens], "coords": coords.tolist(),
+                          "explained_variance": explained.tolist()}))
+    else:
+        print(f"PCA of the unembedding rows: PC1 {explained[0]:.1%}, PC2 {explained[1]:.1%} of the variance")
+        for t, (a, b) in zip(tokens, coords):
+            print(f"  {t.piece:<16} #{t.id:<8} {a:>10.4f} {b:>10.4f}")
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 

@@ -129,7 +129,7 @@ class Readout:
     site: int
     position: int
     whole: np.ndarray  # [Z]
-    whole_label: str  # "logits" or the parent's term label, e.g. "L14H5.src5"
+    whole_label: str  # "logits", or the path of terms pulled back through, e.g. "L14H5.src5/L3N1021"
     scale: np.ndarray  # the norm scale frozen into u: s_final[p], s_ln1[s] or s_ln2[p]
     path: tuple[str, ...] = ()  # terms pulled back through, outermost first
 
@@ -240,9 +240,9 @@ def through_head(readout, layer, head, source) -> Readout:
     back = np.einsum("zh,dh->zd", r, P["W_V"][kv])  # W_V^kv (W_O^h u): [Z, D]
     s = rec[b + "ln1.scale"][source]
     u = rec[b + "attn.pattern"][head, readout.position, source] * back * (1 + P["ln1"]) / s
-    label = f"L{layer}H{head}.src{source}"
-    return replace(readout, u=u, site=2 * layer, position=source, whole=term, whole_label=label, scale=s,
-                   path=readout.path + (label,))
+    path = readout.path + (f"L{layer}H{head}.src{source}",)
+    return replace(readout, u=u, site=2 * layer, position=source, whole=term, whole_label="/".join(path), scale=s,
+                   path=path)
 
 
 def through_neuron(readout, layer, neuron) -> Readout:
@@ -262,9 +262,8 @@ def through_neuron(readout, layer, neuron) -> Readout:
     down = P["W_down"][neuron] @ readout.u.T  # [Z]
     s = rec[b + "ln2.scale"][p]
     u = (g * down)[:, None] * (P["W_up"][:, neuron] * (1 + P["ln2"]) / s)[None, :]
-    label = f"L{layer}N{neuron}"
-    return replace(readout, u=u, site=2 * layer + 1, whole=term, whole_label=label, scale=s,
-                   path=readout.path + (label,))
+    path = readout.path + (f"L{layer}N{neuron}",)
+    return replace(readout, u=u, site=2 * layer + 1, whole=term, whole_label="/".join(path), scale=s, path=path)
 
 
 # ------------------------------------------------------------------------------------------------- results

@@ -1,0 +1,121 @@
+"""The prism subcommands: one JSON schema, labels, --versus, chains, maps, and one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from refprism import cli, prisms as P
+
+PROMPT = "The capital city of France is"
+SCHEMA = {"prism", "model", "dtype", "tokens", "position", "targets", "whole", "components", "residual"}
+
+
+def run_json(capsys, *args):
+    code = cli.main([*map(str, args), "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads(out.out)  # stdout holds only the JSON
+
+
+def check_schema(data, prism):
+    assert SCHEMA <= set(data) and data["prism"] == prism
+    assert all(set(t) == {"id", "piece"} for t in data["tokens"] + data["targets"])
+    assert isinstance(data["position"], int) and data["position"] >= 0
+    Z = len(data["targets"])
+    assert len(data["whole"]["values"]) == Z and all(len(c["values"]) == Z for c in data["components"])
+
+
+def test_residual_json(tiny_dir, tiny, capsys):
+    data = run_json(capsys, "residual", PROMPT, "--model", tiny_dir, "--targets", "▁Paris", "#109", " Tokyo")
+    check_schema(data, "residual")
+    assert [t["piece"] for t in data["targets"]] == ["▁Paris", "▁London", "▁Tokyo"]
+    assert [c["label"] for c in data["components"]] == ["embed", "L0.attn", "L0.mlp", "L1.attn", "L1.mlp"]
+    assert data["whole"]["label"] == "logits" and data["position"] == 6
+    logits = tiny.run(PROMPT).logits[6, [108, 109, 116]]
+    np.testing.assert_allclose(data["whole"]["values"], logits, rtol=1e-6)
+    sums = np.sum([c["values"] for c in data["components"]], axis=0)
+    np.testing.assert_allclose(np.array(data["whole"]["values"]) - sums, data["residual"], atol=1e-6)
+    assert data["exact"] is True and set(data["extras"]) == {"direct_effect", "logit_lens", "frozen_running_sum"}
+
+
+def test_default_targets_are_the_top_five(tiny_dir, tiny, capsys):
+    data = run_json(capsys, "residual", PROMPT, "--model", tiny_dir, "--position", "-2")
+    assert data["position"] == 5
+    top = np.argsort(-tiny.run(PROMPT).logits[5])[:5]
+    assert [t["id"] for t in data["targets"]] == top.tolist()
+
+
+def test_versus(tiny_dir, capsys):
+    data = run_json(capsys, "residual", PROMPT, "--model", tiny_dir, "--targets", "▁Paris", "--versus", "▁London")
+    assert data["columns"] == ["▁Paris - ▁London"] and data["versus"] == [{"id": 109, "piece": "▁London"}]
+    both = run_json(capsys, "residual", PROMPT, "--model", tiny_dir, "--targets", "▁Paris", "▁London")
+    np.testing.assert_allclose(data["whole"]["values"][0], both["whole"]["values"][0] - both["whole"]["values"][1],
+                               rtol=1e-5)
+
+
+def test_attention_json_has_every_head_and_source(tiny_dir, capsys):
+    data = run_json(capsys, "attention", PROMPT, "--model", tiny_dir, "--layer", "1", "--targets", "▁Paris",
+                    "--position", "3", "--top", "2")
+    check_schema(data, "attention")
+    assert [c["label"] for c in data["components"]] == [f"L1H{h}.src{s}" for h in range(4) for s in range(4)]
+    assert data["whole"]["label"] == "L1.attn" and data["extras"]["heads"]["labels"] == [f"L1H{h}" for h in range(4)]
+
+
+def test_mlp_table_shows_top_json_holds_all(tiny_dir, capsys):
+    assert cli.main(["mlp", PROMPT, "--model", str(tiny_dir), "--layer", "0", "--targets", "▁Paris", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("L0N") == 3 and "(125 others)" in out and "exact: yes" in out
+    data = run_json(capsys, "mlp", PROMPT, "--model", tiny_dir, "--layer", "0", "--targets", "▁Paris", "--top", "3")
+    check_schema(data, "mlp")
+    assert len(data["components"]) == 128 and data["whole"]["label"] == "L0.mlp"
+
+
+def test_chain_and_then(tiny_dir, tiny, capsys):
+    data = run_json(capsys, "chain", PROMPT, "--model", tiny_dir, "--layer", "1", "--head", "2", "--source", "5",
+                    "--targets", "▁Paris")
+    check_schema(data, "chain")
+    assert data["whole"]["label"] == "L1H2.src5" and data["position"] == 5
+    assert [c["label"] for c in data["components"]] == ["embed", "L0.attn", "L0.mlp"]
+    att = P.attention_prism(P.logits_readout(tiny, tiny.run(PROMPT), ["▁Paris"]), 1)
+    np.testing.assert_allclose(data["whole"]["values"], att.term("L1H2.src5"), rtol=1e-6)
+    deeper = run_json(capsys, "chain", PROMPT, "--model", tiny_dir, "--layer", "1", "--head", "2", "--source", "5",
+                      "--then", "head:0:1:3", "--targets", "▁Paris")
+    assert deeper["whole"]["label"] == "L1H2.src5/L0H1.src3" and deeper["path"] == ["L1H2.src5", "L0H1.src3"]
+    assert [c["label"] for c in deeper["components"]] == ["embed"]
+    split = run_json(capsys, "chain", PROMPT, "--model", tiny_dir, "--layer", "1", "--head", "2", "--source", "5",
+                     "--split", "mlp:0", "--targets", "▁Paris")
+    assert split["prism"] == "mlp" and split["whole"]["label"] == "L1H2.src5/L0.mlp"
+
+
+def test_map(tiny_dir, capsys):
+    data = run_json(capsys, "map", PROMPT, "--model", tiny_dir, "--layer", "1", "--head", "2", "--source", "5",
+                    "--inputs", "▁France", "▁Japan", "▁Russia", "--targets", "▁Paris", "▁Tokyo")
+    assert data["prism"] == "map" and [c["label"] for c in data["components"]] == ["▁France", "▁Japan", "▁Russia"]
+    assert data["residual"] is None and data["whole"]["label"] == "L1H2.src5"
+
+
+def test_pca(tiny_dir, capsys):
+    data = run_json(capsys, "pca", "--model", tiny_dir, "--targets", *"0123456789")
+    assert len(data["coords"]) == 10 and [t["piece"] for t in data["targets"]] == list("0123456789")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["residual", PROMPT, "--targets", "▁Nowhere"], "▁Nowhere"),
+    (["residual", PROMPT, "--targets", " Paris London"], "is 2 tokens (▁Paris ▁London)"),
+    (["residual", PROMPT, "--targets", "#9999"], "beyond the vocabulary"),
+    (["residual", PROMPT, "--targets", "▁Paris", "#108"], "given twice"),
+    (["residual", PROMPT, "--position", "7"], "position 7 is out of range"),
+    (["attention", PROMPT, "--layer", "2"], "layer 2 is out of range"),
+    (["attention", PROMPT, "--layer", "-1"], "layer -1 is out of range"),
+    (["chain", PROMPT, "--layer", "1", "--head", "4", "--source", "0"], "head 4 is out of range"),
+    (["chain", PROMPT, "--layer", "1", "--head", "0", "--source", "6", "--position", "4"], "source 6 is out of range"),
+    (["chain", PROMPT, "--layer", "1", "--head", "0", "--source", "2", "--then", "head:1:0:0"], "L1.attn is not part"),
+    (["chain", PROMPT, "--layer", "1", "--head", "0", "--source", "2", "--then", "bogus"], "--then 'bogus'"),
+    (["mlp", PROMPT, "--layer", "0", "--top", "0"], "--top must be at least 1"),
+    (["residual", PROMPT, "--plot", "/nonexistent-dir/x.png"], "does not exist"),
+])
+def test_prism_errors_one_line(tiny_dir, capsys, args, message):
+    assert cli.main([*args, "--model", str(tiny_dir)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err

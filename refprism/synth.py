@@ -337,8 +337,11 @@ _CHAR_SCORE = -10.0  # every single character
 _WORD_SCORE = -5.0  # whole words: one word piece beats any split into characters
 _MIN_SMALL_VOCAB = 256
 
-# The minimal tokenizer_config.json written beside the small tokenizer.
+# The minimal tokenizer_config.json written beside the small tokenizer. tokenizer_class
+# matters: without it transformers' AutoTokenizer picks GemmaTokenizer (from model_type), which
+# rebuilds a BPE model from the vocabulary and silently tokenizes character by character.
 SMALL_TOKENIZER_CONFIG = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
     "add_bos_token": True,
     "add_eos_token": False,
     "bos_token": "<bos>",

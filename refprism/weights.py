@@ -149,11 +149,15 @@ def to_compute(a: np.ndarray, dtype) -> np.ndarray:
 
 
 def to_params(tensors: dict[str, np.ndarray], cfg: Config, dtype) -> dict:
-    """HF tensors -> refprism's per-head parameter layout (see the module docstring), in the compute dtype."""
+    """HF tensors -> refprism's per-head parameter layout (see the module docstring), in the compute dtype.
+
+    Consumes `tensors`: each stored tensor is dropped as soon as it is converted, so the peak memory is the
+    converted model plus one stored tensor, not both models.
+    """
     N, K, H, D = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model
 
     def get(name):
-        return to_compute(tensors[name], dtype)
+        return to_compute(tensors.pop(name), dtype)
 
     blocks = []
     for l in range(cfg.n_layers):

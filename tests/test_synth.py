@@ -417,9 +417,17 @@ def test_written_small_tokenizer_is_the_built_one(tmp_path):
     assert tok.get_vocab_size() == 300
     assert tok.encode(SENTENCE).ids == build_small_tokenizer(300).encode(SENTENCE).ids
     assert json.loads((out / "tokenizer_config.json").read_text()) == {
-        "add_bos_token": True, "add_eos_token": False, "bos_token": "<bos>", "eos_token": "<eos>",
+        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True, "add_eos_token": False, "bos_token": "<bos>", "eos_token": "<eos>",
         "pad_token": "<pad>", "unk_token": "<unk>",
     }
+
+
+def test_transformers_auto_tokenizer_reads_the_small_tokenizer_as_written(tmp_path):
+    out = write_checkpoint(tmp_path / "c", make_config("tiny"))
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    # Not GemmaTokenizer, which would rebuild a BPE model and split "The" into characters.
+    assert tok(SENTENCE).input_ids == build_small_tokenizer(512).encode(SENTENCE).ids
+    assert len(tok) == 512
 
 
 def test_tokenizer_selection_small_vocab():

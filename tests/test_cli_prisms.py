@@ -119,3 +119,20 @@ def test_prism_errors_one_line(tiny_dir, capsys, args, message):
     assert cli.main([*args, "--model", str(tiny_dir)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args", [
+    ["residual", PROMPT],
+    ["attention", PROMPT, "--layer", "1"],
+    ["mlp", PROMPT, "--layer", "0"],
+    ["chain", PROMPT, "--layer", "1", "--head", "2", "--source", "5"],
+    ["map", PROMPT, "--layer", "1", "--head", "2", "--source", "5", "--inputs", "▁France", "▁Japan"],
+    ["pca"],
+])
+def test_every_command_writes_its_plot(tiny_dir, tmp_path, capsys, args):
+    out = tmp_path / "fig.png"
+    code = cli.main([*args, "--model", str(tiny_dir), "--targets", "▁Paris", "▁Tokyo", "--plot", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {out}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png"]  # no temporary file left

@@ -193,8 +193,9 @@ def tokens_json(model, ids):
 def cmd_run(args) -> int:
     if args.top < 1:
         raise InputError(f"--top must be at least 1, got {args.top}")
+    prompt = prompt_of(args)
     model = load_model(args)
-    run = model.run(prompt_of(args))
+    run = model.run(prompt)
     last = run.logits[-1]
     probs = softmax64(last)
     k = min(args.top, last.shape[0])
@@ -207,7 +208,7 @@ def cmd_run(args) -> int:
                     for i in top],
         }))
         return 0
-    note = "  (empty prompt: the BOS-only run)" if isinstance(prompt_of(args), str) and not prompt_of(args) else ""
+    note = "  (empty prompt: the BOS-only run)" if prompt == "" else ""
     print(f"model {model.name}  dtype {model.dtype}  T={len(run.tokens)}{note}")
     print("tokens: " + " ".join(f"{p}({i})" for i, p in zip(run.tokens, run.pieces)))
     print(f"next token (top {k}):")
@@ -218,8 +219,9 @@ def cmd_run(args) -> int:
 
 def cmd_record(args) -> int:
     out = check_out_path(args.out, args.force)
+    prompt = prompt_of(args)
     model = load_model(args)
-    run = model.run(prompt_of(args))
+    run = model.run(prompt)
     arrays = dict(run.record)
     arrays["tokens"] = run.tokens
     arrays["config"] = np.array(json.dumps(model.config.to_dict()))
@@ -237,8 +239,9 @@ def _readout(args):
 
     if args.plot:
         _check_plot_path(args.plot)
+    prompt = prompt_of(args)
     model = load_model(args)
-    run = model.run(prompt_of(args))
+    run = model.run(prompt)
     p = prisms.resolve_position(run, args.position)
     targets = args.targets
     if not targets:

@@ -336,14 +336,15 @@ class Split:
         rows = range(len(self.labels)) if top is None else sorted(self.top(top))
         cols = self.columns
         width = max(12, *(len(c) + 2 for c in cols))
-        name_w = max([len(self.whole_label), len("residual"), *(len(self.labels[i]) for i in rows)]) + 2
+        others = f"({len(self.labels) - len(rows)} others)"
+        name_w = max([len(self.whole_label), len(others), *(len(self.labels[i]) for i in rows)]) + 2
         head = " " * name_w + "".join(f"{c:>{width}}" for c in cols)
         line = lambda label, vals: f"{label:<{name_w}}" + "".join(f"{v:>{width}.4f}" for v in vals)  # noqa: E731
         out = [head, line(self.whole_label, self.whole), "-" * len(head)]
         out += [line(self.labels[i], self.values[i]) for i in rows]
         if top is not None and top < len(self.labels):
             rest = np.delete(self.values, rows, axis=0).sum(axis=0)
-            out.append(line(f"({len(self.labels) - len(rows)} others)", rest))
+            out.append(line(others, rest))
         if self.decomposes:
             out += ["-" * len(head), line("residual", self.residual)]
             out.append(f"exact: {'yes' if self.exact else 'NO'} (|residual| <= {self.tolerance.max():.2g} "

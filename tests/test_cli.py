@@ -87,3 +87,9 @@ def test_errors_are_one_line_exit_2(tiny_dir, args, message):
 def test_missing_model_directory(tmp_path):
     r = refprism_cmd("run", "hi", "--model", tmp_path / "absent")
     assert r.returncode == 2 and "no model directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_empty_prompt_is_the_bos_only_run(tiny_dir, capsys):
+    assert cli.main(["run", "", "--model", str(tiny_dir), "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "T=1  (empty prompt: the BOS-only run)" in out and "tokens: <bos>(2)\n" in out

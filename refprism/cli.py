@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=20, help="rows in the table (default 20; JSON holds all)")
     p.set_defaults(func=cmd_mlp)
 
-    p = sub.add_parser("chain", help="a head's term at a source token split into the residual parts there (Fig 5)")
+    p = sub.add_parser("chain", help="a head's term at a source token (or a neuron's term) split into the residual "
+                                     "parts it read (Fig 5)")
     _prism_common(p)
     _head_args(p)
     p.add_argument("--then", action="append", default=[], metavar="STEP",
@@ -105,9 +106,10 @@ def _prism_common(p):
 
 
 def _head_args(p):
-    p.add_argument("--layer", type=int, required=True, help="the head's layer (0-based)")
-    p.add_argument("--head", type=int, required=True, help="the query head (0-based)")
-    p.add_argument("--source", type=int, required=True, help="the source token position (0-based, <= position)")
+    p.add_argument("--layer", type=int, required=True, help="the layer of the first step (0-based)")
+    p.add_argument("--head", type=int, help="the query head (0-based); with --source")
+    p.add_argument("--source", type=int, help="the source token position (0-based, <= position)")
+    p.add_argument("--neuron", type=int, help="pull back through this MLP neuron instead of a head")
 
 
 def main(argv=None) -> int:
@@ -331,7 +333,16 @@ def _parse_int_fields(step, fields, expected):
 def _pull_back(args):
     from . import prisms
 
-    readout = prisms.through_head(_readout(args), args.layer, args.head, args.source)
+    head = args.head is not None or args.source is not None
+    if head == (args.neuron is not None):
+        raise InputError("the first step is a head (--head H --source S) or a neuron (--neuron N): give one")
+    if head and (args.head is None or args.source is None):
+        raise InputError("a head step needs both --head and --source")
+    readout = _readout(args)
+    if head:
+        readout = prisms.through_head(readout, args.layer, args.head, args.source)
+    else:
+        readout = prisms.through_neuron(readout, args.layer, args.neuron)
     for step in getattr(args, "then", []):
         kind = step.split(":")[0]
         if kind == "head":

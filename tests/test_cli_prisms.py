@@ -136,3 +136,21 @@ def test_every_command_writes_its_plot(tiny_dir, tmp_path, capsys, args):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {out}" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png"]  # no temporary file left
+
+
+def test_chain_through_a_neuron_first(tiny_dir, tiny, capsys):
+    data = run_json(capsys, "chain", PROMPT, "--model", tiny_dir, "--layer", "1", "--neuron", "7", "--targets", "▁Paris")
+    assert data["whole"]["label"] == "L1N7" and data["site"] == "blocks.1.resid_mid"
+    assert [c["label"] for c in data["components"]] == ["embed", "L0.attn", "L0.mlp", "L1.attn"]
+    mlp = P.mlp_prism(P.logits_readout(tiny, tiny.run(PROMPT), ["▁Paris"]), 1)
+    np.testing.assert_allclose(data["whole"]["values"], mlp.term("L1N7"), rtol=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--neuron", "3", "--head", "0", "--source", "1"], "give one"),
+    ([], "give one"),
+    (["--head", "0"], "needs both --head and --source"),
+])
+def test_chain_first_step_errors(tiny_dir, capsys, extra, message):
+    assert cli.main(["chain", PROMPT, "--model", str(tiny_dir), "--layer", "1", *extra]) == 2
+    assert message in capsys.readouterr().err

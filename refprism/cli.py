@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError, RefprismError
+from .files import atomic_write
 
 
 class _Parser(argparse.ArgumentParser):
@@ -165,19 +164,6 @@ def check_out_path(path: str, force: bool) -> Path:
     return out
 
 
-def atomic_write(out: Path, write) -> None:
-    """Call write(file_object) on a temporary file beside `out`, then rename it over `out`."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def softmax64(logits):
     """Probabilities in float64 (display only)."""
     z = logits.astype(np.float64)
@@ -227,7 +213,11 @@ def cmd_record(args) -> int:
     arrays = dict(run.record)
     arrays["tokens"] = run.tokens
     arrays["config"] = np.array(json.dumps(model.config.to_dict()))
-    atomic_write(out, lambda f: np.savez(f, **arrays))
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz" to the name
+            np.savez(f, **arrays)
+
+    atomic_write(out, write)
     print(f"wrote {len(run.record)} activations for {len(run.tokens)} tokens to {out}", file=sys.stderr)
     return 0
 

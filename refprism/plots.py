@@ -21,15 +21,14 @@ Shapes as in prisms.py: C components, Z readout columns (targets), N heads, S so
 from __future__ import annotations
 
 import math
-import os
 import re
 import textwrap
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
+from .files import atomic_write
 
 _MISSING = "plots need matplotlib: pip install 'refprism[plot]'"
 _HEAD_SOURCE = re.compile(r"H(\d+)\.src(\d+)$")
@@ -363,13 +362,7 @@ def _output_path(path) -> Path:
 
 def _save(fig, out: Path) -> Path:
     """Save to a temporary file beside `out` (same suffix, so the format is the same), then rename over it."""
-    tmp = out.with_name(f".{out.stem}.{uuid.uuid4().hex[:12]}.tmp{out.suffix}")
     try:
-        fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=110)
-        os.replace(tmp, out)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise InputError(f"cannot write the figure {str(out)!r}: {e.strerror or e}") from e
-        raise
-    return out
+        return atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=110))
+    except OSError as e:
+        raise InputError(f"cannot write the figure {str(out)!r}: {e.strerror or e}") from e

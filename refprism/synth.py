@@ -56,6 +56,9 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
+from .config import Config
+from .weights import hf_shapes
+
 __all__ = [
     "PRESETS",
     "DTYPES",
@@ -203,28 +206,14 @@ def make_config(preset: str = "tiny", **overrides) -> dict:
 
 
 def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the checkpoint, in file order, with its shape.
+    """Every tensor of the checkpoint, in file order, with its shape: the loader's own list
+    (``refprism.weights.hf_shapes``), so the writer and the reader cannot disagree.
 
     Shapes: embed [V, D]; q [N*H, D]; k, v [K*H, D]; o [D, N*H]; gate, up [F, D]; down [D, F];
     the three norms [D]. Torch ``nn.Linear`` layout: [out_features, in_features].
     """
     _validate_config(config)
-    V, D, F = config["vocab_size"], config["hidden_size"], config["intermediate_size"]
-    N, K, H = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, D)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (D,)
-        shapes[p + "self_attn.q_proj.weight"] = (N * H, D)
-        shapes[p + "self_attn.k_proj.weight"] = (K * H, D)
-        shapes[p + "self_attn.v_proj.weight"] = (K * H, D)
-        shapes[p + "self_attn.o_proj.weight"] = (D, N * H)
-        shapes[p + "post_attention_layernorm.weight"] = (D,)
-        shapes[p + "mlp.gate_proj.weight"] = (F, D)
-        shapes[p + "mlp.up_proj.weight"] = (F, D)
-        shapes[p + "mlp.down_proj.weight"] = (D, F)
-    shapes["model.norm.weight"] = (D,)
-    return shapes
+    return hf_shapes(Config.from_hf(config))
 
 
 # Standard deviation of the raw norm weights w; the model scales by (1 + w).
@@ -268,26 +257,9 @@ def _plan_shards(sizes: list[int], *, shards: int = 1, max_shard_bytes: int | No
     gets a shard of its own.
     """
     count = len(sizes)
-    if max_shard_bytes is not None:
-        if shards != 1:
-            raise ValueError("give shards or max_shard_bytes, not both")
-        if isinstance(max_shard_bytes, bool) or int(max_shard_bytes) != max_shard_bytes or max_shard_bytes <= 0:
-            raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
-        plan: list[list[int]] = [[]]
-        total = 0
-        for i, size in enumerate(sizes):
-            if plan[-1] and total + size > max_shard_bytes:
-                plan.append([])
-                total = 0
-            plan[-1].append(i)
-            total += size
-        return plan
-    if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or shards < 1:
-        raise ValueError(f"shards must be a positive integer, got {shards!r}")
-    if shards > count:
-        raise ValueError(f"cannot split {count} tensors into {shards} non-empty shards")
 
     def greedy(capacity: int) -> list[list[int]]:
+        """Close a shard when the next tensor would take it past `capacity` bytes."""
         groups: list[list[int]] = [[]]
         total = 0
         for i, size in enumerate(sizes):
@@ -297,6 +269,17 @@ def _plan_shards(sizes: list[int], *, shards: int = 1, max_shard_bytes: int | No
             groups[-1].append(i)
             total += size
         return groups
+
+    if max_shard_bytes is not None:
+        if shards != 1:
+            raise ValueError("give shards or max_shard_bytes, not both")
+        if isinstance(max_shard_bytes, bool) or int(max_shard_bytes) != max_shard_bytes or max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+        return greedy(max_shard_bytes)
+    if isinstance(shards, bool) or not isinstance(shards, (int, np.integer)) or shards < 1:
+        raise ValueError(f"shards must be a positive integer, got {shards!r}")
+    if shards > count:
+        raise ValueError(f"cannot split {count} tensors into {shards} non-empty shards")
 
     # Smallest capacity for which greedy packing needs at most `shards` shards (binary search).
     lo, hi = max(sizes), sum(sizes)

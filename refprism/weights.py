@@ -51,9 +51,9 @@ def compute_dtype(name) -> type:
 
 
 def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Gemma (1) checkpoint must hold, with its HF shape."""
+    """Every tensor a Gemma (1) checkpoint must hold, with its HF shape, in the hub's file order."""
     V, D, N, K, H, F = cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
-    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    shapes = {"model.embed_tokens.weight": (V, D)}
     for l in range(cfg.n_layers):
         p = f"model.layers.{l}."
         shapes.update({
@@ -67,6 +67,7 @@ def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (F, D),
             p + "mlp.down_proj.weight": (D, F),
         })
+    shapes["model.norm.weight"] = (D,)
     return shapes
 
 

@@ -29,6 +29,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model directory or hub id (default: $REFPRISM_MODEL, else google/gemma-2b)")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 (default) or float64 (audit)")
+    p.add_argument("--memory", default="auto", choices=["auto", "fast", "low"],
+                   help="fast: convert all weights at load; low: convert each layer when used (about a third of "
+                        "the memory, slower); auto (default): fast when it fits in available memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pca", help="2-D PCA of the targets' unembedding vectors, joined in order (Fig 9)")
     p.add_argument("--model", default=None, help="model directory or hub id")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 (default) or float64")
+    p.add_argument("--memory", default="auto", choices=["auto", "fast", "low"], help="as for the other commands")
     p.add_argument("--targets", nargs="+", required=True, metavar="TOKEN", help="tokens, in the order to join")
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--plot", metavar="FILE.png", help="write the figure")
@@ -150,7 +154,7 @@ def prompt_of(args):
 def load_model(args):
     from .model import load
 
-    return load(args.model, dtype=args.dtype)
+    return load(args.model, dtype=args.dtype, memory=args.memory)
 
 
 def check_out_path(path: str, force: bool) -> Path:

@@ -10,6 +10,7 @@ import numpy as np
 from . import ops
 from .config import Config
 from .record import Record
+from .weights import Weights
 
 
 def embed_normalizer(d_model: int, dtype, round_to=None):
@@ -28,7 +29,7 @@ def embed_normalizer(d_model: int, dtype, round_to=None):
     return np.asarray(value, dtype=dtype)
 
 
-def forward(params: dict, cfg: Config, tokens, *, normalizer=None) -> Record:
+def forward(params: Weights, cfg: Config, tokens, *, normalizer=None) -> Record:
     """Run tokens [T] through the model; return the Record of every activation (see record.RECORD_TABLE).
 
     Math:   x_0 = E[tokens] * sqrt(D)
@@ -37,19 +38,19 @@ def forward(params: dict, cfg: Config, tokens, *, normalizer=None) -> Record:
             logits    = rms_norm(x_L; ln_final) E^T          (tied unembedding)
     Shapes: tokens [T] int -> record (logits [T, V])
     """
-    E = params["embed"]
-    dtype = E.dtype
+    dtype = params.dtype
     tokens = np.asarray(tokens, dtype=np.int64)
     T = tokens.shape[0]
     if normalizer is None:
         normalizer = embed_normalizer(cfg.d_model, dtype)
     rec = Record()
 
-    x = E[tokens] * normalizer  # [T, D]
+    x = params.embed_rows(tokens) * normalizer  # [T, D]
     rec["embed"] = x
     cos, sin = ops.rope_tables(np.arange(T), cfg.d_head, cfg.rope_theta, dtype)  # [T, H] each
 
-    for l, p in enumerate(params["blocks"]):
+    for l in range(cfg.n_layers):
+        p = params.block(l)  # low-memory mode: converted now, freed after the layer
         name = f"blocks.{l}."
         rec[name + "resid_pre"] = x
 
@@ -76,9 +77,9 @@ def forward(params: dict, cfg: Config, tokens, *, normalizer=None) -> Record:
         x = x + mlp_out
         rec[name + "resid_post"] = x
 
-    h, s = ops.rms_norm(x, params["ln_final"], eps=cfg.rms_norm_eps)
+    h, s = ops.rms_norm(x, params.ln_final, eps=cfg.rms_norm_eps)
     rec["ln_final.scale"] = s
     rec["ln_final.out"] = h
-    rec["logits"] = h @ E.T  # [T, V]: Gemma trap: the unembedding is the embedding matrix itself (tied)
+    rec["logits"] = params.unembed(h)  # [T, V] = h E^T: Gemma trap: the unembedding is the embedding itself (tied)
     return rec
 

@@ -11,7 +11,7 @@ from .config import Config, read_config
 from .errors import CheckpointError, InputError
 from .forward import embed_normalizer, forward
 from .record import Record
-from .weights import compute_dtype, read_tensors, resolve_model_dir, to_params
+from .weights import Weights, choose_memory, compute_dtype, read_tensors, resolve_model_dir
 
 
 @dataclass
@@ -33,14 +33,14 @@ class Model:
     """A loaded Gemma (1) model: config, parameters in the compute dtype, tokenizer (if the directory has one)."""
 
     config: Config
-    params: dict = field(repr=False)
+    params: Weights = field(repr=False)
     tokenizer: object = field(repr=False)  # tokenizers.Tokenizer or None
     name: str = ""
     normalizer: np.ndarray = field(default=None, repr=False)
 
     @property
     def dtype(self) -> np.dtype:
-        return self.params["embed"].dtype
+        return self.params.dtype
 
     def encode(self, prompt) -> np.ndarray:
         """A prompt (text, with BOS as the tokenizer adds it) or a sequence of token ids -> ids [T], checked."""
@@ -78,13 +78,16 @@ class Model:
         return Run(tokens=tokens, pieces=[self.piece(t) for t in tokens], record=record)
 
 
-def load(model=None, dtype="float32", *, normalizer_dtype=None) -> Model:
+def load(model=None, dtype="float32", *, memory="auto", normalizer_dtype=None) -> Model:
     """Load a Gemma (1) model from a local directory or a hub repo id.
 
     model:  a directory with config.json, safetensors weights (single or sharded) and tokenizer.json; or a hub
             id such as "google/gemma-2b" (only the needed files are downloaded). None: $REFPRISM_MODEL, else
             google/gemma-2b.
     dtype:  "float32" (default) or "float64" (audit mode): every weight and activation is in this dtype.
+    memory: "fast" converts every weight once at load (4 bytes a parameter in float32, 8 in float64);
+            "low" keeps the stored weights memory-mapped and converts each layer when it is used (about a third
+            of the memory, slower); "auto" (default) is "fast" when it fits in the available memory.
     normalizer_dtype: round the sqrt(D) embedding scale in this dtype instead of the compute dtype
             (e.g. "bfloat16" reproduces a bf16 run's 45.25 for gemma-2b).
     """
@@ -92,7 +95,7 @@ def load(model=None, dtype="float32", *, normalizer_dtype=None) -> Model:
     model_dir, name = resolve_model_dir(model)
     cfg = read_config(model_dir)
     tokenizer = _read_tokenizer(model_dir, cfg)
-    params = to_params(read_tensors(model_dir, cfg), cfg, dt)
+    params = Weights(read_tensors(model_dir, cfg), cfg, dt, choose_memory(cfg, dt, memory))
     normalizer = embed_normalizer(cfg.d_model, dt, round_to=normalizer_dtype)
     return Model(config=cfg, params=params, tokenizer=tokenizer, name=name, normalizer=normalizer)
 

@@ -172,9 +172,8 @@ def logits_readout(model, run, targets, *, position=-1, versus=()) -> Readout:
     p = resolve_position(run, position)
     dtype = model.dtype
     ids, coef = targets.coefficients(dtype)
-    E, w = model.params["embed"], model.params["ln_final"]
     s = run.record["ln_final.scale"][p]
-    u = (coef @ E[ids]) * (1 + w) / s  # [Z, D]
+    u = (coef @ model.params.embed_rows(ids)) * (1 + model.params.ln_final) / s  # [Z, D]
     whole = coef @ run.logits[p, ids]  # [Z]
     return Readout(model, run, targets, u, 2 * model.config.n_layers, p, whole, "logits", s)
 
@@ -198,7 +197,7 @@ def head_source_terms(readout, layer) -> np.ndarray:
     _check_layer(readout, layer, "attn")
     cfg, rec, p = readout.model.config, readout.run.record, readout.position
     b = f"blocks.{layer}."
-    W_O = readout.model.params["blocks"][layer]["W_O"]  # [N, H, D]
+    W_O = readout.model.params.block(layer)["W_O"]  # [N, H, D]
     pattern = rec[b + "attn.pattern"][:, p, : p + 1]  # [N, S]
     v = rec[b + "attn.v"][: p + 1]  # [S, K, H]
     r = np.einsum("zd,nhd->znh", readout.u, W_O)  # W_O^h u per head: project the readout first
@@ -215,7 +214,7 @@ def neuron_terms(readout, layer) -> np.ndarray:
     """
     _check_layer(readout, layer, "mlp")
     act = readout.run.record[f"blocks.{layer}.mlp.act"][readout.position]  # [F]
-    return act[:, None] * (readout.model.params["blocks"][layer]["W_down"] @ readout.u.T)
+    return act[:, None] * (readout.model.params.block(layer)["W_down"] @ readout.u.T)
 
 
 def through_head(readout, layer, head, source) -> Readout:
@@ -234,7 +233,7 @@ def through_head(readout, layer, head, source) -> Readout:
                          f"(a head at position {readout.position} reads no later token)")
     term = head_source_terms(readout, layer)[head, source]  # [Z]: the parent's term, by the parent's formula
     rec, b = readout.run.record, f"blocks.{layer}."
-    P = readout.model.params["blocks"][layer]
+    P = readout.model.params.block(layer)
     kv = cfg.kv_head(head)
     r = np.einsum("zd,hd->zh", readout.u, P["W_O"][head])  # W_O^h u: [Z, H]
     back = np.einsum("zh,dh->zd", r, P["W_V"][kv])  # W_V^kv (W_O^h u): [Z, D]
@@ -257,7 +256,7 @@ def through_neuron(readout, layer, neuron) -> Readout:
         raise InputError(f"neuron {neuron} is out of range (layer {layer} has neurons 0 .. {cfg.d_mlp - 1})")
     term = neuron_terms(readout, layer)[neuron]  # [Z]
     rec, b, p = readout.run.record, f"blocks.{layer}.", readout.position
-    P = readout.model.params["blocks"][layer]
+    P = readout.model.params.block(layer)
     g = ops.gelu_tanh(rec[b + "mlp.gate"][p, neuron])  # frozen gate factor
     down = P["W_down"][neuron] @ readout.u.T  # [Z]
     s = rec[b + "ln2.scale"][p]
@@ -400,8 +399,8 @@ def _beyond_frozen(readout, labels, vectors, values) -> dict:
     model, rec, p = readout.model, readout.run.record, readout.position
     cfg, dtype = model.config, model.dtype
     ids, coef = readout.targets.coefficients(dtype)
-    W = coef @ model.params["embed"][ids]  # [Z, D]
-    w = model.params["ln_final"]
+    W = coef @ model.params.embed_rows(ids)  # [Z, D]
+    w = model.params.ln_final
 
     def f(xs):  # [C, D] -> [C, Z]
         y, _ = ops.rms_norm(xs, w, eps=cfg.rms_norm_eps)
@@ -471,12 +470,12 @@ def apply_map(readout, vectors, labels, *, own_scale=False) -> Split:
 
 def scaled_embeddings(model, tokens) -> np.ndarray:
     """E[t] * sqrt(D) (the normalizer of the run), the vectors the first layer reads: [M, D]."""
-    return model.params["embed"][[t.id for t in tokens]] * model.normalizer
+    return model.params.embed_rows([t.id for t in tokens]) * model.normalizer
 
 
 def unembedding_pca(model, tokens) -> tuple[np.ndarray, np.ndarray]:
     """2-D PCA of the tokens' unembedding rows E[t] (centred): coordinates [M, 2] and explained variance [2]."""
-    X = model.params["embed"][[t.id for t in tokens]].astype(np.float64)
+    X = model.params.embed_rows([t.id for t in tokens]).astype(np.float64)
     X = X - X.mean(axis=0)
     U, S, Vt = np.linalg.svd(X, full_matrices=False)
     var = S ** 2 / max((S ** 2).sum(), np.finfo(np.float64).tiny)

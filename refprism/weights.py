@@ -22,15 +22,17 @@ The parameters are kept as the checkpoint stores them (raw norm weights w, appli
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
 from .config import Config
-from .errors import AccessError, CheckpointError
+from .errors import AccessError, CheckpointError, InputError
 
 DEFAULT_MODEL = "google/gemma-2b"
 COMPUTE_DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -84,6 +86,8 @@ def safetensors_files(model_dir: Path) -> list[Path]:
             shards = sorted(set(weight_map.values()))
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+        if not all(isinstance(s, str) and s and "/" not in s and s not in (".", "..") for s in shards):
+            raise CheckpointError(f"{index.name} names a shard that is not a plain file name")
         missing = [s for s in shards if not (model_dir / s).is_file()]
         if missing:
             raise CheckpointError(f"{index.name} names shard {missing[0]}, which is not in {model_dir}")
@@ -102,29 +106,93 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
 
 
-def read_tensors(model_dir: Path, cfg: Config) -> dict[str, np.ndarray]:
-    """All tensors of the checkpoint in their stored dtype (f32, bf16 or f16), checked strictly against cfg."""
-    from safetensors import SafetensorError, safe_open
+@dataclass(frozen=True)
+class Stored:
+    """One tensor as stored in a safetensors file: where it is, not its values (nothing is read yet)."""
 
+    path: Path
+    offset: int  # absolute byte offset of the data in the file
+    dtype: np.dtype  # float32, ml_dtypes.bfloat16 or float16
+    shape: tuple[int, ...]
+
+    def array(self) -> np.ndarray:
+        """A read-only memory map of the tensor: pages are read from the OS page cache as they are touched."""
+        if 0 in self.shape:
+            return np.zeros(self.shape, self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+
+
+def read_header(path: Path) -> dict[str, Stored]:
+    """Parse and check a safetensors header; return name -> Stored. Nothing of the data is read.
+
+    The format: an 8-byte little-endian header length n, n bytes of JSON {name: {"dtype", "shape",
+    "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data; offsets are relative to the data.
+    safetensors' own NumPy loader copies every tensor into fresh memory; refprism maps them instead, so it reads
+    the header itself and checks every declared size against the file before mapping anything.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is not a safetensors file (only {size} bytes)")
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                raise CheckpointError(f"{path}: the header claims {n} bytes but the file has {size - 8} after it "
+                                      "(truncated or not safetensors)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON (corrupt file?)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    data_start, data_size = 8 + n, size - 8 - n
+    out, spans = {}, []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise CheckpointError(f"{path}: tensor {name} has a malformed header entry")
+        stored = entry["dtype"]
+        if stored not in _STORED_DTYPES:
+            raise CheckpointError(f"tensor {name} in {path.name} has dtype {stored}; refprism reads F32, BF16 and F16")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+            raise CheckpointError(f"{path}: tensor {name} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise CheckpointError(f"{path}: tensor {name} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        dtype = np.dtype(_STORED_DTYPES[stored])
+        if not 0 <= begin <= end <= data_size:
+            raise CheckpointError(f"{path}: tensor {name} lies at bytes {begin}..{end}, outside the file's "
+                                  f"{data_size} data bytes (truncated file?)")
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {name} declares shape {shape} ({stored}) but {end - begin} bytes")
+        out[name] = Stored(path, data_start + begin, dtype, tuple(shape))
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b1, e1, n1), (b2, e2, n2) in zip(spans, spans[1:]):
+        if b2 < e1 and b2 < e2:
+            raise CheckpointError(f"{path}: tensors {n1} and {n2} overlap in the file")
+    return out
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def read_tensors(model_dir: Path, cfg: Config) -> dict[str, Stored]:
+    """Every tensor of the checkpoint (not yet read), checked strictly against cfg: names, shapes, duplicates."""
     expected = hf_shapes(cfg)
-    tensors: dict[str, np.ndarray] = {}
-    where: dict[str, str] = {}
+    tensors: dict[str, Stored] = {}
     for path in safetensors_files(model_dir):
-        try:
-            with safe_open(str(path), framework="np") as f:
-                for name in f.keys():
-                    if name in where:
-                        raise CheckpointError(f"tensor {name} is stored twice: in {where[name]} and {path.name}")
-                    stored = f.get_slice(name).get_dtype()
-                    if stored not in _STORED_DTYPES:
-                        raise CheckpointError(
-                            f"tensor {name} in {path.name} has dtype {stored}; refprism reads F32, BF16 and F16")
-                    where[name] = path.name
-                    tensors[name] = f.get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
-        except OSError as e:
-            raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+        for name, stored in read_header(path).items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name} is stored twice: in {tensors[name].path.name} and {path.name}")
+            tensors[name] = stored
     tied = tensors.pop("lm_head.weight", None)
     missing = [n for n in expected if n not in tensors]
     if missing:
@@ -134,49 +202,153 @@ def read_tensors(model_dir: Path, cfg: Config) -> dict[str, np.ndarray]:
         raise CheckpointError(
             f"checkpoint has unexpected tensor {unexpected[0]} ({len(unexpected)} in all); is it a Gemma 1 model?")
     for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
+        if tensors[name].shape != shape:
             raise CheckpointError(
                 f"tensor {name} has shape {list(tensors[name].shape)}, config.json implies {list(shape)}")
-    if tied is not None and not np.array_equal(tied, tensors["model.embed_tokens.weight"]):
+    if tied is not None and not np.array_equal(tied.array(), tensors["model.embed_tokens.weight"].array()):
         raise CheckpointError("lm_head.weight differs from model.embed_tokens.weight; Gemma ties them")
     return tensors
 
 
-def to_compute(a: np.ndarray, dtype) -> np.ndarray:
-    """Stored tensor -> compute dtype. bf16 -> f32 is exact: the 16 bits become the high half of a float32."""
-    if a.dtype == ml_dtypes.bfloat16 and dtype == np.float32:
-        return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return a.astype(dtype)
+def convert(src: np.ndarray, dtype, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values -> compute dtype, written once into `out` (any strides) or a new array.
 
-
-def to_params(tensors: dict[str, np.ndarray], cfg: Config, dtype) -> dict:
-    """HF tensors -> refprism's per-head parameter layout (see the module docstring), in the compute dtype.
-
-    Consumes `tensors`: each stored tensor is dropped as soon as it is converted, so the peak memory is the
-    converted model plus one stored tensor, not both models.
+    bf16 -> f32 is exact and done as an integer shift: the 16 stored bits become the high half of the float32
+    (ml_dtypes' own cast is several times slower). Everything else is NumPy's cast.
     """
-    N, K, H, D = cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_model
+    if out is None:
+        out = np.empty(src.shape, dtype)
+    if src.dtype == ml_dtypes.bfloat16 and out.dtype == np.float32:
+        np.left_shift(src.view(np.uint16), np.uint32(16), out=out.view(np.uint32), casting="safe")
+    elif src.dtype == ml_dtypes.bfloat16:
+        out[...] = convert(src, np.float32)
+    else:
+        out[...] = src
+    return out
 
-    def get(name):
-        return to_compute(tensors.pop(name), dtype)
 
-    blocks = []
-    for l in range(cfg.n_layers):
+def to_compute(a: np.ndarray, dtype) -> np.ndarray:
+    """A stored tensor converted to the compute dtype (a new array)."""
+    return convert(a, dtype)
+
+
+class Weights:
+    """The weights in refprism's per-head layout (module docstring) and compute dtype.
+
+    memory="fast": every tensor is converted once, at load (4 bytes a parameter in float32: ~10 GB for gemma-2b).
+    memory="low":  tensors stay memory-mapped in their stored dtype and each layer is converted when it is used
+                   (and freed after), so resident memory is about one layer plus the page cache's share.
+    Both give bit-identical values (tests/test_memory.py). Norm weights (a few KB) are always converted.
+    """
+
+    def __init__(self, stored: dict, cfg: Config, dtype, memory: str = "fast"):
+        if memory not in ("fast", "low"):
+            raise CheckpointError(f"memory mode {memory!r} is not one of auto, fast, low")
+        self.cfg, self.dtype, self.memory = cfg, np.dtype(dtype), memory
+        self._stored = stored
+        self.ln_final = convert(self._source("model.norm.weight"), dtype)
+        self._norms = [(convert(self._source(f"model.layers.{l}.input_layernorm.weight"), dtype),
+                        convert(self._source(f"model.layers.{l}.post_attention_layernorm.weight"), dtype))
+                       for l in range(cfg.n_layers)]
+        self._embed = self._blocks = None
+        if memory == "fast":
+            self._embed = self._convert("model.embed_tokens.weight")  # first: the largest, while memory is empty
+            self._blocks = [self._convert_block(l) for l in range(cfg.n_layers)]
+            self._stored = None  # every map released: nothing of the files stays resident
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], cfg: Config, dtype, memory="fast") -> "Weights":
+        """From in-memory HF-named arrays (tests build random models this way, without files)."""
+        return cls(dict(arrays), cfg, dtype, memory)
+
+    def _source(self, name):
+        src = self._stored[name]
+        return src.array() if isinstance(src, Stored) else src
+
+    def _convert(self, name, layout=None):
+        """Convert one stored tensor; `layout(view)` rearranges the source into refprism's layout first."""
+        src = self._source(name)
+        view = src if layout is None else layout(src)
+        out = convert(view, self.dtype)
+        del src, view  # unmaps the file region: its pages leave this process's resident set
+        return out
+
+    def _convert_block(self, l) -> dict:
+        N, K, H, D = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.d_head, self.cfg.d_model
         p = f"model.layers.{l}."
-        blocks.append({
-            "ln1": get(p + "input_layernorm.weight"),
+        ln1, ln2 = self._norms[l]
+        return {
+            "ln1": ln1,
             # q_proj rows are [head, h]: [N*H, D] -> [N, H, D] -> [N, D, H]
-            "W_Q": np.ascontiguousarray(get(p + "self_attn.q_proj.weight").reshape(N, H, D).transpose(0, 2, 1)),
-            "W_K": np.ascontiguousarray(get(p + "self_attn.k_proj.weight").reshape(K, H, D).transpose(0, 2, 1)),
-            "W_V": np.ascontiguousarray(get(p + "self_attn.v_proj.weight").reshape(K, H, D).transpose(0, 2, 1)),
+            "W_Q": self._convert(p + "self_attn.q_proj.weight", lambda a: a.reshape(N, H, D).transpose(0, 2, 1)),
+            "W_K": self._convert(p + "self_attn.k_proj.weight", lambda a: a.reshape(K, H, D).transpose(0, 2, 1)),
+            "W_V": self._convert(p + "self_attn.v_proj.weight", lambda a: a.reshape(K, H, D).transpose(0, 2, 1)),
             # o_proj columns are [head, h]: [D, N*H] -> [D, N, H] -> [N, H, D]
-            "W_O": np.ascontiguousarray(get(p + "self_attn.o_proj.weight").reshape(D, N, H).transpose(1, 2, 0)),
-            "ln2": get(p + "post_attention_layernorm.weight"),
-            "W_gate": get(p + "mlp.gate_proj.weight").T,
-            "W_up": get(p + "mlp.up_proj.weight").T,
-            "W_down": get(p + "mlp.down_proj.weight").T,
-        })
-    return {"embed": get("model.embed_tokens.weight"), "ln_final": get("model.norm.weight"), "blocks": blocks}
+            "W_O": self._convert(p + "self_attn.o_proj.weight", lambda a: a.reshape(D, N, H).transpose(1, 2, 0)),
+            "ln2": ln2,
+            # [F, D] kept as stored and read through a transposed view: BLAS takes the transpose for free
+            "W_gate": self._convert(p + "mlp.gate_proj.weight").T,
+            "W_up": self._convert(p + "mlp.up_proj.weight").T,
+            "W_down": self._convert(p + "mlp.down_proj.weight").T,
+        }
+
+    # The three ways the model reads its weights.
+
+    def block(self, l: int) -> dict:
+        """Layer l's weights: ln1, W_Q [N, D, H], W_K/W_V [K, D, H], W_O [N, H, D], ln2, W_gate/W_up [D, F],
+        W_down [F, D]. In low-memory mode each call converts them anew (the caller's copy is its own)."""
+        return self._blocks[l] if self._blocks is not None else self._convert_block(l)
+
+    def embed_rows(self, ids) -> np.ndarray:
+        """E[ids]: [n, D] rows of the embedding (= unembedding) matrix."""
+        ids = np.asarray(ids)
+        if self._embed is not None:
+            return self._embed[ids]
+        return convert(self._source("model.embed_tokens.weight")[ids], self.dtype)
+
+    def unembed(self, h: np.ndarray, chunk: int = 32768) -> np.ndarray:
+        """h E^T: [T, D] -> [T, V] logits against the tied embedding (low-memory mode: in row chunks of E)."""
+        if self._embed is not None:
+            return h @ self._embed.T
+        E = self._source("model.embed_tokens.weight")
+        out = np.empty((h.shape[0], E.shape[0]), dtype=self.dtype)
+        for i in range(0, E.shape[0], chunk):
+            out[:, i:i + chunk] = h @ convert(E[i:i + chunk], self.dtype).T
+        return out
+
+    def embedding(self) -> np.ndarray:
+        """The whole E [V, D] in the compute dtype (low-memory mode: a new array each call)."""
+        return self._embed if self._embed is not None else self._convert("model.embed_tokens.weight")
+
+
+def n_parameters(cfg: Config) -> int:
+    return sum(math.prod(s) for s in hf_shapes(cfg).values())
+
+
+def choose_memory(cfg: Config, dtype, memory: str) -> str:
+    """'auto' -> 'fast' when the converted weights (plus 2 GiB for activations) fit in available memory, else
+    'low'. 'fast' and 'low' are returned as given."""
+    if memory not in ("auto", "fast", "low"):
+        raise InputError(f"memory mode {memory!r} is not one of auto, fast, low")
+    if memory != "auto":
+        return memory
+    need = n_parameters(cfg) * np.dtype(dtype).itemsize + 2 * 2**30
+    return "fast" if need <= available_memory() else "low"
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable on Linux; else free physical pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**63
 
 
 # ---------------------------------------------------------------------------------------------------- hub

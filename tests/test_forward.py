@@ -8,7 +8,7 @@ from refprism.config import Config
 from refprism.forward import forward
 from refprism.record import RECORD_TABLE, expected_shapes
 from refprism.synth import make_config, random_tensor, tensor_shapes
-from refprism.weights import to_params
+from refprism.weights import Weights
 
 
 @st.composite
@@ -26,7 +26,7 @@ def models(draw):
 def build(hf, seed, dtype):
     tensors = {n: random_tensor(n, s, seed=seed) for n, s in tensor_shapes(hf).items()}
     cfg = Config.from_hf(hf)
-    return cfg, to_params(tensors, cfg, dtype)
+    return cfg, Weights.from_arrays(tensors, cfg, dtype)
 
 
 @settings(max_examples=40, deadline=None)

@@ -295,7 +295,7 @@ def test_mlp_prism_matches_the_naive_neuron_outputs(tiny64):
     run = tiny64.run("The capital city of France is")
     r = P.logits_readout(tiny64, run, ["▁Paris", "▁London"])
     split = P.mlp_prism(r, 1)
-    W = tiny64.params["blocks"][1]["W_down"]  # [F, D]
+    W = tiny64.params.block(1)["W_down"]  # [F, D]
     act = run.record["blocks.1.mlp.act"][-1]
     np.testing.assert_allclose(split.values, (act[:, None] * W) @ r.u.T, rtol=1e-12, atol=1e-14)
 
@@ -309,7 +309,7 @@ def test_pca_of_points_in_a_plane_keeps_their_distances():
     ab = rng.standard_normal((5, 2)) * [3.0, 1.0]
     E = np.zeros((10, 16))
     E[[1, 3, 4, 7, 9]] = 5.0 + ab @ basis
-    model = SimpleNamespace(params={"embed": E})
+    model = SimpleNamespace(params=SimpleNamespace(embed_rows=lambda ids: E[ids]))
     toks = [P.Token(i, str(i)) for i in (1, 3, 4, 7, 9)]
     coords, var = P.unembedding_pca(model, toks)
     d = lambda X: np.linalg.norm(X[:, None] - X[None], axis=-1)  # noqa: E731

@@ -1,0 +1,107 @@
+"""Fast and low-memory modes give identical numbers; the safetensors reader checks every declared size first."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import refprism
+from refprism import prisms as P
+from refprism.errors import CheckpointError, InputError
+from refprism.weights import choose_memory, read_header
+
+
+@pytest.mark.parametrize("dtype, stored", [("float32", "bfloat16"), ("float64", "bfloat16"), ("float32", "float16"),
+                                           ("float32", "float32")])
+def test_low_memory_equals_fast_bit_for_bit(checkpoint, dtype, stored):
+    d = checkpoint(dtype=stored, shards=2)
+    fast, low = refprism.load(d, dtype=dtype, memory="fast"), refprism.load(d, dtype=dtype, memory="low")
+    assert fast.params.memory == "fast" and low.params.memory == "low"
+    a, b = fast.run("The capital city of France is"), low.run("The capital city of France is")
+    for name in a.record:
+        np.testing.assert_array_equal(a.record[name], b.record[name], err_msg=name)
+    ra, rb = (P.logits_readout(m, r, ["▁Paris", "▁Tokyo"]) for m, r in ((fast, a), (low, b)))
+    for f in (P.residual_prism, lambda r: P.attention_prism(r, 1), lambda r: P.mlp_prism(r, 0),
+              lambda r: P.residual_prism(P.through_head(r, 1, 2, 5))):
+        np.testing.assert_array_equal(f(ra).values, f(rb).values)
+
+
+def test_low_memory_unembeds_in_chunks(tiny_dir):
+    low = refprism.load(tiny_dir, memory="low")
+    h = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    full = h @ low.params.embedding().T
+    np.testing.assert_array_equal(low.params.unembed(h, chunk=100), full)  # 512 rows in 6 chunks, the last short
+
+
+def test_fast_mode_keeps_no_file_mapped(tiny_dir):
+    model = refprism.load(tiny_dir, memory="fast")
+    maps = open("/proc/self/maps").read()
+    assert str(tiny_dir) not in maps  # every memory map of the checkpoint was released after conversion
+    assert model.params.block(0)["W_Q"].flags.c_contiguous
+
+
+def test_auto_chooses_by_available_memory(monkeypatch, tiny):
+    import refprism.weights as W
+
+    monkeypatch.setattr(W, "available_memory", lambda: 10**12)
+    assert choose_memory(tiny.config, np.float32, "auto") == "fast"
+    monkeypatch.setattr(W, "available_memory", lambda: 10**5)
+    assert choose_memory(tiny.config, np.float32, "auto") == "low"
+    with pytest.raises(InputError, match="memory mode 'medium'"):
+        choose_memory(tiny.config, np.float32, "medium")
+
+
+def test_reader_equals_safetensors_library(checkpoint):
+    for stored in ("bfloat16", "float16", "float32"):
+        d = checkpoint(dtype=stored, shards=2)
+        for path in sorted(d.glob("*.safetensors")):
+            ours, theirs = read_header(path), load_file(str(path))
+            assert set(ours) == set(theirs)
+            for name, t in theirs.items():
+                a = ours[name].array()
+                assert a.dtype == t.dtype and a.shape == t.shape
+                np.testing.assert_array_equal(a.view(np.uint8), t.view(np.uint8))
+
+
+def _write_raw(path, header: dict, data: bytes, header_len=None):
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h) if header_len is None else header_len) + h + data)
+    return path
+
+
+@pytest.mark.parametrize("header, data, header_len, message", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, 10**9, "header claims"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, None, "outside the file"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "declares shape"),
+    ({"a": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 8, None, "dtype I64"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, "overlap"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "invalid shape"),
+    ({"a": {"dtype": "F32", "shape": [2]}}, b"\0" * 8, None, "malformed"),
+    ([1, 2], b"", None, "not a JSON object"),
+])
+def test_reader_refuses_inconsistent_headers(tmp_path, header, data, header_len, message):
+    path = _write_raw(tmp_path / "x.safetensors", header, data, header_len)
+    with pytest.raises(CheckpointError, match=message):
+        read_header(path)
+
+
+def test_reader_refuses_non_json_and_tiny_files(tmp_path):
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(struct.pack("<Q", 5) + b"{abc}")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        read_header(p)
+    p.write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointError, match="only 2 bytes"):
+        read_header(p)
+
+
+def test_memory_option_on_the_command_line(tiny_dir, capsys):
+    from refprism import cli
+
+    assert cli.main(["run", "--ids", "2,5", "--model", str(tiny_dir), "--memory", "low", "--json"]) == 0
+    low = json.loads(capsys.readouterr().out)
+    assert cli.main(["run", "--ids", "2,5", "--model", str(tiny_dir), "--memory", "fast", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top"] == low["top"]

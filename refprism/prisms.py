@@ -200,7 +200,7 @@ def head_source_terms(readout, layer) -> np.ndarray:
     W_O = readout.model.params.block(layer)["W_O"]  # [N, H, D]
     pattern = rec[b + "attn.pattern"][:, p, : p + 1]  # [N, S]
     v = rec[b + "attn.v"][: p + 1]  # [S, K, H]
-    r = np.einsum("zd,nhd->znh", readout.u, W_O)  # W_O^h u per head: project the readout first
+    r = np.einsum("zd,nhd->znh", readout.u, W_O, optimize=True)  # W_O^h u per head: project the readout first
     kv = ops.kv_index(cfg.n_heads, cfg.n_kv_heads)  # the shared kv head of each query head
     return np.einsum("ns,snh,znh->nsz", pattern, v[:, kv, :], r)
 
@@ -214,7 +214,8 @@ def neuron_terms(readout, layer) -> np.ndarray:
     """
     _check_layer(readout, layer, "mlp")
     act = readout.run.record[f"blocks.{layer}.mlp.act"][readout.position]  # [F]
-    return act[:, None] * (readout.model.params.block(layer)["W_down"] @ readout.u.T)
+    W_down = readout.model.params.block(layer)["W_down"]  # [F, D], a transposed view of the stored [D, F]
+    return act[:, None] * (readout.u @ W_down.T).T  # (u W_down^T)^T = W_down u: streams the [D, F] rows in order
 
 
 def through_head(readout, layer, head, source) -> Readout:

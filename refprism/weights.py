@@ -246,9 +246,10 @@ class Weights:
             raise CheckpointError(f"memory mode {memory!r} is not one of auto, fast, low")
         self.cfg, self.dtype, self.memory = cfg, np.dtype(dtype), memory
         self._stored = stored
-        self.ln_final = convert(self._source("model.norm.weight"), dtype)
-        self._norms = [(convert(self._source(f"model.layers.{l}.input_layernorm.weight"), dtype),
-                        convert(self._source(f"model.layers.{l}.post_attention_layernorm.weight"), dtype))
+        self._checked: set[str] = set()  # tensors already proven finite
+        self.ln_final = self._convert("model.norm.weight")
+        self._norms = [(self._convert(f"model.layers.{l}.input_layernorm.weight"),
+                        self._convert(f"model.layers.{l}.post_attention_layernorm.weight"))
                        for l in range(cfg.n_layers)]
         self._embed = self._blocks = None
         if memory == "fast":
@@ -271,6 +272,14 @@ class Weights:
         view = src if layout is None else layout(src)
         out = convert(view, self.dtype)
         del src, view  # unmaps the file region: its pages leave this process's resident set
+        if name not in self._checked:
+            # One pass, no temporary: any NaN or inf makes the sum non-finite, so a finite sum proves every value
+            # finite (only a sum that overflows needs the element-wise look).
+            with np.errstate(over="ignore", invalid="ignore"):
+                total = np.add.reduce(out, axis=None)
+            if not np.isfinite(total) and not np.isfinite(out).all():
+                raise CheckpointError(f"tensor {name} contains NaN or inf values: the checkpoint is corrupt")
+            self._checked.add(name)
         return out
 
     def _convert_block(self, l) -> dict:

@@ -105,3 +105,31 @@ def test_memory_option_on_the_command_line(tiny_dir, capsys):
     low = json.loads(capsys.readouterr().out)
     assert cli.main(["run", "--ids", "2,5", "--model", str(tiny_dir), "--memory", "fast", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top"] == low["top"]
+
+
+@pytest.mark.parametrize("memory", ["fast", "low"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_weights_are_named(tiny_dir, tmp_path, memory, bad):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    t = load_file(str(d / "model.safetensors"))
+    t["model.layers.1.mlp.up_proj.weight"][3, 5] = bad
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.mlp\.up_proj\.weight contains NaN or inf"):
+        model = refprism.load(d, memory=memory)
+        model.run([2, 5])  # low-memory mode converts (and checks) layer 1 here
+
+
+def test_large_finite_weights_are_not_mistaken_for_inf():
+    """A sum that overflows float32 is looked at element-wise before anything is called infinite."""
+    from refprism.config import Config
+    from refprism.synth import make_config, random_tensor, tensor_shapes
+    from refprism.weights import Weights
+
+    hf = make_config("tiny")
+    arrays = {n: random_tensor(n, s) for n, s in tensor_shapes(hf).items()}
+    arrays["model.layers.0.mlp.down_proj.weight"][:] = 3e38  # finite, but the sum overflows
+    w = Weights.from_arrays(arrays, Config.from_hf(hf), np.float32)
+    assert np.isfinite(w.block(0)["W_down"]).all()

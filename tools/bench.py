@@ -99,16 +99,16 @@ def _fixed(x: float, digits: int = 3) -> str:
     if x == 0 or not math.isfinite(x):
         return f"{x:g}"
     decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
-    return f"{x:.{min(decimals, 2) if abs(x) >= 1 else decimals}f}"
+    return f"{x:.{decimals}f}"
 
 
 def fmt_ratio(r) -> str:
-    """0.4567 -> '0.457x', 12.3 -> '12.30x', 0.00123 -> '0.00123x'; None -> '—'."""
+    """0.4567 -> '0.457x', 12.345 -> '12.3x', 0.00123 -> '0.00123x'; None -> '—'."""
     return "—" if r is None else f"{_fixed(r)}x"
 
 
 def fmt_seconds(s) -> str:
-    """Seconds with three significant digits (two decimals from 1 s on); None -> '—'."""
+    """Seconds to three significant digits, in fixed notation (0.000432, 2.50, 123); None -> '—'."""
     return "—" if s is None else _fixed(s)
 
 
@@ -509,7 +509,9 @@ def results_table(results: dict, cases: list[str], T: int) -> list[str]:
         if hf_metric is not None and case != "hf":
             time_ratio = ratio(seconds, summarize(hf, hf_metric)[0])
             rss_ratio = ratio(rss, summarize(hf, "rss_load" if rss_metric == "rss_load" else "rss_forward")[0])
-        cell = fmt_seconds(seconds) if note is None else (note if seconds is None else f"{fmt_seconds(seconds)} ({note})")
+        cell = fmt_seconds(seconds)
+        if note is not None:  # every child failed: the failure; some did: the median of the rest, and how many
+            cell = note if seconds is None else f"{cell} ({note})"
         lines.append(f"| {label} | {cell} | {fmt_ratio(time_ratio)} | {fmt_gb(rss)} | {fmt_ratio(rss_ratio)} |")
     return lines
 
@@ -523,10 +525,10 @@ def targets(results: dict, cases: list[str], lengths: list[int]) -> list[tuple[s
         return summarize(results.get((case, T), []), metric)
 
     def ratio_target(what, case, metric, ref_case, ref_metric, T, limit):
-        value, note = med(case, T, metric)
-        ref, _ = med(ref_case, T, ref_metric)
         if case not in cases:
             return None
+        value, note = med(case, T, metric)
+        ref, _ = med(ref_case, T, ref_metric)
         if value is None:  # the refprism case failed: the target is not met
             return (what, note or "not measured", f"<= {limit}x", "FAIL" if note else "n/a")
         r = ratio(value, ref)
@@ -575,7 +577,7 @@ def floor_table(results: dict, cases: list[str], lengths: list[int], bandwidth: 
             metric = "forward1_s" if case == "float64" else "forward2_s"
             seconds, note = summarize(results.get((case, T), []), metric)
             cells += [note if seconds is None and note else fmt_seconds(seconds), fmt_ratio(ratio(seconds, floor))]
-        lines.append(f"| {labels.get(case, case)} | {fmt_bytes(n)} | {fmt_seconds(floor)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels.get(case, case)} | {fmt_bytes(n)} | {fmt_seconds(floor)} | {' | '.join(cells)} |")
     return lines
 
 
@@ -605,7 +607,7 @@ def raw_table(results: dict, cases: list[str], lengths: list[int]) -> list[str]:
 
 
 def agreement(results: dict, cases: list[str], T: int) -> str | None:
-    """Whether HF and each refprism float32 mode pick the same top token at the last position (first run)."""
+    """Whether HF and each refprism case pick the same top token at the last position (first run of each)."""
     hf = [c for c in results.get(("hf", T), []) if "top" in c]
     if not hf:
         return None
@@ -639,7 +641,7 @@ def render_report(*, command: str, date: str, machine_info: dict, checkpoint: di
             "position, `residual_prism`, and `attention_prism` + `mlp_prism` for every layer.",
             "- float64: `refprism.load(dir, dtype=\"float64\", memory=\"low\")`, one full-record forward.",
             "- Load excludes imports (see the raw runs). Forward 1 is the first call (no warm-up), forward 2 "
-            "the second, the steady state: the targets use forward 2.",
+            "the second, the steady state: the targets use forward 2, and the peak RSS after the forwards.",
             "- Peak RSS: the process's high-water mark (`ru_maxrss`) at the end of the phase (after load; after "
             "the forwards; after the prisms): it includes the imports and resident pages of memory-mapped files.",
             f"- Prompts: at T = len(prompt ids) refprism runs the text {PROMPT!r} and HF its ids; a longer T extends "
@@ -662,7 +664,9 @@ def render_report(*, command: str, date: str, machine_info: dict, checkpoint: di
         out += [f"Read bandwidth over a {fmt_gb(bandwidth['bytes'])} GB float32 array, best of several passes "
                 f"after a warm-up: `a.sum()` (1 thread) {bandwidth['sum_bandwidth'] / GB:.1f} GB/s, "
                 f"`a.reshape(-1, 4096) @ ones` (BLAS, all cores) {bandwidth['gemv_bandwidth'] / GB:.1f} GB/s. "
-                f"The floor uses the larger, {bw / GB:.1f} GB/s.", "",
+                f"The floor uses the larger, {bw / GB:.1f} GB/s."
+                + (" (An array under 1 GB may be served partly from the CPU caches: the bandwidth is then too high.)"
+                   if bandwidth["bytes"] < GB else ""), "",
                 "Floor = the weight bytes a forward must move / bandwidth: float32 reads 4 bytes a parameter; "
                 "low-memory mode reads the stored weights and writes them in the compute dtype.", ""]
         out += floor_table(results, cases, lengths, bw, bytes_per_forward)
@@ -701,7 +705,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, help="an existing HF-layout checkpoint (default: one made once under "
                                                    "$TMPDIR/refprism-bench/<preset>-bf16)")
     p.add_argument("--preset", help="shape of the made checkpoint (default: gemma-2b; tiny with --quick)")
-    p.add_argument("--lengths", type=int, nargs="+", metavar="T", help="prompt lengths (default: 7 128; 7 with --quick)")
+    p.add_argument("--lengths", type=int, nargs="+", metavar="T",
+                   help="prompt lengths (default: 7 128; 7 with --quick)")
     p.add_argument("--runs", type=int, help="fresh processes per case and length (default: 3; 1 with --quick)")
     p.add_argument("--modes", nargs="+", choices=["fast", "low", "auto"], default=["fast", "low"],
                    help="refprism memory modes in float32 (default: fast low)")
@@ -729,8 +734,20 @@ def main(argv=None) -> int:
     command = "python " + shlex.join(sys.argv if argv is None else ["tools/bench.py", *argv])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
-    folder = args.checkpoint or Path(tempfile.gettempdir()) / "refprism-bench" / f"{args.preset}-bf16"
-    folder = ensure_checkpoint(folder, args.preset) if args.checkpoint is None else folder
+    try:  # imported here, not at the top: a worker times its own imports
+        from refprism.synth import PRESETS
+    except ImportError as exc:
+        raise SystemExit(f"bench: cannot import refprism ({exc}); `pip install -e .` from the repository root, "
+                         "or set PYTHONPATH to it") from None
+
+    if args.preset not in PRESETS:
+        raise SystemExit(f"bench: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+    if args.checkpoint is None:
+        folder = ensure_checkpoint(Path(tempfile.gettempdir()) / "refprism-bench" / f"{args.preset}-bf16", args.preset)
+    else:
+        folder = args.checkpoint.resolve()
+        if not (folder / "config.json").is_file():
+            raise SystemExit(f"bench: {folder} has no config.json: give an HF-layout checkpoint folder")
     config = json.loads((folder / "config.json").read_text())
     V, P = config["vocab_size"], n_parameters(config)
     if max(args.lengths) > config["max_position_embeddings"]:

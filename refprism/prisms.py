@@ -197,7 +197,7 @@ def head_source_terms(readout, layer) -> np.ndarray:
     _check_layer(readout, layer, "attn")
     cfg, rec, p = readout.model.config, readout.run.record, readout.position
     b = f"blocks.{layer}."
-    W_O = readout.model.params.block(layer)["W_O"]  # [N, H, D]
+    W_O = readout.model.params.get(layer, "W_O")  # [N, H, D]
     pattern = rec[b + "attn.pattern"][:, p, : p + 1]  # [N, S]
     v = rec[b + "attn.v"][: p + 1]  # [S, K, H]
     r = np.einsum("zd,nhd->znh", readout.u, W_O, optimize=True)  # W_O^h u per head: project the readout first
@@ -214,7 +214,7 @@ def neuron_terms(readout, layer) -> np.ndarray:
     """
     _check_layer(readout, layer, "mlp")
     act = readout.run.record[f"blocks.{layer}.mlp.act"][readout.position]  # [F]
-    W_down = readout.model.params.block(layer)["W_down"]  # [F, D], a transposed view of the stored [D, F]
+    W_down = readout.model.params.get(layer, "W_down")  # [F, D], a transposed view of the stored [D, F]
     return act[:, None] * (readout.u @ W_down.T).T  # (u W_down^T)^T = W_down u: streams the [D, F] rows in order
 
 
@@ -234,12 +234,12 @@ def through_head(readout, layer, head, source) -> Readout:
                          f"(a head at position {readout.position} reads no later token)")
     term = head_source_terms(readout, layer)[head, source]  # [Z]: the parent's term, by the parent's formula
     rec, b = readout.run.record, f"blocks.{layer}."
-    P = readout.model.params.block(layer)
+    params = readout.model.params
     kv = cfg.kv_head(head)
-    r = np.einsum("zd,hd->zh", readout.u, P["W_O"][head])  # W_O^h u: [Z, H]
-    back = np.einsum("zh,dh->zd", r, P["W_V"][kv])  # W_V^kv (W_O^h u): [Z, D]
+    r = np.einsum("zd,hd->zh", readout.u, params.get(layer, "W_O")[head])  # W_O^h u: [Z, H]
+    back = np.einsum("zh,dh->zd", r, params.get(layer, "W_V")[kv])  # W_V^kv (W_O^h u): [Z, D]
     s = rec[b + "ln1.scale"][source]
-    u = rec[b + "attn.pattern"][head, readout.position, source] * back * (1 + P["ln1"]) / s
+    u = rec[b + "attn.pattern"][head, readout.position, source] * back * (1 + params.get(layer, "ln1")) / s
     path = readout.path + (f"L{layer}H{head}.src{source}",)
     return replace(readout, u=u, site=2 * layer, position=source, whole=term, whole_label="/".join(path), scale=s,
                    path=path)
@@ -257,11 +257,11 @@ def through_neuron(readout, layer, neuron) -> Readout:
         raise InputError(f"neuron {neuron} is out of range (layer {layer} has neurons 0 .. {cfg.d_mlp - 1})")
     term = neuron_terms(readout, layer)[neuron]  # [Z]
     rec, b, p = readout.run.record, f"blocks.{layer}.", readout.position
-    P = readout.model.params.block(layer)
+    params = readout.model.params
     g = ops.gelu_tanh(rec[b + "mlp.gate"][p, neuron])  # frozen gate factor
-    down = P["W_down"][neuron] @ readout.u.T  # [Z]
+    down = params.get(layer, "W_down")[neuron] @ readout.u.T  # [Z]
     s = rec[b + "ln2.scale"][p]
-    u = (g * down)[:, None] * (P["W_up"][:, neuron] * (1 + P["ln2"]) / s)[None, :]
+    u = (g * down)[:, None] * (params.get(layer, "W_up")[:, neuron] * (1 + params.get(layer, "ln2")) / s)[None, :]
     path = readout.path + (f"L{layer}N{neuron}",)
     return replace(readout, u=u, site=2 * layer + 1, whole=term, whole_label="/".join(path), scale=s, path=path)
 

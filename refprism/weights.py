@@ -232,6 +232,9 @@ def to_compute(a: np.ndarray, dtype) -> np.ndarray:
     return convert(a, dtype)
 
 
+BLOCK_KEYS = ("ln1", "W_Q", "W_K", "W_V", "W_O", "ln2", "W_gate", "W_up", "W_down")
+
+
 class Weights:
     """The weights in refprism's per-head layout (module docstring) and compute dtype.
 
@@ -282,24 +285,25 @@ class Weights:
             self._checked.add(name)
         return out
 
-    def _convert_block(self, l) -> dict:
+    def _convert_one(self, l, key) -> np.ndarray:
+        """Layer l's weight `key` in refprism's layout (see the module docstring), converted from the stored one."""
         N, K, H, D = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.d_head, self.cfg.d_model
         p = f"model.layers.{l}."
-        ln1, ln2 = self._norms[l]
-        return {
-            "ln1": ln1,
-            # q_proj rows are [head, h]: [N*H, D] -> [N, H, D] -> [N, D, H]
-            "W_Q": self._convert(p + "self_attn.q_proj.weight", lambda a: a.reshape(N, H, D).transpose(0, 2, 1)),
-            "W_K": self._convert(p + "self_attn.k_proj.weight", lambda a: a.reshape(K, H, D).transpose(0, 2, 1)),
-            "W_V": self._convert(p + "self_attn.v_proj.weight", lambda a: a.reshape(K, H, D).transpose(0, 2, 1)),
-            # o_proj columns are [head, h]: [D, N*H] -> [D, N, H] -> [N, H, D]
-            "W_O": self._convert(p + "self_attn.o_proj.weight", lambda a: a.reshape(D, N, H).transpose(1, 2, 0)),
-            "ln2": ln2,
-            # [F, D] kept as stored and read through a transposed view: BLAS takes the transpose for free
-            "W_gate": self._convert(p + "mlp.gate_proj.weight").T,
-            "W_up": self._convert(p + "mlp.up_proj.weight").T,
-            "W_down": self._convert(p + "mlp.down_proj.weight").T,
-        }
+        if key in ("ln1", "ln2"):
+            return self._norms[l][key == "ln2"]
+        if key == "W_Q":  # q_proj rows are [head, h]: [N*H, D] -> [N, H, D] -> [N, D, H]
+            return self._convert(p + "self_attn.q_proj.weight", lambda a: a.reshape(N, H, D).transpose(0, 2, 1))
+        if key in ("W_K", "W_V"):
+            name = p + f"self_attn.{key[-1].lower()}_proj.weight"
+            return self._convert(name, lambda a: a.reshape(K, H, D).transpose(0, 2, 1))
+        if key == "W_O":  # o_proj columns are [head, h]: [D, N*H] -> [D, N, H] -> [N, H, D]
+            return self._convert(p + "self_attn.o_proj.weight", lambda a: a.reshape(D, N, H).transpose(1, 2, 0))
+        # gate/up [F, D] and down [D, F] kept as stored and read through a transposed view (BLAS takes the
+        # transpose for free): W_gate, W_up [D, F], W_down [F, D]
+        return self._convert(p + f"mlp.{key[2:]}_proj.weight").T
+
+    def _convert_block(self, l) -> dict:
+        return {key: self._convert_one(l, key) for key in BLOCK_KEYS}
 
     # The three ways the model reads its weights.
 
@@ -307,6 +311,12 @@ class Weights:
         """Layer l's weights: ln1, W_Q [N, D, H], W_K/W_V [K, D, H], W_O [N, H, D], ln2, W_gate/W_up [D, F],
         W_down [F, D]. In low-memory mode each call converts them anew (the caller's copy is its own)."""
         return self._blocks[l] if self._blocks is not None else self._convert_block(l)
+
+    def get(self, l: int, key: str) -> np.ndarray:
+        """One of layer l's weights (a key of `block`); low-memory mode converts only that one."""
+        if key not in BLOCK_KEYS:
+            raise KeyError(key)
+        return self._blocks[l][key] if self._blocks is not None else self._convert_one(l, key)
 
     def embed_rows(self, ids) -> np.ndarray:
         """E[ids]: [n, D] rows of the embedding (= unembedding) matrix."""

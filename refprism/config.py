@@ -22,9 +22,19 @@ from .errors import ConfigError
 _TANH_GELU_NAMES = {"gelu", "gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast"}
 
 
+MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
 @dataclass(frozen=True)
 class Config:
-    """A Gemma (1) model's hyper-parameters, named with refprism's axis letters."""
+    """A Gemma model's hyper-parameters (Gemma 1, 2 or 3 text), named with refprism's axis letters.
+
+    The family differs in a few switches: Gemma 2 and 3 add a norm after attention and after the MLP
+    (`post_norms`), a sliding attention window on some layers (`layer_types`, `sliding_window`) and a query scale
+    `query_pre_attn_scalar ** -0.5`; Gemma 2 soft-caps attention scores and final logits; Gemma 3 normalises q
+    and k per head (`qk_norm`) and uses another RoPE base on sliding layers (`rope_local_theta`).
+    """
 
     vocab_size: int  # V
     d_model: int  # D
@@ -41,6 +51,38 @@ class Config:
     pad_token_id: int = 0
     model_type: str = "gemma"
     activation: str = "gelu_pytorch_tanh"
+    query_pre_attn_scalar: float = 0.0  # 0: head_dim (Gemma 1)
+    attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    sliding_window: int | None = None  # a sliding layer's query at t sees sources t - W < s <= t
+    layer_types: tuple[str, ...] = ()  # per layer: "full_attention" or "sliding_attention"
+    rope_local_theta: float = 0.0  # 0: rope_theta; Gemma 3's sliding layers: 10000
+    rope_scale: float = 1.0  # "linear" RoPE scaling on full layers (Gemma 3 4B+): angles / factor
+    post_norms: bool = False  # Gemma 2/3: post_attention / post_feedforward norms on the sublayer outputs
+    qk_norm: bool = False  # Gemma 3: RMSNorm (1 + w) of each head's q and k over H
+
+    def __post_init__(self):
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", (FULL,) * self.n_layers if isinstance(self.n_layers, int)
+                               and self.n_layers > 0 else ())
+        if not self.query_pre_attn_scalar:
+            object.__setattr__(self, "query_pre_attn_scalar", float(self.d_head))
+        if not self.rope_local_theta:
+            object.__setattr__(self, "rope_local_theta", self.rope_theta)
+
+    @property
+    def family(self) -> int:
+        """1, 2 or 3: the Gemma generation."""
+        return {"gemma": 1, "gemma2": 2, "gemma3_text": 3}[self.model_type]
+
+    def is_sliding(self, l: int) -> bool:
+        return self.layer_types[l] == SLIDING
+
+    def rope_of(self, l: int) -> tuple[float, float]:
+        """(theta, scale) of layer l's RoPE: Gemma 3 uses a local base on sliding layers."""
+        if self.is_sliding(l):
+            return self.rope_local_theta, 1.0
+        return self.rope_theta, self.rope_scale
 
     @property
     def group_size(self) -> int:
@@ -60,10 +102,13 @@ class Config:
         if not isinstance(hf, dict):
             raise ConfigError("config.json does not hold a JSON object")
         model_type = hf.get("model_type")
-        if model_type != "gemma":
+        if model_type == "gemma3" and isinstance(hf.get("text_config"), dict):
+            raise ConfigError("config.json is a multimodal Gemma 3 (model_type 'gemma3'); refprism reads the text "
+                              "models (model_type 'gemma3_text', e.g. google/gemma-3-270m, google/gemma-3-1b-pt)")
+        if model_type not in MODEL_TYPES:
             raise ConfigError(
-                f"config.json has model_type {model_type!r}; refprism supports Gemma 1 (model_type 'gemma') "
-                "such as google/gemma-2b and google/gemma-7b"
+                f"config.json has model_type {model_type!r}; refprism supports Gemma 1, 2 and 3 text models "
+                f"(model_type {', '.join(repr(m) for m in MODEL_TYPES)})"
             )
 
         def need(key, kind=int):
@@ -82,7 +127,7 @@ class Config:
         if d_head is None:  # HF's default when head_dim is absent
             d_head = d_model // n_heads if isinstance(n_heads, int) and n_heads > 0 else 0
         n_kv = hf.get("num_key_value_heads", n_heads)
-        rope_theta = _rope_theta(hf)
+        rope_theta, rope_local_theta, rope_scale = _rope(hf, model_type)
         activation = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         if activation not in _TANH_GELU_NAMES:
             raise ConfigError(
@@ -101,12 +146,15 @@ class Config:
             d_mlp=need("intermediate_size"),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope_theta),
-            max_positions=int(hf.get("max_position_embeddings", 8192)),
+            max_positions=_max_positions(hf),
             bos_token_id=_token_id(hf, "bos_token_id", 2),
             eos_token_id=_token_id(hf, "eos_token_id", 1),
             pad_token_id=_token_id(hf, "pad_token_id", 0),
             model_type=model_type,
             activation="gelu_pytorch_tanh",
+            **_family_fields(hf, model_type, need("num_hidden_layers") if model_type != "gemma" else None),
+            rope_local_theta=float(rope_local_theta),
+            rope_scale=float(rope_scale),
         )
         cfg.validate()
         return cfg
@@ -125,27 +173,101 @@ class Config:
             raise ConfigError(f"config.json: head_dim ({self.d_head}) must be even for split-half RoPE")
         if not (self.rms_norm_eps >= 0 and math.isfinite(self.rms_norm_eps)):
             raise ConfigError(f"config.json: rms_norm_eps must be a finite number >= 0, got {self.rms_norm_eps!r}")
-        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
-            raise ConfigError(f"config.json: rope_theta must be a finite positive number, got {self.rope_theta!r}")
+        for name in ("rope_theta", "rope_local_theta", "rope_scale", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"config.json: {name} must be a finite positive number, got {value!r}")
+        for name in ("attn_softcap", "final_softcap"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"config.json: {name} must be a positive number or null, got {value!r}")
+        if len(self.layer_types) != self.n_layers or not set(self.layer_types) <= {FULL, SLIDING}:
+            raise ConfigError(f"config.json: layer_types must list {self.n_layers} entries, each "
+                              f"'{FULL}' or '{SLIDING}'")
+        if SLIDING in self.layer_types and not (isinstance(self.sliding_window, int) and self.sliding_window > 0):
+            raise ConfigError(f"config.json: sliding layers need a positive integer sliding_window, "
+                              f"got {self.sliding_window!r}")
 
 
-def _rope_theta(hf: dict) -> float:
-    """rope_theta (transformers 4) or rope_parameters.rope_theta (transformers 5); only default RoPE."""
+def _rope(hf: dict, model_type: str) -> tuple[float, float, float]:
+    """(theta of full layers, theta of sliding layers, linear scale of full layers) from config.json.
+
+    Accepts transformers 4's rope_theta / rope_local_base_freq / rope_scaling and transformers 5's
+    rope_parameters (flat, or per layer type for Gemma 3). Only "default" and "linear" RoPE are supported.
+    """
+    default_full = 1_000_000.0 if model_type == "gemma3_text" else 10000.0
     params = hf.get("rope_parameters")
+    if isinstance(params, dict) and {"full_attention", "sliding_attention"} & set(params):
+        full = _rope_entry(params.get("full_attention") or {}, default_full)
+        local = _rope_entry(params.get("sliding_attention") or {}, 10000.0)
+        return full[0], local[0], full[1]
     if params is not None:
         if not isinstance(params, dict) or "rope_theta" not in params:
             raise ConfigError("config.json: rope_parameters must be an object with a rope_theta")
-        if params.get("rope_type", "default") != "default":
-            raise ConfigError(f"config.json: rope_type {params['rope_type']!r} is not supported (only 'default')")
-        theta = params["rope_theta"]
+        theta, scale = _rope_entry(params, default_full)
     else:
-        scaling = hf.get("rope_scaling")
-        if scaling:
-            raise ConfigError(f"config.json: rope_scaling {scaling!r} is not supported (Gemma 1 uses none)")
-        theta = hf.get("rope_theta", 10000.0)
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
-        raise ConfigError(f"config.json: rope_theta must be a number, got {theta!r}")
-    return float(theta)
+        theta, scale = _rope_entry({"rope_theta": hf.get("rope_theta", default_full),
+                                    **(hf.get("rope_scaling") or {})}, default_full)
+    local = hf.get("rope_local_base_freq", 10000.0 if model_type == "gemma3_text" else theta)
+    if isinstance(local, bool) or not isinstance(local, (int, float)):
+        raise ConfigError(f"config.json: rope_local_base_freq must be a number, got {local!r}")
+    return theta, float(local), scale
+
+
+def _rope_entry(entry: dict, default_theta: float) -> tuple[float, float]:
+    kind = entry.get("rope_type", entry.get("type", "default"))
+    if kind not in ("default", "linear"):
+        raise ConfigError(f"config.json: rope_type {kind!r} is not supported (only 'default' and 'linear')")
+    theta = entry.get("rope_theta", default_theta)
+    scale = entry.get("factor", 1.0) if kind == "linear" else 1.0
+    for name, value in (("rope_theta", theta), ("rope factor", scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config.json: {name} must be a number, got {value!r}")
+    return float(theta), float(scale)
+
+
+def _max_positions(hf: dict) -> int:
+    value = hf.get("max_position_embeddings", 8192)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"config.json: max_position_embeddings must be an integer, got {value!r}")
+    return value
+
+
+def _family_fields(hf: dict, model_type: str, n_layers) -> dict:
+    """The Gemma 2 / 3 switches, with transformers' defaults where config.json is silent."""
+    if model_type == "gemma":
+        return {}
+    gemma2 = model_type == "gemma2"
+    layer_types = hf.get("layer_types")
+    if layer_types is None and isinstance(n_layers, int):
+        pattern = 2 if gemma2 else hf.get("sliding_window_pattern", 6)  # every pattern-th layer is full
+        layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
+    if not isinstance(layer_types, list):
+        raise ConfigError(f"config.json: layer_types must be a list, got {layer_types!r}")
+    fields = {
+        "query_pre_attn_scalar": _number(hf, "query_pre_attn_scalar", 256),
+        "attn_softcap": _optional(hf, "attn_logit_softcapping", 50.0 if gemma2 else None),
+        "final_softcap": _optional(hf, "final_logit_softcapping", 30.0 if gemma2 else None),
+        "sliding_window": hf.get("sliding_window", 4096),
+        "layer_types": tuple(layer_types),
+        "post_norms": True,
+        "qk_norm": not gemma2,
+    }
+    if hf.get("use_bidirectional_attention"):
+        raise ConfigError("config.json: use_bidirectional_attention is not supported (causal models only)")
+    return fields
+
+
+def _number(hf, key, default):
+    value = hf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config.json: {key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _optional(hf, key, default):
+    value = hf.get(key, default)
+    return None if value is None else _number({key: value}, key, None)
 
 
 def _token_id(hf: dict, key: str, default: int) -> int:

@@ -70,15 +70,36 @@ def gelu_tanh(x):
     return half * x * (1 + np.tanh(c * (x + k * x * x * x)))
 
 
-def causal_softmax(scores):
-    """Softmax over sources with the causal mask s <= t.
+def causal_mask(T, window=None):
+    """Which sources each query position sees: s <= t, and t - s < window on a sliding-window layer.
 
-    Math:   pattern[n, t, s] = exp(a[n,t,s] - m) / sum_{s' <= t} exp(a[n,t,s'] - m)  for s <= t, else 0
-            with m = max_{s <= t} a[n, t, s] (subtracted for stability; it cancels).
+    Shapes: -> [T, S=T] bool
+    """
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    allowed = s <= t
+    if window is not None:
+        allowed &= s > t - window  # Gemma 2/3 sliding layers (HF: kv_idx > q_idx - sliding_window)
+    return allowed
+
+
+def softcap(x, cap):
+    """Soft-capping (Gemma 2): cap * tanh(x / cap), close to x for |x| << cap, bounded by cap.
+
+    Shapes: any -> same
+    """
+    cap = np.asarray(cap, dtype=x.dtype)
+    return cap * np.tanh(x / cap)
+
+
+def causal_softmax(scores, window=None):
+    """Softmax over the sources a query may see (causal; within the window on a sliding-window layer).
+
+    Math:   pattern[n, t, s] = exp(a[n,t,s] - m) / sum_{s' allowed} exp(a[n,t,s'] - m)  for allowed s, else 0
+            with m = max over allowed s of a[n, t, s] (subtracted for stability; it cancels).
     Shapes: scores [N, T, S] (T == S) -> pattern [N, T, S]
     """
     T, S = scores.shape[-2:]
-    allowed = np.tril(np.ones((T, S), dtype=bool))  # [T, S]
+    allowed = causal_mask(T, window)  # [T, S]
     masked = np.where(allowed, scores, np.asarray(-np.inf, dtype=scores.dtype))
     masked = masked - masked.max(axis=-1, keepdims=True)
     e = np.exp(masked)
@@ -94,20 +115,21 @@ def kv_index(n_heads, n_kv_heads):
     return np.arange(n_heads) // (n_heads // n_kv_heads)
 
 
-def attention(q, k, v):
+def attention(q, k, v, *, scale=None, cap=None, window=None):
     """Causal multi-head attention with key/value heads shared by groups of query heads.
 
-    Math:   scores[n, t, s] = q[t, n] . k[s, kv(n)] * H ** -0.5      (Gemma 1 query scale: head_dim ** -0.5)
-            pattern = causal_softmax(scores)
+    Math:   scores[n, t, s] = q[t, n] . k[s, kv(n)] * scale     (Gemma 1: scale = H ** -0.5;
+                                                               Gemma 2/3: query_pre_attn_scalar ** -0.5)
+            pattern = causal_softmax(softcap(scores, cap) if cap else scores, window)
             z[t, n] = sum_s pattern[n, t, s] v[s, kv(n)]
     Shapes: q [T, N, H], k [S, K, H], v [S, K, H] -> scores [N, T, S], pattern [N, T, S], z [T, N, H]
     """
     N, H = q.shape[1], q.shape[2]
     kv = kv_index(N, k.shape[1])
     k_n, v_n = k[:, kv, :], v[:, kv, :]  # [S, N, H]: the shared kv head, once per query head
-    scale = np.asarray(H ** -0.5, dtype=q.dtype)
+    scale = np.asarray(H ** -0.5 if scale is None else scale, dtype=q.dtype)
     scores = np.einsum("tnh,snh->nts", q, k_n) * scale
-    pattern = causal_softmax(scores)
+    pattern = causal_softmax(scores if cap is None else softcap(scores, cap), window)
     z = np.einsum("nts,snh->tnh", pattern, v_n)
     return scores, pattern, z
 

@@ -165,6 +165,8 @@ def logits_readout(model, run, targets, *, position=-1, versus=()) -> Readout:
 
     Math:   u_z = (E[t_z] - mean_f E[f]) * (1 + w_final) / s_final[p]      (final norm scale frozen)
             whole_z = logits[p, t_z] - mean_f logits[p, f]                   (the model's raw logits)
+            Gemma 2 soft-caps its logits (cap * tanh(l / cap)), which is not linear: the readout and its whole are
+            the pre-cap logits (`logits_uncapped`), decomposed exactly; the capped values are shown beside them.
     Shapes: -> u [Z, D], whole [Z]
     """
     if not isinstance(targets, Targets):
@@ -174,7 +176,8 @@ def logits_readout(model, run, targets, *, position=-1, versus=()) -> Readout:
     ids, coef = targets.coefficients(dtype)
     s = run.record["ln_final.scale"][p]
     u = (coef @ model.params.embed_rows(ids)) * (1 + model.params.ln_final) / s  # [Z, D]
-    whole = coef @ run.logits[p, ids]  # [Z]
+    raw = run.record["logits_uncapped" if model.config.final_softcap is not None else "logits"]
+    whole = coef @ raw[p, ids]  # [Z]
     return Readout(model, run, targets, u, 2 * model.config.n_layers, p, whole, "logits", s)
 
 
@@ -187,11 +190,26 @@ def _check_layer(readout, layer, kind):
         raise InputError(f"L{layer}.{kind} is not part of {readout.site_name}, which this readout reads")
 
 
+def through_post_norm(readout, layer, kind) -> np.ndarray:
+    """The readout seen from before a Gemma 2/3 post-norm (the identity on Gemma 1).
+
+    Math:   attn.out_l[p] = o_proj_l[p] / s_post[p] * (1 + w_post)   (s_post frozen: ln1_post or ln2_post)
+            u . attn.out_l[p] = u_pre . o_proj_l[p],   u_pre = u * (1 + w_post) / s_post[p]
+    Shapes: u [Z, D] -> u_pre [Z, D]
+    """
+    if not readout.model.config.post_norms:
+        return readout.u
+    key = "ln1_post" if kind == "attn" else "ln2_post"
+    s = readout.run.record[f"blocks.{layer}.{key}.scale"][readout.position]
+    return readout.u * (1 + readout.model.params.get(layer, key)) / s
+
+
 def head_source_terms(readout, layer) -> np.ndarray:
     """Each head's and source token's term of layer l's attention output, read by the readout at position p.
 
     Math:   attn.out_l[p] = sum_h sum_{s<=p} pattern[h,p,s] v[s, kv(h)] W_O^h          (pattern frozen)
             term[h, s, z] = pattern[h,p,s] (v[s, kv(h)] . (W_O^h u_z))                  kv(h) = h // (N/K)
+            (Gemma 2/3: u -> u_pre of through_post_norm, the post-attention norm scale frozen)
     Shapes: -> [N, S=p+1, Z]
     """
     _check_layer(readout, layer, "attn")
@@ -200,7 +218,8 @@ def head_source_terms(readout, layer) -> np.ndarray:
     W_O = readout.model.params.get(layer, "W_O")  # [N, H, D]
     pattern = rec[b + "attn.pattern"][:, p, : p + 1]  # [N, S]
     v = rec[b + "attn.v"][: p + 1]  # [S, K, H]
-    r = np.einsum("zd,nhd->znh", readout.u, W_O, optimize=True)  # W_O^h u per head: project the readout first
+    u = through_post_norm(readout, layer, "attn")
+    r = np.einsum("zd,nhd->znh", u, W_O, optimize=True)  # W_O^h u per head: project the readout first
     kv = ops.kv_index(cfg.n_heads, cfg.n_kv_heads)  # the shared kv head of each query head
     return np.einsum("ns,snh,znh->nsz", pattern, v[:, kv, :], r)
 
@@ -210,12 +229,14 @@ def neuron_terms(readout, layer) -> np.ndarray:
 
     Math:   mlp.out_l[p] = sum_n act[p, n] W_down[n, :]
             term[n, z] = act[p, n] (W_down u_z)[n]                       (project the readout first: [F, Z])
+            (Gemma 2/3: u -> u_pre of through_post_norm, the post-feedforward norm scale frozen)
     Shapes: -> [F, Z]
     """
     _check_layer(readout, layer, "mlp")
     act = readout.run.record[f"blocks.{layer}.mlp.act"][readout.position]  # [F]
     W_down = readout.model.params.get(layer, "W_down")  # [F, D], a transposed view of the stored [D, F]
-    return act[:, None] * (readout.u @ W_down.T).T  # (u W_down^T)^T = W_down u: streams the [D, F] rows in order
+    u = through_post_norm(readout, layer, "mlp")
+    return act[:, None] * (u @ W_down.T).T  # (u W_down^T)^T = W_down u: streams the [D, F] rows in order
 
 
 def through_head(readout, layer, head, source) -> Readout:
@@ -223,7 +244,8 @@ def through_head(readout, layer, head, source) -> Readout:
 
     Math:   term = pattern[h,p,s] v[s,kv(h)] . (W_O^h u),   v[s, k] = (x_s / s_ln1[s] * (1 + w_ln1)) W_V^k
               = u' . x_s  with  u' = pattern[h,p,s] (1 + w_ln1) / s_ln1[s] * (W_V^kv(h) W_O^h u)
-            (pattern and the ln1 scale at s frozen); whole(u') = the parent's L{l}H{h}.src{s} term.
+            (pattern and the ln1 scale at s frozen; Gemma 2/3: u is first taken through the frozen post-attention
+            norm, through_post_norm); whole(u') = the parent's L{l}H{h}.src{s} term.
     Shapes: u [Z, D] -> u' [Z, D]
     """
     cfg = readout.model.config
@@ -236,7 +258,8 @@ def through_head(readout, layer, head, source) -> Readout:
     rec, b = readout.run.record, f"blocks.{layer}."
     params = readout.model.params
     kv = cfg.kv_head(head)
-    r = np.einsum("zd,hd->zh", readout.u, params.get(layer, "W_O")[head])  # W_O^h u: [Z, H]
+    u_pre = through_post_norm(readout, layer, "attn")  # Gemma 2/3: through the frozen post-attention norm
+    r = np.einsum("zd,hd->zh", u_pre, params.get(layer, "W_O")[head])  # W_O^h u: [Z, H]
     back = np.einsum("zh,dh->zd", r, params.get(layer, "W_V")[kv])  # W_V^kv (W_O^h u): [Z, D]
     s = rec[b + "ln1.scale"][source]
     u = rec[b + "attn.pattern"][head, readout.position, source] * back * (1 + params.get(layer, "ln1")) / s
@@ -250,6 +273,7 @@ def through_neuron(readout, layer, neuron) -> Readout:
 
     Math:   term = gelu(gate[p,n]) up[p,n] (W_down[n] . u),   up[p,n] = (x / s_ln2[p] * (1 + w_ln2)) . W_up[:, n]
               = u' . x  with  u' = gelu(gate[p,n]) (W_down[n] . u) W_up[:, n] (1 + w_ln2) / s_ln2[p]
+            (Gemma 2/3: u is first taken through the frozen post-feedforward norm, through_post_norm)
     Shapes: u [Z, D] -> u' [Z, D]
     """
     cfg = readout.model.config
@@ -259,7 +283,7 @@ def through_neuron(readout, layer, neuron) -> Readout:
     rec, b, p = readout.run.record, f"blocks.{layer}.", readout.position
     params = readout.model.params
     g = ops.gelu_tanh(rec[b + "mlp.gate"][p, neuron])  # frozen gate factor
-    down = params.get(layer, "W_down")[neuron] @ readout.u.T  # [Z]
+    down = params.get(layer, "W_down")[neuron] @ through_post_norm(readout, layer, "mlp").T  # [Z]
     s = rec[b + "ln2.scale"][p]
     u = (g * down)[:, None] * (params.get(layer, "W_up")[:, neuron] * (1 + params.get(layer, "ln2")) / s)[None, :]
     path = readout.path + (f"L{layer}N{neuron}",)
@@ -396,6 +420,7 @@ def _beyond_frozen(readout, labels, vectors, values) -> dict:
             direct_effect[c]      = f(x) - f(x - part_c)
             logit_lens[c]         = f(x_c), x_c = the recorded residual after part c (embed, resid_mid, resid_post)
             frozen_running_sum[c] = sum_{c' <= c} values[c']
+            (all pre-cap on Gemma 2; extras["softcapped"] holds the model's capped logits for the whole)
     """
     model, rec, p = readout.model, readout.run.record, readout.position
     cfg, dtype = model.config, model.dtype
@@ -414,11 +439,15 @@ def _beyond_frozen(readout, labels, vectors, values) -> dict:
         l, kind = divmod(i, 2)
         running.append(rec[f"blocks.{l}.resid_{'post' if kind else 'mid'}"][p])
     lens = f(np.stack(running))
-    return {
+    extras = {
         "direct_effect": {"labels": labels, "values": direct},
         "logit_lens": {"labels": labels, "values": lens},
         "frozen_running_sum": {"labels": labels, "values": np.cumsum(values, axis=0)},
     }
+    if cfg.final_softcap is not None:  # Gemma 2: cap * tanh(logit / cap), not linear, so shown beside the whole
+        extras["softcapped"] = {"labels": [f"logits after the soft-cap {cfg.final_softcap:g} tanh(l / "
+                                           f"{cfg.final_softcap:g})"], "values": (coef @ rec["logits"][p, ids])[None]}
+    return extras
 
 
 def attention_prism(readout, layer) -> Split:

@@ -11,30 +11,44 @@ from .config import Config
 
 # (name, symbolic shape, meaning). `{l}` is a layer index. This table is the contract: a test checks a real run
 # against it, name by name and shape by shape, and docs/math.md lists the same names.
-RECORD_TABLE: list[tuple[str, tuple[str, ...], str]] = [
-    ("embed", ("T", "D"), "token embedding times the normalizer sqrt(D) (= blocks.0.resid_pre)"),
-    ("blocks.{l}.resid_pre", ("T", "D"), "residual stream entering layer l"),
-    ("blocks.{l}.ln1.scale", ("T",), "s = sqrt(mean(x^2) + eps) of the attention's input norm"),
-    ("blocks.{l}.ln1.out", ("T", "D"), "the attention's normalized input x / s * (1 + w)"),
-    ("blocks.{l}.attn.q", ("T", "N", "H"), "queries after RoPE"),
-    ("blocks.{l}.attn.k", ("T", "K", "H"), "keys after RoPE"),
-    ("blocks.{l}.attn.v", ("T", "K", "H"), "values"),
-    ("blocks.{l}.attn.scores", ("N", "T", "S"), "q.k * H^-0.5 before the causal mask and softmax"),
-    ("blocks.{l}.attn.pattern", ("N", "T", "S"), "softmax attention weights (0 where s > t)"),
-    ("blocks.{l}.attn.z", ("T", "N", "H"), "pattern-weighted values per head"),
-    ("blocks.{l}.attn.out", ("T", "D"), "after o_proj: sum over heads of z W_O"),
-    ("blocks.{l}.resid_mid", ("T", "D"), "after the attention residual add"),
-    ("blocks.{l}.ln2.scale", ("T",), "the MLP's input norm scale"),
-    ("blocks.{l}.ln2.out", ("T", "D"), "the MLP's normalized input"),
-    ("blocks.{l}.mlp.gate", ("T", "F"), "gate pre-activations"),
-    ("blocks.{l}.mlp.up", ("T", "F"), "up pre-activations"),
-    ("blocks.{l}.mlp.act", ("T", "F"), "gelu_tanh(gate) * up: the neuron activations"),
-    ("blocks.{l}.mlp.out", ("T", "D"), "after down_proj"),
-    ("blocks.{l}.resid_post", ("T", "D"), "residual stream leaving layer l"),
-    ("ln_final.scale", ("T",), "final norm scale"),
-    ("ln_final.out", ("T", "D"), "the final norm's output, read by the unembedding"),
-    ("logits", ("T", "V"), "raw logits: ln_final.out E^T (tied unembedding)"),
+RECORD_TABLE: list[tuple[str, tuple[str, ...], str, str | None]] = [
+    ("embed", ("T", "D"), "token embedding times the normalizer sqrt(D) (= blocks.0.resid_pre)", None),
+    ("blocks.{l}.resid_pre", ("T", "D"), "residual stream entering layer l", None),
+    ("blocks.{l}.ln1.scale", ("T",), "s = sqrt(mean(x^2) + eps) of the attention's input norm", None),
+    ("blocks.{l}.ln1.out", ("T", "D"), "the attention's normalized input x / s * (1 + w)", None),
+    ("blocks.{l}.attn.q_norm.scale", ("T", "N"), "Gemma 3: each head's q norm scale, over H", "qk_norm"),
+    ("blocks.{l}.attn.k_norm.scale", ("T", "K"), "Gemma 3: each kv head's k norm scale, over H", "qk_norm"),
+    ("blocks.{l}.attn.q", ("T", "N", "H"), "queries after RoPE (and the q norm on Gemma 3)", None),
+    ("blocks.{l}.attn.k", ("T", "K", "H"), "keys after RoPE (and the k norm on Gemma 3)", None),
+    ("blocks.{l}.attn.v", ("T", "K", "H"), "values", None),
+    ("blocks.{l}.attn.scores", ("N", "T", "S"), "q.k * scale before the soft-cap (Gemma 2), mask and softmax", None),
+    ("blocks.{l}.attn.pattern", ("N", "T", "S"), "softmax attention weights (0 where s > t or outside the window)",
+     None),
+    ("blocks.{l}.attn.z", ("T", "N", "H"), "pattern-weighted values per head", None),
+    ("blocks.{l}.attn.o_proj", ("T", "D"), "Gemma 2/3: o_proj output, before the post-attention norm", "post_norms"),
+    ("blocks.{l}.ln1_post.scale", ("T",), "Gemma 2/3: the post-attention norm scale", "post_norms"),
+    ("blocks.{l}.attn.out", ("T", "D"), "what attention adds to the residual: sum over heads of z W_O "
+     "(Gemma 2/3: after the post-attention norm)", None),
+    ("blocks.{l}.resid_mid", ("T", "D"), "after the attention residual add", None),
+    ("blocks.{l}.ln2.scale", ("T",), "the MLP's input norm scale", None),
+    ("blocks.{l}.ln2.out", ("T", "D"), "the MLP's normalized input", None),
+    ("blocks.{l}.mlp.gate", ("T", "F"), "gate pre-activations", None),
+    ("blocks.{l}.mlp.up", ("T", "F"), "up pre-activations", None),
+    ("blocks.{l}.mlp.act", ("T", "F"), "gelu_tanh(gate) * up: the neuron activations", None),
+    ("blocks.{l}.mlp.down", ("T", "D"), "Gemma 2/3: down_proj output, before the post-feedforward norm", "post_norms"),
+    ("blocks.{l}.ln2_post.scale", ("T",), "Gemma 2/3: the post-feedforward norm scale", "post_norms"),
+    ("blocks.{l}.mlp.out", ("T", "D"), "what the MLP adds to the residual: act W_down "
+     "(Gemma 2/3: after the post-feedforward norm)", None),
+    ("blocks.{l}.resid_post", ("T", "D"), "residual stream leaving layer l", None),
+    ("ln_final.scale", ("T",), "final norm scale", None),
+    ("ln_final.out", ("T", "D"), "the final norm's output, read by the unembedding", None),
+    ("logits_uncapped", ("T", "V"), "Gemma 2: ln_final.out E^T before the final soft-cap", "final_softcap"),
+    ("logits", ("T", "V"), "the model's logits: ln_final.out E^T (tied unembedding; Gemma 2: soft-capped)", None),
 ]
+
+
+def _present(cfg: Config, when: str | None) -> bool:
+    return when is None or bool(getattr(cfg, when))
 
 
 def axis_sizes(cfg: Config, T: int) -> dict[str, int]:
@@ -46,7 +60,9 @@ def expected_shapes(cfg: Config, T: int) -> dict[str, tuple[int, ...]]:
     """Every recorded name of a run of T tokens with its concrete shape."""
     sizes = axis_sizes(cfg, T)
     out = {}
-    for name, shape, _ in RECORD_TABLE:
+    for name, shape, _, when in RECORD_TABLE:
+        if not _present(cfg, when):
+            continue
         concrete = tuple(sizes[a] for a in shape)
         if "{l}" in name:
             for l in range(cfg.n_layers):

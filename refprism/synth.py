@@ -135,6 +135,38 @@ PRESETS: dict[str, dict] = {
     },
 }
 
+# Gemma 2 and 3 in miniature, with every switch of the family made visible at this size: a query scale that is
+# not head_dim ** -0.5, a window shorter than the test prompts, soft-caps small enough that tanh bends the
+# scores and logits (Gemma 2), and a full layer between sliding ones.
+_COMMON_2_3 = {k: v for k, v in _COMMON.items() if k != "hidden_act"}
+PRESETS["tiny-gemma2"] = {
+    **_COMMON_2_3,
+    **{k: PRESETS["tiny"][k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                                       "num_key_value_heads", "head_dim", "max_position_embeddings", "torch_dtype")},
+    "architectures": ["Gemma2ForCausalLM"],
+    "model_type": "gemma2",
+    "num_hidden_layers": 3,  # sliding, full, sliding (transformers' default alternation)
+    "query_pre_attn_scalar": 24,
+    "sliding_window": 4,
+    "attn_logit_softcapping": 3.0,
+    "final_logit_softcapping": 5.0,
+}
+PRESETS["tiny-gemma3"] = {
+    **_COMMON_2_3,
+    **{k: PRESETS["tiny"][k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                                       "num_key_value_heads", "head_dim", "max_position_embeddings", "torch_dtype")},
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "num_hidden_layers": 3,
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    "query_pre_attn_scalar": 24,
+    "sliding_window": 4,
+    "rope_theta": 1_000_000.0,  # full layers
+    "rope_local_base_freq": 10_000.0,  # sliding layers
+    "final_logit_softcapping": None,
+    "attn_logit_softcapping": None,
+}
+
 # Name -> numpy dtype of the tensors written. bfloat16 is ml_dtypes' type, which
 # safetensors.numpy saves as "BF16" and loads back as ml_dtypes.bfloat16.
 DTYPES: dict[str, np.dtype] = {
@@ -179,8 +211,8 @@ def _validate_config(config: dict) -> None:
             raise ValueError(f"config[{key!r}] must be a positive number, got {value!r}")
     if config.get("tie_word_embeddings", True) is not True:
         raise ValueError("Gemma ties the unembedding to the embedding: tie_word_embeddings must be true")
-    if config.get("model_type", "gemma") != "gemma":
-        raise ValueError(f"model_type must be 'gemma', got {config.get('model_type')!r}")
+    if config.get("model_type", "gemma") not in ("gemma", "gemma2", "gemma3_text"):
+        raise ValueError(f"model_type must be 'gemma', 'gemma2' or 'gemma3_text', got {config.get('model_type')!r}")
 
 
 def make_config(preset: str = "tiny", **overrides) -> dict:

@@ -13,10 +13,14 @@ The parameters are kept as the checkpoint stores them (raw norm weights w, appli
       W_K   [K, D, H]   self_attn.k_proj.weight [K*H, D]
       W_V   [K, D, H]   self_attn.v_proj.weight [K*H, D]
       W_O   [N, H, D]   self_attn.o_proj.weight [D, N*H], columns grouped by head
-      ln2   [D]         post_attention_layernorm.weight (the MLP's input norm, despite its HF name)
+      ln2   [D]         Gemma 1: post_attention_layernorm.weight (the MLP's input norm, despite its HF name);
+                        Gemma 2/3: pre_feedforward_layernorm.weight
       W_gate [D, F]     mlp.gate_proj.weight [F, D], transposed
       W_up  [D, F]      mlp.up_proj.weight [F, D], transposed
       W_down [F, D]     mlp.down_proj.weight [D, F], transposed
+      ln1_post [D]      Gemma 2/3: post_attention_layernorm.weight (norm of the attention output)
+      ln2_post [D]      Gemma 2/3: post_feedforward_layernorm.weight (norm of the MLP output)
+      q_norm, k_norm [H]  Gemma 3: self_attn.q_norm.weight, self_attn.k_norm.weight (per-head norms of q, k)
 """
 
 from __future__ import annotations
@@ -69,6 +73,10 @@ def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (F, D),
             p + "mlp.down_proj.weight": (D, F),
         })
+        if cfg.post_norms:  # Gemma 2/3: post_attention_layernorm is the attention's post-norm; two more norms
+            shapes.update({p + "pre_feedforward_layernorm.weight": (D,), p + "post_feedforward_layernorm.weight": (D,)})
+        if cfg.qk_norm:  # Gemma 3: per-head norms of q and k, over H
+            shapes.update({p + "self_attn.q_norm.weight": (H,), p + "self_attn.k_norm.weight": (H,)})
     shapes["model.norm.weight"] = (D,)
     return shapes
 
@@ -200,7 +208,7 @@ def read_tensors(model_dir: Path, cfg: Config) -> dict[str, Stored]:
     unexpected = [n for n in tensors if n not in expected]
     if unexpected:
         raise CheckpointError(
-            f"checkpoint has unexpected tensor {unexpected[0]} ({len(unexpected)} in all); is it a Gemma 1 model?")
+            f"checkpoint has unexpected tensor {unexpected[0]} ({len(unexpected)} in all); does config.json name the right model_type?")
     for name, shape in expected.items():
         if tensors[name].shape != shape:
             raise CheckpointError(
@@ -232,7 +240,27 @@ def to_compute(a: np.ndarray, dtype) -> np.ndarray:
     return convert(a, dtype)
 
 
-BLOCK_KEYS = ("ln1", "W_Q", "W_K", "W_V", "W_O", "ln2", "W_gate", "W_up", "W_down")
+BLOCK_KEYS = ("ln1", "W_Q", "W_K", "W_V", "W_O", "ln2", "W_gate", "W_up", "W_down",
+              "ln1_post", "ln2_post", "q_norm", "k_norm")  # the last four: Gemma 2/3 only
+
+
+def norm_names(cfg: Config, l: int) -> dict[str, str]:
+    """refprism's name -> HF tensor of layer l's norms. Gemma trap: HF's `post_attention_layernorm` is the MLP's
+    *input* norm in Gemma 1 but the attention's *output* norm in Gemma 2/3 (whose MLP input norm is
+    `pre_feedforward_layernorm`)."""
+    p = f"model.layers.{l}."
+    names = {"ln1": p + "input_layernorm.weight"}
+    if cfg.post_norms:
+        names.update(ln1_post=p + "post_attention_layernorm.weight", ln2=p + "pre_feedforward_layernorm.weight",
+                     ln2_post=p + "post_feedforward_layernorm.weight")
+    else:
+        names["ln2"] = p + "post_attention_layernorm.weight"
+    if cfg.qk_norm:
+        names.update(q_norm=p + "self_attn.q_norm.weight", k_norm=p + "self_attn.k_norm.weight")
+    return names
+
+
+_MATRICES = ("W_Q", "W_K", "W_V", "W_O", "W_gate", "W_up", "W_down")
 
 
 class Weights:
@@ -251,8 +279,7 @@ class Weights:
         self._stored = stored
         self._checked: set[str] = set()  # tensors already proven finite
         self.ln_final = self._convert("model.norm.weight")
-        self._norms = [(self._convert(f"model.layers.{l}.input_layernorm.weight"),
-                        self._convert(f"model.layers.{l}.post_attention_layernorm.weight"))
+        self._norms = [{key: self._convert(name) for key, name in norm_names(cfg, l).items()}
                        for l in range(cfg.n_layers)]
         self._embed = self._blocks = None
         if memory == "fast":
@@ -289,8 +316,10 @@ class Weights:
         """Layer l's weight `key` in refprism's layout (see the module docstring), converted from the stored one."""
         N, K, H, D = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.d_head, self.cfg.d_model
         p = f"model.layers.{l}."
-        if key in ("ln1", "ln2"):
-            return self._norms[l][key == "ln2"]
+        if key in self._norms[l]:
+            return self._norms[l][key]
+        if key not in _MATRICES:
+            raise KeyError(f"{key} (this {self.cfg.model_type} model has no such weight)")
         if key == "W_Q":  # q_proj rows are [head, h]: [N*H, D] -> [N, H, D] -> [N, D, H]
             return self._convert(p + "self_attn.q_proj.weight", lambda a: a.reshape(N, H, D).transpose(0, 2, 1))
         if key in ("W_K", "W_V"):
@@ -303,7 +332,7 @@ class Weights:
         return self._convert(p + f"mlp.{key[2:]}_proj.weight").T
 
     def _convert_block(self, l) -> dict:
-        return {key: self._convert_one(l, key) for key in BLOCK_KEYS}
+        return {**self._norms[l], **{key: self._convert_one(l, key) for key in _MATRICES}}
 
     # The three ways the model reads its weights.
 
@@ -316,6 +345,8 @@ class Weights:
         """One of layer l's weights (a key of `block`); low-memory mode converts only that one."""
         if key not in BLOCK_KEYS:
             raise KeyError(key)
+        if self._blocks is not None and key not in self._blocks[l]:
+            raise KeyError(f"{key} (this {self.cfg.model_type} model has no such weight)")
         return self._blocks[l][key] if self._blocks is not None else self._convert_one(l, key)
 
     def embed_rows(self, ids) -> np.ndarray:

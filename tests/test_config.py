@@ -23,7 +23,9 @@ def test_rope_parameters_of_transformers_5():
     hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 1234.0}
     assert Config.from_hf(hf).rope_theta == 1234.0
     hf["rope_parameters"] = {"rope_type": "linear", "rope_theta": 1234.0, "factor": 2.0}
-    with pytest.raises(ConfigError, match="rope_type 'linear'"):
+    assert Config.from_hf(hf).rope_scale == 2.0
+    hf["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1234.0, "factor": 2.0}
+    with pytest.raises(ConfigError, match="rope_type 'yarn'"):
         Config.from_hf(hf)
 
 
@@ -43,7 +45,7 @@ def test_unknown_activation_refused():
         Config.from_hf(hf)
 
 
-@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "llama", None])
+@pytest.mark.parametrize("model_type", ["gemma3", "llama", "recurrent_gemma", None])
 def test_other_model_types_refused(model_type):
     hf = make_config()
     hf["model_type"] = model_type

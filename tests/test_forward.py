@@ -67,7 +67,7 @@ def test_record_table_has_every_required_name():
                 "blocks.{l}.attn.v", "blocks.{l}.attn.pattern", "blocks.{l}.attn.z", "blocks.{l}.attn.out",
                 "blocks.{l}.resid_mid", "blocks.{l}.ln2.scale", "blocks.{l}.mlp.gate", "blocks.{l}.mlp.up",
                 "blocks.{l}.mlp.act", "blocks.{l}.mlp.out", "blocks.{l}.resid_post", "ln_final.scale", "logits"}
-    table = {name: shape for name, shape, _ in RECORD_TABLE}
+    table = {name: shape for name, shape, _, _ in RECORD_TABLE}
     assert required <= set(table)
     assert table["blocks.{l}.attn.pattern"] == ("N", "T", "S") and table["blocks.{l}.attn.k"] == ("T", "K", "H")
 

@@ -1,0 +1,140 @@
+"""Gemma 2 and Gemma 3 (text): refprism's forward pass equals HF transformers' Gemma2ForCausalLM and
+Gemma3ForCausalLM (eager), activation by activation, on random checkpoints that exercise sliding windows (prompts
+longer than the window), soft-capping (Gemma 2), q/k norms and two RoPE bases (Gemma 3).
+
+Tolerances as in test_parity_hf.py: float32 logits within 1e-5 (2e-5 for Gemma 2's tanh soft-caps, whose
+derivative near 0 is 1: they do not amplify rounding), activations within 2e-5 absolute + 2e-5 relative.
+"""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.models.gemma2 import modeling_gemma2
+from transformers.models.gemma3 import modeling_gemma3
+
+import refprism
+from refprism.record import expected_shapes
+
+from conftest import assert_close
+
+CLASSES = {"gemma2": (transformers.Gemma2ForCausalLM, modeling_gemma2),
+           "gemma3_text": (transformers.Gemma3ForCausalLM, modeling_gemma3)}
+
+
+def hf_family_record(model, ids):
+    """HF forward with hooks; returns {refprism record name: array} (independent torch code)."""
+    cfg = model.config
+    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    mod = CLASSES[cfg.model_type][1]
+    got, hooks = {}, []
+
+    def out_hook(name):
+        def f(module, inputs, output):
+            got[name] = output[0] if isinstance(output, tuple) else output
+        return f
+
+    def in_hook(name):
+        def f(module, inputs):
+            got[name] = inputs[0]
+        return f
+
+    for l, layer in enumerate(model.model.layers):
+        p, a, m = f"blocks.{l}.", layer.self_attn, layer.mlp
+        hooks += [layer.input_layernorm.register_forward_hook(out_hook(p + "ln1.out")),
+                  a.q_proj.register_forward_hook(out_hook(p + "q_pre")),
+                  a.k_proj.register_forward_hook(out_hook(p + "k_pre")),
+                  a.v_proj.register_forward_hook(out_hook(p + "attn.v")),
+                  a.o_proj.register_forward_pre_hook(in_hook(p + "attn.z")),
+                  a.o_proj.register_forward_hook(out_hook(p + "attn.o_proj")),
+                  layer.post_attention_layernorm.register_forward_hook(out_hook(p + "attn.out")),
+                  layer.pre_feedforward_layernorm.register_forward_hook(out_hook(p + "ln2.out")),
+                  m.gate_proj.register_forward_hook(out_hook(p + "mlp.gate")),
+                  m.up_proj.register_forward_hook(out_hook(p + "mlp.up")),
+                  m.down_proj.register_forward_pre_hook(in_hook(p + "mlp.act")),
+                  m.down_proj.register_forward_hook(out_hook(p + "mlp.down")),
+                  layer.post_feedforward_layernorm.register_forward_hook(out_hook(p + "mlp.out")),
+                  layer.register_forward_hook(out_hook(p + "resid_post"))]
+        if cfg.model_type == "gemma3_text":
+            hooks += [a.q_norm.register_forward_hook(out_hook(p + "q_normed")),
+                      a.k_norm.register_forward_hook(out_hook(p + "k_normed"))]
+    hooks.append(model.model.norm.register_forward_hook(out_hook("ln_final.out")))
+    ids_t = torch.tensor([list(map(int, ids))])
+    T = ids_t.shape[1]
+    rms = lambda x: torch.sqrt(x.pow(2).mean(-1) + cfg.rms_norm_eps)  # noqa: E731
+    try:
+        with torch.no_grad():
+            out = model(ids_t, output_hidden_states=True, output_attentions=True, use_cache=False)
+            rec = {"embed": out.hidden_states[0]}
+            for l in range(cfg.num_hidden_layers):
+                p = f"blocks.{l}."
+                x = out.hidden_states[l]
+                kind = cfg.layer_types[l]
+                rec[p + "resid_pre"] = x
+                rec[p + "ln1.scale"] = rms(x)
+                q = got[p + "q_pre"].reshape(1, T, N, H).transpose(1, 2)
+                k = got[p + "k_pre"].reshape(1, T, K, H).transpose(1, 2)
+                if p + "q_normed" in got:  # HF applies q_norm / k_norm to [1, heads, T, H]
+                    q, k = got[p + "q_normed"], got[p + "k_normed"]
+                if cfg.model_type == "gemma3_text":
+                    rec[p + "attn.q_norm.scale"] = rms(got[p + "q_pre"].view(1, T, N, H))
+                    rec[p + "attn.k_norm.scale"] = rms(got[p + "k_pre"].view(1, T, K, H))
+                    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None], kind)
+                else:
+                    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
+                q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)  # HF's own RoPE
+                rec[p + "attn.q"], rec[p + "attn.k"] = q.transpose(1, 2), k.transpose(1, 2)
+                rec[p + "attn.v"] = got[p + "attn.v"].view(1, T, K, H)
+                rec[p + "attn.scores"] = (q @ mod.repeat_kv(k, N // K).transpose(2, 3)) * cfg.query_pre_attn_scalar ** -0.5
+                rec[p + "attn.pattern"] = out.attentions[l]
+                rec[p + "attn.z"] = got[p + "attn.z"].view(1, T, N, H)
+                for name in ("ln1.out", "attn.o_proj", "attn.out", "ln2.out", "mlp.gate", "mlp.up", "mlp.act", "mlp.down",
+                             "mlp.out", "resid_post"):
+                    rec[p + name] = got[p + name]
+                rec[p + "ln1_post.scale"] = rms(got[p + "attn.o_proj"])
+                rec[p + "resid_mid"] = x + got[p + "attn.out"]
+                rec[p + "ln2.scale"] = rms(rec[p + "resid_mid"])
+                rec[p + "ln2_post.scale"] = rms(got[p + "mlp.down"])
+            last = got[f"blocks.{cfg.num_hidden_layers - 1}.resid_post"]
+            rec["ln_final.scale"] = rms(last)
+            rec["ln_final.out"] = got["ln_final.out"]
+            rec["logits"] = out.logits
+            if cfg.final_logit_softcapping is not None:
+                rec["logits_uncapped"] = got["ln_final.out"] @ model.model.embed_tokens.weight.T
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: t[0].double().numpy() for n, t in rec.items()}
+
+
+@pytest.mark.parametrize("preset", ["tiny-gemma2", "tiny-gemma3"])
+@pytest.mark.parametrize("kv", [1, 2])
+def test_family_matches_hf_activation_by_activation(checkpoint, preset, kv):
+    d = checkpoint(preset, num_key_value_heads=kv)
+    ours = refprism.load(d)
+    cls = CLASSES[ours.config.model_type][0]
+    hf, info = cls.from_pretrained(str(d), dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    hf.eval()
+    assert ours.config.sliding_window == 4 and "sliding_attention" in ours.config.layer_types
+    for T, seed in [(1, 0), (9, 1), (17, 2)]:  # longer than the window of 4
+        ids = np.random.default_rng(seed).integers(0, ours.config.vocab_size, T)
+        run, ref = ours.run(ids), hf_family_record(hf, ids)
+        names = expected_shapes(ours.config, T)
+        assert set(names) <= set(ref), sorted(set(names) - set(ref))
+        assert_close(f"{preset} T={T} logits", run.logits, ref["logits"], atol=2e-5)
+        for name in names:
+            assert run.record[name].dtype == np.float32
+            assert_close(f"{preset} T={T} {name}", run.record[name], ref[name], atol=2e-5, rtol=2e-5)
+        if T > 4:  # the window bites: a sliding layer's last query sees exactly the last 4 sources
+            pat = run.record["blocks.0.attn.pattern"]
+            assert np.all(pat[:, -1, : T - 4] == 0) and np.all(pat[:, -1, T - 4:] > 0)
+            assert np.all(run.record["blocks.1.attn.pattern"][:, -1] > 0)  # the full layer sees all
+
+
+def test_gemma2_softcaps_bend(checkpoint):
+    ours = refprism.load(checkpoint("tiny-gemma2"))
+    run = ours.run(np.arange(2, 14))
+    raw = run.record["logits_uncapped"]
+    np.testing.assert_allclose(run.logits, 5.0 * np.tanh(raw / 5.0), rtol=1e-6)
+    assert np.abs(raw).max() > 2.5  # the cap is not a no-op at this size

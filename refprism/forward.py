@@ -53,7 +53,7 @@ def forward(params: Weights, cfg: Config, tokens, *, normalizer=None) -> Record:
     ropes = {}  # (theta, scale) -> cos, sin [T, H]: Gemma 3 has one RoPE for full and one for sliding layers
 
     for l in range(cfg.n_layers):
-        p = params.block(l)  # low-memory mode: converted now, freed after the layer
+        p = params.block(l, scratch=True)  # low-memory mode: converted now, into buffers the next layer reuses
         name = f"blocks.{l}."
         rec[name + "resid_pre"] = x
 

@@ -208,7 +208,8 @@ def read_tensors(model_dir: Path, cfg: Config) -> dict[str, Stored]:
     unexpected = [n for n in tensors if n not in expected]
     if unexpected:
         raise CheckpointError(
-            f"checkpoint has unexpected tensor {unexpected[0]} ({len(unexpected)} in all); does config.json name the right model_type?")
+            f"checkpoint has unexpected tensor {unexpected[0]} ({len(unexpected)} in all): "
+            "does config.json name the right model_type?")
     for name, shape in expected.items():
         if tensors[name].shape != shape:
             raise CheckpointError(
@@ -278,6 +279,7 @@ class Weights:
         self.cfg, self.dtype, self.memory = cfg, np.dtype(dtype), memory
         self._stored = stored
         self._checked: set[str] = set()  # tensors already proven finite
+        self._scratch: dict[str, np.ndarray] = {}  # low-memory mode: conversion buffers reused across layers
         self.ln_final = self._convert("model.norm.weight")
         self._norms = [{key: self._convert(name) for key, name in norm_names(cfg, l).items()}
                        for l in range(cfg.n_layers)]
@@ -296,11 +298,21 @@ class Weights:
         src = self._stored[name]
         return src.array() if isinstance(src, Stored) else src
 
-    def _convert(self, name, layout=None):
-        """Convert one stored tensor; `layout(view)` rearranges the source into refprism's layout first."""
+    def _convert(self, name, layout=None, reuse=False):
+        """Convert one stored tensor; `layout(view)` rearranges the source into refprism's layout first.
+
+        reuse=True writes into a buffer kept per tensor role (e.g. "W_Q") and overwritten by the next layer's
+        conversion: no fresh pages to fault in at every layer (low-memory forward passes only).
+        """
         src = self._source(name)
         view = src if layout is None else layout(src)
-        out = convert(view, self.dtype)
+        out = None
+        if reuse:
+            role = name.split(".", 3)[-1]  # "self_attn.q_proj.weight": the same shape in every layer
+            out = self._scratch.get(role)
+            if out is None or out.shape != view.shape:
+                out = self._scratch[role] = np.empty(view.shape, self.dtype)
+        out = convert(view, self.dtype, out=out)
         del src, view  # unmaps the file region: its pages leave this process's resident set
         if name not in self._checked:
             # One pass, no temporary: any NaN or inf makes the sum non-finite, so a finite sum proves every value
@@ -312,7 +324,7 @@ class Weights:
             self._checked.add(name)
         return out
 
-    def _convert_one(self, l, key) -> np.ndarray:
+    def _convert_one(self, l, key, reuse=False) -> np.ndarray:
         """Layer l's weight `key` in refprism's layout (see the module docstring), converted from the stored one."""
         N, K, H, D = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.d_head, self.cfg.d_model
         p = f"model.layers.{l}."
@@ -321,25 +333,29 @@ class Weights:
         if key not in _MATRICES:
             raise KeyError(f"{key} (this {self.cfg.model_type} model has no such weight)")
         if key == "W_Q":  # q_proj rows are [head, h]: [N*H, D] -> [N, H, D] -> [N, D, H]
-            return self._convert(p + "self_attn.q_proj.weight", lambda a: a.reshape(N, H, D).transpose(0, 2, 1))
+            return self._convert(p + "self_attn.q_proj.weight", lambda a: a.reshape(N, H, D).transpose(0, 2, 1), reuse)
         if key in ("W_K", "W_V"):
             name = p + f"self_attn.{key[-1].lower()}_proj.weight"
-            return self._convert(name, lambda a: a.reshape(K, H, D).transpose(0, 2, 1))
+            return self._convert(name, lambda a: a.reshape(K, H, D).transpose(0, 2, 1), reuse)
         if key == "W_O":  # o_proj columns are [head, h]: [D, N*H] -> [D, N, H] -> [N, H, D]
-            return self._convert(p + "self_attn.o_proj.weight", lambda a: a.reshape(D, N, H).transpose(1, 2, 0))
+            return self._convert(p + "self_attn.o_proj.weight", lambda a: a.reshape(D, N, H).transpose(1, 2, 0), reuse)
         # gate/up [F, D] and down [D, F] kept as stored and read through a transposed view (BLAS takes the
         # transpose for free): W_gate, W_up [D, F], W_down [F, D]
-        return self._convert(p + f"mlp.{key[2:]}_proj.weight").T
+        return self._convert(p + f"mlp.{key[2:]}_proj.weight", reuse=reuse).T
 
-    def _convert_block(self, l) -> dict:
-        return {**self._norms[l], **{key: self._convert_one(l, key) for key in _MATRICES}}
+    def _convert_block(self, l, reuse=False) -> dict:
+        return {**self._norms[l], **{key: self._convert_one(l, key, reuse) for key in _MATRICES}}
 
     # The three ways the model reads its weights.
 
-    def block(self, l: int) -> dict:
+    def block(self, l: int, *, scratch: bool = False) -> dict:
         """Layer l's weights: ln1, W_Q [N, D, H], W_K/W_V [K, D, H], W_O [N, H, D], ln2, W_gate/W_up [D, F],
-        W_down [F, D]. In low-memory mode each call converts them anew (the caller's copy is its own)."""
-        return self._blocks[l] if self._blocks is not None else self._convert_block(l)
+        W_down [F, D] (and ln1_post, ln2_post, q_norm, k_norm where the model has them).
+
+        Low-memory mode converts them at each call, into new arrays that are the caller's own; with
+        scratch=True into buffers that the next scratch call overwrites (the forward pass, one layer at a time).
+        """
+        return self._blocks[l] if self._blocks is not None else self._convert_block(l, scratch)
 
     def get(self, l: int, key: str) -> np.ndarray:
         """One of layer l's weights (a key of `block`); low-memory mode converts only that one."""

@@ -133,3 +133,16 @@ def test_large_finite_weights_are_not_mistaken_for_inf():
     arrays["model.layers.0.mlp.down_proj.weight"][:] = 3e38  # finite, but the sum overflows
     w = Weights.from_arrays(arrays, Config.from_hf(hf), np.float32)
     assert np.isfinite(w.block(0)["W_down"]).all()
+
+
+def test_low_memory_blocks_are_the_callers_own_unless_scratch(tiny_dir):
+    low, fast = refprism.load(tiny_dir, memory="low"), refprism.load(tiny_dir, memory="fast")
+    a, b = low.params.block(0), low.params.block(1)  # new arrays each: a is still layer 0
+    np.testing.assert_array_equal(a["W_Q"], fast.params.block(0)["W_Q"])
+    np.testing.assert_array_equal(b["W_Q"], fast.params.block(1)["W_Q"])
+    s0 = low.params.block(0, scratch=True)
+    w0 = s0["W_down"].copy()
+    s1 = low.params.block(1, scratch=True)
+    assert np.shares_memory(s0["W_down"], s1["W_down"])  # one buffer per role, overwritten layer by layer
+    np.testing.assert_array_equal(s1["W_down"], fast.params.block(1)["W_down"])
+    np.testing.assert_array_equal(w0, fast.params.block(0)["W_down"])

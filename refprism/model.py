@@ -11,7 +11,7 @@ from .config import Config, read_config
 from .errors import CheckpointError, InputError
 from .forward import embed_normalizer, forward
 from .record import Record
-from .weights import Weights, choose_memory, compute_dtype, read_tensors, resolve_model_dir
+from .weights import Weights, choose_memory, compute_dtype, hf_shapes, read_tensors, resolve_model_dir
 
 
 @dataclass
@@ -79,11 +79,11 @@ class Model:
 
 
 def load(model=None, dtype="float32", *, memory="auto", normalizer_dtype=None) -> Model:
-    """Load a Gemma (1) model from a local directory or a hub repo id.
+    """Load a Gemma model (Gemma 1, 2 or 3 text) from a local directory, a GGUF file or a hub repo id.
 
-    model:  a directory with config.json, safetensors weights (single or sharded) and tokenizer.json; or a hub
-            id such as "google/gemma-2b" (only the needed files are downloaded). None: $REFPRISM_MODEL, else
-            google/gemma-2b.
+    model:  a directory with config.json, safetensors weights (single or sharded) and tokenizer.json; a .gguf
+            file (dequantized with the `gguf` package, refprism/gguf.py); or a hub id such as "google/gemma-2b"
+            (only the needed files are downloaded). None: $REFPRISM_MODEL, else google/gemma-2b.
     dtype:  "float32" (default) or "float64" (audit mode): every weight and activation is in this dtype.
     memory: "fast" converts every weight once at load (4 bytes a parameter in float32, 8 in float64);
             "low" keeps the stored weights memory-mapped and converts each layer when it is used (about a third
@@ -92,10 +92,50 @@ def load(model=None, dtype="float32", *, memory="auto", normalizer_dtype=None) -
             (e.g. "bfloat16" reproduces a bf16 run's 45.25 for gemma-2b).
     """
     dt = compute_dtype(dtype)
+    if model is not None and str(model).lower().endswith(".gguf"):
+        return _load_gguf(Path(model), dt, normalizer_dtype)
     model_dir, name = resolve_model_dir(model)
     cfg = read_config(model_dir)
     tokenizer = _read_tokenizer(model_dir, cfg)
     params = Weights(read_tensors(model_dir, cfg), cfg, dt, choose_memory(cfg, dt, memory))
+    normalizer = embed_normalizer(cfg.d_model, dt, round_to=normalizer_dtype)
+    return Model(config=cfg, params=params, tokenizer=tokenizer, name=name, normalizer=normalizer)
+
+
+def _load_gguf(path: Path, dt, normalizer_dtype) -> Model:
+    """A GGUF file: config from its metadata (plus the documented defaults), dequantized tensors, its tokenizer.
+
+    The dequantized float32 tensors are already in memory, so the weights are converted once ("fast" mode).
+    """
+    try:
+        from .gguf import read_gguf
+    except ImportError:
+        raise CheckpointError("reading GGUF files needs the gguf package: pip install 'refprism[gguf]'") from None
+    hf, tensors, tokenizer = read_gguf(path)
+    return from_arrays(hf, tensors, tokenizer, name=str(path), dtype=dt, normalizer_dtype=normalizer_dtype)
+
+
+def from_arrays(hf_config: dict, tensors: dict, tokenizer=None, *, name="", dtype="float32",
+                normalizer_dtype=None) -> Model:
+    """A model from an HF config dict and HF-named arrays in memory (GGUF files, tests, other frameworks' weights).
+
+    The arrays are checked like a checkpoint's (names, shapes, finite values) and converted once.
+    """
+    dt = compute_dtype(dtype)
+    cfg = Config.from_hf({k: v for k, v in hf_config.items() if k != "gguf_defaults"})
+    expected = hf_shapes(cfg)
+    missing = [n for n in expected if n not in tensors]
+    unexpected = [n for n in tensors if n not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{name or 'the arrays'}: " + (f"missing tensor {missing[0]}" if missing else
+                                                             f"unexpected tensor {unexpected[0]}"))
+    for n, shape in expected.items():
+        if tuple(tensors[n].shape) != shape:
+            raise CheckpointError(f"tensor {n} has shape {list(tensors[n].shape)}, the config implies {list(shape)}")
+    params = Weights.from_arrays(tensors, cfg, dt, memory="fast")
+    if tokenizer is not None and tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise CheckpointError(f"{name}: the vocabulary has {tokenizer.get_vocab_size()} tokens but the embedding "
+                              f"only {cfg.vocab_size} rows")
     normalizer = embed_normalizer(cfg.d_model, dt, round_to=normalizer_dtype)
     return Model(config=cfg, params=params, tokenizer=tokenizer, name=name, normalizer=normalizer)
 

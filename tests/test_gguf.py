@@ -539,3 +539,30 @@ def test_real_gemma3_270m_predicts_paris_in_hf_transformers(gemma3_270m):
     best = tool.top5(model, tok, "The capital of France is the city of")
     assert best[0][0] == "▁Paris" and 0.35 < best[0][1] < 0.7, best
     assert tool.top5(model, tok, "The capital of Japan is")[0][0] == "▁Tokyo"
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_refprism_equals_hf(gemma3_270m):
+    """refprism's own forward pass on the dequantized 270M equals HF transformers' on the same weights
+    (max |logit difference| <= 1e-3 on three prompts), and predicts ▁Paris for the capital prompt."""
+    import torch
+
+    import refprism.model
+    from refprism import prisms as P
+
+    spec = importlib.util.spec_from_file_location("check_gemma3_270m", ROOT / "tools" / "check_gemma3_270m.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config, tensors, tok = gemma3_270m
+    hf = tool.hf_model(config, tensors)
+    ours = refprism.model.from_arrays(config, tensors, tok, name="gemma-3-270m")
+    for prompt in ("The capital of France is the city of", "The capital of Japan is", "7+2="):
+        run = ours.run(prompt)
+        with torch.no_grad():
+            ref = hf(torch.tensor([run.tokens.tolist()])).logits[0].double().numpy()
+        diff = np.abs(run.logits - ref).max()
+        assert diff <= 1e-3, f"{prompt!r}: max |logit difference| {diff:.3g}"
+    run = ours.run("The capital of France is the city of")
+    assert ours.piece(int(np.argmax(run.logits[-1]))) == "▁Paris"
+    split = P.residual_prism(P.logits_readout(ours, run, ["▁Paris", "▁London"]))
+    assert split.exact  # a real model's prism sums within the float32 tolerance

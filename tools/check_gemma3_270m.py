@@ -119,6 +119,21 @@ def main(argv=None) -> int:
             good = best[0][0] == expected
             ok &= good
             print(f"  top-1 {'is' if good else 'is NOT'} {expected!r}: {'OK' if good else 'NOT OK'}")
+    print("\nrefprism's own forward pass on the same dequantized weights (float32) against HF's:")
+    import torch
+
+    from refprism.model import from_arrays
+
+    ours = from_arrays(config, tensors, tokenizer, name=str(path))
+    for prompt, _ in PROMPTS:
+        run = ours.run(prompt)
+        with torch.no_grad():
+            ref = model(torch.tensor([run.tokens.tolist()])).logits[0].double().numpy()
+        diff = float(abs(run.logits - ref).max())
+        good = diff <= 1e-3
+        ok &= good
+        print(f"  {prompt!r}: max |logit difference| {diff:.2e} over {ref.size} logits "
+              f"(top-1 {ours.piece(int(run.logits[-1].argmax()))!r}): {'OK' if good else 'NOT OK'}")
     if args.export:
         export(Path(args.export), config, tensors, tokenizer)
     print("\nOK" if ok else "\nNOT OK")

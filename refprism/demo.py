@@ -27,7 +27,7 @@ from .errors import InputError
 CAPITAL_PROMPT = "The capital of France is the city of"
 CAPITALS = ["▁Paris", "▁London", "▁Rome", "▁Berlin", "▁Madrid", "▁Tokyo", "▁Moscow"]
 COUNTRIES = ["▁France", "▁England", "▁Italy", "▁Germany", "▁Spain", "▁Japan", "▁Russia"]
-SUM_PROMPT = "7+2="
+SUM_PROMPT = "2+3="  # Gemma 3 270M gets this one right (its top token for "7+2=" is "1")
 DIGITS = [str(d) for d in range(10)]
 
 

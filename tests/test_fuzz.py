@@ -167,7 +167,6 @@ def with_header(header, rest: bytes, pad=True) -> bytes:
 # ------------------------------------------------------------------------------------------ readers
 
 
-@NEEDS_WEIGHTS_PATCH
 @settings(max_examples=150, **SETTINGS)
 @given(st.data())
 def test_fuzz_safetensors(sources, workdir, traced, data):
@@ -238,7 +237,6 @@ def test_fuzz_config(sources, workdir, traced, data):
     workdir.clean()
 
 
-@NEEDS_WEIGHTS_PATCH
 @settings(max_examples=100, **SETTINGS)
 @given(st.data())
 def test_fuzz_index(sources, workdir, traced, data):

@@ -332,8 +332,6 @@ def prism(command, *extra, prompt=PROMPT):
     return (command, prompt, "--model", "{model}", *extra, "--plot", "{out}/fig.png")
 
 
-PRISMS_PATCH = "needs prisms.py patch: resolve_token refuses {}"
-WEIGHTS_PATCH = "needs weights.py patch: {}"
 
 CASES = [
     # config.json

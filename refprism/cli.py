@@ -1,18 +1,22 @@
-"""The `refprism` command. Every subcommand shares --model / --dtype and a prompt (text or --ids).
+"""The `refprism` command. Every subcommand shares --model / --dtype and a prompt (text, --ids or --prompt-file).
 
-Errors: one line `refprism: error: ...` on stderr and exit status 2; never a traceback, never a half file.
+Errors: one line `refprism: error: ...` on stderr and exit status 2; never a traceback, never a half file
+(docs/errors.md lists every refusal with its message). A prism whose parts miss their whole by more than the
+stated tolerance is reported but not refused: a one-line `refprism: warning: ...` on stderr, exit status 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError, RefprismError
+from .model import check_text
 from .files import atomic_write
 
 
@@ -20,12 +24,14 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump) that names the subcommand's --help."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"refprism: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", help="the prompt text (the tokenizer adds BOS); or use --ids")
+    p.add_argument("prompt", nargs="?", help="the prompt text (the tokenizer adds BOS); or use --ids / --prompt-file")
     p.add_argument("--ids", help="the prompt as token ids, comma or space separated (e.g. '2,651,6037')")
+    p.add_argument("--prompt-file", metavar="FILE",
+                   help="read the prompt text from a UTF-8 file, exactly as stored (a final newline is part of it)")
     p.add_argument("--model", default=None,
                    help="model directory or hub id (default: $REFPRISM_MODEL, else google/gemma-2b)")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 (default) or float64 (audit)")
@@ -90,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model directory or hub id")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 (default) or float64")
     p.add_argument("--memory", default="auto", choices=["auto", "fast", "low"], help="as for the other commands")
-    p.add_argument("--targets", nargs="+", required=True, metavar="TOKEN", help="tokens, in the order to join")
+    p.add_argument("--targets", nargs="*", required=True, metavar="TOKEN", help="tokens, in the order to join")
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--plot", metavar="FILE.png", help="write the figure")
     p.set_defaults(func=cmd_pca)
@@ -100,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _prism_common(p):
     _common(p)
     p.add_argument("--position", type=int, default=-1, help="the position whose logits are split (default: last)")
-    p.add_argument("--targets", nargs="+", metavar="TOKEN",
+    p.add_argument("--targets", nargs="*", metavar="TOKEN",  # "*": a bare --targets reaches the library's refusal
                    help="target tokens: pieces (▁Paris), one-token text, or ids (#7127); default: the top 5")
     p.add_argument("--versus", nargs="+", metavar="TOKEN",
                    help="foils: each target minus the foil (or minus the mean of several foils)")
@@ -119,9 +125,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_text_args(args)
         return args.func(args) or 0
     except RefprismError as e:
-        print(f"refprism: error: {e}", file=sys.stderr)
+        print(f"refprism: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("refprism: interrupted", file=sys.stderr)
@@ -134,20 +141,73 @@ def main(argv=None) -> int:
 # -------------------------------------------------------------------------------------------------- helpers
 
 
+def one_line(message) -> str:
+    """A message as one line: any line break shown as an escape (a file name or argument may hold one)."""
+    text = str(message)
+    for brk, shown in (("\r\n", "\\r\\n"), ("\n", "\\n"), ("\r", "\\r")):
+        text = text.replace(brk, shown)
+    return "".join(c if c.isprintable() or c in " \t" else c.encode("unicode_escape").decode() for c in text)
+
+
+def short(text, limit=80) -> str:
+    """repr(text), its middle cut out beyond `limit` characters, for echoing what the user typed."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit // 2 - 2] + "..." + r[-(limit // 2 - 1):]
+
+
+def path_text(path) -> str:
+    """A file name as typed, quoted and escaped (a name may hold a line break); only absurd lengths are cut."""
+    return short(str(path), limit=400)
+
+
+def _check_text_args(args) -> None:
+    """Token arguments must be text: a lone surrogate is an undecodable byte of the command line."""
+    for name in ("targets", "versus", "inputs"):
+        for value in getattr(args, name, None) or ():
+            check_text(value, f"--{name} {short(value)}")
+
+
+# A prompt file larger than this is refused before it is read whole (a device like /dev/zero never ends).
+PROMPT_FILE_LIMIT = 64 * 2**20
+
+
+def read_prompt_file(path: str) -> str:
+    """The text of --prompt-file, decoded as strict UTF-8; one-line errors naming the file (and the bad byte)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(PROMPT_FILE_LIMIT + 1)
+    except OSError as e:
+        raise InputError(f"cannot read --prompt-file {path_text(path)}: {e.strerror or e}") from None
+    except ValueError:  # a NUL character in the name
+        raise InputError(f"--prompt-file {path_text(path)} is not a usable file name") from None
+    if len(data) > PROMPT_FILE_LIMIT:
+        raise InputError(f"--prompt-file {path_text(path)} is over {PROMPT_FILE_LIMIT // 2**20} MiB, far beyond any "
+                         "model's context: give a shorter prompt")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"--prompt-file {path_text(path)} is not valid UTF-8: byte offset {e.start} "
+                         f"(0x{data[e.start]:02x}) {e.reason}; save the file as UTF-8") from None
+
+
 def prompt_of(args):
-    """The prompt as given: text, or the list of ids from --ids (exactly one of the two)."""
-    if args.ids is not None and args.prompt is not None:
-        raise InputError("give the prompt as text or as --ids, not both")
+    """The prompt as given: text, the list of ids from --ids, or the text of --prompt-file (exactly one)."""
+    given = [name for name, value in (("text", args.prompt), ("--ids", args.ids),
+                                      ("--prompt-file", args.prompt_file)) if value is not None]
+    if len(given) > 1:
+        raise InputError(f"give the prompt once: as text, --ids or --prompt-file (got {' and '.join(given)})")
     if args.ids is not None:
         try:
             ids = [int(t) for t in args.ids.replace(",", " ").split()]
         except ValueError:
-            raise InputError(f"--ids must be integers separated by commas or spaces, got {args.ids!r}") from None
+            raise InputError(f"--ids must be integers separated by commas or spaces, got {short(args.ids)}") from None
         if not ids:
-            raise InputError("--ids is empty")
+            raise InputError("--ids is empty: give token ids like 2,651,6037 (or \"\" as text for the BOS-only run)")
         return ids
+    if args.prompt_file is not None:
+        return read_prompt_file(args.prompt_file)
     if args.prompt is None:
-        raise InputError("no prompt: give the prompt text, or token ids with --ids")
+        raise InputError("no prompt: give the prompt text, token ids with --ids, or --prompt-file FILE")
     return args.prompt
 
 
@@ -158,13 +218,21 @@ def load_model(args):
 
 
 def check_out_path(path: str, force: bool) -> Path:
+    """--out must name a new file (or, with --force, an existing file) in an existing, writable directory."""
     out = Path(path)
-    if not out.parent.is_dir():
-        raise InputError(f"the directory of --out {path!r} does not exist")
-    if out.exists() and not force:
-        raise InputError(f"{path} exists: pass --force to replace it")
-    if out.is_dir():
-        raise InputError(f"--out {path!r} is a directory; give a file name")
+    try:
+        if "\0" in path or not path:
+            raise InputError(f"--out {path_text(path)} is not a usable file name")
+        if not out.parent.is_dir():
+            raise InputError(f"the directory of --out {path_text(path)} does not exist: create it first")
+        if out.is_dir():
+            raise InputError(f"--out {path_text(path)} is a directory; give a file name")
+        if out.exists() and not force:
+            raise InputError(f"--out {path_text(path)} exists: pass --force to replace it")
+        if not os.access(out.parent, os.W_OK | os.X_OK):
+            raise InputError(f"cannot write into the directory of --out {path_text(path)}: check its permissions")
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise InputError(f"cannot use --out {path_text(path)}: {e.strerror or e}") from None
     return out
 
 
@@ -236,25 +304,32 @@ def _readout(args):
     if args.plot:
         _check_plot_path(args.plot)
     prompt = prompt_of(args)
+    args.empty_prompt = prompt == ""  # the BOS-only run: said so in the output
     model = load_model(args)
     run = model.run(prompt)
     p = prisms.resolve_position(run, args.position)
     targets = args.targets
-    if not targets:
+    if targets is None:  # not given: the top 5 (a bare --targets is refused by resolve_targets)
         targets = [f"#{i}" for i in np.argsort(-run.logits[p], kind="stable")[:5]]
     return prisms.logits_readout(model, run, targets, position=p, versus=args.versus or ())
 
 
 def _check_plot_path(path):
     out = Path(path)
-    if not out.parent.is_dir():
-        raise InputError(f"the directory of --plot {path!r} does not exist")
+    try:
+        if "\0" in path:
+            raise InputError(f"--plot {path_text(path)} is not a usable file name")
+        if not out.parent.is_dir():
+            raise InputError(f"the directory of --plot {path_text(path)} does not exist: create it first")
+    except OSError as e:
+        raise InputError(f"cannot use --plot {path_text(path)}: {e.strerror or e}") from None
     if out.suffix.lower() != ".png":
-        raise InputError(f"--plot writes a PNG: give a file name ending in .png, got {path!r}")
+        raise InputError(f"--plot writes a PNG: give a file name ending in .png, got {path_text(path)}")
 
 
 def _show(args, split, *, top=None, extra=None):
-    """Print the split (table or JSON) and write its figure if asked."""
+    """Print the split (table or JSON) and write its figure if asked; warn when its parts miss the whole."""
+    _warn_if_not_exact(split)
     if args.plot:
         from . import plots
 
@@ -265,7 +340,8 @@ def _show(args, split, *, top=None, extra=None):
         r = split.readout
         print(f"{split.prism} prism  model {r.model.name}  dtype {r.model.dtype}  position {r.position} "
               f"({r.run.pieces[r.position]})  reading {r.site_name}")
-        print("tokens: " + " ".join(f"{i}:{p}" for i, p in enumerate(r.run.pieces)))
+        note = "  (empty prompt: the BOS-only run)" if getattr(args, "empty_prompt", False) else ""
+        print("tokens: " + " ".join(f"{i}:{p}" for i, p in enumerate(r.run.pieces)) + note)
         print("targets: " + ", ".join(f"{t.piece} #{t.id}" for t in r.targets.targets + r.targets.versus))
         print(split.table(top=top))
         if extra:
@@ -273,6 +349,20 @@ def _show(args, split, *, top=None, extra=None):
     if args.plot:
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def _warn_if_not_exact(split) -> None:
+    """One line on stderr when |whole - sum(parts)| exceeds the stated tolerance (the result is still shown)."""
+    if not split.decomposes or split.exact:
+        return
+    dtype = np.dtype(split.values.dtype)
+    excess = np.abs(split.residual) - split.tolerance
+    z = int(np.nanargmax(np.where(np.isnan(excess), np.inf, excess)))
+    what = (f"the {split.prism} prism's residual {split.residual[z]:.3g} (column {split.columns[z]}) exceeds "
+            f"the {dtype} tolerance {split.tolerance[z]:.2g}")
+    advice = ("rerun with --dtype float64" if dtype == np.float32
+              else "float64 should not miss it: please report this with the command")
+    print(f"refprism: warning: {one_line(what)}; {advice}", file=sys.stderr)
 
 
 def _check_top(args):
@@ -314,14 +404,19 @@ def cmd_mlp(args) -> int:
     return _show(args, prisms.mlp_prism(_readout(args), args.layer), top=args.top)
 
 
+def _is_int(text) -> bool:
+    """An optionally signed run of ASCII digits ('²'.isdigit() is True but int('²') fails)."""
+    digits = text[1:] if text[:1] in "+-" else text
+    return digits.isascii() and digits.isdigit()
+
+
 def _parse_int_fields(step, fields, expected):
     parts = step.split(":")
     if len(parts) != expected + 1:
-        raise InputError(f"--then {step!r}: expected {fields}")
-    try:
-        return [int(x) for x in parts[1:]]
-    except ValueError:
-        raise InputError(f"--then {step!r}: expected {fields} with integers") from None
+        raise InputError(f"--then {short(step)}: expected {fields}")
+    if not all(_is_int(x) for x in parts[1:]):
+        raise InputError(f"--then {short(step)}: expected {fields} with integers")
+    return [int(x) for x in parts[1:]]
 
 
 def _pull_back(args):
@@ -346,7 +441,7 @@ def _pull_back(args):
             l, n = _parse_int_fields(step, "neuron:LAYER:NEURON", 2)
             readout = prisms.through_neuron(readout, l, n)
         else:
-            raise InputError(f"--then {step!r}: a step is head:LAYER:HEAD:SOURCE or neuron:LAYER:NEURON")
+            raise InputError(f"--then {short(step)}: a step is head:LAYER:HEAD:SOURCE or neuron:LAYER:NEURON")
     return readout
 
 
@@ -358,10 +453,10 @@ def cmd_chain(args) -> int:
     kind, _, layer = args.split.partition(":")
     if kind == "residual" and not layer:
         split = prisms.residual_prism(readout)
-    elif kind in ("attention", "mlp") and layer.lstrip("-").isdigit():
+    elif kind in ("attention", "mlp") and _is_int(layer):
         split = (prisms.attention_prism if kind == "attention" else prisms.mlp_prism)(readout, int(layer))
     else:
-        raise InputError(f"--split {args.split!r}: use residual, attention:LAYER or mlp:LAYER")
+        raise InputError(f"--split {short(args.split)}: use residual, attention:LAYER or mlp:LAYER")
     return _show(args, split, top=args.top)
 
 
@@ -380,6 +475,8 @@ def cmd_pca(args) -> int:
 
     if args.plot:
         _check_plot_path(args.plot)
+    if len(args.targets) == 1:  # none: resolve_targets says so; one: the same words as prisms.unembedding_pca
+        raise InputError("a 2-D PCA needs at least 2 tokens, got 1")
     model = load_model(args)
     tokens = prisms.resolve_targets(model, args.targets).targets
     coords, explained = prisms.unembedding_pca(model, tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,12 +48,25 @@ class Model:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InputError(f"{self.name} has no tokenizer.json: give the prompt as token ids")
+            check_text(prompt, "the prompt")
             ids = self.tokenizer.encode(prompt).ids
+            if not ids:
+                raise InputError(f"{self.name}'s tokenizer turned the prompt into no tokens (not even BOS): "
+                                 "check its tokenizer.json, or give token ids")
+            beyond = [i for i in ids if i >= self.config.vocab_size]
+            if beyond:
+                raise CheckpointError(f"{self.name}'s tokenizer gave token id {beyond[0]}, beyond the embedding's "
+                                      f"{self.config.vocab_size} rows: tokenizer.json does not match these weights")
         else:
+            if isinstance(prompt, (bytes, bytearray)):
+                raise InputError("the prompt is bytes: decode it to text (str) first, or give a list of token ids")
             try:
-                ids = [int(i) for i in prompt]
-            except (TypeError, ValueError):
+                ids = list(prompt)
+            except TypeError:
                 raise InputError("a prompt is a string or a sequence of integer token ids") from None
+            if not all(isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)) for i in ids):
+                raise InputError("a prompt is a string or a sequence of integer token ids (not floats or booleans)")
+            ids = [int(i) for i in ids]
             if not ids:
                 raise InputError("the token id list is empty (an empty text prompt is the BOS-only run)")
         V = self.config.vocab_size
@@ -60,8 +74,8 @@ class Model:
         if bad:
             raise InputError(f"token id {bad[0]} is out of range: the vocabulary has ids 0 .. {V - 1}")
         if len(ids) > self.config.max_positions:
-            raise InputError(
-                f"the prompt has {len(ids)} tokens; the model's context is {self.config.max_positions}")
+            raise InputError(f"the prompt has {len(ids)} tokens; the model's context is {self.config.max_positions} "
+                             "tokens: shorten the prompt")
         return np.asarray(ids, dtype=np.int64)
 
     def piece(self, token_id: int) -> str:
@@ -92,9 +106,9 @@ def load(model=None, dtype="float32", *, memory="auto", normalizer_dtype=None) -
             (e.g. "bfloat16" reproduces a bf16 run's 45.25 for gemma-2b).
     """
     dt = compute_dtype(dtype)
-    if model is not None and str(model).lower().endswith(".gguf"):
+    if isinstance(model, (str, os.PathLike)) and os.fspath(model).lower().endswith(".gguf"):
         return _load_gguf(Path(model), dt, normalizer_dtype)
-    model_dir, name = resolve_model_dir(model)
+    model_dir, name = _resolve(model)
     cfg = read_config(model_dir)
     tokenizer = _read_tokenizer(model_dir, cfg)
     params = Weights(read_tensors(model_dir, cfg), cfg, dt, choose_memory(cfg, dt, memory))
@@ -140,6 +154,41 @@ def from_arrays(hf_config: dict, tensors: dict, tokenizer=None, *, name="", dtyp
     return Model(config=cfg, params=params, tokenizer=tokenizer, name=name, normalizer=normalizer)
 
 
+def _resolve(model) -> tuple[Path, str]:
+    """weights.resolve_model_dir, with the argument checked and the path's own failures as CheckpointErrors."""
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise InputError(f"model must be a directory or a hub id (a string), got {type(model).__name__}")
+    text = "" if model is None else os.fspath(model)
+    if isinstance(text, bytes) or "\0" in text:
+        raise InputError(f"model {text!r} is not a usable path or hub id (bytes or a NUL character)")
+    try:
+        return resolve_model_dir(model)
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise CheckpointError(f"cannot use the model path {text[:80]!r}: {e.strerror or e}") from None
+    except RuntimeError:  # Path.expanduser: "~someone/..." for a user this system does not have
+        if not text.startswith("~"):
+            raise
+        raise CheckpointError(f"cannot expand {text[:80]!r}: no such user's home directory") from None
+    except ValueError as e:
+        from huggingface_hub.errors import HFValidationError
+
+        if isinstance(e, HFValidationError):  # looks like owner/name but the hub refuses the spelling
+            raise CheckpointError(f"{text[:80]!r} is neither a model directory nor a valid hub id "
+                                  f"({str(e).splitlines()[0][:100]})") from None
+        raise
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that is not Unicode (lone surrogates: undecodable bytes of a command line, or bad escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f" (byte 0x{ord(bad) - 0xDC00:02x})" if 0xDC80 <= ord(bad) <= 0xDCFF else ""
+        raise InputError(f"{what} is not valid UTF-8 text: character {e.start} is a lone surrogate "
+                         f"{bad.encode('unicode_escape').decode()}{byte}; give UTF-8 text") from None
+
+
 def _read_tokenizer(model_dir: Path, cfg: Config):
     """tokenizer.json through `tokenizers`, or None when the directory has none."""
     path = model_dir / "tokenizer.json"
@@ -153,5 +202,6 @@ def _read_tokenizer(model_dir: Path, cfg: Config):
         raise CheckpointError(f"{path} is not a valid tokenizers file ({str(e).splitlines()[0][:200]})") from None
     if tok.get_vocab_size() > cfg.vocab_size:
         raise CheckpointError(
-            f"tokenizer.json has {tok.get_vocab_size()} tokens but the embedding has only {cfg.vocab_size} rows")
+            f"tokenizer.json has {tok.get_vocab_size()} tokens but the embedding has only {cfg.vocab_size} rows: "
+            "use the tokenizer that came with these weights")
     return tok

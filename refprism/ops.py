@@ -18,10 +18,18 @@ def rms_norm(x, w, *, eps):
 
     Math:   y = x / s * (1 + w),   s = sqrt(mean(x**2) + eps)
             Gemma trap: the checkpoint stores w, applied as (1 + w) (a zero w is the identity scale).
+    Stable: s = c * sqrt(mean((x / c)**2) + eps / c**2),  c = the power of 2 with c <= m < 2c,
+            m = max(max|x|, sqrt(eps)). Dividing by a power of 2 is exact, so this is the same s, bit for bit,
+            whenever x**2 neither overflows nor underflows; where it would (float32 |x| > 1.8e19: x**2 = inf and
+            the naive s = inf), s stays finite.
     Shapes: x [T, D], w [D] -> y [T, D], s [T]
     """
     eps = np.asarray(eps, dtype=x.dtype)
-    s = np.sqrt(np.mean(x * x, axis=-1) + eps)
+    m = np.maximum(np.abs(x).max(axis=-1), np.sqrt(eps))  # [T]
+    _, k = np.frexp(m)  # m = f * 2**k, 0.5 <= f < 1 (k = 0 for m = 0, inf or nan)
+    c = np.ldexp(np.ones_like(m), k - 1)  # [T], c = 2**(k - 1) <= m, in x's dtype
+    xc = x / c[..., None]  # exact; |xc| < 2
+    s = c * np.sqrt(np.mean(xc * xc, axis=-1) + eps / c / c)  # eps / c / c, not eps / c**2: c**2 may under/overflow
     y = x / s[..., None] * (1 + w.astype(x.dtype))
     return y, s
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import ops
 from .errors import InputError
+from .model import check_text
 
 # Exactness tolerance of |whole - sum(parts)|: atol + rtol * sum(|parts|), by compute dtype. The parts are dot
 # products over D (2048 for gemma-2b) computed in different orders from the whole, so their rounding error is a
@@ -79,13 +80,15 @@ class Targets:
 def resolve_token(model, spec) -> Token:
     """'#7127' (an id), '▁Paris' (a vocabulary piece) or text that is exactly one token (' Paris') -> Token."""
     V = model.config.vocab_size
-    if isinstance(spec, (int, np.integer)) or (isinstance(spec, str) and spec.startswith("#") and spec[1:].isdigit()):
+    is_id = isinstance(spec, str) and spec[:1] == "#" and spec[1:].isascii() and spec[1:].isdigit()  # '²'.isdigit()
+    if (isinstance(spec, (int, np.integer)) and not isinstance(spec, bool)) or is_id:
         i = int(spec[1:]) if isinstance(spec, str) else int(spec)
         if not 0 <= i < V:
             raise InputError(f"target id #{i} is beyond the vocabulary (ids 0 .. {V - 1})")
         return Token(i, model.piece(i))
     if not isinstance(spec, str) or spec == "":
         raise InputError(f"a target is a piece (▁Paris), one-token text or an id (#7127), got {spec!r}")
+    check_text(spec, f"target {spec!r}")  # a lone surrogate (an undecodable byte) makes tokenizers raise
     tok = model.tokenizer
     if tok is None:
         raise InputError(f"{model.name} has no tokenizer.json: give targets as ids (#7127)")
@@ -93,8 +96,11 @@ def resolve_token(model, spec) -> Token:
     if i is not None and i < V:
         return Token(int(i), spec)
     ids = tok.encode(spec, add_special_tokens=False).ids
-    if len(ids) == 1:
+    if len(ids) == 1 and model.piece(ids[0]) != "<unk>":
         return Token(int(ids[0]), model.piece(ids[0]))
+    if len(ids) == 1:  # a character the vocabulary lacks (no byte fallback): never silently the <unk> row
+        raise InputError(f"target {spec!r} is not in the vocabulary (the tokenizer reads it as <unk>): "
+                         "pick a piece or an id")
     if not ids:
         raise InputError(f"target {spec!r} is not in the vocabulary")
     pieces = " ".join(model.piece(j) for j in ids)
@@ -505,6 +511,8 @@ def scaled_embeddings(model, tokens) -> np.ndarray:
 
 def unembedding_pca(model, tokens) -> tuple[np.ndarray, np.ndarray]:
     """2-D PCA of the tokens' unembedding rows E[t] (centred): coordinates [M, 2] and explained variance [2]."""
+    if len(tokens) < 2:
+        raise InputError(f"a 2-D PCA needs at least 2 tokens, got {len(tokens)}")
     X = model.params.embed_rows([t.id for t in tokens]).astype(np.float64)
     X = X - X.mean(axis=0)
     U, S, Vt = np.linalg.svd(X, full_matrices=False)

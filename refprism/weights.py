@@ -92,11 +92,13 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             shards = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        # ValueError covers JSONDecodeError and UnicodeDecodeError; RecursionError, a deeply nested [[[[...]]]]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
-        if not all(isinstance(s, str) and s and "/" not in s and s not in (".", "..") for s in shards):
+        if not all(isinstance(s, str) and s and "/" not in s and "\0" not in s and s not in (".", "..")
+                   for s in shards):
             raise CheckpointError(f"{index.name} names a shard that is not a plain file name")
-        missing = [s for s in shards if not (model_dir / s).is_file()]
+        missing = [s for s in shards if not _is_file(model_dir / s)]
         if missing:
             raise CheckpointError(f"{index.name} names shard {missing[0]}, which is not in {model_dir}")
         return [model_dir / s for s in shards]
@@ -112,6 +114,13 @@ def safetensors_files(model_dir: Path) -> list[Path]:
             "convert the checkpoint to safetensors"
         )
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {model_dir}")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name longer than the file system allows: not a file this checkpoint can have
+        return False
 
 
 @dataclass(frozen=True)
@@ -153,7 +162,7 @@ def read_header(path: Path) -> dict[str, Stored]:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors; [[[[...]]]]
         raise CheckpointError(f"{path}: the safetensors header is not valid JSON (corrupt file?)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
@@ -165,8 +174,9 @@ def read_header(path: Path) -> dict[str, Stored]:
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
             raise CheckpointError(f"{path}: tensor {name} has a malformed header entry")
         stored = entry["dtype"]
-        if stored not in _STORED_DTYPES:
-            raise CheckpointError(f"tensor {name} in {path.name} has dtype {stored}; refprism reads F32, BF16 and F16")
+        if not isinstance(stored, str) or stored not in _STORED_DTYPES:  # a list or object is not hashable
+            raise CheckpointError(f"tensor {name} in {path.name} has dtype {str(stored)[:40]}; refprism reads F32, "
+                                  "BF16 and F16")
         shape, offsets = entry["shape"], entry["data_offsets"]
         if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
             raise CheckpointError(f"{path}: tensor {name} has an invalid shape {shape!r}")

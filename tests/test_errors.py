@@ -77,6 +77,28 @@ def edit_config(edit):
     return build
 
 
+def gguf_file(*, truncate=False, arch="gemma3"):
+    """A GGUF file (written as llama.cpp's converter does, see test_gguf.py), cut in half or of another model."""
+    def build(ctx):
+        import gguf
+
+        from test_gguf import write_gguf
+
+        path = ctx.tmp / "model.gguf"
+        if arch == "gemma3":
+            write_gguf(path, "gemma3")
+        else:  # a header that names another architecture: enough to be refused by name
+            w = gguf.GGUFWriter(str(path), arch)
+            w.add_block_count(1)
+            w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+            w.close()
+        if truncate:
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+        return path
+    return build
+
+
 def write_file(name, content):
     """Replace (content bytes/str) or delete (None) one file of a copied checkpoint."""
     def build(ctx):
@@ -434,6 +456,12 @@ CASES = [
     Case("pickle-file", pickle_file, load_run, RECORD,
          r"model\.pt is a pickled checkpoint; refprism never unpickles files", CheckpointError,
          after=lambda ctx: not marker(ctx).exists()),
+    # GGUF files (llama.cpp's format)
+    Case("gguf-truncated", gguf_file(truncate=True), load_run, RECORD,
+         r"model\.gguf is not a readable GGUF file \(truncated or corrupt\?\)", CheckpointError),
+    Case("gguf-unknown-architecture", gguf_file(arch="llama"), load_run, RECORD,
+         r"model\.gguf holds a 'llama' model; refprism reads the GGUF architectures gemma, gemma2, gemma3",
+         CheckpointError),
     # paths and the hub
     Case("path-missing", lambda ctx: ctx.tmp / "absent", load_run, RECORD,
          r"no model directory '.*absent' \(and it is not a hub id like google/gemma-2b\)", CheckpointError),

@@ -566,3 +566,30 @@ def test_real_gemma3_270m_refprism_equals_hf(gemma3_270m):
     assert ours.piece(int(np.argmax(run.logits[-1]))) == "▁Paris"
     split = P.residual_prism(P.logits_readout(ours, run, ["▁Paris", "▁London"]))
     assert split.exact  # a real model's prism sums within the float32 tolerance
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
+def test_gguf_model_equals_the_same_weights_from_safetensors(tmp_path, arch):
+    """A GGUF file (Q8_0, F16, BF16 and F32 tensors) through refprism.load gives bit for bit the logits of a
+    safetensors checkpoint holding the values the file holds (dequantized independently, by gguf's own code)."""
+    from safetensors.numpy import save_file
+
+    import refprism
+
+    weights = hf_weights(arch)
+    path = write_gguf(tmp_path / "m.gguf", arch, weights)
+    config, _, tokenizer = read_gguf(path)
+    held = {}
+    for hf, a in weights.items():  # norms are stored as 1 + w in float32 and read back as (1 + w) - 1
+        held[hf] = (a + np.float32(1)) - np.float32(1) if hf.endswith("norm.weight") else expected_value(hf, a, arch)
+    d = tmp_path / "st"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "gguf_defaults"}))
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in held.items()}, str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    tokenizer.save(str(d / "tokenizer.json"))
+    from_gguf, from_st = refprism.load(path), refprism.load(d)
+    assert from_gguf.config == from_st.config
+    ids = [2, 5, 9, 40, 41, 7, 12, 3, 30, 31, 33, 36, 20, 21, 22, 23, 24, 25]  # longer than gemma2/3's window of 16
+    np.testing.assert_array_equal(from_gguf.run(ids).logits, from_st.run(ids).logits)
+    assert from_gguf.run("the abc").tokens.tolist() == from_st.run("the abc").tokens.tolist()

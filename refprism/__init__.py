@@ -1,11 +1,11 @@
 """refprism: a NumPy reference implementation of gemma-2b with exact logit prisms."""
 
 from .config import Config
-from .errors import AccessError, CheckpointError, ConfigError, InputError, RefprismError
+from .errors import AccessError, CheckpointError, ConfigError, InputError, OutputError, RefprismError
 from .forward import forward
 from .model import Model, Run, load
 from .record import RECORD_TABLE, Record
 
 __all__ = ["Config", "Model", "Run", "Record", "RECORD_TABLE", "load", "forward", "RefprismError",
-           "ConfigError", "CheckpointError", "AccessError", "InputError"]
+           "ConfigError", "CheckpointError", "AccessError", "InputError", "OutputError"]
 __version__ = "0.1.0"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import os
 import sys
 from pathlib import Path
 
@@ -141,8 +142,11 @@ def main(argv=None) -> int:
         print("refprism: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
-        print("refprism: error: out of memory (try a shorter prompt or a machine with more RAM)", file=sys.stderr)
+        print("refprism: error: out of memory (try a shorter prompt or --memory low)", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `refprism ... | head`: the reader left; no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 # -------------------------------------------------------------------------------------------------- helpers

@@ -25,3 +25,9 @@ class AccessError(RefprismError):
 
 class InputError(RefprismError):
     """A prompt, token id, target, index or argument that does not fit the model."""
+
+
+class OutputError(RefprismError):
+    """An output file could not be written (disk full, permissions): nothing half-written is left behind."""
+
+    exit_code = 1

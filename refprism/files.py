@@ -6,6 +6,8 @@ import os
 import uuid
 from pathlib import Path
 
+from .errors import OutputError
+
 
 def atomic_write(out: Path, write) -> Path:
     """Call write(tmp) on a temporary path beside `out` (same suffix), then rename it over `out`.
@@ -17,7 +19,9 @@ def atomic_write(out: Path, write) -> Path:
     try:
         write(tmp)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OutputError(f"could not write {out}: {e.strerror or e} (nothing was written)") from None
         raise
     return out

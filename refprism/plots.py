@@ -362,7 +362,4 @@ def _output_path(path) -> Path:
 
 def _save(fig, out: Path) -> Path:
     """Save to a temporary file beside `out` (same suffix, so the format is the same), then rename over it."""
-    try:
-        return atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=110))
-    except OSError as e:
-        raise InputError(f"cannot write the figure {str(out)!r}: {e.strerror or e}") from e
+    return atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=110))

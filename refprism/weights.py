@@ -52,7 +52,7 @@ def compute_dtype(name) -> type:
     """'float32' (default) or 'float64' (audit mode) -> the NumPy type; anything else is refused."""
     key = np.dtype(name).name if isinstance(name, type) or isinstance(name, np.dtype) else str(name)
     if key not in COMPUTE_DTYPES:
-        raise CheckpointError(f"dtype {name!r} is not supported: use float32 or float64 (audit mode)")
+        raise InputError(f"dtype {name!r} is not supported: use float32 or float64 (audit mode)")
     return COMPUTE_DTYPES[key]
 
 

@@ -47,7 +47,7 @@ def test_record_writes_every_activation(tiny_dir, tmp_path, capsys):
             assert f[name].shape == shape and f[name].dtype == np.float64, name
 
 
-def test_record_failure_leaves_no_file(tiny_dir, tmp_path, monkeypatch):
+def test_record_failure_leaves_no_file(tiny_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run.npz"
 
     def broken_savez(f, **arrays):
@@ -55,9 +55,21 @@ def test_record_failure_leaves_no_file(tiny_dir, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "savez", broken_savez)
-    with pytest.raises(OSError):
-        cli.main(["record", "--ids", "2", "--model", str(tiny_dir), "--out", str(out)])
-    assert list(tmp_path.iterdir()) == []
+    assert cli.main(["record", "--ids", "2", "--model", str(tiny_dir), "--out", str(out)]) == 1
+    assert list(tmp_path.iterdir()) == []  # neither the file nor the temporary one
+    err = capsys.readouterr().err
+    assert err.startswith("refprism: error: could not write") and "No space left on device" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_broken_pipe_is_quiet(tiny_dir):
+    """`refprism ... | head -1`: the reader closes the pipe early; no traceback."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(f"{sys.executable} -m refprism.cli mlp --ids 2,5,7 --layer 0 --top 128 "
+                       f"--model {tiny_dir} | head -1", shell=True, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr
 
 
 def test_record_refuses_to_overwrite_and_missing_dir(tiny_dir, tmp_path, capsys):

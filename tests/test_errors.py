@@ -583,7 +583,7 @@ CASES = [
          r"--plot writes a PNG: give a file name ending in \.png, got '.*fig\.jpg'", InputError),
     Case("dtype-unsupported", lambda ctx: ctx.good(), lambda t, ctx: refprism.load(t, dtype="float16"),
          (*RECORD, "--dtype", "float16"),
-         r"dtype 'float16' is not supported: use float32 or float64 \(audit mode\)", CheckpointError),
+         r"dtype 'float16' is not supported: use float32 or float64 \(audit mode\)", InputError),
 ]
 
 

@@ -137,7 +137,7 @@ def test_truncated_safetensors(tiny_dir, tmp_path):
 
 def test_dtype_choices(tiny_dir):
     assert refprism.load(tiny_dir, dtype="float64").dtype == np.float64
-    with pytest.raises(CheckpointError, match="float32 or float64"):
+    with pytest.raises(InputError, match="float32 or float64"):
         refprism.load(tiny_dir, dtype="float16")
 
 

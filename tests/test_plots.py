@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from refprism import plots
 from refprism import prisms as P
-from refprism.errors import InputError
+from refprism.errors import InputError, OutputError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -322,7 +322,7 @@ def test_os_error_while_saving_is_an_input_error(splits, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Figure, "savefig", full)
-    with pytest.raises(InputError, match="No space left on device"):
+    with pytest.raises(OutputError, match="could not write .* No space left on device"):
         plots.mlp_figure(splits["mlp"], tmp_path / "m.png")
     assert not any(tmp_path.iterdir())
 

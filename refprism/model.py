@@ -31,7 +31,7 @@ class Run:
 
 @dataclass
 class Model:
-    """A loaded Gemma (1) model: config, parameters in the compute dtype, tokenizer (if the directory has one)."""
+    """A loaded Gemma model (1, 2 or 3 text): config, parameters in the compute dtype, tokenizer (if the directory has one)."""
 
     config: Config
     params: Weights = field(repr=False)

@@ -1,4 +1,4 @@
-"""Pure math of a Gemma (1) layer, over NumPy arrays. No batch axis.
+"""Pure math of a Gemma layer (Gemma 1, 2, 3), over NumPy arrays. No batch axis.
 
 Axis legend (the same letters in every einsum of refprism):
     T query position   S source position   D model width      N query heads    K key/value heads

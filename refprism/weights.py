@@ -57,7 +57,7 @@ def compute_dtype(name) -> type:
 
 
 def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Gemma (1) checkpoint must hold, with its HF shape, in the hub's file order."""
+    """Every tensor a Gemma checkpoint of this config must hold, with its HF shape, in the hub's file order."""
     V, D, N, K, H, F = cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
     shapes = {"model.embed_tokens.weight": (V, D)}
     for l in range(cfg.n_layers):

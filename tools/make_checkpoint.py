@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write a random-weight Gemma (1) checkpoint in the Hugging Face layout.
+"""Write a random-weight Gemma checkpoint in the Hugging Face layout.
 
     python tools/make_checkpoint.py OUT_DIR --preset tiny
     python tools/make_checkpoint.py /tmp/g2b --preset gemma-2b --dtype bfloat16 --shards 2
@@ -41,7 +41,7 @@ _OVERRIDES = {
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="make_checkpoint.py",
-        description="Write a random-weight Gemma (1) checkpoint (config.json, safetensors, tokenizer).",
+        description="Write a random-weight Gemma checkpoint (config.json, safetensors, tokenizer).",
     )
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create (must be absent or empty unless --force)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="base config (default: tiny)")

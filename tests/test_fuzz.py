@@ -88,8 +88,10 @@ def traced():
 
 @pytest.fixture(scope="module")
 def sources(checkpoint):
-    """The valid files every mutation starts from: a single-file and a two-shard tiny checkpoint."""
-    return {"single": checkpoint(), "sharded": checkpoint(shards=2)}
+    """The valid files every mutation starts from: a single-file and a two-shard tiny checkpoint, and tiny Gemma 2
+    and 3 ones (their config keys: windows, soft-caps, layer types, RoPE per layer type)."""
+    return {"single": checkpoint(), "sharded": checkpoint(shards=2), "gemma2": checkpoint("tiny-gemma2"),
+            "gemma3": checkpoint("tiny-gemma3")}
 
 
 class Workdir:
@@ -212,13 +214,17 @@ def test_fuzz_safetensors(sources, workdir, traced, data):
 CONFIG_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
                "rope_parameters", "rope_scaling", "model_type", "hidden_act", "hidden_activation",
-               "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype"]
+               "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype",
+               # Gemma 2 / 3
+               "query_pre_attn_scalar", "sliding_window", "sliding_window_pattern", "layer_types",
+               "attn_logit_softcapping", "final_logit_softcapping", "rope_local_base_freq",
+               "use_bidirectional_attention"]
 
 
 @settings(max_examples=150, **SETTINGS)
 @given(st.data())
 def test_fuzz_config(sources, workdir, traced, data):
-    source = sources["single"]
+    source = sources[data.draw(st.sampled_from(["single", "gemma2", "gemma3"]), label="family")]
     raw = (source / "config.json").read_bytes()
     if data.draw(st.integers(0, 4), label="raw bytes?") == 0:
         mutated = mutate_bytes(raw, data.draw)

@@ -60,9 +60,9 @@ def forward(params: Weights, cfg: Config, tokens, *, normalizer=None) -> Record:
         # Attention: RMSNorm (1 + w) -> q, k, v per head -> (Gemma 3: q, k norms) -> split-half RoPE on q, k
         # -> causal softmax (Gemma 2: soft-capped scores; sliding layers: a window) -> o_proj (-> Gemma 2/3 post-norm)
         h, s1 = ops.rms_norm(x, p["ln1"], eps=eps)
-        q = np.einsum("td,ndh->tnh", h, p["W_Q"], optimize=True)  # [T, N, H]
-        k = np.einsum("td,kdh->tkh", h, p["W_K"], optimize=True)  # [T, K, H]
-        v = np.einsum("td,kdh->tkh", h, p["W_V"], optimize=True)  # [T, K, H]
+        q = np.einsum("td,dnh->tnh", h, p["W_Q"], optimize=True)  # [T, N, H]
+        k = np.einsum("td,dkh->tkh", h, p["W_K"], optimize=True)  # [T, K, H]
+        v = np.einsum("td,dkh->tkh", h, p["W_V"], optimize=True)  # [T, K, H]
         if cfg.qk_norm:  # Gemma 3: each head's q and k normalised over H, (1 + w) as every Gemma norm
             q, sq = ops.rms_norm(q, p["q_norm"], eps=eps)
             k, sk = ops.rms_norm(k, p["k_norm"], eps=eps)

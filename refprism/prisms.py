@@ -266,7 +266,7 @@ def through_head(readout, layer, head, source) -> Readout:
     kv = cfg.kv_head(head)
     u_pre = through_post_norm(readout, layer, "attn")  # Gemma 2/3: through the frozen post-attention norm
     r = np.einsum("zd,hd->zh", u_pre, params.get(layer, "W_O")[head])  # W_O^h u: [Z, H]
-    back = np.einsum("zh,dh->zd", r, params.get(layer, "W_V")[kv])  # W_V^kv (W_O^h u): [Z, D]
+    back = np.einsum("zh,dh->zd", r, params.get(layer, "W_V")[:, kv])  # W_V^kv (W_O^h u): [Z, D]
     s = rec[b + "ln1.scale"][source]
     u = rec[b + "attn.pattern"][head, readout.position, source] * back * (1 + params.get(layer, "ln1")) / s
     path = readout.path + (f"L{layer}H{head}.src{source}",)

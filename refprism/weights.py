@@ -9,9 +9,9 @@ The parameters are kept as the checkpoint stores them (raw norm weights w, appli
     ln_final [D]        model.norm.weight
     blocks[l]:
       ln1   [D]         input_layernorm.weight
-      W_Q   [N, D, H]   self_attn.q_proj.weight [N*H, D], rows grouped by head
-      W_K   [K, D, H]   self_attn.k_proj.weight [K*H, D]
-      W_V   [K, D, H]   self_attn.v_proj.weight [K*H, D]
+      W_Q   [D, N, H]   self_attn.q_proj.weight [N*H, D] transposed, rows grouped by head: head n is W_Q[:, n]
+      W_K   [D, K, H]   self_attn.k_proj.weight [K*H, D]
+      W_V   [D, K, H]   self_attn.v_proj.weight [K*H, D]
       W_O   [N, H, D]   self_attn.o_proj.weight [D, N*H], columns grouped by head
       ln2   [D]         Gemma 1: post_attention_layernorm.weight (the MLP's input norm, despite its HF name);
                         Gemma 2/3: pre_feedforward_layernorm.weight
@@ -290,11 +290,13 @@ class Weights:
         self._stored = stored
         self._checked: set[str] = set()  # tensors already proven finite
         self._scratch: dict[str, np.ndarray] = {}  # low-memory mode: conversion buffers reused across layers
+        self._arena = None  # fast mode: where the converted weights live
         self.ln_final = self._convert("model.norm.weight")
         self._norms = [{key: self._convert(name) for key, name in norm_names(cfg, l).items()}
                        for l in range(cfg.n_layers)]
         self._embed = self._blocks = None
         if memory == "fast":
+            self._arena = _Arena(sum(math.prod(s) for s in hf_shapes(cfg).values()) * self.dtype.itemsize)
             self._embed = self._convert("model.embed_tokens.weight")  # first: the largest, while memory is empty
             self._blocks = [self._convert_block(l) for l in range(cfg.n_layers)]
             self._stored = None  # every map released: nothing of the files stays resident
@@ -316,7 +318,7 @@ class Weights:
         """
         src = self._source(name)
         view = src if layout is None else layout(src)
-        out = None
+        out = None if self._arena is None else self._arena.take(view.shape, self.dtype)
         if reuse:
             role = name.split(".", 3)[-1]  # "self_attn.q_proj.weight": the same shape in every layer
             out = self._scratch.get(role)
@@ -342,11 +344,13 @@ class Weights:
             return self._norms[l][key]
         if key not in _MATRICES:
             raise KeyError(f"{key} (this {self.cfg.model_type} model has no such weight)")
-        if key == "W_Q":  # q_proj rows are [head, h]: [N*H, D] -> [N, H, D] -> [N, D, H]
-            return self._convert(p + "self_attn.q_proj.weight", lambda a: a.reshape(N, H, D).transpose(0, 2, 1), reuse)
+        # q/k/v_proj rows are [head, h]: [heads*H, D] -> transposed [D, heads*H] -> [D, heads, H]. D first, so
+        # that x W_Q is one BLAS product over a [D, N*H] view (no copy), and head n is still an index: W_Q[:, n]
+        if key == "W_Q":
+            return self._convert(p + "self_attn.q_proj.weight", lambda a: a.T.reshape(D, N, H), reuse)
         if key in ("W_K", "W_V"):
             name = p + f"self_attn.{key[-1].lower()}_proj.weight"
-            return self._convert(name, lambda a: a.reshape(K, H, D).transpose(0, 2, 1), reuse)
+            return self._convert(name, lambda a: a.T.reshape(D, K, H), reuse)
         if key == "W_O":  # o_proj columns are [head, h]: [D, N*H] -> [D, N, H] -> [N, H, D]
             return self._convert(p + "self_attn.o_proj.weight", lambda a: a.reshape(D, N, H).transpose(1, 2, 0), reuse)
         # gate/up [F, D] and down [D, F] kept as stored and read through a transposed view (BLAS takes the
@@ -359,7 +363,7 @@ class Weights:
     # The three ways the model reads its weights.
 
     def block(self, l: int, *, scratch: bool = False) -> dict:
-        """Layer l's weights: ln1, W_Q [N, D, H], W_K/W_V [K, D, H], W_O [N, H, D], ln2, W_gate/W_up [D, F],
+        """Layer l's weights: ln1, W_Q [D, N, H], W_K/W_V [D, K, H], W_O [N, H, D], ln2, W_gate/W_up [D, F],
         W_down [F, D] (and ln1_post, ln2_post, q_norm, k_norm where the model has them).
 
         Low-memory mode converts them at each call, into new arrays that are the caller's own; with
@@ -388,13 +392,45 @@ class Weights:
             return h @ self._embed.T
         E = self._source("model.embed_tokens.weight")
         out = np.empty((h.shape[0], E.shape[0]), dtype=self.dtype)
+        buf = self._scratch.get("unembed")
+        if buf is None or buf.shape != (chunk, E.shape[1]):
+            buf = self._scratch["unembed"] = np.empty((chunk, E.shape[1]), self.dtype)  # reused every call
         for i in range(0, E.shape[0], chunk):
-            out[:, i:i + chunk] = h @ convert(E[i:i + chunk], self.dtype).T
+            rows = E[i:i + chunk]
+            out[:, i:i + chunk] = h @ convert(rows, self.dtype, out=buf[: len(rows)]).T
         return out
 
     def embedding(self) -> np.ndarray:
         """The whole E [V, D] in the compute dtype (low-memory mode: a new array each call)."""
         return self._embed if self._embed is not None else self._convert("model.embed_tokens.weight")
+
+
+class _Arena:
+    """One block of memory for every converted weight, its pages faulted in by the kernel in one go.
+
+    Fresh memory is paid for at first touch, page by page; on the VMs this was measured on (docs/performance.md),
+    one MAP_POPULATE mapping was about twice as fast as touching NumPy's allocations (which ask for transparent huge
+    pages). Where anonymous mmap with MAP_POPULATE is not available, arrays come from NumPy as usual.
+    """
+
+    def __init__(self, nbytes: int):
+        self.offset, self.buffer = 0, None
+        try:
+            import mmap
+
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
+            self.buffer = mmap.mmap(-1, max(nbytes, 1), flags=flags)
+        except (ImportError, AttributeError, OSError, TypeError, ValueError, OverflowError):
+            self.buffer = None
+
+    def take(self, shape, dtype) -> np.ndarray | None:
+        """A C-contiguous array carved from the block (None once it is used up or unavailable)."""
+        n = math.prod(shape) * np.dtype(dtype).itemsize
+        if self.buffer is None or self.offset + n > len(self.buffer):
+            return None
+        a = np.frombuffer(self.buffer, dtype=dtype, count=math.prod(shape), offset=self.offset).reshape(shape)
+        self.offset += -(-n // 64) * 64  # keep every array 64-byte aligned
+        return a
 
 
 def n_parameters(cfg: Config) -> int:

@@ -45,13 +45,13 @@ def test_bf16_fast_conversion_is_exact():
 
 
 def test_per_head_layout(tiny_dir, tiny):
-    """W_Q[n] is q_proj's rows n*H:(n+1)*H transposed; W_O[n] is o_proj's columns n*H:(n+1)*H transposed."""
+    """W_Q[:, n] is q_proj's rows n*H:(n+1)*H transposed; W_O[n] is o_proj's columns n*H:(n+1)*H transposed."""
     raw = load_file(str(tiny_dir / "model.safetensors"))
     H = tiny.config.d_head
     q = raw["model.layers.0.self_attn.q_proj.weight"]
     o = raw["model.layers.0.self_attn.o_proj.weight"]
     for n in range(tiny.config.n_heads):
-        np.testing.assert_array_equal(tiny.params.block(0)["W_Q"][n], q[n * H:(n + 1) * H].T)
+        np.testing.assert_array_equal(tiny.params.block(0)["W_Q"][:, n], q[n * H:(n + 1) * H].T)
         np.testing.assert_array_equal(tiny.params.block(0)["W_O"][n], o[:, n * H:(n + 1) * H].T)
 
 

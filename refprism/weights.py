@@ -297,8 +297,14 @@ class Weights:
         self._embed = self._blocks = None
         if memory == "fast":
             self._arena = _Arena(sum(math.prod(s) for s in hf_shapes(cfg).values()) * self.dtype.itemsize)
-            self._embed = self._convert("model.embed_tokens.weight")  # first: the largest, while memory is empty
-            self._blocks = [self._convert_block(l) for l in range(cfg.n_layers)]
+            # Two threads: the conversions release the GIL, so the page faults of the fresh memory (the cost of a
+            # load, docs/performance.md) are taken on both cores. The values do not depend on the order.
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
+                embed = pool.submit(self._convert, "model.embed_tokens.weight")
+                blocks = list(pool.map(self._convert_block, range(cfg.n_layers)))
+                self._embed, self._blocks = embed.result(), blocks
             self._stored = None  # every map released: nothing of the files stays resident
 
     @classmethod
@@ -406,31 +412,33 @@ class Weights:
 
 
 class _Arena:
-    """One block of memory for every converted weight, its pages faulted in by the kernel in one go.
+    """One block of anonymous memory for every converted weight (fast mode).
 
-    Fresh memory is paid for at first touch, page by page; on the VMs this was measured on (docs/performance.md),
-    one MAP_POPULATE mapping was about twice as fast as touching NumPy's allocations (which ask for transparent huge
-    pages). Where anonymous mmap with MAP_POPULATE is not available, arrays come from NumPy as usual.
+    Fresh memory is paid for at first touch, page by page. On the VMs this was measured on (docs/performance.md),
+    plain 4 KiB pages faulted in from two threads were about twice as fast as NumPy's own large allocations, which
+    ask for transparent huge pages. Where an anonymous mmap is not available, arrays come from NumPy as usual.
+    Thread-safe: the weights are converted by two threads.
     """
 
     def __init__(self, nbytes: int):
-        self.offset, self.buffer = 0, None
+        import threading
+
+        self.offset, self.buffer, self.lock = 0, None, threading.Lock()
         try:
             import mmap
 
-            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
-            self.buffer = mmap.mmap(-1, max(nbytes, 1), flags=flags)
+            self.buffer = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except (ImportError, AttributeError, OSError, TypeError, ValueError, OverflowError):
             self.buffer = None
 
     def take(self, shape, dtype) -> np.ndarray | None:
         """A C-contiguous array carved from the block (None once it is used up or unavailable)."""
         n = math.prod(shape) * np.dtype(dtype).itemsize
-        if self.buffer is None or self.offset + n > len(self.buffer):
-            return None
-        a = np.frombuffer(self.buffer, dtype=dtype, count=math.prod(shape), offset=self.offset).reshape(shape)
-        self.offset += -(-n // 64) * 64  # keep every array 64-byte aligned
-        return a
+        with self.lock:
+            if self.buffer is None or self.offset + n > len(self.buffer):
+                return None
+            offset, self.offset = self.offset, self.offset + -(-n // 64) * 64  # 64-byte aligned
+        return np.frombuffer(self.buffer, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
 
 
 def n_parameters(cfg: Config) -> int:

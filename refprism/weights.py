@@ -291,6 +291,7 @@ class Weights:
         self._checked: set[str] = set()  # tensors already proven finite
         self._scratch: dict[str, np.ndarray] = {}  # low-memory mode: conversion buffers reused across layers
         self._arena = None  # fast mode: where the converted weights live
+        self._pool = None  # low-memory mode: the threads that convert a layer
         self.ln_final = self._convert("model.norm.weight")
         self._norms = [{key: self._convert(name) for key, name in norm_names(cfg, l).items()}
                        for l in range(cfg.n_layers)]
@@ -364,7 +365,15 @@ class Weights:
         return self._convert(p + f"mlp.{key[2:]}_proj.weight", reuse=reuse).T
 
     def _convert_block(self, l, reuse=False) -> dict:
-        return {**self._norms[l], **{key: self._convert_one(l, key, reuse) for key in _MATRICES}}
+        if self.memory == "low":  # at every use: the seven matrices converted on two threads (GIL released)
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1)))
+            matrices = self._pool.map(lambda key: self._convert_one(l, key, reuse), _MATRICES)
+        else:
+            matrices = (self._convert_one(l, key, reuse) for key in _MATRICES)
+        return {**self._norms[l], **dict(zip(_MATRICES, matrices))}
 
     # The three ways the model reads its weights.
 

@@ -109,7 +109,8 @@ def causal_softmax(scores, window=None):
     T, S = scores.shape[-2:]
     allowed = causal_mask(T, window)  # [T, S]
     masked = np.where(allowed, scores, np.asarray(-np.inf, dtype=scores.dtype))
-    masked = masked - masked.max(axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):  # a - m may pass -inf for scores near -float max: exp gives the same 0
+        masked = masked - masked.max(axis=-1, keepdims=True)
     e = np.exp(masked)
     return e / e.sum(axis=-1, keepdims=True)
 

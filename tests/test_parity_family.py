@@ -138,3 +138,24 @@ def test_gemma2_softcaps_bend(checkpoint):
     raw = run.record["logits_uncapped"]
     np.testing.assert_allclose(run.logits, 5.0 * np.tanh(raw / 5.0), rtol=1e-6)
     assert np.abs(raw).max() > 2.5  # the cap is not a no-op at this size
+
+
+def test_gemma3_linear_rope_scaling_matches_hf(tmp_path):
+    """Gemma 3 4B+ scale the full layers' RoPE linearly (rope_scaling {"rope_type": "linear", "factor": 8}):
+    angles / factor on full layers only, the sliding layers' local RoPE untouched."""
+    from refprism.synth import make_config, write_checkpoint
+
+    hf_cfg = make_config("tiny-gemma3")
+    hf_cfg["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+    d = write_checkpoint(tmp_path / "m", hf_cfg)
+    ours = refprism.load(d)
+    assert ours.config.rope_scale == 4.0 and ours.config.rope_of(1) == (1_000_000.0, 4.0)
+    assert ours.config.rope_of(0) == (10_000.0, 1.0)
+    hf = transformers.Gemma3ForCausalLM.from_pretrained(str(d), dtype=torch.float32, attn_implementation="eager").eval()
+    ids = np.random.default_rng(7).integers(0, ours.config.vocab_size, 13)
+    run = ours.run(ids)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids.tolist()])).logits[0].numpy()
+    assert_close("gemma3 linear rope logits", run.logits, ref, atol=2e-5)
+    unscaled = write_checkpoint(tmp_path / "u", make_config("tiny-gemma3"))
+    assert np.abs(refprism.load(unscaled).run(ids).logits - run.logits).max() > 1e-3  # the factor is not a no-op

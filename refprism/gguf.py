@@ -345,32 +345,12 @@ def _rope_scaling(meta: dict, arch: str, name: str):
 
 
 def hf_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor an HF checkpoint of this config holds (the tied lm_head aside), with its HF shape."""
-    V, D, F = config["vocab_size"], config["hidden_size"], config["intermediate_size"]
-    N, K, H = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
-    model_type = config["model_type"]
-    shapes = {"model.embed_tokens.weight": (V, D)}
-    for l in range(config["num_hidden_layers"]):
-        p = f"model.layers.{l}."
-        shapes.update({
-            p + "input_layernorm.weight": (D,),
-            p + "self_attn.q_proj.weight": (N * H, D),
-            p + "self_attn.k_proj.weight": (K * H, D),
-            p + "self_attn.v_proj.weight": (K * H, D),
-            p + "self_attn.o_proj.weight": (D, N * H),
-            p + "post_attention_layernorm.weight": (D,),
-            p + "mlp.gate_proj.weight": (F, D),
-            p + "mlp.up_proj.weight": (F, D),
-            p + "mlp.down_proj.weight": (D, F),
-        })
-        if model_type in ("gemma2", "gemma3_text"):
-            shapes[p + "pre_feedforward_layernorm.weight"] = (D,)
-            shapes[p + "post_feedforward_layernorm.weight"] = (D,)
-        if model_type == "gemma3_text":
-            shapes[p + "self_attn.q_norm.weight"] = (H,)
-            shapes[p + "self_attn.k_norm.weight"] = (H,)
-    shapes["model.norm.weight"] = (D,)
-    return shapes
+    """Every tensor an HF checkpoint of this config holds (the tied lm_head aside), with its HF shape: the
+    safetensors loader's own list (refprism.weights.hf_shapes), so GGUF and safetensors cannot disagree."""
+    from .config import Config
+    from .weights import hf_shapes as shapes_of
+
+    return shapes_of(Config.from_hf({k: v for k, v in config.items() if k != "gguf_defaults"}))
 
 
 def _check_names_and_shapes(tensors: dict, config: dict, path: Path) -> None:

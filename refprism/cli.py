@@ -42,7 +42,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="refprism", description="NumPy reference gemma-2b with exact logit prisms.")
+    parser = _Parser(prog="refprism", description="NumPy reference gemma-2b (and the Gemma 1/2/3 family, safetensors or GGUF) "
+                                                   "with exact logit prisms.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("run", help="tokens and the top-K next tokens with probabilities")

@@ -21,12 +21,8 @@ def load_hf(model_dir, dtype="float32"):
     return model.eval()
 
 
-def hf_record(model, ids) -> dict[str, np.ndarray]:
-    """One HF forward over ids [T]; returns {refprism record name: array without the batch axis}."""
-    cfg = model.config
-    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    got: dict[str, torch.Tensor] = {}
-    hooks = []
+def hook_makers(got: dict):
+    """(out_hook, in_hook): makers of forward hooks storing a module's output / first input in `got` by name."""
 
     def out_hook(name):
         def f(module, inputs, output):
@@ -37,6 +33,18 @@ def hf_record(model, ids) -> dict[str, np.ndarray]:
         def f(module, inputs):
             got[name] = inputs[0]
         return f
+
+    return out_hook, in_hook
+
+
+def hf_record(model, ids) -> dict[str, np.ndarray]:
+    """One HF forward over ids [T]; returns {refprism record name: array without the batch axis}."""
+    cfg = model.config
+    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    got: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    out_hook, in_hook = hook_makers(got)
 
     for l, layer in enumerate(model.model.layers):
         p = f"blocks.{l}."

@@ -17,6 +17,7 @@ import refprism
 from refprism.record import expected_shapes
 
 from conftest import assert_close
+from hf_reference import hook_makers
 
 CLASSES = {"gemma2": (transformers.Gemma2ForCausalLM, modeling_gemma2),
            "gemma3_text": (transformers.Gemma3ForCausalLM, modeling_gemma3)}
@@ -29,15 +30,7 @@ def hf_family_record(model, ids):
     mod = CLASSES[cfg.model_type][1]
     got, hooks = {}, []
 
-    def out_hook(name):
-        def f(module, inputs, output):
-            got[name] = output[0] if isinstance(output, tuple) else output
-        return f
-
-    def in_hook(name):
-        def f(module, inputs):
-            got[name] = inputs[0]
-        return f
+    out_hook, in_hook = hook_makers(got)
 
     for l, layer in enumerate(model.model.layers):
         p, a, m = f"blocks.{l}.", layer.self_attn, layer.mlp

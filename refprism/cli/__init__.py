@@ -1,0 +1,52 @@
+"""The `refprism` command, one module per command group; this module only builds the parser and runs it.
+
+    basic.py     run, record, demo
+    prism_cmds.py residual, attention, mlp, chain, map, pca
+    common.py    the shared prompt arguments, loading, one-line errors and printing
+
+Errors: one line `refprism: error: ...` on stderr and exit status 2 (bad input; exit 1 for a failed write or a
+finding such as `compare`'s divergence); never a traceback, never a half file (docs/errors.md).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import RefprismError
+from . import basic, prism_cmds
+from .common import (_check_plot_path, _check_text_args, _Parser, check_out_path, one_line, prompt_of,  # noqa: F401
+                     read_prompt_file)
+
+GROUPS = (basic, prism_cmds)
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(prog="refprism", description="NumPy reference gemma-2b (and the Gemma 1/2/3 family, safetensors "
+                                                   "or GGUF) with exact logit prisms.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for group in GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _check_text_args(args)
+        return args.func(args) or 0
+    except RefprismError as e:
+        print(f"refprism: error: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("refprism: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("refprism: error: out of memory (try a shorter prompt or --memory low)", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `refprism ... | head`: the reader left; no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+

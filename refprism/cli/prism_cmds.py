@@ -1,0 +1,182 @@
+"""The prism commands: `residual`, `attention`, `mlp`, `chain`, `map`, `pca`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+from ..errors import InputError
+from .common import (_check_plot_path, _check_top, _head_args, _is_int, _prism_common, _readout, _show, load_model,
+                     short)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("residual", help="logits split into embed and each layer's attention and MLP (Fig 3/7)")
+    _prism_common(p)
+    p.set_defaults(func=cmd_residual)
+
+    p = sub.add_parser("attention", help="layer L's attention term split into heads x source tokens (Fig 4)")
+    _prism_common(p)
+    p.add_argument("--layer", type=int, required=True, help="the layer (0-based)")
+    p.add_argument("--top", type=int, default=20, help="rows in the table (default 20; JSON holds all)")
+    p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser("mlp", help="layer L's MLP term split into neurons (Fig 8)")
+    _prism_common(p)
+    p.add_argument("--layer", type=int, required=True, help="the layer (0-based)")
+    p.add_argument("--top", type=int, default=20, help="rows in the table (default 20; JSON holds all)")
+    p.set_defaults(func=cmd_mlp)
+
+    p = sub.add_parser("chain", help="a head's term at a source token (or a neuron's term) split into the residual "
+                                     "parts it read (Fig 5)")
+    _prism_common(p)
+    _head_args(p)
+    p.add_argument("--then", action="append", default=[], metavar="STEP",
+                   help="pull back further: head:L:H:S (a head of layer L at source S) or neuron:L:N; repeatable")
+    p.add_argument("--split", default="residual", metavar="PRISM",
+                   help="the last prism: residual (default), attention:L or mlp:L")
+    p.add_argument("--top", type=int, default=None, help="rows in the table (default: all)")
+    p.set_defaults(func=cmd_chain)
+
+    p = sub.add_parser("map", help="a head's frozen map at a source token applied to other tokens (Fig 6)")
+    _prism_common(p)
+    _head_args(p)
+    p.add_argument("--inputs", nargs="+", required=True, metavar="TOKEN",
+                   help="tokens whose scaled embeddings the frozen map is applied to (e.g. ▁France ▁Japan)")
+    p.add_argument("--own-scale", action="store_true",
+                   help="normalise each input by its own RMS instead of the norm scale frozen at the source")
+    p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("pca", help="2-D PCA of the targets' unembedding vectors, joined in order (Fig 9)")
+    p.add_argument("--model", default=None, help="model directory or hub id")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 (default) or float64")
+    p.add_argument("--memory", default="auto", choices=["auto", "fast", "low"], help="as for the other commands")
+    p.add_argument("--targets", nargs="*", required=True, metavar="TOKEN", help="tokens, in the order to join")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--plot", metavar="FILE.png", help="write the figure")
+    p.set_defaults(func=cmd_pca)
+
+
+def cmd_residual(args) -> int:
+    from .. import prisms
+
+    split = prisms.residual_prism(_readout(args))
+    return _show(args, split, extra=_beyond_table(split))
+
+
+def _beyond_table(split) -> str:
+    """Per target: the frozen term, the direct effect with the final norm recomputed, running sums and lens."""
+    ex = split.extras
+    lines = []
+    if "softcapped" in ex:  # Gemma 2: the whole above is pre-cap; the model's own (capped) values
+        capped = "  ".join(f"{v:.4f}" for v in ex["softcapped"]["values"][0])
+        lines.append(f"\nthe whole above is pre-cap; {ex['softcapped']['labels'][0]}: {capped}")
+    for z, col in enumerate(split.columns):
+        lines.append(f"\n{col}: frozen term | direct effect (norm recomputed) | frozen running sum | logit lens")
+        for i, label in enumerate(split.labels):
+            lines.append(f"  {label:<10} {split.values[i, z]:>11.4f} {ex['direct_effect']['values'][i, z]:>11.4f} "
+                         f"{ex['frozen_running_sum']['values'][i, z]:>11.4f} {ex['logit_lens']['values'][i, z]:>11.4f}")
+    return "\n".join(lines)
+
+
+def cmd_attention(args) -> int:
+    from .. import prisms
+
+    _check_top(args)
+    split = prisms.attention_prism(_readout(args), args.layer)
+    return _show(args, split, top=args.top, extra="\nper head:\n" + prisms.head_split(split).table())
+
+
+def cmd_mlp(args) -> int:
+    from .. import prisms
+
+    _check_top(args)
+    return _show(args, prisms.mlp_prism(_readout(args), args.layer), top=args.top)
+
+
+def _parse_int_fields(step, fields, expected):
+    parts = step.split(":")
+    if len(parts) != expected + 1:
+        raise InputError(f"--then {short(step)}: expected {fields}")
+    if not all(_is_int(x) for x in parts[1:]):
+        raise InputError(f"--then {short(step)}: expected {fields} with integers")
+    return [int(x) for x in parts[1:]]
+
+
+def _pull_back(args):
+    from .. import prisms
+
+    head = args.head is not None or args.source is not None
+    if head == (args.neuron is not None):
+        raise InputError("the first step is a head (--head H --source S) or a neuron (--neuron N): give one")
+    if head and (args.head is None or args.source is None):
+        raise InputError("a head step needs both --head and --source")
+    readout = _readout(args)
+    if head:
+        readout = prisms.through_head(readout, args.layer, args.head, args.source)
+    else:
+        readout = prisms.through_neuron(readout, args.layer, args.neuron)
+    for step in getattr(args, "then", []):
+        kind = step.split(":")[0]
+        if kind == "head":
+            l, h, s = _parse_int_fields(step, "head:LAYER:HEAD:SOURCE", 3)
+            readout = prisms.through_head(readout, l, h, s)
+        elif kind == "neuron":
+            l, n = _parse_int_fields(step, "neuron:LAYER:NEURON", 2)
+            readout = prisms.through_neuron(readout, l, n)
+        else:
+            raise InputError(f"--then {short(step)}: a step is head:LAYER:HEAD:SOURCE or neuron:LAYER:NEURON")
+    return readout
+
+
+def cmd_chain(args) -> int:
+    from .. import prisms
+
+    _check_top(args)
+    readout = _pull_back(args)
+    kind, _, layer = args.split.partition(":")
+    if kind == "residual" and not layer:
+        split = prisms.residual_prism(readout)
+    elif kind in ("attention", "mlp") and _is_int(layer):
+        split = (prisms.attention_prism if kind == "attention" else prisms.mlp_prism)(readout, int(layer))
+    else:
+        raise InputError(f"--split {short(args.split)}: use residual, attention:LAYER or mlp:LAYER")
+    return _show(args, split, top=args.top)
+
+
+def cmd_map(args) -> int:
+    from .. import prisms
+
+    readout = _pull_back(args)
+    tokens = [prisms.resolve_token(readout.model, t) for t in args.inputs]
+    split = prisms.apply_map(readout, prisms.scaled_embeddings(readout.model, tokens), [t.piece for t in tokens],
+                             own_scale=args.own_scale)
+    return _show(args, split)
+
+
+def cmd_pca(args) -> int:
+    from .. import prisms
+
+    if args.plot:
+        _check_plot_path(args.plot)
+    if len(args.targets) == 1:  # none: resolve_targets says so; one: the same words as prisms.unembedding_pca
+        raise InputError("a 2-D PCA needs at least 2 tokens, got 1")
+    model = load_model(args)
+    tokens = prisms.resolve_targets(model, args.targets).targets
+    coords, explained = prisms.unembedding_pca(model, tokens)
+    if args.plot:
+        from .. import plots
+
+        plots.pca_figure(coords, [t.piece for t in tokens], explained, args.plot)
+    if args.json:
+        print(json.dumps({"prism": "pca", "model": model.name, "dtype": str(model.dtype),
+                          "targets": [t.to_json() for t in tokens], "coords": coords.tolist(),
+                          "explained_variance": explained.tolist()}))
+    else:
+        print(f"PCA of the unembedding rows: PC1 {explained[0]:.1%}, PC2 {explained[1]:.1%} of the variance")
+        for t, (a, b) in zip(tokens, coords):
+            print(f"  {t.piece:<16} #{t.id:<8} {a:>10.4f} {b:>10.4f}")
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0

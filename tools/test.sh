@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine, as CI runs it (.ci/run calls this script; README names it):
+#   1. system packages the tests drive: Chromium (the report's browser test), cmake and g++ (llama.cpp's tools),
+#      installed with apt-get as root when any is missing;
+#   2. refprism with every extra the tests use (torch only as the pinned CPU build 2.13.0);
+#   3. pytest. Tests that need an extra or a tool fail, never skip, when it is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v cmake >/dev/null || missing+=(cmake)
+command -v g++ >/dev/null || missing+=(g++)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "tools/test.sh: missing system packages ${missing[*]}: run as root (apt-get) or install them" >&2
+    exit 1
+  fi
+  apt-get update
+  apt-get install -y "${missing[@]}"
+fi
+
+pip install -e ".[test,crosscheck,plot]"
+export MPLBACKEND=Agg
+python -m pytest -q "$@"

@@ -1,6 +1,17 @@
 """The Gemma forward pass (Gemma 1, 2 and 3 text) over refprism's parameter layout, recording every activation.
 
 No KV cache, no sampling, no batch axis. Each line is one equation of docs/math.md.
+
+One mechanism serves every use that changes a run: at each recorded site the forward pass calls an *edit*
+function, `value = edit(name, value, record)`, and what the edit returns is what flows on and what the record
+holds. `refprism.compare` replays another implementation through it (keep ours aside, pass theirs on); the
+interventions patch, ablate and freeze through it. Norm scales are sites of their own (the scale is computed,
+recorded, then applied), so an edit can freeze a norm; the pattern and the gate can be frozen the same way.
+
+Many prompts run together as one *packed* pass (`forward_packed`): their tokens are concatenated along T, each
+prompt keeps its own positions (RoPE restarts at 0) and attends only within itself (scores and patterns are
+computed per prompt: memory O(sum T_i^2), never (sum T_i)^2); every product over D, F or V is one BLAS call for
+the whole pack, which is where the speed comes from.
 """
 
 from __future__ import annotations
@@ -9,7 +20,8 @@ import numpy as np
 
 from . import ops
 from .config import Config
-from .record import Record
+from .errors import InputError
+from .record import ALL, Record, Rows, Selection, as_selection, row_axis
 from .weights import Weights
 
 
@@ -29,7 +41,8 @@ def embed_normalizer(d_model: int, dtype, round_to=None):
     return np.asarray(value, dtype=dtype)
 
 
-def forward(params: Weights, cfg: Config, tokens, *, normalizer=None) -> Record:
+def forward(params: Weights, cfg: Config, tokens, *, normalizer=None, edit=None, resume=None,
+            record=None) -> Record:
     """Run tokens [T] through the model; return the Record of every activation (see record.RECORD_TABLE).
 
     Math:   x_0 = E[tokens] * sqrt(D)
@@ -38,73 +51,210 @@ def forward(params: Weights, cfg: Config, tokens, *, normalizer=None) -> Record:
             logits    = rms_norm(x_L; ln_final) E^T          (tied unembedding)
             post1/post2 are the identity in Gemma 1 and rms_norm(.; ln1_post / ln2_post) in Gemma 2/3;
             Gemma 2 soft-caps the logits: cap * tanh(logits / cap).
+    edit:   edit(name, value, record) -> value, called at every recorded site in forward order; what it returns
+            flows on and is recorded. It must not change `value` in place (it may be a clean run's array when
+            resuming): return a new array. `record` holds every earlier site of this run.
+    resume: (layer, clean_record): start at `layer` from the clean run's blocks.{layer}.resid_pre; the record
+            takes the clean run's arrays for everything before (no copy). With the same edits from that layer on,
+            the result equals a full re-run bit for bit; its cost is the layers after it.
+    record: None (everything), or a Selection / list of entries (`record.Selection`): names to keep, optionally
+            at some positions (`logits@-1` unembeds only the last position: the [T, V] product is skipped for
+            positions nobody reads).
     Shapes: tokens [T] int -> record (logits [T, V])
     """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    return _forward(params, cfg, [tokens], normalizer=normalizer, edit=edit, resume=resume, record=record)[0]
+
+
+def forward_packed(params: Weights, cfg: Config, prompts, *, normalizer=None, record=None) -> list[Record]:
+    """Several prompts in one packed pass: one Record per prompt, each equal to its own `forward` within float
+    rounding (the products over D, F and V see more rows, so BLAS may sum in another order).
+
+    Math:   tokens = concat(prompts),  position[t] = t - start(prompt of t)      (RoPE restarts for each prompt)
+            attention: prompt i's queries see only prompt i's keys (causal; sliding windows per prompt)
+    record: as for `forward`; positions are each prompt's own (`logits@-1`: every prompt's last position).
+    Shapes: prompts [P] of tokens [T_i] -> P records
+    """
+    return _forward(params, cfg, [np.asarray(t, dtype=np.int64) for t in prompts], normalizer=normalizer,
+                    record=record)
+
+
+class _Recorder:
+    """Where the pass puts what it computes: the edit applied, the selection kept, each prompt's record filled.
+
+    Position-major arrays [sum T_i, ...] are kept as views of each prompt's rows (no copy) or, under a selection,
+    as Rows of the positions asked for; attention arrays [N, T_i, S_i] are computed per prompt already.
+    """
+
+    def __init__(self, cfg, lengths, selection: Selection | None, edit):
+        self.cfg, self.edit, self.selection = cfg, edit, selection
+        self.bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
+        self.records = [Record() for _ in lengths]
+        for rec in self.records:
+            rec.selection = selection
+
+    def rows(self, name, i):
+        T = int(self.bounds[i + 1] - self.bounds[i])
+        return ALL if self.selection is None else self.selection.rows(name, T)
+
+    def wanted(self, name) -> bool:
+        return any(self.rows(name, i) is not None for i in range(len(self.records)))
+
+    def __call__(self, name, value):
+        """A position-major site of the whole pack: edit, keep, return what flows on."""
+        if self.edit is not None:
+            value = self.edit(name, value, self.records[0])
+        for i, rec in enumerate(self.records):
+            a, b = self.bounds[i], self.bounds[i + 1]
+            self._keep(rec, name, value[a:b] if len(self.records) > 1 else value, i)
+        return value
+
+    def segment(self, name, i, value):
+        """A site computed per prompt (scores, pattern: [N, T_i, S_i])."""
+        if self.edit is not None:
+            value = self.edit(name, value, self.records[i])
+        self._keep(self.records[i], name, value, i)
+        return value
+
+    def _keep(self, rec, name, value, i):
+        rows = self.rows(name, i)
+        if rows is ALL:
+            rec[name] = value
+        elif rows is not None:
+            axis = row_axis(self.cfg, name)
+            rec[name] = Rows(name, np.take(value, rows, axis=axis), rows, axis, value.shape[axis])
+
+
+def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, record=None):
     dtype = params.dtype
     eps = cfg.rms_norm_eps
-    tokens = np.asarray(tokens, dtype=np.int64)
-    T = tokens.shape[0]
+    lengths = [len(t) for t in prompts]
+    if min(lengths) < 1:
+        raise InputError("a prompt has no tokens")
+    selection = as_selection(record)
+    if selection is not None:
+        selection.check(cfg)
+    if len(prompts) > 1 and (edit is not None or resume is not None):
+        raise InputError("edits and resume run one prompt at a time (a packed pass takes neither)")
     if normalizer is None:
         normalizer = embed_normalizer(cfg.d_model, dtype)
-    rec = Record()
+    site = _Recorder(cfg, lengths, selection, edit)
+    bounds = site.bounds
+    tokens = np.concatenate(prompts)
+    positions = np.concatenate([np.arange(T) for T in lengths])  # each prompt's own positions
+    ropes = {}  # (theta, scale) -> cos, sin [sum T, H]: Gemma 3 has one RoPE for full and one for sliding layers
+    blocked = {}  # (T, window) -> [T, S] bool: masked sources, built once per length and window, not per layer
 
-    x = params.embed_rows(tokens) * normalizer  # [T, D]
-    rec["embed"] = x
-    ropes = {}  # (theta, scale) -> cos, sin [T, H]: Gemma 3 has one RoPE for full and one for sliding layers
+    first = 0
+    if resume is not None:
+        first, clean = resume
+        if not 0 <= first < cfg.n_layers:
+            raise InputError(f"resume layer {first} is out of range (the model has layers 0 .. {cfg.n_layers - 1})")
+        rec = site.records[0]
+        for name, value in clean.items():  # everything before the first layer re-run, as the clean run had it
+            if name == "embed" or (name.startswith("blocks.") and int(name.split(".")[1]) < first):
+                rec[name] = value
+        x = clean[f"blocks.{first}.resid_pre"]
+    else:
+        x = site("embed", params.embed_rows(tokens) * normalizer)  # [T, D]
 
-    for l in range(cfg.n_layers):
+    for l in range(first, cfg.n_layers):
         p = params.block(l, scratch=True)  # low-memory mode: converted now, into buffers the next layer reuses
-        name = f"blocks.{l}."
-        rec[name + "resid_pre"] = x
+        b = f"blocks.{l}."
+        x = site(b + "resid_pre", x)
 
         # Attention: RMSNorm (1 + w) -> q, k, v per head -> (Gemma 3: q, k norms) -> split-half RoPE on q, k
         # -> causal softmax (Gemma 2: soft-capped scores; sliding layers: a window) -> o_proj (-> Gemma 2/3 post-norm)
-        h, s1 = ops.rms_norm(x, p["ln1"], eps=eps)
-        q = np.einsum("td,dnh->tnh", h, p["W_Q"], optimize=True)  # [T, N, H]
-        k = np.einsum("td,dkh->tkh", h, p["W_K"], optimize=True)  # [T, K, H]
-        v = np.einsum("td,dkh->tkh", h, p["W_V"], optimize=True)  # [T, K, H]
+        s1 = site(b + "ln1.scale", ops.rms_scale(x, eps=eps))
+        h = site(b + "ln1.out", ops.rms_apply(x, s1, p["ln1"]))
+        q = site(b + "attn.q_pre", np.einsum("td,dnh->tnh", h, p["W_Q"], optimize=True))  # [T, N, H]
+        k = site(b + "attn.k_pre", np.einsum("td,dkh->tkh", h, p["W_K"], optimize=True))  # [T, K, H]
+        v = site(b + "attn.v", np.einsum("td,dkh->tkh", h, p["W_V"], optimize=True))  # [T, K, H]
         if cfg.qk_norm:  # Gemma 3: each head's q and k normalised over H, (1 + w) as every Gemma norm
-            q, sq = ops.rms_norm(q, p["q_norm"], eps=eps)
-            k, sk = ops.rms_norm(k, p["k_norm"], eps=eps)
-            rec.update({name + "attn.q_norm.scale": sq, name + "attn.k_norm.scale": sk})
+            sq = site(b + "attn.q_norm.scale", ops.rms_scale(q, eps=eps))
+            sk = site(b + "attn.k_norm.scale", ops.rms_scale(k, eps=eps))
+            q, k = ops.rms_apply(q, sq, p["q_norm"]), ops.rms_apply(k, sk, p["k_norm"])
         theta, scale = cfg.rope_of(l)
         if (theta, scale) not in ropes:
-            ropes[theta, scale] = ops.rope_tables(np.arange(T) / scale, cfg.d_head, theta, dtype)
+            ropes[theta, scale] = ops.rope_tables(positions / scale, cfg.d_head, theta, dtype)
         cos, sin = ropes[theta, scale]
-        q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
-        scores, pattern, z = ops.attention(  # [N, T, S] twice, [T, N, H]
-            q, k, v, scale=cfg.query_pre_attn_scalar ** -0.5, cap=cfg.attn_softcap,
-            window=cfg.sliding_window if cfg.is_sliding(l) else None)
+        q = site(b + "attn.q", ops.rope(q, cos, sin))
+        k = site(b + "attn.k", ops.rope(k, cos, sin))
+        window = cfg.sliding_window if cfg.is_sliding(l) else None
+        zNTH = np.empty((cfg.n_heads, len(tokens), cfg.d_head), dtype=dtype)  # z per head, written per prompt
+        for i, T in enumerate(lengths):  # attention within each prompt only
+            a, e = bounds[i], bounds[i + 1]
+            key = (T, window if window is not None and window < T else None)
+            if key not in blocked:
+                blocked[key] = ~ops.causal_mask(T, key[1])
+            scores = site.segment(b + "attn.scores", i, ops.attention_scores(  # [N, T, S]
+                q[a:e], k[a:e], cfg.query_pre_attn_scalar ** -0.5))
+            pattern = site.segment(b + "attn.pattern", i, ops.causal_softmax(  # [N, T, S]
+                scores, cap=cfg.attn_softcap, blocked=blocked[key]))
+            ops.attention_mix(pattern, v[a:e], out=zNTH[:, a:e])
+            del scores, pattern  # one prompt's attention at a time, unless the record keeps it
+        z = site(b + "attn.z", zNTH.transpose(1, 0, 2))  # [T, N, H]
         attn_out = np.einsum("tnh,nhd->td", z, p["W_O"], optimize=True)  # [T, D]
-        rec.update({name + "ln1.scale": s1, name + "ln1.out": h, name + "attn.q": q, name + "attn.k": k,
-                    name + "attn.v": v, name + "attn.scores": scores, name + "attn.pattern": pattern,
-                    name + "attn.z": z})
         if cfg.post_norms:  # Gemma 2/3: the attention output is normalised before the residual add
-            rec[name + "attn.o_proj"] = attn_out
-            attn_out, rec[name + "ln1_post.scale"] = ops.rms_norm(attn_out, p["ln1_post"], eps=eps)
-        rec[name + "attn.out"] = attn_out
-        x = x + attn_out
-        rec[name + "resid_mid"] = x
+            attn_out = site(b + "attn.o_proj", attn_out)
+            sp = site(b + "ln1_post.scale", ops.rms_scale(attn_out, eps=eps))
+            attn_out = ops.rms_apply(attn_out, sp, p["ln1_post"])
+        attn_out = site(b + "attn.out", attn_out)
+        x = site(b + "resid_mid", x + attn_out)
 
         # MLP: RMSNorm (1 + w) -> GeGLU gelu_tanh(gate) * up -> down (-> Gemma 2/3 post-norm)
-        h, s2 = ops.rms_norm(x, p["ln2"], eps=eps)
-        gate, up, act = ops.geglu(h, p["W_gate"], p["W_up"])  # [T, F] each
+        s2 = site(b + "ln2.scale", ops.rms_scale(x, eps=eps))
+        h = site(b + "ln2.out", ops.rms_apply(x, s2, p["ln2"]))
+        gate = site(b + "mlp.gate", h @ p["W_gate"])  # [T, F]
+        up = site(b + "mlp.up", h @ p["W_up"])  # [T, F]
+        act = site(b + "mlp.act", ops.gelu_tanh(gate) * up)  # [T, F]
         mlp_out = act @ p["W_down"]  # [T, D]
-        rec.update({name + "ln2.scale": s2, name + "ln2.out": h, name + "mlp.gate": gate, name + "mlp.up": up,
-                    name + "mlp.act": act})
         if cfg.post_norms:
-            rec[name + "mlp.down"] = mlp_out
-            mlp_out, rec[name + "ln2_post.scale"] = ops.rms_norm(mlp_out, p["ln2_post"], eps=eps)
-        rec[name + "mlp.out"] = mlp_out
-        x = x + mlp_out
-        rec[name + "resid_post"] = x
+            mlp_out = site(b + "mlp.down", mlp_out)
+            sp = site(b + "ln2_post.scale", ops.rms_scale(mlp_out, eps=eps))
+            mlp_out = ops.rms_apply(mlp_out, sp, p["ln2_post"])
+        mlp_out = site(b + "mlp.out", mlp_out)
+        x = site(b + "resid_post", x + mlp_out)
 
-    h, s = ops.rms_norm(x, params.ln_final, eps=eps)
-    rec["ln_final.scale"] = s
-    rec["ln_final.out"] = h
-    logits = params.unembed(h)  # [T, V] = h E^T: Gemma trap: the unembedding is the embedding itself (tied)
-    if cfg.final_softcap is not None:  # Gemma 2: the prisms decompose these pre-cap logits exactly
-        rec["logits_uncapped"] = logits
-        logits = ops.softcap(logits, cfg.final_softcap)
-    rec["logits"] = logits
-    return rec
+    s = site("ln_final.scale", ops.rms_scale(x, eps=eps))
+    h = site("ln_final.out", ops.rms_apply(x, s, params.ln_final))
+    _logits(params, cfg, site, h, lengths)
+    return site.records
+
+
+def _logits(params, cfg, site, h, lengths):
+    """logits = ln_final.out E^T (Gemma trap: the unembedding is the embedding itself, tied), computed only at
+    the positions some record keeps: the [T, V] product is the largest of a long prompt's pass.
+    Gemma 2 soft-caps them (cap * tanh(logits / cap)); the prisms decompose the pre-cap `logits_uncapped`."""
+    cap = cfg.final_softcap
+    if site.selection is None or site.edit is not None:  # everything (an edit may look at any position)
+        raw = params.unembed(h)  # [T, V]
+        if cap is not None:
+            raw = ops.softcap(site("logits_uncapped", raw), cap)
+        site("logits", raw)
+        return
+    names = ["logits_uncapped", "logits"] if cap is not None else ["logits"]
+    wanted = []  # per prompt: the positions any logits name keeps
+    for i, T in enumerate(lengths):
+        rows = set()
+        for name in names:
+            r = site.rows(name, i)
+            rows |= set(range(T)) if r is ALL else set(r or ())
+        wanted.append(sorted(rows))
+    if not any(wanted):
+        return
+    packed = np.concatenate([site.bounds[i] + np.asarray(w, dtype=int) for i, w in enumerate(wanted)])
+    values = {"logits_uncapped": params.unembed(h[packed])} if cap is not None else {"logits": params.unembed(h[packed])}
+    if cap is not None:
+        values["logits"] = ops.softcap(values["logits_uncapped"], cap)
+    start = 0
+    for i, (T, w) in enumerate(zip(lengths, wanted)):
+        block = slice(start, start + len(w))
+        start += len(w)
+        for name in names:
+            r = site.rows(name, i)
+            if r is None:
+                continue
+            r = tuple(range(T)) if r is ALL else r
+            mine = values[name][block][[w.index(t) for t in r]]  # [len(r), V]
+            site.records[i][name] = mine if len(r) == T else Rows(name, mine, r, 0, T)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,9 +11,10 @@ import numpy as np
 
 from .config import Config, read_config
 from .errors import CheckpointError, InputError
-from .forward import embed_normalizer, forward
-from .record import Record
-from .weights import Weights, choose_memory, compute_dtype, hf_shapes, read_tensors, resolve_model_dir
+from .forward import embed_normalizer, forward, forward_packed
+from .record import Record, Selection, as_selection, estimate_bytes, symbolic_shapes
+from .weights import (Weights, available_memory, choose_memory, compute_dtype, hf_shapes, read_tensors,
+                      resolve_model_dir)
 
 
 @dataclass
@@ -85,11 +87,114 @@ class Model:
         piece = self.tokenizer.id_to_token(int(token_id))
         return f"#{int(token_id)}" if piece is None else piece
 
-    def run(self, prompt) -> Run:
-        """Forward pass over a prompt (text or token ids), recording every activation."""
+    def run(self, prompt, *, record=None, positions=None, edit=None, resume=None) -> Run:
+        """Forward pass over a prompt (text or token ids), recording every activation (or a selection).
+
+        record:    None (everything) or entries of record.Selection (`["blocks.*.attn.out@-1", "logits@-1"]`)
+        positions: where logits are computed and kept (an int or a list, negative from the end); None: wherever
+                   `record` keeps them (everything by default). The unembedding is the largest product of a long
+                   prompt: ask only for the positions you read.
+        edit, resume: forward.forward's edit function and (layer, clean record) resume point.
+        Before running, the record's size is estimated; a run that cannot fit in the memory available is refused
+        in one line (`preflight`), not killed by the kernel minutes later.
+        """
         tokens = self.encode(prompt)
-        record = forward(self.params, self.config, tokens, normalizer=self.normalizer)
-        return Run(tokens=tokens, pieces=[self.piece(t) for t in tokens], record=record)
+        selection = self._selection(record, positions, [len(tokens)])
+        preflight(self, [len(tokens)], selection)
+        rec = forward(self.params, self.config, tokens, normalizer=self.normalizer, edit=edit, resume=resume,
+                      record=selection)
+        return Run(tokens=tokens, pieces=[self.piece(t) for t in tokens], record=rec)
+
+    def run_many(self, prompts, *, record=None, positions=None, pack_tokens=1024) -> list[Run]:
+        """Many prompts, computed in packed passes (forward.forward_packed): one Run per prompt, each its own
+        view (tokens, logits, record), equal to `run` within float32 rounding; the prisms work on it unchanged.
+
+        Prompts are packed in the given order into passes of at most `pack_tokens` tokens (a longer prompt runs
+        alone), and fewer when the memory preflight says a pack's record would not fit.
+        record, positions: as for `run`; positions are each prompt's own (-1: every prompt's last position).
+        """
+        if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+            raise InputError("run_many takes a list of prompts (texts or token id lists)")
+        encoded = []
+        for i, prompt in enumerate(prompts):
+            try:
+                encoded.append(self.encode(prompt))
+            except InputError as e:
+                raise InputError(f"prompt {i}: {e}") from None
+        if not encoded:
+            return []
+        if not isinstance(pack_tokens, (int, np.integer)) or pack_tokens < 1:
+            raise InputError(f"pack_tokens must be a positive integer, got {pack_tokens!r}")
+        runs = []
+        for pack in self._packs(encoded, record, positions, pack_tokens):
+            lengths = [len(t) for t in pack]
+            selection = self._selection(record, positions, lengths)
+            preflight(self, lengths, selection)
+            records = forward_packed(self.params, self.config, pack, normalizer=self.normalizer, record=selection)
+            runs += [Run(tokens=t, pieces=[self.piece(i) for i in t], record=r) for t, r in zip(pack, records)]
+        return runs
+
+    def _packs(self, encoded, record, positions, pack_tokens):
+        """Consecutive prompts grouped while the pack stays within pack_tokens and within memory."""
+        budget = available_memory() * MEMORY_SHARE
+        pack, total = [], 0
+        for t in encoded:
+            if pack:
+                trial = [len(x) for x in pack] + [len(t)]
+                need = estimate_bytes(self.config, trial, self.dtype, self._selection(record, positions, trial))
+                if total + len(t) > pack_tokens or need["total"] > budget:
+                    yield pack
+                    pack, total = [], 0
+            pack.append(t)
+            total += len(t)
+        if pack:
+            yield pack
+
+    def _selection(self, record, positions, lengths):
+        """The Selection a run records: `record` as given, with logits only at `positions` when those are given."""
+        selection = as_selection(record)
+        if positions is None:
+            return selection
+        ps = [positions] if isinstance(positions, (int, np.integer)) else list(positions)
+        if not ps or not all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in ps):
+            raise InputError(f"positions must be an integer or a list of integers, got {positions!r}")
+        for T in lengths:
+            bad = [p for p in ps if not -T <= p < T]
+            if bad:
+                raise InputError(f"position {bad[0]} is out of range for {T} tokens (use 0 .. {T - 1} or -{T} .. -1)")
+        at = "@" + ",".join(str(int(p)) for p in ps)
+        logit_names = ("logits", "logits_uncapped")
+        if selection is None:  # everything, but the logits only at the positions asked for
+            entries = [n for n in symbolic_shapes(self.config) if n not in logit_names]
+        else:
+            entries = [g + ("" if r is None else "@" + ",".join(map(str, r))) for g, r in selection.entries
+                       if not any(fnmatch.fnmatchcase(n, g) for n in logit_names)]
+        entries += [n + at for n in logit_names if n in symbolic_shapes(self.config)]
+        return Selection(entries)
+
+
+# The share of available memory a run may plan to use: the rest is left for the OS, the page cache and the
+# arrays a prism makes afterwards.
+MEMORY_SHARE = 0.9
+
+
+def preflight(model, lengths, selection) -> None:
+    """Refuse, in one line and before allocating anything, a run whose record cannot fit in available memory.
+
+    The estimate (record.estimate_bytes) counts what the record keeps plus one layer's attention scores and
+    pattern and MLP activations, which every pass makes whether it keeps them or not.
+    """
+    need = estimate_bytes(model.config, lengths, model.dtype, selection)
+    free = available_memory()
+    if need["total"] <= free * MEMORY_SHARE:
+        return
+    gb = lambda n: f"{n / 2**30:.1f} GB"  # noqa: E731
+    T = max(lengths)
+    raise InputError(
+        f"a run of {sum(lengths)} tokens would need about {gb(need['total'])} (record {gb(need['record'])}, of which "
+        f"logits {gb(need['logits'])}; attention {gb(need['attention'])} per layer at T={T}) but {gb(free)} is "
+        "available: ask for logits only where you read them (positions=, --position), record a selection "
+        "(record=...), shorten the prompt, or use --memory low")
 
 
 def load(model=None, dtype="float32", *, memory="auto", normalizer_dtype=None) -> Model:

@@ -14,24 +14,39 @@ import numpy as np
 
 
 def rms_norm(x, w, *, eps):
-    """Gemma RMSNorm with unit offset.
+    """Gemma RMSNorm with unit offset: rms_scale, then rms_apply (the forward pass records s between the two).
 
     Math:   y = x / s * (1 + w),   s = sqrt(mean(x**2) + eps)
             Gemma trap: the checkpoint stores w, applied as (1 + w) (a zero w is the identity scale).
+    Shapes: x [T, D], w [D] -> y [T, D], s [T]
+    """
+    s = rms_scale(x, eps=eps)
+    return rms_apply(x, s, w), s
+
+
+def rms_scale(x, *, eps):
+    """The RMSNorm scale s = sqrt(mean(x**2) + eps) over the last axis.
+
     Stable: s = c * sqrt(mean((x / c)**2) + eps / c**2),  c = the power of 2 with c <= m < 2c,
             m = max(max|x|, sqrt(eps)). Dividing by a power of 2 is exact, so this is the same s, bit for bit,
             whenever x**2 neither overflows nor underflows; where it would (float32 |x| > 1.8e19: x**2 = inf and
             the naive s = inf), s stays finite.
-    Shapes: x [T, D], w [D] -> y [T, D], s [T]
+    Shapes: x [..., D] -> s [...]
     """
     eps = np.asarray(eps, dtype=x.dtype)
     m = np.maximum(np.abs(x).max(axis=-1), np.sqrt(eps))  # [T]
     _, k = np.frexp(m)  # m = f * 2**k, 0.5 <= f < 1 (k = 0 for m = 0, inf or nan)
     c = np.ldexp(np.ones_like(m), k - 1)  # [T], c = 2**(k - 1) <= m, in x's dtype
     xc = x / c[..., None]  # exact; |xc| < 2
-    s = c * np.sqrt(np.mean(xc * xc, axis=-1) + eps / c / c)  # eps / c / c, not eps / c**2: c**2 may under/overflow
-    y = x / s[..., None] * (1 + w.astype(x.dtype))
-    return y, s
+    return c * np.sqrt(np.mean(xc * xc, axis=-1) + eps / c / c)  # eps / c / c, not eps / c**2: may under/overflow
+
+
+def rms_apply(x, s, w):
+    """Apply a (possibly frozen) RMSNorm scale: y = x / s * (1 + w).
+
+    Shapes: x [..., D], s [...], w [D] -> y [..., D]
+    """
+    return x / s[..., None] * (1 + w.astype(x.dtype))
 
 
 def rope_tables(positions, d_head, theta, dtype):
@@ -99,20 +114,32 @@ def softcap(x, cap):
     return cap * np.tanh(x / cap)
 
 
-def causal_softmax(scores, window=None):
+def causal_softmax(scores, window=None, *, cap=None, blocked=None):
     """Softmax over the sources a query may see (causal; within the window on a sliding-window layer).
 
-    Math:   pattern[n, t, s] = exp(a[n,t,s] - m) / sum_{s' allowed} exp(a[n,t,s'] - m)  for allowed s, else 0
+    Math:   a = softcap(scores, cap) if cap else scores                       (Gemma 2 caps the scores first)
+            pattern[n, t, s] = exp(a[n,t,s] - m) / sum_{s' allowed} exp(a[n,t,s'] - m)  for allowed s, else 0
             with m = max over allowed s of a[n, t, s] (subtracted for stability; it cancels).
+    blocked: the [T, S] complement of causal_mask(T, window), when the caller keeps one per length (the forward
+            pass builds it once per prompt length and window, not once per layer). Computed in one [N, T, S]
+            array, in place: no temporary of the scores' size.
     Shapes: scores [N, T, S] (T == S) -> pattern [N, T, S]
     """
-    T, S = scores.shape[-2:]
-    allowed = causal_mask(T, window)  # [T, S]
-    masked = np.where(allowed, scores, np.asarray(-np.inf, dtype=scores.dtype))
+    T = scores.shape[-2]
+    if blocked is None:
+        blocked = ~causal_mask(T, window)
+    e = scores.copy()
+    if cap is not None:  # cap * tanh(x / cap), in place
+        cap = np.asarray(cap, dtype=e.dtype)
+        np.divide(e, cap, out=e)
+        np.tanh(e, out=e)
+        np.multiply(e, cap, out=e)
+    np.copyto(e, np.asarray(-np.inf, dtype=e.dtype), where=blocked)
     with np.errstate(over="ignore"):  # a - m may pass -inf for scores near -float max: exp gives the same 0
-        masked = masked - masked.max(axis=-1, keepdims=True)
-    e = np.exp(masked)
-    return e / e.sum(axis=-1, keepdims=True)
+        np.subtract(e, e.max(axis=-1, keepdims=True), out=e)
+    np.exp(e, out=e)
+    np.divide(e, e.sum(axis=-1, keepdims=True), out=e)
+    return e
 
 
 def kv_index(n_heads, n_kv_heads):
@@ -124,6 +151,42 @@ def kv_index(n_heads, n_kv_heads):
     return np.arange(n_heads) // (n_heads // n_kv_heads)
 
 
+def attention_scores(q, k, scale):
+    """Attention scores as one BLAS product per key/value head, over the query heads that share it.
+
+    Math:   scores[n, t, s] = (q[t, n] . k[s, kv(n)]) * scale
+            For kv head j, the G = N / K query heads n = jG .. jG + G - 1 give [G, T, H] @ [H, S] -> [G, T, S]:
+            a strided view of q times the transposed view of k, no copy of either.
+    Shapes: q [T, N, H], k [S, K, H] -> scores [N, T, S]
+    """
+    T, N, _ = q.shape
+    S, K, _ = k.shape
+    G = N // K
+    scores = np.empty((N, T, S), dtype=q.dtype)
+    qt = q.transpose(1, 0, 2)  # [N, T, H] view
+    for j in range(K):
+        np.matmul(qt[j * G:(j + 1) * G], k[:, j, :].T, out=scores[j * G:(j + 1) * G])
+    scores *= np.asarray(scale, dtype=q.dtype)
+    return scores
+
+
+def attention_mix(pattern, v, out=None):
+    """The pattern-weighted values, one BLAS product per key/value head.
+
+    Math:   z[t, n] = sum_s pattern[n, t, s] v[s, kv(n)]
+    out:    an optional [N, T, H] array (or view) to write into.
+    Shapes: pattern [N, T, S], v [S, K, H] -> z [T, N, H] (a transposed view of an [N, T, H] array)
+    """
+    N, T, _ = pattern.shape
+    K = v.shape[1]
+    G = N // K
+    if out is None:
+        out = np.empty((N, T, v.shape[2]), dtype=v.dtype)
+    for j in range(K):
+        np.matmul(pattern[j * G:(j + 1) * G], v[:, j, :], out=out[j * G:(j + 1) * G])
+    return out.transpose(1, 0, 2)
+
+
 def attention(q, k, v, *, scale=None, cap=None, window=None):
     """Causal multi-head attention with key/value heads shared by groups of query heads.
 
@@ -131,16 +194,14 @@ def attention(q, k, v, *, scale=None, cap=None, window=None):
                                                                Gemma 2/3: query_pre_attn_scalar ** -0.5)
             pattern = causal_softmax(softcap(scores, cap) if cap else scores, window)
             z[t, n] = sum_s pattern[n, t, s] v[s, kv(n)]
+    The forward pass calls the three steps itself (attention_scores, causal_softmax, attention_mix) so that it can
+    record, and let an edit replace, the scores and the pattern in between.
     Shapes: q [T, N, H], k [S, K, H], v [S, K, H] -> scores [N, T, S], pattern [N, T, S], z [T, N, H]
     """
-    N, H = q.shape[1], q.shape[2]
-    kv = kv_index(N, k.shape[1])
-    k_n, v_n = k[:, kv, :], v[:, kv, :]  # [S, N, H]: the shared kv head, once per query head
-    scale = np.asarray(H ** -0.5 if scale is None else scale, dtype=q.dtype)
-    scores = np.einsum("tnh,snh->nts", q, k_n) * scale
-    pattern = causal_softmax(scores if cap is None else softcap(scores, cap), window)
-    z = np.einsum("nts,snh->tnh", pattern, v_n)
-    return scores, pattern, z
+    H = q.shape[2]
+    scores = attention_scores(q, k, H ** -0.5 if scale is None else scale)
+    pattern = causal_softmax(scores, window, cap=cap)
+    return scores, pattern, attention_mix(pattern, v)
 
 
 def geglu(x, W_gate, W_up):

@@ -121,6 +121,34 @@ def resolve_targets(model, targets, versus=()) -> Targets:
     return Targets(tt, vv)
 
 
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+def needs(model, *, position=-1, residual=True, attention=(), mlp=()) -> list[str]:
+    """The record entries (record.Selection) that the prisms of one readout at `position` read: pass them as
+    `model.run(prompt, record=needs(...))` to run a long prompt without keeping what no prism reads.
+
+    logits_readout: ln_final.scale and the logits (pre-cap on Gemma 2) at the position;
+    residual_prism: embed and every sublayer output at the position, and the residual after each (logit lens);
+    attention_prism(l): layer l's pattern row at the position, its values at every source, its output (and
+        Gemma 2/3's post-norm scale) at the position;
+    mlp_prism(l): layer l's neuron activations, output (and post-norm scale) at the position.
+    Chains (through_head, through_neuron) read other positions: record those whole.
+    """
+    cfg, at = model.config, f"@{int(position)}"
+    entries = [f"ln_final.scale{at}", f"logits{at}"]  # Gemma 2: the capped logits are shown beside the pre-cap
+    entries += [f"logits_uncapped{at}"] if cfg.final_softcap is not None else []
+    if residual:
+        entries += [f"embed{at}"] + [f"blocks.*.{n}{at}" for n in ("attn.out", "mlp.out", "resid_mid", "resid_post")]
+    for l in attention:
+        entries += [f"blocks.{l}.attn.pattern{at}", f"blocks.{l}.attn.v", f"blocks.{l}.attn.out{at}"]
+        entries += [f"blocks.{l}.ln1_post.scale{at}"] if cfg.post_norms else []
+    for l in mlp:
+        entries += [f"blocks.{l}.mlp.act{at}", f"blocks.{l}.mlp.out{at}"]
+        entries += [f"blocks.{l}.ln2_post.scale{at}"] if cfg.post_norms else []
+    return entries
+
+
 # ------------------------------------------------------------------------------------------------- readouts
 
 

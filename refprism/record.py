@@ -7,7 +7,14 @@ F MLP width, V vocabulary.
 
 from __future__ import annotations
 
+import fnmatch
+import functools
+import math
+
+import numpy as np
+
 from .config import Config
+from .errors import InputError
 
 # (name, symbolic shape, meaning). `{l}` is a layer index. This table is the contract: a test checks a real run
 # against it, name by name and shape by shape, and docs/math.md lists the same names.
@@ -16,11 +23,13 @@ RECORD_TABLE: list[tuple[str, tuple[str, ...], str, str | None]] = [
     ("blocks.{l}.resid_pre", ("T", "D"), "residual stream entering layer l", None),
     ("blocks.{l}.ln1.scale", ("T",), "s = sqrt(mean(x^2) + eps) of the attention's input norm", None),
     ("blocks.{l}.ln1.out", ("T", "D"), "the attention's normalized input x / s * (1 + w)", None),
+    ("blocks.{l}.attn.q_pre", ("T", "N", "H"), "queries as projected, ln1.out W_Q (before the q norm and RoPE)", None),
+    ("blocks.{l}.attn.k_pre", ("T", "K", "H"), "keys as projected, ln1.out W_K (before the k norm and RoPE)", None),
+    ("blocks.{l}.attn.v", ("T", "K", "H"), "values", None),
     ("blocks.{l}.attn.q_norm.scale", ("T", "N"), "Gemma 3: each head's q norm scale, over H", "qk_norm"),
     ("blocks.{l}.attn.k_norm.scale", ("T", "K"), "Gemma 3: each kv head's k norm scale, over H", "qk_norm"),
     ("blocks.{l}.attn.q", ("T", "N", "H"), "queries after RoPE (and the q norm on Gemma 3)", None),
     ("blocks.{l}.attn.k", ("T", "K", "H"), "keys after RoPE (and the k norm on Gemma 3)", None),
-    ("blocks.{l}.attn.v", ("T", "K", "H"), "values", None),
     ("blocks.{l}.attn.scores", ("N", "T", "S"), "q.k * scale before the soft-cap (Gemma 2), mask and softmax", None),
     ("blocks.{l}.attn.pattern", ("N", "T", "S"), "softmax attention weights (0 where s > t or outside the window)",
      None),
@@ -56,25 +65,204 @@ def axis_sizes(cfg: Config, T: int) -> dict[str, int]:
             "F": cfg.d_mlp, "V": cfg.vocab_size}
 
 
-def expected_shapes(cfg: Config, T: int) -> dict[str, tuple[int, ...]]:
-    """Every recorded name of a run of T tokens with its concrete shape."""
-    sizes = axis_sizes(cfg, T)
-    out = {}
-    for name, shape, _, when in RECORD_TABLE:
-        if not _present(cfg, when):
-            continue
-        concrete = tuple(sizes[a] for a in shape)
-        if "{l}" in name:
-            for l in range(cfg.n_layers):
-                out[name.format(l=l)] = concrete
-        else:
-            out[name] = concrete
+@functools.lru_cache(maxsize=64)
+def symbolic_shapes(cfg: Config) -> dict[str, tuple[str, ...]]:
+    """Every recorded name of this model with its shape in axis letters, in forward order: embed, then layer by
+    layer, then the final norm and the logits (shared: do not change the dict returned)."""
+    rows = [(name, shape) for name, shape, _, when in RECORD_TABLE if _present(cfg, when)]
+    layered = [(name, shape) for name, shape in rows if "{l}" in name]
+    first = next(i for i, (name, _) in enumerate(rows) if "{l}" in name)
+    out = dict(rows[:first])
+    for l in range(cfg.n_layers):
+        out.update((name.format(l=l), shape) for name, shape in layered)
+    out.update((name, shape) for name, shape in rows[first:] if "{l}" not in name)
     return out
 
 
+def expected_shapes(cfg: Config, T: int) -> dict[str, tuple[int, ...]]:
+    """Every recorded name of a run of T tokens with its concrete shape."""
+    sizes = axis_sizes(cfg, T)
+    return {name: tuple(sizes[a] for a in shape) for name, shape in symbolic_shapes(cfg).items()}
+
+
+def row_axis(cfg: Config, name: str) -> int:
+    """The axis of `name` that runs over query positions T (0 for [T, ...], 1 for scores and pattern [N, T, S])."""
+    return symbolic_shapes(cfg)[name].index("T")
+
+
+# ------------------------------------------------------------------------------------------- selective records
+
+
+class Selection:
+    """Which recorded names a run keeps, and at which positions: `record=` of `Model.run` and `forward`.
+
+    Each entry is a glob over record names (`fnmatch`: `blocks.*.attn.pattern`, `logits`), optionally followed by
+    `@` and positions, comma separated, negative counting from the end: `blocks.*.attn.out@-1`, `logits@0,-1`.
+    A name kept by several entries keeps the union of their positions ("all" wins). Positions index the T axis
+    (the query axis of scores and pattern); sources S are always kept whole, since a prism sums over them.
+    """
+
+    def __init__(self, entries):
+        if isinstance(entries, str):
+            entries = [entries]
+        self.entries: list[tuple[str, tuple[int, ...] | None]] = []
+        self._rows: dict[tuple[str, int], object] = {}  # (name, T) -> rows, asked for at every site of a pass
+        for entry in entries:
+            if not isinstance(entry, str) or not entry.strip():
+                raise InputError(f"a record entry is a name or glob (optionally @positions), got {entry!r}")
+            glob, at, rows = entry.partition("@")
+            if not at:
+                self.entries.append((glob, None))
+                continue
+            try:
+                positions = tuple(int(r) for r in rows.split(","))
+            except ValueError:
+                raise InputError(f"record entry {entry!r}: positions after @ are integers, comma separated "
+                                 "(e.g. logits@-1 or blocks.*.attn.out@0,5)") from None
+            self.entries.append((glob, positions))
+
+    def __repr__(self):
+        return "Selection([" + ", ".join(repr(g + ("" if r is None else "@" + ",".join(map(str, r))))
+                                         for g, r in self.entries) + "])"
+
+    def rows(self, name: str, T: int):
+        """None (not kept), ALL (every position) or a sorted tuple of positions 0 .. T-1 of `name`."""
+        if (name, T) not in self._rows:
+            self._rows[name, T] = self._find(name, T)
+        return self._rows[name, T]
+
+    def _find(self, name: str, T: int):
+        found = None
+        for glob, positions in self.entries:
+            if not fnmatch.fnmatchcase(name, glob):
+                continue
+            if positions is None:
+                return ALL
+            for p in positions:
+                if not -T <= p < T:
+                    raise InputError(f"record entry {glob}@{p}: position {p} is out of range for {T} tokens")
+            found = (found or set()) | {p % T for p in positions}
+        return None if found is None else tuple(sorted(found))
+
+    def check(self, cfg: Config) -> None:
+        """Every glob must name at least one site of this model: a typo is an error, never an empty record."""
+        names = list(symbolic_shapes(cfg))
+        for glob, _ in self.entries:
+            if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                raise InputError(f"record entry {glob!r} names no recorded site of this model (see "
+                                 "refprism.RECORD_TABLE, e.g. blocks.3.attn.pattern)")
+
+
+ALL = "all"
+
+
+def as_selection(record) -> Selection | None:
+    """None (everything), a Selection, a string or a list of strings -> Selection or None."""
+    if record is None or isinstance(record, Selection):
+        return record
+    return Selection(record)
+
+
+class Rows:
+    """Some positions of a recorded array; the others were not kept (a selective record).
+
+    Indexing takes positions of the whole run, as the full array would: `rows[p]`, `rows[:, p, :p + 1]` on a
+    pattern. A position that was not kept is an error naming the site and the positions it holds, never another
+    row's value.
+    """
+
+    def __init__(self, name: str, data: np.ndarray, positions, axis: int, length: int):
+        self.name, self.data, self.axis, self.length = name, data, axis, length
+        self.positions = tuple(int(p) for p in positions)
+        self._index = {p: i for i, p in enumerate(self.positions)}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the whole array this holds rows of."""
+        shape = list(self.data.shape)
+        shape[self.axis] = self.length
+        return tuple(shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def __repr__(self):
+        return f"Rows({self.name}, positions {list(self.positions)} of {self.length}, shape {list(self.data.shape)})"
+
+    def _local(self, p):
+        if isinstance(p, slice):
+            return [self._local(i) for i in range(*p.indices(self.length))]
+        if isinstance(p, (list, tuple, np.ndarray)):
+            return [self._local(int(i)) for i in np.asarray(p).ravel()]
+        p = int(p)
+        q = p % self.length if -self.length <= p < self.length else p
+        if q not in self._index:
+            raise MissingSite(f"the record keeps {self.name} only at positions {list(self.positions)}, not at {p}: "
+                              f"record it there (record=[..., '{self.name}@{p}']) or record it whole")
+        return self._index[q]
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis for k in key):
+            raise MissingSite(f"{self.name} is a selective record: index its position axis explicitly")
+        key = key + (slice(None),) * (self.axis + 1 - len(key))
+        local = self._local(key[self.axis])
+        return self.data[key[: self.axis] + (local,) + key[self.axis + 1:]]
+
+    def __array__(self, dtype=None, copy=None):
+        raise MissingSite(f"the record keeps {self.name} only at positions {list(self.positions)}: index it by "
+                          "position (the whole array was not kept)")
+
+
+class MissingSite(InputError, KeyError):
+    """A site (or a position of it) that the run did not record: one line naming it and how to record it."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
 class Record(dict):
-    """name -> array for one run. A plain dict, plus `table()` to print the names, shapes and dtypes."""
+    """name -> array for one run. A plain dict, plus `table()` to print the names, shapes and dtypes.
+
+    A selective record (`selection` set) holds only what was asked for; asking for anything else is a
+    MissingSite error naming it (a prism never reads a wrong number from a record that lacks its input).
+    """
+
+    selection: Selection | None = None
+
+    def __missing__(self, name):
+        if self.selection is not None:
+            raise MissingSite(f"the run did not record {name} (it recorded a selection: {self.selection!r}): "
+                              f"record it (record=[..., {name!r}]) or record everything")
+        raise KeyError(name)
 
     def table(self) -> str:
         width = max(map(len, self), default=0)
         return "\n".join(f"{n:<{width}}  {str(list(a.shape)):<20} {a.dtype}" for n, a in self.items())
+
+
+def estimate_bytes(cfg: Config, lengths, dtype, selection: Selection | None = None) -> dict[str, int]:
+    """Bytes a run of prompts with these lengths needs: what its record keeps, and the largest transient arrays.
+
+    Returns {"record": kept bytes, "attention": one layer's scores + pattern of the longest prompt (always
+    computed, kept or not), "logits": the kept logits (part of "record"), "total": record + transient}.
+    """
+    item = np.dtype(dtype).itemsize
+    record = logits = 0
+    for T in lengths:
+        sizes = axis_sizes(cfg, T)
+        for name, shape in symbolic_shapes(cfg).items():
+            n = math.prod(sizes[a] for a in shape)
+            rows = ALL if selection is None else selection.rows(name, T)
+            if rows is None:
+                continue
+            if rows is not ALL:
+                n = n // T * len(rows)
+            record += n * item
+            if name.startswith("logits"):
+                logits += n * item
+    Tmax = max(lengths)
+    attention = 2 * cfg.n_heads * Tmax * Tmax * item
+    mlp = 3 * Tmax * cfg.d_mlp * item
+    return {"record": record, "logits": logits, "attention": attention, "total": record + attention + mlp}

@@ -78,6 +78,8 @@ def hf_record(model, ids) -> dict[str, np.ndarray]:
                 x = out.hidden_states[l]
                 rec[p + "resid_pre"] = x
                 rec[p + "ln1.scale"] = torch.sqrt(x.pow(2).mean(-1) + eps)
+                rec[p + "attn.q_pre"] = got[p + "q_pre"].view(1, T, N, H)
+                rec[p + "attn.k_pre"] = got[p + "k_pre"].view(1, T, K, H)
                 q = got[p + "q_pre"].view(1, T, N, H).transpose(1, 2)
                 k = got[p + "k_pre"].view(1, T, K, H).transpose(1, 2)
                 q, k = modeling_gemma.apply_rotary_pos_emb(q, k, cos, sin)  # HF's own split-half RoPE

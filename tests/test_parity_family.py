@@ -65,6 +65,8 @@ def hf_family_record(model, ids):
                 kind = cfg.layer_types[l]
                 rec[p + "resid_pre"] = x
                 rec[p + "ln1.scale"] = rms(x)
+                rec[p + "attn.q_pre"] = got[p + "q_pre"].reshape(1, T, N, H)
+                rec[p + "attn.k_pre"] = got[p + "k_pre"].reshape(1, T, K, H)
                 q = got[p + "q_pre"].reshape(1, T, N, H).transpose(1, 2)
                 k = got[p + "k_pre"].reshape(1, T, K, H).transpose(1, 2)
                 if p + "q_normed" in got:  # HF applies q_norm / k_norm to [1, heads, T, H]

@@ -21,7 +21,7 @@ import numpy as np
 from . import ops
 from .config import Config
 from .errors import InputError
-from .record import ALL, Record, Rows, Selection, as_selection, row_axis
+from .record import ALL, Lazy, Record, Rows, Selection, as_selection, row_axis
 from .weights import Weights
 
 
@@ -100,19 +100,29 @@ class _Recorder:
     def wanted(self, name) -> bool:
         return any(self.rows(name, i) is not None for i in range(len(self.records)))
 
-    def __call__(self, name, value):
-        """A position-major site of the whole pack: edit, keep, return what flows on."""
+    def __call__(self, name, value, recompute=None):
+        """A position-major site of the whole pack: edit, keep, return what flows on.
+
+        recompute: a function that computes `value` again bit for bit from arrays the record keeps anyway; when
+        given (and nothing edits the pass), a single prompt's record stores it instead of the array (record.Lazy).
+        """
         if self.edit is not None:
             value = self.edit(name, value, self.records[0])
+        elif recompute is not None and len(self.records) == 1 and self.rows(name, 0) is ALL:
+            self.records[0][name] = Lazy(recompute, value.shape, value.dtype)
+            return value
         for i, rec in enumerate(self.records):
             a, b = self.bounds[i], self.bounds[i + 1]
             self._keep(rec, name, value[a:b] if len(self.records) > 1 else value, i)
         return value
 
-    def segment(self, name, i, value):
-        """A site computed per prompt (scores, pattern: [N, T_i, S_i])."""
+    def segment(self, name, i, value, recompute=None):
+        """A site computed per prompt (scores, pattern: [N, T_i, S_i]); recompute as for __call__."""
         if self.edit is not None:
             value = self.edit(name, value, self.records[i])
+        elif recompute is not None and self.rows(name, i) is ALL:
+            self.records[i][name] = Lazy(recompute, value.shape, value.dtype)
+            return value
         self._keep(self.records[i], name, value, i)
         return value
 
@@ -141,6 +151,7 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
     site = _Recorder(cfg, lengths, selection, edit)
     bounds = site.bounds
     tokens = np.concatenate(prompts)
+    T, D, N, K, H = len(tokens), cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
     positions = np.concatenate([np.arange(T) for T in lengths])  # each prompt's own positions
     ropes = {}  # (theta, scale) -> cos, sin [sum T, H]: Gemma 3 has one RoPE for full and one for sliding layers
     blocked = {}  # (T, window) -> [T, S] bool: masked sources, built once per length and window, not per layer
@@ -158,7 +169,7 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
     else:
         x = site("embed", params.embed_rows(tokens) * normalizer)  # [T, D]
 
-    for l in range(first, cfg.n_layers):
+    for l in range(first, cfg.n_layers):  # T is the pack's total here
         p = params.block(l, scratch=True)  # low-memory mode: converted now, into buffers the next layer reuses
         b = f"blocks.{l}."
         x = site(b + "resid_pre", x)
@@ -167,9 +178,9 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
         # -> causal softmax (Gemma 2: soft-capped scores; sliding layers: a window) -> o_proj (-> Gemma 2/3 post-norm)
         s1 = site(b + "ln1.scale", ops.rms_scale(x, eps=eps))
         h = site(b + "ln1.out", ops.rms_apply(x, s1, p["ln1"]))
-        q = site(b + "attn.q_pre", np.einsum("td,dnh->tnh", h, p["W_Q"], optimize=True))  # [T, N, H]
-        k = site(b + "attn.k_pre", np.einsum("td,dkh->tkh", h, p["W_K"], optimize=True))  # [T, K, H]
-        v = site(b + "attn.v", np.einsum("td,dkh->tkh", h, p["W_V"], optimize=True))  # [T, K, H]
+        q = site(b + "attn.q_pre", (h @ p["W_Q"].reshape(D, -1)).reshape(T, N, H))  # [T, N, H] = h W_Q
+        k = site(b + "attn.k_pre", (h @ p["W_K"].reshape(D, -1)).reshape(T, K, H))  # [T, K, H] = h W_K
+        v = site(b + "attn.v", (h @ p["W_V"].reshape(D, -1)).reshape(T, K, H))  # [T, K, H] = h W_V
         if cfg.qk_norm:  # Gemma 3: each head's q and k normalised over H, (1 + w) as every Gemma norm
             sq = site(b + "attn.q_norm.scale", ops.rms_scale(q, eps=eps))
             sk = site(b + "attn.k_norm.scale", ops.rms_scale(k, eps=eps))
@@ -181,20 +192,21 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
         q = site(b + "attn.q", ops.rope(q, cos, sin))
         k = site(b + "attn.k", ops.rope(k, cos, sin))
         window = cfg.sliding_window if cfg.is_sliding(l) else None
-        zNTH = np.empty((cfg.n_heads, len(tokens), cfg.d_head), dtype=dtype)  # z per head, written per prompt
-        for i, T in enumerate(lengths):  # attention within each prompt only
+        zNTH = np.empty((N, T, H), dtype=dtype)  # z per head, written per prompt
+        for i, Ti in enumerate(lengths):  # attention within each prompt only
             a, e = bounds[i], bounds[i + 1]
-            key = (T, window if window is not None and window < T else None)
+            key = (Ti, window if window is not None and window < Ti else None)
             if key not in blocked:
-                blocked[key] = ~ops.causal_mask(T, key[1])
-            scores = site.segment(b + "attn.scores", i, ops.attention_scores(  # [N, T, S]
-                q[a:e], k[a:e], cfg.query_pre_attn_scalar ** -0.5))
+                blocked[key] = ~ops.causal_mask(Ti, key[1])
+            qi, ki, qscale = q[a:e], k[a:e], cfg.query_pre_attn_scalar ** -0.5
+            scores = site.segment(b + "attn.scores", i, ops.attention_scores(qi, ki, qscale),  # [N, T, S]
+                                  recompute=lambda qi=qi, ki=ki, qscale=qscale: ops.attention_scores(qi, ki, qscale))
             pattern = site.segment(b + "attn.pattern", i, ops.causal_softmax(  # [N, T, S]
                 scores, cap=cfg.attn_softcap, blocked=blocked[key]))
             ops.attention_mix(pattern, v[a:e], out=zNTH[:, a:e])
             del scores, pattern  # one prompt's attention at a time, unless the record keeps it
         z = site(b + "attn.z", zNTH.transpose(1, 0, 2))  # [T, N, H]
-        attn_out = np.einsum("tnh,nhd->td", z, p["W_O"], optimize=True)  # [T, D]
+        attn_out = np.ascontiguousarray(z).reshape(T, N * H) @ p["W_O"].reshape(N * H, D)  # sum_n z[:, n] W_O[n]
         if cfg.post_norms:  # Gemma 2/3: the attention output is normalised before the residual add
             attn_out = site(b + "attn.o_proj", attn_out)
             sp = site(b + "ln1_post.scale", ops.rms_scale(attn_out, eps=eps))
@@ -207,7 +219,8 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
         h = site(b + "ln2.out", ops.rms_apply(x, s2, p["ln2"]))
         gate = site(b + "mlp.gate", h @ p["W_gate"])  # [T, F]
         up = site(b + "mlp.up", h @ p["W_up"])  # [T, F]
-        act = site(b + "mlp.act", ops.gelu_tanh(gate) * up)  # [T, F]
+        act = site(b + "mlp.act", ops.gelu_tanh(gate) * up,  # [T, F]
+                   recompute=lambda gate=gate, up=up: ops.gelu_tanh(gate) * up)
         mlp_out = act @ p["W_down"]  # [T, D]
         if cfg.post_norms:
             mlp_out = site(b + "mlp.down", mlp_out)

@@ -100,7 +100,7 @@ class Model:
         """
         tokens = self.encode(prompt)
         selection = self._selection(record, positions, [len(tokens)])
-        preflight(self, [len(tokens)], selection)
+        preflight(self, [len(tokens)], selection, edited=edit is not None)
         rec = forward(self.params, self.config, tokens, normalizer=self.normalizer, edit=edit, resume=resume,
                       record=selection)
         return Run(tokens=tokens, pieces=[self.piece(t) for t in tokens], record=rec)
@@ -178,13 +178,13 @@ class Model:
 MEMORY_SHARE = 0.9
 
 
-def preflight(model, lengths, selection) -> None:
+def preflight(model, lengths, selection, *, edited=False) -> None:
     """Refuse, in one line and before allocating anything, a run whose record cannot fit in available memory.
 
     The estimate (record.estimate_bytes) counts what the record keeps plus one layer's attention scores and
     pattern and MLP activations, which every pass makes whether it keeps them or not.
     """
-    need = estimate_bytes(model.config, lengths, model.dtype, selection)
+    need = estimate_bytes(model.config, lengths, model.dtype, selection, edited=edited)
     free = available_memory()
     if need["total"] <= free * MEMORY_SHARE:
         return

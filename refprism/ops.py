@@ -76,21 +76,39 @@ def rope(x, cos, sin):
 
     Math:   rope(x)[t] = x[t] * cos[t] + rotate_half(x[t]) * sin[t]
             (dimension i is rotated together with dimension i + H/2 by angle[t, i])
+            Computed as the two halves, x1 cos - x2 sin and x2 cos + x1 sin, with no rotated copy of x: the same
+            numbers bit for bit (x*cos + (-x2)*sin is x*cos - x2*sin exactly).
     Shapes: x [T, heads, H], cos/sin [T, H] -> [T, heads, H]
     """
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+    half = x.shape[-1] // 2
+    out = x * cos[:, None, :]
+    out[..., :half] -= x[..., half:] * sin[:, None, :half]
+    out[..., half:] += x[..., :half] * sin[:, None, half:]
+    return out
 
 
 def gelu_tanh(x):
     """GELU, tanh approximation (Gemma trap: not the exact erf GELU).
 
     Math:   gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+            evaluated in that order (0.044715 x x x left to right), in place in one temporary.
     Shapes: any -> same
     """
     c = np.asarray(np.sqrt(2.0 / np.pi), dtype=x.dtype)
     k = np.asarray(0.044715, dtype=x.dtype)
     half = np.asarray(0.5, dtype=x.dtype)
-    return half * x * (1 + np.tanh(c * (x + k * x * x * x)))
+    scalar = np.ndim(x) == 0
+    x = np.asarray(x)
+    t = np.multiply(k, x, out=np.empty_like(x))  # (an array even for one value: the steps below are in place)
+    t *= x
+    t *= x
+    t += x
+    t *= c
+    np.tanh(t, out=t)
+    t += 1
+    out = np.multiply(half, x, out=np.empty_like(x))
+    out *= t
+    return out[()] if scalar else out
 
 
 def causal_mask(T, window=None):
@@ -155,17 +173,19 @@ def attention_scores(q, k, scale):
     """Attention scores as one BLAS product per key/value head, over the query heads that share it.
 
     Math:   scores[n, t, s] = (q[t, n] . k[s, kv(n)]) * scale
-            For kv head j, the G = N / K query heads n = jG .. jG + G - 1 give [G, T, H] @ [H, S] -> [G, T, S]:
-            a strided view of q times the transposed view of k, no copy of either.
+            For kv head j, the G = N / K query heads n = jG .. jG + G - 1 give one product
+            [G*T, H] @ [H, S] -> [G*T, S] = [G, T, S]: q is laid out head-major once ([N, T, H], a copy of q's size,
+            small beside the scores), k[:, j] is read through a transposed view.
     Shapes: q [T, N, H], k [S, K, H] -> scores [N, T, S]
     """
-    T, N, _ = q.shape
+    T, N, H = q.shape
     S, K, _ = k.shape
     G = N // K
+    qn = np.ascontiguousarray(q.transpose(1, 0, 2))  # [N, T, H]
     scores = np.empty((N, T, S), dtype=q.dtype)
-    qt = q.transpose(1, 0, 2)  # [N, T, H] view
     for j in range(K):
-        np.matmul(qt[j * G:(j + 1) * G], k[:, j, :].T, out=scores[j * G:(j + 1) * G])
+        heads = slice(j * G, (j + 1) * G)
+        np.matmul(qn[heads].reshape(G * T, H), k[:, j, :].T, out=scores[heads].reshape(G * T, S))
     scores *= np.asarray(scale, dtype=q.dtype)
     return scores
 
@@ -174,16 +194,22 @@ def attention_mix(pattern, v, out=None):
     """The pattern-weighted values, one BLAS product per key/value head.
 
     Math:   z[t, n] = sum_s pattern[n, t, s] v[s, kv(n)]
-    out:    an optional [N, T, H] array (or view) to write into.
+            For kv head j: [G*T, S] @ [S, H] -> [G*T, H] = [G, T, H] (the pattern is head-major already).
+    out:    an optional [N, T, H] array (or a view whose [G, T, H] blocks are contiguous) to write into.
     Shapes: pattern [N, T, S], v [S, K, H] -> z [T, N, H] (a transposed view of an [N, T, H] array)
     """
-    N, T, _ = pattern.shape
-    K = v.shape[1]
+    N, T, S = pattern.shape
+    K, H = v.shape[1], v.shape[2]
     G = N // K
     if out is None:
-        out = np.empty((N, T, v.shape[2]), dtype=v.dtype)
+        out = np.empty((N, T, H), dtype=v.dtype)
     for j in range(K):
-        np.matmul(pattern[j * G:(j + 1) * G], v[:, j, :], out=out[j * G:(j + 1) * G])
+        heads = slice(j * G, (j + 1) * G)
+        if out[heads].flags.c_contiguous:
+            np.matmul(pattern[heads].reshape(G * T, S), v[:, j, :], out=out[heads].reshape(G * T, H))
+        else:  # a prompt's rows of a packed [N, sum T, H] array: per head
+            for n in range(heads.start, heads.stop):
+                np.matmul(pattern[n], v[:, j, :], out=out[n])
     return out.transpose(1, 0, 2)
 
 

@@ -222,11 +222,23 @@ class MissingSite(InputError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class Lazy:
+    """A recorded value computed again when it is read, bit for bit as the pass computed it (the same function
+    on the same recorded arrays): scores (from the recorded q and k) and the neuron activations (from the
+    recorded gate and up) are the largest arrays of a long prompt's record after the pattern and the logits."""
+
+    __slots__ = ("compute", "shape", "dtype")
+
+    def __init__(self, compute, shape, dtype):
+        self.compute, self.shape, self.dtype = compute, tuple(shape), np.dtype(dtype)
+
+
 class Record(dict):
     """name -> array for one run. A plain dict, plus `table()` to print the names, shapes and dtypes.
 
     A selective record (`selection` set) holds only what was asked for; asking for anything else is a
     MissingSite error naming it (a prism never reads a wrong number from a record that lacks its input).
+    Some entries are Lazy: stored as the function that recomputes them exactly, resolved on every read.
     """
 
     selection: Selection | None = None
@@ -237,25 +249,51 @@ class Record(dict):
                               f"record it (record=[..., {name!r}]) or record everything")
         raise KeyError(name)
 
+    def __getitem__(self, name):
+        value = super().__getitem__(name)
+        return value.compute() if isinstance(value, Lazy) else value
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def __iter__(self):  # (overridden, so that dict(record) and **record read values through __getitem__)
+        return super().__iter__()
+
+    def values(self):  # one value at a time: a Lazy one is computed when its turn comes
+        return (self[n] for n in self)
+
+    def items(self):
+        return ((n, self[n]) for n in self)
+
+    def shape_of(self, name) -> tuple[int, ...]:
+        """The shape of a recorded value without computing a Lazy one."""
+        value = super().__getitem__(name)
+        return tuple(value.shape)
+
     def table(self) -> str:
         width = max(map(len, self), default=0)
-        return "\n".join(f"{n:<{width}}  {str(list(a.shape)):<20} {a.dtype}" for n, a in self.items())
+        return "\n".join(f"{n:<{width}}  {str(list(self.shape_of(n))):<20} {super(Record, self).__getitem__(n).dtype}"
+                         for n in self)
 
 
-def estimate_bytes(cfg: Config, lengths, dtype, selection: Selection | None = None) -> dict[str, int]:
+def estimate_bytes(cfg: Config, lengths, dtype, selection: Selection | None = None, *,
+                   edited: bool = False) -> dict[str, int]:
     """Bytes a run of prompts with these lengths needs: what its record keeps, and the largest transient arrays.
 
-    Returns {"record": kept bytes, "attention": one layer's scores + pattern of the longest prompt (always
-    computed, kept or not), "logits": the kept logits (part of "record"), "total": record + transient}.
+    Lazy entries cost nothing (scores whenever kept whole; the neuron activations of a single prompt) unless
+    the run is edited (an edit's record holds every value that flowed). Returns {"record": kept bytes,
+    "logits": the kept logits (part of "record"), "attention": one layer's scores + pattern of the longest
+    prompt (always computed, kept or not), "total": record + the transient attention and MLP arrays}.
     """
     item = np.dtype(dtype).itemsize
+    lazy = set() if edited else {"attn.scores"} | ({"mlp.act"} if len(lengths) == 1 else set())
     record = logits = 0
     for T in lengths:
         sizes = axis_sizes(cfg, T)
         for name, shape in symbolic_shapes(cfg).items():
             n = math.prod(sizes[a] for a in shape)
             rows = ALL if selection is None else selection.rows(name, T)
-            if rows is None:
+            if rows is None or (rows is ALL and name.split(".", 2)[-1] in lazy):
                 continue
             if rows is not ALL:
                 n = n // T * len(rows)
@@ -264,5 +302,5 @@ def estimate_bytes(cfg: Config, lengths, dtype, selection: Selection | None = No
                 logits += n * item
     Tmax = max(lengths)
     attention = 2 * cfg.n_heads * Tmax * Tmax * item
-    mlp = 3 * Tmax * cfg.d_mlp * item
+    mlp = 3 * sum(lengths) * cfg.d_mlp * item
     return {"record": record, "logits": logits, "attention": attention, "total": record + attention + mlp}

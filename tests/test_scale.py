@@ -9,7 +9,7 @@ import refprism
 from refprism import ops, prisms
 from refprism.errors import InputError
 from refprism.forward import forward
-from refprism.record import MissingSite, Rows, Selection, expected_shapes
+from refprism.record import Lazy, MissingSite, Rows, Selection, expected_shapes
 
 FAMILIES = ["tiny", "tiny-gemma2", "tiny-gemma3"]
 PROMPTS = [[2, 5, 9, 11, 40, 41, 42, 43, 44, 45, 46], [2, 7], [2], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
@@ -187,7 +187,8 @@ def test_preflight_estimate_matches_the_record(family):
     model = family[0]
     for record, positions in ((None, None), (["blocks.*.attn.out@-1", "blocks.0.attn.pattern"], -1)):
         run = model.run(PROMPTS[0], record=record, positions=positions)
-        real = sum((a.data if isinstance(a, Rows) else a).nbytes for a in run.record.values())
+        stored = [dict.__getitem__(run.record, n) for n in run.record]  # (a Lazy entry is stored as its recipe)
+        real = sum(0 if isinstance(a, Lazy) else (a.data if isinstance(a, Rows) else a).nbytes for a in stored)
         est = estimate_bytes(model.config, [11], model.dtype, model._selection(record, positions, [11]))
         assert est["record"] == real
 
@@ -279,6 +280,20 @@ def test_the_record_holds_what_flowed_on(tiny64):
     assert np.all(run.record["blocks.0.attn.z"][:, 1] == 0)
     W_O = tiny64.params.get(0, "W_O")
     np.testing.assert_allclose(run.record["blocks.0.attn.out"], np.einsum("tnh,nhd->td", run.record["blocks.0.attn.z"], W_O))
+
+
+def test_scores_and_activations_are_recomputed_exactly(family):
+    """A plain run stores the scores and (one prompt) the activations as recipes (record.Lazy); what they give
+    is what an edited run, which stores every value, recorded: the same bits."""
+    model = family[0]
+    plain, edited = model.run(PROMPTS[0]), model.run(PROMPTS[0], edit=Recorded())
+    for name in ("blocks.0.attn.scores", "blocks.1.attn.scores", "blocks.0.mlp.act"):
+        assert isinstance(dict.__getitem__(plain.record, name), Lazy)
+        assert not isinstance(dict.__getitem__(edited.record, name), Lazy)
+        np.testing.assert_array_equal(plain.record[name], edited.record[name])
+    packed = model.run_many(PROMPTS)[0]
+    assert isinstance(dict.__getitem__(packed.record, "blocks.0.attn.scores"), Lazy)
+    np.testing.assert_array_equal(packed.record["blocks.0.attn.scores"], model.run_many(PROMPTS)[0].record["blocks.0.attn.scores"])
 
 
 def test_a_frozen_scale_is_used(tiny64):

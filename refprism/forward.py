@@ -21,7 +21,7 @@ import numpy as np
 from . import ops
 from .config import Config
 from .errors import InputError
-from .record import ALL, Lazy, Record, Rows, Selection, as_selection, row_axis
+from .record import ALL, Lazy, Record, Rows, Selection, as_selection, lazy_entry, row_axis
 from .weights import Weights
 
 
@@ -88,6 +88,7 @@ class _Recorder:
 
     def __init__(self, cfg, lengths, selection: Selection | None, edit):
         self.cfg, self.edit, self.selection = cfg, edit, selection
+        self.lengths = list(lengths)
         self.bounds = np.concatenate([[0], np.cumsum(lengths)]).astype(int)
         self.records = [Record() for _ in lengths]
         for rec in self.records:
@@ -103,12 +104,14 @@ class _Recorder:
     def __call__(self, name, value, recompute=None):
         """A position-major site of the whole pack: edit, keep, return what flows on.
 
-        recompute: a function that computes `value` again bit for bit from arrays the record keeps anyway; when
-        given (and nothing edits the pass), a single prompt's record stores it instead of the array (record.Lazy).
+        recompute: a function that computes `value` again bit for bit, by the same function, from what the record
+        holds (by name); the record stores it instead of the array (record.Lazy) where record.lazy_entry says so:
+        one unedited prompt recording everything, for the activations always, for every other site but the
+        residual stream, the sublayer outputs, the norm scales, the pattern and the logits from LONG_PROMPT tokens.
         """
         if self.edit is not None:
             value = self.edit(name, value, self.records[0])
-        elif recompute is not None and len(self.records) == 1 and self.rows(name, 0) is ALL:
+        elif recompute is not None and lazy_entry(name, self.lengths, self.selection, edited=False):
             self.records[0][name] = Lazy(recompute, value.shape, value.dtype)
             return value
         for i, rec in enumerate(self.records):
@@ -151,10 +154,9 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
     site = _Recorder(cfg, lengths, selection, edit)
     bounds = site.bounds
     tokens = np.concatenate(prompts)
-    T, D, N, K, H = len(tokens), cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+    T, N, H = len(tokens), cfg.n_heads, cfg.d_head
     positions = np.concatenate([np.arange(T) for T in lengths])  # each prompt's own positions
     ropes = {}  # (theta, scale) -> cos, sin [sum T, H]: Gemma 3 has one RoPE for full and one for sliding layers
-    blocked = {}  # (T, window) -> [T, S] bool: masked sources, built once per length and window, not per layer
 
     first = 0
     if resume is not None:
@@ -162,77 +164,111 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
         if not 0 <= first < cfg.n_layers:
             raise InputError(f"resume layer {first} is out of range (the model has layers 0 .. {cfg.n_layers - 1})")
         rec = site.records[0]
-        for name, value in clean.items():  # everything before the first layer re-run, as the clean run had it
+        for name, value in dict.items(clean):  # everything before the first layer, as stored (a Lazy stays lazy)
             if name == "embed" or (name.startswith("blocks.") and int(name.split(".")[1]) < first):
                 rec[name] = value
         x = clean[f"blocks.{first}.resid_pre"]
     else:
         x = site("embed", params.embed_rows(tokens) * normalizer)  # [T, D]
 
+    R = site.records[0]  # a single prompt's record: the lazy entries below read their inputs from it
     for l in range(first, cfg.n_layers):  # T is the pack's total here
         p = params.block(l, scratch=True)  # low-memory mode: converted now, into buffers the next layer reuses
+        W = lambda key, l=l: params.get(l, key)  # noqa: E731  (a lazy entry's weights: p's may be reused by then)
         b = f"blocks.{l}."
         x = site(b + "resid_pre", x)
 
         # Attention: RMSNorm (1 + w) -> q, k, v per head -> (Gemma 3: q, k norms) -> split-half RoPE on q, k
         # -> causal softmax (Gemma 2: soft-capped scores; sliding layers: a window) -> o_proj (-> Gemma 2/3 post-norm)
+        # A lazy entry (recompute=) is the same function of the same recorded inputs: see _Recorder.
         s1 = site(b + "ln1.scale", ops.rms_scale(x, eps=eps))
-        h = site(b + "ln1.out", ops.rms_apply(x, s1, p["ln1"]))
-        q = site(b + "attn.q_pre", (h @ p["W_Q"].reshape(D, -1)).reshape(T, N, H))  # [T, N, H] = h W_Q
-        k = site(b + "attn.k_pre", (h @ p["W_K"].reshape(D, -1)).reshape(T, K, H))  # [T, K, H] = h W_K
-        v = site(b + "attn.v", (h @ p["W_V"].reshape(D, -1)).reshape(T, K, H))  # [T, K, H] = h W_V
-        if cfg.qk_norm:  # Gemma 3: each head's q and k normalised over H, (1 + w) as every Gemma norm
-            sq = site(b + "attn.q_norm.scale", ops.rms_scale(q, eps=eps))
-            sk = site(b + "attn.k_norm.scale", ops.rms_scale(k, eps=eps))
-            q, k = ops.rms_apply(q, sq, p["q_norm"]), ops.rms_apply(k, sk, p["k_norm"])
+        h = site(b + "ln1.out", ops.rms_apply(x, s1, p["ln1"]),
+                 recompute=lambda b=b, w=p["ln1"]: ops.rms_apply(R[b + "resid_pre"], R[b + "ln1.scale"], w))
+        q = site(b + "attn.q_pre", _project(h, p["W_Q"]),  # [T, N, H] = h W_Q
+                 recompute=lambda b=b, W=W: _project(R[b + "ln1.out"], W("W_Q")))
+        k = site(b + "attn.k_pre", _project(h, p["W_K"]),  # [T, K, H] = h W_K
+                 recompute=lambda b=b, W=W: _project(R[b + "ln1.out"], W("W_K")))
+        v = site(b + "attn.v", _project(h, p["W_V"]),  # [T, K, H] = h W_V
+                 recompute=lambda b=b, W=W: _project(R[b + "ln1.out"], W("W_V")))
         theta, scale = cfg.rope_of(l)
         if (theta, scale) not in ropes:
             ropes[theta, scale] = ops.rope_tables(positions / scale, cfg.d_head, theta, dtype)
         cos, sin = ropes[theta, scale]
-        q = site(b + "attn.q", ops.rope(q, cos, sin))
-        k = site(b + "attn.k", ops.rope(k, cos, sin))
+        if cfg.qk_norm:  # Gemma 3: each head's q and k normalised over H, (1 + w) as every Gemma norm, then RoPE
+            sq = site(b + "attn.q_norm.scale", ops.rms_scale(q, eps=eps))
+            sk = site(b + "attn.k_norm.scale", ops.rms_scale(k, eps=eps))
+            q = site(b + "attn.q", ops.rope(ops.rms_apply(q, sq, p["q_norm"]), cos, sin),
+                     recompute=lambda b=b, w=p["q_norm"], cos=cos, sin=sin: ops.rope(
+                         ops.rms_apply(R[b + "attn.q_pre"], R[b + "attn.q_norm.scale"], w), cos, sin))
+            k = site(b + "attn.k", ops.rope(ops.rms_apply(k, sk, p["k_norm"]), cos, sin),
+                     recompute=lambda b=b, w=p["k_norm"], cos=cos, sin=sin: ops.rope(
+                         ops.rms_apply(R[b + "attn.k_pre"], R[b + "attn.k_norm.scale"], w), cos, sin))
+        else:
+            q = site(b + "attn.q", ops.rope(q, cos, sin),
+                     recompute=lambda b=b, cos=cos, sin=sin: ops.rope(R[b + "attn.q_pre"], cos, sin))
+            k = site(b + "attn.k", ops.rope(k, cos, sin),
+                     recompute=lambda b=b, cos=cos, sin=sin: ops.rope(R[b + "attn.k_pre"], cos, sin))
         window = cfg.sliding_window if cfg.is_sliding(l) else None
+        qscale = cfg.query_pre_attn_scalar ** -0.5
         zNTH = np.empty((N, T, H), dtype=dtype)  # z per head, written per prompt
         for i, Ti in enumerate(lengths):  # attention within each prompt only
             a, e = bounds[i], bounds[i + 1]
-            key = (Ti, window if window is not None and window < Ti else None)
-            if key not in blocked:
-                blocked[key] = ~ops.causal_mask(Ti, key[1])
-            qi, ki, qscale = q[a:e], k[a:e], cfg.query_pre_attn_scalar ** -0.5
+            qi, ki = q[a:e], k[a:e]
             scores = site.segment(b + "attn.scores", i, ops.attention_scores(qi, ki, qscale),  # [N, T, S]
-                                  recompute=lambda qi=qi, ki=ki, qscale=qscale: ops.attention_scores(qi, ki, qscale))
-            pattern = site.segment(b + "attn.pattern", i, ops.causal_softmax(  # [N, T, S]
-                scores, cap=cfg.attn_softcap, blocked=blocked[key]))
-            ops.attention_mix(pattern, v[a:e], out=zNTH[:, a:e])
-            del scores, pattern  # one prompt's attention at a time, unless the record keeps it
-        z = site(b + "attn.z", zNTH.transpose(1, 0, 2))  # [T, N, H]
-        attn_out = np.ascontiguousarray(z).reshape(T, N * H) @ p["W_O"].reshape(N * H, D)  # sum_n z[:, n] W_O[n]
+                                  recompute=lambda qi=qi, ki=ki: ops.attention_scores(qi, ki, qscale))
+            computed = ops.causal_softmax(scores, window, cap=cfg.attn_softcap)  # [N, T, S]
+            pattern = site.segment(b + "attn.pattern", i, computed)
+            ops.attention_mix(pattern, v[a:e], out=zNTH[:, a:e], window=window,
+                              banded=pattern is computed)  # an edited pattern is read whole
+            del scores, pattern, computed  # one prompt's attention at a time, unless the record keeps it
+        z = site(b + "attn.z", zNTH.transpose(1, 0, 2),  # [T, N, H]
+                 recompute=lambda b=b, window=window: ops.attention_mix(R[b + "attn.pattern"], R[b + "attn.v"],
+                                                                        window=window))
+        attn_out = _heads_out(z, p["W_O"])  # [T, D]
         if cfg.post_norms:  # Gemma 2/3: the attention output is normalised before the residual add
-            attn_out = site(b + "attn.o_proj", attn_out)
+            attn_out = site(b + "attn.o_proj", attn_out, recompute=lambda b=b, W=W: _heads_out(R[b + "attn.z"], W("W_O")))
             sp = site(b + "ln1_post.scale", ops.rms_scale(attn_out, eps=eps))
             attn_out = ops.rms_apply(attn_out, sp, p["ln1_post"])
-        attn_out = site(b + "attn.out", attn_out)
-        x = site(b + "resid_mid", x + attn_out)
+        attn_out = site(b + "attn.out", attn_out)  # kept: every residual prism reads it
+        x = site(b + "resid_mid", x + attn_out, recompute=lambda b=b: R[b + "resid_pre"] + R[b + "attn.out"])
 
         # MLP: RMSNorm (1 + w) -> GeGLU gelu_tanh(gate) * up -> down (-> Gemma 2/3 post-norm)
         s2 = site(b + "ln2.scale", ops.rms_scale(x, eps=eps))
-        h = site(b + "ln2.out", ops.rms_apply(x, s2, p["ln2"]))
-        gate = site(b + "mlp.gate", h @ p["W_gate"])  # [T, F]
-        up = site(b + "mlp.up", h @ p["W_up"])  # [T, F]
+        h = site(b + "ln2.out", ops.rms_apply(x, s2, p["ln2"]),
+                 recompute=lambda b=b, w=p["ln2"]: ops.rms_apply(R[b + "resid_mid"], R[b + "ln2.scale"], w))
+        gate = site(b + "mlp.gate", h @ p["W_gate"],  # [T, F]
+                    recompute=lambda b=b, W=W: R[b + "ln2.out"] @ W("W_gate"))
+        up = site(b + "mlp.up", h @ p["W_up"],  # [T, F]
+                  recompute=lambda b=b, W=W: R[b + "ln2.out"] @ W("W_up"))
         act = site(b + "mlp.act", ops.gelu_tanh(gate) * up,  # [T, F]
-                   recompute=lambda gate=gate, up=up: ops.gelu_tanh(gate) * up)
+                   recompute=lambda b=b: ops.gelu_tanh(R[b + "mlp.gate"]) * R[b + "mlp.up"])
+        del gate, up
         mlp_out = act @ p["W_down"]  # [T, D]
+        del act
         if cfg.post_norms:
-            mlp_out = site(b + "mlp.down", mlp_out)
+            mlp_out = site(b + "mlp.down", mlp_out, recompute=lambda b=b, W=W: R[b + "mlp.act"] @ W("W_down"))
             sp = site(b + "ln2_post.scale", ops.rms_scale(mlp_out, eps=eps))
             mlp_out = ops.rms_apply(mlp_out, sp, p["ln2_post"])
-        mlp_out = site(b + "mlp.out", mlp_out)
+        mlp_out = site(b + "mlp.out", mlp_out)  # kept: every residual prism reads it
         x = site(b + "resid_post", x + mlp_out)
 
     s = site("ln_final.scale", ops.rms_scale(x, eps=eps))
-    h = site("ln_final.out", ops.rms_apply(x, s, params.ln_final))
+    h = site("ln_final.out", ops.rms_apply(x, s, params.ln_final),
+             recompute=lambda: ops.rms_apply(R[f"blocks.{cfg.n_layers - 1}.resid_post"], R["ln_final.scale"],
+                                             params.ln_final))
     _logits(params, cfg, site, h, lengths)
     return site.records
+
+
+def _project(h, W):
+    """h W for W [D, heads, H] (W_Q, W_K, W_V): one BLAS product over a [D, heads*H] view -> [T, heads, H]."""
+    return (h @ W.reshape(W.shape[0], -1)).reshape(len(h), W.shape[1], W.shape[2])
+
+
+def _heads_out(z, W_O):
+    """sum_n z[:, n] W_O[n] for z [T, N, H], W_O [N, H, D]: one BLAS product over [T, N*H] -> [T, D]."""
+    T, N, H = z.shape
+    return np.ascontiguousarray(z).reshape(T, N * H) @ W_O.reshape(N * H, -1)
 
 
 def _logits(params, cfg, site, h, lengths):

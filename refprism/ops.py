@@ -132,32 +132,68 @@ def softcap(x, cap):
     return cap * np.tanh(x / cap)
 
 
-def causal_softmax(scores, window=None, *, cap=None, blocked=None):
+def zeros(shape, dtype, *, sparse_from=2**20):
+    """A zero array whose pages are only made resident when written (for arrays of at least `sparse_from` bytes).
+
+    The banded softmax writes a long prompt's pattern only near the diagonal (and within the window on sliding
+    layers); the rest stays zero. An anonymous memory map of 4 KiB pages (NumPy's own zeros ask the kernel for
+    2 MiB pages, which the band would touch whole) leaves those zeros unbacked: a sliding layer of Gemma 3 at
+    T = 2048 keeps about 60% of its pattern's bytes.
+    """
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if n < sparse_from:
+        return np.zeros(shape, dtype)
+    try:
+        import mmap
+
+        buffer = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (ImportError, AttributeError, OSError, ValueError):
+        return np.zeros(shape, dtype)
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+# Query rows per block of the banded softmax and mixing: each block reads only the sources its rows may see.
+ROW_BLOCK = 128
+
+
+def source_range(r0, r1, window=None):
+    """The sources that query rows r0 .. r1-1 may see together: [c0, r1) (causal; within the window if any)."""
+    return (0 if window is None else max(0, r0 - window + 1)), r1
+
+
+def causal_softmax(scores, window=None, *, cap=None, row_block=ROW_BLOCK):
     """Softmax over the sources a query may see (causal; within the window on a sliding-window layer).
 
     Math:   a = softcap(scores, cap) if cap else scores                       (Gemma 2 caps the scores first)
             pattern[n, t, s] = exp(a[n,t,s] - m) / sum_{s' allowed} exp(a[n,t,s'] - m)  for allowed s, else 0
             with m = max over allowed s of a[n, t, s] (subtracted for stability; it cancels).
-    blocked: the [T, S] complement of causal_mask(T, window), when the caller keeps one per length (the forward
-            pass builds it once per prompt length and window, not once per layer). Computed in one [N, T, S]
-            array, in place: no temporary of the scores' size.
+    Banded: query rows go in blocks of `row_block`; a block reads only its sources [c0, r1) (source_range), where
+            its masked entries are -inf (exp gives 0), and writes only there: the rest of the pattern stays the
+            zeros it starts as. A long prompt's sliding layers (Gemma 2/3: window 512 or 1024 of T sources) and the
+            upper triangle of the full layers cost nothing, and no temporary is larger than one block.
     Shapes: scores [N, T, S] (T == S) -> pattern [N, T, S]
     """
-    T = scores.shape[-2]
-    if blocked is None:
-        blocked = ~causal_mask(T, window)
-    e = scores.copy()
-    if cap is not None:  # cap * tanh(x / cap), in place
-        cap = np.asarray(cap, dtype=e.dtype)
-        np.divide(e, cap, out=e)
-        np.tanh(e, out=e)
-        np.multiply(e, cap, out=e)
-    np.copyto(e, np.asarray(-np.inf, dtype=e.dtype), where=blocked)
-    with np.errstate(over="ignore"):  # a - m may pass -inf for scores near -float max: exp gives the same 0
-        np.subtract(e, e.max(axis=-1, keepdims=True), out=e)
-    np.exp(e, out=e)
-    np.divide(e, e.sum(axis=-1, keepdims=True), out=e)
-    return e
+    N, T, S = scores.shape
+    pattern = zeros(scores.shape, scores.dtype)
+    neg_inf = np.asarray(-np.inf, dtype=scores.dtype)
+    for r0 in range(0, T, row_block):
+        r1 = min(T, r0 + row_block)
+        c0, c1 = source_range(r0, r1, window)
+        e = scores[:, r0:r1, c0:c1].copy()  # [N, rows, sources]
+        if cap is not None:  # cap * tanh(x / cap), in place
+            capv = np.asarray(cap, dtype=e.dtype)
+            np.divide(e, capv, out=e)
+            np.tanh(e, out=e)
+            np.multiply(e, capv, out=e)
+        t, s = np.arange(r0, r1)[:, None], np.arange(c0, c1)[None, :]
+        blocked = s > t if window is None else (s > t) | (s <= t - window)
+        np.copyto(e, neg_inf, where=blocked)
+        with np.errstate(over="ignore"):  # a - m may pass -inf for scores near -float max: exp gives the same 0
+            np.subtract(e, e.max(axis=-1, keepdims=True), out=e)
+        np.exp(e, out=e)
+        np.divide(e, e.sum(axis=-1, keepdims=True), out=e)
+        pattern[:, r0:r1, c0:c1] = e
+    return pattern
 
 
 def kv_index(n_heads, n_kv_heads):
@@ -190,12 +226,15 @@ def attention_scores(q, k, scale):
     return scores
 
 
-def attention_mix(pattern, v, out=None):
-    """The pattern-weighted values, one BLAS product per key/value head.
+def attention_mix(pattern, v, out=None, *, window=None, banded=True, row_block=ROW_BLOCK):
+    """The pattern-weighted values, as BLAS products over the sources each block of query rows may see.
 
-    Math:   z[t, n] = sum_s pattern[n, t, s] v[s, kv(n)]
-            For kv head j: [G*T, S] @ [S, H] -> [G*T, H] = [G, T, H] (the pattern is head-major already).
-    out:    an optional [N, T, H] array (or a view whose [G, T, H] blocks are contiguous) to write into.
+    Math:   z[t, n] = sum_s pattern[n, t, s] v[s, kv(n)]   (pattern[n, t, s] = 0 outside s <= t, t - s < window)
+            For query rows r0 .. r1-1 and kv head j: pattern[jG:(j+1)G, r0:r1, c0:r1] @ v[c0:r1, j] with
+            [c0, r1) = source_range(r0, r1, window): the sources outside are exact zeros of the pattern.
+    banded: False for a pattern that may hold weight outside the band (one an edit replaced, e.g. another
+            implementation's in a replay): then every source of every row is read.
+    out:    an optional [N, T, H] array (or a view of one) to write into.
     Shapes: pattern [N, T, S], v [S, K, H] -> z [T, N, H] (a transposed view of an [N, T, H] array)
     """
     N, T, S = pattern.shape
@@ -203,13 +242,12 @@ def attention_mix(pattern, v, out=None):
     G = N // K
     if out is None:
         out = np.empty((N, T, H), dtype=v.dtype)
-    for j in range(K):
-        heads = slice(j * G, (j + 1) * G)
-        if out[heads].flags.c_contiguous:
-            np.matmul(pattern[heads].reshape(G * T, S), v[:, j, :], out=out[heads].reshape(G * T, H))
-        else:  # a prompt's rows of a packed [N, sum T, H] array: per head
-            for n in range(heads.start, heads.stop):
-                np.matmul(pattern[n], v[:, j, :], out=out[n])
+    for r0 in range(0, T, row_block if banded else T):
+        r1 = min(T, r0 + row_block) if banded else T
+        c0, c1 = source_range(r0, r1, window) if banded else (0, S)
+        for j in range(K):
+            heads = slice(j * G, (j + 1) * G)
+            np.matmul(pattern[heads, r0:r1, c0:c1], v[c0:c1, j, :], out=out[heads, r0:r1])
     return out.transpose(1, 0, 2)
 
 
@@ -227,7 +265,7 @@ def attention(q, k, v, *, scale=None, cap=None, window=None):
     H = q.shape[2]
     scores = attention_scores(q, k, H ** -0.5 if scale is None else scale)
     pattern = causal_softmax(scores, window, cap=cap)
-    return scores, pattern, attention_mix(pattern, v)
+    return scores, pattern, attention_mix(pattern, v, window=window)
 
 
 def geglu(x, W_gate, W_up):

@@ -276,24 +276,47 @@ class Record(dict):
                          for n in self)
 
 
+# What a long single unedited prompt recording everything keeps as arrays (besides the norm scales): the rest is
+# recomputed exactly when read (forward._Recorder, record.Lazy). Below LONG_PROMPT tokens the record is small and
+# reading it often (a prism set reads every layer) must not re-read the weights: only the activations are lazy.
+LAZY_KEPT = {"embed", "resid_pre", "attn.pattern", "attn.out", "mlp.out", "resid_post", "logits", "logits_uncapped"}
+LONG_PROMPT = 256
+
+
+def lazy_entry(name: str, lengths, selection, *, edited: bool) -> bool:
+    """Whether a run stores `name` as a recipe (Lazy) rather than an array (see LAZY_KEPT, LONG_PROMPT).
+
+    The scores are lazy whenever kept whole and not edited (each prompt's own q and k recompute them); the rest
+    only for one prompt recording everything, unedited: the neuron activations always (elementwise from the kept
+    gate and up), every site outside LAZY_KEPT and the scales from LONG_PROMPT tokens.
+    """
+    if edited:
+        return False
+    site = name.split(".", 2)[-1] if name.startswith("blocks.") else name
+    if site == "attn.scores":
+        return True
+    if len(lengths) != 1 or selection is not None:
+        return False
+    return site == "mlp.act" or (lengths[0] >= LONG_PROMPT and site not in LAZY_KEPT and not site.endswith("scale"))
+
+
 def estimate_bytes(cfg: Config, lengths, dtype, selection: Selection | None = None, *,
                    edited: bool = False) -> dict[str, int]:
     """Bytes a run of prompts with these lengths needs: what its record keeps, and the largest transient arrays.
 
-    Lazy entries cost nothing (scores whenever kept whole; the neuron activations of a single prompt) unless
-    the run is edited (an edit's record holds every value that flowed). Returns {"record": kept bytes,
+    Lazy entries (lazy_entry) cost nothing; an edited run's record holds every value that flowed.
+    Returns {"record": kept bytes,
     "logits": the kept logits (part of "record"), "attention": one layer's scores + pattern of the longest
     prompt (always computed, kept or not), "total": record + the transient attention and MLP arrays}.
     """
     item = np.dtype(dtype).itemsize
-    lazy = set() if edited else {"attn.scores"} | ({"mlp.act"} if len(lengths) == 1 else set())
     record = logits = 0
     for T in lengths:
         sizes = axis_sizes(cfg, T)
         for name, shape in symbolic_shapes(cfg).items():
             n = math.prod(sizes[a] for a in shape)
             rows = ALL if selection is None else selection.rows(name, T)
-            if rows is None or (rows is ALL and name.split(".", 2)[-1] in lazy):
+            if rows is None or (rows is ALL and lazy_entry(name, lengths, selection, edited=edited)):
                 continue
             if rows is not ALL:
                 n = n // T * len(rows)

@@ -27,7 +27,7 @@ def test_run_prints_tokens_and_top_k(tiny_dir, capsys):
 def test_run_json_matches_api(tiny_dir, tiny, capsys):
     assert cli.main(["run", "--ids", "2,17,33", "--model", str(tiny_dir), "--top", "4", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)  # stdout holds only the JSON
-    logits = tiny.run([2, 17, 33]).logits[-1]
+    logits = tiny.run([2, 17, 33], positions=-1).logits[-1]  # what the command computes: the last position
     assert [t["id"] for t in data["tokens"]] == [2, 17, 33] and data["position"] == 2
     assert [t["id"] for t in data["top"]] == np.argsort(-logits)[:4].tolist()
     assert data["top"][0]["logit"] == pytest.approx(float(logits.max()), rel=1e-6)

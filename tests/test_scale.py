@@ -228,6 +228,11 @@ def test_blas_attention_equals_einsum_form(K, G, T, H, cap, window, seed):
     want = einsum_attention(q, k, v, 0.3, cap, window)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-14)
+    # row blocks of 2: each block reads only the sources its rows may see (the band), the rest stays 0
+    pattern = ops.causal_softmax(got[0], window, cap=cap, row_block=2)
+    np.testing.assert_allclose(pattern, want[1], rtol=1e-12, atol=1e-14)
+    z = ops.attention_mix(pattern, v, window=window, row_block=2)
+    np.testing.assert_allclose(z, want[2], rtol=1e-12, atol=1e-14)
 
 
 def test_attention_literal_case():
@@ -294,6 +299,50 @@ def test_scores_and_activations_are_recomputed_exactly(family):
     packed = model.run_many(PROMPTS)[0]
     assert isinstance(dict.__getitem__(packed.record, "blocks.0.attn.scores"), Lazy)
     np.testing.assert_array_equal(packed.record["blocks.0.attn.scores"], model.run_many(PROMPTS)[0].record["blocks.0.attn.scores"])
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_a_long_prompt_keeps_the_stream_and_recomputes_the_rest_exactly(checkpoint, preset):
+    """From LONG_PROMPT tokens, an unedited full record keeps the residual stream, the sublayer outputs, the
+    scales, the pattern and the logits as arrays; every other site is a recipe whose value is the one an edited
+    run (which stores everything) recorded, bit for bit. Resuming from such a record equals a full re-run."""
+    from refprism.record import LAZY_KEPT, LONG_PROMPT
+
+    extra = {} if preset == "tiny" else {"sliding_window": 40}
+    model = refprism.load(checkpoint(preset, max_position_embeddings=1024, **extra))
+    ids = np.random.default_rng(0).integers(3, model.config.vocab_size, LONG_PROMPT + 20).tolist()
+    plain, edited = model.run(ids), model.run(ids, edit=Recorded())
+    lazy = {n for n in plain.record if isinstance(dict.__getitem__(plain.record, n), Lazy)}
+    kept = {n.split(".", 2)[-1] if n.startswith("blocks.") else n for n in set(plain.record) - lazy}
+    assert kept == {k for k in kept if k in LAZY_KEPT or k.endswith("scale")}
+    assert {"blocks.0.attn.v", "blocks.0.mlp.gate", "blocks.1.attn.z", "ln_final.out"} <= lazy
+    for name in plain.record:
+        np.testing.assert_array_equal(plain.record[name], edited.record[name], err_msg=name)
+
+    def edit(name, value, record):
+        if name == "blocks.1.mlp.act":
+            value = value.copy()
+            value[5, 3] += 1.0
+        return value
+
+    resumed = model.run(ids, edit=edit, resume=(1, plain.record))
+    full = model.run(ids, edit=edit)
+    for name in full.record:
+        np.testing.assert_array_equal(resumed.record[name], full.record[name], err_msg=name)
+
+
+def test_an_edited_pattern_is_mixed_whole(tiny64):
+    """A pattern an edit replaced may weigh sources outside the causal band (another implementation's, wrong):
+    z is then that pattern times v over every source, not only the band."""
+    v = tiny64.run(PROMPTS[0]).record["blocks.0.attn.v"]
+
+    def uniform(name, value, record):
+        return np.full_like(value, 1 / value.shape[-1]) if name == "blocks.0.attn.pattern" else value
+
+    run = tiny64.run(PROMPTS[0], edit=uniform)
+    kv = ops.kv_index(tiny64.config.n_heads, tiny64.config.n_kv_heads)
+    want = np.broadcast_to(v.mean(axis=0)[kv], run.record["blocks.0.attn.z"].shape)  # every row: the mean value
+    np.testing.assert_allclose(run.record["blocks.0.attn.z"], want, rtol=1e-12)
 
 
 def test_a_frozen_scale_is_used(tiny64):

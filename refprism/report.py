@@ -20,8 +20,8 @@ the residual parts at its site). A node is *opened* when its attention and MLP p
                              each; those are opened in turn while d < depth.
 
 "Largest" is always Split.top's order: max |value| over the columns. So the page holds, with L layers, N heads, T
-tokens, Z columns and b = branch: L*N*T chains at depth 1 (O(L^2 N T Z) numbers), and 2*L*b^(2d-1) chains at each
-depth d >= 2; each stored number takes 16/3 bytes (float32, base64) plus ~250 bytes of JSON keys per split. For
+tokens, Z columns and b = branch: L*N*T + L*b chains at depth 1 (O(L^2 N T Z) numbers), and at most 2*L*b^(2d-1)
+chains at each depth d >= 2; each stored number takes 16/3 bytes (float32, base64) plus ~250 bytes of JSON keys per split. For
 gemma-2b at "The capital city of France is" (T = 7, the top 5 targets) with the defaults: 1,320 chains, 1.48 MB.
 Whatever was not precomputed the page says so, with the `refprism chain` command that computes it.
 
@@ -227,9 +227,21 @@ def build_data(model, run, targets, *, position=-1, versus=(), depth=2, top=50, 
                             "prob": float(probs[i])} for i in best],
             "budget": {"depth": depth, "top": top, "branch": branch},
             "command": _command(model, run, readout),
-            "nodes": {}, "sections": dict(sections or {})}
+            "nodes": {}, "sections": {k: _json_safe(v) for k, v in (sections or {}).items()}}
     _expand(data, readout, 0, depth=depth, top=top, branch=branch)
     return data
+
+
+def _json_safe(value):
+    """A section's JSON with NaN and infinities (which Python's json reads, but JSON cannot carry) as the strings
+    "NaN", "Infinity", "-Infinity", shown as such; everything else as given."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return "NaN" if np.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _command(model, run, readout) -> str:
@@ -263,7 +275,8 @@ def _expand(data, readout, d, *, depth, top, branch, open_it=True):
         if label.endswith(".attn"):
             split = P.attention_prism(readout, layer)
             pattern = rec[f"blocks.{layer}.attn.pattern"][:, p, : p + 1]  # [N, S]
-            node["attention"][str(layer)] = {"split": encode_split(split), "pattern": _packed(pattern, pattern.dtype)}
+            node["attention"][str(layer)] = {"split": encode_split(split),
+                                             "pattern": _packed(pattern, split.values.dtype)}
             ranked = split.top(len(split.labels))
             cells = _children_of_attention(split, pattern, ranked)
             opened = set(cells[:branch])

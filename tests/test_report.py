@@ -241,6 +241,10 @@ def test_sections_are_embedded_as_given(tiny):
     data = page_for(tiny, tiny.run(PROMPT), depth=0, validate=VALIDATE, compare=COMPARE, sweep=SWEEP)
     assert data["sections"] == {"validate": VALIDATE, "compare": COMPARE, "sweep": SWEEP}
     assert page_for(tiny, tiny.run(PROMPT), depth=0)["sections"] == {}
+    odd = json.loads(json.dumps(VALIDATE))
+    odd["agreement"].update(spearman=float("nan"), kendall=float("inf"), top_k_recall=float("-inf"))
+    shown = page_for(tiny, tiny.run(PROMPT), depth=0, validate=odd)["sections"]["validate"]["agreement"]
+    assert shown == dict(VALIDATE["agreement"], spearman="NaN", kendall="Infinity", top_k_recall="-Infinity")
 
 
 @pytest.mark.parametrize("kind, edit, message", [

@@ -9,7 +9,8 @@ with the `gguf` package (refprism/gguf.py). No hub account and no network beyond
 4. the top head x source term of that layer, chained into the residual parts at its source (Fig 5);
 5. that head's frozen matrix applied to other countries' scaled embeddings (Fig 6);
 6. an arithmetic prompt: the residual prism over the digits and the top MLP neurons (Fig 8), and the PCA of the
-   digits' unembeddings (Fig 9).
+   digits' unembeddings (Fig 9);
+7. the page (`refprism report`) of step 2's readout: report.html, to click through offline.
 
 Every table printed is an exact split (its residual row is the float rounding); every figure goes to one folder.
 """
@@ -129,8 +130,18 @@ def run_tour(model, out: Path, *, say=print) -> dict:
     plots.mlp_figure(mlp, out / "6-neurons.png", top=12)
     coords, explained = P.unembedding_pca(model, digits.targets.targets)
     plots.pca_figure(coords, DIGITS, explained, out / "7-digits-pca.png")
+    _write_page(model, run, capitals, out, say)
     say(f"\nfigures written to {out}/")
     return found
+
+
+def _write_page(model, run, capitals, out, say):
+    """Step 7: the report page of logit(capital) - mean of the other capitals on the capital prompt."""
+    from . import report
+
+    page = report.write_report(out / "report.html", model, run, [capitals[0]], versus=capitals[1:])
+    say(f"\n== 7. the page: {page} ({page.stat().st_size / 1e6:.2f} MB); open it in any browser, offline, and "
+        "click from the prediction to the layer, the head, the token and the neurons")
 
 
 def _known(model, piece) -> bool:

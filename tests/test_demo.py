@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from refprism import cli, demo
+from refprism import cli, demo, report
 
 
 @pytest.mark.slow
@@ -16,7 +16,14 @@ def test_demo_tour_on_gemma3_270m(tmp_path, monkeypatch, capsys):
     assert first.index("▁Paris") < first.index("▁Bordeaux")  # the model's top token, printed first
     assert "exact: NO" not in text and text.count("exact: yes") == 5  # residual, attention, chain, digits, neurons
     assert sorted(p.name for p in out.iterdir()) == ["1-residual.png", "2-attention.png", "3-chain.png", "4-map.png",
-                                                    "5-digits-residual.png", "6-neurons.png", "7-digits-pca.png"]
+                                                    "5-digits-residual.png", "6-neurons.png", "7-digits-pca.png",
+                                                    "report.html"]
+    page = report.page_data((out / "report.html").read_text(encoding="utf-8"))  # step 7: the page of step 2
+    assert page["columns"] == ["▁Paris - mean(▁London, ▁Rome, ▁Berlin, ▁Madrid, ▁Tokyo, ▁Moscow)"]
+    assert page["prediction"][0]["piece"] == "▁Paris"
+    head = page["nodes"]["L12H2.src4"]  # the capital head at ▁France, opened along its two largest parts (guide)
+    assert list(head["mlp"]) == ["3"] and list(head["attention"]) == ["11"]
+    assert (out / "report.html").stat().st_size < 3e6
     assert (tmp_path / "cache" / "gemma-3-270m-Q4_K_M.gguf").is_file()  # assembled once, reused
 
 

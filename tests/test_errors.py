@@ -32,7 +32,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import refprism
-from refprism import cli, prisms
+from refprism import cli, prisms, report
 from refprism.errors import AccessError, CheckpointError, ConfigError, InputError, RefprismError
 
 HERE = Path(__file__).resolve().parent
@@ -350,6 +350,24 @@ def record(*extra):
     return ("record", *extra, "--model", "{model}", "--out", "{out}/run.npz")
 
 
+def report_args(*extra):
+    return ("report", PROMPT, "--model", "{model}", *extra, "--out", "{out}/report.html")
+
+
+def page(**budget):
+    def api(target, ctx):
+        model = refprism.load(target)
+        report.build_page(model, model.run(PROMPT), ["▁Paris"], **budget)
+    return api
+
+
+def section_file(name, text):
+    def build(ctx):
+        (ctx.tmp / name).write_text(text)
+        return ctx.good()
+    return build
+
+
 def prism(command, *extra, prompt=PROMPT):
     return (command, prompt, "--model", "{model}", *extra, "--plot", "{out}/fig.png")
 
@@ -584,6 +602,35 @@ CASES = [
     Case("dtype-unsupported", lambda ctx: ctx.good(), lambda t, ctx: refprism.load(t, dtype="float16"),
          (*RECORD, "--dtype", "float16"),
          r"dtype 'float16' is not supported: use float32 or float64 \(audit mode\)", InputError),
+    Case("out-is-a-directory", lambda ctx: ctx.good(), cli_args("report", PROMPT, "--out", "{out}"),
+         ("report", PROMPT, "--model", "{model}", "--out", "{out}"),
+         r"--out '.*/out' is a directory; give a file name", InputError),
+    # the report page
+    Case("report-depth-negative", lambda ctx: ctx.good(), page(depth=-1), report_args("--depth", "-1"),
+         r"--depth must be an integer of at least 0, got -1", InputError),
+    Case("report-top-zero", lambda ctx: ctx.good(), page(top=0), report_args("--top", "0"),
+         r"--top must be an integer of at least 1, got 0", InputError),
+    Case("report-branch-zero", lambda ctx: ctx.good(), page(branch=0), report_args("--branch", "0"),
+         r"--branch must be an integer of at least 1, got 0", InputError),
+    Case("report-section-unreadable", lambda ctx: ctx.good(),
+         lambda t, ctx: report.load_section("validate", ctx.tmp / "absent.json"),
+         report_args("--validate", "{tmp}/absent.json"),
+         r"cannot read --validate '.*absent\.json': No such file or directory", InputError),
+    Case("report-section-not-json", section_file("compare.json", "{oops"),
+         lambda t, ctx: report.load_section("compare", ctx.tmp / "compare.json"),
+         report_args("--compare", "{tmp}/compare.json"),
+         r"--compare '.*compare\.json' is not valid JSON \(Expecting property name", InputError),
+    Case("report-section-lacks-key", section_file("compare.json", json.dumps({"tokens_match": True})),
+         lambda t, ctx: report.load_section("compare", ctx.tmp / "compare.json"),
+         report_args("--compare", "{tmp}/compare.json"),
+         r"--compare '.*compare\.json' lacks the key 'sites' \(a compare JSON has tokens_match, sites, ", InputError),
+    Case("report-sweep-not-a-directory", section_file("summary.json", "{}"),
+         lambda t, ctx: report.load_section("sweep", ctx.tmp / "summary.json"),
+         report_args("--sweep", "{tmp}/summary.json"),
+         r"--sweep '.*summary\.json' is not a directory \(give the folder holding summary\.json\)", InputError),
+    Case("report-sweep-no-summary", lambda ctx: ctx.good(), lambda t, ctx: report.load_section("sweep", ctx.out),
+         report_args("--sweep", "{out}"),
+         r"cannot read --sweep '.*/out/summary\.json': No such file or directory", InputError),
 ]
 
 

@@ -354,8 +354,11 @@ VALUES = {  # option -> strategy for its values (a list: some options take sever
               | texts,
     "--split": st.sampled_from(["residual", "attention:0", "mlp:1", "mlp:-1", "attention:x", "mlp:²"]) | texts,
 }
-for _opt in ("--top", "--position", "--layer", "--head", "--source", "--neuron"):
+for _opt in ("--top", "--position", "--layer", "--head", "--source", "--neuron", "--depth", "--branch"):
     VALUES[_opt] = numbers
+for _opt in ("--validate", "--compare"):  # refprism report's sections: a JSON file
+    VALUES[_opt] = st.sampled_from([_opt[2:] + ".json", "absent.json", "", ".", "prompt.txt", "sweep"]) | texts
+VALUES["--sweep"] = st.sampled_from(["sweep", "absent", ".", "", "prompt.txt", "validate.json"]) | texts
 for _opt in ("--targets", "--versus", "--inputs"):
     VALUES[_opt] = tokens
 GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads, 128 neurons): runs that succeed
@@ -368,6 +371,8 @@ GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads,
     "--split": st.sampled_from(["residual", "mlp:0"]),
     "--targets": st.sampled_from(["▁Paris", "#108", " Tokyo", "▁London", "7"]),
     "--versus": st.sampled_from(["▁France", "#3"]), "--inputs": st.sampled_from(["▁France", "#9", "▁Japan"]),
+    "--depth": st.integers(0, 2).map(str), "--branch": st.integers(1, 3).map(str),
+    "--validate": st.just("validate.json"), "--compare": st.just("compare.json"), "--sweep": st.just("sweep"),
 }
 
 
@@ -428,6 +433,11 @@ def test_fuzz_cli_arguments(tiny_dir, tmp_path, monkeypatch, data):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", _offline_hub)
     monkeypatch.chdir(tmp_path)  # relative --out / --prompt-file names land here
     (tmp_path / "prompt.txt").write_text(PROMPT)
+    from test_report import COMPARE, SWEEP, VALIDATE  # refprism report's sections, as their commands write them
+
+    (tmp_path / "sweep").mkdir(exist_ok=True)
+    for name, section in (("validate.json", VALIDATE), ("compare.json", COMPARE), ("sweep/summary.json", SWEEP)):
+        (tmp_path / name).write_text(json.dumps(section))
     argv = data.draw(argument_lists(str(tiny_dir)), label="argv")
     command = argv[0]
     out, err = io.StringIO(), io.StringIO()

@@ -288,15 +288,17 @@ def through_head(readout, layer, head, source) -> Readout:
     if not 0 <= source <= readout.position:
         raise InputError(f"source {source} is out of range: it must be 0 .. {readout.position} "
                          f"(a head at position {readout.position} reads no later token)")
-    term = head_source_terms(readout, layer)[head, source]  # [Z]: the parent's term, by the parent's formula
+    _check_layer(readout, layer, "attn")
     rec, b = readout.run.record, f"blocks.{layer}."
     params = readout.model.params
     kv = cfg.kv_head(head)
     u_pre = through_post_norm(readout, layer, "attn")  # Gemma 2/3: through the frozen post-attention norm
     r = np.einsum("zd,hd->zh", u_pre, params.get(layer, "W_O")[head])  # W_O^h u: [Z, H]
+    weight = rec[b + "attn.pattern"][head, readout.position, source]
+    term = weight * (r @ rec[b + "attn.v"][source, kv])  # [Z]: the parent's L{l}H{h}.src{s} term, this one only
     back = np.einsum("zh,dh->zd", r, params.get(layer, "W_V")[:, kv])  # W_V^kv (W_O^h u): [Z, D]
     s = rec[b + "ln1.scale"][source]
-    u = rec[b + "attn.pattern"][head, readout.position, source] * back * (1 + params.get(layer, "ln1")) / s
+    u = weight * back * (1 + params.get(layer, "ln1")) / s
     path = readout.path + (f"L{layer}H{head}.src{source}",)
     return replace(readout, u=u, site=2 * layer, position=source, whole=term, whole_label="/".join(path), scale=s,
                    path=path)
@@ -313,11 +315,12 @@ def through_neuron(readout, layer, neuron) -> Readout:
     cfg = readout.model.config
     if not 0 <= neuron < cfg.d_mlp:
         raise InputError(f"neuron {neuron} is out of range (layer {layer} has neurons 0 .. {cfg.d_mlp - 1})")
-    term = neuron_terms(readout, layer)[neuron]  # [Z]
+    _check_layer(readout, layer, "mlp")
     rec, b, p = readout.run.record, f"blocks.{layer}.", readout.position
     params = readout.model.params
     g = ops.gelu_tanh(rec[b + "mlp.gate"][p, neuron])  # frozen gate factor
     down = params.get(layer, "W_down")[neuron] @ through_post_norm(readout, layer, "mlp").T  # [Z]
+    term = rec[b + "mlp.act"][p, neuron] * down  # [Z]: the parent's L{l}N{n} term, this neuron only
     s = rec[b + "ln2.scale"][p]
     u = (g * down)[:, None] * (params.get(layer, "W_up")[:, neuron] * (1 + params.get(layer, "ln2")) / s)[None, :]
     path = readout.path + (f"L{layer}N{neuron}",)

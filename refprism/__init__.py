@@ -5,6 +5,7 @@ from .errors import AccessError, CheckpointError, ConfigError, InputError, Outpu
 from .forward import forward, forward_packed
 from .model import Model, Run, load
 from .record import RECORD_TABLE, Record
+from . import prisms  # noqa: E402  (refprism.prisms.needs, ... without a second import)
 
 __all__ = ["Config", "Model", "Run", "Record", "RECORD_TABLE", "load", "forward", "forward_packed", "RefprismError",
            "ConfigError", "CheckpointError", "AccessError", "InputError", "OutputError"]

@@ -24,6 +24,22 @@ def test_run_prints_tokens_and_top_k(tiny_dir, capsys):
     assert out.count(" logit ") == 3
 
 
+def test_record_a_selection(tiny_dir, tiny, tmp_path):
+    out = tmp_path / "sel.npz"
+    assert cli.main(["record", "--ids", "2 5 7 9", "--model", str(tiny_dir), "--out", str(out),
+                     "--select", "blocks.1.attn.pattern@-1", "logits@0,-1"]) == 0
+    full = tiny.run([2, 5, 7, 9])
+    with np.load(out, allow_pickle=False) as z:
+        assert set(z.files) == {"blocks.1.attn.pattern", "blocks.1.attn.pattern.positions", "logits",
+                                "logits.positions", "tokens", "config"}
+        assert z["logits.positions"].tolist() == [0, 3]
+        np.testing.assert_array_equal(z["blocks.1.attn.pattern"][:, 0], full.record["blocks.1.attn.pattern"][:, 3])
+        np.testing.assert_allclose(z["logits"], full.logits[[0, 3]], rtol=1e-6, atol=1e-6)
+    assert cli.main(["record", "--ids", "2 5", "--model", str(tiny_dir), "--out", str(tmp_path / "bad.npz"),
+                     "--select", "blocks.*.atn.out"]) == 2
+    assert not (tmp_path / "bad.npz").exists()
+
+
 def test_run_json_matches_api(tiny_dir, tiny, capsys):
     assert cli.main(["run", "--ids", "2,17,33", "--model", str(tiny_dir), "--top", "4", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)  # stdout holds only the JSON
@@ -50,11 +66,11 @@ def test_record_writes_every_activation(tiny_dir, tmp_path, capsys):
 def test_record_failure_leaves_no_file(tiny_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run.npz"
 
-    def broken_savez(f, **arrays):
-        f.write(b"PK partial")
+    def broken_write(f, array, **kw):
+        f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", broken_savez)
+    monkeypatch.setattr(np.lib.format, "write_array", broken_write)
     assert cli.main(["record", "--ids", "2", "--model", str(tiny_dir), "--out", str(out)]) == 1
     assert list(tmp_path.iterdir()) == []  # neither the file nor the temporary one
     err = capsys.readouterr().err

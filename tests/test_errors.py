@@ -313,7 +313,14 @@ def _hub_raises(setattr_, error):
     setattr_(huggingface_hub, "snapshot_download", fail)
 
 
-PATCHES = {"gated": gated, "not_found": not_found}
+def little_memory(setattr_):
+    """A machine with 1 KB available: every record is too large."""
+    import refprism.model
+
+    setattr_(refprism.model, "available_memory", lambda: 1_000)
+
+
+PATCHES = {"gated": gated, "not_found": not_found, "little_memory": little_memory}
 
 
 def refuse_access(setattr_):
@@ -602,6 +609,22 @@ CASES = [
     Case("dtype-unsupported", lambda ctx: ctx.good(), lambda t, ctx: refprism.load(t, dtype="float16"),
          (*RECORD, "--dtype", "float16"),
          r"dtype 'float16' is not supported: use float32 or float64 \(audit mode\)", InputError),
+    Case("record-select-unknown", lambda ctx: ctx.good(),
+         lambda t, ctx: refprism.load(t).run([2, 5, 7], record=["blocks.*.atn.out"]),
+         record("--ids", "2,5,7", "--select", "blocks.*.atn.out"),
+         r"record entry 'blocks\.\*\.atn\.out' names no recorded site of this model", InputError),
+    Case("record-select-positions", lambda ctx: ctx.good(),
+         lambda t, ctx: refprism.load(t).run([2, 5, 7], record=["logits@last"]),
+         record("--ids", "2,5,7", "--select", "logits@last"),
+         r"record entry 'logits@last': positions after @ are integers, comma separated", InputError),
+    Case("record-select-position-out-of-range", lambda ctx: ctx.good(),
+         lambda t, ctx: refprism.load(t).run([2, 5, 7], record=["logits@7"]),
+         record("--ids", "2,5,7", "--select", "logits@7"),
+         r"record entry logits@7: position 7 is out of range for 3 tokens", InputError),
+    Case("run-too-large-for-memory", lambda ctx: ctx.good(), load_run, RECORD,
+         r"a run of 3 tokens would need about .* GB \(record .* GB, of which logits .* GB; attention .* GB per "
+         r"layer at T=3\) but .* GB is available: ask for logits only where you read them", InputError,
+         patch="little_memory"),
     Case("out-is-a-directory", lambda ctx: ctx.good(), cli_args("report", PROMPT, "--out", "{out}"),
          ("report", PROMPT, "--model", "{model}", "--out", "{out}"),
          r"--out '.*/out' is a directory; give a file name", InputError),

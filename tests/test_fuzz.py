@@ -359,6 +359,7 @@ for _opt in ("--top", "--position", "--layer", "--head", "--source", "--neuron",
 for _opt in ("--validate", "--compare"):  # refprism report's sections: a JSON file
     VALUES[_opt] = st.sampled_from([_opt[2:] + ".json", "absent.json", "", ".", "prompt.txt", "sweep"]) | texts
 VALUES["--sweep"] = st.sampled_from(["sweep", "absent", ".", "", "prompt.txt", "validate.json"]) | texts
+VALUES["--select"] = st.sampled_from(["logits@-1", "blocks.*.attn.out", "blocks.9.x", "logits@99", "@", "embed@a"]) | texts
 for _opt in ("--targets", "--versus", "--inputs"):
     VALUES[_opt] = tokens
 GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads, 128 neurons): runs that succeed
@@ -373,6 +374,7 @@ GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads,
     "--versus": st.sampled_from(["▁France", "#3"]), "--inputs": st.sampled_from(["▁France", "#9", "▁Japan"]),
     "--depth": st.integers(0, 2).map(str), "--branch": st.integers(1, 3).map(str),
     "--validate": st.just("validate.json"), "--compare": st.just("compare.json"), "--sweep": st.just("sweep"),
+    "--select": st.sampled_from(["logits@-1", "blocks.*.attn.out", "blocks.1.attn.pattern@0,-1", "embed"]),
 }
 
 

@@ -24,6 +24,10 @@ def register(sub) -> None:
     _common(p)
     p.add_argument("--out", required=True, help="the .npz file to write")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--select", nargs="+", metavar="ENTRY",
+                   help="record only these names or globs, optionally at positions (blocks.*.attn.out@-1, "
+                        "logits@-1); a site kept at some positions is written as NAME (those rows) and "
+                        "NAME.positions")
     p.set_defaults(func=cmd_record)
 
     p = sub.add_parser("demo", help="the prism tour on a real model, offline: Gemma 3 270M from PyPI "
@@ -62,20 +66,33 @@ def cmd_run(args) -> int:
 
 
 def cmd_record(args) -> int:
+    from ..record import Rows
+
     out = check_out_path(args.out, args.force)
     prompt = prompt_of(args)
     model = load_model(args)
-    run = model.run(prompt)
-    arrays = dict(run.record)
-    arrays["tokens"] = run.tokens
-    arrays["config"] = np.array(json.dumps(model.config.to_dict()))
-    def write(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz" to the name
-            np.savez(f, **arrays)
+    run = model.run(prompt, record=args.select)
+    extra = {"tokens": run.tokens, "config": np.array(json.dumps(model.config.to_dict()))}
+
+    def write(tmp):  # one array at a time (a long prompt's record computes its lazy entries as they are written)
+        import zipfile
+
+        with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", allowZip64=True) as z:  # the .npz format
+            for name in [*run.record, *extra]:
+                value = extra[name] if name in extra else run.record[name]
+                if isinstance(value, Rows):
+                    _npy(z, name + ".positions", np.asarray(value.positions))
+                    value = value.data
+                _npy(z, name, np.asarray(value))
 
     atomic_write(out, write)
     print(f"wrote {len(run.record)} activations for {len(run.tokens)} tokens to {out}", file=sys.stderr)
     return 0
+
+
+def _npy(zipped, name, array):
+    with zipped.open(name + ".npy", "w", force_zip64=True) as g:
+        np.lib.format.write_array(g, array, allow_pickle=False)
 
 
 def cmd_demo(args) -> int:

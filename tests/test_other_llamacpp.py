@@ -322,6 +322,49 @@ def test_capture_assembles_logits_summaries_and_notes(f32, f32_dump, bin_dir, mo
     assert "KV cache in f16" in q4_notes and "Q4_K_M weights" in q4_notes
 
 
+# ------------------------------------------------------------------------------------------------ Gemma 1, 2, 3 graphs
+
+
+@pytest.fixture(scope="module")
+def tiny_ggufs(tmp_path_factory):
+    """Tiny random Gemma 1, 2 and 3 GGUF files (tests/test_gguf.py's writer), every tensor stored in F32."""
+    from unittest import mock
+
+    import gguf
+    import test_gguf
+
+    folder = tmp_path_factory.mktemp("tiny-gguf")
+    f32 = {name: gguf.GGMLQuantizationType.F32 for name in test_gguf.STORAGE}
+    with mock.patch.dict(test_gguf.STORAGE, f32):
+        return {arch: test_gguf.write_gguf(folder / f"{arch}.gguf", arch) for arch in ("gemma", "gemma2", "gemma3")}
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
+def test_each_gemma_graph_maps_to_refprisms_sites(arch, tiny_ggufs, bin_dir):
+    """llama.cpp's Gemma 1, 2 and 3 graphs (src/models/gemma.cpp, gemma2.cpp, gemma3.cpp) name their tensors
+    differently: Gemma 1 has no post-norms (its o_proj output is attn.out, ffn_out is mlp.out), Gemma 2 names its
+    post-feedforward norm "ffn_post_norm" without a layer and soft-caps scores and logits. On tiny random F32 files,
+    every site the graph computes is mapped and agrees with refprism to print rounding plus 1e-2 of the site's max:
+    the f16 GELU table as above, met by weights of standard deviation 1 that make scores of ~100 (Gemma 1) and
+    near one-hot patterns. Measured worst: Gemma 1 4.7e-3 (blocks.1.attn.pattern), Gemma 2 1.4e-4, Gemma 3 3.0e-4."""
+    path = tiny_ggufs[arch]
+    model = refprism.load(path)
+    cfg = model.config
+    dump = L.debug_dump(path, "the abc ab the", cache_type="f32", bin_dir=bin_dir)
+    assert dump.tokens == model.encode("the abc ab the").tolist() == [2, 276, 275, 271, 269, 272]
+    rec = dict(model.run(dump.tokens).record)
+    for l in range(cfg.n_layers):
+        p, h = model.params.block(l), rec[f"blocks.{l}.ln1.out"]
+        rec.setdefault(f"blocks.{l}.attn.q_pre", np.einsum("td,dnh->tnh", h, p["W_Q"]))
+        rec.setdefault(f"blocks.{l}.attn.k_pre", np.einsum("td,dkh->tkh", h, p["W_K"]))
+    want = {n for n in expected_shapes(cfg, len(dump.tokens)) if not n.endswith(".scale")}
+    want -= {"logits_uncapped"}  # Gemma 2: llama.cpp's capping nodes are unnamed
+    want |= {f"blocks.{l}.attn.{x}_pre" for l in range(cfg.n_layers) for x in "qk"}
+    assert set(dump.summaries) == want
+    for site, s in dump.summaries.items():
+        check(f"{arch} {site}", s, rec[site], rtol=1e-2, sum_rtol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------------ parsing, dumps
 
 

@@ -13,7 +13,8 @@ What this does, each step skipped when already done:
 1. llama-cpp-python == LLAMA_CPP_PYTHON is importable, else `pip install llama-cpp-python==...` (pip builds it
    from source with cmake and g++, ~10 minutes on 2 cores, and caches the wheel under ~/.cache/pip);
 2. the sdist is fetched with `pip download --no-binary :all:` into the cache folder;
-3. its vendor/llama.cpp is configured with cmake (Release, CPU only, static libraries, no OpenSSL/HTTPS, no
+3. its vendor/llama.cpp gets one patch (PATCHES: llama-debug flushes its logger before exiting, as common/log.h
+   asks; without it the end of its dump is often lost) and is configured with cmake (Release, CPU only, static libraries, no OpenSSL/HTTPS, no
    server, no tests) and the two targets are built with `-j2` (~6 minutes cold on 2 cores).
 
 Cache: ~/.cache/refprism/llama.cpp/<version>/ (or $REFPRISM_CACHE/llama.cpp/<version>/), never the repository.
@@ -64,8 +65,31 @@ def _cpu_key() -> str:
     return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:16]
 
 
+# One patch to the vendored sources, and only to the debug tool's exit: llama.cpp's logger prints from a worker
+# thread, and common/log.h asks callers to "call common_log_flush() before exit if you want to ensure all logs are
+# flushed"; examples/debug/debug.cpp does not, so the end of its tensor dump and its token ids are often lost when
+# the process exits (about half of the runs on 2 busy cores). No computation is touched.
+PATCHES = [(
+    "examples/debug/debug.cpp",
+    "    llama_backend_free();\n\n    return 0;\n}",
+    "    llama_backend_free();\n\n    common_log_flush(common_log_main());  // refprism: print the whole dump\n"
+    "    return 0;\n}",
+)]
+
+
 def _stamp() -> dict:
-    return {"llama-cpp-python": LLAMA_CPP_PYTHON, "cmake": list(CMAKE_OPTIONS), "cpu": _cpu_key()}
+    return {"llama-cpp-python": LLAMA_CPP_PYTHON, "cmake": list(CMAKE_OPTIONS), "cpu": _cpu_key(),
+            "patches": [f"{path}: {new.strip().splitlines()[-3].strip()}" for path, _, new in PATCHES]}
+
+
+def _patch(src: Path) -> None:
+    for rel, old, new in PATCHES:
+        path = src / rel
+        text = path.read_text()
+        if text.count(old) != 1:
+            raise SystemExit(f"build_llama_cpp: {rel} no longer reads as expected (the exit of main): "
+                             "review PATCHES for this llama.cpp version")
+        path.write_text(text.replace(old, new))
 
 
 def locate() -> Path | None:
@@ -132,6 +156,7 @@ def build_binaries(jobs: int = 2) -> Path:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
             tar.extractall(tmp, members=members, filter="data")
         src = tmp / prefix
+        _patch(src)
         build = tmp / "build"
         _run(["cmake", "-S", str(src), "-B", str(build), *CMAKE_OPTIONS])
         _run(["cmake", "--build", str(build), "--target", *TARGETS, "-j", str(jobs)])

@@ -18,11 +18,14 @@ builds the binaries from that very sdist):
 
    i.e. along each of the three fastest axes the first and last 3 indices (all when the axis has <= 6), at 4
    decimals (`%12.4f`), and the float32 sum of every element. `parse_debug_output` reads this back exactly; each
-   printed element becomes a `Summary` element at its refprism index.
+   printed element becomes a `Summary` element at its refprism index. (tools/build_llama_cpp.py patches one line
+   of the tool: it flushes llama.cpp's asynchronous logger before exiting, without which the end of the dump is
+   often lost.)
 
 ggml lists dimensions fastest first (ne[0] is the model width), so a [ne0=D, ne1=T] tensor is refprism's [T, D].
-The graph tags -> refprism sites, checked against real runs of Gemma 3 270M (tests/test_other_llamacpp.py) and read
-from the vendored sources (src/models/gemma.cpp, gemma2.cpp, gemma3.cpp, src/llama-graph.cpp):
+The graph tags -> refprism sites, read from the vendored sources (src/models/gemma.cpp, gemma2.cpp, gemma3.cpp,
+src/llama-graph.cpp) and checked against real runs: Gemma 3 270M, and tiny random Gemma 1, 2 and 3 files
+(tests/test_other_llamacpp.py):
 
     llama.cpp tag (op)              ne, fastest first   refprism site               refprism index
     inp_scaled                      [D, T]              embed (and blocks.0.resid_pre)  [t, d]
@@ -423,8 +426,14 @@ def parse_debug_output(text: str) -> tuple[list[int] | None, list[Printed]]:
     return tokens, tensors
 
 
-def run_debug(gguf_path, prompt: str, *, cache_type="f16", tensor_filter=(), bin_dir=None, timeout=900) -> str:
-    """Run llama-debug on text; return its stdout (the tensor dump and the token ids)."""
+def run_debug(gguf_path, prompt: str, *, cache_type="f16", tensor_filter=(), bin_dir=None, timeout=900,
+              attempts=5) -> str:
+    """Run llama-debug on text; return its stdout (the tensor dump, then the token ids).
+
+    llama.cpp's logger prints from a worker thread that nobody waits for at exit (common/log.cpp leaks it on
+    purpose, llama.cpp issue 22142), so the end of the output is sometimes lost. The token ids are its last
+    lines: a run whose output lacks them whole is run again, up to `attempts` times.
+    """
     exe = tool("llama-debug", bin_dir)
     with tempfile.TemporaryDirectory(prefix="refprism-llama-debug-") as tmp:
         prompt_file = Path(tmp) / "prompt.txt"
@@ -435,13 +444,28 @@ def run_debug(gguf_path, prompt: str, *, cache_type="f16", tensor_filter=(), bin
                "-ctk", _cache_type(cache_type), "-ctv", cache_type]
         for pattern in tensor_filter:
             cmd += ["--tensor-filter", pattern]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=tmp)
-        except subprocess.TimeoutExpired:
-            raise ToolError(f"llama-debug did not finish within {timeout} s") from None
-    if done.returncode != 0:
-        raise ToolError(f"llama-debug failed (exit {done.returncode}) on {gguf_path}: {_last_line(done.stderr)}")
-    return done.stdout
+        for _ in range(attempts):
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=tmp)
+            except subprocess.TimeoutExpired:
+                raise ToolError(f"llama-debug did not finish within {timeout} s") from None
+            if done.returncode != 0:
+                raise ToolError(f"llama-debug failed (exit {done.returncode}) on {gguf_path}: "
+                                f"{_last_line(done.stderr)}")
+            if _ends_with_token_ids(done.stdout):
+                return done.stdout
+    raise ToolError(f"llama-debug's output was cut short {attempts} times (its logger thread is not flushed at exit)")
+
+
+def _ends_with_token_ids(text: str) -> bool:
+    """Whether llama-debug's output holds its closing "Token ids (n):" line and all n ids after it."""
+    at = text.rfind("\nToken ids (")
+    if at < 0:
+        return False
+    head, _, rest = text[at + 1:].partition("\n")
+    n = int(head[len("Token ids ("):].split(")")[0])
+    line, newline, _ = rest.partition("\n")
+    return bool(newline) and len(re.findall(r"\((-?\d+)\)(?= |$)", line)) == n
 
 
 # ------------------------------------------------------------------------------------------------ names and axes

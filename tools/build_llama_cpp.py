@@ -11,11 +11,12 @@ from (LLAMA_CPP_PYTHON in refprism/other/llamacpp.py; pyproject's extra `llamacp
 
 What this does, each step skipped when already done:
 1. llama-cpp-python == LLAMA_CPP_PYTHON is importable, else `pip install llama-cpp-python==...` (pip builds it
-   from source with cmake and g++, ~10 minutes on 2 cores, and caches the wheel under ~/.cache/pip);
+   from source with cmake and g++, ~11 minutes on 2 cores, and caches the wheel under ~/.cache/pip);
 2. the sdist is fetched with `pip download --no-binary :all:` into the cache folder;
 3. its vendor/llama.cpp gets one patch (PATCHES: llama-debug flushes its logger before exiting, as common/log.h
-   asks; without it the end of its dump is often lost) and is configured with cmake (Release, CPU only, static libraries, no OpenSSL/HTTPS, no
-   server, no tests) and the two targets are built with `-j2` (~6 minutes cold on 2 cores).
+   asks; without it the end of its dump is often lost), is configured with cmake (Release, CPU only, static
+   libraries, no OpenSSL/HTTPS, no server, no tests) and the two targets are built with `-j2` (~9-10 minutes
+   cold on 2 cores).
 
 Cache: ~/.cache/refprism/llama.cpp/<version>/ (or $REFPRISM_CACHE/llama.cpp/<version>/), never the repository.
 A stamp file records the build options and this machine's CPU flags (ggml is built with -march=native): a

@@ -3,7 +3,9 @@
 #   1. system packages the tests drive: Chromium (the report's browser test), cmake and g++ (llama.cpp's tools),
 #      installed with apt-get as root when any is missing;
 #   2. refprism with every extra the tests use (torch only as the pinned CPU build 2.13.0);
-#   3. pytest. Tests that need an extra or a tool fail, never skip, when it is missing.
+#   3. llama.cpp's llama-debug and llama-quantize, built once from the llama-cpp-python sdist and cached under
+#      ~/.cache/refprism/llama.cpp/ (tools/build_llama_cpp.py; about a second when cached);
+#   4. pytest. Tests that need an extra or a tool fail, never skip, when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +22,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y "${missing[@]}"
 fi
 
-pip install -e ".[test,crosscheck,plot,browser]"
+pip install -e ".[test,crosscheck,plot,browser,llamacpp,tl]"
+python tools/build_llama_cpp.py  # llama-debug and llama-quantize, built once and cached under ~/.cache/refprism
 export MPLBACKEND=Agg
 python -m pytest -q "$@"

@@ -788,6 +788,7 @@ class SiteResult:
     local_max_rel: float | None
     local_worst: dict | None
     local_floor: float | None
+    scale: float = 0.0  # max |reference| at the site
     nonfinite: int = 0
     logits: dict | None = None
     summary: bool = False  # only printed elements and a sum were available (llama.cpp's llama-debug)
@@ -801,11 +802,11 @@ class SiteResult:
         return self.local_max_abs is not None and not self.local_max_abs <= self.local_floor
 
     def to_json(self) -> dict:
-        scale = self.max_abs / self.max_rel if self.max_rel not in (0, None) and math.isfinite(self.max_rel) else None
+        scale = self.scale
         out = {"site": self.site, "shape": list(self.shape), "axes": "".join(self.letters),
                "max_abs": _num(self.max_abs), "max_rel": _num(self.max_rel), "nmse_db": _num(self.nmse_db),
                "cosine": _num(self.cosine), "worst": self.worst, "floor": _num(self.floor),
-               "floor_rel": _num(self.floor / scale) if scale else None,
+               "floor_rel": _num(self.floor / scale) if scale else None, "scale": _num(scale),
                "local_max_abs": _num(self.local_max_abs), "local_max_rel": _num(self.local_max_rel),
                "local_worst": self.local_worst, "local_floor": _num(self.local_floor),
                "diverges": self.diverges, "local_diverges": self.local_diverges, "nonfinite": self.nonfinite}
@@ -1081,7 +1082,7 @@ def _capture(model, against, tokens, *, names, dtype) -> Capture:
             from .weights import resolve_model_dir
 
             directory, _ = resolve_model_dir(model.name)
-            return hf.capture(directory, tokens, dtype=dtype or "float32")
+            return hf.capture(directory, tokens, dtype=dtype or "float32", cfg=model.config)
         module = {"tl": "tl", "llama.cpp": "llamacpp"}[against]
         try:
             other = __import__(f"refprism.other.{module}", fromlist=["capture"])
@@ -1094,11 +1095,13 @@ def _capture(model, against, tokens, *, names, dtype) -> Capture:
     if hasattr(against, "config") and hasattr(against, "forward") and not isinstance(against, (str, bytes)):
         from .other import hf
 
-        return hf.capture(against, tokens)
+        if tokens is None:
+            raise InputError("an HF model object runs live: give the prompt (text or token ids)")
+        return hf.capture(against, tokens, cfg=model.config)
     if isinstance(against, str) or hasattr(against, "__fspath__"):
         from .other.dumps import read_dump
 
-        return read_dump(against, model.config, names=names or "refprism")
+        return read_dump(against, model, names=names or "refprism", ids=tokens)
     raise InputError(f"--against must be hf, tl, llama.cpp or a dump file (.npz, .safetensors), got "
                      f"{str(against)[:80]!r}")
 
@@ -1144,7 +1147,7 @@ def _site(cfg, name, letters, theirs, runs: _Runs, profile: Profile, T, top_k) -
                       max_rel=e["max_rel"], nmse_db=e["nmse_db"], cosine=e["cosine"], worst=e["worst"],
                       floor=SAFETY * honest + slack, local_max_abs=local["max_abs"], local_max_rel=local["max_rel"],
                       local_worst=local["worst"], local_floor=SAFETY * honest_local + slack,
-                      nonfinite=e["nonfinite"],
+                      scale=e["scale"], nonfinite=e["nonfinite"],
                       logits=logit_metrics(theirs, R, top_k) if name.startswith("logits") else None)
 
 
@@ -1172,7 +1175,8 @@ def _summary_site(name, letters, summary, runs: _Runs, profile: Profile) -> Site
     return SiteResult(site=name, shape=summary.shape, letters=tuple(letters), max_abs=max_abs,
                       max_rel=max_abs / float(np.abs(R).max()) if np.abs(R).max() > 0 else math.inf,
                       nmse_db=math.nan, cosine=math.nan, worst=worst, floor=floor, local_max_abs=None,
-                      local_max_rel=None, local_worst=None, local_floor=None, summary=True)
+                      local_max_rel=None, local_worst=None, local_floor=None, scale=float(np.abs(R).max()),
+                      summary=True)
 
 
 # ------------------------------------------------------------------------------------------------ diagnosis

@@ -79,12 +79,21 @@ def load(model_dir, dtype: str = "float32"):
     except ImportError:
         raise InputError("comparing against HF needs torch and transformers: pip install 'refprism[crosscheck]'") \
             from None
+    from transformers.utils import logging as hf_logging
+
     torch_dtype = _torch_dtype(dtype)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # no progress bars or legacy-config warnings on a report's stderr
+    hf_logging.disable_progress_bar()
     try:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=torch_dtype, attn_implementation="eager", output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"HF transformers cannot load {model_dir}: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         if info.get(kind):
             raise CheckpointError(f"HF loaded {model_dir} with {kind.replace('_', ' ')}: {sorted(info[kind])[:3]}")
@@ -117,18 +126,32 @@ def config_of(model) -> Config:
     return Config.from_hf(hf)
 
 
-def capture(model, ids, *, dtype: str = "float32") -> Capture:
+def capture(model, ids, *, dtype: str = "float32", cfg: Config | None = None) -> Capture:
     """Run an HF Gemma model on token ids [T] and capture every site it computes, named like refprism.
 
     model:  a model directory (loaded with `load(model, dtype)`) or an HF model object already in memory, possibly
             modified (that is how a port is debugged); its own dtype is then used and `dtype` is ignored.
             A model that is not set to eager attention is switched to it for the run and switched back.
+    cfg:    the reference's Config, which names the sites (default: the HF model's own config; a modified model's
+            config may be part of what is wrong, e.g. a final soft-cap set to None)
     Shapes: ids [T] -> Capture with arrays in refprism's layout, no batch axis (see the module's table)
     """
-    import torch
-
     if isinstance(model, (str, Path)):
         model = load(model, dtype)
+    raw, dt, notes = capture_hf_names(model, ids)
+    cfg = cfg or config_of(model)
+    arrays = {}
+    for name, array in raw.items():
+        for site, value in scheme_hf(name, array, cfg):
+            arrays[site] = value
+    return Capture(source="hf", tokens=np.asarray(ids, dtype=np.int64), arrays=arrays, dtype=dt,
+                   notes=notes + NOTES)
+
+
+def capture_hf_names(model, ids) -> tuple[dict, str, list[str]]:
+    """One hooked forward of an HF model object -> ({HF module path: array with its batch axis}, dtype, notes):
+    what `capture` maps, and what an HF-named dump holds (`refprism.other.dumps`, `--names hf`)."""
+    import torch
     if not hasattr(model, "model") or not hasattr(model.model, "layers"):
         raise InputError(f"{type(model).__name__} is not an HF Gemma causal LM (GemmaForCausalLM, Gemma2ForCausalLM "
                          "or Gemma3ForCausalLM)")
@@ -178,14 +201,11 @@ def capture(model, ids, *, dtype: str = "float32") -> Capture:
             fam.eager_attention_forward = fn
         if before != "eager":
             model.set_attn_implementation(before)
-    arrays = {}
+    raw = {}
     for name, tensor in got.items():
         t = tensor.detach()
-        array = t.double().numpy() if t.dtype == torch.float64 else t.float().numpy()  # exact for bf16 / f16
-        for site, value in scheme_hf(name, array, cfg):
-            arrays[site] = value
-    dt = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return Capture(source="hf", tokens=ids, arrays=arrays, dtype=dt, notes=notes + NOTES)
+        raw[name] = t.double().numpy() if t.dtype == torch.float64 else t.float().numpy()  # exact for bf16 / f16
+    return raw, str(next(model.parameters()).dtype).removeprefix("torch."), notes
 
 
 NOTES = ["HF never forms the RMSNorm scales: the replay uses refprism's scale of HF's own input there",

@@ -637,6 +637,16 @@ def _pattern_variant(which):
     return compute
 
 
+def _softmax_in_float32(op):
+    """The pattern from float32 softmax of the (soft-capped) scores, as HF computes it in any model dtype
+    (softmax(..., dtype=float32))."""
+    cfg = op.cfg
+    scores = op.at("attn.scores")
+    e = ops.softcap(scores, cfg.attn_softcap) if cfg.attn_softcap is not None else scores
+    window = cfg.sliding_window if cfg.is_sliding(op.layer) else None
+    return ops.causal_softmax(e.astype(np.float32), window).astype(np.float64)
+
+
 def _final_softcap_missing(op):
     if op.cfg.final_softcap is None:
         return None
@@ -725,6 +735,9 @@ CATALOGUE: list[Mistake] = [
             "the sliding window keeps one source too many (t - s <= W instead of t - s < W)"),
     Mistake("causal_mask_missing", ("attn.pattern",), _pattern_variant("causal_missing"),
             "attention sees later tokens (no causal mask)"),
+    Mistake("softmax_in_float32", ("attn.pattern",), _softmax_in_float32,
+            "the softmax is computed in float32 in a float64 run (HF's eager attention does so in every dtype)",
+            rounds_to="float32"),
     Mistake("kv_in_float16", ("attn.k", "attn.v"), _kv_rounded("float16"),
             "keys and values are stored in float16 (a float16 KV cache)", rounds_to="float16"),
     Mistake("kv_in_bfloat16", ("attn.k", "attn.v"), _kv_rounded("bfloat16"),
@@ -760,7 +773,7 @@ def candidates(profile: Profile) -> list[Mistake]:
         if m.name.startswith("norm_in_"):
             if m.rounds_to != _NORM_ROUNDING.get(profile.dtype):
                 continue
-        elif m.name.startswith(("kv_in_", "embed_scale_in_")):
+        elif m.rounds_to is not None or m.name.startswith("embed_scale_in_"):
             if m.name.rsplit("_in_", 1)[1] not in _COARSER[profile.dtype]:
                 continue
         out.append(m)
@@ -872,8 +885,10 @@ class CompareResult:
 
     @property
     def exit_status(self) -> int:
+        """0: every site within its floor; 1: something diverges (a finding); 2: the token ids differ, so nothing
+        could be compared (bad input, as for the command's other refusals)."""
         if not self.tokens_match:
-            return 1
+            return 2
         return int(any(s.diverges or s.local_diverges for s in self.sites))
 
     def to_json(self) -> dict:
@@ -889,8 +904,10 @@ class CompareResult:
         if not self.tokens_match:
             mm = self.token_mismatch
             show = lambda s: "none (shorter)" if s is None else f"{s['id']} ({s['piece']})"  # noqa: E731
+            why = "".join(f"; {d['says']}" for d in self.diagnosis if d["explains"])
             return (f"tokens differ at position {mm['position']}: ours {show(mm['ours'])}, theirs "
-                    f"{show(mm['theirs'])} ({mm['lengths'][0]} vs {mm['lengths'][1]} tokens); nothing else compared")
+                    f"{show(mm['theirs'])} ({mm['lengths'][0]} vs {mm['lengths'][1]} tokens){why}; nothing else "
+                    "compared")
         if self.exit_status == 0:
             return f"every one of {len(self.sites)} sites is within its floor"
         wrong = self.first_wrong_op
@@ -919,9 +936,9 @@ class CompareResult:
         """The report as text: header, one row per site (first divergence and first wrong op marked), verdict."""
         out = [f"refprism compare  model {self.model}  against {self.against} ({self.dtype})  "
                f"{len(self.tokens)} tokens",
-               "tokens: " + " ".join(f"{i}:{p}" for i, p in zip(self.tokens, self.pieces))]
+               "tokens: " + " ".join(f"{p}({i})" for i, p in zip(self.tokens, self.pieces))]
         if not self.tokens_match:
-            out.append("their tokens: " + " ".join(f"{i}:{p}" for i, p in zip(self.their_tokens, self.their_pieces)))
+            out.append("their tokens: " + " ".join(f"{p}({i})" for i, p in zip(self.their_tokens, self.their_pieces)))
             out.append(self.headline())
             out += self.diagnosis_lines()
             return "\n".join(out)
@@ -1101,9 +1118,27 @@ def _capture(model, against, tokens, *, names, dtype) -> Capture:
     if isinstance(against, str) or hasattr(against, "__fspath__"):
         from .other.dumps import read_dump
 
+        check_against(against)
         return read_dump(against, model, names=names or "refprism", ids=tokens)
-    raise InputError(f"--against must be hf, tl, llama.cpp or a dump file (.npz, .safetensors), got "
-                     f"{str(against)[:80]!r}")
+    raise InputError(f"against must be hf, tl, llama.cpp, a dump file, an HF model or a Capture, got a "
+                     f"{type(against).__name__}")
+
+
+LIVE = ("hf", "tl", "llama.cpp")
+
+
+def check_against(against) -> None:
+    """hf, tl, llama.cpp, or an existing .npz / .safetensors file; anything else is refused in one line."""
+    from pathlib import Path
+
+    if isinstance(against, str) and against in LIVE:
+        return
+    text = str(against)
+    shown = repr(text) if len(repr(text)) <= 400 else repr(text[:200]) + "..."
+    if Path(text).suffix.lower() not in (".npz", ".safetensors"):
+        raise InputError(f"unknown --against {shown}: give hf, tl, llama.cpp or a dump file (.npz, .safetensors)")
+    if not Path(text).is_file():
+        raise InputError(f"no dump file {shown} (--against)")
 
 
 def _token_diagnosis(ours, theirs, bos) -> list[dict]:

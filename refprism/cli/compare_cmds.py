@@ -10,7 +10,6 @@ from ..errors import InputError
 from ..files import atomic_write
 from .common import _check_plot_path, path_text, prompt_of
 
-LIVE = ("hf", "tl", "llama.cpp")
 OTHER_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
@@ -40,18 +39,6 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
-def check_against(against: str) -> None:
-    """hf, tl, llama.cpp, or an existing .npz / .safetensors file; anything else is refused before loading."""
-    if against in LIVE:
-        return
-    path = Path(against)
-    if path.suffix.lower() not in (".npz", ".safetensors"):
-        raise InputError(f"unknown --against {path_text(against)}: give hf, tl, llama.cpp or a dump file "
-                         "(.npz, .safetensors)")
-    if not path.is_file():
-        raise InputError(f"no dump file {path_text(against)} (--against)")
-
-
 def _check_markdown_path(path: str) -> Path:
     out = Path(path)
     if "\0" in path or not path or out.is_dir() or not out.parent.is_dir():
@@ -60,7 +47,7 @@ def _check_markdown_path(path: str) -> Path:
 
 
 def cmd_compare(args) -> int:
-    from ..crosscheck import compare
+    from ..crosscheck import check_against, compare
     from ..model import load
 
     check_against(args.against)
@@ -71,9 +58,11 @@ def cmd_compare(args) -> int:
     if args.markdown:
         _check_markdown_path(args.markdown)
     given = any(v is not None for v in (args.prompt, args.ids, args.prompt_file))
-    prompt = prompt_of(args) if given or args.against in LIVE else None
+    prompt = prompt_of(args) if given else None  # None: the dump's own token ids
     model = load(args.model, dtype="float32", memory=args.memory)
     result = compare(model, prompt, against=args.against, names=args.names, dtype=args.dtype, top_k=args.top_k)
+    if not result.tokens_match:  # nothing was compared: one line, exit 2, like every refusal
+        raise InputError(result.headline())
     if args.plot:
         from ..plots_compare import compare_figure
 

@@ -1239,7 +1239,6 @@ def diagnose(model, tokens, wrong: str, theirs: dict, runs: _Runs, profile: Prof
     resume = None if order[start] == "embed" else (layer if layer is not None else cfg.n_layers - 1, runs.Pflow)
     mask = compared_mask(cfg, wrong, len(tokens))
     target = theirs[wrong]
-    ours_err = _rms(runs.P[wrong] - target, mask)
     out = []
     for mistake in candidates(profile):
         if not kinds & set(mistake.kinds):
@@ -1308,14 +1307,3 @@ def _rounded_to(dt_name, theirs, value, floor, mask):
 # NumPy's: their float32 means of the same squares differ by up to 2 ulps).
 ROUNDING_ULPS = 8
 
-
-def _rms(d, mask):
-    d = np.asarray(d, dtype=np.float64)
-    if mask is not None:
-        d = d[np.broadcast_to(mask, d.shape)]
-    with np.errstate(invalid="ignore", over="ignore"):
-        return float(np.sqrt(np.mean(d * d))) if d.size else 0.0
-
-
-def to_json_text(result: CompareResult) -> str:
-    return json.dumps(result.to_json())

@@ -329,7 +329,8 @@ def test_token_mistakes_stop_the_comparison_and_are_named(mistake, checkpoint, c
     r = compare(refprism.load(d), IDS, against=theirs)
     assert not r.tokens_match and r.exit_status == 2 and r.sites == []
     assert [x["variant"] for x in r.diagnosis if x["explains"]] == [mistake]
-    position, ours, theirs = {"missing_bos": (0, "2 (<bos>)", "455 ("), "double_bos": (1, "455 (", "2 (<bos>)")}[mistake]
+    position, ours, theirs = {"missing_bos": (0, "2 (<bos>)", "455 ("),
+                              "double_bos": (1, "455 (", "2 (<bos>)")}[mistake]
     assert r.headline().startswith(f"tokens differ at position {position}: ours {ours}")
     assert f"theirs {theirs}" in r.headline() and TOKEN_MISTAKES[mistake] in r.headline()
     assert r.to_json()["token_mismatch"]["position"] == position

@@ -173,8 +173,8 @@ def test_bad_name_maps_are_one_line_errors(tiny, tmp_path, text, message):
 
 def test_arrays_that_do_not_fit_the_map_are_named(tiny, tmp_path):
     run = tiny.run(IDS)
-    dumps.write_dump(tmp_path / "d.npz", {"tokens": run.tokens, "q0": run.record["blocks.0.attn.q"].reshape(9, 64)[:, :60],
-                                          "b": np.stack([run.logits, run.logits])})
+    q = run.record["blocks.0.attn.q"].reshape(9, 64)[:, :60]
+    dumps.write_dump(tmp_path / "d.npz", {"tokens": run.tokens, "q0": q, "b": np.stack([run.logits, run.logits])})
     (tmp_path / "m.json").write_text(json.dumps({"sites": {"q{l}": {"site": "blocks.{l}.attn.q", "axes": "T(NH)"}}}))
     with pytest.raises(InputError, match=r"q0 has shape \[9, 60\]: its axis 1 \(NH\) should be N=4 x H=16 = 64"):
         compare(tiny, IDS, against=str(tmp_path / "d.npz"), names=str(tmp_path / "m.json"))

@@ -33,7 +33,6 @@ side's dtype (docs/compare.md says why these constants).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field

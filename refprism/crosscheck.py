@@ -118,32 +118,56 @@ def _round(x, dt):
 
 class WeightsAs:
     """A model's weights seen in another compute dtype, optionally rounded to a storage dtype first (an honest
-    bfloat16 run holds bfloat16 weights). Converted a layer at a time, like the low-memory mode; a float32
+    bfloat16 run holds bfloat16 weights). Converted a layer at a time, like the low-memory mode, into buffers that
+    the next layer reuses (fresh memory costs a page fault per 4 KiB: reusing it is most of the speed); a float32
     checkpoint seen in float64 is exact (every float32 is a float64). Duck-types `weights.Weights` for
-    `forward.forward`."""
+    `forward.forward`; a block is valid until the next layer's is asked for."""
 
     def __init__(self, params, dtype, round_to=None):
         self.params, self.dtype, self.round_to = params, np.dtype(dtype), round_to
         self.ln_final = self._cast(params.ln_final)
         self._last = (None, None)
+        self._buffers: dict = {}
 
-    def _cast(self, a):
-        return _round(np.asarray(a, dtype=self.dtype), self.round_to)
+    def _identity(self, a) -> bool:
+        return a.dtype == self.dtype and self.round_to is None
+
+    def _cast(self, a, key=None):
+        """a in this dtype (rounded through round_to), into the reused buffer `key` when given."""
+        if self._identity(a):
+            return a
+        if key is None:
+            return _round(np.asarray(a, dtype=self.dtype), self.round_to)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != a.shape:
+            buf = self._buffers[key] = np.empty_like(a, dtype=self.dtype)  # the source's layout (W_gate is a .T view)
+            if self.round_to is not None:
+                self._buffers[key, "rounded"] = np.empty_like(a, dtype=self.round_to)
+        if self.round_to is not None:
+            low = self._buffers[key, "rounded"]
+            np.copyto(low, a, casting="unsafe")
+            np.copyto(buf, low)
+        else:
+            np.copyto(buf, a)
+        return buf
 
     def block(self, l: int, *, scratch: bool = False) -> dict:
         if self._last[0] != l:
-            self._last = (l, {k: self._cast(v) for k, v in self.params.block(l).items()})
+            self._last = (l, {k: self._cast(v, k) for k, v in self.params.block(l).items()})
         return self._last[1]
 
     def embed_rows(self, ids):
         return self._cast(self.params.embed_rows(ids))
 
-    def unembed(self, h, chunk: int = 32768):
-        """h E^T in this dtype, E converted in row chunks (gemma-2b's E is 2 GB in float64)."""
+    def unembed(self, h, chunk: int = 8192):
+        """h E^T in this dtype, E converted in row chunks (gemma-2b's E is 2 GB in float32, 4 GB in float64)."""
         E = self.params.embedding()
+        if self._identity(E):
+            return h @ E.T
         out = np.empty((h.shape[0], E.shape[0]), dtype=self.dtype)
         for i in range(0, E.shape[0], chunk):
-            out[:, i:i + chunk] = h @ self._cast(E[i:i + chunk]).T
+            rows = E[i:i + chunk]
+            out[:, i:i + chunk] = h @ self._cast(rows, ("unembed", len(rows))).T
         return out
 
     def embedding(self):
@@ -177,32 +201,24 @@ def errors(theirs, ref, mask=None, letters=None) -> dict:
     """Error metrics of `theirs` against `ref` (module docstring), over the elements where mask is True.
 
     Non-finite values of theirs (NaN, inf) make max_abs inf and name the first such element as the worst.
-    Shapes: theirs, ref, mask [...] (the same) -> {max_abs, max_rel, nmse_db, cosine, worst, nonfinite}
+    Shapes: theirs, ref, mask [...] (the same) -> {max_abs, max_rel, nmse_db, cosine, worst, nonfinite, scale}
     """
-    a = np.asarray(theirs, dtype=np.float64)
-    b = np.asarray(ref, dtype=np.float64)
-    if mask is not None:
-        keep = np.broadcast_to(mask, a.shape)
-        index = np.argwhere(keep)
-        a, b = a[keep], b[keep]
-    else:
-        index = None
+    a, b, index = _compared(theirs, ref, mask)
     scale = float(np.max(np.abs(b))) if b.size else 0.0
     with np.errstate(invalid="ignore", over="ignore"):
         d = a - b
-    bad = ~np.isfinite(d)
-    nonfinite = int(bad.sum())
+    ad = np.abs(d)
+    nonfinite = int(np.count_nonzero(~np.isfinite(ad)))
     if nonfinite:
-        flat = int(np.flatnonzero(bad.ravel())[0])
+        flat = int(np.flatnonzero(~np.isfinite(ad))[0])
         max_abs, nmse, cos = math.inf, math.inf, math.nan
     else:
-        ad = np.abs(d)
-        flat = int(np.argmax(ad.ravel())) if d.size else 0
-        max_abs = float(ad.ravel()[flat]) if d.size else 0.0
-        num, den = float(np.sum(d * d)), float(np.sum(b * b))
+        flat = int(np.argmax(ad)) if d.size else 0
+        max_abs = float(ad.flat[flat]) if d.size else 0.0
+        num, den = float(np.vdot(d, d)), float(np.vdot(b, b))
         nmse = (10 * math.log10(num / den) if num > 0 else -math.inf) if den > 0 else (0.0 if num == 0 else math.inf)
-        na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-        cos = float(np.dot(a.ravel(), b.ravel()) / (na * nb)) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+        aa = float(np.vdot(a, a))
+        cos = float(np.vdot(a, b)) / math.sqrt(aa * den) if aa > 0 and den > 0 else (1.0 if aa == den else 0.0)
     if d.size == 0:
         worst = {}
     else:
@@ -210,6 +226,28 @@ def errors(theirs, ref, mask=None, letters=None) -> dict:
         worst = dict(zip(letters or [f"axis{i}" for i in range(len(idx))], idx))
     return {"max_abs": max_abs, "max_rel": max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf),
             "nmse_db": nmse, "cosine": cos, "worst": worst, "nonfinite": nonfinite, "scale": scale}
+
+
+def max_abs_error(theirs, ref, mask=None) -> float:
+    """max |theirs - ref| over the compared elements (inf where theirs is not finite): the floors' statistic."""
+    a, b, _ = _compared(theirs, ref, mask)
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.abs(a - b)
+    if not d.size:
+        return 0.0
+    m = float(d.max())
+    return m if math.isfinite(m) else math.inf
+
+
+def _compared(theirs, ref, mask):
+    """(a, b, index): the compared elements as contiguous float64 arrays (flattened under a mask, with the
+    [count, ndim] indices they came from)."""
+    a = np.ascontiguousarray(theirs, dtype=np.float64)
+    b = np.ascontiguousarray(ref, dtype=np.float64)
+    if mask is None:
+        return a, b, None
+    keep = np.broadcast_to(mask, a.shape)
+    return a[keep], b[keep], np.argwhere(keep)
 
 
 def logit_metrics(theirs, ref, k: int = 5) -> dict:
@@ -227,15 +265,15 @@ def logit_metrics(theirs, ref, k: int = 5) -> dict:
     if not np.isfinite(a).all():
         return {"k": k, "topk_overlap_min": None, "topk_overlap_mean": None, "kl_max": None, "kl_mean": None,
                 "argmax_agree": None, "first_argmax_mismatch": None}
-    top_a = np.argsort(-a, axis=-1, kind="stable")[:, :k]
-    top_b = np.argsort(-b, axis=-1, kind="stable")[:, :k]
+    top_a = np.argpartition(-a, k - 1, axis=-1)[:, :k]  # the k largest, in no order: an overlap is a set
+    top_b = np.argpartition(-b, k - 1, axis=-1)[:, :k]
     overlap = np.array([len(set(x) & set(y)) / k for x, y in zip(top_a, top_b)])
     la = a - a.max(-1, keepdims=True)
     la -= np.log(np.exp(la).sum(-1, keepdims=True))
     lb = b - b.max(-1, keepdims=True)
     lb -= np.log(np.exp(lb).sum(-1, keepdims=True))
     kl = np.maximum((np.exp(lb) * (lb - la)).sum(-1), 0.0)  # >= 0; rounding can give -1e-17
-    agree = top_a[:, 0] == top_b[:, 0]
+    agree = np.argmax(a, axis=-1) == np.argmax(b, axis=-1)
     return {"k": k, "topk_overlap_min": float(overlap.min()), "topk_overlap_mean": float(overlap.mean()),
             "kl_max": float(kl.max()), "kl_mean": float(kl.mean()), "argmax_agree": float(agree.mean()),
             "first_argmax_mismatch": None if agree.all() else int(np.flatnonzero(~agree)[0])}
@@ -356,6 +394,7 @@ class _Runs:
     P: dict  # our op on the other side's inputs, per site (float64)
     Pflow: Record  # what flowed in the replay: theirs where they have it
     Q: dict  # the honest op on R's values, per site
+    w64: WeightsAs  # the float64 weights, shared with the diagnosis
 
 
 def _run_all(model, tokens, theirs: dict, profile: Profile) -> _Runs:
@@ -374,7 +413,7 @@ def _run_all(model, tokens, theirs: dict, profile: Profile) -> _Runs:
     given = {name: R[name] for name in theirs}
     forward(w32, cfg, tokens, normalizer=n32,
             edit=replay_edit(given, Q, honest=honest, cast=lambda n, a: a.astype(np.float32)))
-    return _Runs(R, F, P, Pflow, Q)
+    return _Runs(R, F, P, Pflow, Q, w64)
 
 
 # ------------------------------------------------------------------------------------------------ the catalogue
@@ -1174,8 +1213,8 @@ def _site(cfg, name, letters, theirs, runs: _Runs, profile: Profile, T, top_k) -
     R = runs.R[name]
     e = errors(theirs, R, mask, letters)
     local = errors(theirs, runs.P[name], mask, letters)
-    honest = errors(runs.F[name], R, mask)["max_abs"] * profile.scale
-    honest_local = errors(runs.Q[name], R, mask)["max_abs"] * profile.scale
+    honest = max_abs_error(runs.F[name], R, mask) * profile.scale
+    honest_local = max_abs_error(runs.Q[name], R, mask) * profile.scale
     slack = SLACK * profile.u * e["scale"]
     return SiteResult(site=name, shape=tuple(np.shape(theirs)), letters=tuple(letters), max_abs=e["max_abs"],
                       max_rel=e["max_rel"], nmse_db=e["nmse_db"], cosine=e["cosine"], worst=e["worst"],
@@ -1232,7 +1271,7 @@ def diagnose(model, tokens, wrong: str, theirs: dict, runs: _Runs, profile: Prof
     start = max((j for j in range(i) if order[j] in theirs), default=-1) + 1
     span = set(order[start:i + 1])
     kinds = {split_site(n)[1] for n in span}
-    w64 = WeightsAs(model.params, np.float64)
+    w64 = runs.w64
     n64 = embed_normalizer(cfg.d_model, np.float64)
     layer = split_site(order[start])[0]
     resume = None if order[start] == "embed" else (layer if layer is not None else cfg.n_layers - 1, runs.Pflow)

@@ -1216,10 +1216,15 @@ def _site(cfg, name, letters, theirs, runs: _Runs, profile: Profile, T, top_k) -
     honest = max_abs_error(runs.F[name], R, mask) * profile.scale
     honest_local = max_abs_error(runs.Q[name], R, mask) * profile.scale
     slack = SLACK * profile.u * e["scale"]
+    # An op's honest rounding grows with the values it makes: where the other side's values are larger than ours
+    # (an upstream mistake fed it larger inputs), its local floor grows with them (never below our own).
+    a, _, _ = _compared(theirs, R, mask)
+    theirs_scale = float(np.max(np.abs(a))) if a.size and np.isfinite(a).all() else 0.0
+    grow = max(1.0, theirs_scale / e["scale"]) if e["scale"] > 0 else 1.0
     return SiteResult(site=name, shape=tuple(np.shape(theirs)), letters=tuple(letters), max_abs=e["max_abs"],
                       max_rel=e["max_rel"], nmse_db=e["nmse_db"], cosine=e["cosine"], worst=e["worst"],
                       floor=SAFETY * honest + slack, local_max_abs=local["max_abs"], local_max_rel=local["max_rel"],
-                      local_worst=local["worst"], local_floor=SAFETY * honest_local + slack,
+                      local_worst=local["worst"], local_floor=(SAFETY * honest_local + slack) * grow,
                       scale=e["scale"], nonfinite=e["nonfinite"],
                       logits=logit_metrics(theirs, R, top_k) if name.startswith("logits") else None)
 

@@ -88,3 +88,35 @@ def test_the_post_attention_norm_trap_is_mapped_by_family(checkpoint):
         x = np.zeros((1, 3, cfg.d_model), np.float32)
         assert [s for s, _ in other_hf.scheme_hf("model.layers.0.post_attention_layernorm:in", x, cfg)] == [site_in]
         assert [s for s, _ in other_hf.scheme_hf("model.layers.0.post_attention_layernorm", x, cfg)] == [site_out]
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_through_hf_is_within_every_floor(gemma3_270m_arrays):
+    """Real weights (Gemma 3 270M from the packaged Q4_K_M GGUF, dequantized: the same numbers on both sides) have
+    the activations random checkpoints lack (large residual norms, outlier channels): HF float32 and bfloat16 are
+    still within every floor, and an exact GELU in one layer is still exactly one wrong op in float32."""
+    import copy
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from refprism.model import from_arrays
+
+    tools = Path(__file__).resolve().parents[1] / "tools" / "check_gemma3_270m.py"
+    spec = importlib.util.spec_from_file_location("check_gemma3_270m", tools)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    config, tensors, tok = gemma3_270m_arrays
+    ours = from_arrays(config, tensors, tok, name="gemma-3-270m")
+    hf = tool.hf_model(config, tensors)
+    prompt = "The capital city of France is"
+    r = compare(ours, prompt, against=hf)
+    assert r.exit_status == 0, r.table()
+    assert max(s.max_abs / s.floor for s in r.sites) < 0.6  # a margin, not a near miss
+    r = compare(ours, prompt, against=copy.deepcopy(hf).to(torch.bfloat16), dtype="bfloat16")
+    assert r.exit_status == 0, r.table()
+    hf.model.layers[5].mlp.act_fn = torch.nn.GELU()
+    r = compare(ours, prompt, against=hf)
+    assert r.wrong_ops == ["blocks.5.mlp.act"]
+    assert [d["variant"] for d in r.diagnosis if d["explains"]] == ["gelu_exact"]

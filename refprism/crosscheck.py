@@ -76,10 +76,6 @@ class Profile:
     dtype: str
 
     @property
-    def compute(self):
-        return np.float32
-
-    @property
     def rounds_to(self):
         """The ml_dtypes / NumPy dtype every flowing value is rounded to, or None."""
         if self.dtype in ("bfloat16", "float16"):
@@ -1086,8 +1082,8 @@ def compare(model, prompt=None, *, against, names=None, dtype=None, top_k: int =
         return result
     T = len(tokens)
     shapes = expected_shapes(cfg, T)
-    theirs = _checked_arrays(capture, shapes)
-    result.notes = list(capture.notes)
+    theirs, ignored = _checked_arrays(capture, shapes)
+    result.notes = list(capture.notes) + ignored
     summaries = {n: s for n, s in capture.summaries.items() if n in shapes and n not in theirs}
     if not theirs and not summaries:
         raise InputError(f"{capture.source} provides no site of this model to compare (expected names like "
@@ -1190,22 +1186,22 @@ def _token_diagnosis(ours, theirs, bos) -> list[dict]:
     return out
 
 
-def _checked_arrays(capture: Capture, shapes: dict) -> dict:
+def _checked_arrays(capture: Capture, shapes: dict) -> tuple[dict, list[str]]:
     """The capture's arrays at this model's sites, in float64, each checked against its expected shape
-    (a mis-shaped array is an InputError naming it); names that are no site of this model are noted."""
-    out = {}
+    (a mis-shaped array is an InputError naming it), and a note for each name that is no site of this model."""
+    out, notes = {}, []
     for name, a in capture.arrays.items():
         if name not in shapes:
-            capture.notes.append(f"{name}: not a site of this model, ignored")
+            notes.append(f"{name}: not a site of this model, ignored")
             continue
         a = np.asarray(a)
         if tuple(a.shape) != shapes[name]:
             raise InputError(f"{capture.source}: {name} has shape {list(a.shape)}, this model and prompt give "
                              f"{list(shapes[name])}")
-        if not (np.issubdtype(a.dtype, np.floating) or a.dtype.kind == "V" or "bfloat16" in str(a.dtype)):
+        if not (np.issubdtype(a.dtype, np.floating) or str(a.dtype) == "bfloat16"):  # ml_dtypes' bfloat16
             raise InputError(f"{capture.source}: {name} holds {a.dtype} values, not floats")
         out[name] = a.astype(np.float64)
-    return out
+    return out, notes
 
 
 def _site(cfg, name, letters, theirs, runs: _Runs, profile: Profile, T, top_k) -> SiteResult:

@@ -243,6 +243,19 @@ def test_a_mis_shaped_array_is_named(tiny):
         C.compare(tiny, IDS, against=cap)
 
 
+def test_arrays_must_hold_floats_and_bfloat16_is_one(tiny):
+    import ml_dtypes
+
+    cap = recorded(tiny)
+    cap.arrays["logits"] = cap.arrays["logits"].astype(ml_dtypes.bfloat16)
+    r = C.compare(tiny, IDS, against=cap)  # logits rounded to bfloat16: float32 floors see it, bfloat16's do not
+    assert r.wrong_ops == ["logits"] and r.sites[-1].max_rel < 2 ** -8
+    assert C.compare(tiny, IDS, against=cap, dtype="bfloat16").exit_status == 0
+    cap.arrays["logits"] = cap.arrays["logits"].astype(np.int64)
+    with pytest.raises(InputError, match=r"refprism-float32: logits holds int64 values, not floats"):
+        C.compare(tiny, IDS, against=cap)
+
+
 def test_other_tokens_stop_the_comparison(tiny):
     cap = recorded(tiny)
     r = C.compare(tiny, [2, 455, 17, 301, 88, 260, 41, 8, 130], against=cap)

@@ -152,17 +152,48 @@ def capture_hf_names(model, ids) -> tuple[dict, str, list[str]]:
     """One hooked forward of an HF model object -> ({HF module path: array with its batch axis}, dtype, notes):
     what `capture` maps, and what an HF-named dump holds (`refprism.other.dumps`, `--names hf`)."""
     import torch
+
     if not hasattr(model, "model") or not hasattr(model.model, "layers"):
         raise InputError(f"{type(model).__name__} is not an HF Gemma causal LM (GemmaForCausalLM, Gemma2ForCausalLM "
                          "or Gemma3ForCausalLM)")
     cfg = config_of(model)
     ids = np.asarray(ids, dtype=np.int64)
     got: dict = {}
+    hooks: list = []
+    families = {sys.modules[type(layer.self_attn).__module__] for layer in model.model.layers}
+    originals = {fam: fam.eager_attention_forward for fam in families}
+    before = model.config._attn_implementation
+    notes = []
+    try:
+        _register(model, cfg, got, hooks)
+        for fam in families:
+            fam.eager_attention_forward = _attention_spy(fam, originals[fam], got)
+        if before != "eager":
+            model.set_attn_implementation("eager")
+            notes.append(f"HF attention switched from {before} to eager for the capture (eager gives the weights)")
+        with torch.no_grad():
+            got["logits"] = model(torch.tensor([ids.tolist()]), use_cache=False).logits
+    finally:  # the model is left as it was: no hook, the family's own attention function, its implementation
+        for h in hooks:
+            h.remove()
+        for fam, fn in originals.items():
+            fam.eager_attention_forward = fn
+        if before != "eager":
+            model.set_attn_implementation(before)
+    raw = {}
+    for name, tensor in got.items():
+        t = tensor.detach()
+        raw[name] = t.double().numpy() if t.dtype == torch.float64 else t.float().numpy()  # exact for bf16 / f16
+    return raw, str(next(model.parameters()).dtype).removeprefix("torch."), notes
+
+
+def _register(model, cfg: Config, got: dict, hooks: list) -> None:
+    """Forward hooks storing, under HF module paths, every module output and input that is a refprism site."""
     out_hook, in_hook = _hook_makers(got)
     mlp_norm = "pre_feedforward_layernorm" if cfg.post_norms else "post_attention_layernorm"
-    hooks = [model.model.embed_tokens.register_forward_hook(out_hook("model.embed_tokens")),
-             model.model.norm.register_forward_hook(out_hook("model.norm")),
-             model.lm_head.register_forward_hook(out_hook("lm_head"))]
+    hooks += [model.model.embed_tokens.register_forward_hook(out_hook("model.embed_tokens")),
+              model.model.norm.register_forward_hook(out_hook("model.norm")),
+              model.lm_head.register_forward_hook(out_hook("lm_head"))]
     for l, layer in enumerate(model.model.layers):
         p = f"model.layers.{l}"
         a, m = layer.self_attn, layer.mlp
@@ -181,31 +212,6 @@ def capture_hf_names(model, ids) -> tuple[dict, str, list[str]]:
             hooks += [layer.post_attention_layernorm.register_forward_hook(out_hook(p + ".post_attention_layernorm")),
                       layer.post_feedforward_layernorm.register_forward_hook(
                           out_hook(p + ".post_feedforward_layernorm"))]
-    families = {sys.modules[type(layer.self_attn).__module__] for layer in model.model.layers}
-    originals = {fam: fam.eager_attention_forward for fam in families}
-    for fam in families:
-        fam.eager_attention_forward = _attention_spy(fam, originals[fam], got)
-    before = model.config._attn_implementation
-    notes = []
-    try:
-        if before != "eager":
-            model.set_attn_implementation("eager")
-            notes.append(f"HF attention switched from {before} to eager for the capture (eager gives the weights)")
-        with torch.no_grad():
-            out = model(torch.tensor([ids.tolist()]), use_cache=False)
-        got["logits"] = out.logits
-    finally:
-        for h in hooks:
-            h.remove()
-        for fam, fn in originals.items():
-            fam.eager_attention_forward = fn
-        if before != "eager":
-            model.set_attn_implementation(before)
-    raw = {}
-    for name, tensor in got.items():
-        t = tensor.detach()
-        raw[name] = t.double().numpy() if t.dtype == torch.float64 else t.float().numpy()  # exact for bf16 / f16
-    return raw, str(next(model.parameters()).dtype).removeprefix("torch."), notes
 
 
 NOTES = ["HF never forms the RMSNorm scales: the replay uses refprism's scale of HF's own input there",

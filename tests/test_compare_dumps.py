@@ -64,6 +64,33 @@ def test_hf_scheme_round_trips(checkpoint, tmp_path, suffix, preset):
     assert r.exit_status == 0, r.table()
 
 
+def test_hf_act_fn_times_up_proj_is_the_mlp_activation(checkpoint, tmp_path):
+    """A dump of module outputs alone has act_fn's gelu(gate) and up_proj's up, not down_proj's input: their
+    product is refprism's mlp.act (and an exact GELU there is still found)."""
+    import torch
+
+    d = checkpoint("tiny-gemma2")
+    model = refprism.load(d)
+    hf_model = other_hf.load(d)
+    got = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: got.__setitem__(n, out))
+             for n, m in hf_model.named_modules() if n.endswith(("mlp.act_fn", "mlp.up_proj", "mlp.gate_proj"))]
+    hf_model.model.layers[1].mlp.act_fn = torch.nn.GELU()  # the hook stays on the tanh module of layer 1: re-add
+    hooks.append(hf_model.model.layers[1].mlp.act_fn.register_forward_hook(
+        lambda mod, a, out: got.__setitem__("model.layers.1.mlp.act_fn", out)))
+    with torch.no_grad():
+        got["logits"] = hf_model(torch.tensor([IDS])).logits
+    for h in hooks:
+        h.remove()
+    dumps.write_dump(tmp_path / "outs.npz", {**{k: v.float().numpy() for k, v in got.items()},
+                                             "input_ids": np.asarray(IDS)})
+    r = compare(model, IDS, against=str(tmp_path / "outs.npz"), names="hf")
+    assert any("act_fn's output times up_proj's" in n for n in r.notes)
+    assert not any("ignored" in n and "act_fn" in n for n in r.notes)
+    assert r.wrong_ops == ["blocks.1.mlp.act"]
+    assert [x["variant"] for x in r.diagnosis if x["explains"]] == ["gelu_exact"]
+
+
 def test_hf_scheme_takes_outputs_hidden_states_and_attentions(tiny, tmp_path):
     """What `model(..., output_hidden_states=True, output_attentions=True)` returns, keyed hidden_states.{i} and
     attentions.{l}, is a dump too (the last hidden state is ambiguous across versions and left out)."""

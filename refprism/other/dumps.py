@@ -74,6 +74,14 @@ def read_dump(path, model, *, names="refprism", ids=None) -> Capture:
             if site in out and not np.array_equal(out[site], value, equal_nan=True):
                 raise InputError(f"{source}: {origin[site]} and {key} both give {site} and differ")
             out[site], origin[site] = value, key
+    if names == "hf":
+        from .hf import derived_hf
+
+        extra, derived_notes = derived_hf(arrays, cfg, set(out))
+        out.update(extra)
+        notes += derived_notes
+        ignored = [k for k in ignored if not (k.endswith(".mlp.act_fn") and
+                                              f"blocks.{k.split('.')[2]}.mlp.act" in extra)]
     if ignored:
         notes.append(f"{len(ignored)} arrays of the dump name no refprism site in the {label} scheme, ignored: "
                      + ", ".join(ignored[:8]) + (" ..." if len(ignored) > 8 else ""))

@@ -43,7 +43,8 @@ Gemma 2/3 (`weights.norm_names`); the table maps it by model_type.
 
 Not captured: the RMSNorm scales s (HF never forms them; the replay uses refprism's scale of HF's own input, so a
 norm's mistakes show at its output) and `mlp.act_fn`'s output gelu(gate) alone (refprism's `mlp.act` is
-gelu(gate) * up, down_proj's input). The scores are not a tensor HF keeps: the wrapper recomputes them as eager
+gelu(gate) * up, down_proj's input; a dump that has act_fn's and up_proj's outputs but not down_proj's input gets
+mlp.act as their product, `derived_hf`). The scores are not a tensor HF keeps: the wrapper recomputes them as eager
 attention does, `matmul(query, repeat_kv(key)^T) * scaling`, with the family module's own repeat_kv, in the
 model's dtype, before the soft-cap and the mask.
 """
@@ -318,6 +319,27 @@ _LAYER_SITES.update({  # Gemma trap: post_attention_layernorm is the MLP's input
     ("pre_feedforward_layernorm", "in", True): "resid_mid", ("pre_feedforward_layernorm", "out", True): "ln2.out",
     ("post_feedforward_layernorm", "in", True): "mlp.down", ("post_feedforward_layernorm", "out", True): "mlp.out",
 })
+
+
+def derived_hf(arrays: dict, cfg: Config, have: set) -> tuple[dict, list[str]]:
+    """Sites an HF-named dump gives only through two tensors: `blocks.{l}.mlp.act` = gelu(gate) * up from
+    `mlp.act_fn`'s output times `mlp.up_proj`'s (HF's own factors; the product is taken in float64, one rounding
+    finer than HF's), where the dump lacks down_proj's input. -> ({site: array}, notes)"""
+    out, layers = {}, []
+    for l in range(cfg.n_layers):
+        p = f"model.layers.{l}.mlp."
+        site = f"blocks.{l}.mlp.act"
+        if site in have or p + "act_fn" not in arrays or p + "up_proj" not in arrays:
+            continue
+        gelu = _unbatch(p + "act_fn", np.asarray(arrays[p + "act_fn"]), 2).astype(np.float64)
+        up = _unbatch(p + "up_proj", np.asarray(arrays[p + "up_proj"]), 2).astype(np.float64)
+        if gelu.shape != up.shape:
+            raise InputError(f"{p}act_fn has shape {list(gelu.shape)} but {p}up_proj {list(up.shape)}")
+        out[site] = gelu * up
+        layers.append(l)
+    notes = [f"mlp.act of layers {', '.join(map(str, layers))}: act_fn's output times up_proj's (the dump has no "
+             "down_proj:in)"] if layers else []
+    return out, notes
 
 
 def _unbatch(name, a, ndim):

@@ -1094,7 +1094,7 @@ def compare(model, prompt=None, *, against, names=None, dtype=None, top_k: int =
         if name in theirs:
             result.sites.append(_site(cfg, name, letters[name], theirs[name], runs, profile, T, top_k))
         elif name in summaries:
-            result.sites.append(_summary_site(name, letters[name], summaries[name], runs, profile))
+            result.sites.append(_summary_site(cfg, name, letters[name], summaries[name], runs, profile))
         else:
             result.missing.append(name)
     result.floors = {"profile": profile.dtype, "safety": SAFETY, "slack": SLACK, "unit_roundoff": profile.u,
@@ -1225,32 +1225,36 @@ def _site(cfg, name, letters, theirs, runs: _Runs, profile: Profile, T, top_k) -
                       logits=logit_metrics(theirs, R, top_k) if name.startswith("logits") else None)
 
 
-def _summary_site(name, letters, summary, runs: _Runs, profile: Profile) -> SiteResult:
-    """A site the other side printed only in part: its printed elements and, when given, its sum. No local error
-    (a replay needs the whole array)."""
+def _summary_site(cfg, name, letters, summary, runs: _Runs, profile: Profile) -> SiteResult:
+    """A site the other side printed only in part (llama.cpp's llama-debug: some elements and the sum): its
+    printed elements, by their index in the whole tensor, and its sum over the rows it holds (`Summary.rows`),
+    each against a floor derived as for whole sites; the worse of the two is the site's error. No local error (a
+    replay needs the whole array)."""
     R = np.asarray(runs.R[name], dtype=np.float64)
     F = np.asarray(runs.F[name], dtype=np.float64)
-    rows = summary.rows
-    if rows is not None:
-        R, F = R[list(rows)], F[list(rows)]
+    scale = float(np.abs(R).max())
     idx = list(summary.elements)
     theirs = np.array([summary.elements[i] for i in idx], dtype=np.float64)
-    ours = np.array([R[i] for i in idx]) if idx else np.zeros(0)
-    honest = np.array([F[i] for i in idx]) if idx else np.zeros(0)
+    ours = np.array([R[i] for i in idx], dtype=np.float64)
+    honest = np.array([F[i] for i in idx], dtype=np.float64)
     e = errors(theirs, ours)
-    floor = SAFETY * profile.scale * errors(honest, ours)["max_abs"] + SLACK * profile.u * float(np.abs(R).max())
-    max_abs, worst = e["max_abs"], ({"element": list(idx[int(np.argmax(np.abs(theirs - ours)))])} if idx else {})
-    if summary.total is not None:  # the sum: its own floor, derived the same way
-        sum_err = abs(summary.total - float(R.sum()))
-        sum_floor = (SAFETY * profile.scale * abs(float(F.astype(np.float64).sum()) - float(R.sum()))
-                     + SLACK * profile.u * float(np.abs(R).sum()))
-        if sum_err / sum_floor > (max_abs / floor if floor > 0 else 0):
+    floor = SAFETY * profile.scale * max_abs_error(honest, ours) + SLACK * profile.u * scale
+    max_abs = e["max_abs"]
+    worst = dict(zip(letters, idx[e["worst"]["axis0"]])) if idx else {}
+    if summary.total is not None:  # the sum over the rows printed: its own floor, derived the same way
+        axis = symbolic_shapes(cfg)[name].index("T")
+        rows = list(summary.rows) if summary.rows is not None else slice(None)
+        Rs, Fs = np.take(R, rows, axis=axis) if summary.rows is not None else R, \
+            np.take(F, rows, axis=axis) if summary.rows is not None else F
+        sum_err = abs(summary.total - float(Rs.sum())) if math.isfinite(summary.total) else math.inf
+        sum_floor = SAFETY * profile.scale * abs(float(Fs.sum()) - float(Rs.sum())) + SLACK * profile.u * float(
+            np.abs(Rs).sum())
+        if not idx or sum_err * floor > max_abs * sum_floor:  # the sum is the worse, relative to its floor
             max_abs, floor, worst = sum_err, sum_floor, {"sum": True}
-    return SiteResult(site=name, shape=summary.shape, letters=tuple(letters), max_abs=max_abs,
-                      max_rel=max_abs / float(np.abs(R).max()) if np.abs(R).max() > 0 else math.inf,
-                      nmse_db=math.nan, cosine=math.nan, worst=worst, floor=floor, local_max_abs=None,
-                      local_max_rel=None, local_worst=None, local_floor=None, scale=float(np.abs(R).max()),
-                      summary=True)
+    return SiteResult(site=name, shape=tuple(summary.shape), letters=tuple(letters), max_abs=max_abs,
+                      max_rel=max_abs / scale if scale > 0 else math.inf, nmse_db=math.nan, cosine=math.nan,
+                      worst=worst, floor=floor, local_max_abs=None, local_max_rel=None, local_worst=None,
+                      local_floor=None, scale=scale, summary=True)
 
 
 # ------------------------------------------------------------------------------------------------ diagnosis

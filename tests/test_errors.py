@@ -257,6 +257,52 @@ def existing_out(ctx):
     return ctx.good()
 
 
+def compare_dump(edit=None, tokens=True, name="d.npz"):
+    """A refprism record of PROMPT on the good tiny checkpoint, written as a dump (edit(arrays) may break it)."""
+    def build(ctx):
+        model = refprism.load(ctx.good())
+        run = model.run(PROMPT)
+        arrays = dict(run.record)
+        if tokens:
+            arrays["tokens"] = run.tokens
+        if edit is not None:
+            edit(arrays)
+        np.savez(ctx.tmp / name, **arrays)
+        return ctx.good()
+    return build
+
+
+def _only(arrays, keep, **add):
+    """Keep one key of a dump's arrays and add others."""
+    for key in [k for k in arrays if k != keep]:
+        del arrays[key]
+    arrays.update(add)
+
+
+def name_map(text):
+    def build(ctx):
+        (ctx.tmp / "map.json").write_text(text)
+        return compare_dump()(ctx)
+    return build
+
+
+def comparing(prompt=PROMPT, against="{tmp}/d.npz", **kw):
+    """refprism.compare as the CLI calls it; a token mismatch (a result, not an exception) refused as the CLI does."""
+    def api(target, ctx):
+        from refprism.crosscheck import compare
+
+        given = {k: fill(v, target, ctx) for k, v in kw.items()}
+        r = compare(refprism.load(target), prompt, against=fill(against, target, ctx), **given)
+        if not r.tokens_match:
+            raise InputError(r.headline())
+    return api
+
+
+def compare_args(*extra, prompt=(PROMPT,), against="{tmp}/d.npz"):
+    return ("compare", *prompt, "--model", "{model}", "--against", against, *extra, "--markdown", "{out}/report.md",
+            "--plot", "{out}/fig.png")
+
+
 # ------------------------------------------------------------------------------------------ library calls
 
 
@@ -654,6 +700,47 @@ CASES = [
     Case("report-sweep-no-summary", lambda ctx: ctx.good(), lambda t, ctx: report.load_section("sweep", ctx.out),
          report_args("--sweep", "{out}"),
          r"cannot read --sweep '.*/out/summary\.json': No such file or directory", InputError),
+    # refprism compare: bad input is exit 2 (a divergence is exit 1, a finding)
+    Case("compare-against-unknown", lambda ctx: ctx.good(), comparing(against="foo"), compare_args(against="foo"),
+         r"unknown --against 'foo': give hf, tl, llama\.cpp or a dump file \(\.npz, \.safetensors\)", InputError),
+    Case("compare-dump-missing", lambda ctx: ctx.good(), comparing(against="{tmp}/absent.npz"),
+         compare_args(against="{tmp}/absent.npz"), r"no dump file '.*absent\.npz' \(--against\)", InputError),
+    Case("compare-live-without-prompt", lambda ctx: ctx.good(), comparing(prompt=None, against="hf"),
+         compare_args(prompt=(), against="hf"),
+         r"--against hf runs the other side live: give the prompt \(text, --ids or --prompt-file\)", InputError),
+    Case("compare-dump-mis-shaped",
+         compare_dump(lambda a: a.update({"blocks.0.attn.q": a["blocks.0.attn.q"].transpose(1, 0, 2)})),
+         comparing(), compare_args(),
+         r"d\.npz: blocks\.0\.attn\.q has shape \[4, 7, 16\], this model and prompt give \[7, 4, 16\]", InputError),
+    Case("compare-dump-no-token-ids", compare_dump(tokens=False), comparing(prompt=None), compare_args(prompt=()),
+         r"d\.npz holds no token ids \(an array named tokens or input_ids\): give the prompt the dump was made from",
+         InputError),
+    Case("compare-dump-pickled", compare_dump(lambda a: a.update({"logits": np.array([None], dtype=object)})),
+         comparing(), compare_args(), r"dump d\.npz: holds an object \(pickled\) array; refprism never unpickles",
+         InputError),
+    Case("compare-dump-no-site", compare_dump(lambda a: _only(a, "tokens", activations=np.zeros(3))),
+         comparing(), compare_args(), r"d\.npz: none of its 2 arrays names a site in the refprism scheme \(its names "
+         r"begin activations, tokens\): check --names", InputError),
+    Case("compare-tokens-differ", compare_dump(lambda a: a.update({"tokens": a["tokens"][1:]})), comparing(),
+         compare_args(), r"tokens differ at position 0: ours 2 \(<bos>\), theirs 131 \(The\) \(7 vs 6 tokens\); "
+         r"the other side's tokens are ours without the leading <bos>", InputError),
+    Case("compare-names-unknown", compare_dump(), comparing(names="huggingface"),
+         compare_args("--names", "huggingface"),
+         r"--names must be one of refprism, hf, tl, llama\.cpp or a JSON name map file, got 'huggingface'", InputError),
+    Case("compare-name-map-not-json", name_map("{oops"), comparing(names="{tmp}/map.json"),
+         compare_args("--names", "{tmp}/map.json"), r"name map map\.json is not valid JSON \(Expecting property name",
+         InputError),
+    Case("compare-name-map-unknown-site", name_map('{"sites": {"h{l}.q": "blocks.{l}.attn.query"}}'),
+         comparing(names="{tmp}/map.json"), compare_args("--names", "{tmp}/map.json"),
+         r"map\.json: entry 'h\{l\}\.q' names 'blocks\.\{l\}\.attn\.query', not a refprism site of this model",
+         InputError),
+    Case("compare-name-map-axes", name_map('{"sites": {"h{l}.q": {"site": "blocks.{l}.attn.q", "axes": "TNN"}}}'),
+         comparing(names="{tmp}/map.json"), compare_args("--names", "{tmp}/map.json"),
+         r"entry 'h\{l\}\.q': axes 'TNN' must use each of blocks\.\{l\}\.attn\.q's letters TNH once", InputError),
+    Case("compare-markdown-directory-missing", compare_dump(),
+         lambda t, ctx: cli.compare_cmds._check_markdown_path(str(ctx.out / "no" / "r.md")),
+         ("compare", PROMPT, "--model", "{model}", "--against", "{tmp}/d.npz", "--markdown", "{out}/no/r.md"),
+         r"cannot write --markdown '.*/no/r\.md': give a file name in an existing directory", InputError),
 ]
 
 

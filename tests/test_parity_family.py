@@ -17,89 +17,15 @@ import refprism
 from refprism.record import expected_shapes
 
 from conftest import assert_close
-from hf_reference import hook_makers
+from hf_reference import hf_record
 
 CLASSES = {"gemma2": (transformers.Gemma2ForCausalLM, modeling_gemma2),
            "gemma3_text": (transformers.Gemma3ForCausalLM, modeling_gemma3)}
 
 
 def hf_family_record(model, ids):
-    """HF forward with hooks; returns {refprism record name: array} (independent torch code)."""
-    cfg = model.config
-    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    mod = CLASSES[cfg.model_type][1]
-    got, hooks = {}, []
-
-    out_hook, in_hook = hook_makers(got)
-
-    for l, layer in enumerate(model.model.layers):
-        p, a, m = f"blocks.{l}.", layer.self_attn, layer.mlp
-        hooks += [layer.input_layernorm.register_forward_hook(out_hook(p + "ln1.out")),
-                  a.q_proj.register_forward_hook(out_hook(p + "q_pre")),
-                  a.k_proj.register_forward_hook(out_hook(p + "k_pre")),
-                  a.v_proj.register_forward_hook(out_hook(p + "attn.v")),
-                  a.o_proj.register_forward_pre_hook(in_hook(p + "attn.z")),
-                  a.o_proj.register_forward_hook(out_hook(p + "attn.o_proj")),
-                  layer.post_attention_layernorm.register_forward_hook(out_hook(p + "attn.out")),
-                  layer.pre_feedforward_layernorm.register_forward_hook(out_hook(p + "ln2.out")),
-                  m.gate_proj.register_forward_hook(out_hook(p + "mlp.gate")),
-                  m.up_proj.register_forward_hook(out_hook(p + "mlp.up")),
-                  m.down_proj.register_forward_pre_hook(in_hook(p + "mlp.act")),
-                  m.down_proj.register_forward_hook(out_hook(p + "mlp.down")),
-                  layer.post_feedforward_layernorm.register_forward_hook(out_hook(p + "mlp.out")),
-                  layer.register_forward_hook(out_hook(p + "resid_post"))]
-        if cfg.model_type == "gemma3_text":
-            hooks += [a.q_norm.register_forward_hook(out_hook(p + "q_normed")),
-                      a.k_norm.register_forward_hook(out_hook(p + "k_normed"))]
-    hooks.append(model.model.norm.register_forward_hook(out_hook("ln_final.out")))
-    ids_t = torch.tensor([list(map(int, ids))])
-    T = ids_t.shape[1]
-    rms = lambda x: torch.sqrt(x.pow(2).mean(-1) + cfg.rms_norm_eps)  # noqa: E731
-    try:
-        with torch.no_grad():
-            out = model(ids_t, output_hidden_states=True, output_attentions=True, use_cache=False)
-            rec = {"embed": out.hidden_states[0]}
-            for l in range(cfg.num_hidden_layers):
-                p = f"blocks.{l}."
-                x = out.hidden_states[l]
-                kind = cfg.layer_types[l]
-                rec[p + "resid_pre"] = x
-                rec[p + "ln1.scale"] = rms(x)
-                rec[p + "attn.q_pre"] = got[p + "q_pre"].reshape(1, T, N, H)
-                rec[p + "attn.k_pre"] = got[p + "k_pre"].reshape(1, T, K, H)
-                q = got[p + "q_pre"].reshape(1, T, N, H).transpose(1, 2)
-                k = got[p + "k_pre"].reshape(1, T, K, H).transpose(1, 2)
-                if p + "q_normed" in got:  # HF applies q_norm / k_norm to [1, heads, T, H]
-                    q, k = got[p + "q_normed"], got[p + "k_normed"]
-                if cfg.model_type == "gemma3_text":
-                    rec[p + "attn.q_norm.scale"] = rms(got[p + "q_pre"].view(1, T, N, H))
-                    rec[p + "attn.k_norm.scale"] = rms(got[p + "k_pre"].view(1, T, K, H))
-                    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None], kind)
-                else:
-                    cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
-                q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)  # HF's own RoPE
-                rec[p + "attn.q"], rec[p + "attn.k"] = q.transpose(1, 2), k.transpose(1, 2)
-                rec[p + "attn.v"] = got[p + "attn.v"].view(1, T, K, H)
-                rec[p + "attn.scores"] = (q @ mod.repeat_kv(k, N // K).transpose(2, 3)) * cfg.query_pre_attn_scalar ** -0.5
-                rec[p + "attn.pattern"] = out.attentions[l]
-                rec[p + "attn.z"] = got[p + "attn.z"].view(1, T, N, H)
-                for name in ("ln1.out", "attn.o_proj", "attn.out", "ln2.out", "mlp.gate", "mlp.up", "mlp.act", "mlp.down",
-                             "mlp.out", "resid_post"):
-                    rec[p + name] = got[p + name]
-                rec[p + "ln1_post.scale"] = rms(got[p + "attn.o_proj"])
-                rec[p + "resid_mid"] = x + got[p + "attn.out"]
-                rec[p + "ln2.scale"] = rms(rec[p + "resid_mid"])
-                rec[p + "ln2_post.scale"] = rms(got[p + "mlp.down"])
-            last = got[f"blocks.{cfg.num_hidden_layers - 1}.resid_post"]
-            rec["ln_final.scale"] = rms(last)
-            rec["ln_final.out"] = got["ln_final.out"]
-            rec["logits"] = out.logits
-            if cfg.final_logit_softcapping is not None:
-                rec["logits_uncapped"] = got["ln_final.out"] @ model.model.embed_tokens.weight.T
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: t[0].double().numpy() for n, t in rec.items()}
+    """HF forward with hooks; returns {refprism record name: array} (tests/hf_reference.py)."""
+    return hf_record(model, ids)
 
 
 @pytest.mark.parametrize("preset", ["tiny-gemma2", "tiny-gemma3"])

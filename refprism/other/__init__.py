@@ -1,1 +1,1 @@
-"""The other sides of `refprism compare`: other implementations' activations turned into a `refprism.capture.Capture`."""
+"""The other sides of a comparison (`refprism.compare`): other implementations captured in refprism's names."""

@@ -20,6 +20,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y "${missing[@]}"
 fi
 
-pip install -e ".[test,crosscheck,plot]"
+pip install -e ".[test,crosscheck,plot,sweep,ray]"
 export MPLBACKEND=Agg
 python -m pytest -q "$@"

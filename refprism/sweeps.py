@@ -44,7 +44,8 @@ the prompts' top-K sets and the K neurons of largest |mean| (a neuron that matte
 most in none), each with its exact term in every prompt, plus L{l}N.rest = the sum over the neurons outside U_l.
 
 Output folder (`--out DIR`): sweep.json (the settings; a re-run must match them), prompts.jsonl, prompts.parquet/
-(long format, one part per chunk; pyarrow), neurons/ (with neurons:K), errors.jsonl, summary.json, *.png (--plot).
+(long format, one part per chunk; pyarrow), neurons/ and neurons.parquet (with neurons:K: every neuron's term,
+and the aggregated neurons' terms in long format), errors.jsonl, summary.json, *.png (--plot).
 A chunk is committed by appending its lines to prompts.jsonl in one write, after its side files are in place
 (each written whole, then renamed); a re-run skips the committed chunks and drops a torn last write.
 """
@@ -615,6 +616,8 @@ def sweep(data, model, out, *, levels="residual,heads", chunk=16, backend="local
     summary = summarize(folder.path, bootstrap=bootstrap, seed=seed, top=top)
     atomic_write(folder.path / "summary.json",
                  lambda tmp: tmp.write_text(json.dumps(summary, ensure_ascii=False, indent=1) + "\n", "utf-8"))
+    if levels.neurons and folder.manifest["parquet"]:
+        write_neuron_parquet(folder.path, summary)
     if plot:
         from . import plots_sweeps
 
@@ -824,6 +827,41 @@ def write_parquet(path: Path, lines) -> None:
              "whole": pa.float64()}
     table = pa.table({name: pa.array(cols[name], type=types[name]) for name in PARQUET_COLUMNS})
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+NEURON_COLUMNS = ("id", "index", "line", "layer", "label", "column", "value")
+
+
+def write_neuron_parquet(folder, summary) -> None:
+    """neurons.parquet: every prompt's exact term of each neuron the summary aggregates (each layer's union of
+    the prompts' top K and the K largest means, and L{l}N.rest), one row per (prompt, neuron, column): the data
+    behind the neuron aggregates, for per-group questions (e.g. by the answer's digit) in a data frame."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    prompts = read_prompts(folder)
+    _, terms = read_neurons(folder)
+    cols = {name: [] for name in NEURON_COLUMNS}
+    for split in summary["splits"]:
+        if split["prism"] != "neurons":
+            continue
+        layer = int(split["whole"]["label"][1:].split(".")[0])
+        labels = [c["label"] for c in split["components"]]
+        chosen = [int(label[len(f"L{layer}N"):]) for label in labels[:-1]]
+        rest = np.ones(terms.shape[2], dtype=bool)
+        rest[chosen] = False
+        values = np.concatenate([terms[:, layer, chosen].astype(np.float64),
+                                 terms[:, layer, rest].astype(np.float64).sum(axis=1, keepdims=True)], axis=1)
+        for i, p in enumerate(prompts):  # values [n, C, Z]
+            for c, label in enumerate(labels):
+                for z, v in enumerate(values[i, c]):
+                    for name, x in zip(NEURON_COLUMNS, (p["id"], p["index"], p["line"], layer, label, z, float(v))):
+                        cols[name].append(x)
+    types = {"id": pa.string(), "index": pa.int64(), "line": pa.int64(), "layer": pa.int32(), "label": pa.string(),
+             "column": pa.int32(), "value": pa.float64()}
+    table = pa.table({name: pa.array(cols[name], type=types[name]) for name in NEURON_COLUMNS})
+    atomic_write(folder / "neurons.parquet", lambda tmp: pq.write_table(table, tmp))
 
 
 # ------------------------------------------------------------------------------------------------- aggregation

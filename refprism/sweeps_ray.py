@@ -12,6 +12,9 @@
              driver); the driver commits each chunk as it comes back (sweeps.Folder.commit). A chunk whose actor
              dies goes back to the queue and a new actor replaces the dead one: a chunk's results depend only on
              its prompts, so computing it again is idempotent, and the driver commits every chunk exactly once.
+    results  equal to the local backend's, prompt by prompt: bit for bit when an actor has as many BLAS threads
+             as the local run (one actor per node: all of its CPUs), else within float32 rounding, since OpenBLAS
+             orders a product's sums by its thread count (exactness is unaffected: every split is exact either way)
     cluster  `address` joins a running cluster (`ray start --head`); without it, a local one is started with
              ray.init(num_cpus=...) (`local_mode` is gone from current Ray) and an object store sized for the
              weights (Ray's default, 30% of RAM, is less than gemma-2b's 10 GB in float32), and shut down after.

@@ -324,6 +324,18 @@ def test_parquet_holds_the_prompt_file_in_long_format(swept):
     assert got == sorted(expect)
 
 
+def test_neuron_parquet_holds_the_aggregated_neurons_of_every_prompt(swept):
+    out, summary = swept
+    df = pq.read_table(out / "neurons.parquet").to_pandas()
+    assert list(df.columns) == list(S.NEURON_COLUMNS) and df["id"].nunique() == 14
+    means = df.groupby(["label", "column"])["value"].mean()
+    for split in summary["splits"]:
+        if split["prism"] == "neurons":
+            for c in split["components"]:
+                np.testing.assert_allclose([means[c["label"], z] for z in range(2)], c["mean"], rtol=1e-12)
+    assert len(df) == 14 * 2 * sum(len(s["components"]) for s in summary["splits"] if s["prism"] == "neurons")
+
+
 # ------------------------------------------------------------------------------------------------- resuming
 
 

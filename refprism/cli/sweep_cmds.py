@@ -74,7 +74,8 @@ def cmd_sweep(args) -> int:
                            quiet=args.quiet, plot=args.plot, bootstrap=args.bootstrap, seed=args.seed, top=args.top,
                            warn=lambda line: print(f"refprism: warning: {one_line(line)}", file=sys.stderr))
     print(summary_table(summary, args.top))
-    print(f"wrote {args.out}/summary.json" + (" and its figures" if args.plot else ""), file=sys.stderr)
+    figures = " and its figures" if args.plot and summary["splits"] else ""
+    print(f"wrote {args.out}/summary.json{figures}", file=sys.stderr)
     return 0
 
 

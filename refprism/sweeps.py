@@ -76,6 +76,7 @@ ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 OTHER = "other"  # the sources of a prompt without a role
 FORMAT = 1  # of the output folder; sweep.json records it
 CONFIDENCE = 0.95
+MAX_RESAMPLES = 100_000  # bootstrap resamples: the [B, n] counts and [B, 4096] means stay in memory
 DATASETS = ("capitals", "additions")  # shipped in refprism/data/ (tools/make_datasets.py writes and checks them)
 
 
@@ -568,9 +569,11 @@ def sweep(data, model, out, *, levels="residual,heads", chunk=16, backend="local
     stats:   a dict the Ray backend fills with its actors' reports (sweeps_ray.run_chunks).
     """
     levels = Levels.parse(levels) if isinstance(levels, str) else levels
-    for name, value, low in (("chunk", chunk, 1), ("bootstrap", bootstrap, 1), ("top", top, 1)):
-        if not _is_int(value) or value < low:
-            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name, value, low, high in (("chunk", chunk, 1, None), ("bootstrap", bootstrap, 1, MAX_RESAMPLES),
+                                   ("seed", seed, 0, None), ("top", top, 1, None)):
+        if not _is_int(value) or value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"from {low} to {high}"
+            raise InputError(f"{name} must be an integer {bound}, got {value!r}")
     if backend not in ("local", "ray"):
         raise InputError(f"backend {backend!r} is not one of local, ray")
     warn = warn or (lambda line: print(f"refprism: warning: {line}", file=sys.stderr))
@@ -904,8 +907,8 @@ def summarize(folder, *, bootstrap=1000, seed=0, top=10) -> dict:
     n = len(prompts)
     columns = _column_labels(prompts)
     # every whole and component of every table as one matrix [n, M]: one set of resamples serves all
-    blocks = [(t, a) for t in tables for a in [t["whole"]] + [c for c in t["values"]]]
-    flat = np.concatenate([a for _, a in blocks], axis=1) if blocks else np.zeros((n, 0))  # [n, M], a is [n, Z]
+    arrays = [a for t in tables for a in [t["whole"], *t["values"]]]  # each [n, Z]
+    flat = np.concatenate(arrays, axis=1) if arrays else np.zeros((n, 0))  # [n, M]
     stats = mean_interval_sign(flat, resamples=bootstrap, seed=seed)
     at = 0
     splits = []
@@ -920,10 +923,10 @@ def summarize(folder, *, bootstrap=1000, seed=0, top=10) -> dict:
         residual = whole["mean"] - means.sum(axis=0)
         # |mean r_i| <= mean tol_i; the means themselves are float64 sums: 1e-12 of their size is plenty for that
         tolerance = t["tolerance"].mean(axis=0) + 1e-12 * (np.abs(whole["mean"]) + np.abs(means).sum(axis=0))
+        named = t.get("named") or [None] * len(parts)  # head-role: in how many prompts each role is named
         split = {"prism": t["prism"], "whole": {"label": t["whole_label"], **_entry(whole)},
-                 "components": [{"label": l, **_entry(p), **({"prompts_named": t["named"][c]} if "named" in t
-                                                            and t["named"][c] is not None else {})}
-                                for c, (l, p) in enumerate(zip(t["labels"], parts))],
+                 "components": [{"label": l, **_entry(p), **({} if k is None else {"prompts_named": k})}
+                                for l, p, k in zip(t["labels"], parts, named)],
                  "residual": _floats(residual), "tolerance": _floats(tolerance),
                  "exact": bool(np.all(np.abs(residual) <= tolerance))}
         splits.append(split)

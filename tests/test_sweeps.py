@@ -542,10 +542,64 @@ def test_shipped_data_sets_on_gemma3_270m(tmp_path):
         assert line["tokens"][line["roles"]["country"]]["piece"] == "▁" + country
     best = cap["top"]["head-role"][0]
     assert best["label"] == "L12H2.country" and best["same_sign"] == [1.0] and best["ci"][0][0] > 3
-    add = S.sweep("additions", model, tmp_path / "additions", levels="residual,neurons:5", quiet=True)
+    add = S.sweep("additions", model, tmp_path / "additions", levels="residual", quiet=True)
     assert add["sweep"]["prompts"] == 55 and add["sweep"]["bad_rows"] == 0 and add["exact"]
     whole = next(s for s in add["splits"] if s["prism"] == "residual")["whole"]
     assert whole["ci"][0][0] > 2  # the right digit beats the mean of the others, across the set
     for line in lines_of(tmp_path / "additions"):
         _, a, b = line["id"].split("-")
         assert [line["tokens"][line["roles"][r]]["piece"] for r in ("a", "plus", "b", "equals")] == [a, "+", b, "="]
+
+
+# ------------------------------------------------------------------------------------------------- fuzzing
+
+from hypothesis import HealthCheck, event, given, settings, strategies as st  # noqa: E402
+
+numbers = st.integers(-3, 40).map(str) | st.sampled_from(["0", "-1", "10**30", "1e3", "", "x", str(2**63),
+                                                           str(10**30)])
+SWEEP_VALUES = {
+    "--levels": st.sampled_from(["residual", "heads", "head-source", "neurons:2", "residual,neurons:1",
+                                 "neurons:0", "neurons:x", "", ",", "heads,,residual"]) | st.text(max_size=8),
+    "--chunk": numbers, "--bootstrap": numbers, "--seed": numbers, "--top": numbers, "--validate-top": numbers,
+    "--workers": numbers, "--dtype": st.sampled_from(["float32", "float64", "float16", ""]),
+    "--memory": st.sampled_from(["auto", "fast", "low", "none"]), "--backend": st.sampled_from(["local", "x"]),
+    "--address": st.sampled_from(["auto", "127.0.0.1:1"]), "--validate": st.sampled_from(["heads", ""]),
+    "--ablate": st.sampled_from(["zero", "mean"]),
+}
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(draws=st.data())
+def test_fuzz_sweep_arguments(tiny_dir, tmp_path_factory, monkeypatch, draws):
+    """Any mix of the sweep's options: exit 0, or exit 2 with one line `refprism: error: ...` (never a traceback,
+    an out-of-memory or another exit status). Ray is never started: --backend is local or not a backend."""
+    import contextlib
+    import io
+
+    monkeypatch.setitem(sys.modules, "refprism.interventions", None)
+    folder = tmp_path_factory.mktemp("fuzz")
+    write_jsonl(folder / "d.jsonl", capital_rows()[:3], ['{"id": "x", "prompt": "\n'])
+    (folder / "d.csv").write_text("id,prompt,targets\na,The capital city of France is,▁Paris ▁London\n")
+    (folder / "d.txt").write_text("not a data set")
+    argv = ["sweep", draws.draw(st.sampled_from(["d.jsonl", "d.csv", "d.txt", "absent.jsonl", "capitals"])),
+            "--model", str(tiny_dir), "--out", str(folder / draws.draw(st.sampled_from(["out", "out/deeper", "d.csv"])))]
+    argv[1] = argv[1] if argv[1] == "capitals" else str(folder / argv[1])
+    for opt, values in SWEEP_VALUES.items():
+        if draws.draw(st.integers(0, 9)) < 3:
+            argv += [opt, draws.draw(values)]
+    argv += draws.draw(st.lists(st.sampled_from(["--strict", "--quiet"]), unique=True))
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(argv)
+        except SystemExit as e:  # argparse
+            code = e.code
+    lines = [l for l in err.getvalue().splitlines() if not l.startswith(("sweep:", "\rsweep:"))]
+    event(f"exit {code}")
+    assert code in (0, 2), (argv, code, err.getvalue())
+    if code == 2:
+        errors = [l for l in lines if l.startswith("refprism: error: ")]
+        assert len(errors) == 1 and "Traceback" not in err.getvalue(), (argv, err.getvalue())
+    else:
+        assert not any("error" in l for l in lines if not l.startswith("refprism: warning: ")), (argv, lines)

@@ -17,13 +17,16 @@
              orders a product's sums by its thread count (exactness is unaffected: every split is exact either way)
     cluster  `address` joins a running cluster (`ray start --head`); without it, a local one is started with
              ray.init(num_cpus=...) (`local_mode` is gone from current Ray) and an object store sized for the
-             weights (Ray's default, 30% of RAM, is less than gemma-2b's 10 GB in float32), and shut down after.
+             weights (Ray's default, 30% of RAM, is less than gemma-2b's 10 GB in float32; and Ray spills objects
+             to disk once its store is 80% full, so the store is weights / 0.8 plus room for results), and shut
+             down after. A cluster's stores are checked: too small for the weights is refused.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +36,7 @@ from .errors import InputError, OutputError, RefprismError
 IN_FLIGHT = 2  # chunks queued per actor
 MAX_ATTEMPTS = 3  # a chunk whose actor dies this many times stops the sweep (it probably kills its worker)
 STORE_HEADROOM = 256 * 2**20  # object store bytes beyond the weights (the results in flight)
+SPILL_THRESHOLD = 0.8  # Ray spills objects to disk once its store is fuller than this (object_spilling_threshold)
 
 
 def _ray():
@@ -64,22 +68,62 @@ def run_chunks(model, todo, levels, commit, *, workers=None, address=None, valid
     started = not ray.is_initialized()
     if started and address:
         ray.init(address=address, logging_level=logging.WARNING)
-    elif started:
-        ray.init(num_cpus=os.cpu_count(), object_store_memory=weights_bytes(model) + STORE_HEADROOM,
-                 include_dashboard=False, logging_level=logging.WARNING)
+    elif started:  # the weights below the spilling threshold: never written to disk and read back
+        ray.init(num_cpus=os.cpu_count(), object_store_memory=store_bytes(model), include_dashboard=False,
+                 logging_level=logging.WARNING)
     pool = None
     try:
+        _check_stores(ray, model)
         refs = put_weights(ray, model)
         pool = Pool(ray, model, refs, levels, validate, fault, _placements(ray, workers))
         pool.run(todo, commit)
         if stats is not None:
             stats["actors"] = ray.get([slot.actor.info.remote() for slot in pool.slots])
             stats["retried"] = pool.retried
+            stats["driver"] = proc_memory()  # its RssShmem: the store pages it wrote the weights into
     finally:
         if pool is not None:
             pool.close()
         if started:
             ray.shutdown()
+
+
+def store_bytes(model) -> int:
+    """Object store size for the weights: they stay below Ray's spilling threshold, plus room for results."""
+    return int(weights_bytes(model) / SPILL_THRESHOLD) + STORE_HEADROOM
+
+
+def _check_stores(ray, model) -> None:
+    """Every node's object store must hold the weights (refused otherwise); below store_bytes, Ray spills some
+    of them to disk and reads them back when an actor starts (a warning)."""
+    need = weights_bytes(model)
+    for node in ray.nodes():
+        have = node.get("Resources", {}).get("object_store_memory", 0) if node.get("Alive") else None
+        if have is None:
+            continue
+        where = f"node {node.get('NodeManagerAddress', node.get('NodeID'))}"
+        if have < need:
+            raise InputError(f"{where}'s Ray object store holds {have / 1e9:.1f} GB but the weights need "
+                             f"{need / 1e9:.1f} GB: start it with ray start --object-store-memory "
+                             f"{store_bytes(model)}")
+        if have < store_bytes(model):
+            print(f"refprism: warning: {where}'s Ray object store ({have / 1e9:.1f} GB) is fuller than "
+                  f"{SPILL_THRESHOLD:.0%} with the weights ({need / 1e9:.1f} GB): Ray will spill some to disk; "
+                  f"--object-store-memory {store_bytes(model)} avoids it", file=sys.stderr)
+
+
+def proc_memory() -> dict:
+    """This process's memory from /proc/self/status, in kB: VmHWM (peak RSS), VmRSS, RssAnon (private), RssFile,
+    RssShmem (shared memory, e.g. the object store's pages)."""
+    status = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                status[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return status
 
 
 def put_weights(ray, model) -> dict:
@@ -133,18 +177,10 @@ class SweepWorker:
         p = self.model.params
         arrays = [p.embedding(), p.ln_final] + [a for l in range(self.model.config.n_layers)
                                                 for a in p.block(l).values()]
-        status = {}
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                    status[key] = int(value.split()[0])
-        except OSError:
-            pass
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
                 "threads": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")},
                 "weights_read_only": all(not a.flags.writeable for a in arrays),
-                "weights_own_data": any(a.flags.owndata for a in arrays), "memory_kb": status}
+                "weights_own_data": any(a.flags.owndata for a in arrays), "memory_kb": proc_memory()}
 
 
 @dataclass

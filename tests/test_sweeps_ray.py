@@ -129,3 +129,26 @@ def test_two_node_cluster_with_a_dying_worker(data, tiny, local, tmp_path):
         cluster.shutdown()
     assert_same_output(tmp_path / "out", local)
 
+
+
+def test_object_stores_are_checked_for_the_weights(tiny, capsys):
+    """Ray spills objects to disk beyond 80% of a store: a store that cannot hold the weights is refused, one that
+    would spill them gets a warning with the size to use (no Ray needed: the nodes as ray.nodes() lists them)."""
+    from refprism import sweeps_ray as R
+    from refprism.errors import InputError
+
+    need = R.weights_bytes(tiny)
+    assert R.store_bytes(tiny) == int(need / 0.8) + R.STORE_HEADROOM
+
+    def cluster(*stores):
+        return type("FakeRay", (), {"nodes": staticmethod(lambda: [
+            {"Alive": True, "NodeManagerAddress": f"10.0.0.{i}", "Resources": {"object_store_memory": b}}
+            for i, b in enumerate(stores)])})
+
+    R._check_stores(cluster(R.store_bytes(tiny), 10 * R.store_bytes(tiny)), tiny)
+    assert capsys.readouterr().err == ""
+    R._check_stores(cluster(R.store_bytes(tiny), need), tiny)
+    err = capsys.readouterr().err
+    assert "10.0.0.1" in err and f"--object-store-memory {R.store_bytes(tiny)}" in err
+    with pytest.raises(InputError, match="node 10.0.0.0's Ray object store holds"):
+        R._check_stores(cluster(need - 1), tiny)

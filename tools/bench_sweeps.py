@@ -17,7 +17,9 @@ other (never two gemma-2b-sized jobs at once), and prints one JSON line:
                  machine's CPUs: W actors of CPUs / W BLAS threads each, sharing one copy of the weights
 
 Measured: load seconds, sweep seconds (Ray: from ray.init to the summary, so its start-up is in), prompts per
-second over the sweep, the driver's peak RSS (ru_maxrss), and per actor at the end VmHWM (peak RSS), VmRSS,
+second over the sweep, the driver's peak RSS (ru_maxrss; with Ray it counts the object store pages the driver
+wrote the weights into) and, with Ray, its private RSS (VmRSS - RssShmem) before ray.shutdown, and per actor at
+the end VmHWM (peak RSS), VmRSS,
 RssShmem (its share of the object store's pages) and VmRSS - RssShmem (what the actor holds privately: the
 activations of a pass, its Python and NumPy). One copy of the weights shared by the actors shows as a large
 RssShmem in each and a small VmRSS - RssShmem. Results are also compared with the local backend's, prompt by prompt
@@ -96,6 +98,7 @@ def worker(spec: dict) -> dict:
     out["prompts_per_s"] = out["prompts"] / out["sweep_s"]
     out["driver_peak_rss"] = peak_rss()
     out["actors"] = stats.get("actors", [])
+    out["driver"] = stats.get("driver", {})  # Ray: /proc/self/status before ray.shutdown (kB)
     return out
 
 
@@ -136,7 +139,8 @@ def max_difference(folder, reference) -> float:
 def report(results, args, checkpoint) -> str:
     lines = [f"# refprism sweep: local vs Ray ({args.prompts} prompts, levels {args.levels}, chunks of {args.chunk})",
              "", f"checkpoint {checkpoint}, {os.cpu_count()} CPUs", "",
-             "| case | load s | sweep s | prompts/s | driver peak RSS | per actor: peak RSS / RSS / shared / RSS - shared |",
+             "| case | load s | sweep s | prompts/s | driver peak RSS (private at the end) | per actor: peak RSS / "
+             "RSS / shared / RSS - shared |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if "failed" in r:
@@ -146,8 +150,10 @@ def report(results, args, checkpoint) -> str:
             f"{a['memory_kb']['VmHWM'] * 1024 / GB:.2f} / {a['memory_kb']['VmRSS'] * 1024 / GB:.2f} / "
             f"{a['memory_kb']['RssShmem'] * 1024 / GB:.2f} / "
             f"{(a['memory_kb']['VmRSS'] - a['memory_kb']['RssShmem']) * 1024 / GB:.2f} GB" for a in r["actors"]) or "-"
+        d = r.get("driver") or {}
+        private = f" ({(d['VmRSS'] - d['RssShmem']) * 1024 / GB:.2f} GB)" if "RssShmem" in d else ""
         lines.append(f"| {r['case']} ({r['memory_mode']}) | {r['load_s']:.1f} | {r['sweep_s']:.1f} | "
-                     f"{r['prompts_per_s']:.2f} | {r['driver_peak_rss'] / GB:.2f} GB | {actors} |")
+                     f"{r['prompts_per_s']:.2f} | {r['driver_peak_rss'] / GB:.2f} GB{private} | {actors} |")
     lines += ["", "Against the local backend (OpenBLAS orders a product's sums by its thread count, so the numbers are "
               "bit-identical only when an actor has as many BLAS threads as the local run):"]
     lines += [f"- {r['case']}: summary.json {'bit-identical' if r['summary_equal'] else 'differs'}; largest "

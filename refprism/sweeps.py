@@ -143,6 +143,7 @@ def read_rows(path) -> list:
 
 def _read_jsonl(data: bytes) -> list:
     rows = []
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data  # a UTF-8 byte order mark (some editors write one)
     for n, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue

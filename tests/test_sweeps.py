@@ -603,3 +603,9 @@ def test_fuzz_sweep_arguments(tiny_dir, tmp_path_factory, monkeypatch, draws):
         assert len(errors) == 1 and "Traceback" not in err.getvalue(), (argv, err.getvalue())
     else:
         assert not any("error" in l for l in lines if not l.startswith("refprism: warning: ")), (argv, lines)
+
+
+def test_a_byte_order_mark_is_not_a_bad_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "a", "prompt": "x", "targets": ["#5"]}).encode() + b"\n")
+    assert S.read_rows(path) == [S.Row(1, "a", "x", ("#5",))]

@@ -313,6 +313,36 @@ class Weights:
         """From in-memory HF-named arrays (tests build random models this way, without files)."""
         return cls(dict(arrays), cfg, dtype, memory)
 
+    @classmethod
+    def from_converted(cls, cfg: Config, dtype, *, embed, ln_final, blocks) -> "Weights":
+        """Weights already in refprism's layout and compute dtype (what `embedding()`, `ln_final` and `block(l)`
+        return), adopted as they are: nothing is converted or copied. Read-only arrays are fine: the forward pass
+        and the prisms never write to the weights (tests/test_sweeps.py checks it). The Ray backend of the sweeps
+        rebuilds its models this way from zero-copy views of the object store (refprism/sweeps_ray.py).
+        """
+        self = cls.__new__(cls)
+        self.cfg, self.dtype, self.memory = cfg, np.dtype(dtype), "fast"
+        self._stored, self._checked, self._scratch, self._arena, self._pool = None, set(), {}, None, None
+        V, D, N, K, H, F = cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
+        layout = {"W_Q": (D, N, H), "W_K": (D, K, H), "W_V": (D, K, H), "W_O": (N, H, D), "W_gate": (D, F),
+                  "W_up": (D, F), "W_down": (F, D), "q_norm": (H,), "k_norm": (H,)}
+        blocks = [dict(b) for b in blocks]
+        given = {"embed": (embed, (V, D)), "ln_final": (ln_final, (D,))}
+        if len(blocks) != cfg.n_layers:
+            raise CheckpointError(f"{len(blocks)} converted blocks for a model of {cfg.n_layers} layers")
+        for l, block in enumerate(blocks):
+            keys = set(norm_names(cfg, l)) | set(_MATRICES)
+            if set(block) != keys:
+                raise CheckpointError(f"converted block {l} has weights {sorted(block)}, expected {sorted(keys)}")
+            given.update({f"blocks[{l}].{k}": (a, layout.get(k, (D,))) for k, a in block.items()})
+        for name, (a, shape) in given.items():
+            if tuple(a.shape) != shape or a.dtype != self.dtype:
+                raise CheckpointError(f"converted weight {name} is {a.dtype} {list(a.shape)}, expected {self.dtype} "
+                                      f"{list(shape)}")
+        self.ln_final, self._embed, self._blocks = ln_final, embed, blocks
+        self._norms = [{k: b[k] for k in norm_names(cfg, l)} for l, b in enumerate(blocks)]
+        return self
+
     def _source(self, name):
         src = self._stored[name]
         return src.array() if isinstance(src, Stored) else src

@@ -22,7 +22,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y "${missing[@]}"
 fi
 
-pip install -e ".[test,crosscheck,plot,browser,llamacpp,tl]"
+pip install -e ".[test,crosscheck,plot,browser,llamacpp,tl,sweep,ray]"
 python tools/build_llama_cpp.py  # llama-debug and llama-quantize, built once and cached under ~/.cache/refprism
 export MPLBACKEND=Agg
 python -m pytest -q "$@"

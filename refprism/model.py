@@ -12,7 +12,8 @@ import numpy as np
 from .config import Config, read_config
 from .errors import CheckpointError, InputError
 from .forward import embed_normalizer, forward, forward_packed
-from .record import Record, Selection, as_selection, estimate_bytes, symbolic_shapes
+from .record import (Record, Selection, as_selection, estimate_bytes, prompt_bytes, symbolic_shapes,
+                     with_transient)
 from .weights import (Weights, available_memory, choose_memory, compute_dtype, hf_shapes, read_tensors,
                       resolve_model_dir)
 
@@ -125,28 +126,33 @@ class Model:
             return []
         if not isinstance(pack_tokens, (int, np.integer)) or pack_tokens < 1:
             raise InputError(f"pack_tokens must be a positive integer, got {pack_tokens!r}")
+        selection = self._selection(record, positions, [len(t) for t in encoded])  # checked against every prompt
         runs = []
-        for pack in self._packs(encoded, record, positions, pack_tokens):
+        for pack in self._packs(encoded, selection, pack_tokens):
             lengths = [len(t) for t in pack]
-            selection = self._selection(record, positions, lengths)
             preflight(self, lengths, selection)
             records = forward_packed(self.params, self.config, pack, normalizer=self.normalizer, record=selection)
             runs += [Run(tokens=t, pieces=[self.piece(i) for i in t], record=r) for t, r in zip(pack, records)]
         return runs
 
-    def _packs(self, encoded, record, positions, pack_tokens):
-        """Consecutive prompts grouped while the pack stays within pack_tokens and within memory."""
+    def _packs(self, encoded, selection, pack_tokens):
+        """Consecutive prompts grouped while the pack stays within pack_tokens and within memory (each prompt's
+        record bytes counted once per length, the pack's total kept as it grows)."""
         budget = available_memory() * MEMORY_SHARE
-        pack, total = [], 0
+        kept = {}  # T -> (record bytes, logits bytes) of one prompt of T tokens in a pack
+        pack, record, logits = [], 0, 0
         for t in encoded:
+            T = len(t)
+            if T not in kept:
+                kept[T] = prompt_bytes(self.config, T, self.dtype, selection, alone=False)
             if pack:
-                trial = [len(x) for x in pack] + [len(t)]
-                need = estimate_bytes(self.config, trial, self.dtype, self._selection(record, positions, trial))
-                if total + len(t) > pack_tokens or need["total"] > budget:
+                lengths = [len(x) for x in pack] + [T]
+                need = with_transient(self.config, lengths, self.dtype, record + kept[T][0], logits + kept[T][1])
+                if sum(lengths) > pack_tokens or need["total"] > budget:
                     yield pack
-                    pack, total = [], 0
+                    pack, record, logits = [], 0, 0
             pack.append(t)
-            total += len(t)
+            record, logits = record + kept[T][0], logits + kept[T][1]
         if pack:
             yield pack
 

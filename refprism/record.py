@@ -305,24 +305,40 @@ def estimate_bytes(cfg: Config, lengths, dtype, selection: Selection | None = No
     """Bytes a run of prompts with these lengths needs: what its record keeps, and the largest transient arrays.
 
     Lazy entries (lazy_entry) cost nothing; an edited run's record holds every value that flowed.
-    Returns {"record": kept bytes,
-    "logits": the kept logits (part of "record"), "attention": one layer's scores + pattern of the longest
-    prompt (always computed, kept or not), "total": record + the transient attention and MLP arrays}.
+    Returns {"record": kept bytes, "logits": the kept logits (part of "record"), "attention": one layer's scores +
+    pattern of the longest prompt (always computed, kept or not), "total": record + the transient attention and
+    MLP arrays}.
     """
-    item = np.dtype(dtype).itemsize
     record = logits = 0
     for T in lengths:
-        sizes = axis_sizes(cfg, T)
-        for name, shape in symbolic_shapes(cfg).items():
-            n = math.prod(sizes[a] for a in shape)
-            rows = ALL if selection is None else selection.rows(name, T)
-            if rows is None or (rows is ALL and lazy_entry(name, lengths, selection, edited=edited)):
-                continue
-            if rows is not ALL:
-                n = n // T * len(rows)
-            record += n * item
-            if name.startswith("logits"):
-                logits += n * item
+        r, g = prompt_bytes(cfg, T, dtype, selection, alone=len(lengths) == 1, edited=edited)
+        record, logits = record + r, logits + g
+    return with_transient(cfg, lengths, dtype, record, logits)
+
+
+def prompt_bytes(cfg: Config, T: int, dtype, selection: Selection | None = None, *, alone: bool = True,
+                 edited: bool = False) -> tuple[int, int]:
+    """(record bytes, of which logits) that one prompt of T tokens keeps, alone or in a packed pass."""
+    item = np.dtype(dtype).itemsize
+    sizes = axis_sizes(cfg, T)
+    lengths = [T] if alone else [T, T]  # (lazy_entry only asks whether the prompt runs alone)
+    record = logits = 0
+    for name, shape in symbolic_shapes(cfg).items():
+        rows = ALL if selection is None else selection.rows(name, T)
+        if rows is None or (rows is ALL and lazy_entry(name, lengths, selection, edited=edited)):
+            continue
+        n = math.prod(sizes[a] for a in shape)
+        if rows is not ALL:
+            n = n // T * len(rows)
+        record += n * item
+        if name.startswith("logits"):
+            logits += n * item
+    return record, logits
+
+
+def with_transient(cfg: Config, lengths, dtype, record: int, logits: int) -> dict[str, int]:
+    """estimate_bytes' result from the kept bytes: plus one layer's attention (longest prompt) and MLP arrays."""
+    item = np.dtype(dtype).itemsize
     Tmax = max(lengths)
     attention = 2 * cfg.n_heads * Tmax * Tmax * item
     mlp = 3 * sum(lengths) * cfg.d_mlp * item

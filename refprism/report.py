@@ -57,8 +57,9 @@ SECTION_KEYS = {
     "compare": {"top": ("tokens_match", "sites", "first_divergence", "first_wrong_op", "diagnosis"),
                 "sites": ("site", "max_abs", "floor", "local_max_abs", "diverges"),
                 "diagnosis": ("variant", "explains")},
-    "sweep": {"top": ("components",),
-              "components": ("label", "mean", "ci95", "sign_agreement")},
+    "sweep": {"top": ("sweep", "columns", "splits"),
+              "splits": ("prism", "whole", "components"),
+              "splits.components": ("label", "mean", "ci", "same_sign")},
 }
 
 
@@ -313,7 +314,10 @@ def check_section(kind: str, data, source: str) -> dict:
     for field, needed in keys.items():
         if field == "top":
             continue
-        rows = data[field] if isinstance(data[field], list) else [data[field]]
+        outer, _, inner = field.partition(".")
+        rows = data[outer] if isinstance(data[outer], list) else [data[outer]]
+        if inner:  # a list inside each row (a sweep's splits[n].components)
+            rows = [r for row in rows if isinstance(row, dict) for r in (row.get(inner) or [None])]
         for n, row in enumerate(rows):
             lacking = [k for k in needed if not isinstance(row, dict) or k not in row]
             if lacking:

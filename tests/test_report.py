@@ -232,9 +232,42 @@ COMPARE = {"tokens_match": True, "sites": [{"site": "blocks.0.resid_pre", "max_a
                                             "local_max_abs": 0.25, "diverges": True}],
            "first_divergence": "blocks.0.attn.out", "first_wrong_op": "attention",
            "diagnosis": [{"variant": "interleaved RoPE", "explains": True}, {"variant": "erf GELU", "explains": False}]}
-SWEEP = {"prompts": 40, "components": [{"label": "L1.attn", "mean": 0.41, "ci95": [0.3, 0.52], "sign_agreement": 0.95},
-                                       {"label": "embed", "mean": -0.02, "ci95": [-0.08, 0.05],
-                                        "sign_agreement": 0.55}]}
+SWEEP = {"sweep": {"data": {"file": "d.jsonl", "rows": 40}, "prompts": 40, "bad_rows": 0, "levels": "residual"},
+         "columns": ["▁Paris - ▁Tokyo"], "bootstrap": {"resamples": 1000, "seed": 0},
+         "splits": [{"prism": "residual",
+                     "whole": {"label": "logits", "mean": [1.5], "ci": [[1.0, 2.0]], "same_sign": [1.0]},
+                     "components": [{"label": "L1.attn", "mean": [0.41], "ci": [[0.3, 0.52]], "same_sign": [0.95]},
+                                    {"label": "embed", "mean": [-0.02], "ci": [[-0.08, 0.05]], "same_sign": [0.55]}],
+                     "residual": [0.0], "exact": True}],
+         "top": {}, "exact": True}  # the shape of a sweep's summary.json (refprism.sweeps.summarize)
+
+
+def test_a_real_compare_json_is_a_section(tiny_dir, tiny):
+    """What refprism compare --json prints is what the page reads (a broken HF side, so that a diagnosis exists)."""
+    import torch
+    from refprism.other import hf
+
+    other = hf.load(tiny_dir)
+    with torch.no_grad():
+        other.model.layers[1].mlp.act_fn = torch.nn.GELU()  # the exact erf GELU in one layer
+    result = refprism.compare(tiny, PROMPT, against=other).to_json()
+    assert result["first_wrong_op"] and result["diagnosis"]
+    shown = json.loads(json.dumps(result))
+    assert report.check_section("compare", shown, "compare.json") == shown
+    assert page_for(tiny, tiny.run(PROMPT), depth=0, compare=shown)["sections"]["compare"]["sites"] == shown["sites"]
+
+
+def test_a_real_sweep_summary_is_a_section(tiny, tmp_path):
+    """What refprism sweep writes is what the page reads."""
+    from refprism import sweeps
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"id": i, "ids": [2, 5 + i, 7, 9 + i], "targets": ["#5"], "versus": ["#11"]})
+                              for i in range(5)))
+    sweeps.sweep(data, tiny, tmp_path / "out", levels="residual,heads", quiet=True)
+    summary = report.load_section("sweep", tmp_path / "out")
+    assert summary["splits"][0]["prism"] == "residual" and summary["sweep"]["prompts"] == 5
+    assert page_for(tiny, tiny.run(PROMPT), depth=0, sweep=summary)["sections"]["sweep"] == summary
 
 
 def test_sections_are_embedded_as_given(tiny):
@@ -254,7 +287,7 @@ def test_sections_are_embedded_as_given(tiny):
     ("compare", lambda d: d.pop("first_wrong_op"), "lacks the key 'first_wrong_op'"),
     ("compare", lambda d: d["sites"][0].pop("floor"), r"sites\[0\] lacks the key 'floor'"),
     ("compare", lambda d: d["diagnosis"][1].pop("explains"), r"diagnosis\[1\] lacks the key 'explains'"),
-    ("sweep", lambda d: d["components"][0].pop("ci95"), r"components\[0\] lacks the key 'ci95'"),
+    ("sweep", lambda d: d["splits"][0]["components"][1].pop("ci"), r"splits.components\[1\] lacks the key 'ci'"),
 ])
 def test_sections_lacking_keys_are_refused(tmp_path, kind, edit, message):
     data = json.loads(json.dumps({"validate": VALIDATE, "compare": COMPARE, "sweep": SWEEP}[kind]))

@@ -287,9 +287,10 @@ def test_sections_render(browser, tiny, tmp_path):
     assert column_of("compare", "variant") == ["interleaved RoPE", "erf GELU"]
     summary = dict(zip(column_of("compare", "key"), column_of("compare", "value")))
     assert summary == {"tokens_match": "true", "first_divergence": "blocks.0.attn.out", "first_wrong_op": "attention"}
-    assert [json.loads(v) for v in column_of("sweep", "ci95")] == [[0.3, 0.52], [-0.08, 0.05]]
-    assert [float(v) for v in column_of("sweep", "sign_agreement")] == [0.95, 0.55]
-    assert "0.3000, 0.5200" in tab.page.inner_text("[data-section=sweep]")
+    assert [float(v) for v in column_of("sweep", "mean")] == [1.5, 0.41, -0.02]  # the whole, then by |mean|
+    assert [json.loads(v) for v in column_of("sweep", "ci")] == [[1.0, 2.0], [0.3, 0.52], [-0.08, 0.05]]
+    assert [float(v) for v in column_of("sweep", "same_sign")] == [1.0, 0.95, 0.55]
+    assert "0.3000 .. 0.5200" in tab.page.inner_text("[data-section=sweep]")
     tab.shot("8-sections")
     tab.close()
 

@@ -446,6 +446,30 @@ function pairs(obj, role) {
   return tableOf(Object.entries(obj).map(([k, v]) => ({ key: k, value: v })), ["key", "value"], role);
 }
 
+// A sweep split: the whole, then its components by largest |mean| (SWEEP_ROWS shown; the JSON holds all).
+const SWEEP_ROWS = 20;
+function sweepSplit(sp, cols) {
+  const score = (c) => Math.max(...c.mean.map((m) => Math.abs(m)));
+  const rows = sp.components.slice().sort((a, b) => score(b) - score(a)).slice(0, SWEEP_ROWS);
+  const head = el("tr", {}, el("th", { class: "label" }, "component"),
+    ...cols.flatMap((c) => [el("th", {}, `${c}: mean`), el("th", {}, "95% interval"), el("th", {}, "same sign")]));
+  const row = (c, cls) => el("tr", { class: cls || "" }, el("td", { class: "label" }, c.label),
+    ...cols.flatMap((_, z) => [
+      el("td", { "data-key": "mean", "data-label": c.label, "data-col": z, "data-value": full(c.mean[z]) },
+         fmt(c.mean[z])),
+      el("td", { "data-key": "ci", "data-label": c.label, "data-col": z, "data-value": JSON.stringify(c.ci[z]) },
+         `${fmt(c.ci[z][0])} .. ${fmt(c.ci[z][1])}`),
+      el("td", { "data-key": "same_sign", "data-label": c.label, "data-col": z, "data-value": full(c.same_sign[z]) },
+         `${(100 * c.same_sign[z]).toFixed(0)}%`)]));
+  return el("div", { "data-sweep-split": sp.prism },
+    el("h3", {}, `${sp.prism} (whole: ${sp.whole.label || ""})`),
+    el("table", { "data-role": "sweep-components" }, el("thead", {}, head),
+      el("tbody", {}, row(Object.assign({}, sp.whole, { label: sp.whole.label || "whole" }), "whole"),
+        rows.map((c) => row(c)))),
+    sp.components.length > SWEEP_ROWS ?
+      el("p", { class: "mute" }, `(${sp.components.length - SWEEP_ROWS} more components in the JSON)`) : null);
+}
+
 function sections() {
   const out = [];
   const S = D.sections || {};
@@ -468,11 +492,15 @@ function sections() {
       el("h3", {}, "Diagnosis"), tableOf(c.diagnosis, ["variant", "explains"], "compare-diagnosis")));
   }
   if (S.sweep) {
-    const rest = Object.fromEntries(Object.entries(S.sweep).filter(([k]) => k !== "components"));
+    const w = S.sweep, cols = w.columns || [];
+    const meta = w.sweep || {};
     out.push(el("div", { class: "card section", "data-section": "sweep" },
-      el("h2", {}, "Sweep: mean terms over prompts, with bootstrap 95% intervals"),
-      Object.keys(rest).length ? pairs(rest, "sweep-summary") : null,
-      tableOf(S.sweep.components, ["label", "mean", "ci95", "sign_agreement"], "sweep-components")));
+      el("h2", {}, "Sweep: mean terms over the data set, with bootstrap 95% intervals"),
+      el("p", { class: "mute" }, `${meta.prompts} prompts of ${(meta.data || {}).file || "the data set"} ` +
+         `(${meta.bad_rows || 0} bad rows left out); per component: the mean term, its interval and the share of ` +
+         "prompts whose term has the mean's sign. The mean terms decompose the mean whole exactly " +
+         `(${w.exact ? "checked: yes" : "NOT within tolerance"}).`),
+      ...(w.splits || []).map((sp) => sweepSplit(sp, cols))));
   }
   return out;
 }

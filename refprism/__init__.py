@@ -3,9 +3,10 @@
 from .config import Config
 from .errors import AccessError, CheckpointError, ConfigError, InputError, OutputError, RefprismError
 from .forward import forward, forward_packed
+from .interventions import patch, validate
 from .model import Model, Run, load
 from .record import RECORD_TABLE, Record
 
-__all__ = ["Config", "Model", "Run", "Record", "RECORD_TABLE", "load", "forward", "forward_packed", "RefprismError",
-           "ConfigError", "CheckpointError", "AccessError", "InputError", "OutputError"]
+__all__ = ["Config", "Model", "Run", "Record", "RECORD_TABLE", "load", "forward", "forward_packed", "patch", "validate",
+           "RefprismError", "ConfigError", "CheckpointError", "AccessError", "InputError", "OutputError"]
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 
     basic.py     run, record, demo
     prism_cmds.py residual, attention, mlp, chain, map, pca
+    intervene_cmds.py patch, validate
     common.py    the shared prompt arguments, loading, one-line errors and printing
 
 Errors: one line `refprism: error: ...` on stderr and exit status 2 (bad input; exit 1 for a failed write or a
@@ -14,11 +15,11 @@ import os
 import sys
 
 from ..errors import RefprismError
-from . import basic, prism_cmds
+from . import basic, intervene_cmds, prism_cmds
 from .common import (_check_plot_path, _check_text_args, _Parser, check_out_path, one_line, prompt_of,  # noqa: F401
                      read_prompt_file)
 
-GROUPS = (basic, prism_cmds)
+GROUPS = (basic, prism_cmds, intervene_cmds)
 
 
 def build_parser() -> _Parser:

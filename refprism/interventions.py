@@ -284,10 +284,31 @@ class Edit:
         return value
 
 
-def rerun(model, base: Run, edit: Edit) -> Run:
-    """The base run re-run with the edit, resumed at its first edited layer from the base run's record."""
+class _FinalNorm(Exception):
+    """Ends a re-run at `ln_final.out`, carrying its record: a readout needs the final norm's output at one
+    position and a few unembedding rows, not the [T, V] logits the forward pass computes when it is edited."""
+
+    def __init__(self, record):
+        super().__init__("ln_final.out reached")
+        self.record = record
+
+
+def rerun(model, base: Run, edit: Edit):
+    """The base run re-run with the edit, resumed at its first edited layer from the base run's record (bit for bit
+    a full re-run: forward.forward's resume), up to and including `ln_final.out`; returns that Record."""
+    def until_final_norm(name, value, record):
+        value = edit(name, value, record)
+        if name == "ln_final.out":
+            record[name] = value
+            raise _FinalNorm(record)
+        return value
+
     resume = None if edit.first_layer is None else (edit.first_layer, base.record)
-    return model.run(base.tokens, edit=edit, resume=resume)
+    try:
+        model.run(base.tokens, edit=until_final_norm, resume=resume)
+    except _FinalNorm as done:
+        return done.record
+    raise AssertionError("the forward pass did not reach ln_final.out")  # every Gemma pass ends with it
 
 
 # ------------------------------------------------------------------------------------------------- the setting
@@ -428,11 +449,13 @@ def _positions(at, T, p) -> tuple[int, ...]:
 
 
 class Readings:
-    """The readout of a run, and the readout of final residual vectors with the final norm recomputed.
+    """The readout of a run's final norm output, and of final residual vectors with the final norm recomputed.
 
-    Math:   m(run) = coef . logits[p, ids]                 (pre-cap on Gemma 2: the prisms' readout; its `whole`)
-            f(x)   = coef . (rms_norm(x; ln_final) E[ids]^T)   (the final norm recomputed for each x)
+    Math:   m(run) = coef . (ln_final.out[p] E[ids]^T)           (pre-cap on Gemma 2: the prisms' readout)
+            f(x)   = coef . (rms_norm(x; ln_final) E[ids]^T)       (the final norm recomputed for each x)
             Gemma 2 also: the same through the soft-cap, cap * tanh(l / cap) per logit, then coef.
+            log-probabilities (when asked): log_softmax over the whole vocabulary (capped on Gemma 2), per target.
+    Only the readout's rows of E are read, except for log-probabilities (one [D] x [D, V] product per vector).
     """
 
     def __init__(self, setting: Setting):
@@ -443,27 +466,27 @@ class Readings:
         self.cap = model.config.final_softcap
         self.n_targets = len(setting.readout.targets.targets)
 
-    def of_run(self, run):
-        """(pre-cap readout [Z], capped readout [Z] or None, log-probs of the targets [n] (float64))."""
-        rec, p = run.record, self.p
-        raw = rec["logits_uncapped" if self.cap is not None else "logits"][p, self.ids]
-        capped = None if self.cap is None else self.coef @ rec["logits"][p, self.ids]
-        return self.coef @ raw, capped, _log_softmax(rec["logits"][p])[self.ids[: self.n_targets]]
+    def of_record(self, record, *, logprob=False):
+        """(pre-cap readout [Z], capped readout [Z] or None, log-probs of the targets [n] or None)."""
+        h = record["ln_final.out"][self.p]
+        return self._read(h[None], logprob)
 
-    def of_residual(self, xs):
-        """f(x) for final residuals xs [C, D]: (pre-cap [C, Z], capped [C, Z] or None)."""
+    def of_residual(self, xs, *, logprob=False):
+        """f(x) for final residuals xs [C, D]: (pre-cap [C, Z], capped [C, Z] or None, log-probs [C, n] or None)."""
         y, _ = ops.rms_norm(xs, self.model.params.ln_final, eps=self.model.config.rms_norm_eps)
-        logits = y @ self.E.T  # [C, I]
+        return self._read(y, logprob, rows=True)
+
+    def _read(self, h, logprob, rows=False):
+        logits = h @ self.E.T  # [C, I]
         capped = None if self.cap is None else ops.softcap(logits, self.cap) @ self.coef.T
-        return logits @ self.coef.T, capped
-
-    def logprob_of_residual(self, xs):
-        """Log-probabilities of the targets for final residuals xs [C, D] (the whole vocabulary): [C, n]."""
-        y, _ = ops.rms_norm(xs, self.model.params.ln_final, eps=self.model.config.rms_norm_eps)
-        logits = self.model.params.unembed(y)
-        if self.cap is not None:
-            logits = ops.softcap(logits, self.cap)
-        return np.stack([_log_softmax(row)[self.ids[: self.n_targets]] for row in logits])
+        lp = None
+        if logprob:
+            full = self.model.params.unembed(h)  # [C, V]
+            if self.cap is not None:
+                full = ops.softcap(full, self.cap)
+            lp = np.stack([_log_softmax(row)[self.ids[: self.n_targets]] for row in full])
+        out = (logits @ self.coef.T, capped, lp)
+        return out if rows else tuple(None if v is None else v[0] for v in out)
 
 
 def _log_softmax(row):
@@ -547,25 +570,26 @@ def direct_effects(setting: Setting, readings: Readings, g: Group, delta):
     """
     x = setting.base.record[P.site_name(2 * setting.model.config.n_layers, setting.model.config.n_layers)]
     x = x[setting.position]
-    f0, c0 = readings.of_residual(x[None])
+    f0, c0, _ = readings.of_residual(x[None])
     out, capped = [], []
     for a in range(0, len(g), CHUNK):
         d = residual_changes(setting, g, delta, slice(a, a + CHUNK))
-        f1, c1 = readings.of_residual(x[None] + d)
+        f1, c1, _ = readings.of_residual(x[None] + d)
         out.append(f0 - f1)
         capped.append(None if c0 is None else c0 - c1)
     direct = setting.sign * np.concatenate(out)
     return direct, (None if c0 is None else setting.sign * np.concatenate(capped))
 
 
-def total_effect(setting: Setting, readings: Readings, changes, base_reading):
+def total_effect(setting: Setting, readings: Readings, changes, base_reading, *, logprob=False):
     """One re-run with the changes (resumed at the first edited layer): (total [Z], capped total [Z] or None,
-    log-prob change of each target [n], the patched run's readings)."""
-    patched = rerun(setting.model, setting.base, Edit(setting.model.config, changes))
-    m, c, lp = readings.of_run(patched)
+    log-prob change of each target [n] or None, the patched run's readings)."""
+    record = rerun(setting.model, setting.base, Edit(setting.model.config, changes))
+    m, c, lp = readings.of_record(record, logprob=logprob)
     m0, c0, lp0 = base_reading
     s = setting.sign
-    return s * (m0 - m), (None if c is None else s * (c0 - c)), s * (lp0 - lp), (m, c, lp)
+    return (s * (m0 - m), None if c is None else s * (c0 - c), None if lp is None else s * (lp0 - lp),
+            (m, c, lp))
 
 
 # ------------------------------------------------------------------------------------------------- patch
@@ -666,10 +690,11 @@ def patch(model, prompt, component, *, targets=None, versus=(), position=-1, at=
     delta, repl = deltas(s, g)
     prism = prism_terms(s, g, delta)[0]
     direct, capped_direct = direct_effects(s, readings, g, delta)
-    base_reading = readings.of_run(s.base)
-    total, capped_total, lp_total, (m, c, lp) = total_effect(s, readings, [(g, s.at, repl)], base_reading)
+    base_reading = readings.of_record(s.base.record, logprob=True)
+    total, capped_total, lp_total, (m, c, lp) = total_effect(s, readings, [(g, s.at, repl)], base_reading,
+                                                             logprob=True)
     x = s.base.record[P.site_name(2 * model.config.n_layers, model.config.n_layers)][s.position]
-    lp_x = readings.logprob_of_residual(np.stack([x, x + residual_changes(s, g, delta)[0]]))
+    lp_x = readings.of_residual(np.stack([x, x + residual_changes(s, g, delta)[0]]), logprob=True)[2]
     capped = None
     if capped_direct is not None:
         capped = {"base": base_reading[1], "patched": c, "direct": capped_direct[0], "total": capped_total}
@@ -806,7 +831,7 @@ class Validation:
     sample_bound: dict | None
     faithfulness: dict | None
     capped: dict | None = None  # Gemma 2: {"direct": [C, Z], "total": [C, Z]}
-    logprob_total: np.ndarray | None = None  # [C, n targets], NaN where not verified
+    logprob_total: np.ndarray | None = None  # [C, n targets], NaN where not verified (with logprob=True)
     timing: dict = field(default_factory=dict)
 
     @property
@@ -828,13 +853,16 @@ class Validation:
         for i in rows:
             c = {"label": self.labels[i], "prism": _floats(self.prism[i]), "direct": _floats(self.direct[i]),
                  "total": _floats(self.total[i]), "norm_rescaling": _floats(self.norm_rescaling[i]),
-                 "mediated": _floats(self.mediated[i]), "logprob_total": _floats(self.logprob_total[i])}
+                 "mediated": _floats(self.mediated[i])}
+            if self.logprob_total is not None:
+                c["logprob_total"] = _floats(self.logprob_total[i])
             if self.capped is not None:
                 c["softcapped"] = {"direct": _floats(self.capped["direct"][i]),
                                    "total": _floats(self.capped["total"][i])}
             components.append(c)
         out.update({"level": self.level, "n_components": len(self.labels), "n_verified": int(self.verified.sum()),
-                    "logprob_targets": [t.piece for t in self.setting.readout.targets.targets],
+                    "logprob_targets": None if self.logprob_total is None else
+                    [t.piece for t in self.setting.readout.targets.targets],
                     "components": components,
                     "agreement": dict(self.agreement, column=self.column, column_label=self.columns[self.column]),
                     "sample_bound": self.sample_bound, "faithfulness": self.faithfulness, "timing": self.timing})
@@ -874,7 +902,7 @@ class Validation:
 
 def validate(model, prompt, *, level="heads", targets=None, versus=(), position=-1, at=None, ablate="zero",
              counterfactual=None, reference=None, direction="noising", top=10, budget=256, seed=0, column=0,
-             faithfulness=True) -> Validation:
+             faithfulness=True, logprob=False) -> Validation:
     """Every component of a level: prism beside direct and total effect, their agreement, circuit faithfulness.
 
     level:  residual | heads | head-source:L | neurons:L | neurons (see level_groups)
@@ -884,6 +912,7 @@ def validate(model, prompt, *, level="heads", targets=None, versus=(), position=
             95% upper bound on the fraction of the rest whose |total| exceeds the k-th verified one's
     column: the readout column the agreement and the faithfulness ranking use (0: the first target)
     faithfulness: run the curve: keep the top-k by |prism| (clean), ablate the rest, for k on a grid
+    logprob: also each re-run's change in the targets' log-probabilities (one [D] x [D, V] product per re-run)
     Other arguments as for `patch`. Effects are "clean minus replaced" (module docstring).
     """
     if not isinstance(top, (int, np.integer)) or top < 1:
@@ -897,7 +926,7 @@ def validate(model, prompt, *, level="heads", targets=None, versus=(), position=
         raise InputError(f"column {column} is out of range (the readout has columns 0 .. {Z - 1})")
     groups = level_groups(model.config, level, s.position)
     readings = Readings(s)
-    base_reading = readings.of_run(s.base)
+    base_reading = readings.of_record(s.base.record, logprob=logprob)
     labels, prism, direct, capped, repls = [], [], [], [], []
     for g in groups:
         delta, repl = deltas(s, g)
@@ -919,14 +948,17 @@ def validate(model, prompt, *, level="heads", targets=None, versus=(), position=
         chosen = np.concatenate([order[:k], np.sort(sample)])
     total = np.full((C, Z), np.nan)
     capped_total = np.full((C, Z), np.nan)
-    lp_total = np.full((C, readings.n_targets), np.nan)
+    lp_total = np.full((C, readings.n_targets), np.nan) if logprob else None
     started = time.perf_counter()
     for i in chosen:
         gi = int(np.searchsorted(offsets, i, side="right")) - 1
         r = int(i - offsets[gi])
         g = groups[gi]
-        t, ct, lp, _ = total_effect(s, readings, [(g.take([r]), s.at, repls[gi][:, [r]])], base_reading)
-        total[i], lp_total[i] = t, lp
+        t, ct, lp, _ = total_effect(s, readings, [(g.take([r]), s.at, repls[gi][:, [r]])], base_reading,
+                                    logprob=logprob)
+        total[i] = t
+        if lp is not None:
+            lp_total[i] = lp
         if ct is not None:
             capped_total[i] = ct
     rerun_s = time.perf_counter() - started
@@ -985,8 +1017,8 @@ def _faithfulness(s: Setting, readings, groups, repls, order, column) -> dict:
             rows = np.flatnonzero(edited[offsets[gi]:offsets[gi + 1]])
             if len(rows):
                 changes.append((g.take(rows), s.at, repls[gi][:, rows]))
-        run = rerun(s.model, s.base, Edit(s.model.config, changes)) if changes else s.base
-        m.append(float(readings.of_run(run)[0][column]))
+        record = rerun(s.model, s.base, Edit(s.model.config, changes)) if changes else s.base.record
+        m.append(float(readings.of_record(record)[0][column]))
     return recovered_curve(grid, m, ablate=s.ablate, direction=s.direction)
 
 

@@ -92,7 +92,7 @@ def downstream_frozen(s, edit, g, *, norms):
 
 def effect(s, run):
     readings = I.Readings(s)
-    return s.sign * (readings.of_run(s.base)[0] - readings.of_run(run)[0])
+    return s.sign * (readings.of_record(s.base.record)[0] - readings.of_record(run.record)[0])
 
 
 def assert_exact(name, got, want, whole):
@@ -135,9 +135,10 @@ def test_resume_equals_a_full_rerun(models64, case):
     edit = I.Edit(model.config, [(g, s.at, repl)])
     assert edit.first_layer == (None if g.kind == "embed" else g.layer)
     resumed, full = I.rerun(model, s.base, edit), model.run(s.base.tokens, edit=edit)
-    assert set(resumed.record) == set(full.record)
-    for name in full.record:
-        np.testing.assert_array_equal(resumed.record[name], full.record[name], err_msg=name)
+    # the re-run stops at the final norm (the readout needs one row of the unembedding, not [T, V])
+    assert set(resumed) == set(full.record) - {"logits", "logits_uncapped"}
+    for name in resumed:
+        np.testing.assert_array_equal(resumed[name], full.record[name], err_msg=name)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -166,12 +167,16 @@ def test_zero_ablation_prism_is_the_prisms_own_term(models64, case):
 
 def test_patch_and_validate_agree(models64):
     model = models64[5]
-    v = I.validate(model, PROMPT, level="heads", ablate="resample", counterfactual=COUNTER, faithfulness=False)
+    v = I.validate(model, PROMPT, level="heads", ablate="resample", counterfactual=COUNTER, faithfulness=False,
+                   logprob=True)
     for label in ("L0H1", "L2H3"):
         one = I.patch(model, PROMPT, label, ablate="resample", counterfactual=COUNTER)
         i = v.labels.index(label)
         for key in ("prism", "direct", "total"):
             np.testing.assert_allclose(getattr(v, key)[i], getattr(one, key), rtol=1e-12, atol=1e-15, err_msg=key)
+        np.testing.assert_allclose(v.logprob_total[i], one.logprob["total"], rtol=1e-12, atol=1e-15)
+    # the readings of the final norm's output are the model's own logits (read at the readout's rows only)
+    np.testing.assert_allclose(one.base_value, v.setting.readout.whole, rtol=1e-13)
     assert v.verified.all() and v.agreement["n"] == len(v.labels) == 12
 
 
@@ -189,17 +194,17 @@ def test_head_source_edit_changes_exactly_that_term(models64, shape):
     g = I.parse_component(model.config, f"L{l}H{h}.src{s_}", T=7)
     for value, want in ((np.zeros((1, 1, model.config.d_head)), -term(base.record)),
                         (term(cf.record)[None, None], term(cf.record) - term(base.record))):
-        run = I.rerun(model, base, I.Edit(model.config, [(g, [p], value)]))
-        z0, z1 = base.record[b + "attn.z"], run.record[b + "attn.z"]
+        rec = I.rerun(model, base, I.Edit(model.config, [(g, [p], value)]))
+        z0, z1 = base.record[b + "attn.z"], rec[b + "attn.z"]
         np.testing.assert_allclose(z1[p, h] - z0[p, h], want, rtol=1e-12, atol=1e-14)
         untouched = np.ones(z0.shape[:2], dtype=bool)
         untouched[p, h] = False
         np.testing.assert_array_equal(z1[untouched], z0[untouched])  # every other head and position, bit for bit
         for name in ("attn.pattern", "attn.v", "attn.k", "attn.q"):
-            np.testing.assert_array_equal(run.record[b + name], base.record[b + name])
+            np.testing.assert_array_equal(rec[b + name], base.record[b + name])
         change = want @ model.params.get(l, "W_O")[h]  # what attention adds changes by that term through W_O
         o = "attn.o_proj" if model.config.post_norms else "attn.out"
-        np.testing.assert_allclose(run.record[b + o][p] - base.record[b + o][p], change, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(rec[b + o][p] - base.record[b + o][p], change, rtol=1e-10, atol=1e-13)
 
 
 def test_edit_does_not_modify_its_input(models64):
@@ -285,8 +290,8 @@ def test_mean_values_by_hand(models64):
 def test_logprob_and_capped_numbers(models64):
     model = models64[3]
     p = I.patch(model, PROMPT, "L2.mlp", targets=["#108"], versus=["#116"])
-    base, patched = model.run(PROMPT), I.rerun(model, p.setting.base, I.Edit(
-        model.config, [(I.parse_component(model.config, "L2.mlp", T=7), [6], np.zeros((1, 1, 64)))]))
+    g = I.parse_component(model.config, "L2.mlp", T=7)
+    base, patched = model.run(PROMPT), model.run(PROMPT, edit=I.Edit(model.config, [(g, [6], np.zeros((1, 1, 64)))]))
     lsm = lambda r: r.record["logits"][6].astype(np.float64) - np.log(np.exp(r.record["logits"][6]).sum())  # noqa: E731
     np.testing.assert_allclose(p.logprob["total"], [lsm(base)[108] - lsm(patched)[108]], rtol=1e-10)
     capped = lambda r: r.record["logits"][6, 108] - r.record["logits"][6, 116]  # noqa: E731
@@ -361,7 +366,7 @@ def test_faithfulness_ends_at_zero_and_one(models64):
         f = v.faithfulness
         assert f["k"] == list(range(len(v.labels) + 1))
         assert f["recovered"][0] == 0 and f["recovered"][-1] == pytest.approx(1)
-        base = I.Readings(v.setting).of_run(v.setting.base)[0][0]
+        base = I.Readings(v.setting).of_record(v.setting.base.record)[0][0]
         assert f["readout"][0 if kw.get("direction") == "denoising" else -1] == pytest.approx(base, rel=1e-14)
 
 

@@ -564,21 +564,29 @@ CHUNK = 2048  # components per [C, D] block when computing direct effects (16,38
 
 
 def direct_effects(setting: Setting, readings: Readings, g: Group, delta):
-    """direct = f(x) - f(x + d) for each component (times the sign), from recorded arrays only.
+    """direct = f(x) - f(x + d) for each component (times the sign), from recorded arrays only; and the same with
+    the final norm still frozen, which isolates what the component's own post-norm did.
 
-    Returns (direct [C, Z], capped direct [C, Z] or None on models without a final soft-cap).
+    Math:   direct     = f(x) - f(x + d)            (the post-norm in d, and the final norm, recomputed)
+            post_only  = -u . d                     (the post-norm recomputed, the final norm frozen; Gemma 2/3
+                                                     heads, edges, neurons: the others have no post-norm of their
+                                                     own on the direct path, and post_only is the prism term)
+    Returns (direct [C, Z], post_only [C, Z] or None, capped direct [C, Z] or None without a final soft-cap).
     """
-    x = setting.base.record[P.site_name(2 * setting.model.config.n_layers, setting.model.config.n_layers)]
-    x = x[setting.position]
+    cfg = setting.model.config
+    x = setting.base.record[P.site_name(2 * cfg.n_layers, cfg.n_layers)][setting.position]
+    own_norm = cfg.post_norms and g.kind in ("head", "edge", "neuron")
     f0, c0, _ = readings.of_residual(x[None])
-    out, capped = [], []
+    out, post, capped = [], [], []
     for a in range(0, len(g), CHUNK):
         d = residual_changes(setting, g, delta, slice(a, a + CHUNK))
         f1, c1, _ = readings.of_residual(x[None] + d)
         out.append(f0 - f1)
+        post.append(-(d @ setting.readout.u.T))
         capped.append(None if c0 is None else c0 - c1)
-    direct = setting.sign * np.concatenate(out)
-    return direct, (None if c0 is None else setting.sign * np.concatenate(capped))
+    sign = setting.sign
+    return (sign * np.concatenate(out), sign * np.concatenate(post) if own_norm else None,
+            None if c0 is None else sign * np.concatenate(capped))
 
 
 def total_effect(setting: Setting, readings: Readings, changes, base_reading, *, logprob=False):
@@ -600,7 +608,8 @@ class Patch:
     """One component, replaced: its prism term, direct and total effects, and the gap between them explained.
 
     Every number is "readout with the component clean minus readout with it replaced" (see the module docstring);
-    values are per readout column [Z]. norm_rescaling = direct - prism; mediated = total - direct.
+    values are per readout column [Z]. norm_rescaling = direct - prism = post_norm_rescaling (the component's own
+    Gemma 2/3 post-norm; 0 where it has none) + final_norm_rescaling; mediated = total - direct.
     """
 
     setting: Setting = field(repr=False)
@@ -608,6 +617,7 @@ class Patch:
     prism: np.ndarray
     direct: np.ndarray
     total: np.ndarray
+    post_norm_rescaling: np.ndarray  # post_only - prism (direct_effects), 0 without an own post-norm
     base_value: np.ndarray  # m(base) [Z]
     patched_value: np.ndarray  # m(patched) [Z]
     capped: dict | None = None  # Gemma 2: {"direct", "total", "base", "patched"} through the final soft-cap
@@ -616,6 +626,10 @@ class Patch:
     @property
     def norm_rescaling(self):
         return self.direct - self.prism
+
+    @property
+    def final_norm_rescaling(self):
+        return self.norm_rescaling - self.post_norm_rescaling
 
     @property
     def mediated(self):
@@ -632,6 +646,8 @@ class Patch:
             "base": _floats(self.base_value), "patched": _floats(self.patched_value),
             "prism": _floats(self.prism), "direct": _floats(self.direct), "total": _floats(self.total),
             "norm_rescaling": _floats(self.norm_rescaling), "mediated": _floats(self.mediated),
+            "post_norm_rescaling": _floats(self.post_norm_rescaling),
+            "final_norm_rescaling": _floats(self.final_norm_rescaling),
             "softcapped": None if self.capped is None else {k: _floats(v) for k, v in self.capped.items()},
             "logprob": {"targets": [t.piece for t in self.setting.readout.targets.targets],
                         **{k: _floats(v) for k, v in self.logprob.items()}},
@@ -651,6 +667,8 @@ class Patch:
                line("prism (frozen term)", self.prism), line("direct (post/final norms recomputed)", self.direct),
                line("total (full re-run)", self.total), rule,
                line("norm rescaling = direct - prism", self.norm_rescaling),
+               line("  of which the post-norm", self.post_norm_rescaling),
+               line("  of which the final norm", self.final_norm_rescaling),
                line("mediated = total - direct", self.mediated)]
         if self.capped is not None:
             out += [rule, line("soft-capped readout: direct", self.capped["direct"]),
@@ -689,7 +707,7 @@ def patch(model, prompt, component, *, targets=None, versus=(), position=-1, at=
     readings = Readings(s)
     delta, repl = deltas(s, g)
     prism = prism_terms(s, g, delta)[0]
-    direct, capped_direct = direct_effects(s, readings, g, delta)
+    direct, post_only, capped_direct = direct_effects(s, readings, g, delta)
     base_reading = readings.of_record(s.base.record, logprob=True)
     total, capped_total, lp_total, (m, c, lp) = total_effect(s, readings, [(g, s.at, repl)], base_reading,
                                                              logprob=True)
@@ -698,7 +716,8 @@ def patch(model, prompt, component, *, targets=None, versus=(), position=-1, at=
     capped = None
     if capped_direct is not None:
         capped = {"base": base_reading[1], "patched": c, "direct": capped_direct[0], "total": capped_total}
-    return Patch(s, g.labels[0], prism, direct[0], total, base_reading[0], m, capped,
+    post = np.zeros_like(prism) if post_only is None else post_only[0] - prism
+    return Patch(s, g.labels[0], prism, direct[0], total, post, base_reading[0], m, capped,
                  {"base": base_reading[2], "patched": lp, "direct": s.sign * (lp_x[0] - lp_x[1]), "total": lp_total})
 
 
@@ -825,6 +844,7 @@ class Validation:
     prism: np.ndarray  # [C, Z]
     direct: np.ndarray  # [C, Z]
     total: np.ndarray  # [C, Z], NaN where not verified
+    post_norm_rescaling: np.ndarray  # [C, Z], as Patch's
     verified: np.ndarray  # [C] bool
     column: int
     agreement: dict
@@ -837,6 +857,10 @@ class Validation:
     @property
     def norm_rescaling(self):
         return self.direct - self.prism
+
+    @property
+    def final_norm_rescaling(self):
+        return self.norm_rescaling - self.post_norm_rescaling
 
     @property
     def mediated(self):
@@ -853,7 +877,8 @@ class Validation:
         for i in rows:
             c = {"label": self.labels[i], "prism": _floats(self.prism[i]), "direct": _floats(self.direct[i]),
                  "total": _floats(self.total[i]), "norm_rescaling": _floats(self.norm_rescaling[i]),
-                 "mediated": _floats(self.mediated[i])}
+                 "mediated": _floats(self.mediated[i]), "post_norm_rescaling": _floats(self.post_norm_rescaling[i]),
+                 "final_norm_rescaling": _floats(self.final_norm_rescaling[i]), "verified": bool(self.verified[i])}
             if self.logprob_total is not None:
                 c["logprob_total"] = _floats(self.logprob_total[i])
             if self.capped is not None:
@@ -887,10 +912,13 @@ class Validation:
                        f"(about {b['upper_bound_count']:.0f} of {b['outside']})")
         order = [i for i in np.argsort(-np.abs(self.prism[:, z]), kind="stable") if self.verified[i]][:top]
         out.append("")
-        out.append(f"{'component':<16}{'prism':>11}{'direct':>11}{'total':>11}{'norm resc.':>12}{'mediated':>11}")
+        out.append("(direct = prism + post-norm + final norm rescaling; total = direct + mediated)")
+        out.append(f"{'component':<16}{'prism':>10}{'direct':>10}{'total':>10}{'post-norm':>11}{'final norm':>11}"
+                   f"{'mediated':>10}")
         for i in order:
-            out.append(f"{self.labels[i]:<16}{self.prism[i, z]:>11.4f}{self.direct[i, z]:>11.4f}"
-                       f"{self.total[i, z]:>11.4f}{self.norm_rescaling[i, z]:>12.4f}{self.mediated[i, z]:>11.4f}")
+            out.append(f"{self.labels[i]:<16}{self.prism[i, z]:>10.4f}{self.direct[i, z]:>10.4f}"
+                       f"{self.total[i, z]:>10.4f}{self.post_norm_rescaling[i, z]:>11.4f}"
+                       f"{self.final_norm_rescaling[i, z]:>11.4f}{self.mediated[i, z]:>10.4f}")
         if self.faithfulness is not None:
             f = self.faithfulness
             pts = "  ".join(f"{k}:{v:.2f}" for k, v in zip(f["k"], f["recovered"]))
@@ -927,14 +955,15 @@ def validate(model, prompt, *, level="heads", targets=None, versus=(), position=
     groups = level_groups(model.config, level, s.position)
     readings = Readings(s)
     base_reading = readings.of_record(s.base.record, logprob=logprob)
-    labels, prism, direct, capped, repls = [], [], [], [], []
+    labels, prism, direct, post, capped, repls = [], [], [], [], [], []
     for g in groups:
         delta, repl = deltas(s, g)
         labels += g.labels
         prism.append(prism_terms(s, g, delta))
-        d, c = direct_effects(s, readings, g, delta)
+        d, post_only, c = direct_effects(s, readings, g, delta)
+        post.append(np.zeros_like(d) if post_only is None else post_only - prism[-1])
         direct.append(d), capped.append(c), repls.append(repl)
-    prism, direct = np.concatenate(prism), np.concatenate(direct)
+    prism, direct, post = np.concatenate(prism), np.concatenate(direct), np.concatenate(post)
     C = len(labels)
     offsets = np.cumsum([0] + [len(g) for g in groups])  # group gi holds components offsets[gi] .. offsets[gi+1]-1
 
@@ -987,8 +1016,8 @@ def validate(model, prompt, *, level="heads", targets=None, versus=(), position=
         capped_out = {"direct": np.concatenate(capped), "total": capped_total}
     timing = {"reruns": int(len(chosen)), "rerun_seconds": rerun_s,
               "seconds_per_rerun": rerun_s / max(1, len(chosen))}
-    return Validation(s, str(level), labels, prism, direct, total, verified, column, agree, bound, faith, capped_out,
-                      lp_total, timing)
+    return Validation(s, str(level), labels, prism, direct, total, post, verified, column, agree, bound, faith,
+                      capped_out, lp_total, timing)
 
 
 def faithfulness_grid(C: int, points: int = 24) -> list[int]:

@@ -4,7 +4,8 @@ Optional like refprism/plots.py, whose helpers they reuse: matplotlib is importe
 are `matplotlib.figure.Figure` objects built by the `_*_fig` functions (which tests inspect) and saved atomically.
 
     validation_figure(v, path)   three panels: prism vs total (scatter, y = x), the gap decomposition of the
-                                 largest components (prism + norm rescaling + mediated = total), the faithfulness
+                                 largest components (prism + post-norm rescaling + final norm rescaling + mediated
+                                 = total), the faithfulness
                                  curve (fraction recovered against k, with the 80% and 90% lines)
     patch_figure(p, path)        one component: prism, direct and total per readout column, and the two gaps
 """
@@ -17,9 +18,9 @@ import numpy as np
 
 from .plots import _colors, _figure, _legend_below, _text, _write
 
-# The gap decomposition's three parts, in the order they add up to the total, and their colours.
-PARTS = (("prism (frozen term)", "tab:blue"), ("norm rescaling = direct - prism", "tab:orange"),
-         ("mediated = total - direct", "tab:green"))
+# The gap decomposition's parts, in the order they add up to the total, and their colours.
+PARTS = (("prism (frozen term)", "tab:blue"), ("post-norm rescaling", "tab:red"),
+         ("final norm rescaling", "tab:orange"), ("mediated = total - direct", "tab:green"))
 
 
 def validation_figure(v, path, *, top=20) -> Path:
@@ -36,6 +37,7 @@ def _validation_fig(v, *, top=20):
     z = v.column
     rows = np.flatnonzero(v.verified)
     prism, direct, total = v.prism[rows, z], v.direct[rows, z], v.total[rows, z]
+    post, final = v.post_norm_rescaling[rows, z], v.final_norm_rescaling[rows, z]
     labels = [v.labels[i] for i in rows]
     panels = 3 if v.faithfulness is not None else 2
     fig = _figure(6.0 * panels, 6.0)
@@ -58,9 +60,9 @@ def _validation_fig(v, *, top=20):
     ax.set_ylabel("total effect (full re-run)")
     ax.legend(fontsize="small", loc="upper left")
 
-    ax = axes[1]  # the gap, per component: prism + norm rescaling + mediated = total
+    ax = axes[1]  # the gap, per component: prism + post-norm + final norm rescaling + mediated = total
     order = np.argsort(-np.abs(total), kind="stable")[:top]
-    parts = np.stack([prism[order], (direct - prism)[order], (total - direct)[order]], axis=1)  # [C, 3]
+    parts = np.stack([prism[order], post[order], final[order], (total - direct)[order]], axis=1)  # [C, 4]
     _stacked(ax, [labels[i] for i in order], parts)
     ax.scatter(total[order], np.arange(len(order)), marker="D", color="black", s=16, zorder=3, label="total")
     ax.set_title(f"the gap, for the {len(order)} largest totals", fontsize="medium")
@@ -114,7 +116,7 @@ def _patch_fig(p):
 
 
 def _stacked(ax, labels, parts):
-    """Horizontal bars of parts [C, 3], stacked from 0 with negative parts stacked leftwards."""
+    """Horizontal bars of parts [C, len(PARTS)], stacked from 0 with negative parts stacked leftwards."""
     C = len(labels)
     pos_left, neg_left = np.zeros(C), np.zeros(C)
     for j, (name, color) in enumerate(PARTS):

@@ -74,9 +74,10 @@ def sublayer(g) -> int:
     return -1 if g.kind == "embed" else 2 * g.layer + (g.kind in ("mlp", "neuron"))
 
 
-def downstream_frozen(s, edit, g, *, norms):
+def downstream_frozen(s, edit, g, *, norms, free=()):
     """The component's edit, with every later sublayer's output held at the base run's value; with norms=True
-    also every norm scale, attention pattern and gelu(gate) factor (everything the prisms freeze)."""
+    also every norm scale, attention pattern and gelu(gate) factor (everything the prisms freeze) but those named
+    in `free`."""
     base, own = s.base.record, sublayer(g)
 
     def f(name, value, record):
@@ -84,7 +85,8 @@ def downstream_frozen(s, edit, g, *, norms):
         m = re.fullmatch(r"blocks\.(\d+)\.(attn|mlp)\.out", name)
         if m and 2 * int(m[1]) + (m[2] == "mlp") > own:
             return base[name]
-        if norms and (name.endswith(".scale") or name.endswith("attn.pattern") or name.endswith("mlp.gate")):
+        frozen = name.endswith(".scale") or name.endswith("attn.pattern") or name.endswith("mlp.gate")
+        if norms and frozen and name not in free:
             return base[name]
         return value
     return f
@@ -112,6 +114,13 @@ def test_prism_is_the_effect_with_everything_downstream_frozen(models64, case):
     edit = I.Edit(model.config, [(g, s.at, repl)])
     run = model.run(s.base.tokens, edit=downstream_frozen(s, edit, g, norms=True))
     assert_exact(f"{g.labels[0]} frozen effect", effect(s, run), prism, s.readout.whole)
+    # the component's own post-norm (Gemma 2/3) recomputed, every other norm frozen: prism + post_norm_rescaling
+    own = {"head": "ln1_post", "edge": "ln1_post", "neuron": "ln2_post"}.get(g.kind)
+    if model.config.post_norms and own:
+        post_only = I.direct_effects(s, I.Readings(s), g, delta)[1][0]
+        free = {f"blocks.{g.layer}.{own}.scale"}
+        run = model.run(s.base.tokens, edit=downstream_frozen(s, edit, g, norms=True, free=free))
+        assert_exact(f"{g.labels[0]} post-norm only", effect(s, run), post_only, s.readout.whole)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -121,7 +130,7 @@ def test_direct_is_the_effect_with_only_the_direct_path_norms_recomputed(models6
     own post-norm (Gemma 2/3) and the final norm, and its effect is the direct effect computed from the record."""
     model, s, g = build(models64, case)
     delta, repl = I.deltas(s, g)
-    direct, _ = I.direct_effects(s, I.Readings(s), g, delta)
+    direct = I.direct_effects(s, I.Readings(s), g, delta)[0]
     edit = I.Edit(model.config, [(g, s.at, repl)])
     run = model.run(s.base.tokens, edit=downstream_frozen(s, edit, g, norms=False))
     assert_exact(f"{g.labels[0]} direct", effect(s, run), direct[0], s.readout.whole)
@@ -236,7 +245,7 @@ def test_direct_equals_prism_when_the_norm_scale_is_unchanged(models64, kind):
     np.testing.assert_allclose(np.linalg.norm(x + d), np.linalg.norm(x), rtol=1e-13)
     assert np.abs(d).max() > 0.1  # a real change
     prism = I.prism_terms(s, g, delta)[0]
-    direct, _ = I.direct_effects(s, I.Readings(s), g, delta)
+    direct = I.direct_effects(s, I.Readings(s), g, delta)[0]
     assert_exact(label, direct[0], prism, s.readout.whole)
     assert abs(prism[0]) > 1e-3
 
@@ -244,6 +253,9 @@ def test_direct_equals_prism_when_the_norm_scale_is_unchanged(models64, kind):
 def test_norm_rescaling_and_mediated_add_up(models64):
     p = I.patch(models64[3], PROMPT, "L1H2", ablate="zero")
     np.testing.assert_array_equal(p.prism + p.norm_rescaling, p.direct)
+    np.testing.assert_allclose(p.post_norm_rescaling + p.final_norm_rescaling, p.norm_rescaling, rtol=1e-15)
+    assert np.all(np.abs(p.post_norm_rescaling) > 1e-6)  # Gemma 2: the head's own post-attention norm acts
+    assert np.all(I.patch(models64[0], PROMPT, "L1H2").post_norm_rescaling == 0)  # Gemma 1 has none
     np.testing.assert_allclose(p.direct + p.mediated, p.total, rtol=1e-15)
     j = p.to_json()
     for key in ("component", "prism", "direct", "total", "norm_rescaling", "mediated"):

@@ -81,6 +81,9 @@ def _validation_fig(v, *, top=20):
             from matplotlib.ticker import ScalarFormatter
 
             ax.set_xscale("symlog", linthresh=1)
+            steps = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10**4, 2 * 10**4, 5 * 10**4,
+                                 10**5, 2 * 10**5) if t < 0.7 * k.max()]
+            ax.set_xticks([0] + steps + [int(k.max())])
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.set_xlim(left=0)
         ax.set_xlabel(f"k: components kept clean, by |prism| (the rest {f['ablate']}-ablated)")

@@ -16,7 +16,8 @@ def test_demo_tour_on_gemma3_270m(tmp_path, monkeypatch, capsys):
     assert first.index("▁Paris") < first.index("▁Bordeaux")  # the model's top token, printed first
     assert "exact: NO" not in text and text.count("exact: yes") == 5  # residual, attention, chain, digits, neurons
     assert sorted(p.name for p in out.iterdir()) == ["1-residual.png", "2-attention.png", "3-chain.png", "4-map.png",
-                                                    "5-digits-residual.png", "6-neurons.png", "7-digits-pca.png"]
+                                                    "5-digits-residual.png", "6-neurons.png", "7-digits-pca.png",
+                                                    "8-validation.png"]
     assert (tmp_path / "cache" / "gemma-3-270m-Q4_K_M.gguf").is_file()  # assembled once, reused
 
 
@@ -38,3 +39,8 @@ def test_demo_finds_the_capital_head(tmp_path, monkeypatch):
     values = P.apply_map(readout, P.scaled_embeddings(model, toks), [t.piece for t in toks]).values
     assert run.pieces[found["source"]] == "▁France"
     assert np.sum(np.argmax(values, axis=1) == np.arange(len(toks))) >= 5  # the diagonal: country -> capital
+    # step 7: the head's prism term, direct and total effect, and the gap's parts, each adding up
+    c = found["patch"]
+    assert c["direct"] == pytest.approx(c["prism"] + c["post_norm_rescaling"] + c["final_norm_rescaling"], abs=1e-4)
+    assert c["total"] == pytest.approx(c["direct"] + c["mediated"], abs=1e-4)
+    assert c["total"] > 0.3 * c["prism"] > 0  # the frozen term survives, in part, as a causal effect

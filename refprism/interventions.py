@@ -197,7 +197,7 @@ def activation(model, record, g: Group, t: int) -> np.ndarray:
     if g.kind == "neuron":
         return record[b + "mlp.act"][t][g.index][:, None]
     kv = ops.kv_index(model.config.n_heads, model.config.n_kv_heads)
-    weight = record[b + "attn.pattern"][g.index, t, np.minimum(g.source, t)] * (g.source <= t)  # [C]
+    weight = record[b + "attn.pattern"][g.index, t, g.source] * (g.source <= t)  # [C] (causal: 0 for s > t)
     return weight[:, None] * record[b + "attn.v"][g.source, kv[g.index]]
 
 
@@ -411,8 +411,9 @@ def setting(model, prompt, *, targets=None, versus=(), position=-1, at=None, abl
                              "resample patching pairs positions, so both need the same token count")
     base = clean if direction == "noising" else cf
     if reference is not None:
-        if isinstance(reference, (str, Run)) or not hasattr(reference, "__iter__"):
-            reference = [reference]
+        if isinstance(reference, (str, Run)) or not hasattr(reference, "__iter__") or \
+                (len(reference) and all(isinstance(i, (int, np.integer)) for i in reference)):
+            reference = [reference]  # one prompt (text, a run, or token ids), not a list of them
         means = [_as_run(model, r, f"reference prompt {i}") for i, r in enumerate(reference)]
         if not means:
             raise InputError("the mean set is empty: give at least one reference prompt (or none, for the mean over "
@@ -550,8 +551,10 @@ def residual_changes(setting: Setting, g: Group, delta, rows=slice(None)) -> np.
         change = minus * params.get(g.layer, "W_down")[g.index[rows]]  # [C, D]
         pre, post = "mlp.down", "ln2_post"
     else:
-        W_O = params.get(g.layer, "W_O")
-        change = np.einsum("ch,chd->cd", minus, W_O[g.index[rows]])
+        W_O, heads = params.get(g.layer, "W_O"), g.index[rows]
+        change = np.empty((len(heads), cfg.d_model), dtype=minus.dtype)
+        for h in np.unique(heads):  # (c' - c) W_O[h], one product per head (no [C, H, D] gather of W_O)
+            change[heads == h] = minus[heads == h] @ W_O[h]
         pre, post = "attn.o_proj", "ln1_post"
     if not cfg.post_norms:
         return change

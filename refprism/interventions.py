@@ -950,6 +950,8 @@ def validate(model, prompt, *, level="heads", targets=None, versus=(), position=
         raise InputError(f"top must be at least 1, got {top!r}")
     if not isinstance(budget, (int, np.integer)) or budget < top:
         raise InputError(f"budget must be at least top ({top}), got {budget!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
     s = setting(model, prompt, targets=targets, versus=versus, position=position, at=at, ablate=ablate,
                 counterfactual=counterfactual, reference=reference, direction=direction)
     Z = len(s.readout.targets.labels)

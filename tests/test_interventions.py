@@ -438,6 +438,13 @@ def test_validation_figure_panels(models64):
     axes = fig.get_axes()
     assert len(axes) == 3 and axes[2].get_title() == "circuit faithfulness"
     assert len(axes[0].collections[0].get_offsets()) == len(v.labels)  # one point per re-run component
+    np.testing.assert_allclose(axes[0].collections[0].get_offsets(), np.stack([v.prism[:, 0], v.total[:, 0]], 1),
+                               rtol=1e-6)
+    widths = np.array([bar.get_width() for bar in axes[1].patches]).reshape(4, -1)  # prism, post, final, mediated
+    totals = axes[1].collections[0].get_offsets()[:, 0]  # the diamonds: each component's total
+    np.testing.assert_allclose(widths.sum(axis=0), totals, rtol=1e-6, atol=1e-9)  # the gap's parts add up
+    order = np.argsort(-np.abs(v.total[:, 0]), kind="stable")
+    np.testing.assert_allclose(totals, v.total[order, 0], rtol=1e-6)
     patch = PI._patch_fig(I.patch(models64[0], PROMPT, "L1H2"))
     assert len(patch.get_axes()[0].patches) == 3  # prism, direct, total for one column
 

@@ -10,7 +10,9 @@ with the `gguf` package (refprism/gguf.py). No hub account and no network beyond
 5. that head's frozen matrix applied to other countries' scaled embeddings (Fig 6);
 6. an arithmetic prompt: the residual prism over the digits and the top MLP neurons (Fig 8), and the PCA of the
    digits' unembeddings (Fig 9);
-7. the page (`refprism report`) of step 2's readout: report.html, to click through offline.
+7. the causal check of step 3's head: its prism term beside its direct and total effect when it is zero-ablated,
+   the gap split into norm rescaling and mediated effects, and the same for every head (refprism validate).
+8. the page (`refprism report`) of step 2's readout: report.html, to click through offline.
 
 Every table printed is an exact split (its residual row is the float rounding); every figure goes to one folder.
 """
@@ -130,17 +132,36 @@ def run_tour(model, out: Path, *, say=print) -> dict:
     plots.mlp_figure(mlp, out / "6-neurons.png", top=12)
     coords, explained = P.unembedding_pca(model, digits.targets.targets)
     plots.pca_figure(coords, DIGITS, explained, out / "7-digits-pca.png")
+
+    found.update(causal_check(model, run, capitals, layer, head, out, say=say))
     _write_page(model, run, capitals, out, say)
     say(f"\nfigures written to {out}/")
     return found
 
 
+def causal_check(model, run, capitals, layer, head, out, *, say=print) -> dict:
+    """Step 7: does the head's prism term survive as a causal effect? Zero-ablate it at the last position."""
+    from . import interventions as I, plots_interventions
+
+    say(f"\n== 7. causal check: L{layer}H{head} zero-ablated at the last position, its prism term beside its effects")
+    readout = {"targets": [capitals[0]], "versus": capitals[1:]}
+    one = I.patch(model, run, f"L{layer}H{head}", ablate="zero", **readout)
+    say(one.table())
+    every = I.validate(model, run, level="heads", ablate="zero", **readout)
+    say("\n  every head, zero-ablated the same way:")
+    say(every.table(top=8))
+    plots_interventions.validation_figure(every, out / "8-validation.png")
+    return {"patch": {k: float(getattr(one, k)[0]) for k in ("prism", "direct", "total", "post_norm_rescaling",
+                                                             "final_norm_rescaling", "mediated")},
+            "agreement": every.agreement}
+
+
 def _write_page(model, run, capitals, out, say):
-    """Step 7: the report page of logit(capital) - mean of the other capitals on the capital prompt."""
+    """Step 8: the report page of logit(capital) - mean of the other capitals on the capital prompt."""
     from . import report
 
     page = report.write_report(out / "report.html", model, run, [capitals[0]], versus=capitals[1:])
-    say(f"\n== 7. the page: {page} ({page.stat().st_size / 1e6:.2f} MB); open it in any browser, offline, and "
+    say(f"\n== 8. the page: {page} ({page.stat().st_size / 1e6:.2f} MB); open it in any browser, offline, and "
         "click from the prediction to the layer, the head, the token and the neurons")
 
 

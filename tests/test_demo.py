@@ -17,8 +17,8 @@ def test_demo_tour_on_gemma3_270m(tmp_path, monkeypatch, capsys):
     assert "exact: NO" not in text and text.count("exact: yes") == 5  # residual, attention, chain, digits, neurons
     assert sorted(p.name for p in out.iterdir()) == ["1-residual.png", "2-attention.png", "3-chain.png", "4-map.png",
                                                     "5-digits-residual.png", "6-neurons.png", "7-digits-pca.png",
-                                                    "report.html"]
-    page = report.page_data((out / "report.html").read_text(encoding="utf-8"))  # step 7: the page of step 2
+                                                    "8-validation.png", "report.html"]
+    page = report.page_data((out / "report.html").read_text(encoding="utf-8"))  # step 8: the page of step 2
     assert page["columns"] == ["▁Paris - mean(▁London, ▁Rome, ▁Berlin, ▁Madrid, ▁Tokyo, ▁Moscow)"]
     assert page["prediction"][0]["piece"] == "▁Paris"
     head = page["nodes"]["L12H2.src4"]  # the capital head at ▁France, opened along its two largest parts (guide)
@@ -45,3 +45,8 @@ def test_demo_finds_the_capital_head(tmp_path, monkeypatch):
     values = P.apply_map(readout, P.scaled_embeddings(model, toks), [t.piece for t in toks]).values
     assert run.pieces[found["source"]] == "▁France"
     assert np.sum(np.argmax(values, axis=1) == np.arange(len(toks))) >= 5  # the diagonal: country -> capital
+    # step 7: the head's prism term, direct and total effect, and the gap's parts, each adding up
+    c = found["patch"]
+    assert c["direct"] == pytest.approx(c["prism"] + c["post_norm_rescaling"] + c["final_norm_rescaling"], abs=1e-4)
+    assert c["total"] == pytest.approx(c["direct"] + c["mediated"], abs=1e-4)
+    assert c["total"] > 0.3 * c["prism"] > 0  # the frozen term survives, in part, as a causal effect

@@ -33,6 +33,7 @@ from safetensors.numpy import load_file, save_file
 
 import refprism
 from refprism import cli, prisms, report
+from refprism import cli, interventions, prisms
 from refprism.errors import AccessError, CheckpointError, ConfigError, InputError, RefprismError
 
 HERE = Path(__file__).resolve().parent
@@ -322,6 +323,19 @@ def readout(targets=None, position=-1, versus=(), prompt=PROMPT):
         return prisms.logits_readout(model, run, ["▁Paris"] if targets is None else targets, position=position,
                                      versus=versus)
     return api
+
+
+def patch_call(component, **kw):
+    """interventions.patch on the tiny model and PROMPT (zero ablation unless told)."""
+    return lambda target, ctx: interventions.patch(refprism.load(target), PROMPT, component,
+                                                   **{"ablate": "zero", **kw})
+
+
+def intervene_at(argv):
+    """The CLI's own parsing of --at and --counterfactual(-ids), before the library is reached."""
+    from refprism.cli import intervene_cmds
+
+    intervene_cmds._options(cli.build_parser().parse_args(argv))
 
 
 def then(first, step):
@@ -741,6 +755,85 @@ CASES = [
          lambda t, ctx: cli.compare_cmds._check_markdown_path(str(ctx.out / "no" / "r.md")),
          ("compare", PROMPT, "--model", "{model}", "--against", "{tmp}/d.npz", "--markdown", "{out}/no/r.md"),
          r"cannot write --markdown '.*/no/r\.md': give a file name in an existing directory", InputError),
+    # interventions (patch, validate)
+    Case("component-unknown-label", lambda ctx: ctx.good(), patch_call("L1X2"),
+         prism("patch", "--component", "L1X2", "--ablate", "zero"),
+         r"component 'L1X2' is not a component label: use embed, L\{l\}\.attn, L\{l\}\.mlp, L\{l\}H\{h\}, "
+         r"L\{l\}H\{h\}\.src\{s\} or L\{l\}N\{n\} \(0-based\)", InputError),
+    Case("component-layer-out-of-range", lambda ctx: ctx.good(), patch_call("L2H0"),
+         prism("patch", "--component", "L2H0", "--ablate", "zero"),
+         r"layer 2 is out of range \(the model has layers 0 \.\. 1\)", InputError),
+    Case("component-head-out-of-range", lambda ctx: ctx.good(), patch_call("L1H4"),
+         prism("patch", "--component", "L1H4", "--ablate", "zero"),
+         r"head 4 is out of range \(layer 1 has heads 0 \.\. 3\)", InputError),
+    Case("component-neuron-out-of-range", lambda ctx: ctx.good(), patch_call("L0N128"),
+         prism("patch", "--component", "L0N128", "--ablate", "zero"),
+         r"neuron 128 is out of range \(layer 0 has neurons 0 \.\. 127\)", InputError),
+    Case("component-source-beyond-prompt", lambda ctx: ctx.good(), patch_call("L1H0.src9"),
+         prism("patch", "--component", "L1H0.src9", "--ablate", "zero"),
+         r"source 9 is out of range: the prompt has positions 0 \.\. 6", InputError),
+    Case("component-source-after-position", lambda ctx: ctx.good(), patch_call("L1H0", source=6, position=4),
+         prism("patch", "--component", "L1H0", "--source", "6", "--position", "4", "--ablate", "zero"),
+         r"source 6 is out of range: it must be 0 \.\. 4 \(a head at position 4 reads no later token\)", InputError),
+    Case("component-source-not-a-head", lambda ctx: ctx.good(), patch_call("L0N3", source=2),
+         prism("patch", "--component", "L0N3", "--source", "2", "--ablate", "zero"),
+         r"--source picks a head's source token: component 'L0N3' is not a head", InputError),
+    Case("patch-position-out-of-range", lambda ctx: ctx.good(), patch_call("L1H0", at=[9]),
+         prism("patch", "--component", "L1H0", "--at", "9", "--ablate", "zero"),
+         r"position 9 is out of range for 7 tokens \(use 0 \.\. 6 or -7 \.\. -1\)", InputError),
+    Case("patch-at-not-positions", lambda ctx: ctx.good(),
+         lambda t, ctx: intervene_at(["patch", PROMPT, "--component", "L1H0", "--ablate", "zero", "--at", "6;5"]),
+         prism("patch", "--component", "L1H0", "--at", "6;5", "--ablate", "zero"),
+         r"--at '6;5': give 'all' or positions separated by commas", InputError),
+    Case("counterfactual-length-mismatch", lambda ctx: ctx.good(),
+         patch_call("L1H0", ablate="resample", counterfactual="The capital of Japan is"),
+         prism("patch", "--component", "L1H0", "--ablate", "resample", "--counterfactual", "The capital of Japan is"),
+         r"the counterfactual has 6 tokens and the prompt 7: resample patching pairs positions, so both need the "
+         r"same token count", InputError),
+    Case("resample-without-counterfactual", lambda ctx: ctx.good(), patch_call("L1H0", ablate="resample"),
+         prism("patch", "--component", "L1H0", "--ablate", "resample"),
+         r"resample ablation needs a counterfactual prompt \(--counterfactual PROMPT2\)", InputError),
+    Case("counterfactual-without-resample", lambda ctx: ctx.good(), patch_call("L1H0", counterfactual=PROMPT),
+         prism("patch", "--component", "L1H0", "--ablate", "zero", "--counterfactual", PROMPT),
+         r"a counterfactual prompt is used only by resample ablation, not by zero", InputError),
+    Case("denoising-without-resample", lambda ctx: ctx.good(), patch_call("L1H0", direction="denoising"),
+         prism("patch", "--component", "L1H0", "--ablate", "zero", "--direction", "denoising"),
+         r"denoising patches clean values into the counterfactual run: it needs --ablate resample", InputError),
+    Case("reference-without-mean", lambda ctx: ctx.good(), patch_call("L1H0", reference=[PROMPT]),
+         prism("patch", "--component", "L1H0", "--ablate", "zero", "--reference", PROMPT),
+         r"reference prompts are used only by mean ablation, not by zero", InputError),
+    Case("mean-set-empty", lambda ctx: ctx.good(), patch_call("L1H0", ablate="mean", reference=[""]),
+         prism("patch", "--component", "L1H0", "--ablate", "mean", "--reference", ""),
+         r"the mean set is empty: a mean is taken over positions 1 \.\. T-1 of each reference prompt", InputError),
+    Case("counterfactual-given-twice", lambda ctx: ctx.good(),
+         lambda t, ctx: intervene_at(["patch", PROMPT, "--component", "L1H0", "--ablate", "resample",
+                                      "--counterfactual", PROMPT, "--counterfactual-ids", "2,3"]),
+         prism("patch", "--component", "L1H0", "--ablate", "resample", "--counterfactual", PROMPT,
+               "--counterfactual-ids", "2,3"),
+         r"give the counterfactual once: --counterfactual or --counterfactual-ids", InputError),
+    Case("validate-level-unknown", lambda ctx: ctx.good(),
+         lambda t, ctx: interventions.validate(refprism.load(t), PROMPT, level="layers"),
+         prism("validate", "--level", "layers", "--ablate", "zero"),
+         r"--level 'layers' is not a level: use residual, heads, head-source:L, neurons:L or neurons", InputError),
+    Case("validate-level-layer-out-of-range", lambda ctx: ctx.good(),
+         lambda t, ctx: interventions.validate(refprism.load(t), PROMPT, level="neurons:5"),
+         prism("validate", "--level", "neurons:5", "--ablate", "zero"),
+         r"layer 5 is out of range \(the model has layers 0 \.\. 1\)", InputError),
+    Case("component-source-given-twice", lambda ctx: ctx.good(), patch_call("L1H0.src2", source=3),
+         prism("patch", "--component", "L1H0.src2", "--source", "3", "--ablate", "zero"),
+         r"component 'L1H0\.src2' already names its source: drop --source", InputError),
+    Case("validate-level-layer-not-a-number", lambda ctx: ctx.good(),
+         lambda t, ctx: interventions.validate(refprism.load(t), PROMPT, level="neurons:x"),
+         prism("validate", "--level", "neurons:x", "--ablate", "zero"),
+         r"--level 'neurons:x': the layer after ':' is a number, e\.g\. neurons:3", InputError),
+    Case("validate-seed-negative", lambda ctx: ctx.good(),
+         lambda t, ctx: interventions.validate(refprism.load(t), PROMPT, level="heads", seed=-1),
+         prism("validate", "--level", "heads", "--ablate", "zero", "--seed=-1"),
+         r"seed must be a non-negative integer, got -1", InputError),
+    Case("validate-budget-below-top", lambda ctx: ctx.good(),
+         lambda t, ctx: interventions.validate(refprism.load(t), PROMPT, level="heads", top=10, budget=5),
+         prism("validate", "--level", "heads", "--ablate", "zero", "--budget", "5"),
+         r"budget must be at least top \(10\), got 5", InputError),
 ]
 
 

@@ -359,7 +359,20 @@ VALUES = {  # option -> strategy for its values (a list: some options take sever
     "--names": st.sampled_from(["refprism", "hf", "tl", "llama.cpp", "map.json", "prompt.txt"]) | texts,
     "--markdown": st.sampled_from(["report.md", "no/such/report.md", "", "."]) | texts,
 }
-for _opt in ("--top", "--top-k", "--position", "--layer", "--head", "--source", "--neuron", "--depth", "--branch"):
+LABELS = st.sampled_from(["embed", "L0.attn", "L1.mlp", "L0H1", "L1H3.src2", "L1N5", "L2H0", "L0N128", "L1H0.src9",
+                          "L-1H0", "L01H1"])
+VALUES.update({  # the interventions' options (patch, validate)
+    "--component": LABELS | texts, "--ablate": st.sampled_from(["zero", "mean", "resample"]) | texts,
+    "--direction": st.sampled_from(["noising", "denoising"]) | texts,
+    "--at": st.sampled_from(["all", "6", "3,6", "-1", "9", "", ",", "6;5"]) | numbers | texts,
+    "--level": st.sampled_from(["residual", "heads", "head-source:1", "neurons:0", "neurons", "neurons:5",
+                                "head-source:", "neurons:²"]) | texts,
+    "--counterfactual": st.sampled_from([PROMPT.replace("France", "Japan"), "Paris", ""]) | texts,
+    "--counterfactual-ids": st.sampled_from(["2,5,7", "", "2,-1"]) | numbers | texts,
+    "--reference": st.sampled_from([PROMPT, "", "Paris is"]) | texts,
+})
+for _opt in ("--top", "--top-k", "--position", "--layer", "--head", "--source", "--neuron", "--depth",
+             "--branch", "--budget", "--seed"):
     VALUES[_opt] = numbers
 for _opt in ("--validate", "--compare"):  # refprism report's sections: a JSON file
     VALUES[_opt] = st.sampled_from([_opt[2:] + ".json", "absent.json", "", ".", "prompt.txt", "sweep"]) | texts
@@ -382,6 +395,13 @@ GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads,
     "--select": st.sampled_from(["logits@-1", "blocks.*.attn.out", "blocks.1.attn.pattern@0,-1", "embed"]),
     "--against": st.just("run.npz"), "--names": st.just("refprism"), "--top-k": st.integers(1, 6).map(str),
     "--markdown": st.just("report.md"),
+    "--component": st.sampled_from(["embed", "L0.attn", "L1.mlp", "L0H1", "L1H3.src2", "L1N5"]),
+    "--ablate": st.sampled_from(["zero", "mean", "resample"]), "--direction": st.sampled_from(["noising", "denoising"]),
+    "--at": st.sampled_from(["all", "-1", "3,6"]), "--level": st.sampled_from(["residual", "heads", "head-source:1",
+                                                                               "neurons:0"]),
+    "--counterfactual": st.just(PROMPT.replace("France", "Japan")), "--counterfactual-ids": st.just("2,5,7"),
+    "--reference": st.sampled_from([PROMPT, "Paris is"]), "--budget": st.integers(10, 300).map(str),
+    "--seed": st.integers(0, 5).map(str),
 }
 
 
@@ -407,6 +427,18 @@ def argument_lists(draw, model):
         for opt in first:
             argv += [opt, draw(values[opt])]
         skip |= {"--head", "--source", "--neuron"}
+    if not wild and command in ("patch", "validate"):  # tame: an ablation with the options it takes
+        ablate = draw(st.sampled_from(["zero", "mean", "resample"]))
+        argv += ["--ablate", ablate]
+        if ablate == "mean" and draw(st.booleans()):
+            argv += ["--reference", draw(values["--reference"])]
+        if ablate == "resample":
+            argv += ["--counterfactual", draw(values["--counterfactual"]),
+                     "--direction", draw(values["--direction"])]
+        skip |= {"--ablate", "--reference", "--counterfactual", "--counterfactual-ids", "--direction"}
+        if command == "patch" and draw(st.booleans()):  # --source only with a head
+            argv += ["--component", "L1H3", "--source", draw(values["--source"])]
+            skip |= {"--component", "--source"}
     for opt, action in options_of(command).items():
         if opt in skip:
             continue

@@ -5,6 +5,7 @@
     report_cmds.py report
     compare_cmds.py compare
     sweep_cmds.py sweep
+    intervene_cmds.py patch, validate
     common.py    the shared prompt arguments, loading, one-line errors and printing
 
 Errors: one line `refprism: error: ...` on stderr and exit status 2 (bad input; exit 1 for a failed write or a
@@ -17,11 +18,11 @@ import os
 import sys
 
 from ..errors import RefprismError
-from . import basic, compare_cmds, prism_cmds, report_cmds, sweep_cmds
+from . import basic, compare_cmds, intervene_cmds, prism_cmds, report_cmds, sweep_cmds
 from .common import (_check_plot_path, _check_text_args, _Parser, check_out_path, one_line, prompt_of,  # noqa: F401
                      read_prompt_file)
 
-GROUPS = (basic, prism_cmds, compare_cmds, sweep_cmds, report_cmds)
+GROUPS = (basic, prism_cmds, intervene_cmds, compare_cmds, sweep_cmds, report_cmds)
 
 
 def build_parser() -> _Parser:

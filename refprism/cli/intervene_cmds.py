@@ -1,0 +1,141 @@
+"""The intervention commands: `patch` (one component in full detail) and `validate` (a level's agreement report)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import InputError
+from .common import _check_plot_path, _is_int, _prism_common, load_model, prompt_of, short
+
+
+def register(sub) -> None:
+    p = sub.add_parser("patch", help="replace one component (zero, mean or resample): its prism term beside its "
+                                     "direct and total effect, and the gap explained")
+    _intervention_args(p)
+    p.add_argument("--component", required=True, metavar="LABEL",
+                   help="embed, L{l}.attn, L{l}.mlp, L{l}H{h}, L{l}H{h}.src{s} or L{l}N{n} (0-based, as the prisms)")
+    p.add_argument("--source", type=int, help="with a head L{l}H{h}: only its term from this source token")
+    p.set_defaults(func=cmd_patch)
+
+    p = sub.add_parser("validate", help="every component of a level: prism vs total effect, their agreement, "
+                                        "and circuit faithfulness")
+    _intervention_args(p)
+    p.add_argument("--level", required=True, metavar="LEVEL",
+                   help="residual, heads, head-source:L, neurons:L or neurons")
+    p.add_argument("--top", type=int, default=10, help="k of the top-k metrics and of the faithfulness table "
+                                                       "(default 10)")
+    p.add_argument("--budget", type=int, default=256,
+                   help="the most re-runs: a larger level re-runs the prism's top-k and a random sample of the rest "
+                        "(default 256)")
+    p.add_argument("--seed", type=int, default=0, help="the random sample's seed (default 0)")
+    p.add_argument("--no-faithfulness", action="store_true", help="skip the faithfulness curve (its ~25 re-runs)")
+    p.set_defaults(func=cmd_validate)
+
+
+def _intervention_args(p):
+    _prism_common(p)  # the prompt, --position (the readout's), --targets, --versus, --json, --plot
+    p.add_argument("--ablate", required=True, choices=["zero", "mean", "resample"],
+                   help="zero; mean (over --reference prompts, or the prompt's own positions 1 .. T-1); resample "
+                        "(the value in --counterfactual)")
+    p.add_argument("--counterfactual", metavar="PROMPT2", help="the prompt resample takes values from (same token "
+                                                               "count as the prompt)")
+    p.add_argument("--counterfactual-ids", metavar="IDS", help="the counterfactual as token ids, e.g. 2,651,6037")
+    p.add_argument("--reference", action="append", metavar="PROMPT",
+                   help="a prompt of the mean set (repeatable); default: the prompt's own positions")
+    p.add_argument("--direction", default="noising", choices=["noising", "denoising"],
+                   help="noising (default): edit the clean run; denoising: edit the counterfactual run with clean "
+                        "values")
+    p.add_argument("--at", metavar="POSITIONS",
+                   help="where the component is replaced: positions, comma separated, or 'all' (default: --position)")
+
+
+def _at(args):
+    if args.at is None or args.at == "all":
+        return args.at
+    items = [x.strip() for x in args.at.split(",")]
+    if not items or not all(_is_int(x) for x in items):
+        raise InputError(f"--at {short(args.at)}: give 'all' or positions separated by commas (e.g. 5 or 3,6)")
+    return [int(x) for x in items]
+
+
+def _counterfactual(args):
+    if args.counterfactual is not None and args.counterfactual_ids is not None:
+        raise InputError("give the counterfactual once: --counterfactual or --counterfactual-ids")
+    if args.counterfactual_ids is None:
+        return args.counterfactual
+    try:
+        ids = [int(t) for t in args.counterfactual_ids.replace(",", " ").split()]
+    except ValueError:
+        raise InputError(f"--counterfactual-ids must be integers separated by commas or spaces, got "
+                         f"{short(args.counterfactual_ids)}") from None
+    if not ids:
+        raise InputError("--counterfactual-ids is empty: give token ids like 2,651,6037")
+    return ids
+
+
+def _options(args) -> dict:
+    if args.plot:
+        _check_plot_path(args.plot)
+    return {"targets": args.targets, "versus": args.versus or (), "position": args.position, "at": _at(args),
+            "ablate": args.ablate, "counterfactual": _counterfactual(args), "reference": args.reference,
+            "direction": args.direction}
+
+
+def _heading(args, result, what) -> None:
+    s = result.setting
+    r, run = s.readout, s.clean
+    print(f"{what}  model {s.model.name}  dtype {s.model.dtype}  readout at position {r.position} "
+          f"({run.pieces[r.position]})")
+    print("tokens: " + " ".join(f"{i}:{p}" for i, p in enumerate(run.pieces)))
+    if s.counterfactual is not None:
+        print("counterfactual: " + " ".join(f"{i}:{p}" for i, p in enumerate(s.counterfactual.pieces)))
+    print("targets: " + ", ".join(f"{t.piece} #{t.id}" for t in r.targets.targets + r.targets.versus))
+    where = "all positions" if len(s.at) == len(run.tokens) > 1 else "position " + ",".join(map(str, s.at))
+    means = {"mean": f" (the mean over positions 1 .. T-1 of {len(s.means)} prompt(s))",
+             "resample": " (the counterfactual's value)"}.get(s.ablate, "")
+    print(f"replaced at {where} by {s.ablate}{means}, {s.direction}; every effect = readout with the component clean "
+          "- readout with it replaced")
+
+
+def cmd_patch(args) -> int:
+    from ..interventions import patch
+
+    options = _options(args)
+    prompt = prompt_of(args)
+    model = load_model(args)
+    result = patch(model, prompt, args.component, source=args.source, **options)
+    if args.plot:
+        from .. import plots_interventions
+
+        plots_interventions.patch_figure(result, args.plot)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        _heading(args, result, f"patch {result.component}")
+        print(result.table())
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from ..interventions import validate
+
+    options = _options(args)
+    prompt = prompt_of(args)
+    model = load_model(args)
+    result = validate(model, prompt, level=args.level, top=args.top, budget=args.budget, seed=args.seed,
+                      faithfulness=not args.no_faithfulness, **options)
+    if args.plot:
+        from .. import plots_interventions
+
+        plots_interventions.validation_figure(result, args.plot)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        _heading(args, result, f"validate --level {result.level}")
+        print(result.table(top=max(args.top, 10)))
+    if args.plot:
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0

@@ -7,7 +7,7 @@ from .forward import forward, forward_packed
 from .interventions import patch, validate
 from .model import Model, Run, load
 from .record import RECORD_TABLE, Record
-from . import prisms  # noqa: E402  (refprism.prisms.needs, ... without a second import)
+from . import prisms  # noqa: F401  (refprism.prisms.needs, ... without a second import)
 
 __all__ = ["compare", "patch", "validate", "Config", "Model", "Run", "Record", "RECORD_TABLE", "load", "forward",
            "forward_packed", "RefprismError", "ConfigError", "CheckpointError", "AccessError", "InputError",

@@ -273,10 +273,12 @@ def _heads_out(z, W_O):
 
 def _logits(params, cfg, site, h, lengths):
     """logits = ln_final.out E^T (Gemma trap: the unembedding is the embedding itself, tied), computed only at
-    the positions some record keeps: the [T, V] product is the largest of a long prompt's pass.
+    the positions some record keeps: the [T, V] product is the largest of a long prompt's pass. Under a
+    selection the logits are not an edit point (nothing flows from them): an edited run that reads its readout
+    from ln_final.out keeps no logits and skips the product.
     Gemma 2 soft-caps them (cap * tanh(logits / cap)); the prisms decompose the pre-cap `logits_uncapped`."""
     cap = cfg.final_softcap
-    if site.selection is None or site.edit is not None:  # everything (an edit may look at any position)
+    if site.selection is None:  # everything
         raw = params.unembed(h)  # [T, V]
         if cap is not None:
             raw = ops.softcap(site("logits_uncapped", raw), cap)

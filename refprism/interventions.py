@@ -51,6 +51,7 @@ from . import ops
 from . import prisms as P
 from .errors import InputError
 from .model import Run, check_text
+from .record import everything_but
 
 KINDS = ("embed", "attn", "mlp", "head", "edge", "neuron")
 ABLATIONS = ("zero", "mean", "resample")
@@ -284,31 +285,13 @@ class Edit:
         return value
 
 
-class _FinalNorm(Exception):
-    """Ends a re-run at `ln_final.out`, carrying its record: a readout needs the final norm's output at one
-    position and a few unembedding rows, not the [T, V] logits the forward pass computes when it is edited."""
-
-    def __init__(self, record):
-        super().__init__("ln_final.out reached")
-        self.record = record
-
-
 def rerun(model, base: Run, edit: Edit):
     """The base run re-run with the edit, resumed at its first edited layer from the base run's record (bit for bit
-    a full re-run: forward.forward's resume), up to and including `ln_final.out`; returns that Record."""
-    def until_final_norm(name, value, record):
-        value = edit(name, value, record)
-        if name == "ln_final.out":
-            record[name] = value
-            raise _FinalNorm(record)
-        return value
-
+    a full re-run: forward.forward's resume); returns its Record, which keeps every site but the logits (a readout
+    needs ln_final.out at one position and a few unembedding rows, not the [T, V] product)."""
     resume = None if edit.first_layer is None else (edit.first_layer, base.record)
-    try:
-        model.run(base.tokens, edit=until_final_norm, resume=resume)
-    except _FinalNorm as done:
-        return done.record
-    raise AssertionError("the forward pass did not reach ln_final.out")  # every Gemma pass ends with it
+    return model.run(base.tokens, edit=edit, resume=resume,
+                     record=everything_but(model.config, ("logits", "logits_uncapped"))).record
 
 
 # ------------------------------------------------------------------------------------------------- the setting

@@ -156,6 +156,12 @@ class Selection:
 ALL = "all"
 
 
+def everything_but(cfg: Config, names) -> Selection:
+    """The Selection of every site of this model except `names` (e.g. the logits: a run that reads its readout
+    from ln_final.out need not unembed)."""
+    return Selection([n for n in symbolic_shapes(cfg) if n not in set(names)])
+
+
 def as_selection(record) -> Selection | None:
     """None (everything), a Selection, a string or a list of strings -> Selection or None."""
     if record is None or isinstance(record, Selection):

@@ -33,7 +33,7 @@ from safetensors.numpy import load_file, save_file
 
 import refprism
 from refprism import cli, prisms, report
-from refprism import cli, interventions, prisms
+from refprism import interventions
 from refprism.errors import AccessError, CheckpointError, ConfigError, InputError, RefprismError
 
 HERE = Path(__file__).resolve().parent

@@ -1,7 +1,6 @@
 """Property tests of the recorded forward pass over random tiny shapes (built in memory, no files)."""
 
 import numpy as np
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from refprism.config import Config

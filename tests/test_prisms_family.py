@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.numpy import load_file
 
 import refprism
-from refprism import ops, prisms as P
+from refprism import prisms as P
 
 from test_prisms import assert_exact
 

@@ -8,7 +8,6 @@ from hypothesis import given, settings, strategies as st
 import refprism
 from refprism import ops, prisms
 from refprism.errors import InputError
-from refprism.forward import forward
 from refprism.record import Lazy, MissingSite, Rows, Selection, expected_shapes
 
 FAMILIES = ["tiny", "tiny-gemma2", "tiny-gemma3"]

@@ -387,6 +387,19 @@ class Validation:
     def to_json(self) -> dict:
         return {"level": self.level, "ablate": self.ablate, "top": self.top}
 
+    def check(self, model) -> None:
+        """The level and the ablation as refprism.interventions reads them (one-line errors naming --validate)."""
+        from . import interventions
+
+        try:
+            interventions.level_groups(model.config, self.level, 0)
+        except InputError as e:
+            raise InputError(str(e).replace("--level", "--validate", 1)) from None
+        if self.ablate is not None and self.ablate not in interventions.ABLATIONS:
+            raise InputError(f"--ablate {self.ablate!r} is not one of zero, mean, resample")
+        if self.top is not None and (not _is_int(self.top) or self.top < 1):
+            raise InputError(f"--validate-top must be an integer >= 1, got {self.top!r}")
+
 
 # ------------------------------------------------------------------------------------------------- one prompt
 
@@ -535,11 +548,12 @@ def top_neurons(readout, layer, terms, k) -> Terms:
 
 def _validate_one(model, item: Item, v: Validation):
     """refprism.interventions.validate on the prompt up to its read position (causal: the same computation at
-    that position), with its targets, foils and counterfactual; the result's JSON."""
-    from . import interventions  # another issue's module: imported only when --validate asks for it
+    that position), with its targets, foils and (for resample ablation) counterfactual; the result's JSON."""
+    from . import interventions
 
     kw = {"level": v.level}
-    kw.update({k: x for k, x in (("ablate", v.ablate), ("top", v.top), ("counterfactual", item.counterfactual))
+    counterfactual = item.counterfactual if v.ablate == "resample" else None  # only resampling reads it
+    kw.update({k: x for k, x in (("ablate", v.ablate), ("top", v.top), ("counterfactual", counterfactual))
                if x is not None})
     result = interventions.validate(model, list(item.tokens[:item.position + 1]),
                                     targets=[f"#{t.id}" for t in item.targets.targets],
@@ -577,6 +591,8 @@ def sweep(data, model, out, *, levels="residual,heads", chunk=16, backend="local
             raise InputError(f"{name} must be an integer {bound}, got {value!r}")
     if backend not in ("local", "ray"):
         raise InputError(f"backend {backend!r} is not one of local, ray")
+    if validate is not None:  # checked before any work: a bad level or ablation is one line, not a failed chunk
+        validate.check(model)
     warn = warn or (lambda line: print(f"refprism: warning: {line}", file=sys.stderr))
     data = data_path(data)
     rows = read_rows(data)
@@ -931,7 +947,7 @@ def summarize(folder, *, bootstrap=1000, seed=0, top=10) -> dict:
                  "residual": _floats(residual), "tolerance": _floats(tolerance),
                  "exact": bool(np.all(np.abs(residual) <= tolerance))}
         splits.append(split)
-    return {
+    summary = {
         "sweep": {"data": manifest["data"], "model": manifest["model"], "dtype": manifest["dtype"],
                   "levels": manifest["levels"], "prompts": n, "bad_rows": len(errors)},
         "columns": columns,
@@ -940,6 +956,49 @@ def summarize(folder, *, bootstrap=1000, seed=0, top=10) -> dict:
         "top": top_components(splits, top),
         "exact": all(s["exact"] for s in splits),
     }
+    validations = [p["validate"] for p in prompts if p.get("validate")]
+    if validations:
+        summary["validate"] = validation_summary(validations, bootstrap=bootstrap, seed=seed)
+    return summary
+
+
+# The agreement metrics of a validation that are averaged over prompts (refprism.interventions.Validation).
+AGREEMENT = ("spearman", "kendall", "sign_agreement", "top_k_precision", "top_k_recall", "reruns_to_true_top_k")
+EFFECTS = ("prism", "direct", "total", "norm_rescaling", "mediated")
+
+
+def validation_summary(validations, *, bootstrap=1000, seed=0) -> dict:
+    """--validate over the data set: each agreement metric's mean over prompts with its bootstrap interval, the
+    faithfulness curve's k80/k90, and per component (by label, over the prompts that validated it) the mean of
+    its prism term, direct and total effect and the gap's parts, with intervals and sign agreement.
+
+    Math:   as for the prisms' terms (mean_interval_sign), over the prompts' validations; a metric that is NaN in
+            a prompt (e.g. a rank correlation of constant values) is left out of that metric's mean.
+    """
+    out = {"prompts": len(validations), "level": validations[0].get("level"), "ablate": validations[0].get("ablate"),
+           "direction": validations[0].get("direction"), "agreement": {}, "components": []}
+    metrics = {m: [v["agreement"][m] for v in validations if v["agreement"].get(m) is not None] for m in AGREEMENT}
+    faith = {k: [v["faithfulness"][k] for v in validations if isinstance(v.get("faithfulness"), dict)
+                 and v["faithfulness"].get(k) is not None] for k in ("k80", "k90")}
+    for name, values in {**metrics, **faith}.items():
+        x = np.asarray([float(v) for v in values], dtype=np.float64)
+        x = x[np.isfinite(x)]
+        if x.size:
+            st = mean_interval_sign(x[:, None], resamples=bootstrap, seed=seed)
+            out["agreement"][name] = {"mean": float(st["mean"][0]), "ci": [float(st["lo"][0]), float(st["hi"][0])],
+                                      "prompts": int(x.size)}
+    by_label: dict[str, list] = {}
+    for v in validations:
+        for c in v["components"]:
+            by_label.setdefault(c["label"], []).append(c)
+    for label, rows in by_label.items():
+        entry = {"label": label, "prompts": len(rows)}
+        for key in EFFECTS:
+            st = mean_interval_sign(np.asarray([r[key] for r in rows], dtype=np.float64), resamples=bootstrap,
+                                    seed=seed)
+            entry[key] = _entry(st)
+        out["components"].append(entry)
+    return out
 
 
 def mean_interval_sign(x, *, resamples=1000, seed=0) -> dict[str, np.ndarray]:

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -433,9 +432,8 @@ def test_bad_rows_are_reported_with_line_numbers_and_the_sweep_goes_on(tiny_dir,
 
 def test_command_errors_are_one_line(tiny_dir, data, tmp_path, capsys, monkeypatch):
     base = ["sweep", str(data), "--model", str(tiny_dir), "--out", str(tmp_path / "o")]
-    monkeypatch.setitem(sys.modules, "refprism.interventions", None)  # as on a branch without the module
     for extra, message in (([ "--levels", "heads:2"], "--levels"),
-                           (["--validate", "heads"], "--validate needs refprism.interventions"),
+                           (["--validate", "head-source"], "--validate 'head-source' is not a level"),
                            (["--ablate", "zero"], "go with --validate"),
                            (["--workers", "2"], "go with --backend ray"),
                            (["--chunk", "0"], "chunk must be an integer >= 1")):
@@ -446,39 +444,35 @@ def test_command_errors_are_one_line(tiny_dir, data, tmp_path, capsys, monkeypat
     assert "cannot read the data set" in capsys.readouterr().err
 
 
-def test_validate_calls_interventions_per_prompt(data, tiny, tmp_path, monkeypatch):
+def test_validate_runs_interventions_per_prompt_and_aggregates(data, tiny, tmp_path):
     """--validate: refprism.interventions.validate(model, prompt up to the read position, level=, ablate=, top=,
-    counterfactual=, targets=, versus=) per prompt, its JSON in the prompt's line (a stand-in module here: the
-    interventions issue writes the real one)."""
-    calls = []
+    counterfactual=, targets=, versus=) per prompt, its JSON in the prompt's line; summary.json's "validate" holds
+    each agreement metric's mean over prompts and each component's mean prism / direct / total, which a NumPy
+    computation from the lines reproduces."""
+    from refprism import interventions
 
-    class Result:
-        def __init__(self, n):
-            self.n = n
-
-        def to_json(self):
-            return {"checked": self.n}
-
-    def validate(model, prompt, **kw):
-        calls.append((prompt, kw))
-        return Result(len(prompt))
-
-    monkeypatch.setitem(sys.modules, "refprism.interventions", types.SimpleNamespace(validate=validate))
     rows = capital_rows()[:4]
     rows[0]["counterfactual"] = "The capital city of Spain is"
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    check = S.Validation("heads", "mean", 3)
-    S.sweep(path, tiny, tmp_path / "out", levels="residual", chunk=2, validate=check, quiet=True, bootstrap=10)
+    check = S.Validation("heads", "zero", 3)
+    summary = S.sweep(path, tiny, tmp_path / "out", levels="residual", chunk=2, validate=check, quiet=True,
+                      bootstrap=10)
     lines = lines_of(tmp_path / "out")
-    assert [l["validate"] for l in lines] == [{"checked": 7}, {"checked": 6}, {"checked": 7}, {"checked": 5}]
-    prompt, kw = calls[0]
-    assert prompt == [t["id"] for t in lines[0]["tokens"]]
-    assert kw == {"level": "heads", "ablate": "mean", "top": 3, "counterfactual": "The capital city of Spain is",
-                  "targets": ["#108", "#109"], "versus": [f"#{t['id']}" for t in lines[0]["versus"]]}
-    assert len(calls) == 4 and [t["id"] for t in lines[3]["tokens"]][:5] in [c[0] for c in calls]  # read at -2
-    assert ["counterfactual" in kw for _, kw in calls] == [True, False, False, False]
-    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["validate"] == {"level": "heads",
-                                                                                      "ablate": "mean", "top": 3}
+    first = lines[0]
+    direct = interventions.validate(tiny, [t["id"] for t in first["tokens"]][: first["position"] + 1],
+                                    level="heads", ablate="zero", top=3,  # (zero ablation reads no counterfactual)
+                                    targets=[f"#{t['id']}" for t in first["targets"]],
+                                    versus=[f"#{t['id']}" for t in first["versus"]]).to_json()
+    assert {c["label"]: c["total"] for c in first["validate"]["components"]} == pytest.approx(
+        {c["label"]: c["total"] for c in direct["components"]}, rel=1e-6, abs=1e-7)
+    v = summary["validate"]
+    assert v["prompts"] == 4 and v["level"] == "heads"
+    for metric in ("spearman", "sign_agreement", "top_k_precision"):
+        values = [l["validate"]["agreement"][metric] for l in lines]
+        assert v["agreement"][metric]["mean"] == pytest.approx(np.mean(values), rel=1e-12)
+    comp = next(c for c in v["components"] if c["label"] == "L1H2")
+    totals = np.array([next(c["total"] for c in l["validate"]["components"] if c["label"] == "L1H2") for l in lines])
+    assert comp["prompts"] == 4 and comp["total"]["mean"] == pytest.approx(totals.mean(axis=0).tolist(), rel=1e-12)
 
 
 def test_plot_writes_the_summary_figures(swept, tmp_path):

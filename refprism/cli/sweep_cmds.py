@@ -53,10 +53,6 @@ def cmd_sweep(args) -> int:
     levels = sweeps.Levels.parse(args.levels)
     validate = None
     if args.validate is not None:
-        try:
-            from .. import interventions  # noqa: F401  (another issue's module; imported again by each worker)
-        except ImportError:
-            raise InputError("--validate needs refprism.interventions, which this installation does not have") from None
         validate = sweeps.Validation(args.validate, args.ablate, args.validate_top)
     elif args.ablate is not None or args.validate_top is not None:
         raise InputError("--ablate and --validate-top go with --validate LEVEL")

@@ -257,6 +257,14 @@ def test_a_real_compare_json_is_a_section(tiny_dir, tiny):
     assert page_for(tiny, tiny.run(PROMPT), depth=0, compare=shown)["sections"]["compare"]["sites"] == shown["sites"]
 
 
+def test_a_real_validate_json_is_a_section(tiny):
+    """What refprism validate --json prints is what the page reads."""
+    result = json.loads(json.dumps(refprism.validate(tiny, PROMPT, level="residual", targets=["▁Paris"]).to_json()))
+    assert report.check_section("validate", result, "validate.json") == result
+    shown = page_for(tiny, tiny.run(PROMPT), depth=0, validate=result)["sections"]["validate"]
+    assert [c["label"] for c in shown["components"]] == [c["label"] for c in result["components"]]
+
+
 def test_a_real_sweep_summary_is_a_section(tiny, tmp_path):
     """What refprism sweep writes is what the page reads."""
     from refprism import sweeps

@@ -725,10 +725,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="test the harness: tiny preset, 1 run, T = 7")
     p.add_argument("--bandwidth-mb", type=int, help="size of the bandwidth array (default: 2000; 64 with --quick)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a child is killed (default: 3600)")
-    p.add_argument("--suite", choices=["forward", "long", "packed"], default="forward",
+    p.add_argument("--suite", choices=["forward", "long", "packed", "interventions", "sweeps"], default="forward",
                    help="forward (default): one prompt on the gemma-2b shape against HF; long: T = 1024, 2048 and a "
                         "T = 4096 prism run on Gemma 3 270M; packed: 64 short prompts on the gemma-2b shape "
-                        "(tools/bench_scale.py). --out replaces only this suite's section of the report")
+                        "(tools/bench_scale.py); interventions: validate --level heads against HF hooks "
+                        "(tools/bench_interventions.py); sweeps: 200 prompts, local against Ray "
+                        "(tools/bench_sweeps.py). --out replaces only this suite's section of the report")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one measurement (a JSON spec)
     args = p.parse_args(argv)
     args.preset = args.preset or ("tiny" if args.quick else "gemma-2b")
@@ -841,7 +843,7 @@ def replace_section(report: str, name: str, body: str) -> str:
 
 def keep_sections(report: str, old: str | None) -> str:
     """The forward suite's new report with the other suites' sections of the old report kept."""
-    for name in ("long", "packed"):
+    for name in ("long", "packed", "interventions", "sweeps"):
         start, end = SECTION.format(name=name), SECTION_END.format(name=name)
         if old and start in old and end in old:
             body = old[old.index(start) + len(start):old.index(end)].strip("\n")
@@ -856,6 +858,16 @@ def scale_main(args, command: str, date: str, folder: Path) -> int:
     if args.suite == "long":
         data = suites.run_long(me, args.runs, args.timeout)
         lines = suites.render_long(me, data)
+    elif args.suite in ("interventions", "sweeps"):  # their own scripts print their Markdown
+        script = Path(__file__).resolve().parent / f"bench_{args.suite}.py"
+        proc = subprocess.run([sys.executable, str(script), "--checkpoint", str(folder)], capture_output=True,
+                              text=True, timeout=args.timeout)
+        if proc.returncode != 0:
+            raise SystemExit(f"bench: {script.name} failed (exit {proc.returncode}): {_tail(proc.stderr)}")
+        text = re.sub(r"^# .*\n+", "", proc.stdout.strip() + "\n")  # the section brings its own heading
+        title = {"interventions": "## Interventions: validate --level heads against HF hooks (gemma-2b shape)",
+                 "sweeps": "## Sweeps: 200 prompts, local against Ray (gemma-2b shape)"}[args.suite]
+        lines = [title, "", text.rstrip()]
     else:
         data = suites.run_packed(me, folder, args.runs, args.timeout)
         lines = suites.render_packed(me, data)

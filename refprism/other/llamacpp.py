@@ -87,7 +87,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..capture import Capture, Summary
+from ..capture import Capture, GgmlArithmetic, Summary
 from ..config import Config
 from ..errors import CheckpointError, InputError, RefprismError
 from ..record import RECORD_TABLE
@@ -96,6 +96,8 @@ LLAMA_CPP_PYTHON = "0.3.36"  # llama-cpp-python, whose vendor/llama.cpp the tool
 BUILD_COMMAND = "python tools/build_llama_cpp.py"
 PRINTED_EDGE = 3  # llama-debug prints the first and last 3 indices of each of the three fastest axes
 PRINT_DECIMALS = 4  # ... as %12.4f
+PRINTED_RESOLUTION = 0.5 * 10.0 ** -PRINT_DECIMALS  # a printed element is within 5e-5 of the tensor's value
+SUM_RESOLUTION = 0.5e-6  # the sum is printed as %f (6 decimals) of a running float32 sum (common/debug.cpp)
 
 
 class ToolError(RefprismError):
@@ -622,7 +624,9 @@ def summary_of(t: Printed, site: str, letters, layout: list[str], sizes: dict[st
         notes.append(f"{site}: KV cells beyond the prompt are not empty in llama.cpp's {t.name}: its sum left out")
         total = None
     shape = tuple(T if a in ("T", "S") else sizes[a] for a in letters)
-    return Summary(shape=shape, elements=elements, total=total, rows=rows)
+    order = tuple(c for axis in reversed(layout) for c in axis)  # ggml sums i0 fastest: its axes, slowest first
+    return Summary(shape=shape, elements=elements, total=total, rows=rows, resolution=PRINTED_RESOLUTION,
+                   total_sum="float32", total_order=order, total_resolution=SUM_RESOLUTION)
 
 
 def _pool(into: Summary, more: Summary, site: str) -> None:
@@ -665,6 +669,63 @@ def debug_dump(gguf_path, prompt, *, cache_type="f16", tensor_filter=(), bin_dir
     return Dump(tokens=tokens, summaries=summaries, tensors=tensors, notes=notes)
 
 
+# ------------------------------------------------------------------------------------------------ the arithmetic
+
+
+# A weight's product converts its input rows to the weight type's vec_dot_type (ggml/src/ggml-cpu/ggml-cpu.c,
+# type_traits_cpu; ggml_compute_forward_mul_mat calls that type's `from_float` on src1 when src1->type differs; the
+# repacked Q4_K weights of x86 AVX2, ggml-cpu/repack.cpp q4_K_8x8_q8_K, take Q8_K rows too). None: float32 rows.
+VEC_DOT_TYPE = {
+    "F32": None, "F16": "F16", "BF16": "BF16",
+    "Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "IQ4_NL": "Q8_0", "MXFP4": "Q8_0",
+    "Q4_1": "Q8_1", "Q5_1": "Q8_1",
+    "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K", "IQ2_XXS": "Q8_K",
+    "IQ2_XS": "Q8_K", "IQ2_S": "Q8_K", "IQ3_XXS": "Q8_K", "IQ3_S": "Q8_K", "IQ1_S": "Q8_K", "IQ1_M": "Q8_K",
+    "IQ4_XS": "Q8_K", "TQ1_0": "Q8_K", "TQ2_0": "Q8_K",
+}
+GGUF_WEIGHTS = {"attn_q": "W_Q", "attn_k": "W_K", "attn_v": "W_V", "attn_output": "W_O", "ffn_gate": "W_gate",
+                "ffn_up": "W_up", "ffn_down": "W_down"}  # blk.l.<name>.weight -> refprism's blocks.l.<weight>
+
+
+def weight_types(gguf_path) -> dict[str, str]:
+    """refprism weight ("blocks.3.W_Q", ..., "unembed") -> its ggml type in the GGUF ("Q5_0", "Q4_K", "F32", ...).
+
+    The unembedding is output.weight when the file has one, else token_embd.weight (llama.cpp's tied output).
+    """
+    import gguf
+
+    tensors = read_header(gguf_path).tensors
+    name = lambda kind: gguf.GGMLQuantizationType(kind).name  # noqa: E731
+    out = {}
+    for tensor_name, (_, kind, _) in tensors.items():
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", tensor_name)
+        if m and m[2] in GGUF_WEIGHTS:
+            out[f"blocks.{m[1]}.{GGUF_WEIGHTS[m[2]]}"] = name(kind)
+    unembed = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    if unembed in tensors:
+        out["unembed"] = name(tensors[unembed][1])
+    return out
+
+
+def arithmetic(gguf_path, cache_type: str = "f16") -> GgmlArithmetic:
+    """How llama.cpp's CPU backend computes this GGUF (capture.GgmlArithmetic): its weight types say what each
+    product converts its input rows to (VEC_DOT_TYPE); the KV cache is the run's choice. A weight type whose
+    conversion refprism does not emulate (Q4_1 / Q5_1: Q8_1 rows) is an InputError naming it."""
+    from ..crosscheck import ROW_TYPES
+
+    rows = {}
+    for weight, kind in weight_types(gguf_path).items():
+        if kind not in VEC_DOT_TYPE:
+            raise InputError(f"llama.cpp weight type {kind} ({weight}): no known conversion of its input rows")
+        row = VEC_DOT_TYPE[kind]
+        if row is not None and row not in ROW_TYPES:
+            raise InputError(f"no floor for llama.cpp's {kind} weights ({weight}): their products convert the input "
+                             f"rows to {row}, which refprism does not emulate (it does {', '.join(ROW_TYPES)})")
+        if row is not None:
+            rows[weight] = row
+    return GgmlArithmetic(weights=file_type(gguf_path), kv_cache=_cache_type(cache_type), activations=rows)
+
+
 # ------------------------------------------------------------------------------------------------ the capture
 
 
@@ -692,19 +753,22 @@ def conventions(cfg: Config, weights: str, cache_type: str) -> list[str]:
     return notes
 
 
-def capture(gguf_path, prompt, *, dtype_word=None, with_debug=True, cache_type="f16", bin_dir=None) -> Capture:
+def capture(gguf_path, prompt, *, with_debug=True, cache_type="f16", bin_dir=None) -> Capture:
     """llama.cpp on a GGUF file as a Capture: full logits [T, V] (llama-cpp-python) + llama-debug's summaries.
 
     prompt: text (tokenized by llama.cpp, BOS added as the file says) or token ids (run as given; with_debug needs
     them to start with BOS and round-trip through text, since llama-debug takes text only).
-    dtype_word: the capture's dtype label; default: the file's weight type ("F32", "Q4_K_M", ...).
+    The capture's dtype is float32 and its `arithmetic` says how llama.cpp's CPU backend rounds this file
+    (`arithmetic`): compare's floors are those of that arithmetic.
     """
     gguf_path = Path(gguf_path)
+    if with_debug:
+        tool("llama-debug", bin_dir)  # a missing build: one line naming the command, before any work
     cfg = gguf_config(gguf_path)
+    how = arithmetic(gguf_path, cache_type)
     ids = tokenize(gguf_path, prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-    weights = file_type(gguf_path)
-    cap = Capture(source="llama.cpp", tokens=np.asarray(ids, dtype=np.int64), dtype=dtype_word or weights,
-                  notes=conventions(cfg, weights, _cache_type(cache_type)))
+    cap = Capture(source="llama.cpp", tokens=np.asarray(ids, dtype=np.int64), dtype="float32", arithmetic=how,
+                  notes=conventions(cfg, how.weights, how.kv_cache))
     cap.arrays["logits"] = logits(gguf_path, ids, cache_type=cache_type)
     if with_debug:
         dump = debug_dump(gguf_path, prompt if isinstance(prompt, str) else ids, cache_type=cache_type,

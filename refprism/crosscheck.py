@@ -1424,7 +1424,7 @@ def _summary_site(cfg, name, letters, summary, runs: _Runs, profile: Profile) ->
     e = errors(theirs, ours)
     floor = SAFETY * profile.scale * max_abs_error(honest, ours) + SLACK * profile.u * scale + summary.resolution
     max_abs = e["max_abs"]
-    worst = dict(zip(letters, idx[e["worst"]["axis0"]])) if idx else {}
+    worst = dict(zip(letters, (int(i) for i in idx[e["worst"]["axis0"]]))) if idx else {}  # NumPy ints too
     if summary.total is not None:  # the sum over the rows printed: its own floor, derived the same way
         axis = symbolic_shapes(cfg)[name].index("T")
         rows = list(summary.rows) if summary.rows is not None else slice(None)

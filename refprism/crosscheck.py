@@ -1431,12 +1431,12 @@ def _summary_site(cfg, name, letters, summary, runs: _Runs, profile: Profile) ->
         Rs, Fs = np.take(R, rows, axis=axis) if summary.rows is not None else R, \
             np.take(F, rows, axis=axis) if summary.rows is not None else F
         sum_err = abs(summary.total - float(Rs.sum())) if math.isfinite(summary.total) else math.inf
-        # The honest run's sum is one draw whose errors may happen to cancel: its spread is the root sum of its
-        # squared errors (the spread of a sum of errors of those sizes that do not cancel by luck), or its own
-        # error when larger (errors of one sign add up)
+        # The honest run's sum is one draw whose errors may happen to cancel. Errors of its sizes that do not cancel
+        # by luck sum to about the root of their squares (independent) or to their own sum (one sign), times
+        # SAFETY; or, correlated (an error in q moves a whole row of scores), to at most the sum of their sizes.
         d = Fs - Rs
-        honest_sum = max(abs(float(d.sum())), float(np.sqrt(np.vdot(d, d))))
-        sum_floor = (SAFETY * profile.scale * honest_sum + SLACK * profile.u * float(np.abs(Rs).sum())
+        spread = max(SAFETY * max(abs(float(d.sum())), float(np.sqrt(np.vdot(d, d)))), float(np.abs(d).sum()))
+        sum_floor = (profile.scale * spread + SLACK * profile.u * float(np.abs(Rs).sum())
                      + summary.total_resolution)
         if summary.total_sum == "float32":
             sum_floor += running_sum_rounding(Rs, letters, summary.total_order)

@@ -415,6 +415,15 @@ def test_parse_reads_printed_corners_sums_and_token_ids():
     assert cache.name == "cache_k_l0 (view)" and cache.values == {}  # quantized: header only
 
 
+def test_token_ids_are_read_across_newline_pieces():
+    """A piece is printed as it is: a newline token breaks the ids' line, and the ids are still all read (a run
+    cut before its last id is not complete)."""
+    tail = "Token ids (6):\n<bos>(2) def(2063)  f(517) \n(107)     (140) return(2060)\n"
+    tokens, _ = L.parse_debug_output(PRINTED.split("Model add_bos")[0] + tail)
+    assert tokens == [2, 2063, 517, 107, 140, 2060]
+    assert L._ends_with_token_ids("x\n" + tail) and not L._ends_with_token_ids("x\n" + tail[:-9])
+
+
 def test_parse_refuses_a_changed_print_format():
     broken = PRINTED.replace("      8.0000  ],", "  ],", 1)
     with pytest.raises(L.ToolError, match="print format changed"):

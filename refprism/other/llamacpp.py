@@ -394,7 +394,7 @@ def parse_debug_output(text: str) -> tuple[list[int] | None, list[Printed]]:
         if m is None:
             if lines[i].startswith("Token ids (") and i + 1 < len(lines):
                 n = int(lines[i][len("Token ids ("):].split(")")[0])
-                found = re.findall(r"\((-?\d+)\)(?= |$)", lines[i + 1])
+                found = _TOKEN_ID.findall("\n".join(lines[i + 1:]))  # the last lines: a piece may be a newline
                 if len(found) != n:
                     raise ToolError(f"cannot read llama-debug's {n} token ids from {lines[i + 1][:200]!r}")
                 tokens = [int(x) for x in found]
@@ -459,6 +459,11 @@ def run_debug(gguf_path, prompt: str, *, cache_type="f16", tensor_filter=(), bin
     raise ToolError(f"llama-debug's output was cut short {attempts} times (its logger thread is not flushed at exit)")
 
 
+# llama-debug ends with "Token ids (n):" and one line of `piece(id)`, space separated; a piece is printed as it is,
+# so a newline piece breaks that line: an id is "(digits)" followed by a space, a newline or the end.
+_TOKEN_ID = re.compile(r"\((-?\d+)\)(?=[ \n]|$)")
+
+
 def _ends_with_token_ids(text: str) -> bool:
     """Whether llama-debug's output holds its closing "Token ids (n):" line and all n ids after it."""
     at = text.rfind("\nToken ids (")
@@ -466,8 +471,7 @@ def _ends_with_token_ids(text: str) -> bool:
         return False
     head, _, rest = text[at + 1:].partition("\n")
     n = int(head[len("Token ids ("):].split(")")[0])
-    line, newline, _ = rest.partition("\n")
-    return bool(newline) and len(re.findall(r"\((-?\d+)\)(?= |$)", line)) == n
+    return rest.endswith("\n") and len(_TOKEN_ID.findall(rest)) == n
 
 
 # ------------------------------------------------------------------------------------------------ names and axes

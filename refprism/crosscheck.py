@@ -1143,7 +1143,7 @@ class CompareResult:
         first_div, first_wrong = self.first_divergence, self.first_wrong_op
         for s in self.sites:
             mark = "!" if s.diverges or s.local_diverges else " "
-            worst = ",".join(f"{k}{v}" for k, v in s.worst.items())
+            worst = "sum" if s.worst == {"sum": True} else ",".join(f"{k}{v}" for k, v in s.worst.items())
             tags = []
             if s.site == first_div:
                 tags.append("<- first divergence")

@@ -102,6 +102,20 @@ def gemma3_f32_gguf(gemma3_q4_gguf, llama_bin_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_ggufs(tmp_path_factory):
+    """Tiny random Gemma 1, 2 and 3 GGUF files (tests/test_gguf.py's writer), every tensor stored in F32."""
+    from unittest import mock
+
+    import gguf
+    import test_gguf
+
+    folder = tmp_path_factory.mktemp("tiny-gguf")
+    f32 = {name: gguf.GGMLQuantizationType.F32 for name in test_gguf.STORAGE}
+    with mock.patch.dict(test_gguf.STORAGE, f32):
+        return {arch: test_gguf.write_gguf(folder / f"{arch}.gguf", arch) for arch in ("gemma", "gemma2", "gemma3")}
+
+
+@pytest.fixture(scope="session")
 def gemma3_270m(gemma3_q4_gguf):
     """refprism's Gemma 3 270M from the Q4_K_M file, loaded once per session (reading a GGUF takes ~15 s)."""
     return refprism.load(gemma3_q4_gguf)

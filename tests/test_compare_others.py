@@ -153,6 +153,36 @@ def test_llamacpp_live_is_within_every_floor(ggufs, models, kind, cache, shared_
         "argmax_agree"] == 1.0
 
 
+# Sites llama.cpp computes on the tiny GGUF files (all but the norm scales): Gemma 1 and 2 have 2 layers, Gemma 3
+# has 7 (tests/test_gguf.py's configs); Gemma 2's logits_uncapped is an unnamed node of llama.cpp's graph.
+TINY_GGUF_SITES = {"gemma": 39, "gemma2": 43, "gemma3": 143}
+
+
+@pytest.mark.parametrize("cache", ["f16", "f32"])
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
+def test_llamacpp_live_on_tiny_gemma_1_2_3(tiny_ggufs, llama_bin_dir, arch, cache, capsys):
+    """llama.cpp's Gemma 1, 2 and 3 graphs (src/models/gemma.cpp, gemma2.cpp, gemma3.cpp: Gemma 1 without
+    post-norms, Gemma 2's soft-caps, Gemma 3's q/k norms and two RoPE bases) on tiny random F32 files, through
+    `refprism compare --against llama.cpp`: every site within the floors of llama.cpp's arithmetic. Random weights of
+    standard deviation 1 make scores of ~100 and near one-hot patterns: a hard case for the floors."""
+    path = tiny_ggufs[arch]
+    status, j = compare_json(["the abc ab the", "--model", str(path), "--against", "llama.cpp", "--kv-cache", cache],
+                             capsys)
+    assert status == 0, [s["site"] for s in j["sites"] if s["diverges"]]
+    assert len(j["sites"]) == TINY_GGUF_SITES[arch] and j["tokens"] == [2, 276, 275, 271, 269, 272]
+
+
+def test_llamacpp_runs_given_ids_as_they_are(tiny_ggufs, llama_bin_dir, capsys):
+    """--ids go to llama.cpp as ids (its logits), and to llama-debug as the text they spell, which llama.cpp must
+    tokenize back to the same ids; ids that do not start with BOS cannot reach llama-debug: one line, exit 2."""
+    path = str(tiny_ggufs["gemma3"])
+    status, j = compare_json(["--ids", "2,276,275,271,269,272", "--model", path, "--against", "llama.cpp"], capsys)
+    assert status == 0 and j["their_tokens"] == [2, 276, 275, 271, 269, 272]
+    assert cli.main(["compare", "--ids", "276,275", "--model", path, "--against", "llama.cpp"]) == 2
+    assert capsys.readouterr().err == ("refprism: error: llama-debug takes text and adds BOS (2): the ids must start "
+                                       "with it\n")
+
+
 ABLATIONS = [  # (file, KV cache, llama.cpp's arithmetic without one of its roundings, the first site it touches)
     ("F32", "f32", None, "blocks.0.mlp.act"),  # plain float32: no GELU f16 table
     ("F32", "f16", GgmlArithmetic("F32", "f32"), "blocks.0.attn.scores"),  # no f16 KV cache in the products

@@ -345,20 +345,6 @@ def test_a_weight_type_whose_rows_are_not_emulated_is_refused(q4, monkeypatch):
 # ------------------------------------------------------------------------------------------------ Gemma 1, 2, 3 graphs
 
 
-@pytest.fixture(scope="module")
-def tiny_ggufs(tmp_path_factory):
-    """Tiny random Gemma 1, 2 and 3 GGUF files (tests/test_gguf.py's writer), every tensor stored in F32."""
-    from unittest import mock
-
-    import gguf
-    import test_gguf
-
-    folder = tmp_path_factory.mktemp("tiny-gguf")
-    f32 = {name: gguf.GGMLQuantizationType.F32 for name in test_gguf.STORAGE}
-    with mock.patch.dict(test_gguf.STORAGE, f32):
-        return {arch: test_gguf.write_gguf(folder / f"{arch}.gguf", arch) for arch in ("gemma", "gemma2", "gemma3")}
-
-
 @pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
 def test_each_gemma_graph_maps_to_refprisms_sites(arch, tiny_ggufs, bin_dir):
     """llama.cpp's Gemma 1, 2 and 3 graphs (src/models/gemma.cpp, gemma2.cpp, gemma3.cpp) name their tensors

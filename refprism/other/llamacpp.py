@@ -78,9 +78,11 @@ llama.cpp's conventions, as they meet refprism's numbers (each becomes a note of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -290,11 +292,28 @@ def _load_llama(gguf_path, n_tokens: int, *, cache_type="f16", vocab_only=False)
     kv = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}[_cache_type(cache_type)]
     n_ctx = max(256, -(-n_tokens // 256) * 256)
     try:
-        return llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=2,
-                               n_threads_batch=2, logits_all=True, flash_attn=False, type_k=kv, type_v=kv,
-                               vocab_only=vocab_only, verbose=False)
+        with _quiet_stderr():  # verbose=False leaves llama.cpp's context warnings on stderr (fd 2)
+            return llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                   n_threads=2, n_threads_batch=2, logits_all=True, flash_attn=False, type_k=kv,
+                                   type_v=kv, vocab_only=vocab_only, verbose=False)
     except ValueError as e:  # llama-cpp-python: "Failed to load model from file: ..."
         raise CheckpointError(f"llama.cpp cannot load {gguf_path}: {e}") from None
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """stderr silenced for the block, both sys.stderr (llama-cpp-python prints llama.cpp's log through it) and file
+    descriptor 2 (ggml's C code): the warnings llama.cpp gives while it sets up a context ("n_ctx_seq >
+    n_ctx_train", "using full-size SWA cache") are not refprism's to print; failures still raise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _cache_type(cache_type: str) -> str:
@@ -771,6 +790,8 @@ def capture(gguf_path, prompt, *, with_debug=True, cache_type="f16", bin_dir=Non
     cfg = gguf_config(gguf_path)
     how = arithmetic(gguf_path, cache_type)
     ids = tokenize(gguf_path, prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+    if with_debug and not isinstance(prompt, str):
+        detokenize(gguf_path, ids)  # ids llama-debug cannot take are refused before any run
     cap = Capture(source="llama.cpp", tokens=np.asarray(ids, dtype=np.int64), dtype="float32", arithmetic=how,
                   notes=conventions(cfg, how.weights, how.kv_cache))
     cap.arrays["logits"] = logits(gguf_path, ids, cache_type=cache_type)

@@ -33,7 +33,9 @@ PRESETS = ["tiny", "tiny-gemma2", "tiny-gemma3"]  # Gemma 1, 2, 3
 
 def compare_json(argv, capsys) -> tuple[int, dict]:
     status = cli.main(["compare", *argv, "--json"])
-    return status, json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    assert out.out, f"exit {status}: {out.err}"
+    return status, json.loads(out.out)
 
 
 def scales(cfg, T) -> list[str]:

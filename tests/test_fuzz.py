@@ -357,6 +357,7 @@ VALUES = {  # option -> strategy for its values (a list: some options take sever
     "--against": st.sampled_from(["run.npz", "absent.npz", "prompt.txt", "run.safetensors", "."]) | texts,
     "--names": st.sampled_from(["refprism", "hf", "tl", "llama.cpp", "map.json", "prompt.txt"]) | texts,
     "--markdown": st.sampled_from(["report.md", "no/such/report.md", "", "."]) | texts,
+    "--kv-cache": st.sampled_from(["f16", "f32", "q8_0"]) | texts,
 }
 for _opt in ("--top", "--top-k", "--position", "--layer", "--head", "--source", "--neuron", "--depth", "--branch"):
     VALUES[_opt] = numbers
@@ -380,7 +381,7 @@ GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads,
     "--validate": st.just("validate.json"), "--compare": st.just("compare.json"), "--sweep": st.just("sweep"),
     "--select": st.sampled_from(["logits@-1", "blocks.*.attn.out", "blocks.1.attn.pattern@0,-1", "embed"]),
     "--against": st.just("run.npz"), "--names": st.just("refprism"), "--top-k": st.integers(1, 6).map(str),
-    "--markdown": st.just("report.md"),
+    "--markdown": st.just("report.md"), "--kv-cache": st.sampled_from(["f16", "f32"]),  # refused unless llama.cpp's
 }
 
 

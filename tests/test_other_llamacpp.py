@@ -408,6 +408,8 @@ def test_token_ids_are_read_across_newline_pieces():
     tokens, _ = L.parse_debug_output(PRINTED.split("Model add_bos")[0] + tail)
     assert tokens == [2, 2063, 517, 107, 140, 2060]
     assert L._ends_with_token_ids("x\n" + tail) and not L._ends_with_token_ids("x\n" + tail[:-9])
+    assert not L._ends_with_token_ids("x\n" + tail[:-1])  # the last id's line unfinished
+    assert L._ends_with_token_ids("x\n" + tail + "llama_perf: (12) (13)\n")  # what follows is not read
 
 
 def test_parse_refuses_a_changed_print_format():

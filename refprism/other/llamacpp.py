@@ -413,10 +413,10 @@ def parse_debug_output(text: str) -> tuple[list[int] | None, list[Printed]]:
         if m is None:
             if lines[i].startswith("Token ids (") and i + 1 < len(lines):
                 n = int(lines[i][len("Token ids ("):].split(")")[0])
-                found = _TOKEN_ID.findall("\n".join(lines[i + 1:]))  # the last lines: a piece may be a newline
-                if len(found) != n:
+                found = _token_ids("\n".join(lines[i + 1:]) + "\n", n)  # a piece may be a newline: read on
+                if found is None:
                     raise ToolError(f"cannot read llama-debug's {n} token ids from {lines[i + 1][:200]!r}")
-                tokens = [int(x) for x in found]
+                tokens = found
             i += 1
             continue
         ne = tuple(int(x) for x in m["ne"].split(","))
@@ -479,8 +479,19 @@ def run_debug(gguf_path, prompt: str, *, cache_type="f16", tensor_filter=(), bin
 
 
 # llama-debug ends with "Token ids (n):" and one line of `piece(id)`, space separated; a piece is printed as it is,
-# so a newline piece breaks that line: an id is "(digits)" followed by a space, a newline or the end.
-_TOKEN_ID = re.compile(r"\((-?\d+)\)(?=[ \n]|$)")
+# so a newline piece breaks that line: an id is "(digits)" followed by a space or a newline.
+_TOKEN_ID = re.compile(r"\((-?\d+)\)(?=[ \n])")
+
+
+def _token_ids(rest: str, n: int) -> list[int] | None:
+    """The n ids printed at the start of `rest` (what follows "Token ids (n):"), or None when the output stops
+    before the line that holds the last of them is complete."""
+    found = list(_TOKEN_ID.finditer(rest))[:n]
+    if len(found) < n:
+        return None
+    if found and "\n" not in rest[found[-1].end():]:
+        return None  # the line of the last id is not finished: the output was cut there
+    return [int(m[1]) for m in found]
 
 
 def _ends_with_token_ids(text: str) -> bool:
@@ -489,8 +500,7 @@ def _ends_with_token_ids(text: str) -> bool:
     if at < 0:
         return False
     head, _, rest = text[at + 1:].partition("\n")
-    n = int(head[len("Token ids ("):].split(")")[0])
-    return rest.endswith("\n") and len(_TOKEN_ID.findall(rest)) == n
+    return _token_ids(rest, int(head[len("Token ids ("):].split(")")[0])) is not None
 
 
 # ------------------------------------------------------------------------------------------------ names and axes

@@ -5,8 +5,10 @@ Its names are read in one of four schemes (`--names`):
 
     refprism    refprism's record names and layouts (`refprism record --out run.npz` writes one)
     hf          HF module paths as forward hooks see them (`refprism.other.hf.scheme_hf`'s table)
-    tl          TransformerLens hook names (`refprism.other.tl.scheme_tl`)
-    llama.cpp   llama.cpp tensor names as llama-debug / eval-callback print them (`refprism.other.llamacpp`)
+    tl          TransformerLens hook names (`refprism.other.tl.scheme_tl`), as a plain bridge's run_with_cache
+    llama.cpp   llama.cpp tensor names as llama-debug / eval-callback print them (`refprism.other.llamacpp`); a
+                tensor with fewer rows than the prompt (llama.cpp's cut last layer) is a summary of those rows,
+                and the floors are llama.cpp's arithmetic (the model's GGUF weight types, the KV cache given)
 
 or by a JSON name map for a port of one's own (`NameMap`, docs/compare.md):
 

@@ -74,6 +74,10 @@ llama.cpp's conventions, as they meet refprism's numbers (each becomes a note of
 - RoPE angles: theta_i = p * base**(-2i/H) built by repeated float32 multiplication (ggml_rope_cache_init).
 - Quantized files (Q4_K_M, ...): each matmul with a quantized weight first quantizes its activation row (to Q8_K for
   the k-quants, Q8_0 for Q4_0/Q5_0/Q8_0), so even a perfect reference differs by more than the weights' rounding.
+
+A capture is float32 with `arithmetic` (capture.GgmlArithmetic: the file's weight types, the KV cache): compare's
+floors are those of an honest implementation of llama.cpp's arithmetic (crosscheck.ggml_edit), every rounding above
+included, and the printed summaries carry the print's resolution and llama-debug's running float32 sum.
 """
 
 from __future__ import annotations

@@ -1269,6 +1269,9 @@ def compare(model, prompt=None, *, against, names=None, dtype=None, top_k: int =
             result.missing.append(name)
     result.floors = {"profile": profile.dtype, "safety": SAFETY, "slack": SLACK, "unit_roundoff": profile.u,
                      "method": _floor_method(profile)}
+    if profile.ggml is not None:  # llama.cpp's arithmetic, as the floors model it
+        g = profile.ggml
+        result.floors["llama.cpp"] = {"weights": g.weights, "kv_cache": g.kv_cache, "activations": g.activations}
     wrong = result.first_wrong_op
     if wrong is not None:
         result.diagnosis = diagnose(model, tokens, wrong, theirs, runs, profile,

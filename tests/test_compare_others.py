@@ -150,6 +150,9 @@ def test_llamacpp_live_is_within_every_floor(ggufs, models, kind, cache, shared_
     method = j["floors"]["method"]
     assert f"llama.cpp's CPU backend on {kind} weights" in method and f"{cache} KV cache" in method
     assert ("Q8_0, Q8_K" in method) == (kind == "Q4_K_M")
+    g = j["floors"]["llama.cpp"]
+    assert (g["weights"], g["kv_cache"]) == (kind, cache)
+    assert g["activations"] == ({} if kind == "F32" else L.arithmetic(ggufs[kind]).activations)
     printed = [s for s in j["sites"] if s.get("summary")]
     assert len(printed) == 362 and j["sites"][-1]["site"] == "logits" and j["sites"][-1]["logits"][
         "argmax_agree"] == 1.0

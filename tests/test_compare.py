@@ -300,3 +300,96 @@ def test_catalogue_entries_are_named_once_with_their_site_kinds():
     kinds = {C.split_site(n)[1] for n in kinds} | {"logits"}
     for m in C.CATALOGUE:
         assert set(m.kinds) <= kinds, m.name
+
+
+def test_printed_elements_are_judged_with_their_print_resolution(tiny):
+    """llama-debug prints %.4f: an element is within 5e-5 of the tensor's value by the printing alone, a total of
+    a running float32 sum within its partial sums' roundings. Both are part of the floor (Summary.resolution,
+    total_sum), and nothing more: a printed value off by more than its resolution still diverges."""
+    run = tiny.run(IDS)
+    out = run.record["blocks.1.mlp.act"]
+    elements = {(t, f): float(np.round(out[t, f], 4)) for t in (0, 8) for f in (0, 1, 126, 127)}
+    running = float(np.cumsum(out.astype(np.float32).ravel(), dtype=np.float32)[-1])  # llama-debug's `float sum`
+    printed = Summary(shape=out.shape, elements=elements, total=running, resolution=5e-5, total_sum="float32")
+    cap = Capture("llama.cpp", np.asarray(IDS), summaries={"blocks.1.mlp.act": printed})
+    s = C.compare(tiny, IDS, against=cap).sites[0]
+    assert not s.diverges and s.floor >= 5e-5
+    assert max(abs(v - out[k]) for k, v in elements.items()) > 1e-6  # the rounding is really there
+    exact = Summary(shape=out.shape, elements=elements, total=running)  # taken as exact values: they are not
+    assert C.compare(tiny, IDS, against=Capture("llama.cpp", np.asarray(IDS),
+                                                summaries={"blocks.1.mlp.act": exact})).sites[0].diverges
+    printed.elements[(8, 127)] += 2e-4
+    s = C.compare(tiny, IDS, against=cap).sites[0]
+    assert s.diverges and s.worst == {"T": 8, "F": 127}
+
+
+def test_running_sum_rounding_on_literal_cases():
+    """u32 * sum_k |s_k|, the partial sums in the order summed: a bound on a float32 running sum's own error."""
+    u = 2.0 ** -24
+    x = np.array([1.0, u, u])  # float32: 1 + u rounds to 1 (ties to even), twice; the exact sum is 1 + 2u
+    bound = C.running_sum_rounding(x, ("D",))
+    assert bound == pytest.approx(u * (1 + (1 + u) + (1 + 2 * u)), rel=1e-15)
+    err = abs(float(np.cumsum(x.astype(np.float32), dtype=np.float32)[-1]) - (1 + 2 * u))
+    assert err == 2 * u and err <= bound
+    grid = np.array([[0.0, 1.0], [0.0, 0.0]])  # [T, D]: summed T-major: 0, 1, 1, 1; D-major: 0, 0, 1, 1
+    assert C.running_sum_rounding(grid, ("T", "D")) == 3 * u
+    assert C.running_sum_rounding(grid, ("T", "D"), ("D", "T")) == 2 * u
+
+
+# ------------------------------------------------------------------------------------------ llama.cpp's arithmetic
+
+
+def test_quantize_rows_q8_0_and_q8_k_on_literal_blocks():
+    """ggml's conversions of a matmul's input rows: Q8_0 scales each block of 32 by amax / 127 (stored as f16),
+    Q8_K each block of 256 by 127 / amax (float32); both round half to even (AVX's round, nearest_int)."""
+    x = np.zeros(256, np.float32)
+    x[:5] = [127.0, 0.5, 1.5, -2.5, 3.25]  # block 0: amax 127, scale 1: the halves go to even
+    x[32:35] = [1.984375, 0.7, -0.35]  # block 1: amax 127/64, scale 1/64 (exact in f16)
+    q8_0 = C.quantize_rows(x, "Q8_0")
+    np.testing.assert_array_equal(q8_0[:5], [127, 0, 2, -2, 3])  # roundf (half away from zero) gives 1 and -3
+    np.testing.assert_array_equal(q8_0[32:35], [1.984375, 0.703125, -0.34375])  # 127, 45 and -22 sixty-fourths
+    assert q8_0.dtype == np.float32 and not q8_0[64:].any()  # blocks of zeros stay zeros
+    q8_k = C.quantize_rows(x, "Q8_K")  # one block of 256 with amax 127: block 1's values on the unit grid too
+    np.testing.assert_array_equal(q8_k[:5], [127, 0, 2, -2, 3])
+    np.testing.assert_array_equal(q8_k[32:35], [2, 1, 0])
+    d = np.float32(1.27) / np.float32(127)  # a scale f16 cannot hold: Q8_0 stores it rounded, Q8_K in float32
+    y = np.zeros(256, np.float32)
+    y[:2] = [1.27, 0.5]
+    assert C.quantize_rows(y, "Q8_0")[1] == np.float32(50) * np.float32(np.float16(d))
+    assert C.quantize_rows(y, "Q8_K")[1] == np.float32(50) * (np.float32(1) / (np.float32(127) / np.float32(1.27)))
+    np.testing.assert_array_equal(C.quantize_rows(np.array([1 + 2 ** -11, 1 + 3 * 2 ** -11]), "F16"),
+                                  [1.0, 1 + 2 ** -9])  # f16 ties to even
+    with pytest.raises(InputError, match="blocks of 256; this row has 64 values"):
+        C.quantize_rows(np.ones(64), "Q8_K")
+    with pytest.raises(InputError, match="no floor for llama.cpp converting a matmul's input to Q8_1"):
+        C.quantize_rows(np.ones(32), "Q8_1")
+
+
+def test_gelu_f16_table_on_literal_values():
+    """ggml-cpu's GELU: 0 below -10, x above 10, else the f16 table entry of f16(x)."""
+    x = np.array([-10.5, -10.0, 10.0, 12.25, 1.0, 1.0 + 2 ** -12], np.float32)
+    g = C.gelu_f16_table(x)
+    np.testing.assert_array_equal(g[:4], [0.0, 0.0, 10.0, 12.25])
+    assert g[4] == g[5] == 0.84130859375  # gelu_tanh(1) = 0.8411920 to the nearest f16; one f16 bucket, one value
+    exact = refprism.ops.gelu_tanh(np.array([1.0, 1.0 + 2 ** -12]))
+    assert exact[0] != exact[1] and abs(g[4] - exact[0]) < 2 ** -11
+
+
+def test_rope_tables_ggml_build_the_angles_by_repeated_products():
+    """ggml_rope_cache_init: angle_i = p * theta_scale**i as i float32 products of theta_scale = powf(base, -2/H),
+    each rounded: off the exact angle by at most about i roundings, unlike refprism's angles rounded once."""
+    cos, sin = C.rope_tables_ggml(np.arange(8), 256, 1_000_000.0)
+    assert cos.shape == sin.shape == (8, 256) and cos.dtype == np.float32
+    np.testing.assert_array_equal(cos[:, :128], cos[:, 128:])  # split-half: pair i is dimensions i and i + 128
+    i = np.arange(128)
+    exact = 7 * 1_000_000.0 ** (-2 * i / 256)
+    angle = np.arctan2(sin[7, :128].astype(np.float64), cos[7, :128].astype(np.float64))  # in (-pi, pi]
+    off = np.abs((angle - exact + np.pi) % (2 * np.pi) - np.pi)
+    assert np.all(off <= (i + 2) * 2.0 ** -23 * exact + 2e-7)  # + cos / sin's own float32 rounding
+    assert (cos[0] == 1).all() and (sin[0] == 0).all()
+    hf_cos, _ = C.rope_tables_float32(np.arange(8), 256, 1_000_000.0)  # p * inv_freq, each rounded once
+    assert (cos != hf_cos).any()
+    scaled = C.rope_tables_ggml(np.arange(8), 256, 1_000_000.0, 8.0)  # linear scaling: freq_scale 1/8, exact
+    np.testing.assert_array_equal(scaled[0], C.rope_tables_ggml(np.arange(8) / 8, 256, 1_000_000.0)[0])
+    cos4, sin4 = C.rope_tables_ggml(np.array([3]), 4, 10_000.0)  # theta_scale = 10000**-0.5 = 0.01
+    np.testing.assert_allclose(cos4[0], np.cos([3, 0.03, 3, 0.03]), rtol=1e-6)

@@ -100,18 +100,3 @@ def test_other_dtype_is_a_choice(tiny_dir, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "invalid choice: 'int8'" in err
-
-
-@pytest.mark.parametrize("against,module", [("tl", "tl"), ("llama.cpp", "llamacpp")])
-def test_the_other_live_sides_are_loaded_lazily(tiny_dir, capsys, against, module):
-    """--against tl / llama.cpp call refprism/other/tl.py / llamacpp.py `capture(model, ids)`; in a build without
-    them the refusal is one line, exit 2."""
-    import importlib.util
-
-    if importlib.util.find_spec(f"refprism.other.{module}") is not None:
-        assert callable(__import__(f"refprism.other.{module}", fromlist=["capture"]).capture)
-        return
-    assert cli.main(["compare", PROMPT, "--model", str(tiny_dir), "--against", against]) == 2
-    err = capsys.readouterr().err
-    assert err == (f"refprism: error: --against {against}: refprism/other/{module}.py is not part of this build (the "
-                   "TransformerLens and llama.cpp sides ship separately)\n")

@@ -3,7 +3,6 @@ floor and the arrays as written), through .npz and .safetensors, and JSON name m
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -224,7 +223,8 @@ def test_dump_problems_are_one_line_errors(tiny, tmp_path):
     with pytest.raises(InputError, match=r"holds an object \(pickled\) array; refprism never unpickles"):
         compare(tiny, IDS, against=str(tmp_path / "pickled.npz"))
     np.savez(tmp_path / "other.npz", tokens=run.tokens, foo=run.logits)
-    with pytest.raises(InputError, match=r"none of its 2 arrays names a site in the refprism scheme"):
+    with pytest.raises(InputError, match=r"none of its 1 array besides the token ids names a site in the refprism "
+                                         r"scheme"):
         compare(tiny, IDS, against=str(tmp_path / "other.npz"))
     (tmp_path / "broken.safetensors").write_bytes(b"not a file")
     with pytest.raises(InputError, match=r"broken\.safetensors is not a readable \.safetensors file"):
@@ -237,18 +237,32 @@ def test_dump_problems_are_one_line_errors(tiny, tmp_path):
         compare(tiny, IDS, against=str(tmp_path / "twice.npz"), names="hf")
 
 
-@pytest.mark.parametrize("scheme,module", [("tl", "tl"), ("llama.cpp", "llamacpp")])
-def test_other_engineers_schemes_are_loaded_lazily(tiny, tmp_path, scheme, module):
-    """tl and llama.cpp names come from refprism/other/tl.py and llamacpp.py (scheme_tl, scheme_llamacpp); without
-    them the refusal is one line, with them the scheme is used."""
-    np.savez(tmp_path / "d.npz", tokens=np.asarray(IDS), x=np.zeros(3))
-    if importlib.util.find_spec(f"refprism.other.{module}") is None:
-        with pytest.raises(InputError, match=rf"--names {scheme}: refprism/other/{module}\.py .* is not part of this "
-                                             "build"):
-            compare(tiny, IDS, against=str(tmp_path / "d.npz"), names=scheme)
-    else:
-        with pytest.raises(InputError, match=rf"none of its 1 arrays names a site in the {scheme} scheme"):
-            compare(tiny, IDS, against=str(tmp_path / "d.npz"), names=scheme)
+def test_tl_and_llamacpp_schemes_each_read_their_own_names(tiny, tmp_path):
+    """--names tl reads TransformerLens hook names (tl.scheme_tl, with TL's batch axis), --names llama.cpp
+    llama.cpp's graph names (llamacpp.scheme_llamacpp, told the prompt's length: llama.cpp's cut last layer, its
+    last row only, comes back as a summary of that row); each scheme leaves the other's names to a note."""
+    rec = tiny.run(IDS).record
+    T = len(IDS)
+    path = tmp_path / "d.npz"
+    np.savez(path, tokens=np.asarray(IDS), **{
+        "blocks.0.hook_resid_mid": rec["blocks.0.resid_mid"][None],  # TL: [batch, T, D]
+        "sa_out-0": rec["blocks.0.resid_mid"],  # llama.cpp: ne [D, T], a [T, D] array
+        "l_out-1": rec["blocks.1.resid_post"][T - 1:]})  # llama.cpp's last layer, cut to the last row
+    cap = dumps.read_dump(path, tiny, names="tl")
+    assert set(cap.arrays) == {"blocks.0.resid_mid"} and cap.summaries == {} and cap.arithmetic is None
+    assert "2 arrays of the dump name no refprism site in the tl scheme, ignored: sa_out-0, l_out-1" in cap.notes
+    np.testing.assert_array_equal(cap.arrays["blocks.0.resid_mid"], rec["blocks.0.resid_mid"])
+    cap = dumps.read_dump(path, tiny, names="llama.cpp")
+    assert set(cap.arrays) == {"blocks.0.resid_mid"} and set(cap.summaries) == {"blocks.1.resid_post"}
+    last = cap.summaries["blocks.1.resid_post"]
+    assert last.rows == (T - 1,) and last.shape == (T, 64) and last.elements[(T - 1, 5)] == rec["blocks.1.resid_post"][
+        T - 1, 5]
+    assert cap.arithmetic.weights == "F32" and cap.arithmetic.activations == {}  # no GGUF: float32 products
+    assert any("blocks.0.hook_resid_mid" in n for n in cap.notes)
+    assert any("the model is no .gguf file" in n for n in cap.notes)
+    r = compare(tiny, IDS, against=str(path), names="llama.cpp")
+    assert [s.site for s in r.sites] == ["blocks.0.resid_mid", "blocks.1.resid_post"] and r.exit_status == 0
+    assert r.sites[1].summary and "llama.cpp's CPU backend on F32 weights" in r.floors["method"]
 
 
 def test_every_site_of_every_family_has_an_hf_name(checkpoint):

@@ -733,8 +733,22 @@ CASES = [
          comparing(), compare_args(), r"dump d\.npz: holds an object \(pickled\) array; refprism never unpickles",
          InputError),
     Case("compare-dump-no-site", compare_dump(lambda a: _only(a, "tokens", activations=np.zeros(3))),
-         comparing(), compare_args(), r"d\.npz: none of its 2 arrays names a site in the refprism scheme \(its names "
-         r"begin activations, tokens\): check --names", InputError),
+         comparing(), compare_args(), r"d\.npz: none of its 1 array besides the token ids names a site in the "
+         r"refprism scheme \(its names begin activations\): check --names", InputError),
+    Case("compare-llamacpp-not-gguf", lambda ctx: ctx.good(), comparing(against="llama.cpp"),
+         compare_args(against="llama.cpp"),
+         r"--against llama\.cpp runs llama\.cpp on the --model file: give --model as a \.gguf file", InputError),
+    Case("compare-llamacpp-not-built", gguf_file(), comparing(against="llama.cpp"),
+         compare_args(against="llama.cpp"),
+         r"llama-debug of llama\.cpp \(llama-cpp-python 0\.3\.36\) is not built in .*nothing/llama\.cpp/0\.3\.36/bin: "
+         r"run python tools/build_llama_cpp\.py", RefprismError, env={"REFPRISM_CACHE": "{tmp}/nothing"}),
+    Case("compare-llamacpp-dtype", gguf_file(), comparing(against="llama.cpp", dtype="bfloat16"),
+         compare_args("--dtype", "bfloat16", against="llama.cpp"),
+         r"llama\.cpp computes in float32 with its own roundings \(the GGUF's weight types and --kv-cache say "
+         r"which\), not in bfloat16: leave --dtype out", InputError),
+    Case("compare-kv-cache-not-llamacpp", compare_dump(), comparing(kv_cache="f32"), compare_args("--kv-cache", "f32"),
+         r"--kv-cache is llama\.cpp's: it applies to --against llama\.cpp and to dumps with --names llama\.cpp",
+         InputError),
     Case("compare-tokens-differ", compare_dump(lambda a: a.update({"tokens": a["tokens"][1:]})), comparing(),
          compare_args(), r"tokens differ at position 0: ours 2 \(<bos>\), theirs 131 \(The\) \(7 vs 6 tokens\); "
          r"the other side's tokens are ours without the leading <bos>", InputError),

@@ -358,6 +358,7 @@ VALUES = {  # option -> strategy for its values (a list: some options take sever
     "--against": st.sampled_from(["run.npz", "absent.npz", "prompt.txt", "run.safetensors", "."]) | texts,
     "--names": st.sampled_from(["refprism", "hf", "tl", "llama.cpp", "map.json", "prompt.txt"]) | texts,
     "--markdown": st.sampled_from(["report.md", "no/such/report.md", "", "."]) | texts,
+    "--kv-cache": st.sampled_from(["f16", "f32", "q8_0"]) | texts,
 }
 LABELS = st.sampled_from(["embed", "L0.attn", "L1.mlp", "L0H1", "L1H3.src2", "L1N5", "L2H0", "L0N128", "L1H0.src9",
                           "L-1H0", "L01H1"])
@@ -394,7 +395,7 @@ GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads,
     "--validate": st.just("validate.json"), "--compare": st.just("compare.json"), "--sweep": st.just("sweep"),
     "--select": st.sampled_from(["logits@-1", "blocks.*.attn.out", "blocks.1.attn.pattern@0,-1", "embed"]),
     "--against": st.just("run.npz"), "--names": st.just("refprism"), "--top-k": st.integers(1, 6).map(str),
-    "--markdown": st.just("report.md"),
+    "--markdown": st.just("report.md"), "--kv-cache": st.sampled_from(["f16", "f32"]),  # refused unless against llama.cpp
     "--component": st.sampled_from(["embed", "L0.attn", "L1.mlp", "L0H1", "L1H3.src2", "L1N5"]),
     "--ablate": st.sampled_from(["zero", "mean", "resample"]), "--direction": st.sampled_from(["noising", "denoising"]),
     "--at": st.sampled_from(["all", "-1", "3,6"]), "--level": st.sampled_from(["residual", "heads", "head-source:1",

@@ -13,7 +13,6 @@ command to run, it does not skip.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,7 @@ import pytest
 
 import refprism
 from refprism import ops
-from refprism.capture import Capture, Summary
-from refprism.demo import gguf_path
+from refprism.capture import Capture, GgmlArithmetic, Summary
 from refprism.errors import InputError
 from refprism.config import Config
 from refprism.other import llamacpp as L
@@ -35,36 +33,24 @@ IDS = [2, 818, 5279, 3207, 529, 7001, 563]  # <bos> The ▁capital ▁city ▁of
 PRINT = 0.5 * 10.0 ** -L.PRINT_DECIMALS  # llama-debug prints %.4f: each printed value is within 5e-5 of its float
 
 
-def _build_tool():
-    spec = importlib.util.spec_from_file_location("build_llama_cpp", ROOT / "tools" / "build_llama_cpp.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def bin_dir(llama_bin_dir):
+    return llama_bin_dir
 
 
 @pytest.fixture(scope="module")
-def bin_dir():
-    build = _build_tool()
-    found = build.locate()
-    if found is None:
-        pytest.fail(f"llama.cpp's llama-debug and llama-quantize ({L.LLAMA_CPP_PYTHON}) are not built for this "
-                    f"machine: run {build.BUILD_COMMAND}")
-    return found
+def q4(gemma3_q4_gguf):
+    return gemma3_q4_gguf
 
 
 @pytest.fixture(scope="module")
-def q4():
-    return gguf_path()
+def f32(gemma3_f32_gguf):
+    return gemma3_f32_gguf
 
 
 @pytest.fixture(scope="module")
-def f32(q4, bin_dir, tmp_path_factory):
-    return L.quantize(q4, tmp_path_factory.mktemp("gguf") / "gemma-3-270m-F32.gguf", "F32", bin_dir=bin_dir)
-
-
-@pytest.fixture(scope="module")
-def model(q4):
-    return refprism.load(q4)
+def model(gemma3_270m):
+    return gemma3_270m
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +66,20 @@ def ref(model):
 
 
 @pytest.fixture(scope="module")
-def f32_dump(f32, bin_dir):
-    """llama-debug on the F32 file with the KV cache in f32: llama.cpp at its most exact."""
-    return L.debug_dump(f32, PROMPT, cache_type="f32", bin_dir=bin_dir)
+def f32_dump(f32, bin_dir, llama_debug_output):
+    """llama-debug on the F32 file with the KV cache in f32: llama.cpp at its most exact (its output is shared
+    with tests/test_compare_others.py: conftest's llama_debug_output)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(L, "run_debug", llama_debug_output)
+        return L.debug_dump(f32, PROMPT, cache_type="f32", bin_dir=bin_dir)
 
 
 @pytest.fixture(scope="module")
-def q4_dump(q4, bin_dir):
+def q4_dump(q4, bin_dir, llama_debug_output):
     """llama-debug on the Q4_K_M file as users run it: llama.cpp's default f16 KV cache."""
-    return L.debug_dump(q4, PROMPT, bin_dir=bin_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(L, "run_debug", llama_debug_output)
+        return L.debug_dump(q4, PROMPT, bin_dir=bin_dir)
 
 
 def disagreement(s: Summary, full: np.ndarray) -> tuple[float, float, float]:
@@ -307,10 +298,12 @@ def test_q4_k_m_first_matmul_is_refprism_on_q8_0_activations(q4_dump, ref, model
 
 
 def test_capture_assembles_logits_summaries_and_notes(f32, f32_dump, bin_dir, monkeypatch):
-    """capture(): llama-cpp-python's full logits + llama-debug's summaries (its logits row left to the array)."""
+    """capture(): llama-cpp-python's full logits + llama-debug's summaries (its logits row left to the array), in
+    float32 with llama.cpp's arithmetic of the file (an F32 file converts no product's input)."""
     monkeypatch.setattr(L, "debug_dump", lambda *a, **k: f32_dump)  # the dump above, not a second 20 s run
     cap = L.capture(f32, PROMPT, cache_type="f32", bin_dir=bin_dir)
-    assert isinstance(cap, Capture) and cap.source == "llama.cpp" and cap.dtype == "F32"
+    assert isinstance(cap, Capture) and cap.source == "llama.cpp" and cap.dtype == "float32"
+    assert cap.arithmetic == GgmlArithmetic(weights="F32", kv_cache="f32", activations={})
     assert cap.tokens.tolist() == IDS
     assert set(cap.arrays) == {"logits"} and cap.arrays["logits"].shape == (len(IDS), 262144)
     assert set(cap.summaries) == set(f32_dump.summaries) - {"logits"}
@@ -321,21 +314,35 @@ def test_capture_assembles_logits_summaries_and_notes(f32, f32_dump, bin_dir, mo
     assert "KV cache in f16" in q4_notes and "Q4_K_M weights" in q4_notes
 
 
+def test_the_q4_k_m_files_products_take_q8_0_or_q8_k_rows_by_weight_type(q4):
+    """Each weight's type in the file decides what ggml converts its product's input to (VEC_DOT_TYPE): this
+    Q4_K_M file mixes Q5_0 and Q8_0 weights (Q8_0 rows, blocks of 32) with Q4_K and Q6_K ones (Q8_K, blocks of
+    256); the tied unembedding is token_embd, Q8_0."""
+    types = L.weight_types(q4)
+    assert len(types) == 18 * 7 + 1
+    assert (types["blocks.0.W_Q"], types["blocks.0.W_O"], types["blocks.0.W_V"], types["blocks.2.W_V"]) == (
+        "Q5_0", "Q4_K", "Q8_0", "Q5_0")
+    assert (types["blocks.0.W_down"], types["blocks.2.W_down"], types["unembed"]) == ("Q6_K", "Q4_K", "Q8_0")
+    how = L.arithmetic(q4)
+    assert how.weights == "Q4_K_M" and how.kv_cache == "f16"
+    assert {k: v for k, v in how.activations.items() if k.startswith("blocks.0.")} == {
+        "blocks.0.W_Q": "Q8_0", "blocks.0.W_K": "Q8_0", "blocks.0.W_V": "Q8_0", "blocks.0.W_O": "Q8_K",
+        "blocks.0.W_gate": "Q8_0", "blocks.0.W_up": "Q8_0", "blocks.0.W_down": "Q8_K"}
+    assert how.activations["unembed"] == "Q8_0" and len(how.activations) == len(types)
+    with pytest.raises(InputError, match="cache_type must be 'f16'"):
+        L.arithmetic(q4, "q8_0")
+
+
+def test_a_weight_type_whose_rows_are_not_emulated_is_refused(q4, monkeypatch):
+    """Q4_1 / Q5_1 weights take Q8_1 rows (a scale and a sum per block) that refprism does not emulate: no floor
+    rather than a wrong one."""
+    monkeypatch.setattr(L, "weight_types", lambda path: {"blocks.0.W_Q": "Q4_1"})
+    with pytest.raises(InputError, match=r"no floor for llama\.cpp's Q4_1 weights \(blocks\.0\.W_Q\): their "
+                                         r"products convert the input rows to Q8_1"):
+        L.arithmetic(q4)
+
+
 # ------------------------------------------------------------------------------------------------ Gemma 1, 2, 3 graphs
-
-
-@pytest.fixture(scope="module")
-def tiny_ggufs(tmp_path_factory):
-    """Tiny random Gemma 1, 2 and 3 GGUF files (tests/test_gguf.py's writer), every tensor stored in F32."""
-    from unittest import mock
-
-    import gguf
-    import test_gguf
-
-    folder = tmp_path_factory.mktemp("tiny-gguf")
-    f32 = {name: gguf.GGMLQuantizationType.F32 for name in test_gguf.STORAGE}
-    with mock.patch.dict(test_gguf.STORAGE, f32):
-        return {arch: test_gguf.write_gguf(folder / f"{arch}.gguf", arch) for arch in ("gemma", "gemma2", "gemma3")}
 
 
 @pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3"])
@@ -392,6 +399,17 @@ def test_parse_reads_printed_corners_sums_and_token_ids():
     assert up.values[(0, 0, 0, 0)] == 1.0 and up.values[(5, 0, 0, 0)] == 6.0 and up.values[(7, 1, 0, 0)] == -80.5
     assert (3, 0, 0, 0) not in up.values and len(up.values) == 12
     assert cache.name == "cache_k_l0 (view)" and cache.values == {}  # quantized: header only
+
+
+def test_token_ids_are_read_across_newline_pieces():
+    """A piece is printed as it is: a newline token breaks the ids' line, and the ids are still all read (a run
+    cut before its last id is not complete)."""
+    tail = "Token ids (6):\n<bos>(2) def(2063)  f(517) \n(107)     (140) return(2060)\n"
+    tokens, _ = L.parse_debug_output(PRINTED.split("Model add_bos")[0] + tail)
+    assert tokens == [2, 2063, 517, 107, 140, 2060]
+    assert L._ends_with_token_ids("x\n" + tail) and not L._ends_with_token_ids("x\n" + tail[:-9])
+    assert not L._ends_with_token_ids("x\n" + tail[:-1])  # the last id's line unfinished
+    assert L._ends_with_token_ids("x\n" + tail + "llama_perf: (12) (13)\n")  # what follows is not read
 
 
 def test_parse_refuses_a_changed_print_format():

@@ -23,13 +23,19 @@ def register(sub) -> None:
     p.add_argument("--model", default=None,
                    help="model directory, hub id or .gguf file (default: $REFPRISM_MODEL, else google/gemma-2b)")
     p.add_argument("--against", required=True, metavar="hf|tl|llama.cpp|FILE",
-                   help="the other side: hf (transformers, live), tl (TransformerLens), llama.cpp (on the .gguf "
-                        "--model), or a dump file (.npz / .safetensors)")
+                   help="the other side: hf (transformers, live), tl (TransformerLens' Bridge, live), llama.cpp "
+                        "(llama.cpp on the .gguf --model: its logits and llama-debug's dump; needs python "
+                        "tools/build_llama_cpp.py), or a dump file (.npz / .safetensors)")
     p.add_argument("--names", default="refprism", metavar="refprism|hf|tl|llama.cpp|MAP.json",
                    help="how a dump names its arrays (default refprism); a JSON name map for your own port")
     p.add_argument("--dtype", default=None, choices=OTHER_DTYPES,
                    help="the OTHER side's arithmetic (its floors): for hf/tl the dtype it runs in (default "
-                        "float32); for a dump, default the dump's own dtype. refprism itself runs in float64")
+                        "float32); for a dump, default the dump's own dtype; llama.cpp's is its own (float32 with "
+                        "its GGUF's roundings). refprism itself runs in float64")
+    p.add_argument("--kv-cache", default=None, choices=["f16", "f32"],
+                   help="llama.cpp's KV cache type (default f16, llama.cpp's): the one --against llama.cpp runs "
+                        "with, or a dump with --names llama.cpp was made with (its floors round keys, values and "
+                        "their products' other factor to it)")
     p.add_argument("--memory", default="auto", choices=["auto", "fast", "low"],
                    help="refprism's weight memory mode (as for every command)")
     p.add_argument("--top-k", type=int, default=5, help="k of the logits' top-k overlap (default 5)")
@@ -60,7 +66,8 @@ def cmd_compare(args) -> int:
     given = any(v is not None for v in (args.prompt, args.ids, args.prompt_file))
     prompt = prompt_of(args) if given else None  # None: the dump's own token ids
     model = load(args.model, dtype="float32", memory=args.memory)
-    result = compare(model, prompt, against=args.against, names=args.names, dtype=args.dtype, top_k=args.top_k)
+    result = compare(model, prompt, against=args.against, names=args.names, dtype=args.dtype, top_k=args.top_k,
+                     kv_cache=args.kv_cache)
     if not result.tokens_match:  # nothing was compared: one line, exit 2, like every refusal
         raise InputError(result.headline())
     if args.plot:

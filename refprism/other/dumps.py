@@ -5,8 +5,10 @@ Its names are read in one of four schemes (`--names`):
 
     refprism    refprism's record names and layouts (`refprism record --out run.npz` writes one)
     hf          HF module paths as forward hooks see them (`refprism.other.hf.scheme_hf`'s table)
-    tl          TransformerLens hook names (`refprism.other.tl.scheme_tl`)
-    llama.cpp   llama.cpp tensor names as llama-debug / eval-callback print them (`refprism.other.llamacpp`)
+    tl          TransformerLens hook names (`refprism.other.tl.scheme_tl`), as a plain bridge's run_with_cache
+    llama.cpp   llama.cpp tensor names as llama-debug / eval-callback print them (`refprism.other.llamacpp`); a
+                tensor with fewer rows than the prompt (llama.cpp's cut last layer) is a summary of those rows,
+                and the floors are llama.cpp's arithmetic (the model's GGUF weight types, the KV cache given)
 
 or by a JSON name map for a port of one's own (`NameMap`, docs/compare.md):
 
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..capture import Capture
+from ..capture import Capture, GgmlArithmetic, Summary
 from ..config import Config
 from ..errors import InputError
 from ..files import atomic_write
@@ -49,11 +51,13 @@ IGNORED_KEYS = ("config",)  # `refprism record` stores the config as JSON text b
 LETTERS = "TSDNKHFV"
 
 
-def read_dump(path, model, *, names="refprism", ids=None) -> Capture:
+def read_dump(path, model, *, names="refprism", ids=None, kv_cache="f16") -> Capture:
     """A dump file -> Capture in refprism's names and layouts (module docstring).
 
     model: the refprism Model compared against (its config names the sites; a `norm_weight: none` entry needs its
            norm weights). ids: the token ids, when the dump holds none.
+    kv_cache: for a dump in llama.cpp's names, the KV cache type llama.cpp ran with ("f16" or "f32"): with the
+           GGUF's weight types (when the model is a .gguf file) it says how llama.cpp rounded, for the floors.
     """
     cfg = model.config
     names = as_names(names, cfg)
@@ -62,6 +66,7 @@ def read_dump(path, model, *, names="refprism", ids=None) -> Capture:
     tokens, token_key = _tokens(arrays, ids, source, names)
     mapper, label = _mapper(names, model, len(tokens), source)
     out: dict[str, np.ndarray] = {}
+    summaries: dict[str, Summary] = {}  # tl's unmasked scores; llama.cpp's cut last layer: rows, not whole arrays
     origin: dict[str, str] = {}
     notes, ignored = [], []
     for key, array in arrays.items():
@@ -71,6 +76,11 @@ def read_dump(path, model, *, names="refprism", ids=None) -> Capture:
         if not mapped:
             ignored.append(key)
         for site, value in mapped:
+            if isinstance(value, Summary):
+                if site in summaries and summaries[site] != value:
+                    raise InputError(f"{source}: {origin[site]} and {key} both give {site} and differ")
+                summaries[site], origin[site] = value, key
+                continue
             if site in out and not np.array_equal(out[site], value, equal_nan=True):
                 raise InputError(f"{source}: {origin[site]} and {key} both give {site} and differ")
             out[site], origin[site] = value, key
@@ -85,10 +95,30 @@ def read_dump(path, model, *, names="refprism", ids=None) -> Capture:
     if ignored:
         notes.append(f"{len(ignored)} arrays of the dump name no refprism site in the {label} scheme, ignored: "
                      + ", ".join(ignored[:8]) + (" ..." if len(ignored) > 8 else ""))
-    if not out:
-        raise InputError(f"{source}: none of its {len(arrays)} arrays names a site in the {label} scheme (its names "
-                         f"begin {', '.join(sorted(arrays)[:3])}): check --names")
-    return Capture(source=source, tokens=tokens, arrays=out, dtype=_dtype_of(out.values()), notes=notes)
+    if not out and not summaries:
+        tried = sorted(k for k in arrays if k != token_key and k not in IGNORED_KEYS)
+        count = f"{len(tried)} array" + ("s" if len(tried) != 1 else "")
+        raise InputError(f"{source}: none of its {count} besides the token ids names a site in the {label} scheme "
+                         f"(its names begin {', '.join(tried[:3])}): check --names")
+    arithmetic = None
+    if names == "llama.cpp":  # llama.cpp computed it: its floors are llama.cpp's arithmetic
+        arithmetic, more = _llamacpp_arithmetic(model, kv_cache)
+        notes += more
+    return Capture(source=source, tokens=tokens, arrays=out, summaries=summaries, dtype=_dtype_of(out.values()),
+                   notes=notes, arithmetic=arithmetic)
+
+
+def _llamacpp_arithmetic(model, kv_cache):
+    """How llama.cpp rounded a dump in its names: the weight types of the model's GGUF and the KV cache given."""
+    from .llamacpp import arithmetic
+
+    note = (f"a dump in llama.cpp's names: floors of llama.cpp's CPU arithmetic ({kv_cache} KV cache, GELU through "
+            "an f16 table, ggml's RoPE angles")
+    if str(model.name).lower().endswith(".gguf"):
+        how = arithmetic(model.name, kv_cache)
+        return how, [note + f", input rows of each product as its {how.weights} weight's type makes them)"]
+    how = GgmlArithmetic(weights="F32", kv_cache=kv_cache)
+    return how, [note + "; the model is no .gguf file, so llama.cpp's weights are taken as F32: float32 products)"]
 
 
 def load_arrays(path) -> dict[str, np.ndarray]:
@@ -189,12 +219,14 @@ def _mapper(names, model, T, source):
         from .hf import scheme_hf
 
         return (lambda key, a: scheme_hf(key, a, cfg)), "hf"
-    module, fn = {"tl": ("tl", "scheme_tl"), "llama.cpp": ("llamacpp", "scheme_llamacpp")}[names]
-    try:
-        scheme = getattr(__import__(f"refprism.other.{module}", fromlist=[fn]), fn)
-    except (ModuleNotFoundError, AttributeError):
-        raise InputError(f"--names {names}: refprism/other/{module}.py ({fn}) is not part of this build") from None
-    return (lambda key, a: scheme(key, a, cfg)), names
+    if names == "tl":  # a dump of a plain bridge's hooks (a compatibility-mode one folds norms: see tl.scheme_tl)
+        from .tl import scheme_tl
+
+        return (lambda key, a: scheme_tl(key, a, cfg)), "tl"
+    from .llamacpp import scheme_llamacpp
+
+    # T: a tensor with fewer rows than the prompt (llama.cpp's cut last layer) comes back as a Summary of its rows
+    return (lambda key, a: scheme_llamacpp(key, a, cfg, T=T)), "llama.cpp"
 
 
 # ------------------------------------------------------------------------------------------ JSON name maps

@@ -74,20 +74,26 @@ llama.cpp's conventions, as they meet refprism's numbers (each becomes a note of
 - RoPE angles: theta_i = p * base**(-2i/H) built by repeated float32 multiplication (ggml_rope_cache_init).
 - Quantized files (Q4_K_M, ...): each matmul with a quantized weight first quantizes its activation row (to Q8_K for
   the k-quants, Q8_0 for Q4_0/Q5_0/Q8_0), so even a perfect reference differs by more than the weights' rounding.
+
+A capture is float32 with `arithmetic` (capture.GgmlArithmetic: the file's weight types, the KV cache): compare's
+floors are those of an honest implementation of llama.cpp's arithmetic (crosscheck.ggml_edit), every rounding above
+included, and the printed summaries carry the print's resolution and llama-debug's running float32 sum.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from ..capture import Capture, Summary
+from ..capture import Capture, GgmlArithmetic, Summary
 from ..config import Config
 from ..errors import CheckpointError, InputError, RefprismError
 from ..record import RECORD_TABLE
@@ -96,6 +102,8 @@ LLAMA_CPP_PYTHON = "0.3.36"  # llama-cpp-python, whose vendor/llama.cpp the tool
 BUILD_COMMAND = "python tools/build_llama_cpp.py"
 PRINTED_EDGE = 3  # llama-debug prints the first and last 3 indices of each of the three fastest axes
 PRINT_DECIMALS = 4  # ... as %12.4f
+PRINTED_RESOLUTION = 0.5 * 10.0 ** -PRINT_DECIMALS  # a printed element is within 5e-5 of the tensor's value
+SUM_RESOLUTION = 0.5e-6  # the sum is printed as %f (6 decimals) of a running float32 sum (common/debug.cpp)
 
 
 class ToolError(RefprismError):
@@ -288,11 +296,28 @@ def _load_llama(gguf_path, n_tokens: int, *, cache_type="f16", vocab_only=False)
     kv = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}[_cache_type(cache_type)]
     n_ctx = max(256, -(-n_tokens // 256) * 256)
     try:
-        return llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=2,
-                               n_threads_batch=2, logits_all=True, flash_attn=False, type_k=kv, type_v=kv,
-                               vocab_only=vocab_only, verbose=False)
+        with _quiet_stderr():  # verbose=False leaves llama.cpp's context warnings on stderr (fd 2)
+            return llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                                   n_threads=2, n_threads_batch=2, logits_all=True, flash_attn=False, type_k=kv,
+                                   type_v=kv, vocab_only=vocab_only, verbose=False)
     except ValueError as e:  # llama-cpp-python: "Failed to load model from file: ..."
         raise CheckpointError(f"llama.cpp cannot load {gguf_path}: {e}") from None
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """stderr silenced for the block, both sys.stderr (llama-cpp-python prints llama.cpp's log through it) and file
+    descriptor 2 (ggml's C code): the warnings llama.cpp gives while it sets up a context ("n_ctx_seq >
+    n_ctx_train", "using full-size SWA cache") are not refprism's to print; failures still raise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _cache_type(cache_type: str) -> str:
@@ -392,10 +417,10 @@ def parse_debug_output(text: str) -> tuple[list[int] | None, list[Printed]]:
         if m is None:
             if lines[i].startswith("Token ids (") and i + 1 < len(lines):
                 n = int(lines[i][len("Token ids ("):].split(")")[0])
-                found = re.findall(r"\((-?\d+)\)(?= |$)", lines[i + 1])
-                if len(found) != n:
+                found = _token_ids("\n".join(lines[i + 1:]) + "\n", n)  # a piece may be a newline: read on
+                if found is None:
                     raise ToolError(f"cannot read llama-debug's {n} token ids from {lines[i + 1][:200]!r}")
-                tokens = [int(x) for x in found]
+                tokens = found
             i += 1
             continue
         ne = tuple(int(x) for x in m["ne"].split(","))
@@ -457,15 +482,29 @@ def run_debug(gguf_path, prompt: str, *, cache_type="f16", tensor_filter=(), bin
     raise ToolError(f"llama-debug's output was cut short {attempts} times (its logger thread is not flushed at exit)")
 
 
+# llama-debug ends with "Token ids (n):" and one line of `piece(id)`, space separated; a piece is printed as it is,
+# so a newline piece breaks that line: an id is "(digits)" followed by a space or a newline.
+_TOKEN_ID = re.compile(r"\((-?\d+)\)(?=[ \n])")
+
+
+def _token_ids(rest: str, n: int) -> list[int] | None:
+    """The n ids printed at the start of `rest` (what follows "Token ids (n):"), or None when the output stops
+    before the line that holds the last of them is complete."""
+    found = list(_TOKEN_ID.finditer(rest))[:n]
+    if len(found) < n:
+        return None
+    if found and "\n" not in rest[found[-1].end():]:
+        return None  # the line of the last id is not finished: the output was cut there
+    return [int(m[1]) for m in found]
+
+
 def _ends_with_token_ids(text: str) -> bool:
     """Whether llama-debug's output holds its closing "Token ids (n):" line and all n ids after it."""
     at = text.rfind("\nToken ids (")
     if at < 0:
         return False
     head, _, rest = text[at + 1:].partition("\n")
-    n = int(head[len("Token ids ("):].split(")")[0])
-    line, newline, _ = rest.partition("\n")
-    return bool(newline) and len(re.findall(r"\((-?\d+)\)(?= |$)", line)) == n
+    return _token_ids(rest, int(head[len("Token ids ("):].split(")")[0])) is not None
 
 
 # ------------------------------------------------------------------------------------------------ names and axes
@@ -622,7 +661,9 @@ def summary_of(t: Printed, site: str, letters, layout: list[str], sizes: dict[st
         notes.append(f"{site}: KV cells beyond the prompt are not empty in llama.cpp's {t.name}: its sum left out")
         total = None
     shape = tuple(T if a in ("T", "S") else sizes[a] for a in letters)
-    return Summary(shape=shape, elements=elements, total=total, rows=rows)
+    order = tuple(c for axis in reversed(layout) for c in axis)  # ggml sums i0 fastest: its axes, slowest first
+    return Summary(shape=shape, elements=elements, total=total, rows=rows, resolution=PRINTED_RESOLUTION,
+                   total_sum="float32", total_order=order, total_resolution=SUM_RESOLUTION)
 
 
 def _pool(into: Summary, more: Summary, site: str) -> None:
@@ -665,6 +706,63 @@ def debug_dump(gguf_path, prompt, *, cache_type="f16", tensor_filter=(), bin_dir
     return Dump(tokens=tokens, summaries=summaries, tensors=tensors, notes=notes)
 
 
+# ------------------------------------------------------------------------------------------------ the arithmetic
+
+
+# A weight's product converts its input rows to the weight type's vec_dot_type (ggml/src/ggml-cpu/ggml-cpu.c,
+# type_traits_cpu; ggml_compute_forward_mul_mat calls that type's `from_float` on src1 when src1->type differs; the
+# repacked Q4_K weights of x86 AVX2, ggml-cpu/repack.cpp q4_K_8x8_q8_K, take Q8_K rows too). None: float32 rows.
+VEC_DOT_TYPE = {
+    "F32": None, "F16": "F16", "BF16": "BF16",
+    "Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "IQ4_NL": "Q8_0", "MXFP4": "Q8_0",
+    "Q4_1": "Q8_1", "Q5_1": "Q8_1",
+    "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K", "IQ2_XXS": "Q8_K",
+    "IQ2_XS": "Q8_K", "IQ2_S": "Q8_K", "IQ3_XXS": "Q8_K", "IQ3_S": "Q8_K", "IQ1_S": "Q8_K", "IQ1_M": "Q8_K",
+    "IQ4_XS": "Q8_K", "TQ1_0": "Q8_K", "TQ2_0": "Q8_K",
+}
+GGUF_WEIGHTS = {"attn_q": "W_Q", "attn_k": "W_K", "attn_v": "W_V", "attn_output": "W_O", "ffn_gate": "W_gate",
+                "ffn_up": "W_up", "ffn_down": "W_down"}  # blk.l.<name>.weight -> refprism's blocks.l.<weight>
+
+
+def weight_types(gguf_path) -> dict[str, str]:
+    """refprism weight ("blocks.3.W_Q", ..., "unembed") -> its ggml type in the GGUF ("Q5_0", "Q4_K", "F32", ...).
+
+    The unembedding is output.weight when the file has one, else token_embd.weight (llama.cpp's tied output).
+    """
+    import gguf
+
+    tensors = read_header(gguf_path).tensors
+    name = lambda kind: gguf.GGMLQuantizationType(kind).name  # noqa: E731
+    out = {}
+    for tensor_name, (_, kind, _) in tensors.items():
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", tensor_name)
+        if m and m[2] in GGUF_WEIGHTS:
+            out[f"blocks.{m[1]}.{GGUF_WEIGHTS[m[2]]}"] = name(kind)
+    unembed = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    if unembed in tensors:
+        out["unembed"] = name(tensors[unembed][1])
+    return out
+
+
+def arithmetic(gguf_path, cache_type: str = "f16") -> GgmlArithmetic:
+    """How llama.cpp's CPU backend computes this GGUF (capture.GgmlArithmetic): its weight types say what each
+    product converts its input rows to (VEC_DOT_TYPE); the KV cache is the run's choice. A weight type whose
+    conversion refprism does not emulate (Q4_1 / Q5_1: Q8_1 rows) is an InputError naming it."""
+    from ..crosscheck import ROW_TYPES
+
+    rows = {}
+    for weight, kind in weight_types(gguf_path).items():
+        if kind not in VEC_DOT_TYPE:
+            raise InputError(f"llama.cpp weight type {kind} ({weight}): no known conversion of its input rows")
+        row = VEC_DOT_TYPE[kind]
+        if row is not None and row not in ROW_TYPES:
+            raise InputError(f"no floor for llama.cpp's {kind} weights ({weight}): their products convert the input "
+                             f"rows to {row}, which refprism does not emulate (it does {', '.join(ROW_TYPES)})")
+        if row is not None:
+            rows[weight] = row
+    return GgmlArithmetic(weights=file_type(gguf_path), kv_cache=_cache_type(cache_type), activations=rows)
+
+
 # ------------------------------------------------------------------------------------------------ the capture
 
 
@@ -692,19 +790,24 @@ def conventions(cfg: Config, weights: str, cache_type: str) -> list[str]:
     return notes
 
 
-def capture(gguf_path, prompt, *, dtype_word=None, with_debug=True, cache_type="f16", bin_dir=None) -> Capture:
+def capture(gguf_path, prompt, *, with_debug=True, cache_type="f16", bin_dir=None) -> Capture:
     """llama.cpp on a GGUF file as a Capture: full logits [T, V] (llama-cpp-python) + llama-debug's summaries.
 
     prompt: text (tokenized by llama.cpp, BOS added as the file says) or token ids (run as given; with_debug needs
     them to start with BOS and round-trip through text, since llama-debug takes text only).
-    dtype_word: the capture's dtype label; default: the file's weight type ("F32", "Q4_K_M", ...).
+    The capture's dtype is float32 and its `arithmetic` says how llama.cpp's CPU backend rounds this file
+    (`arithmetic`): compare's floors are those of that arithmetic.
     """
     gguf_path = Path(gguf_path)
+    if with_debug:
+        tool("llama-debug", bin_dir)  # a missing build: one line naming the command, before any work
     cfg = gguf_config(gguf_path)
+    how = arithmetic(gguf_path, cache_type)
     ids = tokenize(gguf_path, prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-    weights = file_type(gguf_path)
-    cap = Capture(source="llama.cpp", tokens=np.asarray(ids, dtype=np.int64), dtype=dtype_word or weights,
-                  notes=conventions(cfg, weights, _cache_type(cache_type)))
+    if with_debug and not isinstance(prompt, str):
+        detokenize(gguf_path, ids)  # ids llama-debug cannot take are refused before any run
+    cap = Capture(source="llama.cpp", tokens=np.asarray(ids, dtype=np.int64), dtype="float32", arithmetic=how,
+                  notes=conventions(cfg, how.weights, how.kv_cache))
     cap.arrays["logits"] = logits(gguf_path, ids, cache_type=cache_type)
     if with_debug:
         dump = debug_dump(gguf_path, prompt if isinstance(prompt, str) else ids, cache_type=cache_type,

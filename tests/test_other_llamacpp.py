@@ -462,3 +462,27 @@ def test_scheme_llamacpp_maps_dump_names_and_refuses_wrong_shapes():
     assert L.scheme_llamacpp("ffn_post_norm", x, cfg3) == []  # Gemma 2's layerless name: cannot be placed
     with pytest.raises(InputError, match="ffn_gate-0"):
         L.scheme_llamacpp("ffn_gate-0", rng.normal(size=(T, F + 1)), cfg3)
+
+
+def _fake_llama_debug(folder: Path, body: str) -> Path:
+    folder.mkdir()
+    exe = folder / "llama-debug"
+    exe.write_text("#!/bin/sh\n" + body)
+    exe.chmod(0o755)
+    return folder
+
+
+def test_a_llama_debug_that_hangs_after_printing_everything_is_used(tmp_path):
+    """llama-debug once printed its whole dump and then never exited: the run is killed at the timeout and what it
+    printed is used, since its token ids (the last lines) are whole."""
+    folder = _fake_llama_debug(tmp_path / "bin", "printf 'tensors\\nToken ids (2):\\n<bos>(2) a(64)\\n'\nexec sleep 60\n")
+    out = L.run_debug(tmp_path / "m.gguf", "a", bin_dir=folder, timeout=1, attempts=1)
+    assert out.endswith("a(64)\n")
+
+
+def test_a_llama_debug_that_hangs_before_its_token_ids_is_run_again_then_refused(tmp_path):
+    folder = _fake_llama_debug(tmp_path / "bin", "echo started >> \"$0.runs\"\nprintf 'tensors\\nToken ids (2):\\n<bos>(2)'\n"
+                                                 "exec sleep 60\n")
+    with pytest.raises(L.ToolError, match=r"cut short or it hung \(over 1 s\) 2 times"):
+        L.run_debug(tmp_path / "m.gguf", "a", bin_dir=folder, timeout=1, attempts=2)
+    assert (folder / "llama-debug.runs").read_text().count("started") == 2

@@ -451,13 +451,14 @@ def parse_debug_output(text: str) -> tuple[list[int] | None, list[Printed]]:
     return tokens, tensors
 
 
-def run_debug(gguf_path, prompt: str, *, cache_type="f16", tensor_filter=(), bin_dir=None, timeout=900,
+def run_debug(gguf_path, prompt: str, *, cache_type="f16", tensor_filter=(), bin_dir=None, timeout=300,
               attempts=5) -> str:
     """Run llama-debug on text; return its stdout (the tensor dump, then the token ids).
 
     llama.cpp's logger prints from a worker thread that nobody waits for at exit (common/log.cpp leaks it on
     purpose, llama.cpp issue 22142), so the end of the output is sometimes lost. The token ids are its last
-    lines: a run whose output lacks them whole is run again, up to `attempts` times.
+    lines: a run whose output lacks them whole is run again, up to `attempts` times. A run still going after
+    `timeout` seconds is killed: if it had printed everything it is used (it hung on exit), else it is run again.
     """
     exe = tool("llama-debug", bin_dir)
     with tempfile.TemporaryDirectory(prefix="refprism-llama-debug-") as tmp:
@@ -472,14 +473,19 @@ def run_debug(gguf_path, prompt: str, *, cache_type="f16", tensor_filter=(), bin
         for _ in range(attempts):
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=tmp)
-            except subprocess.TimeoutExpired:
-                raise ToolError(f"llama-debug did not finish within {timeout} s") from None
+            except subprocess.TimeoutExpired as stuck:  # killed; what it printed before is kept
+                out = stuck.stdout or ""
+                out = out.decode("utf-8", "replace") if isinstance(out, bytes) else out
+                if _ends_with_token_ids(out):
+                    return out  # it printed everything and then did not exit (its logger thread at exit)
+                continue
             if done.returncode != 0:
                 raise ToolError(f"llama-debug failed (exit {done.returncode}) on {gguf_path}: "
                                 f"{_last_line(done.stderr)}")
             if _ends_with_token_ids(done.stdout):
                 return done.stdout
-    raise ToolError(f"llama-debug's output was cut short {attempts} times (its logger thread is not flushed at exit)")
+    raise ToolError(f"llama-debug's output was cut short or it hung (over {timeout} s) {attempts} times "
+                    "(its logger thread is not flushed at exit)")
 
 
 # llama-debug ends with "Token ids (n):" and one line of `piece(id)`, space separated; a piece is printed as it is,

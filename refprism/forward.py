@@ -16,6 +16,8 @@ the whole pack, which is where the speed comes from.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from . import ops
@@ -166,12 +168,13 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
         rec = site.records[0]
         for name, value in dict.items(clean):  # everything before the first layer, as stored (a Lazy stays lazy)
             if name == "embed" or (name.startswith("blocks.") and int(name.split(".")[1]) < first):
-                rec[name] = value
+                rec[name] = Lazy(value.compute, value.shape, value.dtype, keep=clean) if isinstance(value, Lazy) \
+                    else value
         x = clean[f"blocks.{first}.resid_pre"]
     else:
         x = site("embed", params.embed_rows(tokens) * normalizer)  # [T, D]
 
-    R = site.records[0]  # a single prompt's record: the lazy entries below read their inputs from it
+    R = weakref.proxy(site.records[0])  # one prompt's record: the lazy entries below read their inputs from it
     for l in range(first, cfg.n_layers):  # T is the pack's total here
         p = params.block(l, scratch=True)  # low-memory mode: converted now, into buffers the next layer reuses
         W = lambda key, l=l: params.get(l, key)  # noqa: E731  (a lazy entry's weights: p's may be reused by then)

@@ -233,10 +233,13 @@ class Lazy:
     on the same recorded arrays): scores (from the recorded q and k) and the neuron activations (from the
     recorded gate and up) are the largest arrays of a long prompt's record after the pattern and the logits."""
 
-    __slots__ = ("compute", "shape", "dtype")
+    __slots__ = ("compute", "shape", "dtype", "keep")
 
-    def __init__(self, compute, shape, dtype):
-        self.compute, self.shape, self.dtype = compute, tuple(shape), np.dtype(dtype)
+    def __init__(self, compute, shape, dtype, keep=None):
+        # compute reads its inputs through a weak reference to its record (no reference cycle: a dropped run's
+        # record is freed at once, not at the next garbage collection); `keep` holds that record alive where the
+        # entry is copied into another one (a run resumed from a clean record)
+        self.compute, self.shape, self.dtype, self.keep = compute, tuple(shape), np.dtype(dtype), keep
 
 
 class Record(dict):

@@ -131,6 +131,16 @@ class _Recorder:
         self._keep(self.records[i], name, value, i)
         return value
 
+    def unread(self, name, i) -> bool:
+        """Whether nothing reads site `name` of prompt i during the pass: no edit, and the record keeps it whole
+        (then lazily, see lazy) or not at all. The forward then need not compute it as one array."""
+        return self.edit is None and (self.rows(name, i) is ALL or self.rows(name, i) is None)
+
+    def lazy(self, name, i, recompute, shape, dtype):
+        """Keep an unread site of prompt i as the function that computes it (if the record keeps it at all)."""
+        if self.rows(name, i) is ALL:
+            self.records[i][name] = Lazy(recompute, shape, dtype)
+
     def _keep(self, rec, name, value, i):
         rows = self.rows(name, i)
         if rows is ALL:
@@ -217,13 +227,19 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
         for i, Ti in enumerate(lengths):  # attention within each prompt only
             a, e = bounds[i], bounds[i + 1]
             qi, ki = q[a:e], k[a:e]
-            scores = site.segment(b + "attn.scores", i, ops.attention_scores(qi, ki, qscale),  # [N, T, S]
-                                  recompute=lambda qi=qi, ki=ki: ops.attention_scores(qi, ki, qscale))
-            computed = ops.causal_softmax(scores, window, cap=cfg.attn_softcap)  # [N, T, S]
+            recompute = lambda qi=qi, ki=ki, window=window: ops.attention_scores(qi, ki, qscale, window)  # noqa: E731
+            if site.unread(b + "attn.scores", i):  # kept lazily or not at all: only their bands, into the pattern
+                site.lazy(b + "attn.scores", i, recompute, (N, Ti, Ti), dtype)
+                computed = ops.attention_pattern(qi, ki, qscale, window, cap=cfg.attn_softcap)  # [N, T, S]
+            else:  # an edit or a selection of rows reads them: the whole [N, T, S]
+                scores = site.segment(b + "attn.scores", i, ops.attention_scores(qi, ki, qscale, window),
+                                      recompute=recompute)
+                computed = ops.causal_softmax(scores, window, cap=cfg.attn_softcap)  # the same bits
+                del scores
             pattern = site.segment(b + "attn.pattern", i, computed)
             ops.attention_mix(pattern, v[a:e], out=zNTH[:, a:e], window=window,
                               banded=pattern is computed)  # an edited pattern is read whole
-            del scores, pattern, computed  # one prompt's attention at a time, unless the record keeps it
+            del pattern, computed  # one prompt's attention at a time, unless the record keeps it
         z = site(b + "attn.z", zNTH.transpose(1, 0, 2),  # [T, N, H]
                  recompute=lambda b=b, window=window: ops.attention_mix(R[b + "attn.pattern"], R[b + "attn.v"],
                                                                         window=window))

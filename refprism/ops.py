@@ -175,25 +175,28 @@ def causal_softmax(scores, window=None, *, cap=None, row_block=ROW_BLOCK):
     """
     N, T, S = scores.shape
     pattern = zeros(scores.shape, scores.dtype)
-    neg_inf = np.asarray(-np.inf, dtype=scores.dtype)
     for r0 in range(0, T, row_block):
         r1 = min(T, r0 + row_block)
         c0, c1 = source_range(r0, r1, window)
-        e = scores[:, r0:r1, c0:c1].copy()  # [N, rows, sources]
-        if cap is not None:  # cap * tanh(x / cap), in place
-            capv = np.asarray(cap, dtype=e.dtype)
-            np.divide(e, capv, out=e)
-            np.tanh(e, out=e)
-            np.multiply(e, capv, out=e)
-        t, s = np.arange(r0, r1)[:, None], np.arange(c0, c1)[None, :]
-        blocked = s > t if window is None else (s > t) | (s <= t - window)
-        np.copyto(e, neg_inf, where=blocked)
-        with np.errstate(over="ignore"):  # a - m may pass -inf for scores near -float max: exp gives the same 0
-            np.subtract(e, e.max(axis=-1, keepdims=True), out=e)
-        np.exp(e, out=e)
-        np.divide(e, e.sum(axis=-1, keepdims=True), out=e)
-        pattern[:, r0:r1, c0:c1] = e
+        pattern[:, r0:r1, c0:c1] = _softmax_block(scores[:, r0:r1, c0:c1].copy(), r0, c0, window, cap)
     return pattern
+
+
+def _softmax_block(e, r0, c0, window, cap):
+    """causal_softmax on one block of query rows r0.. and their sources c0.. (e [N, rows, sources]), in place."""
+    if cap is not None:  # cap * tanh(x / cap), in place
+        capv = np.asarray(cap, dtype=e.dtype)
+        np.divide(e, capv, out=e)
+        np.tanh(e, out=e)
+        np.multiply(e, capv, out=e)
+    t, s = np.arange(r0, r0 + e.shape[1])[:, None], np.arange(c0, c0 + e.shape[2])[None, :]
+    blocked = s > t if window is None else (s > t) | (s <= t - window)
+    np.copyto(e, np.asarray(-np.inf, dtype=e.dtype), where=blocked)
+    with np.errstate(over="ignore"):  # a - m may pass -inf for scores near -float max: exp gives the same 0
+        np.subtract(e, e.max(axis=-1, keepdims=True), out=e)
+    np.exp(e, out=e)
+    np.divide(e, e.sum(axis=-1, keepdims=True), out=e)
+    return e
 
 
 def kv_index(n_heads, n_kv_heads):
@@ -205,25 +208,68 @@ def kv_index(n_heads, n_kv_heads):
     return np.arange(n_heads) // (n_heads // n_kv_heads)
 
 
-def attention_scores(q, k, scale):
-    """Attention scores as one BLAS product per key/value head, over the query heads that share it.
+def attention_scores(q, k, scale, window=None, *, row_block=ROW_BLOCK):
+    """Attention scores as BLAS products per key/value head, over the query heads that share it.
 
     Math:   scores[n, t, s] = (q[t, n] . k[s, kv(n)]) * scale
-            For kv head j, the G = N / K query heads n = jG .. jG + G - 1 give one product
-            [G*T, H] @ [H, S] -> [G*T, S] = [G, T, S]: q is laid out head-major once ([N, T, H], a copy of q's size,
-            small beside the scores), k[:, j] is read through a transposed view.
+            For kv head j, the G = N / K query heads n = jG .. jG + G - 1 give products [G*rows, H] @ [H, sources]
+            (q laid out head-major once, [N, T, H]: a copy of q's size, small beside the scores). They go in the
+            blocks of causal_softmax: per block of `row_block` query rows, first its band of sources [c0, r1)
+            (source_range), then the sources outside it (masked later, recorded all the same). attention_pattern
+            computes the bands with the same products, so its pattern is, bit for bit, causal_softmax of these
+            scores with the same window.
     Shapes: q [T, N, H], k [S, K, H] -> scores [N, T, S]
     """
     T, N, H = q.shape
-    S, K, _ = k.shape
-    G = N // K
+    S = k.shape[0]
     qn = np.ascontiguousarray(q.transpose(1, 0, 2))  # [N, T, H]
     scores = np.empty((N, T, S), dtype=q.dtype)
+    if T != S:  # not a causal square (no band): one product per kv head
+        _score_block(qn, k, scale, 0, T, 0, S, out=scores)
+        return scores
+    for r0 in range(0, T, row_block):
+        r1 = min(T, r0 + row_block)
+        c0, c1 = source_range(r0, r1, window)
+        for a, b in ((c0, c1), (0, c0), (c1, S)):  # the band first, then what is masked
+            if b > a:
+                _score_block(qn, k, scale, r0, r1, a, b, out=scores[:, r0:r1, a:b])
+    return scores
+
+
+def attention_pattern(q, k, scale, window=None, *, cap=None, row_block=ROW_BLOCK):
+    """causal_softmax(attention_scores(q, k, scale, window), window, cap=cap), bit for bit, without the scores.
+
+    Math:   as attention_scores and causal_softmax; each block of query rows computes only its band of scores
+            (the same products as attention_scores) and turns it into pattern rows at once: the masked scores
+            are never computed and no [N, T, S] scores array is made. The forward pass uses it when nobody reads
+            the scores then (the record keeps them lazily: attention_scores again, on the recorded q and k).
+    Shapes: q [T, N, H], k [S, K, H] -> pattern [N, T, S] (T == S)
+    """
+    T, N, H = q.shape
+    qn = np.ascontiguousarray(q.transpose(1, 0, 2))  # [N, T, H]
+    pattern = zeros((N, T, k.shape[0]), q.dtype)
+    for r0 in range(0, T, row_block):
+        r1 = min(T, r0 + row_block)
+        c0, c1 = source_range(r0, r1, window)
+        e = np.empty((N, r1 - r0, c1 - c0), dtype=q.dtype)
+        _score_block(qn, k, scale, r0, r1, c0, c1, out=e)
+        pattern[:, r0:r1, c0:c1] = _softmax_block(e, r0, c0, window, cap)
+    return pattern
+
+
+def _score_block(qn, k, scale, r0, r1, c0, c1, *, out):
+    """out[n, t - r0, s - c0] = (qn[n, t] . k[s, kv(n)]) * scale for t in [r0, r1), s in [c0, c1).
+
+    One product [G*rows, H] @ [H, sources] per kv head into a fresh array (the same call, so the same bits,
+    whatever `out` is), then scaled into `out`."""
+    N, _, H = qn.shape
+    K = k.shape[1]
+    G = N // K
+    rows, cols = r1 - r0, c1 - c0
     for j in range(K):
         heads = slice(j * G, (j + 1) * G)
-        np.matmul(qn[heads].reshape(G * T, H), k[:, j, :].T, out=scores[heads].reshape(G * T, S))
-    scores *= np.asarray(scale, dtype=q.dtype)
-    return scores
+        block = np.matmul(qn[heads, r0:r1].reshape(G * rows, H), k[c0:c1, j, :].T)
+        np.multiply(block.reshape(G, rows, cols), np.asarray(scale, dtype=qn.dtype), out=out[heads])
 
 
 def attention_mix(pattern, v, out=None, *, window=None, banded=True, row_block=ROW_BLOCK):
@@ -263,7 +309,7 @@ def attention(q, k, v, *, scale=None, cap=None, window=None):
     Shapes: q [T, N, H], k [S, K, H], v [S, K, H] -> scores [N, T, S], pattern [N, T, S], z [T, N, H]
     """
     H = q.shape[2]
-    scores = attention_scores(q, k, H ** -0.5 if scale is None else scale)
+    scores = attention_scores(q, k, H ** -0.5 if scale is None else scale, window)
     pattern = causal_softmax(scores, window, cap=cap)
     return scores, pattern, attention_mix(pattern, v, window=window)
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from . import ops
 from .config import Config
 from .errors import AccessError, CheckpointError, InputError
 
@@ -432,11 +433,14 @@ class Weights:
         return convert(self._source("model.embed_tokens.weight")[ids], self.dtype)
 
     def unembed(self, h: np.ndarray, chunk: int = 32768) -> np.ndarray:
-        """h E^T: [T, D] -> [T, V] logits against the tied embedding (low-memory mode: in row chunks of E)."""
+        """h E^T: [T, D] -> [T, V] logits against the tied embedding (low-memory mode: in row chunks of E).
+
+        The [T, V] result is written into 4 KiB pages (ops.zeros: faulted in by the BLAS threads as they write),
+        not NumPy's 2 MiB ones: a long prompt's logits are GBs (T = 2048 on Gemma 3: 2.1 GB, ~0.5 s less here)."""
         if self._embed is not None:
-            return h @ self._embed.T
+            return np.matmul(h, self._embed.T, out=ops.zeros((h.shape[0], self._embed.shape[0]), self.dtype))
         E = self._source("model.embed_tokens.weight")
-        out = np.empty((h.shape[0], E.shape[0]), dtype=self.dtype)
+        out = ops.zeros((h.shape[0], E.shape[0]), dtype=self.dtype)
         buf = self._scratch.get("unembed")
         if buf is None or buf.shape != (chunk, E.shape[1]):
             buf = self._scratch["unembed"] = np.empty((chunk, E.shape[1]), self.dtype)  # reused every call

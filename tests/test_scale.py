@@ -234,6 +234,45 @@ def test_blas_attention_equals_einsum_form(K, G, T, H, cap, window, seed):
     np.testing.assert_allclose(z, want[2], rtol=1e-12, atol=1e-14)
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 40), st.sampled_from([None, 5.0]),
+       st.sampled_from([None, 1, 3, 7]), st.sampled_from([1, 4, 8]), st.integers(0, 2**16))
+def test_attention_pattern_is_softmax_of_the_scores_bit_for_bit(K, G, T, cap, window, row_block, seed):
+    """attention_pattern (the forward's path when nobody reads the scores) computes only each row block's band of
+    scores, with the same products as attention_scores: its pattern is causal_softmax of those scores exactly, so
+    a record's lazy scores (attention_scores again) give back the recorded pattern bit for bit. float32, where a
+    different product shape would show."""
+    rng = np.random.default_rng(seed)
+    q, k = (rng.standard_normal((T, n, 16)).astype(np.float32) for n in (K * G, K))
+    scores = ops.attention_scores(q, k, 0.25, window, row_block=row_block)
+    got = ops.attention_pattern(q, k, 0.25, window, cap=cap, row_block=row_block)
+    np.testing.assert_array_equal(got, ops.causal_softmax(scores, window, cap=cap, row_block=row_block))
+    np.testing.assert_allclose(scores, einsum_attention(q.astype(np.float64), k.astype(np.float64),
+                                                        k.astype(np.float64), 0.25, cap, window)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_a_records_lazy_scores_give_its_pattern(preset, checkpoint):
+    """In the forward pass (300 tokens: three row blocks; sliding windows of 4): the recorded pattern is
+    causal_softmax of the recorded (lazy) scores, bit for bit, on every layer of every family; and a run that reads
+    the scores (an edit that only looks) gives the same scores and pattern."""
+    model = refprism.load(checkpoint(preset, max_position_embeddings=512,
+                                     **({} if preset == "tiny" else {"sliding_window": 4})))
+    cfg = model.config
+    ids = [2] + list(np.random.default_rng(1).integers(3, cfg.vocab_size, 300))
+    rec = model.run(ids).record
+    looked = model.run(ids, edit=lambda name, value, record: value).record
+    for l in range(cfg.n_layers):
+        b = f"blocks.{l}."
+        assert isinstance(dict.__getitem__(rec, b + "attn.scores"), Lazy)
+        window = cfg.sliding_window if cfg.is_sliding(l) else None
+        np.testing.assert_array_equal(ops.causal_softmax(rec[b + "attn.scores"], window, cap=cfg.attn_softcap),
+                                      rec[b + "attn.pattern"])
+        np.testing.assert_array_equal(looked[b + "attn.scores"], rec[b + "attn.scores"])
+        np.testing.assert_array_equal(looked[b + "attn.pattern"], rec[b + "attn.pattern"])
+
+
 def test_attention_literal_case():
     """Two positions, one query head, one key/value head of width 2: every number by hand.
 

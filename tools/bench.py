@@ -635,8 +635,9 @@ def render_report(*, command: str, date: str, machine_info: dict, checkpoint: di
                   bytes_per_forward: dict[str, int], notes: str) -> str:
     """The whole Markdown report (everything above "## Notes" is regenerated; `notes` is appended as is)."""
     out = ["# refprism performance", "",
-           "Written by `tools/bench.py`: everything above \"## Notes\" is regenerated on each run; the Notes "
-           "section is kept.", "", "## Command", "", "```", command, "```", "", f"Date: {date}", "",
+           "Written by `tools/bench.py`: the default (forward) suite regenerates everything above \"## Notes\" "
+           "but the other suites' sections, which `--suite long|packed|interventions|sweeps` each replace; the "
+           "Notes section is kept.", "", "## Command", "", "```", command, "```", "", f"Date: {date}", "",
            "## Machine", "", "| | |", "| --- | --- |"]
     out += [f"| {k} | {v} |" for k, v in machine_info.items()]
     out += ["", "## Checkpoint", "", "| | |", "| --- | --- |"]

@@ -589,8 +589,29 @@ def total_effect(setting: Setting, readings: Readings, changes, base_reading, *,
 # ------------------------------------------------------------------------------------------------- patch
 
 
+class _Split:
+    """The parts of a total effect that follow from the measured ones (Patch and Validation share them):
+    norm_rescaling = direct - prism (= post_norm_rescaling + final_norm_rescaling), mediated = total - direct."""
+
+    @property
+    def norm_rescaling(self):
+        return self.direct - self.prism
+
+    @property
+    def final_norm_rescaling(self):
+        return self.norm_rescaling - self.post_norm_rescaling
+
+    @property
+    def mediated(self):
+        return self.total - self.direct
+
+    @property
+    def columns(self):
+        return self.setting.readout.targets.labels
+
+
 @dataclass
-class Patch:
+class Patch(_Split):
     """One component, replaced: its prism term, direct and total effects, and the gap between them explained.
 
     Every number is "readout with the component clean minus readout with it replaced" (see the module docstring);
@@ -608,22 +629,6 @@ class Patch:
     patched_value: np.ndarray  # m(patched) [Z]
     capped: dict | None = None  # Gemma 2: {"direct", "total", "base", "patched"} through the final soft-cap
     logprob: dict = field(default_factory=dict)  # {"base", "patched", "direct", "total"} per target
-
-    @property
-    def norm_rescaling(self):
-        return self.direct - self.prism
-
-    @property
-    def final_norm_rescaling(self):
-        return self.norm_rescaling - self.post_norm_rescaling
-
-    @property
-    def mediated(self):
-        return self.total - self.direct
-
-    @property
-    def columns(self):
-        return self.setting.readout.targets.labels
 
     def to_json(self) -> dict:
         out = _header(self.setting, "patch")
@@ -820,7 +825,7 @@ def agreement(prism, total, k) -> dict:
 
 
 @dataclass
-class Validation:
+class Validation(_Split):
     """A validation level: every component's prism, direct and total (the totals of the verified ones), the
     agreement of |prism| with |total|, and the circuit-faithfulness curve."""
 
@@ -839,22 +844,6 @@ class Validation:
     capped: dict | None = None  # Gemma 2: {"direct": [C, Z], "total": [C, Z]}
     logprob_total: np.ndarray | None = None  # [C, n targets], NaN where not verified (with logprob=True)
     timing: dict = field(default_factory=dict)
-
-    @property
-    def norm_rescaling(self):
-        return self.direct - self.prism
-
-    @property
-    def final_norm_rescaling(self):
-        return self.norm_rescaling - self.post_norm_rescaling
-
-    @property
-    def mediated(self):
-        return self.total - self.direct
-
-    @property
-    def columns(self):
-        return self.setting.readout.targets.labels
 
     def to_json(self) -> dict:
         out = _header(self.setting, "validate")

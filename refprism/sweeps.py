@@ -297,10 +297,11 @@ class Item:
     counterfactual: object = None
 
 
-def prepare(model, rows) -> tuple[list[Item], list[BadRow]]:
+def prepare(model, rows, *, counterfactual=False) -> tuple[list[Item], list[BadRow]]:
     """Tokenize each row and resolve its targets, position and roles with the model; a row that does not fit
     (an unknown target token, a prompt beyond the context, a role after the read position, an id used twice, a
-    different number of targets than the first good row) becomes a BadRow."""
+    different number of targets than the first good row) becomes a BadRow. counterfactual: every row needs one
+    (resample ablation under --validate), of the prompt's token count; it is kept as token ids."""
     items, bad, seen, first = [], [], {}, None
     for row in rows:
         if isinstance(row, BadRow):
@@ -332,11 +333,20 @@ def prepare(model, rows) -> tuple[list[Item], list[BadRow]]:
                 if at % T in [s for _, s in roles]:
                     raise InputError(f"role {name!r} names source {at % T}, which another role names too")
                 roles.append((name, at % T))
+            cf = row.counterfactual
+            if counterfactual:
+                if cf is None:
+                    raise InputError("no counterfactual: --validate with --ablate resample takes each component's "
+                                     "value from the row's counterfactual prompt")
+                cf = tuple(int(t) for t in model.encode(cf if isinstance(cf, str) else list(cf)))
+                if len(cf) != T:
+                    raise InputError(f"the counterfactual has {len(cf)} tokens and the prompt {T}: resample "
+                                     "ablation pairs positions, so both need the same token count")
         except InputError as e:
             bad.append(BadRow(row.line, row.id, str(e)))
             continue
         items.append(Item(len(items), row.line, row.id, tuple(int(t) for t in tokens), p, targets, tuple(roles),
-                          row.counterfactual))
+                          cf))
     return items, bad
 
 
@@ -552,7 +562,9 @@ def _validate_one(model, item: Item, v: Validation):
     from . import interventions
 
     kw = {"level": v.level}
-    counterfactual = item.counterfactual if v.ablate == "resample" else None  # only resampling reads it
+    counterfactual = None
+    if v.ablate == "resample":  # only resampling reads it: token ids (prepare), cut where the prompt is
+        counterfactual = list(item.counterfactual[:item.position + 1])
     kw.update({k: x for k, x in (("ablate", v.ablate), ("top", v.top), ("counterfactual", counterfactual))
                if x is not None})
     result = interventions.validate(model, list(item.tokens[:item.position + 1]),
@@ -596,7 +608,7 @@ def sweep(data, model, out, *, levels="residual,heads", chunk=16, backend="local
     warn = warn or (lambda line: print(f"refprism: warning: {line}", file=sys.stderr))
     data = data_path(data)
     rows = read_rows(data)
-    items, bad = prepare(model, rows)
+    items, bad = prepare(model, rows, counterfactual=validate is not None and validate.ablate == "resample")
     bad.sort(key=lambda b: b.line)
     if strict and bad:
         raise InputError(f"{data} line {bad[0].line}: {bad[0].error} (--strict stops at the first bad row)")

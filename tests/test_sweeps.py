@@ -475,6 +475,33 @@ def test_validate_runs_interventions_per_prompt_and_aggregates(data, tiny, tmp_p
     assert comp["prompts"] == 4 and comp["total"]["mean"] == pytest.approx(totals.mean(axis=0).tolist(), rel=1e-12)
 
 
+def test_validate_resample_needs_each_rows_counterfactual(tiny, tmp_path):
+    """--validate with resample ablation: a row without a counterfactual, or with one of another token count, is a
+    bad row with its line number (not a failed chunk); a row read before its last token resamples from the
+    counterfactual cut at the same place, as a direct validate call does."""
+    from refprism import interventions
+
+    rows = capital_rows()[:4]  # rows[3] is read at -2
+    rows[0]["counterfactual"] = "The capital city of Japan is"
+    rows[2]["counterfactual"] = "The capital of Japan is"  # 6 tokens against the prompt's 7
+    rows[3]["counterfactual"] = "The capital of Japan is"
+    path = write_jsonl(tmp_path / "d.jsonl", rows)  # rows[1] has none
+    summary = S.sweep(path, tiny, tmp_path / "out", levels="residual", chunk=2, quiet=True, bootstrap=10,
+                      validate=S.Validation("heads", "resample", 3))
+    errors = [json.loads(l) for l in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert [(e["line"], e["id"]) for e in errors] == [(2, rows[1]["id"]), (3, rows[2]["id"])]
+    assert "no counterfactual" in errors[0]["error"] and "6 tokens and the prompt 7" in errors[1]["error"]
+    assert summary["validate"]["prompts"] == 2
+    line = next(l for l in lines_of(tmp_path / "out") if l["id"] == rows[3]["id"])
+    cut = line["position"] + 1
+    direct = interventions.validate(tiny, [t["id"] for t in line["tokens"]][:cut], level="heads", ablate="resample",
+                                    top=3, counterfactual=tiny.encode("The capital of Japan is")[:cut],
+                                    targets=[f"#{t['id']}" for t in line["targets"]],
+                                    versus=[f"#{t['id']}" for t in line["versus"]]).to_json()
+    assert {c["label"]: c["total"] for c in line["validate"]["components"]} == pytest.approx(
+        {c["label"]: c["total"] for c in direct["components"]}, rel=1e-6, abs=1e-7)
+
+
 def test_plot_writes_the_summary_figures(swept, tmp_path):
     from refprism import plots_sweeps as PS
 

@@ -55,6 +55,9 @@ RECORD_TABLE: list[tuple[str, tuple[str, ...], str, str | None]] = [
     ("logits", ("T", "V"), "the model's logits: ln_final.out E^T (tied unembedding; Gemma 2: soft-capped)", None),
 ]
 
+# site name (without "blocks.{l}.") -> its axis letters: how another implementation's arrays are named by axis
+SITE_LETTERS: dict[str, tuple[str, ...]] = {name.replace("blocks.{l}.", ""): shape for name, shape, _, _ in RECORD_TABLE}
+
 
 def _present(cfg: Config, when: str | None) -> bool:
     return when is None or bool(getattr(cfg, when))

@@ -28,13 +28,7 @@ ATOL = RTOL = 1e-5
 
 
 def reference(model, ids) -> dict:
-    rec = dict(model.run(ids).record)
-    for l in range(model.config.n_layers):  # until the record carries attn.q_pre / k_pre itself: ln1.out W_Q, W_K
-        p = model.params.block(l)
-        h = rec[f"blocks.{l}.ln1.out"]
-        rec.setdefault(f"blocks.{l}.attn.q_pre", np.einsum("td,dnh->tnh", h, p["W_Q"]))
-        rec.setdefault(f"blocks.{l}.attn.k_pre", np.einsum("td,dkh->tkh", h, p["W_K"]))
-    return rec
+    return dict(model.run(ids).record)  # every site, attn.q_pre / k_pre (before the q/k norm and RoPE) too
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ import numpy as np
 from ..capture import Capture, GgmlArithmetic, Summary
 from ..config import Config
 from ..errors import CheckpointError, InputError, RefprismError
-from ..record import RECORD_TABLE
+from ..record import SITE_LETTERS
 
 LLAMA_CPP_PYTHON = "0.3.36"  # llama-cpp-python, whose vendor/llama.cpp the tools are built from (pyproject: llamacpp)
 BUILD_COMMAND = "python tools/build_llama_cpp.py"
@@ -516,15 +516,6 @@ def _ends_with_token_ids(text: str) -> bool:
 # ------------------------------------------------------------------------------------------------ names and axes
 
 
-def _site_letters() -> dict[str, tuple[str, ...]]:
-    """refprism site name (without "blocks.{l}.") -> its axis letters, from record.RECORD_TABLE."""
-    out = {name.replace("blocks.{l}.", ""): shape for name, shape, _, _ in RECORD_TABLE}
-    out.setdefault("attn.q_pre", ("T", "N", "H"))  # the projections before the q/k norm and RoPE
-    out.setdefault("attn.k_pre", ("T", "K", "H"))
-    return out
-
-
-SITE_LETTERS = _site_letters()
 GLOBAL_SITES = ("embed", "ln_final.out", "logits")
 
 

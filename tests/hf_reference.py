@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refprism.other import hf as other_hf
+from refprism.crosscheck.sides import hf as other_hf
 
 
 def load_hf(model_dir, dtype="float32"):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch  # the HF case of the benchmark needs it: a missing torch fails here, not as a skipped test
 
-from refprism.synth import make_config, write_checkpoint
+from refprism.checkpoints.synth import make_config, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "tools" / "bench.py"

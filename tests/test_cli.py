@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from refprism import cli
-from refprism.record import expected_shapes
+from refprism.gemma.record import expected_shapes
 
 
 def refprism_cmd(*args, env=None):
@@ -54,7 +54,8 @@ def test_run_json_matches_api(tiny_dir, tiny, capsys):
 
 def test_record_writes_every_activation(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run.npz"
-    assert cli.main(["record", "--ids", "2 5 7", "--model", str(tiny_dir), "--out", str(out), "--dtype", "float64"]) == 0
+    argv = ["record", "--ids", "2 5 7", "--model", str(tiny_dir), "--out", str(out), "--dtype", "float64"]
+    assert cli.main(argv) == 0
     with np.load(out) as f:  # allow_pickle is False by default: nothing in it needs a pickle
         assert f["tokens"].tolist() == [2, 5, 7]
         cfg = json.loads(str(f["config"]))

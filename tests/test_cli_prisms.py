@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from refprism import cli, prisms as P
+from refprism import cli
+from refprism import prisms as P
 
 PROMPT = "The capital city of France is"
 SCHEMA = {"prism", "model", "dtype", "tokens", "position", "targets", "whole", "components", "residual"}
@@ -140,7 +141,8 @@ def test_every_command_writes_its_plot(tiny_dir, tmp_path, capsys, args):
 
 
 def test_chain_through_a_neuron_first(tiny_dir, tiny, capsys):
-    data = run_json(capsys, "chain", PROMPT, "--model", tiny_dir, "--layer", "1", "--neuron", "7", "--targets", "▁Paris")
+    data = run_json(capsys, "chain", PROMPT, "--model", tiny_dir, "--layer", "1", "--neuron", "7",
+                    "--targets", "▁Paris")
     assert data["whole"]["label"] == "L1N7" and data["site"] == "blocks.1.resid_mid"
     assert [c["label"] for c in data["components"]] == ["embed", "L0.attn", "L0.mlp", "L1.attn"]
     mlp = P.mlp_prism(P.logits_readout(tiny, tiny.run(PROMPT), ["▁Paris"]), 1)

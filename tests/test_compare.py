@@ -16,7 +16,8 @@ import pytest
 
 import refprism
 from refprism import crosscheck as C
-from refprism.capture import Capture, Summary
+from refprism.crosscheck import catalogue, floors, ggml, replay
+from refprism.crosscheck.capture import Capture, Summary
 from refprism.errors import InputError
 
 IDS = [2, 455, 17, 301, 88, 260, 41, 7, 130]
@@ -34,13 +35,13 @@ def recorded(model, ids=IDS, edit=None, source="refprism-float32"):
 def test_errors_on_a_literal_case():
     ref = np.array([[1.0, -2.0], [0.5, 4.0]])
     theirs = np.array([[1.0, -2.5], [0.5, 4.0]])
-    e = C.errors(theirs, ref, letters=("T", "D"))
+    e = floors.errors(theirs, ref, letters=("T", "D"))
     assert e["max_abs"] == 0.5 and e["max_rel"] == 0.5 / 4.0
     assert e["worst"] == {"T": 0, "D": 1}
     assert e["nmse_db"] == pytest.approx(10 * math.log10(0.25 / (1 + 4 + 0.25 + 16)))
     cos = (1 + 5 + 0.25 + 16) / (math.sqrt(1 + 6.25 + 0.25 + 16) * math.sqrt(1 + 4 + 0.25 + 16))
     assert e["cosine"] == pytest.approx(cos, rel=1e-15)
-    exact = C.errors(ref, ref)
+    exact = floors.errors(ref, ref)
     assert exact["max_abs"] == 0 and exact["nmse_db"] == -math.inf and exact["cosine"] == pytest.approx(1.0)
 
 
@@ -50,21 +51,21 @@ def test_errors_mask_and_nonfinite():
     theirs[1, 0, 2] = np.finfo(np.float32).min  # a masked score holding the mask's value
     theirs[1, 2, 1] = 0.25
     mask = np.tril(np.ones((3, 3), bool))
-    e = C.errors(theirs, ref, mask, letters=("N", "T", "S"))
+    e = floors.errors(theirs, ref, mask, letters=("N", "T", "S"))
     assert e["max_abs"] == 0.25 and e["worst"] == {"N": 1, "T": 2, "S": 1}
     theirs[0, 1, 1] = np.nan
-    e = C.errors(theirs, ref, mask, letters=("N", "T", "S"))
+    e = floors.errors(theirs, ref, mask, letters=("N", "T", "S"))
     assert e["max_abs"] == math.inf and e["nonfinite"] == 1 and e["worst"] == {"N": 0, "T": 1, "S": 1}
 
 
 def test_logit_metrics_literal():
     ref = np.log(np.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
     theirs = np.log(np.array([[0.5, 0.2, 0.3], [0.1, 0.1, 0.8]]))
-    g = C.logit_metrics(theirs, ref, k=2)
+    g = floors.logit_metrics(theirs, ref, k=2)
     kl0 = 0.5 * 0 + 0.3 * math.log(0.3 / 0.2) + 0.2 * math.log(0.2 / 0.3)
     assert g["kl_max"] == pytest.approx(kl0, rel=1e-12) and g["kl_mean"] == pytest.approx(kl0 / 2, rel=1e-12)
     assert g["topk_overlap_min"] == 0.5 and g["argmax_agree"] == 1.0 and g["first_argmax_mismatch"] is None
-    g = C.logit_metrics(ref[::-1], ref, k=1)
+    g = floors.logit_metrics(ref[::-1], ref, k=1)
     assert g["argmax_agree"] == 0.0 and g["first_argmax_mismatch"] == 0
 
 
@@ -72,14 +73,14 @@ def test_interleaved_rope_pairs_neighbours_split_half_pairs_halves():
     x = np.zeros((1, 1, 4))
     x[..., 0] = 1.0
     cos, sin = np.array([[0.0, 1.0, 0.0, 1.0]]), np.array([[1.0, 0.0, 1.0, 0.0]])  # angle pi/2 for i = 0
-    np.testing.assert_allclose(C.rope_interleaved(x, cos, sin)[0, 0], [0, 1, 0, 0])  # dim 0 -> dim 1
-    from refprism import ops
+    np.testing.assert_allclose(catalogue.rope_interleaved(x, cos, sin)[0, 0], [0, 1, 0, 0])  # dim 0 -> dim 1
+    from refprism.gemma import ops
 
     np.testing.assert_allclose(ops.rope(x, cos, sin)[0, 0], [0, 0, 1, 0])  # dim 0 -> dim H/2
 
 
 def test_gelu_erf_literal():
-    assert C.gelu_erf(np.array([1.0]))[0] == pytest.approx(0.8413447460685429, rel=1e-15)
+    assert catalogue.gelu_erf(np.array([1.0]))[0] == pytest.approx(0.8413447460685429, rel=1e-15)
 
 
 # ------------------------------------------------------------------------------------------ the replay
@@ -89,7 +90,7 @@ def test_reference_is_exact_and_a_float64_replay_of_itself_has_no_local_error(ti
     """refprism float64 against itself: every error is 0, inherited and local (the replay runs the same ops on the
     same values)."""
     r = C.compare(tiny64, IDS, against=recorded(tiny64), dtype="float64")
-    from refprism.record import symbolic_shapes
+    from refprism.gemma.record import symbolic_shapes
 
     assert r.exit_status == 0 and len(r.sites) == len(symbolic_shapes(tiny64.config))
     assert all(s.max_abs == 0 and s.local_max_abs == 0 for s in r.sites)
@@ -135,7 +136,7 @@ def test_one_edited_op_is_exactly_the_one_wrong_op(checkpoint, preset, site):
 
 
 def test_weights_seen_in_float64_are_exact(tiny):
-    w = C.WeightsAs(tiny.params, np.float64)
+    w = floors.WeightsAs(tiny.params, np.float64)
     assert w.block(1)["W_Q"].dtype == np.float64
     np.testing.assert_array_equal(w.block(1)["W_Q"], tiny.params.block(1)["W_Q"])
     h = np.random.default_rng(0).standard_normal((3, tiny.config.d_model))
@@ -147,7 +148,7 @@ def test_float32_rope_angles_match_torch():
     """The honest float32 profile's RoPE tables are HF's: float32 inv_freq, float32 angles (exact position)."""
     import torch
 
-    cos, sin = C.rope_tables_float32(np.arange(300), 16, 10_000.0)
+    cos, sin = replay.rope_tables_float32(np.arange(300), 16, 10_000.0)
     inv = 1.0 / (10_000.0 ** (torch.arange(0, 16, 2, dtype=torch.float) / 16))
     ang = torch.arange(300).float()[:, None] * inv[None, :]
     ang = torch.cat([ang, ang], dim=-1)
@@ -170,11 +171,11 @@ def test_missing_sites_are_listed_and_the_rest_compared(tiny):
 def test_missing_intermediate_sites_still_find_the_op_and_its_cause(tiny, monkeypatch):
     """Only resid_post and logits dumped, exact GELU in layer 1: the wrong op is layer 1's resid_post (its span
     covers the whole layer) and the diagnosis still finds the GELU inside it."""
-    from refprism import ops
+    from refprism.gemma import ops
 
     def exact_gelu(name, value, record):
         if name == "blocks.1.mlp.act":
-            return (C.gelu_erf(record["blocks.1.mlp.gate"]) * record["blocks.1.mlp.up"]).astype(np.float32)
+            return (catalogue.gelu_erf(record["blocks.1.mlp.gate"]) * record["blocks.1.mlp.up"]).astype(np.float32)
         return value
 
     cap = recorded(tiny, edit=exact_gelu)
@@ -204,7 +205,7 @@ def test_masked_scores_are_not_compared_but_masked_pattern_entries_are(checkpoin
     cap = recorded(model)
     scores = cap.arrays["blocks.0.attn.scores"].copy()  # a sliding layer: window 4
     T = scores.shape[1]
-    allowed = C.compared_mask(model.config, "blocks.0.attn.scores", T)[0]
+    allowed = floors.compared_mask(model.config, "blocks.0.attn.scores", T)[0]
     assert not allowed[8, 4] and allowed[8, 5] and not allowed[2, 3]  # outside the window; inside; the future
     scores[:, ~allowed] = np.finfo(np.float32).min  # HF's eager: scores + mask
     cap.arrays["blocks.0.attn.scores"] = scores
@@ -291,14 +292,14 @@ def test_unknown_dtype_of_the_other_side_is_refused(tiny):
 
 
 def test_catalogue_entries_are_named_once_with_their_site_kinds():
-    names = [m.name for m in C.CATALOGUE]
+    names = [m.name for m in catalogue.CATALOGUE]
     assert len(names) == len(set(names))
-    from refprism.record import symbolic_shapes
-    from refprism.synth import make_config
+    from refprism.checkpoints.synth import make_config
+    from refprism.gemma.record import symbolic_shapes
 
     kinds = set(symbolic_shapes(refprism.Config.from_hf(make_config("tiny-gemma3"))))
-    kinds = {C.split_site(n)[1] for n in kinds} | {"logits"}
-    for m in C.CATALOGUE:
+    kinds = {floors.split_site(n)[1] for n in kinds} | {"logits"}
+    for m in catalogue.CATALOGUE:
         assert set(m.kinds) <= kinds, m.name
 
 
@@ -327,13 +328,13 @@ def test_running_sum_rounding_on_literal_cases():
     """u32 * sum_k |s_k|, the partial sums in the order summed: a bound on a float32 running sum's own error."""
     u = 2.0 ** -24
     x = np.array([1.0, u, u])  # float32: 1 + u rounds to 1 (ties to even), twice; the exact sum is 1 + 2u
-    bound = C.running_sum_rounding(x, ("D",))
+    bound = floors.running_sum_rounding(x, ("D",))
     assert bound == pytest.approx(u * (1 + (1 + u) + (1 + 2 * u)), rel=1e-15)
     err = abs(float(np.cumsum(x.astype(np.float32), dtype=np.float32)[-1]) - (1 + 2 * u))
     assert err == 2 * u and err <= bound
     grid = np.array([[0.0, 1.0], [0.0, 0.0]])  # [T, D]: summed T-major: 0, 1, 1, 1; D-major: 0, 0, 1, 1
-    assert C.running_sum_rounding(grid, ("T", "D")) == 3 * u
-    assert C.running_sum_rounding(grid, ("T", "D"), ("D", "T")) == 2 * u
+    assert floors.running_sum_rounding(grid, ("T", "D")) == 3 * u
+    assert floors.running_sum_rounding(grid, ("T", "D"), ("D", "T")) == 2 * u
 
 
 # ------------------------------------------------------------------------------------------ llama.cpp's arithmetic
@@ -345,40 +346,40 @@ def test_quantize_rows_q8_0_and_q8_k_on_literal_blocks():
     x = np.zeros(256, np.float32)
     x[:5] = [127.0, 0.5, 1.5, -2.5, 3.25]  # block 0: amax 127, scale 1: the halves go to even
     x[32:35] = [1.984375, 0.7, -0.35]  # block 1: amax 127/64, scale 1/64 (exact in f16)
-    q8_0 = C.quantize_rows(x, "Q8_0")
+    q8_0 = ggml.quantize_rows(x, "Q8_0")
     np.testing.assert_array_equal(q8_0[:5], [127, 0, 2, -2, 3])  # roundf (half away from zero) gives 1 and -3
     np.testing.assert_array_equal(q8_0[32:35], [1.984375, 0.703125, -0.34375])  # 127, 45 and -22 sixty-fourths
     assert q8_0.dtype == np.float32 and not q8_0[64:].any()  # blocks of zeros stay zeros
-    q8_k = C.quantize_rows(x, "Q8_K")  # one block of 256 with amax 127: block 1's values on the unit grid too
+    q8_k = ggml.quantize_rows(x, "Q8_K")  # one block of 256 with amax 127: block 1's values on the unit grid too
     np.testing.assert_array_equal(q8_k[:5], [127, 0, 2, -2, 3])
     np.testing.assert_array_equal(q8_k[32:35], [2, 1, 0])
     d = np.float32(1.27) / np.float32(127)  # a scale f16 cannot hold: Q8_0 stores it rounded, Q8_K in float32
     y = np.zeros(256, np.float32)
     y[:2] = [1.27, 0.5]
-    assert C.quantize_rows(y, "Q8_0")[1] == np.float32(50) * np.float32(np.float16(d))
-    assert C.quantize_rows(y, "Q8_K")[1] == np.float32(50) * (np.float32(1) / (np.float32(127) / np.float32(1.27)))
-    np.testing.assert_array_equal(C.quantize_rows(np.array([1 + 2 ** -11, 1 + 3 * 2 ** -11]), "F16"),
+    assert ggml.quantize_rows(y, "Q8_0")[1] == np.float32(50) * np.float32(np.float16(d))
+    assert ggml.quantize_rows(y, "Q8_K")[1] == np.float32(50) * (np.float32(1) / (np.float32(127) / np.float32(1.27)))
+    np.testing.assert_array_equal(ggml.quantize_rows(np.array([1 + 2 ** -11, 1 + 3 * 2 ** -11]), "F16"),
                                   [1.0, 1 + 2 ** -9])  # f16 ties to even
     with pytest.raises(InputError, match="blocks of 256; this row has 64 values"):
-        C.quantize_rows(np.ones(64), "Q8_K")
+        ggml.quantize_rows(np.ones(64), "Q8_K")
     with pytest.raises(InputError, match="no floor for llama.cpp converting a matmul's input to Q8_1"):
-        C.quantize_rows(np.ones(32), "Q8_1")
+        ggml.quantize_rows(np.ones(32), "Q8_1")
 
 
 def test_gelu_f16_table_on_literal_values():
     """ggml-cpu's GELU: 0 below -10, x above 10, else the f16 table entry of f16(x)."""
     x = np.array([-10.5, -10.0, 10.0, 12.25, 1.0, 1.0 + 2 ** -12], np.float32)
-    g = C.gelu_f16_table(x)
+    g = ggml.gelu_f16_table(x)
     np.testing.assert_array_equal(g[:4], [0.0, 0.0, 10.0, 12.25])
     assert g[4] == g[5] == 0.84130859375  # gelu_tanh(1) = 0.8411920 to the nearest f16; one f16 bucket, one value
-    exact = refprism.ops.gelu_tanh(np.array([1.0, 1.0 + 2 ** -12]))
+    exact = refprism.gemma.ops.gelu_tanh(np.array([1.0, 1.0 + 2 ** -12]))
     assert exact[0] != exact[1] and abs(g[4] - exact[0]) < 2 ** -11
 
 
 def test_rope_tables_ggml_build_the_angles_by_repeated_products():
     """ggml_rope_cache_init: angle_i = p * theta_scale**i as i float32 products of theta_scale = powf(base, -2/H),
     each rounded: off the exact angle by at most about i roundings, unlike refprism's angles rounded once."""
-    cos, sin = C.rope_tables_ggml(np.arange(8), 256, 1_000_000.0)
+    cos, sin = ggml.rope_tables_ggml(np.arange(8), 256, 1_000_000.0)
     assert cos.shape == sin.shape == (8, 256) and cos.dtype == np.float32
     np.testing.assert_array_equal(cos[:, :128], cos[:, 128:])  # split-half: pair i is dimensions i and i + 128
     i = np.arange(128)
@@ -387,9 +388,9 @@ def test_rope_tables_ggml_build_the_angles_by_repeated_products():
     off = np.abs((angle - exact + np.pi) % (2 * np.pi) - np.pi)
     assert np.all(off <= (i + 2) * 2.0 ** -23 * exact + 2e-7)  # + cos / sin's own float32 rounding
     assert (cos[0] == 1).all() and (sin[0] == 0).all()
-    hf_cos, _ = C.rope_tables_float32(np.arange(8), 256, 1_000_000.0)  # p * inv_freq, each rounded once
+    hf_cos, _ = replay.rope_tables_float32(np.arange(8), 256, 1_000_000.0)  # p * inv_freq, each rounded once
     assert (cos != hf_cos).any()
-    scaled = C.rope_tables_ggml(np.arange(8), 256, 1_000_000.0, 8.0)  # linear scaling: freq_scale 1/8, exact
-    np.testing.assert_array_equal(scaled[0], C.rope_tables_ggml(np.arange(8) / 8, 256, 1_000_000.0)[0])
-    cos4, sin4 = C.rope_tables_ggml(np.array([3]), 4, 10_000.0)  # theta_scale = 10000**-0.5 = 0.01
+    scaled = ggml.rope_tables_ggml(np.arange(8), 256, 1_000_000.0, 8.0)  # linear scaling: freq_scale 1/8, exact
+    np.testing.assert_array_equal(scaled[0], ggml.rope_tables_ggml(np.arange(8) / 8, 256, 1_000_000.0)[0])
+    cos4, sin4 = ggml.rope_tables_ggml(np.array([3]), 4, 10_000.0)  # theta_scale = 10000**-0.5 = 0.01
     np.testing.assert_allclose(cos4[0], np.cos([3, 0.03, 3, 0.03]), rtol=1e-6)

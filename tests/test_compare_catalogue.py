@@ -16,9 +16,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import refprism
-from refprism import crosscheck
-from refprism.crosscheck import CATALOGUE, TOKEN_MISTAKES, compare
-from refprism.other import hf as other_hf
+from refprism.crosscheck import CATALOGUE, TOKEN_MISTAKES, catalogue, compare, replay
+from refprism.crosscheck.sides import hf as other_hf
 
 IDS = [2, 455, 17, 301, 88, 260, 41, 7, 130]  # BOS first; longer than the tiny window of 4
 
@@ -280,7 +279,7 @@ def made(checkpoint, tmp_path_factory):
             if preset == "big":
                 cache[key] = big_embedding(checkpoint(), tmp_path_factory.mktemp("big"))
             elif overrides.get("rope_scaling") == "linear4":
-                from refprism.synth import make_config, write_checkpoint
+                from refprism.checkpoints.synth import make_config, write_checkpoint
 
                 hf_cfg = make_config(preset)
                 hf_cfg["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
@@ -368,13 +367,14 @@ def test_diagnosis_costs_one_layer_per_mistake_not_a_forward_per_site(checkpoint
     model = hf_of(d)
     monkeypatch.setattr(layer(model, 1).mlp, "act_fn", torch.nn.GELU())
     calls = []
-    real = crosscheck.forward
+    real = replay.forward
 
     def counting(*a, **kw):
         calls.append(kw.get("resume"))
         return real(*a, **kw)
 
-    monkeypatch.setattr(crosscheck, "forward", counting)
+    monkeypatch.setattr(replay, "forward", counting)  # R, F, P, Q
+    monkeypatch.setattr(catalogue, "forward", counting)  # the diagnosis' partial replays
     r = compare(refprism.load(d), IDS, against=model)
     assert r.first_wrong_op == "blocks.1.mlp.act"
     assert len(calls) == 4 + sum(1 for x in r.diagnosis)  # R, F, P, Q, then one partial replay per mistake tried

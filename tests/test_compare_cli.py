@@ -13,7 +13,7 @@ import pytest
 import refprism
 from refprism import cli
 from refprism.crosscheck import compare
-from refprism.other import dumps
+from refprism.crosscheck.sides import dumps
 
 PROMPT = "The capital city of France is"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -22,7 +22,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def broken_dump(tiny_dir, tmp_path_factory):
     """A dump of a port whose layer-1 GELU is the exact erf one: a finding, exit 1."""
-    from refprism.crosscheck import gelu_erf
+    from refprism.crosscheck.catalogue import gelu_erf
 
     model = refprism.load(tiny_dir)
 
@@ -81,7 +81,7 @@ def test_exit_status_in_a_fresh_process(tiny_dir, broken_dump):
 
 
 def test_figure_draws_the_reports_numbers(tiny, broken_dump):
-    from refprism.plots_compare import _compare_fig, _series
+    from refprism.crosscheck.plots import _compare_fig, _series
 
     r = compare(tiny, None, against=str(broken_dump))
     fig = _compare_fig(r)

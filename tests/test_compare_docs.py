@@ -9,7 +9,7 @@ from pathlib import Path
 
 import refprism
 from refprism.crosscheck import CATALOGUE, TOKEN_MISTAKES, compare
-from refprism.other.dumps import NameMap
+from refprism.crosscheck.sides.dumps import NameMap
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "compare.md").read_text(encoding="utf-8")
 

@@ -10,11 +10,11 @@ import pytest
 
 import refprism
 from refprism import cli
-from refprism.crosscheck import compare
+from refprism.crosscheck import catalogue, compare
+from refprism.crosscheck.sides import dumps
+from refprism.crosscheck.sides import hf as other_hf
 from refprism.errors import InputError
-from refprism.other import dumps
-from refprism.other import hf as other_hf
-from refprism.record import symbolic_shapes
+from refprism.gemma.record import symbolic_shapes
 
 IDS = [2, 455, 17, 301, 88, 260, 41, 7, 130]
 
@@ -151,14 +151,13 @@ def test_json_name_map_round_trips(tiny, tmp_path, suffix):
 
 def test_name_map_finds_a_mistake_in_a_port(tiny, tmp_path):
     """The same port with its q computed by interleaved RoPE: compare names layer 0's q and the mistake."""
-    from refprism import crosscheck as C
-    from refprism import ops
+    from refprism.gemma import ops
 
     def interleaved(name, value, record):
         if name.endswith("attn.q"):
             l = int(name.split(".")[1])
             cos, sin = ops.rope_tables(np.arange(len(IDS)), 16, tiny.config.rope_of(l)[0], np.float32)
-            return C.rope_interleaved(record[f"blocks.{l}.attn.q_pre"], cos, sin)
+            return catalogue.rope_interleaved(record[f"blocks.{l}.attn.q_pre"], cos, sin)
         return value
 
     arrays, name_map = port_dump(tiny, tiny.run(IDS, edit=interleaved))

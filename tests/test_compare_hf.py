@@ -11,8 +11,8 @@ import pytest
 
 import refprism
 from refprism.crosscheck import compare
-from refprism.other import hf as other_hf
-from refprism.record import symbolic_shapes
+from refprism.crosscheck.sides import hf as other_hf
+from refprism.gemma.record import symbolic_shapes
 
 
 def ids_of(T, seed):

@@ -19,11 +19,11 @@ import torch
 import refprism
 from refprism import cli
 from refprism import crosscheck as C
-from refprism.capture import GgmlArithmetic
-from refprism.other import dumps
-from refprism.other import llamacpp as L
-from refprism.other import tl
-from refprism.record import expected_shapes
+from refprism.crosscheck import catalogue, floors, ggml, replay
+from refprism.crosscheck.capture import GgmlArithmetic
+from refprism.crosscheck.sides import dumps, tl
+from refprism.crosscheck.sides import llamacpp as L
+from refprism.gemma.record import expected_shapes
 
 PROMPT = "The capital city of France is"
 IDS_270M = [2, 818, 5279, 3207, 529, 7001, 563]  # <bos> The ▁capital ▁city ▁of ▁France ▁is
@@ -222,9 +222,9 @@ def test_q8_rows_reproduce_llamacpps_quantized_products(models, captures):
     mlp.down 5.3; with Q8_0 rows everywhere o_proj and mlp.down land 2.3 and 4.0 times farther."""
     model, cap = models["Q4_K_M"], captures("Q4_K_M", "f16")
     theirs = {"logits": cap.arrays["logits"].astype(np.float64)}
-    honest = C._run_all(model, cap.tokens, theirs, C.profile_of("float32", cap.arithmetic))
+    honest = replay._run_all(model, cap.tokens, theirs, floors.profile_of("float32", cap.arithmetic))
     q8_0 = GgmlArithmetic("Q4_K_M", "f16", {k: "Q8_0" for k in cap.arithmetic.activations})
-    wrong = C._run_all(model, cap.tokens, theirs, C.profile_of("float32", q8_0))
+    wrong = replay._run_all(model, cap.tokens, theirs, floors.profile_of("float32", q8_0))
     closer = {"attn.q_pre": 8, "attn.k_pre": 6, "attn.v": 6, "mlp.gate": 2.5, "mlp.up": 1.5, "attn.o_proj": 1.6,
               "mlp.down": 3}
     for kind, factor in closer.items():
@@ -238,9 +238,9 @@ def test_q8_rows_reproduce_llamacpps_quantized_products(models, captures):
 
 def test_the_gelu_table_is_llamacpps(models, captures):
     """F32 weights and an f32 cache: up to the first GEGLU llama.cpp is float32 arithmetic; its mlp.act is the
-    f16-table GELU times up (crosscheck.gelu_f16_table), 17 times closer to it than to the exact tanh GELU."""
+    f16-table GELU times up (ggml.gelu_f16_table), 17 times closer to it than to the exact tanh GELU."""
     model, cap = models["F32"], captures("F32", "f32")
-    honest = C._run_all(model, cap.tokens, {}, C.profile_of("float32", cap.arithmetic))
+    honest = replay._run_all(model, cap.tokens, {}, floors.profile_of("float32", cap.arithmetic))
     s = cap.summaries["blocks.0.mlp.act"]
     exact, table = _printed_error(s, honest.R["blocks.0.mlp.act"]), _printed_error(s, honest.F["blocks.0.mlp.act"])
     assert table <= L.PRINTED_RESOLUTION + 1e-5 and table * 10 < exact
@@ -292,7 +292,7 @@ def llamacpp_names(rec, cfg, *, cut=False) -> dict:
 def ported(model, arith, *, mistake=None):
     """The record of a port of llama.cpp's graph: refprism computing as llama.cpp's CPU backend (ggml_edit), with
     one mistake (site, value function) if given; everything after it flows from the wrong value."""
-    honest = C.ggml_edit(arith, model.params, model.config, len(IDS_270M))
+    honest = ggml.ggml_edit(arith, model.params, model.config, len(IDS_270M))
 
     def edit(name, value, record):
         value = honest(name, value, record)
@@ -337,8 +337,8 @@ def test_a_broken_llamacpp_dump_is_caught_at_its_wrong_op(ggufs, models, q4_arit
     cfg = model.config
 
     def interleaved_k(record):
-        cos, sin = C.rope_tables_ggml(np.arange(len(IDS_270M)), cfg.d_head, *cfg.rope_of(3))
-        return C.rope_interleaved(C.pre_rope(record, cfg, model.params, 3, "attn.k"), cos, sin)
+        cos, sin = ggml.rope_tables_ggml(np.arange(len(IDS_270M)), cfg.d_head, *cfg.rope_of(3))
+        return catalogue.rope_interleaved(floors.pre_rope(record, cfg, model.params, 3, "attn.k"), cos, sin)
 
     rec = ported(model, q4_arith, mistake=("blocks.3.attn.k", interleaved_k))
     dumps.write_dump(tmp_path / "broken.npz", {**llamacpp_names(rec, cfg), "tokens": np.asarray(IDS_270M)})

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from refprism.config import Config, read_config
+from refprism.checkpoints.synth import make_config
 from refprism.errors import ConfigError
-from refprism.synth import make_config
+from refprism.gemma.config import Config, read_config
 
 
 def test_gemma_2b_config_fields():
@@ -40,7 +40,8 @@ def test_activation_spellings_all_mean_tanh_gelu(act):
 
 def test_unknown_activation_refused():
     hf = make_config()
-    hf.pop("hidden_activation"); hf["hidden_act"] = "relu"
+    hf.pop("hidden_activation")
+    hf["hidden_act"] = "relu"
     with pytest.raises(ConfigError, match="relu"):
         Config.from_hf(hf)
 

@@ -32,8 +32,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import refprism
-from refprism import cli, prisms, report
-from refprism import interventions
+from refprism import cli, interventions, prisms, report
 from refprism.errors import AccessError, CheckpointError, ConfigError, InputError, RefprismError
 
 HERE = Path(__file__).resolve().parent
@@ -82,7 +81,6 @@ def gguf_file(*, truncate=False, arch="gemma3"):
     """A GGUF file (written as llama.cpp's converter does, see test_gguf.py), cut in half or of another model."""
     def build(ctx):
         import gguf
-
         from test_gguf import write_gguf
 
         path = ctx.tmp / "model.gguf"
@@ -205,7 +203,7 @@ def index_edit(text):
 
 
 def bigger_tokenizer(ctx):
-    from refprism.synth import build_small_tokenizer
+    from refprism.checkpoints.synth import build_small_tokenizer
 
     d = ctx.copy()
     build_small_tokenizer(522).save(str(d / "tokenizer.json"))
@@ -925,7 +923,7 @@ def cli_results(checkpoint, tmp_path_factory):
         futures = {name: pool.submit(_run_cli, next(c for c in CASES if c.name == name), ctx, target)
                    for name, (ctx, target) in jobs.items()}
         results = {name: (jobs[name][0], f.result()) for name, f in futures.items()}
-    for ctx, target in jobs.values():
+    for _ctx, target in jobs.values():
         _restore(target)
     return results
 

@@ -1,13 +1,14 @@
 """Property tests of the recorded forward pass over random tiny shapes (built in memory, no files)."""
 
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from refprism.config import Config
-from refprism.forward import forward
-from refprism.record import RECORD_TABLE, expected_shapes
-from refprism.synth import make_config, random_tensor, tensor_shapes
-from refprism.weights import Weights
+from refprism.checkpoints.synth import make_config, random_tensor, tensor_shapes
+from refprism.gemma.config import Config
+from refprism.gemma.forward import forward
+from refprism.gemma.record import RECORD_TABLE, expected_shapes
+from refprism.gemma.weights import Weights
 
 
 @st.composite

@@ -28,13 +28,14 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 import refprism
 from refprism import cli
 from refprism.errors import RefprismError
 
-# The two readers' fuzzers find exceptions that only a patch to refprism/weights.py fixes (the error corpus has a
+# The two readers' fuzzers find exceptions that only a patch to refprism/gemma/weights.py fixes (the error corpus has a
 # case for each: safetensors-dtype-not-a-string, index-shard-name-too-long, and the deeply nested JSON ones).
 NEEDS_WEIGHTS_PATCH = pytest.mark.xfail(strict=True, reason="needs weights.py patch: read_header hashes a "
                                         "non-string dtype; safetensors_files' is_file raises OSError for long names")
@@ -378,7 +379,8 @@ for _opt in ("--top", "--top-k", "--position", "--layer", "--head", "--source", 
 for _opt in ("--validate", "--compare"):  # refprism report's sections: a JSON file
     VALUES[_opt] = st.sampled_from([_opt[2:] + ".json", "absent.json", "", ".", "prompt.txt", "sweep"]) | texts
 VALUES["--sweep"] = st.sampled_from(["sweep", "absent", ".", "", "prompt.txt", "validate.json"]) | texts
-VALUES["--select"] = st.sampled_from(["logits@-1", "blocks.*.attn.out", "blocks.9.x", "logits@99", "@", "embed@a"]) | texts
+VALUES["--select"] = st.sampled_from(["logits@-1", "blocks.*.attn.out", "blocks.9.x", "logits@99", "@",
+                                      "embed@a"]) | texts
 for _opt in ("--targets", "--versus", "--inputs"):
     VALUES[_opt] = tokens
 GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads, 128 neurons): runs that succeed
@@ -395,7 +397,8 @@ GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads,
     "--validate": st.just("validate.json"), "--compare": st.just("compare.json"), "--sweep": st.just("sweep"),
     "--select": st.sampled_from(["logits@-1", "blocks.*.attn.out", "blocks.1.attn.pattern@0,-1", "embed"]),
     "--against": st.just("run.npz"), "--names": st.just("refprism"), "--top-k": st.integers(1, 6).map(str),
-    "--markdown": st.just("report.md"), "--kv-cache": st.sampled_from(["f16", "f32"]),  # refused unless against llama.cpp
+    "--markdown": st.just("report.md"),
+    "--kv-cache": st.sampled_from(["f16", "f32"]),  # refused unless against llama.cpp
     "--component": st.sampled_from(["embed", "L0.attn", "L1.mlp", "L0H1", "L1H3.src2", "L1N5"]),
     "--ablate": st.sampled_from(["zero", "mean", "resample"]), "--direction": st.sampled_from(["noising", "denoising"]),
     "--at": st.sampled_from(["all", "-1", "3,6"]), "--level": st.sampled_from(["residual", "heads", "head-source:1",

@@ -1,4 +1,4 @@
-"""refprism.gguf: GGUF files -> HF-named float32 arrays, an HF config and a tokenizer.
+"""refprism.checkpoints.gguf: GGUF files -> HF-named float32 arrays, an HF config and a tokenizer.
 
 Tiny Gemma 1/2/3 files are written here with gguf.GGUFWriter, with llama.cpp's tensor names, the converter's
 (1 + w) norms and a mix of F32, F16, BF16 and Q8_0 tensors; reading them back must give the HF names, the HF
@@ -13,17 +13,14 @@ import importlib.util
 import json
 from pathlib import Path
 
+import gguf  # the test extra's (pip install -e ".[test]"): missing, these tests fail rather than skip
 import ml_dtypes
 import numpy as np
 import pytest
-
-from refprism.errors import CheckpointError
-
-import gguf  # the test extra's (pip install -e ".[test]"): missing, these tests fail rather than skip
-
-from refprism.gguf import read_gguf, tokenizer_from_vocab
-
 from conftest import SHARED_TOKENIZER  # noqa: E402
+
+from refprism.checkpoints.gguf import read_gguf, tokenizer_from_vocab
+from refprism.errors import CheckpointError
 
 Q = gguf.GGMLQuantizationType
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +77,8 @@ def hf_norm(arch: str, name: str) -> str:
 
 
 def llama_cpp_name(arch: str, hf: str) -> str:
-    """HF name -> llama.cpp's, written independently of refprism.gguf's tables (from the inverse direction)."""
+    """HF name -> llama.cpp's, written independently of refprism.checkpoints.gguf's tables (from the inverse
+    direction)."""
     if hf == "model.embed_tokens.weight":
         return "token_embd.weight"
     if hf == "model.norm.weight":

@@ -11,11 +11,15 @@ import re
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import refprism
-from refprism import cli, interventions as I, ops, prisms as P
+from refprism import cli
+from refprism import interventions as I
+from refprism import prisms as P
 from refprism.errors import InputError
+from refprism.gemma import ops
 
 SHAPES = [("tiny", {}), ("tiny", dict(num_attention_heads=4, num_key_value_heads=1, num_hidden_layers=3)),
           ("tiny", dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=24)),
@@ -431,7 +435,7 @@ def test_cli_patch_and_validate_json(checkpoint, capsys, tmp_path):
 
 
 def test_validation_figure_panels(models64):
-    from refprism import plots_interventions as PI
+    from refprism.interventions import plots as PI
 
     v = I.validate(models64[0], PROMPT, level="heads")
     fig = PI._validation_fig(v)

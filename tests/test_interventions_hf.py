@@ -137,7 +137,8 @@ def test_zero_ablations_match_hf(pair):
     z_zero = lambda x: (x.__setitem__((p, head_slice(hf, h)), 0), x)[1]  # noqa: E731
     check("L0H1", ours(model, "L0H1"), *hf_total(hf, PROMPT, [("z", 0, z_zero)]))
     n = 17
-    check("L1N17", ours(model, "L1N17"), *hf_total(hf, PROMPT, [("act", 1, lambda x: (x.__setitem__((p, n), 0), x)[1])]))
+    check("L1N17", ours(model, "L1N17"),
+          *hf_total(hf, PROMPT, [("act", 1, lambda x: (x.__setitem__((p, n), 0), x)[1])]))
     check("L0.attn", ours(model, "L0.attn"), *hf_total(hf, PROMPT, [("attn", 0, set_rows([p], 0.0))]))
     check("L0.mlp", ours(model, "L0.mlp"), *hf_total(hf, PROMPT, [("mlp", 0, set_rows([p], 0.0))]))
     check(f"L{last}.attn", ours(model, f"L{last}.attn"), *hf_total(hf, PROMPT, [("attn", last, set_rows([p], 0.0))]))
@@ -179,7 +180,8 @@ def test_resample_both_directions_and_mean_match_hf(pair):
     check("L1H0 resample (denoising)",
           ours(model, "L1H0", ablate="resample", counterfactual=COUNTER, direction="denoising"),
           *hf_total(hf, COUNTER, [("z", 1, z_from(clean))], sign=-1))
-    check("L0.mlp resample at all positions", ours(model, "L0.mlp", ablate="resample", counterfactual=COUNTER, at="all"),
+    check("L0.mlp resample at all positions",
+          ours(model, "L0.mlp", ablate="resample", counterfactual=COUNTER, at="all"),
           *hf_total(hf, PROMPT, [("mlp", 0, lambda x: cf["mlp", 0].clone())]))
 
     acts = [hf.run(r, capture=[("act", 1)])[3]["act", 1][1:] for r in REFERENCE]  # positions 1 .. T-1

@@ -6,13 +6,12 @@ import shutil
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import SHARED_TOKENIZER
 from safetensors.numpy import load_file, save_file
 
 import refprism
 from refprism.errors import AccessError, CheckpointError, InputError
-from refprism.weights import to_compute
-
-from conftest import SHARED_TOKENIZER
+from refprism.gemma.weights import to_compute
 
 
 def _copy(src, dst):
@@ -224,7 +223,7 @@ def test_prompt_longer_than_context(checkpoint):
 def test_tokenizer_larger_than_embedding_refused(checkpoint, tmp_path):
     d = _copy(checkpoint(), tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
-    from refprism.synth import build_small_tokenizer
+    from refprism.checkpoints.synth import build_small_tokenizer
     build_small_tokenizer(cfg["vocab_size"] + 10).save(str(d / "tokenizer.json"))
     with pytest.raises(CheckpointError, match="tokenizer.json has 522 tokens but the embedding has only 512"):
         refprism.load(d)

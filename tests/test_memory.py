@@ -9,8 +9,9 @@ from safetensors.numpy import load_file, save_file
 
 import refprism
 from refprism import prisms as P
+from refprism.checkpoints.safetensors import read_header
 from refprism.errors import CheckpointError, InputError
-from refprism.weights import choose_memory, read_header
+from refprism.gemma.weights import choose_memory
 
 
 @pytest.mark.parametrize("dtype, stored", [("float32", "bfloat16"), ("float64", "bfloat16"), ("float32", "float16"),
@@ -49,7 +50,7 @@ def test_fast_mode_keeps_no_file_mapped(tiny_dir):
 
 
 def test_auto_chooses_by_available_memory(monkeypatch, tiny):
-    import refprism.weights as W
+    import refprism.gemma.weights as W
 
     monkeypatch.setattr(W, "available_memory", lambda: 10**12)
     assert choose_memory(tiny.config, np.float32, "auto") == "fast"
@@ -130,9 +131,9 @@ def test_nan_or_inf_weights_are_named(tiny_dir, tmp_path, memory, bad):
 
 def test_large_finite_weights_are_not_mistaken_for_inf():
     """A sum that overflows float32 is looked at element-wise before anything is called infinite."""
-    from refprism.config import Config
-    from refprism.synth import make_config, random_tensor, tensor_shapes
-    from refprism.weights import Weights
+    from refprism.checkpoints.synth import make_config, random_tensor, tensor_shapes
+    from refprism.gemma.config import Config
+    from refprism.gemma.weights import Weights
 
     hf = make_config("tiny")
     arrays = {n: random_tensor(n, s) for n, s in tensor_shapes(hf).items()}

@@ -3,13 +3,15 @@ and the CLI's warning when a float32 prism misses its stated tolerance."""
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from refprism import cli, ops, prisms
-from refprism.config import Config
-from refprism.forward import forward
-from refprism.synth import make_config, random_tensor, tensor_shapes
-from refprism.weights import Weights
+from refprism import cli, prisms
+from refprism.checkpoints.synth import make_config, random_tensor, tensor_shapes
+from refprism.gemma import ops
+from refprism.gemma.config import Config
+from refprism.gemma.forward import forward
+from refprism.gemma.weights import Weights
 
 F32_MAX = np.finfo(np.float32).max  # 3.4e38; x * x overflows for |x| > 1.8e19
 

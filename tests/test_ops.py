@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from refprism import ops
+from refprism.gemma import ops
 
 
 def test_rms_norm_literal():

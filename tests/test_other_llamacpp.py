@@ -3,7 +3,7 @@
 The F32 file is made here by llama.cpp's own llama-quantize from the Q4_K_M one; it holds the same values (checked
 below), so one refprism model, loaded from the Q4_K_M file, is the reference for both. llama.cpp runs twice per
 file: llama-cpp-python for the logits at every position, llama-debug for its per-tensor dump, which
-refprism/other/llamacpp.py maps to refprism's sites. Every mapped site is compared with refprism's record on the
+refprism/crosscheck/sides/llamacpp.py maps to refprism's sites. Every mapped site is compared with refprism's record on the
 same ids, element by printed element, so a wrong axis or a wrong occurrence of a repeated name fails (the negative
 controls below show that it does).
 
@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 
 import refprism
-from refprism import ops
-from refprism.capture import Capture, GgmlArithmetic, Summary
+from refprism.checkpoints.synth import make_config
+from refprism.crosscheck.capture import Capture, GgmlArithmetic, Summary
+from refprism.crosscheck.sides import llamacpp as L
 from refprism.errors import InputError
-from refprism.config import Config
-from refprism.other import llamacpp as L
-from refprism.record import expected_shapes
-from refprism.synth import make_config
+from refprism.gemma import ops
+from refprism.gemma.config import Config
+from refprism.gemma.record import expected_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The capital city of France is"
@@ -115,7 +115,7 @@ def test_the_f32_file_holds_the_q4_k_m_values(q4, f32):
     """llama-quantize's dequantization equals the gguf package's, bit for bit, for every weight type in the file."""
     assert (L.file_type(q4), L.file_type(f32)) == ("Q4_K_M", "F32")
     types = {}  # the smallest tensor of each type: Q4_K, Q6_K, Q5_0, Q8_0, F32
-    for name, (ne, kind, _) in sorted(L.read_header(q4).tensors.items(), key=lambda item: np.prod(item[1][0])):
+    for name, (_ne, kind, _) in sorted(L.read_header(q4).tensors.items(), key=lambda item: np.prod(item[1][0])):
         types.setdefault(kind, name)
     assert len(types) == 5
     for name in types.values():
@@ -464,14 +464,16 @@ def _fake_llama_debug(folder: Path, body: str) -> Path:
 def test_a_llama_debug_that_hangs_after_printing_everything_is_used(tmp_path):
     """llama-debug once printed its whole dump and then never exited: the run is killed at the timeout and what it
     printed is used, since its token ids (the last lines) are whole."""
-    folder = _fake_llama_debug(tmp_path / "bin", "printf 'tensors\\nToken ids (2):\\n<bos>(2) a(64)\\n'\nexec sleep 60\n")
+    folder = _fake_llama_debug(tmp_path / "bin",
+                               "printf 'tensors\\nToken ids (2):\\n<bos>(2) a(64)\\n'\nexec sleep 60\n")
     out = L.run_debug(tmp_path / "m.gguf", "a", bin_dir=folder, timeout=1, attempts=1)
     assert out.endswith("a(64)\n")
 
 
 def test_a_llama_debug_that_hangs_before_its_token_ids_is_run_again_then_refused(tmp_path):
-    folder = _fake_llama_debug(tmp_path / "bin", "echo started >> \"$0.runs\"\nprintf 'tensors\\nToken ids (2):\\n<bos>(2)'\n"
-                                                 "exec sleep 60\n")
+    folder = _fake_llama_debug(tmp_path / "bin",
+                               "echo started >> \"$0.runs\"\nprintf 'tensors\\nToken ids (2):\\n<bos>(2)'\n"
+                               "exec sleep 60\n")
     with pytest.raises(L.ToolError, match=r"cut short or it hung \(over 1 s\) 2 times"):
         L.run_debug(tmp_path / "m.gguf", "a", bin_dir=folder, timeout=1, attempts=2)
     assert (folder / "llama-debug.runs").read_text().count("started") == 2

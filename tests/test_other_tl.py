@@ -1,9 +1,9 @@
 """TransformerLens 4.x (TransformerBridge) as the other side of a comparison, on tiny Gemma 1, 2 and 3 checkpoints.
 
 Each checkpoint is booted through the Bridge from its directory (no hub access), run with `run_with_cache`, and
-every hook refprism/other/tl.py maps is compared with refprism's own record of the same ids, in float32. The same
-again in compatibility mode (HookedTransformer's processed weights), where the sites the processing changes must
-be left out and everything else must still agree. Negative controls show that a wrong mapping fails.
+every hook refprism/crosscheck/sides/tl.py maps is compared with refprism's own record of the same ids, in float32.
+The same again in compatibility mode (HookedTransformer's processed weights), where the sites the processing changes
+must be left out and everything else must still agree. Negative controls show that a wrong mapping fails.
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
 
 import refprism
-from refprism.capture import Capture, Summary
+from refprism.crosscheck.capture import Capture, Summary
+from refprism.crosscheck.sides import tl
 from refprism.errors import InputError
-from refprism.other import tl
-from refprism.record import expected_shapes
-
-from conftest import assert_close
+from refprism.gemma.record import expected_shapes
 
 IDS = [2, 10, 20, 30, 40, 50, 60, 70, 80]  # 9 positions: longer than the Gemma 2/3 presets' window of 4
 PRESETS = ["tiny", "tiny-gemma2", "tiny-gemma3"]  # Gemma 1, 2, 3

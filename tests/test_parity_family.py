@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import assert_close
+from hf_reference import hf_record
 from transformers.models.gemma2 import modeling_gemma2
 from transformers.models.gemma3 import modeling_gemma3
 
 import refprism
-from refprism.record import expected_shapes
-
-from conftest import assert_close
-from hf_reference import hf_record
+from refprism.gemma.record import expected_shapes
 
 CLASSES = {"gemma2": (transformers.Gemma2ForCausalLM, modeling_gemma2),
            "gemma3_text": (transformers.Gemma3ForCausalLM, modeling_gemma3)}
@@ -64,7 +63,7 @@ def test_gemma2_softcaps_bend(checkpoint):
 def test_gemma3_linear_rope_scaling_matches_hf(tmp_path):
     """Gemma 3 4B+ scale the full layers' RoPE linearly (rope_scaling {"rope_type": "linear", "factor": 8}):
     angles / factor on full layers only, the sliding layers' local RoPE untouched."""
-    from refprism.synth import make_config, write_checkpoint
+    from refprism.checkpoints.synth import make_config, write_checkpoint
 
     hf_cfg = make_config("tiny-gemma3")
     hf_cfg["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}

@@ -11,12 +11,11 @@ Tolerances and why:
 
 import numpy as np
 import pytest
-
-import refprism
-from refprism.record import expected_shapes
-
 from conftest import assert_close
 from hf_reference import hf_record, load_hf
+
+import refprism
+from refprism.gemma.record import expected_shapes
 
 SHAPES = {
     "tiny N4 K2": {},
@@ -82,7 +81,8 @@ def test_wrong_conventions_would_be_caught(checkpoint):
 def test_embed_normalizer_rounding_matches_hf():
     """sqrt(2048) = 45.254834 in float32; a bfloat16 run rounds it to 45.25 (HF casts it to the weights' dtype)."""
     import torch
-    from refprism.forward import embed_normalizer
+
+    from refprism.gemma.forward import embed_normalizer
 
     assert embed_normalizer(2048, np.float32) == np.float32(np.sqrt(2048.0))
     assert embed_normalizer(2048, np.float32, round_to="bfloat16") == np.float32(45.25)

@@ -1,4 +1,4 @@
-"""Figures of refprism.plots: each writes a real PNG, draws the split's own numbers, and saves atomically.
+"""Figures of refprism.prisms.plots: each writes a real PNG, draws the split's own numbers, and saves atomically.
 
 The splits are real prisms of the tiny random checkpoint (tests/conftest.py). Figure contents are checked on
 the Figure objects the `_*_fig` builders return (before saving), against the split's values.
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from refprism import plots
 from refprism import prisms as P
 from refprism.errors import InputError, OutputError
+from refprism.prisms import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -335,6 +335,6 @@ def test_missing_matplotlib_says_how_to_install(splits, tmp_path, monkeypatch):
 
 
 def test_importing_plots_does_not_import_matplotlib():
-    code = "import refprism.plots, sys; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
+    code = "import refprism.prisms.plots, sys; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -5,12 +5,14 @@ Exactness bar (the issue's): |whole - sum(parts)| <= 1e-10 * sum(|parts|) (+ 1e-
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 import refprism
-from refprism import ops, prisms as P
+from refprism import prisms as P
 from refprism.errors import InputError
+from refprism.gemma import ops
 
 
 def assert_exact(split, rel=1e-10):
@@ -153,7 +155,8 @@ class FrozenRerun:
 
     def _mlp_out(self, l, p, drop_neuron):
         t, rec, q = self.t, self.rec, f"model.layers.{l}."
-        h = rec[f"blocks.{l}.resid_mid"][p] / rec[f"blocks.{l}.ln2.scale"][p] * (1 + t[q + "post_attention_layernorm.weight"])
+        h = (rec[f"blocks.{l}.resid_mid"][p] / rec[f"blocks.{l}.ln2.scale"][p]
+             * (1 + t[q + "post_attention_layernorm.weight"]))
         act = ops.gelu_tanh(rec[f"blocks.{l}.mlp.gate"][p]) * (h @ t[q + "mlp.up_proj.weight"].T)
         act[drop_neuron] = 0
         return act @ t[q + "mlp.down_proj.weight"].T
@@ -235,7 +238,7 @@ def test_direct_effect_and_logit_lens(frozen):
     f = lambda x: (E[[108, 109]] - E[116]) @ (x / np.sqrt(np.mean(x * x) + eps) * (1 + w))  # noqa: E731
     x = run.record["blocks.2.resid_post"][p]
     labels, vectors = P.residual_parts(r)
-    for i, label in enumerate(labels):
+    for i, _label in enumerate(labels):
         np.testing.assert_allclose(res.extras["direct_effect"]["values"][i], f(x) - f(x - vectors[i]), rtol=1e-10)
     np.testing.assert_allclose(res.extras["logit_lens"]["values"][0], f(run.record["embed"][p]), rtol=1e-10)
     np.testing.assert_allclose(res.extras["logit_lens"]["values"][-1], res.whole, rtol=1e-10)

@@ -3,13 +3,13 @@ exactly, every level exact, and the frozen re-run agrees (written from the HF te
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file
+from test_prisms import assert_exact
 
 import refprism
 from refprism import prisms as P
-
-from test_prisms import assert_exact
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,8 @@ def test_independence_through_post_norms(checkpoint):
         parts = [rec["embed"][p]] + [rec[f"blocks.{j}.{k}.out"][p] for j in range(cfg.n_layers)
                                      for k in ("attn", "mlp")]
         z = np.zeros((N, H))
-        hn = rec[f"blocks.{l}.resid_pre"] / rec[f"blocks.{l}.ln1.scale"][:, None] * (1 + t[q + "input_layernorm.weight"])
+        hn = (rec[f"blocks.{l}.resid_pre"] / rec[f"blocks.{l}.ln1.scale"][:, None]
+              * (1 + t[q + "input_layernorm.weight"]))
         v = (hn @ t[q + "self_attn.v_proj.weight"].T).reshape(-1, K, H)
         for n in range(N):
             w = rec[f"blocks.{l}.attn.pattern"][n, p].copy()

@@ -3,11 +3,10 @@ weights and weights, by a few lines of independent torch code, equal refprism's.
 
 import numpy as np
 import torch
+from hf_reference import load_hf
 
 import refprism
 from refprism import prisms as P
-
-from hf_reference import load_hf
 
 
 def test_residual_and_attention_prisms_from_hf_tensors(checkpoint):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import refprism
-from refprism import cli, prisms as P, report
+from refprism import cli, report
+from refprism import prisms as P
 from refprism.errors import InputError
 
 PROMPT = "The capital city of France is"
@@ -189,7 +190,7 @@ def test_page_is_self_contained(tiny):
 
 def test_embedded_json_cannot_close_its_script_element():
     hostile = {"tokens": [{"id": 1, "piece": "</script><script>alert(1)</script><!-- & "}]}
-    text = report._script_json(hostile)
+    text = report.page._script_json(hostile)
     assert "<" not in text and ">" not in text and "&" not in text
     assert json.loads(text) == hostile
 
@@ -245,7 +246,8 @@ SWEEP = {"sweep": {"data": {"file": "d.jsonl", "rows": 40}, "prompts": 40, "bad_
 def test_a_real_compare_json_is_a_section(tiny_dir, tiny):
     """What refprism compare --json prints is what the page reads (a broken HF side, so that a diagnosis exists)."""
     import torch
-    from refprism.other import hf
+
+    from refprism.crosscheck.sides import hf
 
     other = hf.load(tiny_dir)
     with torch.no_grad():

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_report import COMPARE, SWEEP, VALIDATE
 
 import refprism
-from refprism import cli, prisms as P, report
-
-from test_report import COMPARE, SWEEP, VALIDATE
+from refprism import cli, report
+from refprism import prisms as P
 
 HERE = Path(__file__).resolve().parent
 ARTIFACTS = HERE / "artifacts" / "report"
@@ -97,7 +97,7 @@ def check_parts(tab, split, z, role="part"):
     shown = tab.cells(f"[data-panel] td[data-role={role}][data-col='{z}']")
     assert shown, f"no {role} cells shown"
     expected = column(split, z)
-    for label, col, value in shown:
+    for label, _col, value in shown:
         assert value == expected[label], (label, value, expected[label])
     return {label for label, _, _ in shown}
 

@@ -3,12 +3,14 @@ attention, and the one edit mechanism (edits, resume). No timed tests: tools/ben
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import refprism
-from refprism import ops, prisms
+from refprism import prisms
 from refprism.errors import InputError
-from refprism.record import Lazy, MissingSite, Rows, Selection, expected_shapes
+from refprism.gemma import ops
+from refprism.gemma.record import Lazy, MissingSite, Rows, Selection, expected_shapes
 
 FAMILIES = ["tiny", "tiny-gemma2", "tiny-gemma3"]
 PROMPTS = [[2, 5, 9, 11, 40, 41, 42, 43, 44, 45, 46], [2, 7], [2], [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
@@ -56,7 +58,8 @@ def test_packs_follow_pack_tokens(family, monkeypatch):
     sizes = []
     real = refprism.model.forward_packed
     monkeypatch.setattr(refprism.model, "forward_packed",
-                        lambda params, cfg, pack, **kw: sizes.append([len(t) for t in pack]) or real(params, cfg, pack, **kw))
+                        lambda params, cfg, pack, **kw: (sizes.append([len(t) for t in pack])
+                                                         or real(params, cfg, pack, **kw)))
     model.run_many(PROMPTS, pack_tokens=13)
     assert sizes == [[11, 2], [1], [13]]  # consecutive, at most 13 tokens each; a longer prompt runs alone
     sizes.clear()
@@ -115,7 +118,8 @@ def test_selection_holds_exactly_what_was_asked(family):
     want = {"blocks.1.attn.pattern", "embed"} | {f"blocks.{l}.mlp.out" for l in range(cfg.n_layers)}
     assert set(run.record) == want
     full = model.run(PROMPTS[0])
-    np.testing.assert_array_equal(run.record["blocks.1.attn.pattern"][:, 10, :], full.record["blocks.1.attn.pattern"][:, 10, :])
+    np.testing.assert_array_equal(run.record["blocks.1.attn.pattern"][:, 10, :],
+                                  full.record["blocks.1.attn.pattern"][:, 10, :])
     assert run.record["blocks.1.attn.pattern"].data.shape == (cfg.n_heads, 1, 11)
     assert run.record["embed"].shape == (11, cfg.d_model) and run.record["embed"].data.shape == (2, cfg.d_model)
     np.testing.assert_array_equal(run.record["embed"][2], full.record["embed"][2])
@@ -181,7 +185,7 @@ def test_preflight_refuses_before_allocating(tiny, monkeypatch):
 
 def test_preflight_estimate_matches_the_record(family):
     """The estimate of what a record keeps is its real size, full or selective."""
-    from refprism.record import estimate_bytes
+    from refprism.gemma.record import estimate_bytes
 
     model = family[0]
     for record, positions in ((None, None), (["blocks.*.attn.out@-1", "blocks.0.attn.pattern"], -1)):
@@ -194,7 +198,7 @@ def test_preflight_estimate_matches_the_record(family):
 
 def test_packs_shrink_to_fit_memory(tiny, monkeypatch):
     """With little memory, run_many packs fewer prompts rather than refusing."""
-    from refprism.record import estimate_bytes
+    from refprism.gemma.record import estimate_bytes
 
     one = estimate_bytes(tiny.config, [13], tiny.dtype)["total"]
     monkeypatch.setattr(refprism.model, "available_memory", lambda: int(one * 1.5 / refprism.model.MEMORY_SHARE))
@@ -322,7 +326,8 @@ def test_the_record_holds_what_flowed_on(tiny64):
     run = tiny64.run(PROMPTS[0], edit=zero_head)
     assert np.all(run.record["blocks.0.attn.z"][:, 1] == 0)
     W_O = tiny64.params.get(0, "W_O")
-    np.testing.assert_allclose(run.record["blocks.0.attn.out"], np.einsum("tnh,nhd->td", run.record["blocks.0.attn.z"], W_O))
+    np.testing.assert_allclose(run.record["blocks.0.attn.out"],
+                               np.einsum("tnh,nhd->td", run.record["blocks.0.attn.z"], W_O))
 
 
 def test_scores_and_activations_are_recomputed_exactly(family):
@@ -336,7 +341,8 @@ def test_scores_and_activations_are_recomputed_exactly(family):
         np.testing.assert_array_equal(plain.record[name], edited.record[name])
     packed = model.run_many(PROMPTS)[0]
     assert isinstance(dict.__getitem__(packed.record, "blocks.0.attn.scores"), Lazy)
-    np.testing.assert_array_equal(packed.record["blocks.0.attn.scores"], model.run_many(PROMPTS)[0].record["blocks.0.attn.scores"])
+    np.testing.assert_array_equal(packed.record["blocks.0.attn.scores"],
+                                  model.run_many(PROMPTS)[0].record["blocks.0.attn.scores"])
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
@@ -344,7 +350,7 @@ def test_a_long_prompt_keeps_the_stream_and_recomputes_the_rest_exactly(checkpoi
     """From LONG_PROMPT tokens, an unedited full record keeps the residual stream, the sublayer outputs, the
     scales, the pattern and the logits as arrays; every other site is a recipe whose value is the one an edited
     run (which stores everything) recorded, bit for bit. Resuming from such a record equals a full re-run."""
-    from refprism.record import LAZY_KEPT, LONG_PROMPT
+    from refprism.gemma.record import LAZY_KEPT, LONG_PROMPT
 
     extra = {} if preset == "tiny" else {"sliding_window": 40}
     model = refprism.load(checkpoint(preset, max_position_embeddings=1024, **extra))

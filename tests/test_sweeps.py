@@ -1,4 +1,4 @@
-"""Sweeps (refprism/sweeps.py, `refprism sweep`), local backend: reading data sets with line numbers, per-prompt
+"""Sweeps (refprism/sweeps/, `refprism sweep`), local backend: reading data sets with line numbers, per-prompt
 terms equal to single-prompt prisms, aggregates equal to a NumPy computation from the per-prompt file, resuming
 after a kill, the shipped data sets. The Ray backend: tests/test_sweeps_ray.py."""
 
@@ -14,18 +14,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq  # the sweep extra: a missing pyarrow fails here, not as a skipped test
 import pytest
+from conftest import SHARED_TOKENIZER
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 import refprism
 from refprism import cli, prisms
 from refprism import sweeps as S
+from refprism.checkpoints.synth import build_small_tokenizer
 from refprism.errors import InputError
-from refprism.synth import build_small_tokenizer
-from refprism.weights import Weights
-
-from conftest import SHARED_TOKENIZER
+from refprism.gemma.weights import Weights
 
 CAPITALS = {"France": "Paris", "Russia": "Moscow", "Japan": "Tokyo", "Germany": "Berlin", "Italy": "Rome",
-            "Spain": "Madrid", "China": "Beijing"}  # words of the tiny checkpoints' tokenizer (refprism/synth.py)
+            "Spain": "Madrid", "China": "Beijing"}  # words of the tiny checkpoints' tokenizer (checkpoints/synth.py)
 LEVELS = "residual,heads,head-source,neurons:3"
 
 
@@ -135,7 +136,8 @@ def test_prepare_refuses_rows_that_do_not_fit_the_model(tiny, tmp_path):
     assert [it.id for it in items] == ["ok"] and items[0].roles == (("country", 5),) and items[0].position == 6
     errors = {b.line: b.error for b in bad}
     assert "▁Nowhere" in errors[2] and "128 tokens" in errors[3] and "at or before the read position 4" in errors[4]
-    assert "another role names too" in errors[5] and "line 1 has 1" in errors[6] and "also the id of line 1" in errors[7]
+    assert "another role names too" in errors[5] and "line 1 has 1" in errors[6]
+    assert "also the id of line 1" in errors[7]
 
 
 def test_levels():
@@ -226,9 +228,9 @@ def test_forward_never_writes_weights(checkpoint):
         assert all(np.array_equal(a.record[k], b.record[k]) for k in a.record)
         ra, rb = (prisms.logits_readout(m, r, ["▁Paris"], versus=["▁Tokyo"]) for m, r in ((model, a), (ro, b)))
         for l in range(model.config.n_layers):
-            for f in (lambda r: prisms.attention_prism(r, l), lambda r: prisms.mlp_prism(r, l),
-                      lambda r: prisms.residual_prism(prisms.through_head(r, l, 1, 5)),
-                      lambda r: prisms.residual_prism(prisms.through_neuron(r, l, 3))):
+            for f in (lambda r, l=l: prisms.attention_prism(r, l), lambda r, l=l: prisms.mlp_prism(r, l),
+                      lambda r, l=l: prisms.residual_prism(prisms.through_head(r, l, 1, 5)),
+                      lambda r, l=l: prisms.residual_prism(prisms.through_neuron(r, l, 3))):
                 assert np.array_equal(f(ra).values, f(rb).values)
     with pytest.raises(refprism.CheckpointError, match="converted weight embed"):
         Weights.from_converted(model.config, np.float64, embed=p.embedding(), ln_final=p.ln_final,
@@ -440,8 +442,18 @@ def test_command_errors_are_one_line(tiny_dir, data, tmp_path, capsys, monkeypat
         assert cli.main(base + extra) == 2
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and message in err, err
-    assert cli.main(["sweep", str(tmp_path / "none.jsonl"), "--model", str(tiny_dir), "--out", str(tmp_path / "o")]) == 2
+    argv = ["sweep", str(tmp_path / "none.jsonl"), "--model", str(tiny_dir), "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
     assert "cannot read the data set" in capsys.readouterr().err
+
+
+def assert_same_totals(got, want):
+    """Each component's total effects (one per column) in `got` equal those in `want`, label by label (a dict of
+    lists, which pytest.approx does not compare since pytest 9.2)."""
+    got, want = ({c["label"]: c["total"] for c in cs} for cs in (got, want))
+    assert list(got) == list(want)
+    np.testing.assert_allclose(np.array(list(got.values()), dtype=float), np.array(list(want.values()), dtype=float),
+                               rtol=1e-6, atol=1e-7)
 
 
 def test_validate_runs_interventions_per_prompt_and_aggregates(data, tiny, tmp_path):
@@ -463,8 +475,7 @@ def test_validate_runs_interventions_per_prompt_and_aggregates(data, tiny, tmp_p
                                     level="heads", ablate="zero", top=3,  # (zero ablation reads no counterfactual)
                                     targets=[f"#{t['id']}" for t in first["targets"]],
                                     versus=[f"#{t['id']}" for t in first["versus"]]).to_json()
-    assert {c["label"]: c["total"] for c in first["validate"]["components"]} == pytest.approx(
-        {c["label"]: c["total"] for c in direct["components"]}, rel=1e-6, abs=1e-7)
+    assert_same_totals(first["validate"]["components"], direct["components"])
     v = summary["validate"]
     assert v["prompts"] == 4 and v["level"] == "heads"
     for metric in ("spearman", "sign_agreement", "top_k_precision"):
@@ -498,12 +509,11 @@ def test_validate_resample_needs_each_rows_counterfactual(tiny, tmp_path):
                                     top=3, counterfactual=tiny.encode("The capital of Japan is")[:cut],
                                     targets=[f"#{t['id']}" for t in line["targets"]],
                                     versus=[f"#{t['id']}" for t in line["versus"]]).to_json()
-    assert {c["label"]: c["total"] for c in line["validate"]["components"]} == pytest.approx(
-        {c["label"]: c["total"] for c in direct["components"]}, rel=1e-6, abs=1e-7)
+    assert_same_totals(line["validate"]["components"], direct["components"])
 
 
 def test_plot_writes_the_summary_figures(swept, tmp_path):
-    from refprism import plots_sweeps as PS
+    from refprism.sweeps import plots as PS
 
     _, summary = swept
     assert [p.name for p in PS.write_figures(summary, tmp_path)] == ["residual.png", "heads.png", "roles.png",
@@ -528,7 +538,7 @@ def test_plot_writes_the_summary_figures(swept, tmp_path):
 
 
 def test_shipped_data_sets_are_the_tools_and_fit_gemmas_tokenizer():
-    """refprism/data/*.jsonl are what tools/make_datasets.py writes; with the gemma-2b tokenizer every target and
+    """refprism/sweeps/data/*.jsonl are what tools/make_datasets.py writes; with the gemma-2b tokenizer every target and
     foil is one piece and every role sits on its token (Gemma 3's tokenizer: test_shipped_data_sets_on_gemma3)."""
     import importlib.util
 
@@ -574,7 +584,6 @@ def test_shipped_data_sets_on_gemma3_270m(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- fuzzing
 
-from hypothesis import HealthCheck, event, given, settings, strategies as st  # noqa: E402
 
 numbers = st.integers(-3, 40).map(str) | st.sampled_from(["0", "-1", "10**30", "1e3", "", "x", str(2**63),
                                                            str(10**30)])
@@ -604,7 +613,8 @@ def test_fuzz_sweep_arguments(tiny_dir, tmp_path_factory, monkeypatch, draws):
     (folder / "d.csv").write_text("id,prompt,targets\na,The capital city of France is,▁Paris ▁London\n")
     (folder / "d.txt").write_text("not a data set")
     argv = ["sweep", draws.draw(st.sampled_from(["d.jsonl", "d.csv", "d.txt", "absent.jsonl", "capitals"])),
-            "--model", str(tiny_dir), "--out", str(folder / draws.draw(st.sampled_from(["out", "out/deeper", "d.csv"])))]
+            "--model", str(tiny_dir),
+            "--out", str(folder / draws.draw(st.sampled_from(["out", "out/deeper", "d.csv"])))]
     argv[1] = argv[1] if argv[1] == "capitals" else str(folder / argv[1])
     for opt, values in SWEEP_VALUES.items():
         if draws.draw(st.integers(0, 9)) < 3:

@@ -1,4 +1,4 @@
-"""The Ray backend of the sweeps (refprism/sweeps_ray.py): a local Ray (ray.init(num_cpus=2)) and a simulated
+"""The Ray backend of the sweeps (refprism/sweeps/ray.py): a local Ray (ray.init(num_cpus=2)) and a simulated
 two-node cluster (ray.cluster_utils.Cluster). Its output equals the local backend's prompt by prompt; a worker
 that dies mid-sweep has its chunk retried, and every prompt is written exactly once. Loopback only; every Ray
 started here is shut down, also when a test fails."""
@@ -12,10 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray  # the ray extra: a missing Ray fails here, not as a skipped test
 from ray.cluster_utils import Cluster
+from test_sweeps import LEVELS, capital_rows, folder_files, write_jsonl
 
 from refprism import sweeps as S
-
-from test_sweeps import LEVELS, capital_rows, folder_files, write_jsonl
 
 STORE = 100 * 2**20  # object store bytes per node: the tiny weights are ~0.3 MB (Ray's minimum is 75 MiB)
 
@@ -134,8 +133,8 @@ def test_two_node_cluster_with_a_dying_worker(data, tiny, local, tmp_path):
 def test_object_stores_are_checked_for_the_weights(tiny, capsys):
     """Ray spills objects to disk beyond 80% of a store: a store that cannot hold the weights is refused, one that
     would spill them gets a warning with the size to use (no Ray needed: the nodes as ray.nodes() lists them)."""
-    from refprism import sweeps_ray as R
     from refprism.errors import InputError
+    from refprism.sweeps import ray as R
 
     need = R.weights_bytes(tiny)
     assert R.store_bytes(tiny) == int(need / 0.8) + R.STORE_HEADROOM

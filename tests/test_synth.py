@@ -1,4 +1,4 @@
-"""Tests of refprism.synth (random-weight HF checkpoints) and tools/make_checkpoint.py."""
+"""Tests of refprism.checkpoints.synth (random-weight HF checkpoints) and tools/make_checkpoint.py."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from refprism import synth
-from refprism.synth import PRESETS, build_small_tokenizer, make_config, write_checkpoint
+from refprism.checkpoints import synth
+from refprism.checkpoints.synth import PRESETS, build_small_tokenizer, make_config, write_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SENTENCE = "The capital city of France is"
@@ -417,8 +417,8 @@ def test_written_small_tokenizer_is_the_built_one(tmp_path):
     assert tok.get_vocab_size() == 300
     assert tok.encode(SENTENCE).ids == build_small_tokenizer(300).encode(SENTENCE).ids
     assert json.loads((out / "tokenizer_config.json").read_text()) == {
-        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True, "add_eos_token": False, "bos_token": "<bos>", "eos_token": "<eos>",
-        "pad_token": "<pad>", "unk_token": "<unk>",
+        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
     }
 
 

@@ -150,7 +150,7 @@ def prompt_ids(base: list[int], T: int, vocab_size: int, seed: int = SEED) -> li
 
 def n_parameters(config: dict) -> int:
     """Parameters of a Gemma (1) checkpoint from its config.json (the tied unembedding counted once)."""
-    from refprism.synth import tensor_shapes
+    from refprism.checkpoints.synth import tensor_shapes
 
     return sum(math.prod(shape) for shape in tensor_shapes(config).values())
 
@@ -280,10 +280,10 @@ def checkpoint_complete(folder: Path) -> bool:
 def ensure_checkpoint(folder: Path, preset: str) -> Path:
     """The benchmark's checkpoint: reused when complete and of the preset's shape, else written once.
 
-    refprism.synth.write_checkpoint(folder, make_config(preset), dtype="bfloat16", shards=2): the hub's layout,
-    random weights, the real gemma-2b tokenizer when the vocabulary is 256000. The write is atomic.
+    refprism.checkpoints.synth.write_checkpoint(folder, make_config(preset), dtype="bfloat16", shards=2): the hub's
+    layout, random weights, the real gemma-2b tokenizer when the vocabulary is 256000. The write is atomic.
     """
-    from refprism.synth import make_config, write_checkpoint
+    from refprism.checkpoints.synth import make_config, write_checkpoint
 
     config = make_config(preset)
     if checkpoint_complete(folder):
@@ -752,7 +752,7 @@ def main(argv=None) -> int:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
     try:  # imported here, not at the top: a worker times its own imports
-        from refprism.synth import PRESETS
+        from refprism.checkpoints.synth import PRESETS
     except ImportError as exc:
         raise SystemExit(f"bench: cannot import refprism ({exc}); `pip install -e .` from the repository root, "
                          "or set PYTHONPATH to it") from None
@@ -884,8 +884,8 @@ def scale_main(args, command: str, date: str, folder: Path) -> int:
 
 
 def _same_shape(config: dict, preset: str) -> bool:
-    """True when a config.json has the shape of a refprism.synth preset."""
-    from refprism.synth import PRESETS
+    """True when a config.json has the shape of a refprism.checkpoints.synth preset."""
+    from refprism.checkpoints.synth import PRESETS
 
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim")

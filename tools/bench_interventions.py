@@ -129,7 +129,8 @@ def report(ours: dict, hf: dict, *, folder: Path, ids: list[int]) -> str:
     lines = ["| | refprism | HF hooks | refprism / HF |", "| --- | ---: | ---: | ---: |"]
     for name, a, b in rows:
         lines.append(f"| {name} | {s(a)} | {s(b)} | {a / b:.3f}x |")
-    lines.append(f"| peak RSS | {ours['rss_gb']:.2f} GB | {hf['rss_gb']:.2f} GB | {ours['rss_gb'] / hf['rss_gb']:.3f}x |")
+    lines.append(f"| peak RSS | {ours['rss_gb']:.2f} GB | {hf['rss_gb']:.2f} GB | "
+                 f"{ours['rss_gb'] / hf['rss_gb']:.3f}x |")
     ratio = ours["patches_s"] / hf["patches_s"]
     per_forward = ours["patches_s"] / n / ours["forward2_s"]
     import numpy as np

@@ -46,8 +46,9 @@ def gemma3_270m_dir() -> Path:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import check_gemma3_270m as check
+
+    from refprism.checkpoints.gguf import read_gguf
     from refprism.demo import gguf_path
-    from refprism.gguf import read_gguf
 
     config, tensors, tokenizer = read_gguf(gguf_path())
     tmp = folder.with_name(folder.name + ".partial")
@@ -227,7 +228,7 @@ def run_long(bench, runs: int, timeout: float) -> dict:
     folder = gemma3_270m_dir()
     V = json.loads((folder / "config.json").read_text())["vocab_size"]
     results: dict = {}
-    for run in range(runs):
+    for _run in range(runs):
         for T in LONG_LENGTHS:
             ids = long_ids(T, V)
             _child(bench, results, ("hf", T, "env"), {"worker": "long-hf", "dir": str(folder), "ids": ids}, timeout)
@@ -245,7 +246,7 @@ def run_packed(bench, folder: Path, runs: int, timeout: float) -> dict:
     V = json.loads((folder / "config.json").read_text())["vocab_size"]
     prompts = packed_prompts(V)
     results: dict = {}
-    for run in range(runs):
+    for _run in range(runs):
         _child(bench, results, ("hf", "env"), {"worker": "packed-hf", "dir": str(folder), "prompts": prompts}, timeout)
         for kernel in KERNELS:
             for packed in (False, True):
@@ -279,7 +280,8 @@ def render_long(bench, data: dict) -> list[str]:
            "output_attentions=True`. refprism: fast mode, float32, `model.run(ids)` recording every activation "
            "(logits at every position). Kernel `env`: OPENBLAS_CORETYPE as this machine sets it; `native`: "
            "removed for that command only. Times are medians of fresh processes.", "",
-           "| T | case | kernel | forward s | / HF | peak RSS GB | / HF |", "| ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+           "| T | case | kernel | forward s | / HF | peak RSS GB | / HF |",
+           "| ---: | --- | --- | ---: | ---: | ---: | ---: |"]
     for T in LONG_LENGTHS:
         hf_t, _ = med(("hf", T, "env"), "forward_s")
         hf_r, _ = med(("hf", T, "env"), "rss_forward")
@@ -332,7 +334,8 @@ def render_packed(bench, data: dict) -> list[str]:
            "head x source term (`attention_prism` of each layer) of its top token; HF computes the last-position "
            "logits of the padded batch. Prompts per second include refprism's prisms; a warm-up forward precedes "
            "the timed part on both sides.", "",
-           "| case | kernel | forward s | prisms s | prompts / s | peak RSS GB |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+           "| case | kernel | forward s | prisms s | prompts / s | peak RSS GB |",
+           "| --- | --- | ---: | ---: | ---: | ---: |"]
     for key, label in [(("hf", "env"), "HF batched (padded, eager, logits_to_keep=1)")] + [
             ((case, k), f"refprism {case}") for k in KERNELS for case in ("one-by-one", "packed")]:
         t, note = med(key, "forward_s")

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         print(RESULT_MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
     sys.path.insert(0, str(ROOT))
-    from refprism.synth import make_config, write_checkpoint
+    from refprism.checkpoints.synth import make_config, write_checkpoint
 
     preset = "tiny" if args.quick else "gemma-2b"
     work = Path(tempfile.mkdtemp(prefix="bench-sweeps-"))

@@ -4,10 +4,10 @@
     python tools/build_llama_cpp.py          # prints the folder holding both binaries (builds when needed)
     python tools/build_llama_cpp.py --check  # prints it, or exits 1 with the command to build
 
-refprism checks llama.cpp two ways (refprism/other/llamacpp.py): logits at every position through
+refprism checks llama.cpp two ways (refprism/crosscheck/sides/llamacpp.py): logits at every position through
 llama-cpp-python, and the per-tensor dump of llama.cpp's own `llama-debug` tool. Both must be the same llama.cpp,
 so the binaries are built from the `vendor/llama.cpp` folder of the very sdist that llama-cpp-python is built
-from (LLAMA_CPP_PYTHON in refprism/other/llamacpp.py; pyproject's extra `llamacpp` pins the same version).
+from (LLAMA_CPP_PYTHON in refprism/crosscheck/sides/llamacpp.py; pyproject's extra `llamacpp` pins the same version).
 
 What this does, each step skipped when already done:
 1. llama-cpp-python == LLAMA_CPP_PYTHON is importable, else `pip install llama-cpp-python==...` (pip builds it
@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # refprism from this checkout, installed or not
-from refprism.other.llamacpp import BUILD_COMMAND, LLAMA_CPP_PYTHON, cache_dir  # noqa: E402  (one source of both)
+from refprism.crosscheck.sides.llamacpp import BUILD_COMMAND, LLAMA_CPP_PYTHON, cache_dir  # noqa: E402  (one source of both)
 
 TARGETS = ("llama-debug", "llama-quantize")
 CMAKE_OPTIONS = (
@@ -138,7 +138,8 @@ def _sdist() -> Path:
           f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(folder)])
     found = sorted(folder.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"))
     if not found:
-        raise SystemExit(f"build_llama_cpp: pip download left no llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz in {folder}")
+        raise SystemExit(f"build_llama_cpp: pip download left no llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz in "
+                         f"{folder}")
     return found[0]
 
 

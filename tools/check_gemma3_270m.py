@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Check refprism.gguf.read_gguf on the real Gemma 3 270M (Q4_K_M GGUF) with HF transformers, not refprism.
+"""Check refprism.checkpoints.gguf.read_gguf on the real Gemma 3 270M (Q4_K_M GGUF) with HF transformers, not refprism.
 
     python tools/check_gemma3_270m.py                      # assemble (or reuse) the file, print the top-5s
     python tools/check_gemma3_270m.py --export /tmp/g3-hf  # ... and write an HF checkpoint of the weights
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from refprism.gguf import read_gguf
+    from refprism.checkpoints.gguf import read_gguf
 except ImportError as exc:  # pragma: no cover - exercised only without the package
     sys.exit(f"check_gemma3_270m: cannot import refprism ({exc}); run `pip install -e .` from the repository root")
 
@@ -85,7 +85,7 @@ def export(out: Path, config: dict, tensors: dict, tokenizer) -> None:
     hf["torch_dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt", "source": "refprism.gguf.read_gguf (dequantized Q4_K_M GGUF)"})
+              metadata={"format": "pt", "source": "refprism.checkpoints.gguf.read_gguf (dequantized Q4_K_M GGUF)"})
     tokenizer.save(str(out / "tokenizer.json"))
     print(f"wrote {out}/config.json, model.safetensors ({sum(a.nbytes for a in tensors.values()) / 2**20:.0f} MiB "
           "float32), tokenizer.json")

@@ -5,7 +5,7 @@
     python tools/make_checkpoint.py /tmp/g2b --preset gemma-2b --dtype bfloat16 --shards 2
     python tools/make_checkpoint.py /tmp/t3 --preset tiny --layers 3 --kv-heads 1 --vocab 1000
 
-A thin wrapper around ``refprism.synth.write_checkpoint``; see that module for the tensors,
+A thin wrapper around ``refprism.checkpoints.synth.write_checkpoint``; see that module for the tensors,
 their random scales and the tokenizer written.
 """
 
@@ -17,7 +17,7 @@ import sys
 import time
 
 try:
-    from refprism.synth import DTYPES, PRESETS, make_config, tensor_shapes, write_checkpoint
+    from refprism.checkpoints.synth import DTYPES, PRESETS, make_config, tensor_shapes, write_checkpoint
 except ImportError as exc:  # pragma: no cover - exercised only without the package
     sys.exit(
         f"make_checkpoint: cannot import refprism ({exc}).\n"

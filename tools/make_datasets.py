@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Write the two data sets that ship with refprism (refprism/data/), and check them against Gemma's tokenizers.
+"""Write the two data sets that ship with refprism (refprism/sweeps/data/), and check them against Gemma's tokenizers.
 
-    python tools/make_datasets.py                 # write refprism/data/capitals.jsonl and additions.jsonl, check
+    python tools/make_datasets.py                 # write refprism/sweeps/data/capitals.jsonl and additions.jsonl, check
     python tools/make_datasets.py --check         # only check the files as they are
 
 capitals.jsonl   40 countries -> capitals in the post's first example's words, "The capital city of France is":
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "refprism" / "data"
+DATA = ROOT / "refprism" / "sweeps" / "data"
 
 COUNTRIES = [
     ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),

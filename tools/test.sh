@@ -2,10 +2,12 @@
 # The whole test suite on a fresh machine, as CI runs it (.ci/run calls this script; README names it):
 #   1. system packages the tests drive: Chromium (the report's browser test), cmake and g++ (llama.cpp's tools),
 #      installed with apt-get as root when any is missing;
-#   2. refprism with every extra the tests use (torch only as the pinned CPU build 2.13.0);
+#   2. refprism with every extra the tests use (torch only as the pinned CPU build 2.13.0), each package at the
+#      version tools/constraints.txt pins (chosen on purpose: tools/update_constraints.py says how to move one);
 #   3. llama.cpp's llama-debug and llama-quantize, built once from the llama-cpp-python sdist and cached under
 #      ~/.cache/refprism/llama.cpp/ (tools/build_llama_cpp.py; about a second when cached);
-#   4. pytest. Tests that need an extra or a tool fail, never skip, when it is missing.
+#   4. lint: ruff (pyproject's rule set) and import-linter (the layers, no import circles, no torch in the core);
+#   5. pytest. Tests that need an extra or a tool fail, never skip, when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +24,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y "${missing[@]}"
 fi
 
-pip install -e ".[test,crosscheck,plot,browser,llamacpp,tl,sweep,ray]"
+pip install -c tools/constraints.txt -e ".[test,lint,crosscheck,plot,browser,llamacpp,tl,sweep,ray]"
 python tools/build_llama_cpp.py  # llama-debug and llama-quantize, built once and cached under ~/.cache/refprism
+ruff check refprism tests tools
+lint-imports
 export MPLBACKEND=Agg
 python -m pytest -q "$@"

@@ -17,10 +17,17 @@ from __future__ import annotations
 import os
 import sys
 
-from ..errors import RefprismError
-from . import basic, compare_cmds, intervene_cmds, prism_cmds, report_cmds, sweep_cmds
-from .common import (_check_plot_path, _check_text_args, _Parser, check_out_path, one_line, prompt_of,  # noqa: F401
-                     read_prompt_file)
+from refprism.cli import basic, compare_cmds, intervene_cmds, prism_cmds, report_cmds, sweep_cmds
+from refprism.cli.common import (  # noqa: F401
+    _check_plot_path,
+    _check_text_args,
+    _Parser,
+    check_out_path,
+    one_line,
+    prompt_of,
+    read_prompt_file,
+)
+from refprism.errors import RefprismError
 
 GROUPS = (basic, prism_cmds, intervene_cmds, compare_cmds, sweep_cmds, report_cmds)
 

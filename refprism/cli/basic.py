@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from ..files import atomic_write
-from .common import _common, check_out_path, load_model, prompt_of, softmax64, tokens_json
+from refprism.cli.common import _common, check_out_path, load_model, prompt_of, softmax64, tokens_json
+from refprism.errors import InputError
+from refprism.files import atomic_write
 
 
 def register(sub) -> None:
@@ -66,7 +66,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_record(args) -> int:
-    from ..record import Rows
+    from refprism.gemma.record import Rows
 
     out = check_out_path(args.out, args.force)
     prompt = prompt_of(args)
@@ -96,8 +96,8 @@ def _npy(zipped, name, array):
 
 
 def cmd_demo(args) -> int:
-    from .. import demo
-    from ..model import load
+    from refprism import demo
+    from refprism.model import load
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():

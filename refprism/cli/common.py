@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from ..model import check_text
+from refprism.errors import InputError
+from refprism.model import check_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,7 +128,7 @@ def prompt_of(args):
 
 
 def load_model(args):
-    from ..model import load
+    from refprism.model import load
 
     return load(args.model, dtype=args.dtype, memory=args.memory)
 
@@ -165,7 +165,7 @@ def tokens_json(model, ids):
 
 def _readout(args):
     """Load, run, resolve targets (default: the top 5 at the position) -> the logits readout."""
-    from .. import prisms
+    from refprism import prisms
 
     if args.plot:
         _check_plot_path(args.plot)
@@ -197,7 +197,7 @@ def _show(args, split, *, top=None, extra=None):
     """Print the split (table or JSON) and write its figure if asked; warn when its parts miss the whole."""
     _warn_if_not_exact(split)
     if args.plot:
-        from .. import plots
+        from refprism.prisms import plots
 
         plots.figure_for(split, args.plot)
     if args.json:

@@ -6,9 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import InputError
-from ..files import atomic_write
-from .common import _check_plot_path, path_text, prompt_of
+from refprism.cli.common import _check_plot_path, path_text, prompt_of
+from refprism.errors import InputError
+from refprism.files import atomic_write
 
 OTHER_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -53,8 +53,8 @@ def _check_markdown_path(path: str) -> Path:
 
 
 def cmd_compare(args) -> int:
-    from ..crosscheck import check_against, compare
-    from ..model import load
+    from refprism.crosscheck import check_against, compare
+    from refprism.model import load
 
     check_against(args.against)
     if args.top_k < 1:
@@ -71,7 +71,7 @@ def cmd_compare(args) -> int:
     if not result.tokens_match:  # nothing was compared: one line, exit 2, like every refusal
         raise InputError(result.headline())
     if args.plot:
-        from ..plots_compare import compare_figure
+        from refprism.crosscheck.plots import compare_figure
 
         compare_figure(result, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from ..errors import InputError
-from .common import _check_plot_path, _is_int, _prism_common, load_model, prompt_of, short
+from refprism.cli.common import _check_plot_path, _is_int, _prism_common, load_model, prompt_of, short
+from refprism.errors import InputError
 
 
 def register(sub) -> None:
@@ -99,14 +99,14 @@ def _heading(args, result, what) -> None:
 
 
 def cmd_patch(args) -> int:
-    from ..interventions import patch
+    from refprism.interventions import patch
 
     options = _options(args)
     prompt = prompt_of(args)
     model = load_model(args)
     result = patch(model, prompt, args.component, source=args.source, **options)
     if args.plot:
-        from .. import plots_interventions
+        from refprism.interventions import plots as plots_interventions
 
         plots_interventions.patch_figure(result, args.plot)
     if args.json:
@@ -120,7 +120,7 @@ def cmd_patch(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from ..interventions import validate
+    from refprism.interventions import validate
 
     options = _options(args)
     prompt = prompt_of(args)
@@ -128,7 +128,7 @@ def cmd_validate(args) -> int:
     result = validate(model, prompt, level=args.level, top=args.top, budget=args.budget, seed=args.seed,
                       faithfulness=not args.no_faithfulness, **options)
     if args.plot:
-        from .. import plots_interventions
+        from refprism.interventions import plots as plots_interventions
 
         plots_interventions.validation_figure(result, args.plot)
     if args.json:

@@ -5,10 +5,18 @@ from __future__ import annotations
 import json
 import sys
 
-
-from ..errors import InputError
-from .common import (_check_plot_path, _check_top, _head_args, _is_int, _prism_common, _readout, _show, load_model,
-                     short)
+from refprism.cli.common import (
+    _check_plot_path,
+    _check_top,
+    _head_args,
+    _is_int,
+    _prism_common,
+    _readout,
+    _show,
+    load_model,
+    short,
+)
+from refprism.errors import InputError
 
 
 def register(sub) -> None:
@@ -59,7 +67,7 @@ def register(sub) -> None:
 
 
 def cmd_residual(args) -> int:
-    from .. import prisms
+    from refprism import prisms
 
     split = prisms.residual_prism(_readout(args))
     return _show(args, split, extra=_beyond_table(split))
@@ -81,7 +89,7 @@ def _beyond_table(split) -> str:
 
 
 def cmd_attention(args) -> int:
-    from .. import prisms
+    from refprism import prisms
 
     _check_top(args)
     split = prisms.attention_prism(_readout(args), args.layer)
@@ -89,7 +97,7 @@ def cmd_attention(args) -> int:
 
 
 def cmd_mlp(args) -> int:
-    from .. import prisms
+    from refprism import prisms
 
     _check_top(args)
     return _show(args, prisms.mlp_prism(_readout(args), args.layer), top=args.top)
@@ -105,7 +113,7 @@ def _parse_int_fields(step, fields, expected):
 
 
 def _pull_back(args):
-    from .. import prisms
+    from refprism import prisms
 
     head = args.head is not None or args.source is not None
     if head == (args.neuron is not None):
@@ -131,7 +139,7 @@ def _pull_back(args):
 
 
 def cmd_chain(args) -> int:
-    from .. import prisms
+    from refprism import prisms
 
     _check_top(args)
     readout = _pull_back(args)
@@ -146,7 +154,7 @@ def cmd_chain(args) -> int:
 
 
 def cmd_map(args) -> int:
-    from .. import prisms
+    from refprism import prisms
 
     readout = _pull_back(args)
     tokens = [prisms.resolve_token(readout.model, t) for t in args.inputs]
@@ -156,7 +164,7 @@ def cmd_map(args) -> int:
 
 
 def cmd_pca(args) -> int:
-    from .. import prisms
+    from refprism import prisms
 
     if args.plot:
         _check_plot_path(args.plot)
@@ -166,7 +174,7 @@ def cmd_pca(args) -> int:
     tokens = prisms.resolve_targets(model, args.targets).targets
     coords, explained = prisms.unembedding_pca(model, tokens)
     if args.plot:
-        from .. import plots
+        from refprism.prisms import plots
 
         plots.pca_figure(coords, [t.piece for t in tokens], explained, args.plot)
     if args.json:

@@ -1,10 +1,10 @@
-"""`refprism report`: one self-contained HTML page to explore a prompt's prisms by clicking (refprism/report.py)."""
+"""`refprism report`: one self-contained HTML page to explore a prompt's prisms by clicking (refprism/report/)."""
 
 from __future__ import annotations
 
 import sys
 
-from .common import _common, _readout, check_out_path, path_text
+from refprism.cli.common import _common, _readout, check_out_path, path_text
 
 
 def register(sub) -> None:
@@ -31,7 +31,7 @@ def register(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from .. import report
+    from refprism import report
 
     report.check_budget(args.depth, args.top, args.branch)
     out = check_out_path(args.out, args.force)

@@ -1,12 +1,12 @@
-"""`refprism sweep DATA --out DIR`: the prisms over a data set of prompts, aggregated (refprism/sweeps.py)."""
+"""`refprism sweep DATA --out DIR`: the prisms over a data set of prompts, aggregated (refprism/sweeps/)."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
 
-from ..errors import InputError
-from .common import load_model, one_line
+from refprism.cli.common import load_model, one_line
+from refprism.errors import InputError
 
 
 def register(sub) -> None:
@@ -48,7 +48,7 @@ def register(sub) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from .. import sweeps
+    from refprism import sweeps
 
     levels = sweeps.Levels.parse(args.levels)
     validate = None

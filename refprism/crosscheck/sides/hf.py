@@ -1,0 +1,363 @@
+"""HF transformers as the other side of a comparison: a Gemma model run live with hooks, named like refprism.
+
+Two entry points:
+
+    capture(model_or_dir, ids, dtype=)  run HF's GemmaForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM (eager
+                                        attention) once and return a `Capture` of every site it computes
+    scheme_hf(name, array, cfg)         one tensor named by its HF module path (what a forward hook sees) ->
+                                        [(refprism site, array in refprism's layout)]: the `--names hf` of dumps
+
+The live capture is itself an HF-named dump made in memory: forward hooks store module outputs (and a few
+modules' inputs, written `path:in`) under their module paths, the eager attention function is wrapped to see
+its arguments (`path:query`, `:key`, `:attn_weights`), and `scheme_hf` maps the lot. So every live comparison
+also tests the scheme that dumps use.
+
+HF module path                                  Gemma 1                  Gemma 2 / 3
+model.embed_tokens                              embed                    embed
+model.layers.{l}:in                             blocks.{l}.resid_pre     blocks.{l}.resid_pre
+model.layers.{l}.input_layernorm                ln1.out                  ln1.out
+model.layers.{l}.self_attn.q_proj / k_proj      attn.q_pre / k_pre       attn.q_pre / k_pre       [T, heads*H] split
+model.layers.{l}.self_attn.v_proj               attn.v                   attn.v
+model.layers.{l}.self_attn:query / :key         attn.q / attn.k          attn.q / attn.k          after q/k norm, RoPE
+model.layers.{l}.self_attn:scores               attn.scores              attn.scores              q.k * scaling
+model.layers.{l}.self_attn:attn_weights         attn.pattern             attn.pattern             (or attentions.{l})
+model.layers.{l}.self_attn.o_proj:in            attn.z                   attn.z
+model.layers.{l}.self_attn.o_proj (or self_attn) attn.out                attn.o_proj
+model.layers.{l}.post_attention_layernorm       ln2.out (MLP input!)     attn.out (post-norm)
+model.layers.{l}.post_attention_layernorm:in    resid_mid                attn.o_proj
+model.layers.{l}.pre_feedforward_layernorm      -                        ln2.out
+model.layers.{l}.pre_feedforward_layernorm:in   -                        resid_mid
+model.layers.{l}.mlp.gate_proj / up_proj        mlp.gate / mlp.up        mlp.gate / mlp.up
+model.layers.{l}.mlp.down_proj:in               mlp.act                  mlp.act
+model.layers.{l}.mlp.down_proj (or mlp)         mlp.out                  mlp.down
+model.layers.{l}.post_feedforward_layernorm     -                        mlp.out
+model.layers.{l}.post_feedforward_layernorm:in  -                        mlp.down
+model.layers.{l}                                blocks.{l}.resid_post    blocks.{l}.resid_post
+model.norm                                      ln_final.out             ln_final.out
+lm_head                                         logits                   Gemma 2: logits_uncapped; Gemma 3: logits
+logits                                          logits                   logits (after Gemma 2's final soft-cap)
+hidden_states.{i}                               embed (i = 0) and blocks.{i}.resid_pre (i < L)
+
+Gemma trap: HF's `post_attention_layernorm` is the MLP's input norm in Gemma 1 but the attention's output norm in
+Gemma 2/3 (`weights.norm_names`); the table maps it by model_type.
+
+Not captured: the RMSNorm scales s (HF never forms them; the replay uses refprism's scale of HF's own input, so a
+norm's mistakes show at its output) and `mlp.act_fn`'s output gelu(gate) alone (refprism's `mlp.act` is
+gelu(gate) * up, down_proj's input; a dump that has act_fn's and up_proj's outputs but not down_proj's input gets
+mlp.act as their product, `derived_hf`). The scores are not a tensor HF keeps: the wrapper recomputes them as eager
+attention does, `matmul(query, repeat_kv(key)^T) * scaling`, with the family module's own repeat_kv, in the
+model's dtype, before the soft-cap and the mask.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from refprism.crosscheck.capture import Capture
+from refprism.errors import CheckpointError, InputError
+from refprism.gemma.config import MODEL_TYPES, Config
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    if dtype not in DTYPES:
+        raise InputError(f"HF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def load(model_dir, dtype: str = "float32"):
+    """The checkpoint in `model_dir` through AutoModelForCausalLM, eager attention, in `dtype`, loaded strictly
+    (a missing, unexpected or mis-shaped tensor is a CheckpointError naming it)."""
+    try:
+        import transformers
+    except ImportError:
+        raise InputError("comparing against HF needs torch and transformers: pip install 'refprism[crosscheck]'") \
+            from None
+    from transformers.utils import logging as hf_logging
+
+    torch_dtype = _torch_dtype(dtype)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # no progress bars or legacy-config warnings on a report's stderr
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=torch_dtype, attn_implementation="eager", output_loading_info=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"HF transformers cannot load {model_dir}: {str(e).splitlines()[0][:200]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if info.get(kind):
+            raise CheckpointError(f"HF loaded {model_dir} with {kind.replace('_', ' ')}: {sorted(info[kind])[:3]}")
+    return model.eval()
+
+
+def _hook_makers(got: dict):
+    """(out_hook, in_hook): makers of forward hooks storing a module's output / first input in `got` by name
+    (in_hook is a pre-hook registered with_kwargs=True: a decoder layer may get hidden_states by keyword)."""
+
+    def out_hook(name):
+        def f(module, inputs, output):
+            got[name] = output[0] if isinstance(output, tuple) else output
+        return f
+
+    def in_hook(name):
+        def f(module, args, kwargs):
+            got[name] = args[0] if args else kwargs["hidden_states"]
+        return f
+
+    return out_hook, in_hook
+
+
+def config_of(model) -> Config:
+    """refprism's Config of an HF model object (its config.to_dict(), read like a config.json)."""
+    hf = model.config.to_dict()
+    if hf.get("model_type") not in MODEL_TYPES:
+        raise InputError(f"the HF model is a {hf.get('model_type')!r}; compare takes Gemma 1, 2 and 3 text models "
+                         f"(model_type {', '.join(MODEL_TYPES)})")
+    return Config.from_hf(hf)
+
+
+def capture(model, ids, *, dtype: str = "float32", cfg: Config | None = None) -> Capture:
+    """Run an HF Gemma model on token ids [T] and capture every site it computes, named like refprism.
+
+    model:  a model directory (loaded with `load(model, dtype)`) or an HF model object already in memory, possibly
+            modified (that is how a port is debugged); its own dtype is then used and `dtype` is ignored.
+            A model that is not set to eager attention is switched to it for the run and switched back.
+    cfg:    the reference's Config, which names the sites (default: the HF model's own config; a modified model's
+            config may be part of what is wrong, e.g. a final soft-cap set to None)
+    Shapes: ids [T] -> Capture with arrays in refprism's layout, no batch axis (see the module's table)
+    """
+    if isinstance(model, (str, Path)):
+        model = load(model, dtype)
+    raw, dt, notes = capture_hf_names(model, ids)
+    cfg = cfg or config_of(model)
+    arrays = {}
+    for name, array in raw.items():
+        for site, value in scheme_hf(name, array, cfg):
+            arrays[site] = value
+    return Capture(source="hf", tokens=np.asarray(ids, dtype=np.int64), arrays=arrays, dtype=dt,
+                   notes=notes + NOTES)
+
+
+def capture_hf_names(model, ids) -> tuple[dict, str, list[str]]:
+    """One hooked forward of an HF model object -> ({HF module path: array with its batch axis}, dtype, notes):
+    what `capture` maps, and what an HF-named dump holds (`refprism.other.dumps`, `--names hf`)."""
+    import torch
+
+    if not hasattr(model, "model") or not hasattr(model.model, "layers"):
+        raise InputError(f"{type(model).__name__} is not an HF Gemma causal LM (GemmaForCausalLM, Gemma2ForCausalLM "
+                         "or Gemma3ForCausalLM)")
+    cfg = config_of(model)
+    ids = np.asarray(ids, dtype=np.int64)
+    got: dict = {}
+    hooks: list = []
+    families = {sys.modules[type(layer.self_attn).__module__] for layer in model.model.layers}
+    originals = {fam: fam.eager_attention_forward for fam in families}
+    before = model.config._attn_implementation
+    notes = []
+    try:
+        _register(model, cfg, got, hooks)
+        for fam in families:
+            fam.eager_attention_forward = _attention_spy(fam, originals[fam], got)
+        if before != "eager":
+            model.set_attn_implementation("eager")
+            notes.append(f"HF attention switched from {before} to eager for the capture (eager gives the weights)")
+        with torch.no_grad():
+            got["logits"] = model(torch.tensor([ids.tolist()]), use_cache=False).logits
+    finally:  # the model is left as it was: no hook, the family's own attention function, its implementation
+        for h in hooks:
+            h.remove()
+        for fam, fn in originals.items():
+            fam.eager_attention_forward = fn
+        if before != "eager":
+            model.set_attn_implementation(before)
+    raw = {}
+    for name, tensor in got.items():
+        t = tensor.detach()
+        raw[name] = t.double().numpy() if t.dtype == torch.float64 else t.float().numpy()  # exact for bf16 / f16
+    return raw, str(next(model.parameters()).dtype).removeprefix("torch."), notes
+
+
+def _register(model, cfg: Config, got: dict, hooks: list) -> None:
+    """Forward hooks storing, under HF module paths, every module output and input that is a refprism site."""
+    out_hook, in_hook = _hook_makers(got)
+    mlp_norm = "pre_feedforward_layernorm" if cfg.post_norms else "post_attention_layernorm"
+    hooks += [model.model.embed_tokens.register_forward_hook(out_hook("model.embed_tokens")),
+              model.model.norm.register_forward_hook(out_hook("model.norm")),
+              model.lm_head.register_forward_hook(out_hook("lm_head"))]
+    for l, layer in enumerate(model.model.layers):
+        p = f"model.layers.{l}"
+        a, m = layer.self_attn, layer.mlp
+        hooks += [layer.register_forward_pre_hook(in_hook(p + ":in"), with_kwargs=True),
+                  layer.register_forward_hook(out_hook(p)),
+                  layer.input_layernorm.register_forward_hook(out_hook(p + ".input_layernorm"))]
+        hooks += [getattr(a, n).register_forward_hook(out_hook(f"{p}.self_attn.{n}"))
+                  for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        hooks += [a.o_proj.register_forward_pre_hook(in_hook(p + ".self_attn.o_proj:in"), with_kwargs=True),
+                  getattr(layer, mlp_norm).register_forward_pre_hook(in_hook(f"{p}.{mlp_norm}:in"), with_kwargs=True),
+                  getattr(layer, mlp_norm).register_forward_hook(out_hook(f"{p}.{mlp_norm}")),
+                  m.down_proj.register_forward_pre_hook(in_hook(p + ".mlp.down_proj:in"), with_kwargs=True)]
+        hooks += [getattr(m, n).register_forward_hook(out_hook(f"{p}.mlp.{n}"))
+                  for n in ("gate_proj", "up_proj", "down_proj")]
+        if cfg.post_norms:
+            hooks += [layer.post_attention_layernorm.register_forward_hook(out_hook(p + ".post_attention_layernorm")),
+                      layer.post_feedforward_layernorm.register_forward_hook(
+                          out_hook(p + ".post_feedforward_layernorm"))]
+
+
+NOTES = ["HF never forms the RMSNorm scales: the replay uses refprism's scale of HF's own input there",
+         "attn.scores: recomputed from the query and key HF's eager attention received, as eager computes them "
+         "(matmul(query, repeat_kv(key)^T) * scaling)"]
+
+
+def _attention_spy(family, original, got):
+    """The family module's eager_attention_forward, wrapped to store its arguments and its weights by layer."""
+    import torch
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        p = f"model.layers.{module.layer_idx}.self_attn"
+        scaling = kwargs.get("scaling", args[0] if args else None)
+        if scaling is None:
+            scaling = module.head_dim ** -0.5
+        got[p + ":query"], got[p + ":key"] = query, key
+        with torch.no_grad():
+            got[p + ":scores"] = torch.matmul(query, family.repeat_kv(key, module.num_key_value_groups)
+                                              .transpose(2, 3)) * scaling
+        out, weights = original(module, query, key, value, attention_mask, *args, **kwargs)
+        got[p + ":attn_weights"] = weights
+        return out, weights
+
+    return spy
+
+
+# ------------------------------------------------------------------------------------------ the HF naming scheme
+
+_LAYER = re.compile(r"model\.layers\.(\d+)(?:\.([a-z_.]+?))?(?::(\w+))?$")
+
+
+def scheme_hf(name: str, array, cfg: Config) -> list[tuple[str, np.ndarray]]:
+    """One tensor named by its HF module path -> [(refprism site, array in refprism's layout)] ([] when the name
+    is no refprism site, e.g. model.rotary_emb; see the module's table). A leading batch axis of 1 is dropped.
+
+    Shapes: projections [B, T, heads*H] -> [T, heads, H]; attention arguments [B, heads, T, H] -> [T, heads, H];
+            weights and scores [B, N, T, S] -> [N, T, S]; everything else [B, T, X] -> [T, X]
+    """
+    a = np.asarray(array)
+    N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+    post = cfg.post_norms
+    if name == "model.embed_tokens":
+        return [("embed", _unbatch(name, a, 2))]
+    if name == "model.norm":
+        return [("ln_final.out", _unbatch(name, a, 2))]
+    if name == "model.norm:in":
+        return [(f"blocks.{cfg.n_layers - 1}.resid_post", _unbatch(name, a, 2))]
+    if name == "lm_head:in":
+        return [("ln_final.out", _unbatch(name, a, 2))]
+    if name == "lm_head":
+        return [("logits_uncapped" if cfg.final_softcap is not None else "logits", _unbatch(name, a, 2))]
+    if name == "logits":
+        return [("logits", _unbatch(name, a, 2))]
+    m = re.fullmatch(r"(hidden_states|attentions)\.(\d+)", name)
+    if m:
+        i = int(m.group(2))
+        if m.group(1) == "attentions":
+            return [(f"blocks.{i}.attn.pattern", _unbatch(name, a, 3))] if i < cfg.n_layers else []
+        if i >= cfg.n_layers:  # the last entry is the final norm's output in some transformers versions: ambiguous
+            return []
+        x = _unbatch(name, a, 2)
+        return [("embed", x), ("blocks.0.resid_pre", x)] if i == 0 else [(f"blocks.{i}.resid_pre", x)]
+    m = _LAYER.fullmatch(name)
+    if not m or int(m.group(1)) >= cfg.n_layers:
+        return []
+    l, module, port = int(m.group(1)), m.group(2) or "", m.group(3) or "out"
+    b = f"blocks.{l}."
+    site = _LAYER_SITES.get((module, port, post))
+    if site is None:
+        return []
+    if port in ("query", "key", "value"):  # [B, heads, T, H] as the attention function receives them
+        return [(b + site, _unbatch(name, a, 3).transpose(1, 0, 2))]
+    if site in ("attn.q_pre", "attn.z"):
+        return [(b + site, _heads(name, _unbatch(name, a, 2), b + site, N, H))]
+    if site in ("attn.k_pre", "attn.v"):
+        return [(b + site, _heads(name, _unbatch(name, a, 2), b + site, K, H))]
+    if site in ("attn.scores", "attn.pattern"):
+        return [(b + site, _unbatch(name, a, 3))]
+    return [(b + site, _unbatch(name, a, 2))]
+
+
+# (module path within the layer, "out" or the port after ":", post_norms) -> refprism site within blocks.{l}.
+_LAYER_SITES = {}
+for _post in (False, True):
+    _LAYER_SITES.update({
+        ("", "in", _post): "resid_pre", ("", "out", _post): "resid_post",
+        ("input_layernorm", "in", _post): "resid_pre", ("input_layernorm", "out", _post): "ln1.out",
+        ("self_attn.q_proj", "out", _post): "attn.q_pre", ("self_attn.k_proj", "out", _post): "attn.k_pre",
+        ("self_attn.v_proj", "out", _post): "attn.v", ("self_attn", "query", _post): "attn.q",
+        ("self_attn", "key", _post): "attn.k", ("self_attn", "value", _post): "attn.v",
+        ("self_attn", "scores", _post): "attn.scores", ("self_attn", "attn_weights", _post): "attn.pattern",
+        ("self_attn.o_proj", "in", _post): "attn.z",
+        ("self_attn.o_proj", "out", _post): "attn.o_proj" if _post else "attn.out",
+        ("self_attn", "out", _post): "attn.o_proj" if _post else "attn.out",
+        ("mlp.gate_proj", "out", _post): "mlp.gate", ("mlp.up_proj", "out", _post): "mlp.up",
+        ("mlp.down_proj", "in", _post): "mlp.act",
+        ("mlp.down_proj", "out", _post): "mlp.down" if _post else "mlp.out",
+        ("mlp", "out", _post): "mlp.down" if _post else "mlp.out",
+    })
+_LAYER_SITES.update({  # Gemma trap: post_attention_layernorm is the MLP's input norm in Gemma 1 only
+    ("post_attention_layernorm", "in", False): "resid_mid", ("post_attention_layernorm", "out", False): "ln2.out",
+    ("post_attention_layernorm", "in", True): "attn.o_proj", ("post_attention_layernorm", "out", True): "attn.out",
+    ("pre_feedforward_layernorm", "in", True): "resid_mid", ("pre_feedforward_layernorm", "out", True): "ln2.out",
+    ("post_feedforward_layernorm", "in", True): "mlp.down", ("post_feedforward_layernorm", "out", True): "mlp.out",
+})
+
+
+def derived_hf(arrays: dict, cfg: Config, have: set) -> tuple[dict, list[str]]:
+    """Sites an HF-named dump gives only through two tensors: `blocks.{l}.mlp.act` = gelu(gate) * up from
+    `mlp.act_fn`'s output times `mlp.up_proj`'s (HF's own factors; the product is taken in float64, one rounding
+    finer than HF's), where the dump lacks down_proj's input. -> ({site: array}, notes)"""
+    out, layers = {}, []
+    for l in range(cfg.n_layers):
+        p = f"model.layers.{l}.mlp."
+        site = f"blocks.{l}.mlp.act"
+        if site in have or p + "act_fn" not in arrays or p + "up_proj" not in arrays:
+            continue
+        gelu = _unbatch(p + "act_fn", np.asarray(arrays[p + "act_fn"]), 2).astype(np.float64)
+        up = _unbatch(p + "up_proj", np.asarray(arrays[p + "up_proj"]), 2).astype(np.float64)
+        if gelu.shape != up.shape:
+            raise InputError(f"{p}act_fn has shape {list(gelu.shape)} but {p}up_proj {list(up.shape)}")
+        out[site] = gelu * up
+        layers.append(l)
+    notes = [f"mlp.act of layers {', '.join(map(str, layers))}: act_fn's output times up_proj's (the dump has no "
+             "down_proj:in)"] if layers else []
+    return out, notes
+
+
+def _unbatch(name, a, ndim):
+    """Drop a leading batch axis of 1 (forward hooks see [1, ...]); refuse a batch of several prompts."""
+    if a.ndim == ndim + 1:
+        if a.shape[0] != 1:
+            raise InputError(f"{name} has a batch of {a.shape[0]} (shape {list(a.shape)}): compare takes one prompt, "
+                             "batch 1")
+        return a[0]
+    if a.ndim != ndim:
+        raise InputError(f"{name} has {a.ndim} axes (shape {list(a.shape)}); an HF {name.split(':')[0]} tensor has "
+                         f"{ndim} (plus a batch axis of 1)")
+    return a
+
+
+def _heads(name, a, site, heads, H):
+    """[T, heads*H] -> [T, heads, H] (HF's .view(..., -1, head_dim): head-major columns)."""
+    if a.shape[-1] != heads * H:
+        raise InputError(f"{name} has shape {list(a.shape)}: {site} needs a last axis of {heads} heads x {H} = "
+                         f"{heads * H}")
+    return a.reshape(a.shape[0], heads, H)

@@ -1,0 +1,337 @@
+"""The model's shape and constants, read from an HF config.json.
+
+Axis legend used everywhere in refprism (no batch axis in the core):
+
+    T query position   S source position   D model width (hidden_size)
+    N query heads      K key/value heads   H head width (head_dim)
+    F MLP width        V vocabulary        L layers      C components
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from refprism.errors import ConfigError
+
+# The activations HF accepts for Gemma 1. Every one of them is the tanh approximation of GELU: the hub's
+# config.json says the legacy "gelu", which transformers maps to "gelu_pytorch_tanh" (the Gemma trap: exact-erf
+# GELU is wrong for Gemma).
+_TANH_GELU_NAMES = {"gelu", "gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast"}
+
+
+MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A Gemma model's hyper-parameters (Gemma 1, 2 or 3 text), named with refprism's axis letters.
+
+    The family differs in a few switches: Gemma 2 and 3 add a norm after attention and after the MLP
+    (`post_norms`), a sliding attention window on some layers (`layer_types`, `sliding_window`) and a query scale
+    `query_pre_attn_scalar ** -0.5`; Gemma 2 soft-caps attention scores and final logits; Gemma 3 normalises q
+    and k per head (`qk_norm`) and uses another RoPE base on sliding layers (`rope_local_theta`).
+    """
+
+    vocab_size: int  # V
+    d_model: int  # D
+    n_layers: int  # L
+    n_heads: int  # N
+    n_kv_heads: int  # K
+    d_head: int  # H
+    d_mlp: int  # F
+    rms_norm_eps: float
+    rope_theta: float
+    max_positions: int
+    bos_token_id: int = 2
+    eos_token_id: int = 1
+    pad_token_id: int = 0
+    model_type: str = "gemma"
+    activation: str = "gelu_pytorch_tanh"
+    query_pre_attn_scalar: float = 0.0  # 0: head_dim (Gemma 1)
+    attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap)
+    final_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    sliding_window: int | None = None  # a sliding layer's query at t sees sources t - W < s <= t
+    layer_types: tuple[str, ...] = ()  # per layer: "full_attention" or "sliding_attention"
+    rope_local_theta: float = 0.0  # 0: rope_theta; Gemma 3's sliding layers: 10000
+    rope_scale: float = 1.0  # "linear" RoPE scaling on full layers (Gemma 3 4B+): angles / factor
+    post_norms: bool = False  # Gemma 2/3: post_attention / post_feedforward norms on the sublayer outputs
+    qk_norm: bool = False  # Gemma 3: RMSNorm (1 + w) of each head's q and k over H
+
+    def __post_init__(self):
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", (FULL,) * self.n_layers if isinstance(self.n_layers, int)
+                               and 0 < self.n_layers <= MAX_LAYERS else ())
+        if not self.query_pre_attn_scalar:
+            object.__setattr__(self, "query_pre_attn_scalar", float(self.d_head))
+        if not self.rope_local_theta:
+            object.__setattr__(self, "rope_local_theta", self.rope_theta)
+
+    @property
+    def family(self) -> int:
+        """1, 2 or 3: the Gemma generation."""
+        return {"gemma": 1, "gemma2": 2, "gemma3_text": 3}[self.model_type]
+
+    def is_sliding(self, l: int) -> bool:
+        return self.layer_types[l] == SLIDING
+
+    def rope_of(self, l: int) -> tuple[float, float]:
+        """(theta, scale) of layer l's RoPE: Gemma 3 uses a local base on sliding layers."""
+        if self.is_sliding(l):
+            return self.rope_local_theta, 1.0
+        return self.rope_theta, self.rope_scale
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head: gemma-2b 8 (one shared kv head), gemma-7b 1."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, h: int) -> int:
+        """The key/value head that query head h reads (HF's repeat_kv: heads grouped consecutively)."""
+        return h // self.group_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "Config":
+        """Build from an HF config.json dict; raise ConfigError naming any problem (one line, what to fix)."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config.json holds {_kind(hf)}, not a JSON object: re-download the model's config.json")
+        model_type = hf.get("model_type")
+        if model_type == "gemma3" and isinstance(hf.get("text_config"), dict):
+            raise ConfigError("config.json is a multimodal Gemma 3 (model_type 'gemma3'); refprism reads the text "
+                              "models (model_type 'gemma3_text', e.g. google/gemma-3-270m, google/gemma-3-1b-pt)")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(
+                f"config.json has model_type {_short(model_type)}; refprism supports Gemma 1, 2 and 3 text models "
+                f"(model_type {', '.join(repr(m) for m in MODEL_TYPES)})"
+            )
+
+        def need(key, kind=int):
+            if key not in hf:
+                raise ConfigError(f"config.json is missing the required key {key!r}: re-download the model's "
+                                  "config.json (Gemma 1 configs have it)")
+            return _typed(key, hf[key], kind)
+
+        def optional(key, default, kind):
+            value = hf.get(key)
+            return default if value is None else _typed(key, value, kind)
+
+        n_heads = need("num_attention_heads")
+        d_model = need("hidden_size")
+        d_head = optional("head_dim", None, int)
+        if d_head is None:  # HF's default when head_dim is absent
+            d_head = d_model // n_heads if n_heads > 0 else 0
+        n_kv = optional("num_key_value_heads", n_heads, int)
+        rope_theta, rope_local_theta, rope_scale = _rope(hf, model_type)
+        activation = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        if not isinstance(activation, str) or activation not in _TANH_GELU_NAMES:
+            raise ConfigError(
+                f"config.json asks for activation {_short(activation)}; Gemma uses the tanh GELU "
+                f"(one of {sorted(_TANH_GELU_NAMES)})"
+            )
+        if hf.get("tie_word_embeddings", True) is False:
+            raise ConfigError("config.json sets tie_word_embeddings false; Gemma ties the unembedding to the embedding")
+        cfg = cls(
+            vocab_size=need("vocab_size"),
+            d_model=d_model,
+            n_layers=need("num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            d_head=d_head,
+            d_mlp=need("intermediate_size"),
+            rms_norm_eps=float(optional("rms_norm_eps", 1e-6, float)),
+            rope_theta=float(rope_theta),
+            max_positions=optional("max_position_embeddings", 8192, int),
+            bos_token_id=_token_id(hf, "bos_token_id", 2),
+            eos_token_id=_token_id(hf, "eos_token_id", 1),
+            pad_token_id=_token_id(hf, "pad_token_id", 0),
+            model_type=model_type,
+            activation="gelu_pytorch_tanh",
+            **_family_fields(hf, model_type, need("num_hidden_layers") if model_type != "gemma" else None),
+            rope_local_theta=float(rope_local_theta),
+            rope_scale=float(rope_scale),
+        )
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Refuse impossible values, naming the config.json key (HF spelling) and the value."""
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_mlp", "max_positions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"config.json: {HF_KEYS[name]} must be a positive integer, got {_short(value)}")
+        if self.n_layers > MAX_LAYERS:
+            raise ConfigError(f"config.json: num_hidden_layers is {self.n_layers}, implausibly many (Gemma models have "
+                              f"tens; refprism accepts up to {MAX_LAYERS}): is config.json corrupt?")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"config.json: num_attention_heads ({self.n_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.n_kv_heads})"
+            )
+        if self.d_head % 2:
+            raise ConfigError(f"config.json: head_dim ({self.d_head}) must be even for split-half RoPE")
+        if not (self.rms_norm_eps >= 0 and math.isfinite(self.rms_norm_eps)):
+            raise ConfigError(f"config.json: rms_norm_eps must be a finite number >= 0, got {self.rms_norm_eps!r}")
+        for name in ("rope_theta", "rope_local_theta", "rope_scale", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"config.json: {name} must be a finite positive number, got {value!r}")
+        for name in ("attn_softcap", "final_softcap"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"config.json: {name} must be a positive number or null, got {value!r}")
+        if len(self.layer_types) != self.n_layers or not set(self.layer_types) <= {FULL, SLIDING}:
+            raise ConfigError(f"config.json: layer_types must list {self.n_layers} entries, each "
+                              f"'{FULL}' or '{SLIDING}'")
+        if SLIDING in self.layer_types and not (isinstance(self.sliding_window, int) and self.sliding_window > 0):
+            raise ConfigError(f"config.json: sliding layers need a positive integer sliding_window, "
+                              f"got {self.sliding_window!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                raise ConfigError(f"config.json: {name} is {value}, outside the vocabulary (ids 0 .. "
+                                  f"{self.vocab_size - 1})")
+
+
+# The config.json key behind each Config field, for messages.
+HF_KEYS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
+           "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "d_head": "head_dim",
+           "d_mlp": "intermediate_size", "max_positions": "max_position_embeddings"}
+# A bound on the layer count, only so that a corrupt config.json (say 10**12 layers) fails at once instead of
+# listing 9 * 10**12 expected tensor names. Gemma 1 has 18 (2b) and 28 (7b) layers.
+MAX_LAYERS = 10_000
+
+
+def _short(value, limit=60) -> str:
+    """repr(value), cut to `limit` characters: a message stays one short line whatever the file holds."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _typed(key, value, kind):
+    """value if it is a JSON integer (kind int) or number (kind float), else ConfigError naming the key."""
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"config.json: {key} must be an integer, got {_short(value)}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"config.json: {key} must be a number, got {_short(value)}")
+    if kind is float and isinstance(value, int) and abs(value) > 1e300:
+        raise ConfigError(f"config.json: {key} is {_short(value)}, too large for a float")
+    return value
+
+
+def _rope(hf: dict, model_type: str) -> tuple[float, float, float]:
+    """(theta of full layers, theta of sliding layers, linear scale of full layers) from config.json.
+
+    Accepts transformers 4's rope_theta / rope_local_base_freq / rope_scaling and transformers 5's
+    rope_parameters (flat, or per layer type for Gemma 3). Only "default" and "linear" RoPE are supported.
+    """
+    default_full = 1_000_000.0 if model_type == "gemma3_text" else 10000.0
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and {"full_attention", "sliding_attention"} & set(params):
+        full = _rope_entry(_object(params, "full_attention"), default_full)
+        local = _rope_entry(_object(params, "sliding_attention"), 10000.0)
+        return full[0], local[0], full[1]
+    if params is not None:
+        if not isinstance(params, dict) or "rope_theta" not in params:
+            raise ConfigError("config.json: rope_parameters must be an object with a rope_theta")
+        theta, scale = _rope_entry(params, default_full)
+    else:
+        theta, scale = _rope_entry({"rope_theta": hf.get("rope_theta", default_full),
+                                    **_object(hf, "rope_scaling")}, default_full)
+    local = hf.get("rope_local_base_freq", 10000.0 if model_type == "gemma3_text" else theta)
+    return theta, float(_typed("rope_local_base_freq", local, float)), scale
+
+
+def _object(parent: dict, key: str) -> dict:
+    """parent[key] when it is a JSON object, {} when absent or null, else ConfigError."""
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config.json: {key} must be an object or null, got {_short(value)}")
+    return value
+
+
+def _rope_entry(entry: dict, default_theta: float) -> tuple[float, float]:
+    kind = entry.get("rope_type", entry.get("type", "default"))
+    if not isinstance(kind, str) or kind not in ("default", "linear"):
+        raise ConfigError(f"config.json: rope_type {_short(kind)} is not supported (only 'default' and 'linear')")
+    theta = entry.get("rope_theta", default_theta)
+    scale = entry.get("factor", 1.0) if kind == "linear" else 1.0
+    return float(_typed("rope_theta", theta, float)), float(_typed("rope factor", scale, float))
+
+
+def _family_fields(hf: dict, model_type: str, n_layers) -> dict:
+    """The Gemma 2 / 3 switches, with transformers' defaults where config.json is silent."""
+    if model_type == "gemma":
+        return {}
+    gemma2 = model_type == "gemma2"
+    layer_types = hf.get("layer_types")
+    if layer_types is None and isinstance(n_layers, int) and 0 < n_layers <= MAX_LAYERS:
+        pattern = 2 if gemma2 else _typed("sliding_window_pattern", hf.get("sliding_window_pattern", 6), int)
+        if pattern <= 0:
+            raise ConfigError(f"config.json: sliding_window_pattern must be positive, got {pattern}")
+        layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
+    if layer_types is None:
+        layer_types = []  # an impossible layer count: validate() names it
+    if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+        raise ConfigError(f"config.json: layer_types must be a list of strings, got {_short(layer_types)}")
+    window = hf.get("sliding_window", 4096)
+    if window is not None:
+        window = _typed("sliding_window", window, int)
+    fields = {
+        "query_pre_attn_scalar": _number(hf, "query_pre_attn_scalar", 256),
+        "attn_softcap": _optional(hf, "attn_logit_softcapping", 50.0 if gemma2 else None),
+        "final_softcap": _optional(hf, "final_logit_softcapping", 30.0 if gemma2 else None),
+        "sliding_window": window,  # every pattern-th layer is full; the others see a window of this many tokens
+        "layer_types": tuple(layer_types),
+        "post_norms": True,
+        "qk_norm": not gemma2,
+    }
+    if hf.get("use_bidirectional_attention"):
+        raise ConfigError("config.json: use_bidirectional_attention is not supported (causal models only)")
+    return fields
+
+
+def _number(hf, key, default):
+    return float(_typed(key, hf.get(key, default), float))
+
+
+def _optional(hf, key, default):
+    value = hf.get(key, default)
+    return None if value is None else _number({key: value}, key, None)
+
+
+def _token_id(hf: dict, key: str, default: int) -> int:
+    value = hf.get(key, default)
+    if isinstance(value, list):  # eos_token_id may be a list in newer configs
+        value = value[0] if value else default
+    return default if value is None else _typed(key, value, int)
+
+
+def read_config(path: str | Path) -> Config:
+    """Read <path>/config.json (or the file itself) into a Config."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no config.json at {path}: a model directory needs the HF config.json beside the weights")
+    try:
+        text = path.read_text(encoding="utf-8")
+        hf = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits, deep nesting
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise ConfigError(f"{path} is not valid JSON ({reason}): re-download or repair it") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    return Config.from_hf(hf)

@@ -1,0 +1,358 @@
+"""The record of one forward pass: activation name -> array, and the table of every name with its shape.
+
+Names follow TransformerLens' style (`blocks.3.attn.pattern`), layers 0-based. Shapes use the axis letters of
+refprism.gemma.config: T positions, S source positions (= T), D width, N query heads, K kv heads, H head width,
+F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import math
+
+import numpy as np
+
+from refprism.errors import InputError
+from refprism.gemma.config import Config
+
+# (name, symbolic shape, meaning). `{l}` is a layer index. This table is the contract: a test checks a real run
+# against it, name by name and shape by shape, and docs/math.md lists the same names.
+RECORD_TABLE: list[tuple[str, tuple[str, ...], str, str | None]] = [
+    ("embed", ("T", "D"), "token embedding times the normalizer sqrt(D) (= blocks.0.resid_pre)", None),
+    ("blocks.{l}.resid_pre", ("T", "D"), "residual stream entering layer l", None),
+    ("blocks.{l}.ln1.scale", ("T",), "s = sqrt(mean(x^2) + eps) of the attention's input norm", None),
+    ("blocks.{l}.ln1.out", ("T", "D"), "the attention's normalized input x / s * (1 + w)", None),
+    ("blocks.{l}.attn.q_pre", ("T", "N", "H"), "queries as projected, ln1.out W_Q (before the q norm and RoPE)", None),
+    ("blocks.{l}.attn.k_pre", ("T", "K", "H"), "keys as projected, ln1.out W_K (before the k norm and RoPE)", None),
+    ("blocks.{l}.attn.v", ("T", "K", "H"), "values", None),
+    ("blocks.{l}.attn.q_norm.scale", ("T", "N"), "Gemma 3: each head's q norm scale, over H", "qk_norm"),
+    ("blocks.{l}.attn.k_norm.scale", ("T", "K"), "Gemma 3: each kv head's k norm scale, over H", "qk_norm"),
+    ("blocks.{l}.attn.q", ("T", "N", "H"), "queries after RoPE (and the q norm on Gemma 3)", None),
+    ("blocks.{l}.attn.k", ("T", "K", "H"), "keys after RoPE (and the k norm on Gemma 3)", None),
+    ("blocks.{l}.attn.scores", ("N", "T", "S"), "q.k * scale before the soft-cap (Gemma 2), mask and softmax", None),
+    ("blocks.{l}.attn.pattern", ("N", "T", "S"), "softmax attention weights (0 where s > t or outside the window)",
+     None),
+    ("blocks.{l}.attn.z", ("T", "N", "H"), "pattern-weighted values per head", None),
+    ("blocks.{l}.attn.o_proj", ("T", "D"), "Gemma 2/3: o_proj output, before the post-attention norm", "post_norms"),
+    ("blocks.{l}.ln1_post.scale", ("T",), "Gemma 2/3: the post-attention norm scale", "post_norms"),
+    ("blocks.{l}.attn.out", ("T", "D"), "what attention adds to the residual: sum over heads of z W_O "
+     "(Gemma 2/3: after the post-attention norm)", None),
+    ("blocks.{l}.resid_mid", ("T", "D"), "after the attention residual add", None),
+    ("blocks.{l}.ln2.scale", ("T",), "the MLP's input norm scale", None),
+    ("blocks.{l}.ln2.out", ("T", "D"), "the MLP's normalized input", None),
+    ("blocks.{l}.mlp.gate", ("T", "F"), "gate pre-activations", None),
+    ("blocks.{l}.mlp.up", ("T", "F"), "up pre-activations", None),
+    ("blocks.{l}.mlp.act", ("T", "F"), "gelu_tanh(gate) * up: the neuron activations", None),
+    ("blocks.{l}.mlp.down", ("T", "D"), "Gemma 2/3: down_proj output, before the post-feedforward norm", "post_norms"),
+    ("blocks.{l}.ln2_post.scale", ("T",), "Gemma 2/3: the post-feedforward norm scale", "post_norms"),
+    ("blocks.{l}.mlp.out", ("T", "D"), "what the MLP adds to the residual: act W_down "
+     "(Gemma 2/3: after the post-feedforward norm)", None),
+    ("blocks.{l}.resid_post", ("T", "D"), "residual stream leaving layer l", None),
+    ("ln_final.scale", ("T",), "final norm scale", None),
+    ("ln_final.out", ("T", "D"), "the final norm's output, read by the unembedding", None),
+    ("logits_uncapped", ("T", "V"), "Gemma 2: ln_final.out E^T before the final soft-cap", "final_softcap"),
+    ("logits", ("T", "V"), "the model's logits: ln_final.out E^T (tied unembedding; Gemma 2: soft-capped)", None),
+]
+
+# site name (without "blocks.{l}.") -> its axis letters: how another implementation's arrays are named by axis
+SITE_LETTERS: dict[str, tuple[str, ...]] = {name.replace("blocks.{l}.", ""): shape
+                                            for name, shape, _, _ in RECORD_TABLE}
+
+
+def _present(cfg: Config, when: str | None) -> bool:
+    return when is None or bool(getattr(cfg, when))
+
+
+def axis_sizes(cfg: Config, T: int) -> dict[str, int]:
+    return {"T": T, "S": T, "D": cfg.d_model, "N": cfg.n_heads, "K": cfg.n_kv_heads, "H": cfg.d_head,
+            "F": cfg.d_mlp, "V": cfg.vocab_size}
+
+
+@functools.lru_cache(maxsize=64)
+def symbolic_shapes(cfg: Config) -> dict[str, tuple[str, ...]]:
+    """Every recorded name of this model with its shape in axis letters, in forward order: embed, then layer by
+    layer, then the final norm and the logits (shared: do not change the dict returned)."""
+    rows = [(name, shape) for name, shape, _, when in RECORD_TABLE if _present(cfg, when)]
+    layered = [(name, shape) for name, shape in rows if "{l}" in name]
+    first = next(i for i, (name, _) in enumerate(rows) if "{l}" in name)
+    out = dict(rows[:first])
+    for l in range(cfg.n_layers):
+        out.update((name.format(l=l), shape) for name, shape in layered)
+    out.update((name, shape) for name, shape in rows[first:] if "{l}" not in name)
+    return out
+
+
+def expected_shapes(cfg: Config, T: int) -> dict[str, tuple[int, ...]]:
+    """Every recorded name of a run of T tokens with its concrete shape."""
+    sizes = axis_sizes(cfg, T)
+    return {name: tuple(sizes[a] for a in shape) for name, shape in symbolic_shapes(cfg).items()}
+
+
+def row_axis(cfg: Config, name: str) -> int:
+    """The axis of `name` that runs over query positions T (0 for [T, ...], 1 for scores and pattern [N, T, S])."""
+    return symbolic_shapes(cfg)[name].index("T")
+
+
+# ------------------------------------------------------------------------------------------- selective records
+
+
+class Selection:
+    """Which recorded names a run keeps, and at which positions: `record=` of `Model.run` and `forward`.
+
+    Each entry is a glob over record names (`fnmatch`: `blocks.*.attn.pattern`, `logits`), optionally followed by
+    `@` and positions, comma separated, negative counting from the end: `blocks.*.attn.out@-1`, `logits@0,-1`.
+    A name kept by several entries keeps the union of their positions ("all" wins). Positions index the T axis
+    (the query axis of scores and pattern); sources S are always kept whole, since a prism sums over them.
+    """
+
+    def __init__(self, entries):
+        if isinstance(entries, str):
+            entries = [entries]
+        self.entries: list[tuple[str, tuple[int, ...] | None]] = []
+        self._rows: dict[tuple[str, int], object] = {}  # (name, T) -> rows, asked for at every site of a pass
+        for entry in entries:
+            if not isinstance(entry, str) or not entry.strip():
+                raise InputError(f"a record entry is a name or glob (optionally @positions), got {entry!r}")
+            glob, at, rows = entry.partition("@")
+            if not at:
+                self.entries.append((glob, None))
+                continue
+            try:
+                positions = tuple(int(r) for r in rows.split(","))
+            except ValueError:
+                raise InputError(f"record entry {entry!r}: positions after @ are integers, comma separated "
+                                 "(e.g. logits@-1 or blocks.*.attn.out@0,5)") from None
+            self.entries.append((glob, positions))
+
+    def __repr__(self):
+        return "Selection([" + ", ".join(repr(g + ("" if r is None else "@" + ",".join(map(str, r))))
+                                         for g, r in self.entries) + "])"
+
+    def rows(self, name: str, T: int):
+        """None (not kept), ALL (every position) or a sorted tuple of positions 0 .. T-1 of `name`."""
+        if (name, T) not in self._rows:
+            self._rows[name, T] = self._find(name, T)
+        return self._rows[name, T]
+
+    def _find(self, name: str, T: int):
+        found = None
+        for glob, positions in self.entries:
+            if not fnmatch.fnmatchcase(name, glob):
+                continue
+            if positions is None:
+                return ALL
+            for p in positions:
+                if not -T <= p < T:
+                    raise InputError(f"record entry {glob}@{p}: position {p} is out of range for {T} tokens")
+            found = (found or set()) | {p % T for p in positions}
+        return None if found is None else tuple(sorted(found))
+
+    def check(self, cfg: Config) -> None:
+        """Every glob must name at least one site of this model: a typo is an error, never an empty record."""
+        names = list(symbolic_shapes(cfg))
+        for glob, _ in self.entries:
+            if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                raise InputError(f"record entry {glob!r} names no recorded site of this model (see "
+                                 "refprism.RECORD_TABLE, e.g. blocks.3.attn.pattern)")
+
+
+ALL = "all"
+
+
+def everything_but(cfg: Config, names) -> Selection:
+    """The Selection of every site of this model except `names` (e.g. the logits: a run that reads its readout
+    from ln_final.out need not unembed)."""
+    return Selection([n for n in symbolic_shapes(cfg) if n not in set(names)])
+
+
+def as_selection(record) -> Selection | None:
+    """None (everything), a Selection, a string or a list of strings -> Selection or None."""
+    if record is None or isinstance(record, Selection):
+        return record
+    return Selection(record)
+
+
+class Rows:
+    """Some positions of a recorded array; the others were not kept (a selective record).
+
+    Indexing takes positions of the whole run, as the full array would: `rows[p]`, `rows[:, p, :p + 1]` on a
+    pattern. A position that was not kept is an error naming the site and the positions it holds, never another
+    row's value.
+    """
+
+    def __init__(self, name: str, data: np.ndarray, positions, axis: int, length: int):
+        self.name, self.data, self.axis, self.length = name, data, axis, length
+        self.positions = tuple(int(p) for p in positions)
+        self._index = {p: i for i, p in enumerate(self.positions)}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the whole array this holds rows of."""
+        shape = list(self.data.shape)
+        shape[self.axis] = self.length
+        return tuple(shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def __repr__(self):
+        return f"Rows({self.name}, positions {list(self.positions)} of {self.length}, shape {list(self.data.shape)})"
+
+    def _local(self, p):
+        if isinstance(p, slice):
+            return [self._local(i) for i in range(*p.indices(self.length))]
+        if isinstance(p, (list, tuple, np.ndarray)):
+            return [self._local(int(i)) for i in np.asarray(p).ravel()]
+        p = int(p)
+        q = p % self.length if -self.length <= p < self.length else p
+        if q not in self._index:
+            raise MissingSite(f"the record keeps {self.name} only at positions {list(self.positions)}, not at {p}: "
+                              f"record it there (record=[..., '{self.name}@{p}']) or record it whole")
+        return self._index[q]
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis for k in key):
+            raise MissingSite(f"{self.name} is a selective record: index its position axis explicitly")
+        key = key + (slice(None),) * (self.axis + 1 - len(key))
+        local = self._local(key[self.axis])
+        return self.data[key[: self.axis] + (local,) + key[self.axis + 1:]]
+
+    def __array__(self, dtype=None, copy=None):
+        raise MissingSite(f"the record keeps {self.name} only at positions {list(self.positions)}: index it by "
+                          "position (the whole array was not kept)")
+
+
+class MissingSite(InputError, KeyError):
+    """A site (or a position of it) that the run did not record: one line naming it and how to record it."""
+
+    def __str__(self):
+        return str(self.args[0]) if self.args else ""
+
+
+class Lazy:
+    """A recorded value computed again when it is read, bit for bit as the pass computed it (the same function
+    on the same recorded arrays): scores (from the recorded q and k) and the neuron activations (from the
+    recorded gate and up) are the largest arrays of a long prompt's record after the pattern and the logits."""
+
+    __slots__ = ("compute", "shape", "dtype", "keep")
+
+    def __init__(self, compute, shape, dtype, keep=None):
+        # compute reads its inputs through a weak reference to its record (no reference cycle: a dropped run's
+        # record is freed at once, not at the next garbage collection); `keep` holds that record alive where the
+        # entry is copied into another one (a run resumed from a clean record)
+        self.compute, self.shape, self.dtype, self.keep = compute, tuple(shape), np.dtype(dtype), keep
+
+
+class Record(dict):
+    """name -> array for one run. A plain dict, plus `table()` to print the names, shapes and dtypes.
+
+    A selective record (`selection` set) holds only what was asked for; asking for anything else is a
+    MissingSite error naming it (a prism never reads a wrong number from a record that lacks its input).
+    Some entries are Lazy: stored as the function that recomputes them exactly, resolved on every read.
+    """
+
+    selection: Selection | None = None
+
+    def __missing__(self, name):
+        if self.selection is not None:
+            raise MissingSite(f"the run did not record {name} (it recorded a selection: {self.selection!r}): "
+                              f"record it (record=[..., {name!r}]) or record everything")
+        raise KeyError(name)
+
+    def __getitem__(self, name):
+        value = super().__getitem__(name)
+        return value.compute() if isinstance(value, Lazy) else value
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+    def __iter__(self):  # (overridden, so that dict(record) and **record read values through __getitem__)
+        return super().__iter__()
+
+    def values(self):  # one value at a time: a Lazy one is computed when its turn comes
+        return (self[n] for n in self)
+
+    def items(self):
+        return ((n, self[n]) for n in self)
+
+    def shape_of(self, name) -> tuple[int, ...]:
+        """The shape of a recorded value without computing a Lazy one."""
+        value = super().__getitem__(name)
+        return tuple(value.shape)
+
+    def table(self) -> str:
+        width = max(map(len, self), default=0)
+        return "\n".join(f"{n:<{width}}  {str(list(self.shape_of(n))):<20} {super(Record, self).__getitem__(n).dtype}"
+                         for n in self)
+
+
+# What a long single unedited prompt recording everything keeps as arrays (besides the norm scales): the rest is
+# recomputed exactly when read (forward._Recorder, record.Lazy). Below LONG_PROMPT tokens the record is small and
+# reading it often (a prism set reads every layer) must not re-read the weights: only the activations are lazy.
+LAZY_KEPT = {"embed", "resid_pre", "attn.pattern", "attn.out", "mlp.out", "resid_post", "logits", "logits_uncapped"}
+LONG_PROMPT = 256
+
+
+def lazy_entry(name: str, lengths, selection, *, edited: bool) -> bool:
+    """Whether a run stores `name` as a recipe (Lazy) rather than an array (see LAZY_KEPT, LONG_PROMPT).
+
+    The scores are lazy whenever kept whole and not edited (each prompt's own q and k recompute them); the rest
+    only for one prompt recording everything, unedited: the neuron activations always (elementwise from the kept
+    gate and up), every site outside LAZY_KEPT and the scales from LONG_PROMPT tokens.
+    """
+    if edited:
+        return False
+    site = name.split(".", 2)[-1] if name.startswith("blocks.") else name
+    if site == "attn.scores":
+        return True
+    if len(lengths) != 1 or selection is not None:
+        return False
+    return site == "mlp.act" or (lengths[0] >= LONG_PROMPT and site not in LAZY_KEPT and not site.endswith("scale"))
+
+
+def estimate_bytes(cfg: Config, lengths, dtype, selection: Selection | None = None, *,
+                   edited: bool = False) -> dict[str, int]:
+    """Bytes a run of prompts with these lengths needs: what its record keeps, and the largest transient arrays.
+
+    Lazy entries (lazy_entry) cost nothing; an edited run's record holds every value that flowed.
+    Returns {"record": kept bytes, "logits": the kept logits (part of "record"), "attention": one layer's scores +
+    pattern of the longest prompt (always computed, kept or not), "total": record + the transient attention and
+    MLP arrays}.
+    """
+    record = logits = 0
+    for T in lengths:
+        r, g = prompt_bytes(cfg, T, dtype, selection, alone=len(lengths) == 1, edited=edited)
+        record, logits = record + r, logits + g
+    return with_transient(cfg, lengths, dtype, record, logits)
+
+
+def prompt_bytes(cfg: Config, T: int, dtype, selection: Selection | None = None, *, alone: bool = True,
+                 edited: bool = False) -> tuple[int, int]:
+    """(record bytes, of which logits) that one prompt of T tokens keeps, alone or in a packed pass."""
+    item = np.dtype(dtype).itemsize
+    sizes = axis_sizes(cfg, T)
+    lengths = [T] if alone else [T, T]  # (lazy_entry only asks whether the prompt runs alone)
+    record = logits = 0
+    for name, shape in symbolic_shapes(cfg).items():
+        rows = ALL if selection is None else selection.rows(name, T)
+        if rows is None or (rows is ALL and lazy_entry(name, lengths, selection, edited=edited)):
+            continue
+        n = math.prod(sizes[a] for a in shape)
+        if rows is not ALL:
+            n = n // T * len(rows)
+        record += n * item
+        if name.startswith("logits"):
+            logits += n * item
+    return record, logits
+
+
+def with_transient(cfg: Config, lengths, dtype, record: int, logits: int) -> dict[str, int]:
+    """estimate_bytes' result from the kept bytes: plus one layer's attention (longest prompt) and MLP arrays."""
+    item = np.dtype(dtype).itemsize
+    Tmax = max(lengths)
+    attention = 2 * cfg.n_heads * Tmax * Tmax * item
+    mlp = 3 * sum(lengths) * cfg.d_mlp * item
+    return {"record": record, "logits": logits, "attention": attention, "total": record + attention + mlp}

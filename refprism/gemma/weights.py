@@ -1,0 +1,363 @@
+"""The weights as the forward pass reads them: refprism's per-head layout, in the compute dtype, converted at
+load (memory="fast") or layer by layer as they are used (memory="low"), from tensors a checkpoint reader hands over
+(refprism.checkpoints: safetensors, GGUF, or arrays in memory).
+
+The parameters are kept as the checkpoint stores them (raw norm weights w, applied as 1 + w inside
+`ops.rms_norm`), converted to the compute dtype and re-laid out per head so that "head h" is an index:
+
+    embed   [V, D]      model.embed_tokens.weight (also the unembedding: Gemma ties them)
+    ln_final [D]        model.norm.weight
+    blocks[l]:
+      ln1   [D]         input_layernorm.weight
+      W_Q   [D, N, H]   self_attn.q_proj.weight [N*H, D] transposed, rows grouped by head: head n is W_Q[:, n]
+      W_K   [D, K, H]   self_attn.k_proj.weight [K*H, D]
+      W_V   [D, K, H]   self_attn.v_proj.weight [K*H, D]
+      W_O   [N, H, D]   self_attn.o_proj.weight [D, N*H], columns grouped by head
+      ln2   [D]         Gemma 1: post_attention_layernorm.weight (the MLP's input norm, despite its HF name);
+                        Gemma 2/3: pre_feedforward_layernorm.weight
+      W_gate [D, F]     mlp.gate_proj.weight [F, D], transposed
+      W_up  [D, F]      mlp.up_proj.weight [F, D], transposed
+      W_down [F, D]     mlp.down_proj.weight [D, F], transposed
+      ln1_post [D]      Gemma 2/3: post_attention_layernorm.weight (norm of the attention output)
+      ln2_post [D]      Gemma 2/3: post_feedforward_layernorm.weight (norm of the MLP output)
+      q_norm, k_norm [H]  Gemma 3: self_attn.q_norm.weight, self_attn.k_norm.weight (per-head norms of q, k)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ml_dtypes
+import numpy as np
+
+from refprism.errors import CheckpointError, InputError
+from refprism.gemma import ops
+from refprism.gemma.config import Config
+
+COMPUTE_DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+def compute_dtype(name) -> type:
+    """'float32' (default) or 'float64' (audit mode) -> the NumPy type; anything else is refused."""
+    key = np.dtype(name).name if isinstance(name, type) or isinstance(name, np.dtype) else str(name)
+    if key not in COMPUTE_DTYPES:
+        raise InputError(f"dtype {name!r} is not supported: use float32 or float64 (audit mode)")
+    return COMPUTE_DTYPES[key]
+
+
+def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Gemma checkpoint of this config must hold, with its HF shape, in the hub's file order."""
+    V, D, N, K, H, F = cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
+    shapes = {"model.embed_tokens.weight": (V, D)}
+    for l in range(cfg.n_layers):
+        p = f"model.layers.{l}."
+        shapes.update({
+            p + "input_layernorm.weight": (D,),
+            p + "self_attn.q_proj.weight": (N * H, D),
+            p + "self_attn.k_proj.weight": (K * H, D),
+            p + "self_attn.v_proj.weight": (K * H, D),
+            p + "self_attn.o_proj.weight": (D, N * H),
+            p + "post_attention_layernorm.weight": (D,),
+            p + "mlp.gate_proj.weight": (F, D),
+            p + "mlp.up_proj.weight": (F, D),
+            p + "mlp.down_proj.weight": (D, F),
+        })
+        if cfg.post_norms:  # Gemma 2/3: post_attention_layernorm is the attention's post-norm; two more norms
+            shapes.update({p + "pre_feedforward_layernorm.weight": (D,), p + "post_feedforward_layernorm.weight": (D,)})
+        if cfg.qk_norm:  # Gemma 3: per-head norms of q and k, over H
+            shapes.update({p + "self_attn.q_norm.weight": (H,), p + "self_attn.k_norm.weight": (H,)})
+    shapes["model.norm.weight"] = (D,)
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def convert(src: np.ndarray, dtype, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values -> compute dtype, written once into `out` (any strides) or a new array.
+
+    bf16 -> f32 is exact and done as an integer shift: the 16 stored bits become the high half of the float32
+    (ml_dtypes' own cast is several times slower). Everything else is NumPy's cast.
+    """
+    if out is None:
+        out = np.empty(src.shape, dtype)
+    if src.dtype == ml_dtypes.bfloat16 and out.dtype == np.float32:
+        np.left_shift(src.view(np.uint16), np.uint32(16), out=out.view(np.uint32), casting="safe")
+    elif src.dtype == ml_dtypes.bfloat16:
+        out[...] = convert(src, np.float32)
+    else:
+        out[...] = src
+    return out
+
+
+def to_compute(a: np.ndarray, dtype) -> np.ndarray:
+    """A stored tensor converted to the compute dtype (a new array)."""
+    return convert(a, dtype)
+
+
+BLOCK_KEYS = ("ln1", "W_Q", "W_K", "W_V", "W_O", "ln2", "W_gate", "W_up", "W_down",
+              "ln1_post", "ln2_post", "q_norm", "k_norm")  # the last four: Gemma 2/3 only
+
+
+def norm_names(cfg: Config, l: int) -> dict[str, str]:
+    """refprism's name -> HF tensor of layer l's norms. Gemma trap: HF's `post_attention_layernorm` is the MLP's
+    *input* norm in Gemma 1 but the attention's *output* norm in Gemma 2/3 (whose MLP input norm is
+    `pre_feedforward_layernorm`)."""
+    p = f"model.layers.{l}."
+    names = {"ln1": p + "input_layernorm.weight"}
+    if cfg.post_norms:
+        names.update(ln1_post=p + "post_attention_layernorm.weight", ln2=p + "pre_feedforward_layernorm.weight",
+                     ln2_post=p + "post_feedforward_layernorm.weight")
+    else:
+        names["ln2"] = p + "post_attention_layernorm.weight"
+    if cfg.qk_norm:
+        names.update(q_norm=p + "self_attn.q_norm.weight", k_norm=p + "self_attn.k_norm.weight")
+    return names
+
+
+_MATRICES = ("W_Q", "W_K", "W_V", "W_O", "W_gate", "W_up", "W_down")
+
+
+class Weights:
+    """The weights in refprism's per-head layout (module docstring) and compute dtype.
+
+    memory="fast": every tensor is converted once, at load (4 bytes a parameter in float32: ~10 GB for gemma-2b).
+    memory="low":  tensors stay memory-mapped in their stored dtype and each layer is converted when it is used
+                   (and freed after), so resident memory is about one layer plus the page cache's share.
+    Both give bit-identical values (tests/test_memory.py). Norm weights (a few KB) are always converted.
+    """
+
+    def __init__(self, stored: dict, cfg: Config, dtype, memory: str = "fast"):
+        if memory not in ("fast", "low"):
+            raise CheckpointError(f"memory mode {memory!r} is not one of auto, fast, low")
+        self.cfg, self.dtype, self.memory = cfg, np.dtype(dtype), memory
+        self._stored = stored
+        self._checked: set[str] = set()  # tensors already proven finite
+        self._scratch: dict[str, np.ndarray] = {}  # low-memory mode: conversion buffers reused across layers
+        self._arena = None  # fast mode: where the converted weights live
+        self._pool = None  # low-memory mode: the threads that convert a layer
+        self.ln_final = self._convert("model.norm.weight")
+        self._norms = [{key: self._convert(name) for key, name in norm_names(cfg, l).items()}
+                       for l in range(cfg.n_layers)]
+        self._embed = self._blocks = None
+        if memory == "fast":
+            self._arena = _Arena(sum(math.prod(s) for s in hf_shapes(cfg).values()) * self.dtype.itemsize)
+            # Two threads: the conversions release the GIL, so the page faults of the fresh memory (the cost of a
+            # load, docs/performance.md) are taken on both cores. The values do not depend on the order.
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
+                embed = pool.submit(self._convert, "model.embed_tokens.weight")
+                blocks = list(pool.map(self._convert_block, range(cfg.n_layers)))
+                self._embed, self._blocks = embed.result(), blocks
+            self._stored = None  # every map released: nothing of the files stays resident
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], cfg: Config, dtype, memory="fast") -> "Weights":
+        """From in-memory HF-named arrays (tests build random models this way, without files)."""
+        return cls(dict(arrays), cfg, dtype, memory)
+
+    @classmethod
+    def from_converted(cls, cfg: Config, dtype, *, embed, ln_final, blocks) -> "Weights":
+        """Weights already in refprism's layout and compute dtype (what `embedding()`, `ln_final` and `block(l)`
+        return), adopted as they are: nothing is converted or copied. Read-only arrays are fine: the forward pass
+        and the prisms never write to the weights (tests/test_sweeps.py checks it). The Ray backend of the sweeps
+        rebuilds its models this way from zero-copy views of the object store (refprism/sweeps/ray.py).
+        """
+        self = cls.__new__(cls)
+        self.cfg, self.dtype, self.memory = cfg, np.dtype(dtype), "fast"
+        self._stored, self._checked, self._scratch, self._arena, self._pool = None, set(), {}, None, None
+        V, D, N, K, H, F = cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
+        layout = {"W_Q": (D, N, H), "W_K": (D, K, H), "W_V": (D, K, H), "W_O": (N, H, D), "W_gate": (D, F),
+                  "W_up": (D, F), "W_down": (F, D), "q_norm": (H,), "k_norm": (H,)}
+        blocks = [dict(b) for b in blocks]
+        given = {"embed": (embed, (V, D)), "ln_final": (ln_final, (D,))}
+        if len(blocks) != cfg.n_layers:
+            raise CheckpointError(f"{len(blocks)} converted blocks for a model of {cfg.n_layers} layers")
+        for l, block in enumerate(blocks):
+            keys = set(norm_names(cfg, l)) | set(_MATRICES)
+            if set(block) != keys:
+                raise CheckpointError(f"converted block {l} has weights {sorted(block)}, expected {sorted(keys)}")
+            given.update({f"blocks[{l}].{k}": (a, layout.get(k, (D,))) for k, a in block.items()})
+        for name, (a, shape) in given.items():
+            if tuple(a.shape) != shape or a.dtype != self.dtype:
+                raise CheckpointError(f"converted weight {name} is {a.dtype} {list(a.shape)}, expected {self.dtype} "
+                                      f"{list(shape)}")
+        self.ln_final, self._embed, self._blocks = ln_final, embed, blocks
+        self._norms = [{k: b[k] for k in norm_names(cfg, l)} for l, b in enumerate(blocks)]
+        return self
+
+    def _source(self, name):
+        src = self._stored[name]
+        return src.array() if hasattr(src, "array") else src  # a lazily read tensor (checkpoints.safetensors.Stored)
+
+    def _convert(self, name, layout=None, reuse=False):
+        """Convert one stored tensor; `layout(view)` rearranges the source into refprism's layout first.
+
+        reuse=True writes into a buffer kept per tensor role (e.g. "W_Q") and overwritten by the next layer's
+        conversion: no fresh pages to fault in at every layer (low-memory forward passes only).
+        """
+        src = self._source(name)
+        view = src if layout is None else layout(src)
+        out = None if self._arena is None else self._arena.take(view.shape, self.dtype)
+        if reuse:
+            role = name.split(".", 3)[-1]  # "self_attn.q_proj.weight": the same shape in every layer
+            out = self._scratch.get(role)
+            if out is None or out.shape != view.shape:
+                out = self._scratch[role] = np.empty(view.shape, self.dtype)
+        out = convert(view, self.dtype, out=out)
+        del src, view  # unmaps the file region: its pages leave this process's resident set
+        if name not in self._checked:
+            # One pass, no temporary: any NaN or inf makes the sum non-finite, so a finite sum proves every value
+            # finite (only a sum that overflows needs the element-wise look).
+            with np.errstate(over="ignore", invalid="ignore"):
+                total = np.add.reduce(out, axis=None)
+            if not np.isfinite(total) and not np.isfinite(out).all():
+                raise CheckpointError(f"tensor {name} contains NaN or inf values: the checkpoint is corrupt")
+            self._checked.add(name)
+        return out
+
+    def _convert_one(self, l, key, reuse=False) -> np.ndarray:
+        """Layer l's weight `key` in refprism's layout (see the module docstring), converted from the stored one."""
+        N, K, H, D = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.d_head, self.cfg.d_model
+        p = f"model.layers.{l}."
+        if key in self._norms[l]:
+            return self._norms[l][key]
+        if key not in _MATRICES:
+            raise KeyError(f"{key} (this {self.cfg.model_type} model has no such weight)")
+        # q/k/v_proj rows are [head, h]: [heads*H, D] -> transposed [D, heads*H] -> [D, heads, H]. D first, so
+        # that x W_Q is one BLAS product over a [D, N*H] view (no copy), and head n is still an index: W_Q[:, n]
+        if key == "W_Q":
+            return self._convert(p + "self_attn.q_proj.weight", lambda a: a.T.reshape(D, N, H), reuse)
+        if key in ("W_K", "W_V"):
+            name = p + f"self_attn.{key[-1].lower()}_proj.weight"
+            return self._convert(name, lambda a: a.T.reshape(D, K, H), reuse)
+        if key == "W_O":  # o_proj columns are [head, h]: [D, N*H] -> [D, N, H] -> [N, H, D]
+            return self._convert(p + "self_attn.o_proj.weight", lambda a: a.reshape(D, N, H).transpose(1, 2, 0), reuse)
+        # gate/up [F, D] and down [D, F] kept as stored and read through a transposed view (BLAS takes the
+        # transpose for free): W_gate, W_up [D, F], W_down [F, D]
+        return self._convert(p + f"mlp.{key[2:]}_proj.weight", reuse=reuse).T
+
+    def _convert_block(self, l, reuse=False) -> dict:
+        if self.memory == "low":  # at every use: the seven matrices converted on two threads (GIL released)
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1)))
+            matrices = self._pool.map(lambda key: self._convert_one(l, key, reuse), _MATRICES)
+        else:
+            matrices = (self._convert_one(l, key, reuse) for key in _MATRICES)
+        return {**self._norms[l], **dict(zip(_MATRICES, matrices))}
+
+    # The three ways the model reads its weights.
+
+    def block(self, l: int, *, scratch: bool = False) -> dict:
+        """Layer l's weights: ln1, W_Q [D, N, H], W_K/W_V [D, K, H], W_O [N, H, D], ln2, W_gate/W_up [D, F],
+        W_down [F, D] (and ln1_post, ln2_post, q_norm, k_norm where the model has them).
+
+        Low-memory mode converts them at each call, into new arrays that are the caller's own; with
+        scratch=True into buffers that the next scratch call overwrites (the forward pass, one layer at a time).
+        """
+        return self._blocks[l] if self._blocks is not None else self._convert_block(l, scratch)
+
+    def get(self, l: int, key: str) -> np.ndarray:
+        """One of layer l's weights (a key of `block`); low-memory mode converts only that one."""
+        if key not in BLOCK_KEYS:
+            raise KeyError(key)
+        if self._blocks is not None and key not in self._blocks[l]:
+            raise KeyError(f"{key} (this {self.cfg.model_type} model has no such weight)")
+        return self._blocks[l][key] if self._blocks is not None else self._convert_one(l, key)
+
+    def embed_rows(self, ids) -> np.ndarray:
+        """E[ids]: [n, D] rows of the embedding (= unembedding) matrix."""
+        ids = np.asarray(ids)
+        if self._embed is not None:
+            return self._embed[ids]
+        return convert(self._source("model.embed_tokens.weight")[ids], self.dtype)
+
+    def unembed(self, h: np.ndarray, chunk: int = 32768) -> np.ndarray:
+        """h E^T: [T, D] -> [T, V] logits against the tied embedding (low-memory mode: in row chunks of E).
+
+        The [T, V] result is written into 4 KiB pages (ops.zeros: faulted in by the BLAS threads as they write),
+        not NumPy's 2 MiB ones: a long prompt's logits are GBs (T = 2048 on Gemma 3: 2.1 GB, ~0.5 s less here)."""
+        if self._embed is not None:
+            return np.matmul(h, self._embed.T, out=ops.zeros((h.shape[0], self._embed.shape[0]), self.dtype))
+        E = self._source("model.embed_tokens.weight")
+        out = ops.zeros((h.shape[0], E.shape[0]), dtype=self.dtype)
+        buf = self._scratch.get("unembed")
+        if buf is None or buf.shape != (chunk, E.shape[1]):
+            buf = self._scratch["unembed"] = np.empty((chunk, E.shape[1]), self.dtype)  # reused every call
+        for i in range(0, E.shape[0], chunk):
+            rows = E[i:i + chunk]
+            out[:, i:i + chunk] = h @ convert(rows, self.dtype, out=buf[: len(rows)]).T
+        return out
+
+    def embedding(self) -> np.ndarray:
+        """The whole E [V, D] in the compute dtype (low-memory mode: a new array each call)."""
+        return self._embed if self._embed is not None else self._convert("model.embed_tokens.weight")
+
+
+class _Arena:
+    """One block of anonymous memory for every converted weight (fast mode).
+
+    Fresh memory is paid for at first touch, page by page. On the VMs this was measured on (docs/performance.md),
+    plain 4 KiB pages faulted in from two threads were about twice as fast as NumPy's own large allocations, which
+    ask for transparent huge pages. Where an anonymous mmap is not available, arrays come from NumPy as usual.
+    Thread-safe: the weights are converted by two threads.
+    """
+
+    def __init__(self, nbytes: int):
+        import threading
+
+        self.offset, self.buffer, self.lock = 0, None, threading.Lock()
+        try:
+            import mmap
+
+            self.buffer = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except (ImportError, AttributeError, OSError, TypeError, ValueError, OverflowError):
+            self.buffer = None
+
+    def take(self, shape, dtype) -> np.ndarray | None:
+        """A C-contiguous array carved from the block (None once it is used up or unavailable)."""
+        n = math.prod(shape) * np.dtype(dtype).itemsize
+        with self.lock:
+            if self.buffer is None or self.offset + n > len(self.buffer):
+                return None
+            offset, self.offset = self.offset, self.offset + -(-n // 64) * 64  # 64-byte aligned
+        return np.frombuffer(self.buffer, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+
+
+def n_parameters(cfg: Config) -> int:
+    return sum(math.prod(s) for s in hf_shapes(cfg).values())
+
+
+def choose_memory(cfg: Config, dtype, memory: str) -> str:
+    """'auto' -> 'fast' when the converted weights (plus 2 GiB for activations) fit in available memory, else
+    'low'. 'fast' and 'low' are returned as given."""
+    if memory not in ("auto", "fast", "low"):
+        raise InputError(f"memory mode {memory!r} is not one of auto, fast, low")
+    if memory != "auto":
+        return memory
+    need = n_parameters(cfg) * np.dtype(dtype).itemsize + 2 * 2**30
+    return "fast" if need <= available_memory() else "low"
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable on Linux; else free physical pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**63
+
+
+# ---------------------------------------------------------------------------------------------------- hub
+
+

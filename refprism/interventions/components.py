@@ -1,0 +1,186 @@
+"""Components and levels: the labels validate and patch take (embed, L{l}.attn, L{l}.mlp, L{l}H{h},
+L{l}H{h}.src{s}, L{l}N{n}) parsed into `Group`s, the groups of a level, and a component's activation and mean.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from refprism.errors import InputError
+from refprism.gemma import ops
+
+KINDS = ("embed", "attn", "mlp", "head", "edge", "neuron")
+
+
+LABEL_FORMS = "embed, L{l}.attn, L{l}.mlp, L{l}H{h}, L{l}H{h}.src{s} or L{l}N{n}"
+
+
+_LABEL = re.compile(r"(embed)|L(\d+)\.(attn|mlp)|L(\d+)H(\d+)(?:\.src(\d+))?|L(\d+)N(\d+)")
+
+
+@dataclass(frozen=True, eq=False)
+class Group:
+    """Components of one kind at one layer, one row each: the unit every computation here is vectorized over.
+
+    kind:   embed | attn | mlp (one component: a residual part) | head | edge (head x source) | neuron
+    layer:  -1 for embed
+    index:  [C] the head or neuron of each row (0 for embed, attn, mlp)
+    source: [C] the source position of each edge (-1 otherwise)
+    """
+
+    kind: str
+    layer: int
+    index: np.ndarray
+    source: np.ndarray
+
+    def __len__(self):
+        return len(self.index)
+
+    @property
+    def labels(self) -> list[str]:
+        l = self.layer
+        if self.kind == "embed":
+            return ["embed"]
+        if self.kind in ("attn", "mlp"):
+            return [f"L{l}.{self.kind}"]
+        if self.kind == "head":
+            return [f"L{l}H{h}" for h in self.index]
+        if self.kind == "edge":
+            return [f"L{l}H{h}.src{s}" for h, s in zip(self.index, self.source)]
+        return [f"L{l}N{n}" for n in self.index]
+
+    @property
+    def site(self) -> str:
+        """The recorded site the edit replaces."""
+        b = f"blocks.{self.layer}."
+        return {"embed": "embed", "attn": b + "attn.out", "mlp": b + "mlp.out", "head": b + "attn.z",
+                "edge": b + "attn.z", "neuron": b + "mlp.act"}[self.kind]
+
+    def take(self, rows) -> Group:
+        rows = np.asarray(rows, dtype=int)
+        return Group(self.kind, self.layer, self.index[rows], self.source[rows])
+
+
+def _group(kind, layer=-1, index=(0,), source=None) -> Group:
+    index = np.asarray(index, dtype=int)
+    source = np.full(len(index), -1) if source is None else np.asarray(source, dtype=int)
+    return Group(kind, layer, index, source)
+
+
+def parse_component(config, label, *, T, source=None) -> Group:
+    """A prism label -> a Group of one; an unknown label or an index out of range is a one-line InputError.
+
+    source: a head's source position given apart (the CLI's --source): L{l}H{h} with source s is L{l}H{h}.src{s}.
+    """
+    if not isinstance(label, str) or not (m := _LABEL.fullmatch(label.strip())):
+        raise InputError(f"component {label!r} is not a component label: use {LABEL_FORMS} (0-based)")
+    embed, la, kind, lh, h, s, ln, n = m.groups()
+    if source is not None:
+        if h is None:
+            raise InputError(f"--source picks a head's source token: component {label!r} is not a head (L{{l}}H{{h}})")
+        if s is not None:
+            raise InputError(f"component {label!r} already names its source: drop --source")
+        s = source
+    if embed:
+        return _group("embed")
+    layer = int(la or lh or ln)
+    if not 0 <= layer < config.n_layers:
+        raise InputError(f"layer {layer} is out of range (the model has layers 0 .. {config.n_layers - 1})")
+    if kind:
+        return _group(kind, layer)
+    if n is not None:
+        n = int(n)
+        if not 0 <= n < config.d_mlp:
+            raise InputError(f"neuron {n} is out of range (layer {layer} has neurons 0 .. {config.d_mlp - 1})")
+        return _group("neuron", layer, [n])
+    h = int(h)
+    if not 0 <= h < config.n_heads:
+        raise InputError(f"head {h} is out of range (layer {layer} has heads 0 .. {config.n_heads - 1})")
+    if s is None:
+        return _group("head", layer, [h])
+    s = int(s)
+    if not 0 <= s < T:
+        raise InputError(f"source {s} is out of range: the prompt has positions 0 .. {T - 1}")
+    return _group("edge", layer, [h], [s])
+
+
+LEVELS = "residual, heads, head-source:L, neurons:L or neurons"
+
+
+def level_groups(config, level: str, position: int) -> list[Group]:
+    """The components of a validation level, in label order.
+
+    residual: embed, L{l}.attn, L{l}.mlp;  heads: every L{l}H{h};  head-source:L: L{L}H{h}.src{s} for s <= the
+    readout position (head-major, as attention_prism);  neurons:L: L{L}N{n};  neurons: every layer's neurons.
+    """
+    L, N, F = config.n_layers, config.n_heads, config.d_mlp
+    kind, _, arg = str(level).partition(":")
+    if kind in ("residual", "heads", "neurons") and not arg:
+        if kind == "residual":
+            return [_group("embed")] + [_group(k, l) for l in range(L) for k in ("attn", "mlp")]
+        if kind == "heads":
+            return [_group("head", l, range(N)) for l in range(L)]
+        return [_group("neuron", l, range(F)) for l in range(L)]
+    if kind in ("head-source", "neurons") and arg:
+        if not (arg.isascii() and arg.isdigit()):
+            raise InputError(f"--level {level!r}: the layer after ':' is a number, e.g. {kind}:3")
+        l = int(arg)
+        if not 0 <= l < L:
+            raise InputError(f"layer {l} is out of range (the model has layers 0 .. {L - 1})")
+        if kind == "neurons":
+            return [_group("neuron", l, range(F))]
+        h, s = np.divmod(np.arange(N * (position + 1)), position + 1)
+        return [_group("edge", l, h, s)]
+    raise InputError(f"--level {level!r} is not a level: use {LEVELS}")
+
+
+def activation(model, record, g: Group, t: int) -> np.ndarray:
+    """The components' values at query position t in a run's record.
+
+    Math:   embed, attn, mlp: the residual part x[t] (embed, attn.out, mlp.out)          -> [1, D]
+            head h:           z[t, h]                                                     -> [C, H]
+            edge (h, s):      pattern[h, t, s] v[s, kv(h)]  (0 for s > t)                 -> [C, H]
+            neuron n:         act[t, n] = gelu(gate[t, n]) up[t, n]                       -> [C, 1]
+    """
+    b = f"blocks.{g.layer}."
+    if g.kind in ("embed", "attn", "mlp"):
+        return record[g.site][t][None]
+    if g.kind == "head":
+        return record[b + "attn.z"][t][g.index]
+    if g.kind == "neuron":
+        return record[b + "mlp.act"][t][g.index][:, None]
+    kv = ops.kv_index(model.config.n_heads, model.config.n_kv_heads)
+    weight = record[b + "attn.pattern"][g.index, t, g.source] * (g.source <= t)  # [C] (causal: 0 for s > t)
+    return weight[:, None] * record[b + "attn.v"][g.source, kv[g.index]]
+
+
+def mean_activation(model, runs, g: Group) -> np.ndarray:
+    """The components' mean over positions 1 .. T-1 of every run (position 0, the attention sink, left out).
+
+    Math:   heads, neurons, residual parts: mean_{run, t >= 1} activation(t)
+            edge of head h: the mean term over every edge (t, s) with t >= 1 that the mask allows,
+                            sum_{t >= 1} z[t, h] / #edges   (the terms of query t sum to z[t, h])
+    Shapes: -> [C, W]
+    """
+    total, count = None, 0
+    for run in runs:
+        rec, T = run.record, len(run.tokens)
+        if T < 2:
+            continue
+        if g.kind == "edge":
+            b = f"blocks.{g.layer}."
+            part = rec[b + "attn.z"][1:, g.index].sum(axis=0)  # [C, H]
+            window = model.config.sliding_window if model.config.is_sliding(g.layer) else None
+            n = int(ops.causal_mask(T, window)[1:].sum())
+        else:
+            part = sum(activation(model, rec, g, t) for t in range(1, T))
+            n = T - 1
+        total = part if total is None else total + part
+        count += n
+    if count == 0:
+        raise InputError("the mean set is empty: a mean is taken over positions 1 .. T-1 of each reference prompt "
+                         "(position 0, the attention sink, is left out), so give a prompt of at least 2 tokens")
+    return total / np.asarray(count, dtype=total.dtype)

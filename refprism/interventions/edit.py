@@ -1,0 +1,71 @@
+"""The edit that replaces components' values, through the forward pass's one edit hook (gemma.forward's edit=),
+and the re-run that resumes at the first edited layer from the base run's record.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refprism.gemma import ops
+from refprism.gemma.record import everything_but
+from refprism.model import Run
+
+
+class Edit:
+    """A forward-pass edit (forward.forward's `edit=`) that replaces components' values at positions.
+
+    Built from (group, positions [P], values [P, C, W]) triples, compiled into one vectorized replacement per site:
+        residual part at t:  x[t] <- value                      head (t, h): z[t, h] <- value
+        neuron (t, n):       act[t, n] <- value
+        edge (t, h, s):      z[t, h] <- z[t, h] - pattern[h, t, s] v[s, kv(h)] + value   (this run's pattern and v,
+                             so exactly that term is replaced; edges with s > t do not exist and are skipped)
+    first_layer: where a re-run may resume (the lowest edited layer); None for the embedding (a full run).
+    The value passed in is never modified: the edit returns a changed copy.
+    """
+
+    def __init__(self, config, changes):
+        self.config = config
+        self.ops: dict[str, list] = {}
+        layers = []
+        for g, positions, values in changes:
+            positions = np.asarray(positions, dtype=int)
+            values = np.asarray(values)
+            t = np.repeat(positions, len(g))  # [P*C], position-major as values [P, C, W]
+            rows = np.tile(np.arange(len(g)), len(positions))
+            vals = values.reshape(len(positions) * len(g), -1)
+            if g.kind == "edge":
+                keep = g.source[rows] <= t
+                t, rows, vals = t[keep], rows[keep], vals[keep]
+            if len(t) == 0:
+                continue
+            self.ops.setdefault(g.site, []).append((g, t, g.index[rows], g.source[rows], vals))
+            layers.append(None if g.kind == "embed" else g.layer)
+        self.first_layer = None if (None in layers or not layers) else min(layers)
+
+    def __call__(self, name, value, record):
+        todo = self.ops.get(name)
+        if not todo:
+            return value
+        value = value.copy()
+        for g, t, index, source, vals in todo:
+            if g.kind in ("embed", "attn", "mlp"):
+                value[t] = vals
+            elif g.kind == "head":
+                value[t, index] = vals
+            elif g.kind == "neuron":
+                value[t, index] = vals[:, 0]
+            else:
+                b = f"blocks.{g.layer}."
+                kv = ops.kv_index(self.config.n_heads, self.config.n_kv_heads)
+                term = record[b + "attn.pattern"][index, t, source][:, None] * record[b + "attn.v"][source, kv[index]]
+                np.add.at(value, (t, index), vals - term)  # several edges may end at one (t, h)
+        return value
+
+
+def rerun(model, base: Run, edit: Edit):
+    """The base run re-run with the edit, resumed at its first edited layer from the base run's record (bit for bit
+    a full re-run: forward.forward's resume); returns its Record, which keeps every site but the logits (a readout
+    needs ln_final.out at one position and a few unembedding rows, not the [T, V] product)."""
+    resume = None if edit.first_layer is None else (edit.first_layer, base.record)
+    return model.run(base.tokens, edit=edit, resume=resume,
+                     record=everything_but(model.config, ("logits", "logits_uncapped"))).record

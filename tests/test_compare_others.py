@@ -23,6 +23,7 @@ from refprism.crosscheck import catalogue, floors, ggml, replay
 from refprism.crosscheck.capture import GgmlArithmetic
 from refprism.crosscheck.sides import dumps, tl
 from refprism.crosscheck.sides import llamacpp as L
+from refprism.crosscheck.sides import llamacpp_debug as LD
 from refprism.gemma.record import expected_shapes
 
 PROMPT = "The capital city of France is"
@@ -243,7 +244,7 @@ def test_the_gelu_table_is_llamacpps(models, captures):
     honest = replay._run_all(model, cap.tokens, {}, floors.profile_of("float32", cap.arithmetic))
     s = cap.summaries["blocks.0.mlp.act"]
     exact, table = _printed_error(s, honest.R["blocks.0.mlp.act"]), _printed_error(s, honest.F["blocks.0.mlp.act"])
-    assert table <= L.PRINTED_RESOLUTION + 1e-5 and table * 10 < exact
+    assert table <= LD.PRINTED_RESOLUTION + 1e-5 and table * 10 < exact
 
 
 # ------------------------------------------------------------------------------------------------ llama.cpp, dumps

@@ -1,4 +1,11 @@
-"""refprism: a NumPy reference implementation of gemma-2b with exact logit prisms."""
+"""refprism: a NumPy reference implementation of gemma-2b (and the Gemma text family) with exact logit prisms.
+
+The public surface: `load` -> Model, `Model.run` -> Run (its Record holds every activation by name), `prisms.*`
+(exact splits of a readout), `patch` / `validate` (interventions), `compare` (another implementation against the
+reference), and the exception family. The packages, lowest layer first (import-linter holds the order,
+pyproject.toml): errors, files, figures; gemma (the architecture); checkpoints (files in, arrays out); model;
+prisms; interventions | crosscheck; sweeps | report; demo; cli. Each package's docstring says what is in it.
+"""
 
 from refprism import prisms  # noqa: F401  (refprism.prisms.needs, ... without a second import)
 from refprism.crosscheck import compare

@@ -57,35 +57,6 @@ from refprism.crosscheck.result import CompareResult, SiteResult
 from refprism.errors import InputError
 from refprism.gemma.record import expected_shapes, symbolic_shapes
 
-# ------------------------------------------------------------------------------------------------ profiles
-
-
-
-
-
-# ------------------------------------------------------------------------------------------------ weights
-
-
-# ------------------------------------------------------------------------------------------------ sites
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-
-
-# ------------------------------------------------------------------------------------------------ runs
-
-
-# ------------------------------------------------------------------------------------------------ llama.cpp (ggml-cpu)
-# Each rule below is read from the llama.cpp vendored in llama-cpp-python 0.3.36 (refprism/crosscheck/sides/llamacpp.py:
-# LLAMA_CPP_PYTHON), the build refprism checks; paths are under its vendor/llama.cpp/ggml/src/.
-
-
-# ------------------------------------------------------------------------------------------------ the catalogue
-
-
-# ------------------------------------------------------------------------------------------------ results
-
-
 # ------------------------------------------------------------------------------------------------ compare
 
 
@@ -318,8 +289,5 @@ def _summary_site(cfg, name, letters, summary, runs: _Runs, profile: Profile) ->
                       max_rel=max_abs / scale if scale > 0 else math.inf, nmse_db=math.nan, cosine=math.nan,
                       worst=worst, floor=floor, local_max_abs=None, local_max_rel=None, local_worst=None,
                       local_floor=None, scale=scale, summary=True)
-
-
-# ------------------------------------------------------------------------------------------------ diagnosis
 
 

@@ -156,11 +156,6 @@ def _last_line(text: str) -> str:
     return lines[-1][:300] if lines else "(no output)"
 
 
-# ------------------------------------------------------------------------------------------------ the file
-
-
-
-
 # ------------------------------------------------------------------------------------------------ view 1: logits
 
 
@@ -405,8 +400,5 @@ def capture(gguf_path, prompt, *, with_debug=True, cache_type="f16", bin_dir=Non
         cap.summaries.update(dump.summaries)
         cap.notes += dump.notes
     return cap
-
-
-# ------------------------------------------------------------------------------------------------ dump files
 
 

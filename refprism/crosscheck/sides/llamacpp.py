@@ -120,6 +120,9 @@ def tool(name: str, bin_dir=None) -> Path:
     """The path of a built llama.cpp binary (llama-debug, llama-quantize), or ToolError naming the build command."""
     folder = Path(bin_dir) if bin_dir is not None else cache_dir() / "bin"
     path = folder / name
+    if bin_dir is not None and not os.access(path, os.X_OK):  # the user's own build (--llama-cpp DIR)
+        raise InputError(f"no executable {name} in {str(folder)[:200]!r} (--llama-cpp): give the folder your "
+                         "llama.cpp build wrote its binaries to (e.g. build/bin)")
     if not os.access(path, os.X_OK):
         raise ToolError(f"{name} of llama.cpp (llama-cpp-python {LLAMA_CPP_PYTHON}) is not built in {folder}: "
                         f"run {BUILD_COMMAND}")
@@ -372,6 +375,8 @@ def conventions(cfg: Config, weights: str, cache_type: str) -> list[str]:
 def capture(gguf_path, prompt, *, with_debug=True, cache_type="f16", bin_dir=None) -> Capture:
     """llama.cpp on a GGUF file as a Capture: full logits [T, V] (llama-cpp-python) + llama-debug's summaries.
 
+    bin_dir: a folder holding a llama-debug of your own build (`compare --llama-cpp DIR`), checked instead of the
+    cached one; its logits are then what it prints too (llama-cpp-python links the build refprism pins).
     prompt: text (tokenized by llama.cpp, BOS added as the file says) or token ids (run as given; with_debug needs
     them to start with BOS and round-trip through text, since llama-debug takes text only).
     The capture's dtype is float32 and its `arithmetic` says how llama.cpp's CPU backend rounds this file
@@ -387,7 +392,12 @@ def capture(gguf_path, prompt, *, with_debug=True, cache_type="f16", bin_dir=Non
         detokenize(gguf_path, ids)  # ids llama-debug cannot take are refused before any run
     cap = Capture(source="llama.cpp", tokens=np.asarray(ids, dtype=np.int64), dtype="float32", arithmetic=how,
                   notes=conventions(cfg, how.weights, how.kv_cache))
-    cap.arrays["logits"] = logits(gguf_path, ids, cache_type=cache_type)
+    if bin_dir is None:  # llama-cpp-python runs the build refprism pins; a build of your own prints its own logits
+        cap.arrays["logits"] = logits(gguf_path, ids, cache_type=cache_type)
+    else:
+        cap.source = f"llama.cpp ({bin_dir})"
+        cap.notes.append(f"your llama.cpp build in {bin_dir}: every site from its llama-debug, the logits too "
+                         "(the rows it prints; llama-cpp-python runs the build refprism pins, not yours)")
     if with_debug:
         dump = debug_dump(gguf_path, prompt if isinstance(prompt, str) else ids, cache_type=cache_type,
                           bin_dir=bin_dir, cfg=cfg)
@@ -396,7 +406,8 @@ def capture(gguf_path, prompt, *, with_debug=True, cache_type="f16", bin_dir=Non
                             f"{ids[:12]}...")
         # The full logits (llama-cpp-python) are the logits site; llama-debug's printed last row is the same
         # quantity from the other binary (tests/test_other_llamacpp.py checks that they agree).
-        dump.summaries.pop("logits", None)
+        if "logits" in cap.arrays:
+            dump.summaries.pop("logits", None)
         cap.summaries.update(dump.summaries)
         cap.notes += dump.notes
     return cap

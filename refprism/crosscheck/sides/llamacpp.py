@@ -162,8 +162,29 @@ def _last_line(text: str) -> str:
 # ------------------------------------------------------------------------------------------------ view 1: logits
 
 
+def _no_extra_buffers(llama_cpp) -> None:
+    """Load weights into plain CPU buffers, as ggml's vec_dot computes (the arithmetic refprism's floors model),
+    never into llama.cpp's "extra" buffer types: on a CPU with AMX, llama-cpp-python 0.3.36 (built -march=native by
+    pip) moves Q4_K weights into AMX buffers, whose matmul (ggml_backend_amx_mul_mat) crashes the process on this
+    workplace's VMs (a segmentation fault on Gemma 3 270M's Q4_K_M file). llama-cpp-python does not expose the model
+    parameter `use_extra_bufts`, so its defaults are wrapped once."""
+    lib = llama_cpp.llama_cpp
+    if getattr(lib.llama_model_default_params, "refprism", False):
+        return
+    real = lib.llama_model_default_params
+
+    def params():
+        p = real()
+        p.use_extra_bufts = False
+        return p
+
+    params.refprism = True
+    lib.llama_model_default_params = params
+
+
 def _load_llama(gguf_path, n_tokens: int, *, cache_type="f16", vocab_only=False):
     llama_cpp = _llama_cpp()
+    _no_extra_buffers(llama_cpp)
     kv = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32}[_cache_type(cache_type)]
     n_ctx = max(256, -(-n_tokens // 256) * 256)
     try:

@@ -7,7 +7,8 @@ pyproject.toml): errors, files, figures; gemma (the architecture); checkpoints (
 prisms; interventions | crosscheck; sweeps | report; demo; cli. Each package's docstring says what is in it.
 """
 
-from refprism import prisms  # noqa: F401  (refprism.prisms.needs, ... without a second import)
+# refprism.prisms.needs, ... without a second import; refprism.gradients is a callable package (gradients(model, ...))
+from refprism import gradients, prisms  # noqa: F401
 from refprism.crosscheck import compare
 from refprism.errors import AccessError, CheckpointError, ConfigError, InputError, OutputError, RefprismError
 from refprism.gemma.config import Config

@@ -193,3 +193,13 @@ def test_bad_arguments_are_one_line_errors(models):
                          ({"position": 40}, "out of range")]:
         with pytest.raises(InputError, match=text):
             gradients(model, ids, **kwargs)
+
+
+def test_public_api_is_the_callable_package(models):
+    import refprism.gradients.backward as backward_module
+
+    model = models["tiny"]
+    g = refprism.gradients(model, _ids(model), targets=TARGETS, versus=FOILS, freeze=["norm"])
+    assert backward_module.__name__ == "refprism.gradients.backward"
+    assert g.freeze == ("norm",) and g.record["embed"].shape == (2, 9, model.config.d_model)
+    np.testing.assert_allclose(g.token_embedding, g.record["embed"] * model.normalizer, rtol=1e-15)

@@ -6,6 +6,20 @@ each nonlinearity frozen or not (backward.py), and the attribution methods built
 Public: every name below. May import: interventions, crosscheck, prisms, model, gemma, errors, files, figures.
 """
 
-from refprism.gradients.backward import FREEZABLE, READOUTS, Gradients, backward, gradients
+import sys
 
-__all__ = ["FREEZABLE", "READOUTS", "Gradients", "backward", "gradients"]
+from refprism.gradients.backward import FREEZABLE, READOUTS, Gradients, gradients
+
+__all__ = ["FREEZABLE", "READOUTS", "Gradients", "gradients"]
+
+
+class _CallablePackage(sys.modules[__name__].__class__):
+    """refprism.gradients is both this package and its main function: `refprism.gradients(model, prompt, ...)` is
+    backward.gradients, and `refprism.gradients.backward` etc. stay the modules (Python allows a module's class to
+    be replaced by a subclass of ModuleType)."""
+
+    def __call__(self, *args, **kwargs):
+        return gradients(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

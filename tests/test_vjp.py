@@ -149,3 +149,25 @@ def test_projections_vjp():
     check("heads_out", lambda zz: np.einsum("tnh,nhd->td", zz, W_O), z, ops.heads_out_vjp(go, W_O), go)
     e = RNG.standard_normal((T, D))
     check("embed", lambda ee: ee * np.sqrt(D), e, ops.embed_vjp(go, np.sqrt(D)), go)
+
+
+@pytest.mark.parametrize("sharp", [1.0, 12.0])
+def test_key_fix_closed_form_equals_the_softmax_recomputed_and_tends_to_the_vjp(sharp):
+    N, T, s = 2, 7, 3
+    a = RNG.standard_normal((N, T, T)) * sharp
+    pattern = ops.causal_softmax(a)
+    g = RNG.standard_normal((N, T, T))
+    for size in (3.0, 0.5, -2.0):
+        delta = RNG.standard_normal((N, T)) * size
+        moved = a.copy()
+        moved[:, :, s] += delta
+        brute = np.sum(g * (ops.causal_softmax(moved) - pattern), axis=-1)  # every row recomputed
+        closed = ops.softmax_key_change(g, pattern, s, delta)
+        np.testing.assert_allclose(closed, brute, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(ops.softmax_row_change(g, a, moved), brute, rtol=1e-12, atol=1e-14)
+        assert np.all(closed[:, :s] == 0)  # rows before s do not see it (causal)
+    vjp = ops.softmax_vjp(g[None], pattern)[0][..., s]  # dR/da_s per row
+    direction = RNG.standard_normal((N, T))
+    for h in (1e-3, 1e-5):  # the fix -> the linear estimate: error O(h^2)
+        err = np.abs(ops.softmax_key_change(g, pattern, s, h * direction) - h * direction * vjp).max()
+        assert err <= 10 * h * h * (1 + np.abs(vjp).max()), (h, err)

@@ -1,0 +1,181 @@
+"""Attribution methods on the backward pass: each component's estimated effect of being replaced, at the levels
+validate knows (residual, heads, head-source:L, neurons:L, neurons), labelled as validate labels them.
+
+Every score estimates the same number as validate's total effect: "the readout with the component as in the base
+run minus the readout with it replaced" (times the sign: +1 noising, -1 denoising; interventions' convention),
+for the same readout (the prisms' logits readout, pre-cap on Gemma 2), ablation and positions, so a score and a
+total sit side by side. With c the component at the edited positions t of the base run and c' its replacement
+(interventions.Setting.replacement), g = dR/dc from one backward pass of the base run:
+
+    gradxact   sign * sum_t g(t) . c(t)                 zero ablation: the linearisation of zeroing (grad x act);
+                                                         mean ablation: g . (c - mean)
+    atp        sign * sum_t g(t) . (c(t) - c'(t))         attribution patching; noising: g at the clean run,
+                                                         (clean - corrupt) . g; denoising: g at the counterfactual,
+                                                         the TransformerLens demo's form (scores labelled)
+    atp-gd     (1 / L) sum_l |atp with layer l's block dropped from the backward|     AtP*'s GradDrop: unsigned,
+                                                         large where effects that cancel in the sum are large
+    ig         sign * sum_t (c(t) - c'(t)) . (1/k) sum_i g_i(t),  g_i the gradient of a run with the component at
+                                                         c' + (i + 1/2)/k (c - c') (everything downstream recomputed):
+                                                         the midpoint rule for the path integral, which is the total
+                                                         effect exactly (error O(1/k^2))
+
+Cost (Attribution.cost): the forward and backward passes each method ran, and seconds.
+Axis letters as in ops.py; C components, Z readout columns, P edited positions, W a component's width.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from refprism.errors import InputError
+from refprism.gradients.backward import gradients
+from refprism.interventions.components import Group, activation, level_groups
+from refprism.interventions.edit import Edit, rerun
+from refprism.interventions.setting import Setting, setting
+from refprism.model import Run
+
+METHODS = ("gradxact", "atp", "atp-gd", "ig")
+
+
+@dataclass
+class Attribution:
+    """One method's score for every component of a level: values [C, Z] under validate's labels."""
+
+    setting: Setting = field(repr=False)
+    method: str
+    level: str
+    labels: list[str]
+    values: np.ndarray  # [C, Z]
+    cost: dict  # {"forward": passes, "backward": passes, "seconds": s}
+    steps: int | None = None  # ig's k
+
+    @property
+    def columns(self) -> list[str]:
+        return self.setting.readout.targets.labels
+
+    def to_json(self) -> dict:
+        from refprism.interventions.patching import _header
+
+        out = _header(self.setting, "attribute")
+        out.update({"method": self.method, "level": self.level, "steps": self.steps, "cost": self.cost,
+                    "components": [{"label": l, "values": [float(x) for x in v]}
+                                   for l, v in zip(self.labels, self.values)]})
+        return out
+
+    def table(self, top=20) -> str:
+        order = np.argsort(-np.abs(self.values[:, 0]), kind="stable")[:top]
+        width = max(12, *(len(c) + 2 for c in self.columns))
+        s = self.setting
+        out = [f"{self.method} on {self.level} ({s.ablate} ablation, {s.direction}; {len(self.labels)} components; "
+               f"{self.cost['forward']} forward + {self.cost['backward']} backward passes, "
+               f"{self.cost['seconds']:.2f} s)",
+               f"{'component':<18}" + "".join(f"{c:>{width}}" for c in self.columns)]
+        out += [f"{self.labels[i]:<18}" + "".join(f"{v:>{width}.4f}" for v in self.values[i]) for i in order]
+        return "\n".join(out)
+
+
+def attribute(model, prompt, *, method="atp", level="heads", targets=None, versus=(), position=-1, at=None,
+              ablate="zero", counterfactual=None, reference=None, direction="noising", steps=8) -> Attribution:
+    """Score every component of a level by one attribution method (module docstring); arguments as validate's.
+
+    steps: ig's k (midpoint rule)
+    """
+    if method not in METHODS:
+        raise InputError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if method == "gradxact" and ablate == "resample":
+        raise InputError("gradxact linearises zero or mean ablation; for a counterfactual use --method atp")
+    if method == "ig" and (not isinstance(steps, (int, np.integer)) or steps < 1):
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
+    s = setting(model, prompt, targets=targets, versus=versus, position=position, at=at, ablate=ablate,
+                counterfactual=counterfactual, reference=reference, direction=direction)
+    groups = level_groups(model.config, level, s.position)
+    started = time.perf_counter()
+    if method in ("gradxact", "atp"):
+        values, cost = linear_scores(s, groups), {"forward": 2 if s.donor is not None else 1, "backward": 1}
+    elif method == "atp-gd":
+        values, cost = graddrop_scores(s, groups)
+    else:
+        values, cost = ig_scores(s, groups, int(steps))
+    cost["seconds"] = time.perf_counter() - started
+    labels = [label for g in groups for label in g.labels]
+    return Attribution(s, method, str(level), labels, values, cost, int(steps) if method == "ig" else None)
+
+
+def _base_gradients(s: Setting, run=None, **kwargs):
+    return gradients(s.model, s.base if run is None else run, targets=s.readout.targets, position=s.position,
+                     **kwargs)
+
+
+def changes(s: Setting, g: Group) -> np.ndarray:
+    """c - c' at every edited position: [P, C, W] (0 for an edge whose source is after its query)."""
+    repl = s.replacement(g)
+    acts = np.stack([activation(s.model, s.base.record, g, t) for t in s.at])  # [P, C, W]
+    delta = acts - repl
+    if g.kind == "edge":
+        delta = delta * (g.source[None, :] <= np.asarray(s.at)[:, None])[..., None]
+    return delta
+
+
+def component_gradient(record, g: Group, at) -> np.ndarray:
+    """dR/dc for the group's components at positions `at`, from a gradient record: [Z, P, C, W].
+
+    Math:   embed, attn, mlp: dR/d(residual part)[t]; head h and edge (h, s): dR/dz[t, h] (an edge's term is
+            added into z[t, h]); neuron n: dR/dact[t, n]
+    """
+    G = record[g.site]
+    at = list(at)
+    if g.kind in ("embed", "attn", "mlp"):
+        return G[:, at][:, :, None, :]
+    if g.kind == "neuron":
+        return G[:, at][:, :, g.index][..., None]
+    return G[:, at][:, :, g.index, :]
+
+
+def linear_scores(s: Setting, groups, *, record=None) -> np.ndarray:
+    """sign * sum_t g(t) . (c(t) - c'(t)) for every component of the groups: [C, Z] (gradxact, atp)."""
+    if record is None:
+        record = _base_gradients(s, record=sorted({g.site for g in groups})).record
+    out = [s.sign * np.einsum("zpcw,pcw->cz", component_gradient(record, g, s.at), changes(s, g)) for g in groups]
+    return np.concatenate(out)
+
+
+def graddrop_scores(s: Setting, groups):
+    """AtP*'s GradDrop: (1 / L) sum_l |atp with layer l dropped from the backward| ([C, Z], unsigned)."""
+    L = s.model.config.n_layers
+    sites = sorted({g.site for g in groups})
+    total = 0
+    for l in range(L):
+        total = total + np.abs(linear_scores(s, groups, record=_base_gradients(s, drop=[l], record=sites).record))
+    return total / L, {"forward": 2 if s.donor is not None else 1, "backward": L}
+
+
+def ig_scores(s: Setting, groups, k: int):
+    """Integrated gradients along each component's own activation, midpoint rule with k steps: [C, Z].
+
+    Math:   IG(c) = sign * sum_t (c(t) - c'(t)) . (1/k) sum_{i<k} dR/dc(t) |_{c' + a_i (c - c')},  a_i = (i + 1/2)/k
+            each gradient from a re-run with the component set to that point (interventions.Edit, resumed at its
+            layer) and a backward pass down to the component's layer only
+    """
+    model = s.model
+    out, forwards, backwards = [], 0, 0
+    for g in groups:
+        repl = s.replacement(g)  # [P, C, W]
+        delta = changes(s, g)
+        scores = np.zeros((len(g), len(s.readout.targets.labels)), dtype=model.dtype)
+        for r in range(len(g)):
+            one = g.take([r])
+            acc = 0
+            for i in range(k):
+                a = (i + 0.5) / k
+                value = repl[:, [r]] + np.asarray(a, dtype=model.dtype) * delta[:, [r]]
+                rec = rerun(model, s.base, Edit(model.config, [(one, s.at, value)]))
+                run = Run(s.base.tokens, s.base.pieces, rec)
+                grads = _base_gradients(s, run, record=[one.site], down_to=max(one.layer, 0))
+                acc = acc + component_gradient(grads.record, one, s.at)  # [Z, P, 1, W]
+                forwards, backwards = forwards + 1, backwards + 1
+            scores[r] = s.sign * np.einsum("zpcw,pcw->z", acc / k, delta[:, [r]])
+        out.append(scores)
+    return np.concatenate(out), {"forward": forwards + (2 if s.donor is not None else 1), "backward": backwards}

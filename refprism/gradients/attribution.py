@@ -12,8 +12,8 @@ total sit side by side. With c the component at the edited positions t of the ba
     atp        sign * sum_t g(t) . (c(t) - c'(t))         attribution patching; noising: g at the clean run,
                                                          (clean - corrupt) . g; denoising: g at the counterfactual,
                                                          the TransformerLens demo's form (scores labelled)
-    atp-gd     (1 / L) sum_l |atp with layer l's block dropped from the backward|     AtP*'s GradDrop: unsigned,
-                                                         large where effects that cancel in the sum are large
+    atp-gd     mean over l != layer(c) of |atp with layer l's block dropped from the backward|: AtP*'s GradDrop,
+                                                         unsigned, large where effects that cancel in AtP are large
     ig         sign * sum_t (c(t) - c'(t)) . (1/k) sum_i g_i(t),  g_i the gradient of a run with the component at
                                                          c' + (i + 1/2)/k (c - c') (everything downstream recomputed):
                                                          the midpoint rule for the path integral, which is the total
@@ -143,13 +143,21 @@ def linear_scores(s: Setting, groups, *, record=None) -> np.ndarray:
 
 
 def graddrop_scores(s: Setting, groups):
-    """AtP*'s GradDrop: (1 / L) sum_l |atp with layer l dropped from the backward| ([C, Z], unsigned)."""
+    """AtP*'s GradDrop: the mean over the other layers l of |atp with layer l's block dropped from the backward|
+    ([C, Z], unsigned); the embedding averages over every layer.
+
+    Math:   atp-gd(c) = 1 / #{l != layer(c)} sum_{l != layer(c)} |atp_{drop l}(c)|
+    """
     L = s.model.config.n_layers
     sites = sorted({g.site for g in groups})
-    total = 0
+    total = [0] * len(groups)
     for l in range(L):
-        total = total + np.abs(linear_scores(s, groups, record=_base_gradients(s, drop=[l], record=sites).record))
-    return total / L, {"forward": 2 if s.donor is not None else 1, "backward": L}
+        record = _base_gradients(s, drop=[l], record=sites).record
+        for i, g in enumerate(groups):
+            if g.layer != l:
+                total[i] = total[i] + np.abs(linear_scores(s, [g], record=record))
+    values = np.concatenate([t / (L if g.layer < 0 else L - 1) for t, g in zip(total, groups)])
+    return values, {"forward": 2 if s.donor is not None else 1, "backward": L}
 
 
 def ig_scores(s: Setting, groups, k: int):

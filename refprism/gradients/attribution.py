@@ -32,6 +32,7 @@ import numpy as np
 
 from refprism.errors import InputError
 from refprism.gradients.backward import gradients
+from refprism.interventions.agreement import agreement
 from refprism.interventions.components import Group, activation, level_groups
 from refprism.interventions.edit import Edit, rerun
 from refprism.interventions.setting import Setting, setting
@@ -187,3 +188,76 @@ def ig_scores(s: Setting, groups, k: int):
             scores[r] = s.sign * np.einsum("zpcw,pcw->z", acc / k, delta[:, [r]])
         out.append(scores)
     return np.concatenate(out), {"forward": forwards + (2 if s.donor is not None else 1), "backward": backwards}
+
+
+# ------------------------------------------------------------------------------------------------- beside validate
+
+
+@dataclass
+class MethodsValidation:
+    """validate's result with one column per attribution method beside prism, direct and total: each method's
+    scores, its agreement with the totals (interventions.agreement: Spearman, Kendall, sign agreement, top-k
+    precision/recall, re-runs to the true top-k) over the re-run components, and its cost."""
+
+    validation: object  # interventions.Validation
+    methods: dict  # method -> Attribution
+
+    def agreement(self, method) -> dict:
+        v = self.validation
+        a = self.methods[method]
+        k = v.agreement["k"]
+        scores = a.values[v.verified, v.column]
+        out = agreement(scores, v.total[v.verified, v.column], k)
+        if not v.verified.all():
+            out["reruns_to_true_top_k"] = None
+        if method == "atp-gd":  # unsigned by construction: its sign says nothing
+            out["sign_agreement"] = None
+        return out
+
+    def to_json(self) -> dict:
+        out = self.validation.to_json()
+        rows = {c["label"]: c for c in out["components"]}
+        for m, a in self.methods.items():
+            for label, v in zip(a.labels, a.values):
+                if label in rows:
+                    rows[label][m] = [float(x) for x in v]
+        out["methods"] = {m: {"agreement": self.agreement(m), "cost": a.cost, "steps": a.steps}
+                          for m, a in self.methods.items()}
+        out["methods"]["prism"] = {"agreement": self.validation.agreement,
+                                   "cost": {"forward": 1, "backward": 0}}
+        return out
+
+    def table(self, top=20) -> str:
+        v = self.validation
+        fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+        out = [v.table(top=top), "",
+               f"each method's agreement with |total| (column {v.columns[v.column]}, n = {v.agreement['n']}, "
+               f"k = {v.agreement['k']}) and cost:",
+               f"{'method':<10}{'Spearman':>10}{'Kendall':>10}{'sign':>8}{'top-k P':>9}{'top-k R':>9}"
+               f"{'fwd':>6}{'bwd':>6}{'seconds':>9}"]
+        rows = [("prism", v.agreement, {"forward": 1, "backward": 0, "seconds": float("nan")})]
+        rows += [(m, self.agreement(m), a.cost) for m, a in self.methods.items()]
+        for m, g, c in rows:
+            out.append(f"{m:<10}{fmt(g['spearman']):>10}{fmt(g['kendall']):>10}{fmt(g['sign_agreement']):>8}"
+                       f"{g['top_k_precision']:>9.3f}{g['top_k_recall']:>9.3f}{c['forward']:>6}{c['backward']:>6}"
+                       f"{c['seconds']:>9.2f}")
+        return "\n".join(out)
+
+
+def validate_methods(model, prompt, *, methods=("atp",), level="heads", steps=8, **kwargs) -> MethodsValidation:
+    """interventions.validate with one column per attribution method (METHODS) on the same components, runs,
+    readout and ablation; kwargs as validate's (targets, versus, position, at, ablate, counterfactual, reference,
+    direction, top, budget, seed, column, faithfulness, logprob)."""
+    from refprism.interventions import validate
+
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise InputError(f"method {bad[0] if bad else None!r} is not one of {', '.join(METHODS)}")
+    v = validate(model, prompt, level=level, **kwargs)
+    s = v.setting
+    same = {"targets": s.readout.targets, "position": s.position, "at": list(s.at), "ablate": s.ablate,
+            "counterfactual": s.counterfactual, "reference": s.means if s.ablate == "mean" else None,
+            "direction": s.direction}
+    found = {m: attribute(model, s.clean, method=m, level=level, steps=steps, **same) for m in methods}
+    return MethodsValidation(v, found)

@@ -145,3 +145,41 @@ def test_attribute_refuses_bad_arguments(gemma2):
                          ({"level": "layers"}, "not a level")]:
         with pytest.raises(InputError, match=text):
             attribute(gemma2, ids, **kwargs)
+
+
+def test_validate_methods_sets_each_method_beside_the_totals(gemma2):
+    from refprism.gradients.attribution import validate_methods
+    from refprism.interventions.agreement import agreement
+
+    ids, cf = _ids(gemma2, 8), _ids(gemma2, 9)
+    kw = dict(level="heads", targets=["#5"], versus=["#3"], ablate="resample", counterfactual=cf,
+              direction="denoising")
+    r = validate_methods(gemma2, ids, methods=["atp", "ig"], steps=4, faithfulness=False, **kw)
+    v = r.validation
+    alone = attribute(gemma2, ids, method="atp", **kw)
+    assert r.methods["atp"].labels == v.labels
+    np.testing.assert_allclose(r.methods["atp"].values, alone.values, rtol=1e-12)
+    assert r.agreement("ig") == agreement(r.methods["ig"].values[:, 0], v.total[:, 0], v.agreement["k"])
+    assert np.abs(r.methods["ig"].values - v.total).max() < np.abs(alone.values - v.total).max()
+    j = r.to_json()
+    assert set(j["methods"]) == {"atp", "ig", "prism"} and j["direction"] == "denoising"
+    assert all("atp" in c and "ig" in c for c in j["components"])
+    assert j["methods"]["ig"]["cost"]["forward"] > j["methods"]["atp"]["cost"]["forward"]
+
+
+def test_cli_attribute_and_validate_methods(checkpoint, capsys):
+    import json
+
+    from refprism import cli
+
+    d = str(checkpoint("tiny-gemma3"))
+    args = ["--model", d, "--ids", "2,5,7,9,11,13", "--level", "heads", "--ablate", "zero", "--targets", "#5"]
+    assert cli.main(["attribute", *args, "--method", "atp", "--method", "gradxact", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["components"][0]["label"] == "L0H0" and set(out["methods"]) == {"atp", "gradxact"}
+    assert out["components"][0]["atp"] == out["components"][0]["gradxact"]
+    assert cli.main(["validate", *args, "--methods", "atp", "--no-faithfulness"]) == 0
+    assert "each method's agreement" in capsys.readouterr().out
+    assert cli.main(["attribute", *args, "--method", "eap"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("refprism: error: method 'eap'") and "\n" not in err

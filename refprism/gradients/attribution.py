@@ -79,10 +79,12 @@ class Attribution:
 
 
 def attribute(model, prompt, *, method="atp", level="heads", targets=None, versus=(), position=-1, at=None,
-              ablate="zero", counterfactual=None, reference=None, direction="noising", steps=8) -> Attribution:
+              ablate="zero", counterfactual=None, reference=None, direction="noising", steps=8,
+              max_reruns=1024) -> Attribution:
     """Score every component of a level by one attribution method (module docstring); arguments as validate's.
 
-    steps: ig's k (midpoint rule)
+    steps: ig's k (midpoint rule);  max_reruns: ig costs components x steps re-runs (and backward passes): more
+           than this is refused before any is run
     """
     if method not in METHODS:
         raise InputError(f"method {method!r} is not one of {', '.join(METHODS)}")
@@ -93,6 +95,10 @@ def attribute(model, prompt, *, method="atp", level="heads", targets=None, versu
     s = setting(model, prompt, targets=targets, versus=versus, position=position, at=at, ablate=ablate,
                 counterfactual=counterfactual, reference=reference, direction=direction)
     groups = level_groups(model.config, level, s.position)
+    C = sum(len(g) for g in groups)
+    if method == "ig" and C * steps > max_reruns:
+        raise InputError(f"ig on {level} would run {C} components x {steps} steps = {C * steps} re-runs (at most "
+                         f"{max_reruns}): pick a smaller level, fewer steps, or raise max_reruns")
     started = time.perf_counter()
     if method in ("gradxact", "atp"):
         values, cost = linear_scores(s, groups), {"forward": 2 if s.donor is not None else 1, "backward": 1}

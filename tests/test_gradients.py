@@ -148,8 +148,10 @@ def test_each_freeze_switch_equals_differences_of_a_forward_with_the_factor_held
 def test_selective_record_is_recomputed_layer_by_layer(models, preset):
     model = models[preset]
     ids = _ids(model, 11, 2)
-    full = gradients(model, model.run(ids), targets=TARGETS, versus=FOILS, readout="logprob")
-    sel = gradients(model, model.run(ids, record=["logits@-1"]), targets=TARGETS, versus=FOILS, readout="logprob")
+    full = gradients(model, model.run(ids), targets=TARGETS, versus=FOILS, readout="logprob", position=5)
+    sel = gradients(model, model.run(ids, record=["logits@-1"]), targets=TARGETS, versus=FOILS, readout="logprob",
+                    position=5)
+    np.testing.assert_allclose(sel.value, full.value, rtol=1e-14)
     for name in full.record:
         np.testing.assert_allclose(sel.record[name], full.record[name], rtol=0,
                                    atol=1e-13 * max(1.0, np.abs(full.record[name]).max()), err_msg=name)

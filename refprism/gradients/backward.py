@@ -102,9 +102,9 @@ def gradients(model, prompt_or_run, *, targets=None, versus=(), position=-1, rea
     freeze = _freeze(freeze)
     drop = _drop(cfg, drop)
     run = prompt_or_run if isinstance(prompt_or_run, Run) else model.run(prompt_or_run)
-    layers = _layer_source(model, run)
-    top = layers.top  # a record with the final residual, the final norm and the logits at every position asked
     p = P.resolve_position(run, position)
+    layers = _layer_source(model, run, p)
+    top = layers.top  # a record with the final residual, the final norm and the logits at the readout position
     seed, labels, value, kind, tg = _seed(model, run, top, p, targets, versus, readout, freeze)
     keep = None if record is None else ([record] if isinstance(record, str) else list(record))
     if keep is not None:
@@ -247,7 +247,7 @@ class _Layers:
         return _one_layer(self.model, self.run.tokens, self.top, l)
 
 
-def _layer_source(model, run) -> _Layers:
+def _layer_source(model, run, p) -> _Layers:
     """The run's own record when it holds every site but the logits (then its values are used as they are, an
     edited run's included); else a checkpoint forward of the tokens (a selective record's edits are not replayed)."""
     cfg = model.config
@@ -256,7 +256,7 @@ def _layer_source(model, run) -> _Layers:
                                     for n in symbolic_shapes(cfg) if not n.startswith("logits")):
         return _Layers(model, run, rec, True)
     keep = ["embed", "blocks.*.resid_pre", f"blocks.{cfg.n_layers - 1}.resid_post", "ln_final.scale",
-            "ln_final.out", "logits"] + (["logits_uncapped"] if cfg.final_softcap is not None else [])
+            "ln_final.out", f"logits@{p}"] + ([f"logits_uncapped@{p}"] if cfg.final_softcap is not None else [])
     top = forward(model.params, cfg, run.tokens, normalizer=model.normalizer, record=keep)
     return _Layers(model, run, top, False)
 

@@ -140,7 +140,8 @@ def test_atp_equals_torch_autograd_atp(checkpoint, preset, direction):
 
 def test_attribute_refuses_bad_arguments(gemma2):
     ids = _ids(gemma2, 7)
-    for kwargs, text in [({"method": "eap"}, "method 'eap'"), ({"method": "ig", "steps": 0}, "steps"),
+    for kwargs, text in [({"method": "eap"}, "method 'eap'"),
+                         ({"method": "atp*"}, "needs --level heads"), ({"method": "ig", "steps": 0}, "steps"),
                          ({"method": "gradxact", "ablate": "resample", "counterfactual": ids}, "gradxact"),
                          ({"level": "layers"}, "not a level")]:
         with pytest.raises(InputError, match=text):
@@ -183,3 +184,50 @@ def test_cli_attribute_and_validate_methods(checkpoint, capsys):
     assert cli.main(["attribute", *args, "--method", "eap"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("refprism: error: method 'eap'") and "\n" not in err
+
+
+def test_atp_star_qk_fix_against_brute_force_and_its_linear_limit(gemma2):
+    """atp* (heads, resample): each part recomputed by brute force here (the pattern row softmaxed again with the
+    other run's query, and with each other-run key alone), and as the other run approaches the clean one, atp*
+    and atp agree to second order: |atp* - atp| / |atp| shrinks in proportion to the change."""
+    model, cfg = gemma2, gemma2.config
+    ids = _ids(model, 10)
+    clean = model.run(ids)
+    d = np.random.default_rng(0).standard_normal(clean.record["embed"].shape)
+
+    def nearby(eps):
+        return model.run(ids, edit=lambda name, v, r: v + eps * d if name == "embed" else v)
+
+    other = nearby(1.0)
+    kw = dict(level="heads", targets=["#5"], versus=["#3"], ablate="resample")
+    star = attribute(model, clean, method="atp*", counterfactual=other, **kw)
+    p, l, n = star.setting.position, 1, 2  # one head checked by brute force: layer 1 (full), head 2
+    b = f"blocks.{l}."
+    from refprism.gradients.backward import gradients
+
+    g_z = gradients(model, clean, targets=star.setting.readout.targets, position=p).record[b + "attn.z"][:, p, n]
+    j = ops.kv_index(cfg.n_heads, cfg.n_kv_heads)[n]
+    q, k, v = (clean.record[b + x][:, [n if x == "attn.q" else j]] for x in ("attn.q", "attn.k", "attn.v"))
+    q2, k2, v2 = (other.record[b + x][:, [n if x == "attn.q" else j]] for x in ("attn.q", "attn.k", "attn.v"))
+    scale = cfg.query_pre_attn_scalar ** -0.5
+
+    def row(qq, kk):
+        return ops.causal_softmax(ops.attention_scores(qq, kk, scale), cap=cfg.attn_softcap)[0, p]  # [S]
+
+    A = row(q, k)
+    dz = A @ (v[:, 0] - v2[:, 0])  # the value part's change of z (clean minus other)
+    dz -= (row(q2, k) - A) @ v[:, 0]
+    for s in range(p + 1):
+        k_s = k.copy()
+        k_s[s] = k2[s]
+        dz -= (row(q, k_s) - A) @ v[:, 0]
+    expected = g_z @ dz  # [Z]
+    np.testing.assert_allclose(star.values[star.labels.index(f"L{l}H{n}")], expected, rtol=1e-10)
+
+    gaps = []
+    for eps in (1e-2, 1e-3):
+        o = nearby(eps)
+        a1 = attribute(model, clean, method="atp*", counterfactual=o, **kw).values
+        a0 = attribute(model, clean, method="atp", counterfactual=o, **kw).values
+        gaps.append(np.abs(a1 - a0).max() / np.abs(a0).max())
+    assert 5 < gaps[0] / gaps[1] < 20, gaps  # O(eps): 10x smaller for a 10x smaller change

@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="the random sample's seed (default 0)")
     p.add_argument("--no-faithfulness", action="store_true", help="skip the faithfulness curve (its ~25 re-runs)")
     p.add_argument("--methods", metavar="M,M", help="attribution methods to set beside the prism, comma separated: "
-                                                   "gradxact, atp, atp-gd, ig (refprism/gradients/attribution.py)")
+                                                   "gradxact, atp, atp*, atp-gd, ig (refprism/gradients/)")
     p.add_argument("--steps", type=int, default=8, help="ig's steps k (midpoint rule; default 8)")
     p.set_defaults(func=cmd_validate)
 
@@ -40,7 +40,7 @@ def register(sub) -> None:
                                          "activation, AtP, AtP with GradDrop, integrated gradients)")
     _intervention_args(p)
     p.add_argument("--method", action="append", required=True, metavar="METHOD",
-                   help="gradxact, atp, atp-gd or ig (repeatable)")
+                   help="gradxact, atp, atp* (heads, resample), atp-gd or ig (repeatable)")
     p.add_argument("--level", required=True, metavar="LEVEL",
                    help="residual, heads, head-source:L, neurons:L or neurons")
     p.add_argument("--steps", type=int, default=8, help="ig's steps k (midpoint rule; default 8)")

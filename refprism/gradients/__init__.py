@@ -2,7 +2,7 @@
 each nonlinearity frozen or not (backward.py), and the attribution methods built on it (attribution.py).
 
     backward.py     the backward pass with its freeze switches and GradDrop, the readouts it starts from
-    attribution.py  gradient x activation, AtP (noising, denoising), AtP with GradDrop, integrated gradients
+    attribution.py  gradient x activation, AtP (noising, denoising), AtP*'s QK fix, GradDrop, integrated gradients
 
 Public: every name below. May import: interventions, crosscheck, prisms, model, gemma, errors, files, figures.
 """

@@ -14,6 +14,9 @@ total sit side by side. With c the component at the edited positions t of the ba
                                                          the TransformerLens demo's form (scores labelled)
     atp-gd     mean over l != layer(c) of |atp with layer l's block dropped from the backward|: AtP*'s GradDrop,
                                                          unsigned, large where effects that cancel in AtP are large
+    atp*       heads under resample only: AtP*'s estimate of patching the head through its inputs, each row's
+               softmax recomputed for the other run's query and for each other-run key alone (the QK fix), the
+               values linear, plus GradDrop's |.| average when asked (atp-gd); see qk_fixed_scores
     ig         sign * sum_t (c(t) - c'(t)) . (1/k) sum_i g_i(t),  g_i the gradient of a run with the component at
                                                          c' + (i + 1/2)/k (c - c') (everything downstream recomputed):
                                                          the midpoint rule for the path integral, which is the total
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from refprism.errors import InputError
+from refprism.gemma import ops
 from refprism.gradients.backward import gradients
 from refprism.interventions.agreement import agreement
 from refprism.interventions.components import Group, activation, level_groups
@@ -38,7 +42,7 @@ from refprism.interventions.edit import Edit, rerun
 from refprism.interventions.setting import Setting, setting
 from refprism.model import Run
 
-METHODS = ("gradxact", "atp", "atp-gd", "ig")
+METHODS = ("gradxact", "atp", "atp*", "atp-gd", "ig")
 
 
 @dataclass
@@ -88,6 +92,9 @@ def attribute(model, prompt, *, method="atp", level="heads", targets=None, versu
     """
     if method not in METHODS:
         raise InputError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if method == "atp*" and (ablate != "resample" or str(level) != "heads"):
+        raise InputError("atp* estimates a head's patch through its queries, keys and values: it needs --level heads "
+                         "and --ablate resample (the other run's q, k and v)")
     if method == "gradxact" and ablate == "resample":
         raise InputError("gradxact linearises zero or mean ablation; for a counterfactual use --method atp")
     if method == "ig" and (not isinstance(steps, (int, np.integer)) or steps < 1):
@@ -104,6 +111,8 @@ def attribute(model, prompt, *, method="atp", level="heads", targets=None, versu
         values, cost = linear_scores(s, groups), {"forward": 2 if s.donor is not None else 1, "backward": 1}
     elif method == "atp-gd":
         values, cost = graddrop_scores(s, groups)
+    elif method == "atp*":
+        values, cost = qk_fixed_scores(s, groups), {"forward": 2, "backward": 1}
     else:
         values, cost = ig_scores(s, groups, int(steps))
     cost["seconds"] = time.perf_counter() - started
@@ -165,6 +174,61 @@ def graddrop_scores(s: Setting, groups):
                 total[i] = total[i] + np.abs(linear_scores(s, [g], record=record))
     values = np.concatenate([t / (L if g.layer < 0 else L - 1) for t, g in zip(total, groups)])
     return values, {"forward": 2 if s.donor is not None else 1, "backward": L}
+
+
+def qk_fixed_scores(s: Setting, groups) -> np.ndarray:
+    """AtP*'s QK fix for heads: patching head n's output at t, estimated through its inputs from the other run O
+    (q', k', v'), the softmax exact where AtP's linearisation of it saturates.
+
+    Math:   g_A[t, s] = dR/dz[t, n] . v[s, kv(n)]   (dR/dpattern of the base run B)
+            value:  sum_s A[n,t,s] dR/dz[t,n] . (v[s] - v'[s])                               (linear)
+            query:  -<g_A[t], softmax(c(q'_t . k_s scale))_s - A[n,t]>                      (the row recomputed:
+                    ops.softmax_row_change, soft-cap and mask inside; q' after O's q norm and RoPE)
+            keys:   -sum_s <g_A[t], A with only key s moved to k'_s - A[n,t]>                (each key alone, the
+                    closed form ops.softmax_key_change: delta = c(q_t . k'_s scale) - c(q_t . k_s scale))
+            score = sign * (value + query + keys) summed over the edited positions t; c the soft-cap (Gemma 2)
+    Shapes: -> [C, Z]
+    """
+    model, cfg = s.model, s.model.config
+    base, other = s.base.record, s.donor.record
+    grads = _base_gradients(s, record=[g.site for g in groups]).record
+    kv = ops.kv_index(cfg.n_heads, cfg.n_kv_heads)
+    scale = np.asarray(cfg.query_pre_attn_scalar ** -0.5, dtype=model.dtype)
+    cap = cfg.attn_softcap
+    capped = (lambda x: x) if cap is None else (lambda x: ops.softcap(x, cap))  # noqa: E731
+    out = []
+    for g in groups:
+        b = f"blocks.{g.layer}."
+        window = cfg.sliding_window if cfg.is_sliding(g.layer) else None
+        A, v, q, k = base[b + "attn.pattern"], base[b + "attn.v"], base[b + "attn.q"], base[b + "attn.k"]
+        v2, q2, k2 = other[b + "attn.v"], other[b + "attn.q"], other[b + "attn.k"]
+        g_z = grads[b + "attn.z"]  # [Z, T, N, H]
+        Z = g_z.shape[0]
+        scores = np.zeros((len(g), Z), dtype=model.dtype)
+        for c, n in enumerate(g.index):
+            j = kv[n]
+            a = ops.attention_scores(q[:, [n]], k[:, [j]], scale)  # [1, T, S] (one head, its kv head)
+            a_q = ops.attention_scores(q2[:, [n]], k[:, [j]], scale)  # the other run's queries, these keys
+            a_k = ops.attention_scores(q[:, [n]], k2[:, [j]], scale)  # these queries, the other run's keys
+            delta = capped(a_k[0]) - capped(a[0])  # [T, S]: each key's move in every row, after the soft-cap
+            for t in s.at:
+                g_A = np.einsum("zh,sh->zs", g_z[:, t, n], v[:, j])  # [Z, S]
+                value = np.einsum("s,zsh->z", A[n, t], g_z[:, t, n][:, None, :] * (v[:, j] - v2[:, j])[None])
+                query = _row_change(g_A, a[0], a_q[0], t, window, cap)
+                keys = sum(ops.softmax_key_change(g_A, A[n, t][None, :], src, delta[t, src][None])
+                           for src in range(t + 1))
+                scores[c] += s.sign * (value - query - keys)
+        out.append(scores)
+    return np.concatenate(out)
+
+
+def _row_change(g_A, a, a_new, t, window, cap):
+    """<g_A, softmax row t of a_new - of a> [Z] (rows before t computed too: causal_softmax is per row)."""
+    rows = ops.softmax_row_change(np.broadcast_to(g_A[:, None, :], (len(g_A), t + 1, a.shape[1])),
+                                  np.broadcast_to(a[None, : t + 1], (len(g_A), t + 1, a.shape[1])),
+                                  np.broadcast_to(a_new[None, : t + 1], (len(g_A), t + 1, a.shape[1])), window,
+                                  cap=cap)
+    return rows[:, t]
 
 
 def ig_scores(s: Setting, groups, k: int):
@@ -260,6 +324,9 @@ def validate_methods(model, prompt, *, methods=("atp",), level="heads", steps=8,
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise InputError(f"method {bad[0] if bad else None!r} is not one of {', '.join(METHODS)}")
+    if "atp*" in methods and (kwargs.get("ablate") != "resample" or str(level) != "heads"):
+        raise InputError("atp* estimates a head's patch through its queries, keys and values: it needs --level heads "
+                         "and --ablate resample (the other run's q, k and v)")
     v = validate(model, prompt, level=level, **kwargs)
     s = v.setting
     same = {"targets": s.readout.targets, "position": s.position, "at": list(s.at), "ablate": s.ablate,

@@ -1,4 +1,4 @@
-"""Attribution methods (refprism/gradients/attribution.py) against patching and against torch autograd.
+"""Attribution methods (refprism/interventions/attribution.py) against patching and against torch autograd.
 
 - Integrated gradients of one component converge to its patched total effect at the midpoint rule's rate:
   err(k) / err(2k) -> 4 (we require 3 .. 5 on components whose error is well above rounding).
@@ -17,8 +17,8 @@ from test_gradients_hf import hf_sites
 import refprism
 from refprism.errors import InputError
 from refprism.gemma import ops
-from refprism.gradients.attribution import attribute
 from refprism.interventions import validate
+from refprism.interventions.attribution import attribute
 
 
 def _ids(model, seed, T=9):
@@ -149,8 +149,8 @@ def test_attribute_refuses_bad_arguments(gemma2):
 
 
 def test_validate_methods_sets_each_method_beside_the_totals(gemma2):
-    from refprism.gradients.attribution import validate_methods
     from refprism.interventions.agreement import agreement
+    from refprism.interventions.attribution import validate_methods
 
     ids, cf = _ids(gemma2, 8), _ids(gemma2, 9)
     kw = dict(level="heads", targets=["#5"], versus=["#3"], ablate="resample", counterfactual=cf,

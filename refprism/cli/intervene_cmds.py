@@ -148,7 +148,7 @@ def cmd_validate(args) -> int:
     if methods is None:
         result = shown = validate(model, prompt, **common)
     else:
-        from refprism.gradients.attribution import validate_methods
+        from refprism.interventions.attribution import validate_methods
 
         shown = validate_methods(model, prompt, methods=methods, steps=args.steps, **common)
         result = shown.validation
@@ -167,7 +167,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_attribute(args) -> int:
-    from refprism.gradients.attribution import attribute
+    from refprism.interventions.attribution import attribute
 
     if args.plot:
         raise InputError("attribute draws no figure: use validate --methods ... --plot for the validation figure")

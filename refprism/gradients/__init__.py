@@ -1,18 +1,18 @@
 """Gradients of a readout with respect to every recorded site: one backward pass over the recorded forward, with
-each nonlinearity frozen or not (backward.py), and the attribution methods built on it (attribution.py).
+each nonlinearity frozen or not (backward.py). The attribution methods built on it (gradient x activation, AtP,
+AtP*, GradDrop, integrated gradients) are interventions' (refprism/interventions/attribution.py): they score the
+components validate patches.
 
     backward.py     the backward pass with its freeze switches and GradDrop, the readouts it starts from
-    attribution.py  gradient x activation, AtP (noising, denoising), AtP*'s QK fix, GradDrop, integrated gradients
 
-Public: every name below. May import: interventions, crosscheck, prisms, model, gemma, errors, files, figures.
+Public: every name below. May import: prisms (its readouts: one readout mechanism), model, gemma, errors, files.
 """
 
 import sys
 
-from refprism.gradients.attribution import METHODS, Attribution, attribute
 from refprism.gradients.backward import FREEZABLE, READOUTS, Gradients, gradients
 
-__all__ = ["FREEZABLE", "METHODS", "READOUTS", "Attribution", "Gradients", "attribute", "gradients"]
+__all__ = ["FREEZABLE", "READOUTS", "Gradients", "gradients"]
 
 
 class _CallablePackage(sys.modules[__name__].__class__):

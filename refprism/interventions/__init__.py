@@ -43,10 +43,13 @@ Axis letters as in ops.py; C components, Z readout columns, P edited positions, 
     patching.py    patch(): one component; the JSON of patch and validate
     agreement.py   rank agreement statistics with exact intervals
     validation.py  validate(): every component of a level, agreement, faithfulness
+    attribution.py the gradient methods beside them (gradient x activation, AtP, AtP*, GradDrop, integrated
+                   gradients) on gradients.backward: attribute(), validate(methods=...)
     plots.py       the validation figure
 
 Public: patch, validate, Patch, Validation, Group, parse_component, level_groups, setting, Setting, Edit, rerun,
-the agreement statistics. May import: prisms, model, gemma, errors, files, figures (not other capabilities).
+the agreement statistics, attribute, METHODS. May import: gradients, prisms, model, gemma, errors, files, figures
+(not other capabilities).
 """
 
 from refprism.interventions.agreement import (
@@ -58,6 +61,7 @@ from refprism.interventions.agreement import (
                                               spearman,
                                               top_set,
 )
+from refprism.interventions.attribution import METHODS, Attribution, MethodsValidation, attribute
 from refprism.interventions.components import (
                                               KINDS,
                                               LABEL_FORMS,
@@ -85,7 +89,8 @@ from refprism.interventions.setting import (
 )
 from refprism.interventions.validation import Validation, faithfulness_grid, recovered_curve, validate
 
-__all__ = ["ABLATIONS", "CHUNK", "DIRECTIONS", "KINDS", "LABEL_FORMS", "LEVELS", "Edit", "Group", "Patch",
+__all__ = ["METHODS", "Attribution", "MethodsValidation", "attribute",
+           "ABLATIONS", "CHUNK", "DIRECTIONS", "KINDS", "LABEL_FORMS", "LEVELS", "Edit", "Group", "Patch",
            "Readings", "Setting", "Validation", "activation", "agreement", "binomial_upper", "deltas",
            "direct_effects", "faithfulness_grid", "kendall", "level_groups", "mean_activation", "parse_component",
            "patch", "prism_terms", "ranks", "recovered_curve", "rerun", "reruns_to_top_k", "residual_changes",

@@ -98,8 +98,12 @@ class Validation(_Split):
 
 def validate(model, prompt, *, level="heads", targets=None, versus=(), position=-1, at=None, ablate="zero",
              counterfactual=None, reference=None, direction="noising", top=10, budget=256, seed=0, column=0,
-             faithfulness=True, logprob=False) -> Validation:
+             faithfulness=True, logprob=False, methods=(), steps=8):
     """Every component of a level: prism beside direct and total effect, their agreement, circuit faithfulness.
+
+    methods: attribution methods to set beside them (interventions.attribution.METHODS: gradxact, atp, atp*,
+            atp-gd, ig), each with its agreement with the totals and its cost; then the result is a
+            `MethodsValidation` holding this Validation (`.validation`) and one Attribution per method. steps: ig's.
 
     level:  residual | heads | head-source:L | neurons:L | neurons (see level_groups)
     top:    k of the top-k metrics (and of the verified top when the level is sampled)
@@ -111,6 +115,13 @@ def validate(model, prompt, *, level="heads", targets=None, versus=(), position=
     logprob: also each re-run's change in the targets' log-probabilities (one [D] x [D, V] product per re-run)
     Other arguments as for `patch`. Effects are "clean minus replaced" (module docstring).
     """
+    if methods:  # the same validate, then each method on its components, runs and readout
+        from refprism.interventions.attribution import validate_methods
+
+        return validate_methods(model, prompt, methods=methods, level=level, steps=steps, targets=targets,
+                                versus=versus, position=position, at=at, ablate=ablate,
+                                counterfactual=counterfactual, reference=reference, direction=direction, top=top,
+                                budget=budget, seed=seed, column=column, faithfulness=faithfulness, logprob=logprob)
     if not isinstance(top, (int, np.integer)) or top < 1:
         raise InputError(f"top must be at least 1, got {top!r}")
     if not isinstance(budget, (int, np.integer)) or budget < top:

@@ -6,6 +6,7 @@ import fnmatch
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from refprism.gemma.record import (
     symbolic_shapes,
     with_transient,
 )
-from refprism.gemma.weights import Weights, available_memory, choose_memory, compute_dtype, hf_shapes
+from refprism.gemma.weights import Weights, available_memory, choose_memory, compute_dtype, hf_shapes, n_parameters
 
 
 @dataclass
@@ -40,19 +41,67 @@ class Run:
 
 
 @dataclass
+class Deferred:
+    """Weights not read yet (`load(..., defer=True)`): how to read them and what they will hold in memory."""
+
+    read: Callable  # read(progress) -> Weights
+    dtype: np.dtype
+    memory: str  # "fast" or "low": the mode the weights will be read in
+    resident: int  # bytes the read weights keep in memory (fast: every parameter in the compute dtype)
+    progress: Callable | None = None  # progress(what, done, total), called as the weights are read
+
+
+@dataclass
 class Model:
     """A loaded Gemma model (1, 2 or 3 text): config, parameters in the compute dtype, tokenizer (if the directory has
-    one)."""
+    one).
+
+    A model loaded with `defer=True` has its config and tokenizer but not yet its weights (`deferred`): they are
+    read at the first use of `params` (a run, a prism), or by `load_weights()`. Everything that needs only the
+    config and the tokenizer (encode, piece, check, the prisms' token lookups) works without them.
+    """
 
     config: Config
     params: Weights = field(repr=False)
     tokenizer: object = field(repr=False)  # tokenizers.Tokenizer or None
     name: str = ""
     normalizer: np.ndarray = field(default=None, repr=False)
+    deferred: Deferred | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.params is None and self.deferred is not None:
+            del self.params  # read at first use: __getattr__ below
+
+    def __getattr__(self, name):  # reached only for an attribute not set: the deferred weights
+        if name == "params" and self.__dict__.get("deferred") is not None:
+            return self.load_weights()
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def load_weights(self) -> Weights:
+        """Read the weights of a model loaded with defer=True (once); a loaded model's weights as they are."""
+        if self.deferred is not None:
+            self.params = self.deferred.read(self.deferred.progress)
+            self.deferred = None
+        return self.params
 
     @property
     def dtype(self) -> np.dtype:
-        return self.params.dtype
+        return self.deferred.dtype if self.deferred is not None else self.params.dtype
+
+    @property
+    def memory(self) -> str:
+        """The weights' memory mode: "fast" (converted at load) or "low" (converted per layer when used)."""
+        return self.deferred.memory if self.deferred is not None else self.params.memory
+
+    def check(self, prompt, *, record=None, positions=None, edited=False, spelling=None) -> np.ndarray:
+        """What `run` checks before it computes, without computing (nor reading deferred weights): the prompt's
+        token ids [T], every argument, and the memory the run's record needs (`preflight`)."""
+        tokens = self.encode(prompt)
+        selection = self._selection(record, positions, [len(tokens)])
+        if selection is not None:
+            selection.check(self.config)
+        preflight(self, [len(tokens)], selection, edited=edited, spelling=spelling)
+        return tokens
 
     def encode(self, prompt) -> np.ndarray:
         """A prompt (text, with BOS as the tokenizer adds it) or a sequence of token ids -> ids [T], checked."""
@@ -192,26 +241,85 @@ class Model:
 MEMORY_SHARE = 0.9
 
 
-def preflight(model, lengths, selection, *, edited=False) -> None:
+def preflight(model, lengths, selection, *, edited=False, spelling=None) -> None:
     """Refuse, in one line and before allocating anything, a run whose record cannot fit in available memory.
 
     The estimate (record.estimate_bytes) counts what the record keeps plus one layer's attention scores and
-    pattern and MLP activations, which every pass makes whether it keeps them or not.
+    pattern and MLP activations, which every pass makes whether it keeps them or not. The memory of weights not
+    yet read (a deferred model) is set aside first. The refusal names only the ways out that would fit
+    (`ways_out`), spelled by `spelling` (key -> text; a key it lacks is not offered; default: the Python ones).
     """
     need = estimate_bytes(model.config, lengths, model.dtype, selection, edited=edited)
-    free = available_memory()
+    pending = model.deferred.resident if model.deferred is not None else 0
+    free = available_memory() - pending
     if need["total"] <= free * MEMORY_SHARE:
         return
-    gb = lambda n: f"{n / 2**30:.1f} GB"  # noqa: E731
+    spelling = PYTHON_SPELLING if spelling is None else spelling
+    ways = [spelling[key].format(**values) for key, values in
+            ways_out(model, lengths, selection, edited=edited, free=free) if key in spelling]
+    gb = lambda n: next(f"{n / 2**k:.1f} {unit}" for k, unit in ((30, "GB"), (20, "MB"), (10, "KB"))  # noqa: E731
+                        if n >= 0.1 * 2**k) if n >= 100 else f"{n} bytes"
     T = max(lengths)
+    weights = f" once the weights ({gb(pending)}) are loaded" if pending else ""
+    advice = ("; or ".join(ways) if ways else
+              "no smaller run of this command fits: free memory or use a machine with more")
     raise InputError(
         f"a run of {sum(lengths)} tokens would need about {gb(need['total'])} (record {gb(need['record'])}, of which "
-        f"logits {gb(need['logits'])}; attention {gb(need['attention'])} per layer at T={T}) but {gb(free)} is "
-        "available: ask for logits only where you read them (positions=, --position), record a selection "
-        "(record=...), shorten the prompt, or use --memory low")
+        f"logits {gb(need['logits'])}; attention {gb(need['attention'])} per layer at T={T}) but {gb(max(free, 0))} "
+        f"is available{weights}: {advice}")
 
 
-def load(model=None, dtype="float32", *, memory="auto", normalizer_dtype=None) -> Model:
+# The ways out of the memory refusal, as the library spells them (refprism.cli has its own flags).
+PYTHON_SPELLING = {
+    "positions": "ask for the logits only where you read them (positions=-1)",
+    "select": "record only what you read (record=[...], e.g. prisms.needs(model, ...))",
+    "low": 'load the model with memory="low"',
+    "float32": 'compute in dtype="float32"',
+    "shorten": "shorten the prompt to at most {tokens} tokens",
+}
+
+
+def ways_out(model, lengths, selection, *, edited=False, free) -> list[tuple[str, dict]]:
+    """The changes, one at a time, that would make a run fit in `free` bytes (the preflight's share of them).
+
+    positions: the logits only at the last position; select: a record of only the last position's logits (the
+    least any selection keeps); low: the low-memory mode instead of fast (its converted weights freed); float32
+    instead of float64; shorten: the longest prompt (one prompt only) that fits as asked. Each is offered only
+    when it changes the estimate and the result fits.
+    """
+    cfg, dt = model.config, model.dtype
+    budget = free * MEMORY_SHARE
+    need = estimate_bytes(cfg, lengths, dt, selection, edited=edited)["total"]
+    fits = lambda sel, dtype=dt, room=budget, at=lengths: (  # noqa: E731
+        estimate_bytes(cfg, at, dtype, sel, edited=edited)["total"] <= room)
+    ways = []
+    last = model._selection(selection, -1, lengths)
+    if estimate_bytes(cfg, lengths, dt, last, edited=edited)["total"] < need and fits(last):
+        ways.append(("positions", {}))
+    least = Selection(["logits@-1"])
+    if estimate_bytes(cfg, lengths, dt, least, edited=edited)["total"] < need and fits(least):
+        ways.append(("select", {}))
+    fast = n_parameters(cfg) * np.dtype(dt).itemsize
+    if model.memory == "fast" and fits(selection, room=(free + fast) * MEMORY_SHARE):
+        ways.append(("low", {}))
+    if np.dtype(dt) == np.float64:
+        freed = fast // 2 if model.memory == "fast" else 0
+        if fits(selection, dtype=np.float32, room=(free + freed) * MEMORY_SHARE):
+            ways.append(("float32", {}))
+    if len(lengths) == 1 and lengths[0] > 1:
+        lo, hi = 0, lengths[0] - 1  # the longest T' <= hi that fits (0: none)
+        try:
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if fits(selection, at=[mid]) else (lo, mid - 1)
+        except InputError:  # a selection's positions that a shorter prompt does not have
+            lo = 0
+        if lo >= 1:
+            ways.append(("shorten", {"tokens": lo}))
+    return ways
+
+
+def load(model=None, dtype="float32", *, memory="auto", normalizer_dtype=None, defer=False, progress=None) -> Model:
     """Load a Gemma model (Gemma 1, 2 or 3 text) from a local directory, a GGUF file or a hub repo id.
 
     model:  a directory with config.json, safetensors weights (single or sharded) and tokenizer.json; a .gguf
@@ -219,33 +327,58 @@ def load(model=None, dtype="float32", *, memory="auto", normalizer_dtype=None) -
             "google/gemma-2b" (only the needed files are downloaded). None: $REFPRISM_MODEL, else google/gemma-2b.
     dtype:  "float32" (default) or "float64" (audit mode): every weight and activation is in this dtype.
     memory: "fast" converts every weight once at load (4 bytes a parameter in float32, 8 in float64);
-            "low" keeps the stored weights memory-mapped and converts each layer when it is used (about a third
-            of the memory, slower); "auto" (default) is "fast" when it fits in the available memory.
+            "low" keeps the stored weights memory-mapped and converts each layer when it is used (a fifth of
+            fast's memory on the gemma-2b shape, each forward pass slower); "auto" (default) is "fast" when it
+            fits in the available memory. A GGUF file's weights are dequantized into memory: always "fast".
     normalizer_dtype: round the sqrt(D) embedding scale in this dtype instead of the compute dtype
             (e.g. "bfloat16" reproduces a bf16 run's 45.25 for gemma-2b).
+    defer:  read config, tokenizer and the files' headers now (every check that needs no weights), the weights
+            at their first use or `model.load_weights()` (refprism's CLI checks every argument in between).
+    progress: progress(what, done, total), called as the weights are read (a layer or a tensor at a time).
     """
     dt = compute_dtype(dtype)
     if isinstance(model, (str, os.PathLike)) and os.fspath(model).lower().endswith(".gguf"):
-        return _load_gguf(Path(model), dt, normalizer_dtype)
-    model_dir, name = _resolve(model)
-    cfg = read_config(model_dir)
-    tokenizer = _read_tokenizer(model_dir, cfg)
-    params = Weights(read_tensors(model_dir, cfg), cfg, dt, choose_memory(cfg, dt, memory))
-    normalizer = embed_normalizer(cfg.d_model, dt, round_to=normalizer_dtype)
-    return Model(config=cfg, params=params, tokenizer=tokenizer, name=name, normalizer=normalizer)
+        if memory not in ("auto", "fast", "low"):
+            choose_memory(None, dt, memory)  # the same refusal as for a directory
+        out = _load_gguf(Path(model), dt, normalizer_dtype, progress)
+    else:
+        model_dir, name = _resolve(model)
+        cfg = read_config(model_dir)
+        tokenizer = _read_tokenizer(model_dir, cfg)
+        stored = read_tensors(model_dir, cfg)
+        mode = choose_memory(cfg, dt, memory)
+        item = np.dtype(dt).itemsize
+        if mode == "fast":
+            resident = n_parameters(cfg) * item
+        else:  # one layer's converted matrices and the unembedding's chunk buffer (weights.Weights.unembed)
+            resident = (n_parameters(cfg) - cfg.vocab_size * cfg.d_model) // cfg.n_layers * item + \
+                min(32768, cfg.vocab_size) * cfg.d_model * item
+        deferred = Deferred(lambda report: Weights(stored, cfg, dt, mode, progress=report), np.dtype(dt), mode,
+                            resident, progress)
+        out = Model(config=cfg, params=None, tokenizer=tokenizer, name=name,
+                    normalizer=embed_normalizer(cfg.d_model, dt, round_to=normalizer_dtype), deferred=deferred)
+    if not defer:
+        out.load_weights()
+    return out
 
 
-def _load_gguf(path: Path, dt, normalizer_dtype) -> Model:
-    """A GGUF file: config from its metadata (plus the documented defaults), dequantized tensors, its tokenizer.
+def _load_gguf(path: Path, dt, normalizer_dtype, progress) -> Model:
+    """A GGUF file: config from its metadata (plus the documented defaults), its tokenizer, and (deferred) the
+    dequantized tensors.
 
-    The dequantized float32 tensors are already in memory, so the weights are converted once ("fast" mode).
+    The dequantized float32 tensors are in memory, so the weights are converted once ("fast" mode).
     """
     try:
-        from refprism.checkpoints.gguf import read_gguf
+        from refprism.checkpoints.gguf import open_gguf
     except ImportError:
         raise CheckpointError("reading GGUF files needs the gguf package: pip install 'refprism[gguf]'") from None
-    hf, tensors, tokenizer = read_gguf(path)
-    return from_arrays(hf, tensors, tokenizer, name=str(path), dtype=dt, normalizer_dtype=normalizer_dtype)
+    hf, tokenizer, dequantize = open_gguf(path)
+    cfg = Config.from_hf({k: v for k, v in hf.items() if k != "gguf_defaults"})
+    _check_vocabulary(tokenizer, cfg, str(path))
+    deferred = Deferred(lambda report: _weights_of_arrays(cfg, dequantize(report), dt, str(path), report),
+                        np.dtype(dt), "fast", n_parameters(cfg) * np.dtype(dt).itemsize, progress)
+    return Model(config=cfg, params=None, tokenizer=tokenizer, name=str(path),
+                 normalizer=embed_normalizer(cfg.d_model, dt, round_to=normalizer_dtype), deferred=deferred)
 
 
 def from_arrays(hf_config: dict, tensors: dict, tokenizer=None, *, name="", dtype="float32",
@@ -256,6 +389,14 @@ def from_arrays(hf_config: dict, tensors: dict, tokenizer=None, *, name="", dtyp
     """
     dt = compute_dtype(dtype)
     cfg = Config.from_hf({k: v for k, v in hf_config.items() if k != "gguf_defaults"})
+    params = _weights_of_arrays(cfg, tensors, dt, name)
+    _check_vocabulary(tokenizer, cfg, name)
+    normalizer = embed_normalizer(cfg.d_model, dt, round_to=normalizer_dtype)
+    return Model(config=cfg, params=params, tokenizer=tokenizer, name=name, normalizer=normalizer)
+
+
+def _weights_of_arrays(cfg: Config, tensors: dict, dt, name: str, progress=None) -> Weights:
+    """HF-named arrays checked against the config (names, shapes) and converted once ("fast")."""
     expected = hf_shapes(cfg)
     missing = [n for n in expected if n not in tensors]
     unexpected = [n for n in tensors if n not in expected]
@@ -265,12 +406,13 @@ def from_arrays(hf_config: dict, tensors: dict, tokenizer=None, *, name="", dtyp
     for n, shape in expected.items():
         if tuple(tensors[n].shape) != shape:
             raise CheckpointError(f"tensor {n} has shape {list(tensors[n].shape)}, the config implies {list(shape)}")
-    params = Weights.from_arrays(tensors, cfg, dt, memory="fast")
+    return Weights.from_arrays(tensors, cfg, dt, memory="fast", progress=progress)
+
+
+def _check_vocabulary(tokenizer, cfg: Config, name: str) -> None:
     if tokenizer is not None and tokenizer.get_vocab_size() > cfg.vocab_size:
         raise CheckpointError(f"{name}: the vocabulary has {tokenizer.get_vocab_size()} tokens but the embedding "
                               f"only {cfg.vocab_size} rows")
-    normalizer = embed_normalizer(cfg.d_model, dt, round_to=normalizer_dtype)
-    return Model(config=cfg, params=params, tokenizer=tokenizer, name=name, normalizer=normalizer)
 
 
 def _resolve(model) -> tuple[Path, str]:

@@ -179,8 +179,14 @@ def test_preflight_refuses_before_allocating(tiny, monkeypatch):
     with pytest.raises(InputError) as e:
         tiny.run(list(range(2, 60)))
     text = str(e.value)
-    assert "\n" not in text and "would need about" in text and "positions=" in text and "--memory low" in text
+    assert "\n" not in text and "would need about" in text and "but 97.7 KB is available" in text
+    # the only way out named is one that fits: a prompt of at most 7 tokens, in the library's spelling
+    assert text.endswith(": shorten the prompt to at most 7 tokens"), text
     assert calls == []  # refused before the pass started
+    tiny.run(list(range(2, 9)))  # 7 tokens fit
+    assert calls == [1]
+    with pytest.raises(InputError, match="at most 7 tokens"):
+        tiny.run(list(range(2, 10)))
 
 
 def test_preflight_estimate_matches_the_record(family):

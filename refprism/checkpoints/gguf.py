@@ -98,14 +98,22 @@ _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
-def read_gguf(path) -> tuple[dict, dict[str, np.ndarray], "tokenizers.Tokenizer"]:  # noqa: F821
+def read_gguf(path, *, progress=None) -> tuple[dict, dict[str, np.ndarray], "tokenizers.Tokenizer"]:  # noqa: F821
     """GGUF file -> (HF-style config.json dict, tensors under HF names and HF shapes as float32 arrays, tokenizer).
 
     The config's "gguf_defaults" lists the keys whose values are the architecture's known defaults rather than
     read from the file (module docstring). Norm weights come back as HF stores them (w, not 1 + w). The tied
     unembedding is not repeated: there is no lm_head.weight. Anything unreadable, truncated, of another
     architecture or with missing / unexpected / mis-shaped tensors raises CheckpointError naming the file.
+    progress(what, done, total) is called after each tensor is dequantized.
     """
+    config, tokenizer, dequantize = open_gguf(path)
+    return config, dequantize(progress), tokenizer
+
+
+def open_gguf(path):
+    """read_gguf in two steps: (config dict, tokenizer, dequantize) now, every check that needs no tensor data
+    done; `dequantize(progress)` then returns the tensors (and releases the file)."""
     path = Path(path)
     reader = _open(path)
     meta = _metadata(reader, path)
@@ -117,19 +125,31 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray], "tokenizers.Tokenizer"
     tensors = {_hf_name(name, arch, path): t for name, t in stored.items() if name != "output.weight"}
     config = config_from_metadata(meta, {name: _hf_shape(t) for name, t in tensors.items()}, path)
     _check_names_and_shapes(tensors, config, path)
-    arrays = {name: _dequantize(t, path) for name, t in tensors.items()}
-    if "output.weight" in stored:  # Gemma ties the unembedding to the embedding: a separate one must equal it
-        out = _dequantize(stored["output.weight"], path)
-        if not np.array_equal(out, arrays["model.embed_tokens.weight"]):
-            raise CheckpointError(f"{path.name} has an output.weight that differs from token_embd.weight; "
-                                  "Gemma ties them")
-    for name, a in arrays.items():
-        if name.endswith("norm.weight"):
-            # The (1 + w) trap: llama.cpp's converter stored 1 + w; HF and refprism keep w.
-            a -= np.float32(1)
     tokenizer = tokenizer_from_metadata(meta, config["vocab_size"], path)
-    del reader  # releases the file's memory map: every array above is a copy
-    return config, arrays, tokenizer
+
+    def dequantize(progress=None) -> dict[str, np.ndarray]:
+        nonlocal reader, stored, tensors
+        total = len(tensors) + ("output.weight" in stored)
+        arrays = {}
+        for name, t in tensors.items():
+            arrays[name] = _dequantize(t, path)
+            if progress is not None:
+                progress("dequantizing", len(arrays), total)
+        if "output.weight" in stored:  # Gemma ties the unembedding to the embedding: a separate one must equal it
+            out = _dequantize(stored["output.weight"], path)
+            if not np.array_equal(out, arrays["model.embed_tokens.weight"]):
+                raise CheckpointError(f"{path.name} has an output.weight that differs from token_embd.weight; "
+                                      "Gemma ties them")
+            if progress is not None:
+                progress("dequantizing", total, total)
+        for name, a in arrays.items():
+            if name.endswith("norm.weight"):
+                # The (1 + w) trap: llama.cpp's converter stored 1 + w; HF and refprism keep w.
+                a -= np.float32(1)
+        reader = stored = tensors = None  # releases the file's memory map: every array above is a copy
+        return arrays
+
+    return config, tokenizer, dequantize
 
 
 # ---------------------------------------------------------------------------------------------------- file

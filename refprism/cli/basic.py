@@ -8,7 +8,18 @@ from pathlib import Path
 
 import numpy as np
 
-from refprism.cli.common import _common, check_out_path, load_model, prompt_of, softmax64, tokens_json
+from refprism.cli.common import (
+    RECORD_SPELLING,
+    Progress,
+    _common,
+    check_out_path,
+    load_model,
+    prompt_of,
+    running,
+    shown,
+    softmax64,
+    tokens_json,
+)
 from refprism.errors import InputError
 from refprism.files import atomic_write
 
@@ -24,6 +35,9 @@ def register(sub) -> None:
     _common(p)
     p.add_argument("--out", required=True, help="the .npz file to write")
     p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--position", type=int, nargs="+", metavar="P",
+                   help="compute and keep the logits only at these positions (negative from the end; default: "
+                        "every position)")
     p.add_argument("--select", nargs="+", metavar="ENTRY",
                    help="record only these names or globs, optionally at positions (blocks.*.attn.out@-1, "
                         "logits@-1); a site kept at some positions is written as NAME (those rows) and "
@@ -42,7 +56,8 @@ def cmd_run(args) -> int:
     if args.top < 1:
         raise InputError(f"--top must be at least 1, got {args.top}")
     prompt = prompt_of(args)
-    model = load_model(args)
+    model = load_model(args, prompt=prompt, record=[], positions=-1)
+    running(args, model, len(model.encode(prompt)))
     run = model.run(prompt, record=[], positions=-1)  # only what is printed: the last position's logits
     last = run.logits[-1]
     probs = softmax64(last)
@@ -58,10 +73,10 @@ def cmd_run(args) -> int:
         return 0
     note = "  (empty prompt: the BOS-only run)" if prompt == "" else ""
     print(f"model {model.name}  dtype {model.dtype}  T={len(run.tokens)}{note}")
-    print("tokens: " + " ".join(f"{p}({i})" for i, p in zip(run.tokens, run.pieces)))
+    print("tokens: " + " ".join(f"{shown(p)}({i})" for i, p in zip(run.tokens, run.pieces)))
     print(f"next token (top {k}):")
     for rank, i in enumerate(top, 1):
-        print(f"  {rank:>3}  {model.piece(i):<20} #{int(i):<8} logit {last[i]:>10.4f}  p {probs[i]:.4f}")
+        print(f"  {rank:>3}  {shown(model.piece(i)):<20} #{int(i):<8} logit {last[i]:>10.4f}  p {probs[i]:.4f}")
     return 0
 
 
@@ -70,8 +85,9 @@ def cmd_record(args) -> int:
 
     out = check_out_path(args.out, args.force)
     prompt = prompt_of(args)
-    model = load_model(args)
-    run = model.run(prompt, record=args.select)
+    model = load_model(args, prompt=prompt, record=args.select, positions=args.position, spelling=RECORD_SPELLING)
+    running(args, model, len(model.encode(prompt)))
+    run = model.run(prompt, record=args.select, positions=args.position)
     extra = {"tokens": run.tokens, "config": np.array(json.dumps(model.config.to_dict()))}
 
     def write(tmp):  # one array at a time (a long prompt's record computes its lazy entries as they are written)
@@ -105,8 +121,9 @@ def cmd_demo(args) -> int:
     if not out.parent.is_dir():
         raise InputError(f"the parent folder of --out {args.out!r} does not exist")
     path = Path(args.gguf) if args.gguf else demo.gguf_path()
-    print(f"loading {path} (dequantizing with the gguf package) ...", file=sys.stderr)
-    model = load(path, dtype=args.dtype)
+    progress = Progress.for_model(str(path))
+    print(f"refprism: loading {path} (dequantizing with the gguf package) ...", file=sys.stderr)
+    model = load(path, dtype=args.dtype, progress=progress)
     print(f"model {path.name}: {model.config.model_type}, {model.config.n_layers} layers, "
           f"D {model.config.d_model}, vocabulary {model.config.vocab_size}, dtype {model.dtype}\n")
     demo.run_tour(model, out)

@@ -39,11 +39,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "the memory, slower); auto (default): fast when it fits in available memory")
 
 
-def _prism_common(p):
+def _prism_common(p, targets_default="the top 5"):
     _common(p)
     p.add_argument("--position", type=int, default=-1, help="the position whose logits are split (default: last)")
     p.add_argument("--targets", nargs="*", metavar="TOKEN",  # "*": a bare --targets reaches the library's refusal
-                   help="target tokens: pieces (▁Paris), one-token text, or ids (#7127); default: the top 5")
+                   help=f"target tokens: pieces (▁Paris), one-token text, or ids (#7127); default: {targets_default}")
     p.add_argument("--versus", nargs="+", metavar="TOKEN",
                    help="foils: each target minus the foil (or minus the mean of several foils)")
     p.add_argument("--json", action="store_true", help="print JSON only (one schema for every prism)")
@@ -127,10 +127,132 @@ def prompt_of(args):
     return args.prompt
 
 
-def load_model(args):
+def load_model(args, *, work="one", prompt=None, record=None, positions=None, spelling=None):
+    """open_model, then (with `prompt`) the run's checks (`Model.check`), then the weights (read_weights)."""
+    model = open_model(args, work=work)
+    if prompt is not None:
+        model.check(prompt, record=record, positions=positions, spelling=spelling or RUN_SPELLING)
+    return read_weights(model)
+
+
+def open_model(args, *, work="one", dtype=None):
+    """The model's config, tokenizer and file headers, every one checked; its weights not read yet (`read_weights`).
+
+    work: "one" (a command of one forward pass: `--memory auto` means low) or "many" (many passes: `auto` means
+    fast when it fits); see `memory_mode`. A real-size model says on stderr what it is reading (Progress).
+    """
     from refprism.model import load
 
-    return load(args.model, dtype=args.dtype, memory=args.memory)
+    progress = args.progress = Progress.for_model(args.model, quiet=getattr(args, "quiet", False))
+    progress.phase(f"reading {path_text(args.model or os.environ.get('REFPRISM_MODEL') or 'google/gemma-2b')}: "
+                   "config, tokenizer, file headers")
+    model = load(args.model, dtype=dtype or args.dtype, memory=memory_mode(args.memory, work), defer=True,
+                 progress=progress)
+    if not progress.on and not getattr(args, "quiet", False) and not Path(str(args.model or "")).exists():
+        from refprism.gemma.weights import n_parameters  # a hub id: its size is known from its config
+
+        progress.on = n_parameters(model.config) * 2 >= REAL_SIZE_BYTES
+    read = model.deferred.read
+
+    def announced(report):  # the weights are read where they are first used: said then, whoever uses them
+        from refprism.gemma.weights import n_parameters
+
+        cfg = model.config
+        how = ("every weight converted now" if model.memory == "fast"
+               else "--memory low: each layer converted as it runs")
+        progress.phase(f"loading {n_parameters(cfg) / 1e9:.2f} B parameters ({cfg.n_layers} layers) in "
+                       f"{np.dtype(model.dtype).name}, {how}")
+        return read(report)
+
+    model.deferred.read = announced
+    return model
+
+
+def memory_mode(memory: str, work: str) -> str:
+    """`--memory auto` by the work: "low" for one forward pass (a new process converts each layer once, at the
+    use: the whole conversion of fast mode does not pay for itself, docs/performance.md), the library's auto
+    (fast when it fits) for many passes. fast and low as given."""
+    if memory != "auto":
+        return memory
+    return "low" if work == "one" else "auto"
+
+
+def read_weights(model):
+    """Read a deferred model's weights now (a real-size model says so on stderr, with a bar while converting)."""
+    model.load_weights()
+    return model
+
+
+def running(args, model, T: int, what: str = "") -> None:
+    """The phase line of a forward pass (real-size models only)."""
+    args.progress.phase(f"running {T} tokens through {model.config.n_layers} layers{what}")
+
+
+# A model whose files hold at least this many bytes is real-size: reading it takes more than a moment, and the
+# CLI says on stderr what it is doing (the test checkpoints are far smaller; Gemma 3 270M's GGUF is 253 MB).
+REAL_SIZE_BYTES = 64 * 2**20
+
+
+class Progress:
+    """What a long command is doing, on stderr (stdout holds only the results, or only the JSON).
+
+    phase(text): one line `refprism: text ...`; progress(what, done, total): a bar `refprism: what [###...] done/
+    total`, redrawn in place (a carriage return per update, a newline at the end): one output event per layer or
+    tensor read. Silent (`on` False) for small models and with --quiet.
+    """
+
+    def __init__(self, on: bool, stream=None):
+        self.on, self.stream = on, stream
+
+    @classmethod
+    def for_model(cls, model, *, quiet=False) -> "Progress":
+        return cls(not quiet and model_bytes(model) >= REAL_SIZE_BYTES)
+
+    def _write(self, text):
+        stream = self.stream or sys.stderr
+        stream.write(text)
+        stream.flush()
+
+    def phase(self, text: str) -> None:
+        if self.on:
+            self._write(f"refprism: {one_line(text)} ...\n")
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if not self.on:
+            return
+        width = 30
+        filled = width * done // max(total, 1)
+        end = "\n" if done >= total else ""
+        self._write(f"\rrefprism: {what} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
+
+
+def model_bytes(model) -> int:
+    """The size of a model's files on disk (a .gguf file, or a directory's safetensors); 0 for anything else (a
+    hub id: open_model judges it by its config)."""
+    text = model or os.environ.get("REFPRISM_MODEL") or "google/gemma-2b"
+    try:
+        path = Path(text).expanduser()
+        if path.is_file():
+            return path.stat().st_size
+        if path.is_dir():
+            return sum(f.stat().st_size for f in path.glob("*.safetensors") if f.is_file())
+    except (OSError, ValueError, RuntimeError):  # an unusable name: load() refuses it in one line
+        pass
+    return 0
+
+
+# The command-line spellings of the memory refusal's ways out (model.preflight offers only those that would fit):
+# every command can load with --memory low, compute in float32 and take a shorter prompt; `record` also keeps the
+# logits only at --position and records a --select.
+RUN_SPELLING = {"low": "use --memory low", "float32": "use --dtype float32",
+                "shorten": "give a prompt of at most {tokens} tokens"}
+RECORD_SPELLING = {**RUN_SPELLING, "positions": "keep the logits only where you read them (--position -1)",
+                   "select": "record only what you read (--select, e.g. --select 'blocks.*.resid_post@-1' logits@-1)"}
+
+
+def shown(piece: str) -> str:
+    """A vocabulary piece as printed in a line of tokens or a list: line breaks and tabs as escapes (\\n, \\t)."""
+    return piece.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
 
 
 def check_out_path(path: str, force: bool) -> Path:
@@ -163,17 +285,28 @@ def tokens_json(model, ids):
     return [{"id": int(i), "piece": model.piece(i)} for i in ids]
 
 
-def _readout(args):
-    """Load, run, resolve targets (default: the top 5 at the position) -> the logits readout."""
+def _readout(args, check=None, *, work="one"):
+    """Check every argument before the weights are read (`check(model, T, p)`: the command's own checks), then
+    load, run, resolve targets (default: the top 5 at the position) -> the logits readout."""
     from refprism import prisms
 
     if args.plot:
         _check_plot_path(args.plot)
     prompt = prompt_of(args)
     args.empty_prompt = prompt == ""  # the BOS-only run: said so in the output
-    model = load_model(args)
+    model = open_model(args, work=work)
+    T = len(model.check(prompt, positions=args.position, spelling=RUN_SPELLING))  # logits only where read
+    p = args.position % T
+    if args.targets is not None:
+        prisms.resolve_targets(model, args.targets, args.versus or ())
+    else:
+        for v in args.versus or ():
+            prisms.resolve_token(model, v)
+    if check is not None:
+        check(model, T, p)
+    read_weights(model)
+    running(args, model, T)
     run = model.run(prompt, positions=args.position)  # every activation, the logits only where they are read
-    p = prisms.resolve_position(run, args.position)
     targets = args.targets
     if targets is None:  # not given: the top 5 (a bare --targets is refused by resolve_targets)
         targets = [f"#{i}" for i in np.argsort(-run.logits[p], kind="stable")[:5]]
@@ -207,8 +340,8 @@ def _show(args, split, *, top=None, extra=None):
         print(f"{split.prism} prism  model {r.model.name}  dtype {r.model.dtype}  position {r.position} "
               f"({r.run.pieces[r.position]})  reading {r.site_name}")
         note = "  (empty prompt: the BOS-only run)" if getattr(args, "empty_prompt", False) else ""
-        print("tokens: " + " ".join(f"{i}:{p}" for i, p in enumerate(r.run.pieces)) + note)
-        print("targets: " + ", ".join(f"{t.piece} #{t.id}" for t in r.targets.targets + r.targets.versus))
+        print("tokens: " + " ".join(f"{i}:{shown(p)}" for i, p in enumerate(r.run.pieces)) + note)
+        print("targets: " + ", ".join(f"{shown(t.piece)} #{t.id}" for t in r.targets.targets + r.targets.versus))
         print(split.table(top=top))
         if extra:
             print(extra)

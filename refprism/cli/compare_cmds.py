@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
-from refprism.cli.common import _check_plot_path, path_text, prompt_of
+from refprism.cli.common import RUN_SPELLING, _check_plot_path, open_model, path_text, prompt_of
 from refprism.errors import InputError
 from refprism.files import atomic_write
 
@@ -57,7 +58,6 @@ def _check_markdown_path(path: str) -> Path:
 
 def cmd_compare(args) -> int:
     from refprism.crosscheck import check_against, compare
-    from refprism.model import load
 
     check_against(args.against)
     if args.top_k < 1:
@@ -74,7 +74,21 @@ def cmd_compare(args) -> int:
         tool("llama-debug", args.llama_cpp)  # your build's folder holds it, before any weights are read
     given = any(v is not None for v in (args.prompt, args.ids, args.prompt_file))
     prompt = prompt_of(args) if given else None  # None: the dump's own token ids
-    model = load(args.model, dtype="float32", memory=args.memory)
+    gguf = str(args.model or os.environ.get("REFPRISM_MODEL") or "").lower().endswith(".gguf")
+    if args.against == "llama.cpp" and not gguf:  # the model's kind against the side's, before anything is read
+        raise InputError("--against llama.cpp runs llama.cpp on the --model file: give --model as a .gguf file")
+    if args.against in ("hf", "tl") and gguf:
+        raise InputError(f"--against {args.against} loads the checkpoint with transformers: give --model as a "
+                         "safetensors model directory or hub id, not a .gguf file")
+    if args.against in ("hf", "tl", "llama.cpp") and prompt is None:
+        raise InputError(f"--against {args.against} runs the other side live: give the prompt (text, --ids or "
+                         "--prompt-file)")
+    # The weights are read where compare first uses them, after its own checks (the prompt, --kv-cache, the dump)
+    model = open_model(args, work="many", dtype="float32")
+    if prompt is not None:
+        model.check(prompt, spelling=RUN_SPELLING)
+    side = {"hf": "HF transformers", "tl": "TransformerLens", "llama.cpp": "llama.cpp"}.get(args.against, "the dump")
+    args.progress.phase(f"comparing: {side} on the prompt, then the float64 reference and the replay of each op")
     result = compare(model, prompt, against=args.against, names=args.names, dtype=args.dtype, top_k=args.top_k,
                      kv_cache=args.kv_cache, llama_cpp=args.llama_cpp)
     if not result.tokens_match:  # nothing was compared: one line, exit 2, like every refusal

@@ -6,7 +6,17 @@ from __future__ import annotations
 import json
 import sys
 
-from refprism.cli.common import _check_plot_path, _is_int, _prism_common, load_model, prompt_of, short
+from refprism.cli.common import (
+    RUN_SPELLING,
+    _check_plot_path,
+    _is_int,
+    _prism_common,
+    open_model,
+    prompt_of,
+    read_weights,
+    short,
+    shown,
+)
 from refprism.errors import InputError
 
 
@@ -49,7 +59,9 @@ def register(sub) -> None:
 
 
 def _intervention_args(p):
-    _prism_common(p)  # the prompt, --position (the readout's), --targets, --versus, --json, --plot
+    # the prompt, --position (the readout's), --targets, --versus, --json, --plot
+    _prism_common(p, targets_default="the top token minus the runner-up (resample: minus the counterfactual's top "
+                                     "token when it differs)")
     p.add_argument("--ablate", required=True, choices=["zero", "mean", "resample"],
                    help="zero; mean (over --reference prompts, or the prompt's own positions 1 .. T-1); resample "
                         "(the value in --counterfactual)")
@@ -97,15 +109,50 @@ def _options(args) -> dict:
             "direction": args.direction}
 
 
+def _checked_model(args, options, prompt, *, component=None, level=None, work="one"):
+    """The model with every argument of patch / validate checked before its weights are read: the prompts (their
+    tokens, the counterfactual's count, the memory of a re-run), --position, --targets/--versus, --at and the
+    component or level; then the weights."""
+    from refprism import prisms
+    from refprism.interventions.components import EMPTY_MEAN_SET, level_groups, parse_component
+    from refprism.interventions.setting import _positions, check_options
+
+    check_options(options["ablate"], options["direction"], options["counterfactual"],
+                                options["reference"])
+    model = open_model(args, work=work)
+    T = len(model.check(prompt, edited=True, spelling=RUN_SPELLING))  # the clean run, and each re-run of it
+    model.check(prompt, positions=args.position)  # --position in range, in the library's words
+    p = args.position % T
+    if options["counterfactual"] is not None:
+        n = len(model.check(options["counterfactual"], spelling=RUN_SPELLING))
+        if n != T:
+            raise InputError(f"the counterfactual has {n} tokens and the prompt {T}: resample patching pairs "
+                             "positions, so both need the same token count")
+    means = [len(model.check(r, spelling=RUN_SPELLING)) for r in options["reference"] or ()] or [T]
+    if options["ablate"] == "mean" and max(means) < 2:  # no position 1 .. T-1 to average
+        raise InputError(str(EMPTY_MEAN_SET))
+    if args.targets is not None:
+        prisms.resolve_targets(model, args.targets, args.versus or ())
+    at = _positions(options["at"], T, p)
+    if component is not None:
+        g = parse_component(model.config, component, T=T, source=args.source)
+        if g.kind == "edge" and g.source[0] > max(at):
+            raise InputError(f"source {g.source[0]} is out of range: it must be 0 .. {max(at)} (a head at position "
+                             f"{max(at)} reads no later token)")
+    if level is not None:
+        level_groups(model.config, level, p)
+    return read_weights(model)
+
+
 def _heading(args, result, what) -> None:
     s = result.setting
     r, run = s.readout, s.clean
     print(f"{what}  model {s.model.name}  dtype {s.model.dtype}  readout at position {r.position} "
-          f"({run.pieces[r.position]})")
-    print("tokens: " + " ".join(f"{i}:{p}" for i, p in enumerate(run.pieces)))
+          f"({shown(run.pieces[r.position])})")
+    print("tokens: " + " ".join(f"{i}:{shown(p)}" for i, p in enumerate(run.pieces)))
     if s.counterfactual is not None:
-        print("counterfactual: " + " ".join(f"{i}:{p}" for i, p in enumerate(s.counterfactual.pieces)))
-    print("targets: " + ", ".join(f"{t.piece} #{t.id}" for t in r.targets.targets + r.targets.versus))
+        print("counterfactual: " + " ".join(f"{i}:{shown(p)}" for i, p in enumerate(s.counterfactual.pieces)))
+    print("targets: " + ", ".join(f"{shown(t.piece)} #{t.id}" for t in r.targets.targets + r.targets.versus))
     where = "all positions" if len(s.at) == len(run.tokens) > 1 else "position " + ",".join(map(str, s.at))
     means = {"mean": f" (the mean over positions 1 .. T-1 of {len(s.means)} prompt(s))",
              "resample": " (the counterfactual's value)"}.get(s.ablate, "")
@@ -118,7 +165,8 @@ def cmd_patch(args) -> int:
 
     options = _options(args)
     prompt = prompt_of(args)
-    model = load_model(args)
+    model = _checked_model(args, options, prompt, component=args.component)
+    args.progress.phase("running the prompt (and the counterfactual or references), then the patched re-run")
     result = patch(model, prompt, args.component, source=args.source, **options)
     if args.plot:
         from refprism.interventions import plots as plots_interventions
@@ -136,13 +184,18 @@ def cmd_patch(args) -> int:
 
 def cmd_validate(args) -> int:
     from refprism.interventions import validate
+    from refprism.interventions.validation import check_budget
 
+    check_budget(args.top, args.budget, args.seed, flags=True)
     options = _options(args)
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     if methods is not None and not methods:
         raise InputError("--methods is empty: give methods separated by commas, e.g. atp,ig")
     prompt = prompt_of(args)
-    model = load_model(args)
+    model = _checked_model(args, options, prompt, level=args.level, work="many")
+    args.progress.phase(f"running the prompt, then re-running each component of --level {args.level} (at most "
+                        f"--budget {args.budget})" + ("" if args.no_faithfulness else " and the faithfulness curve")
+                        + ("" if methods is None else f", and the attribution methods {', '.join(methods)}"))
     common = dict(level=args.level, top=args.top, budget=args.budget, seed=args.seed,
                   faithfulness=not args.no_faithfulness, **options)
     if methods is None:
@@ -173,7 +226,8 @@ def cmd_attribute(args) -> int:
         raise InputError("attribute draws no figure: use validate --methods ... --plot for the validation figure")
     options = _options(args)
     prompt = prompt_of(args)
-    model = load_model(args)
+    model = _checked_model(args, options, prompt, level=args.level, work="many")  # gradients: many passes
+    args.progress.phase(f"running the prompt, then {', '.join(args.method)} over --level {args.level}")
     results = []
     for method in args.method:
         results.append(attribute(model, prompt, method=method, level=args.level, steps=args.steps, **options))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 
 from refprism.cli.common import (
     _check_plot_path,
@@ -13,8 +14,10 @@ from refprism.cli.common import (
     _prism_common,
     _readout,
     _show,
-    load_model,
+    open_model,
+    read_weights,
     short,
+    shown,
 )
 from refprism.errors import InputError
 
@@ -73,6 +76,31 @@ def cmd_residual(args) -> int:
     return _show(args, split, extra=_beyond_table(split))
 
 
+@dataclass
+class _Plan:
+    """Where a chain of pull-backs stands (a readout's model, site and position, without its arrays): the prisms'
+    argument checks run on it before any weight is read."""
+
+    model: object
+    site: int
+    position: int
+
+    @property
+    def site_name(self) -> str:
+        from refprism import prisms
+
+        return prisms.site_name(self.site, self.model.config.n_layers)
+
+
+def _layer_check(args, kind):
+    """The check of a layer prism's --layer, for _readout."""
+    def check(model, T, p):
+        from refprism.prisms.readouts import _check_layer
+
+        _check_layer(_Plan(model, 2 * model.config.n_layers, p), args.layer, kind)
+    return check
+
+
 def _beyond_table(split) -> str:
     """Per target: the frozen term, the direct effect with the final norm recomputed, running sums and lens."""
     ex = split.extras
@@ -92,7 +120,7 @@ def cmd_attention(args) -> int:
     from refprism import prisms
 
     _check_top(args)
-    split = prisms.attention_prism(_readout(args), args.layer)
+    split = prisms.attention_prism(_readout(args, _layer_check(args, "attn")), args.layer)
     return _show(args, split, top=args.top, extra="\nper head:\n" + prisms.head_split(split).table())
 
 
@@ -100,7 +128,7 @@ def cmd_mlp(args) -> int:
     from refprism import prisms
 
     _check_top(args)
-    return _show(args, prisms.mlp_prism(_readout(args), args.layer), top=args.top)
+    return _show(args, prisms.mlp_prism(_readout(args, _layer_check(args, "mlp")), args.layer), top=args.top)
 
 
 def _parse_int_fields(step, fields, expected):
@@ -112,29 +140,66 @@ def _parse_int_fields(step, fields, expected):
     return [int(x) for x in parts[1:]]
 
 
-def _pull_back(args):
-    from refprism import prisms
-
+def _steps(args) -> list[tuple]:
+    """The pull-back steps: the first (--head/--source or --neuron) and each --then, parsed:
+    ("head", layer, head, source) or ("neuron", layer, neuron)."""
     head = args.head is not None or args.source is not None
     if head == (args.neuron is not None):
         raise InputError("the first step is a head (--head H --source S) or a neuron (--neuron N): give one")
     if head and (args.head is None or args.source is None):
         raise InputError("a head step needs both --head and --source")
-    readout = _readout(args)
-    if head:
-        readout = prisms.through_head(readout, args.layer, args.head, args.source)
-    else:
-        readout = prisms.through_neuron(readout, args.layer, args.neuron)
+    steps = [("head", args.layer, args.head, args.source) if head else ("neuron", args.layer, args.neuron)]
     for step in getattr(args, "then", []):
         kind = step.split(":")[0]
         if kind == "head":
-            l, h, s = _parse_int_fields(step, "head:LAYER:HEAD:SOURCE", 3)
-            readout = prisms.through_head(readout, l, h, s)
+            steps.append(("head", *_parse_int_fields(step, "head:LAYER:HEAD:SOURCE", 3)))
         elif kind == "neuron":
-            l, n = _parse_int_fields(step, "neuron:LAYER:NEURON", 2)
-            readout = prisms.through_neuron(readout, l, n)
+            steps.append(("neuron", *_parse_int_fields(step, "neuron:LAYER:NEURON", 2)))
         else:
             raise InputError(f"--then {short(step)}: a step is head:LAYER:HEAD:SOURCE or neuron:LAYER:NEURON")
+    return steps
+
+
+def _last_split(args):
+    """--split parsed: ("residual", None), ("attention", L) or ("mlp", L)."""
+    kind, _, layer = args.split.partition(":")
+    if kind == "residual" and not layer:
+        return kind, None
+    if kind in ("attention", "mlp") and _is_int(layer):
+        return kind, int(layer)
+    raise InputError(f"--split {short(args.split)}: use residual, attention:LAYER or mlp:LAYER")
+
+
+def _check_steps(args, last=None):
+    """Every step's checks (and the last split's, and map's --inputs) on a _Plan, before the weights are read."""
+    def check(model, T, p):
+        from refprism import prisms
+        from refprism.prisms.readouts import _check_layer
+
+        plan = _Plan(model, 2 * model.config.n_layers, p)
+        for kind, layer, *rest in _steps(args):
+            if kind == "head":
+                prisms.check_head(plan, layer, *rest)
+                plan = _Plan(model, 2 * layer, rest[1])
+            else:
+                prisms.check_neuron(plan, layer, *rest)
+                plan = _Plan(model, 2 * layer + 1, plan.position)
+        if last is not None and last[0] != "residual":
+            _check_layer(plan, last[1], "attn" if last[0] == "attention" else "mlp")
+        for t in getattr(args, "inputs", None) or ():
+            prisms.resolve_token(model, t)
+    return check
+
+
+def _pull_back(args, last=None):
+    from refprism import prisms
+
+    readout = _readout(args, _check_steps(args, last))
+    for kind, layer, *rest in _steps(args):
+        if kind == "head":
+            readout = prisms.through_head(readout, layer, *rest)
+        else:
+            readout = prisms.through_neuron(readout, layer, *rest)
     return readout
 
 
@@ -142,14 +207,12 @@ def cmd_chain(args) -> int:
     from refprism import prisms
 
     _check_top(args)
-    readout = _pull_back(args)
-    kind, _, layer = args.split.partition(":")
-    if kind == "residual" and not layer:
+    kind, layer = last = _last_split(args)
+    readout = _pull_back(args, last)
+    if kind == "residual":
         split = prisms.residual_prism(readout)
-    elif kind in ("attention", "mlp") and _is_int(layer):
-        split = (prisms.attention_prism if kind == "attention" else prisms.mlp_prism)(readout, int(layer))
     else:
-        raise InputError(f"--split {short(args.split)}: use residual, attention:LAYER or mlp:LAYER")
+        split = (prisms.attention_prism if kind == "attention" else prisms.mlp_prism)(readout, layer)
     return _show(args, split, top=args.top)
 
 
@@ -170,8 +233,9 @@ def cmd_pca(args) -> int:
         _check_plot_path(args.plot)
     if len(args.targets) == 1:  # none: resolve_targets says so; one: the same words as prisms.unembedding_pca
         raise InputError("a 2-D PCA needs at least 2 tokens, got 1")
-    model = load_model(args)
+    model = open_model(args)
     tokens = prisms.resolve_targets(model, args.targets).targets
+    read_weights(model)
     coords, explained = prisms.unembedding_pca(model, tokens)
     if args.plot:
         from refprism.prisms import plots
@@ -184,7 +248,7 @@ def cmd_pca(args) -> int:
     else:
         print(f"PCA of the unembedding rows: PC1 {explained[0]:.1%}, PC2 {explained[1]:.1%} of the variance")
         for t, (a, b) in zip(tokens, coords):
-            print(f"  {t.piece:<16} #{t.id:<8} {a:>10.4f} {b:>10.4f}")
+            print(f"  {shown(t.piece):<16} #{t.id:<8} {a:>10.4f} {b:>10.4f}")
     if args.plot:
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0

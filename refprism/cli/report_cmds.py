@@ -6,6 +6,9 @@ import sys
 
 from refprism.cli.common import _common, _readout, check_out_path, path_text
 
+# `--memory auto` for the page: its prisms read every layer's weights many times over (see memory_mode)
+REPORT_WORK = "one"
+
 
 def register(sub) -> None:
     p = sub.add_parser("report", help="one self-contained HTML page to explore the prompt's prisms by clicking "
@@ -37,7 +40,8 @@ def cmd_report(args) -> int:
     out = check_out_path(args.out, args.force)
     sections = {kind: report.load_section(kind, getattr(args, kind))
                 for kind in ("validate", "compare", "sweep") if getattr(args, kind) is not None}
-    readout = _readout(args)
+    readout = _readout(args, work=REPORT_WORK)
+    args.progress.phase(f"computing the page's prisms and chains (--depth {args.depth}, --branch {args.branch})")
     page = report.write_report(out, readout.model, readout.run, readout.targets, position=readout.position,
                                depth=args.depth, top=args.top, branch=args.branch, **sections)
     print(f"wrote {path_text(page)} ({page.stat().st_size / 1e6:.2f} MB): open it in any browser, offline",

@@ -1,11 +1,11 @@
-"""`refprism sweep DATA --out DIR`: the prisms over a data set of prompts, aggregated (refprism/sweeps/)."""
+"""`refprism sweep DATA --out DIR`: the prisms over a data set of prompts, aggregated (refprism/sweeps.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
 
-from refprism.cli.common import load_model, one_line
+from refprism.cli.common import one_line, open_model
 from refprism.errors import InputError
 
 
@@ -64,7 +64,7 @@ def cmd_sweep(args) -> int:
         raise InputError("--plot needs matplotlib: pip install 'refprism[plot]'")
     if args.backend == "ray" and not str(args.model or "").lower().endswith(".gguf"):
         args.memory = "low"  # the driver only tokenizes and puts the weights into the store, layer by layer
-    model = load_model(args)
+    model = open_model(args, work="many")  # its weights are read after the data set's rows are checked
     summary = sweeps.sweep(args.data, model, args.out, levels=levels, chunk=args.chunk, backend=args.backend,
                            workers=args.workers, address=args.address, validate=validate, strict=args.strict,
                            quiet=args.quiet, plot=args.plot, bootstrap=args.bootstrap, seed=args.seed, top=args.top,

@@ -128,7 +128,8 @@ class Weights:
     Both give bit-identical values (tests/test_memory.py). Norm weights (a few KB) are always converted.
     """
 
-    def __init__(self, stored: dict, cfg: Config, dtype, memory: str = "fast"):
+    def __init__(self, stored: dict, cfg: Config, dtype, memory: str = "fast", progress=None):
+        """progress(what, done, total): called after the embedding and after each layer is converted (fast)."""
         if memory not in ("fast", "low"):
             raise CheckpointError(f"memory mode {memory!r} is not one of auto, fast, low")
         self.cfg, self.dtype, self.memory = cfg, np.dtype(dtype), memory
@@ -149,14 +150,20 @@ class Weights:
 
             with ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
                 embed = pool.submit(self._convert, "model.embed_tokens.weight")
-                blocks = list(pool.map(self._convert_block, range(cfg.n_layers)))
-                self._embed, self._blocks = embed.result(), blocks
+                layers = [pool.submit(self._convert_block, l) for l in range(cfg.n_layers)]
+                self._embed, blocks = embed.result(), []
+                for done, layer in enumerate([embed, *layers], 1):  # reported in order, from this thread
+                    if layer is not embed:
+                        blocks.append(layer.result())
+                    if progress is not None:
+                        progress("converting", done, cfg.n_layers + 1)
+                self._blocks = blocks
             self._stored = None  # every map released: nothing of the files stays resident
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], cfg: Config, dtype, memory="fast") -> "Weights":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], cfg: Config, dtype, memory="fast", progress=None) -> "Weights":
         """From in-memory HF-named arrays (tests build random models this way, without files)."""
-        return cls(dict(arrays), cfg, dtype, memory)
+        return cls(dict(arrays), cfg, dtype, memory, progress)
 
     @classmethod
     def from_converted(cls, cfg: Config, dtype, *, embed, ln_final, blocks) -> "Weights":

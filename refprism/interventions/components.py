@@ -181,6 +181,9 @@ def mean_activation(model, runs, g: Group) -> np.ndarray:
         total = part if total is None else total + part
         count += n
     if count == 0:
-        raise InputError("the mean set is empty: a mean is taken over positions 1 .. T-1 of each reference prompt "
-                         "(position 0, the attention sink, is left out), so give a prompt of at least 2 tokens")
+        raise EMPTY_MEAN_SET
     return total / np.asarray(count, dtype=total.dtype)
+
+
+EMPTY_MEAN_SET = InputError("the mean set is empty: a mean is taken over positions 1 .. T-1 of each reference prompt "
+                            "(position 0, the attention sink, is left out), so give a prompt of at least 2 tokens")

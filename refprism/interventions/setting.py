@@ -87,14 +87,8 @@ def _as_run(model, prompt, what) -> Run:
     return model.run(prompt)
 
 
-def setting(model, prompt, *, targets=None, versus=(), position=-1, at=None, ablate="zero", counterfactual=None,
-            reference=None, direction="noising") -> Setting:
-    """Run what an intervention needs and check every argument (one-line InputErrors).
-
-    targets: None -> the clean prompt's top token, versus the counterfactual's top token (resample, when it
-             differs) or else the clean prompt's second token: one logit difference.
-    at:      None (the readout position), "all", an int or a list of positions (negative from the end).
-    """
+def check_options(ablate, direction, counterfactual, reference) -> None:
+    """The checks of `setting` that need no run: the ablation, the direction and the prompts they go with."""
     if ablate not in ABLATIONS:
         raise InputError(f"ablation {ablate!r} is not one of {', '.join(ABLATIONS)}")
     if direction not in DIRECTIONS:
@@ -111,6 +105,17 @@ def setting(model, prompt, *, targets=None, versus=(), position=-1, at=None, abl
     if ablate != "mean" and reference is not None:
         raise InputError(f"reference prompts are used only by mean ablation, not by {ablate}: drop them or use "
                          "--ablate mean")
+
+
+def setting(model, prompt, *, targets=None, versus=(), position=-1, at=None, ablate="zero", counterfactual=None,
+            reference=None, direction="noising") -> Setting:
+    """Run what an intervention needs and check every argument (one-line InputErrors).
+
+    targets: None -> the clean prompt's top token, versus the counterfactual's top token (resample, when it
+             differs) or else the clean prompt's second token: one logit difference.
+    at:      None (the readout position), "all", an int or a list of positions (negative from the end).
+    """
+    check_options(ablate, direction, counterfactual, reference)
     clean = _as_run(model, prompt, "the prompt")
     cf = None
     if counterfactual is not None:

@@ -96,6 +96,17 @@ class Validation(_Split):
         return "\n".join(out)
 
 
+def check_budget(top, budget, seed, *, flags=False) -> None:
+    """validate's checks of top, budget and seed (named as the CLI's --top, --budget, --seed with flags=True)."""
+    name = (lambda n: f"--{n}") if flags else (lambda n: n)  # noqa: E731
+    if not isinstance(top, (int, np.integer)) or top < 1:
+        raise InputError(f"{name('top')} must be at least 1, got {top!r}")
+    if not isinstance(budget, (int, np.integer)) or budget < top:
+        raise InputError(f"{name('budget')} must be at least {name('top')} ({top}), got {budget!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"{name('seed')} must be a non-negative integer, got {seed!r}")
+
+
 def validate(model, prompt, *, level="heads", targets=None, versus=(), position=-1, at=None, ablate="zero",
              counterfactual=None, reference=None, direction="noising", top=10, budget=256, seed=0, column=0,
              faithfulness=True, logprob=False, methods=(), steps=8):
@@ -122,12 +133,7 @@ def validate(model, prompt, *, level="heads", targets=None, versus=(), position=
                                 versus=versus, position=position, at=at, ablate=ablate,
                                 counterfactual=counterfactual, reference=reference, direction=direction, top=top,
                                 budget=budget, seed=seed, column=column, faithfulness=faithfulness, logprob=logprob)
-    if not isinstance(top, (int, np.integer)) or top < 1:
-        raise InputError(f"top must be at least 1, got {top!r}")
-    if not isinstance(budget, (int, np.integer)) or budget < top:
-        raise InputError(f"budget must be at least top ({top}), got {budget!r}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    check_budget(top, budget, seed)
     s = setting(model, prompt, targets=targets, versus=versus, position=position, at=at, ablate=ablate,
                 counterfactual=counterfactual, reference=reference, direction=direction)
     Z = len(s.readout.targets.labels)

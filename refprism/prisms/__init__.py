@@ -30,6 +30,8 @@ from refprism.prisms.readouts import (
                                       Readout,
                                       Targets,
                                       Token,
+                                      check_head,
+                                      check_neuron,
                                       head_source_terms,
                                       logits_readout,
                                       needs,
@@ -55,7 +57,8 @@ from refprism.prisms.splits import (
                                       unembedding_pca,
 )
 
-__all__ = ["TOLERANCE", "Readout", "Split", "Targets", "Token", "apply_map", "attention_prism", "head_source_terms",
+__all__ = ["TOLERANCE", "Readout", "Split", "Targets", "Token", "apply_map", "attention_prism", "check_head",
+           "check_neuron", "head_source_terms",
            "head_split", "logits_readout", "mlp_prism", "needs", "neuron_terms", "residual_parts", "residual_prism",
            "resolve_position", "resolve_targets", "resolve_token", "scaled_embeddings", "site_name", "through_head",
            "through_neuron", "through_post_norm", "unembedding_pca"]

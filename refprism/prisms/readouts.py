@@ -91,10 +91,14 @@ def resolve_targets(model, targets, versus=()) -> Targets:
     tt = tuple(resolve_token(model, t) for t in targets)
     vv = tuple(resolve_token(model, v) for v in versus or ())
     seen = {}
-    for t in tt + vv:
+    for i, t in enumerate(tt + vv):
         if t.id in seen:
-            raise InputError(f"token {t.piece} (#{t.id}) is given twice (as {seen[t.id]!r} and again)")
-        seen[t.id] = t.piece
+            first, again = seen[t.id]
+            if (first < len(tt)) != (i < len(tt)):  # once as a target, once as a foil: their difference is 0
+                raise InputError(f"token {t.piece} (#{t.id}) is both a target and a foil (--versus): a target "
+                                 "minus itself is 0; drop it from one of the two")
+            raise InputError(f"token {t.piece} (#{t.id}) is given twice (as {again!r} and again)")
+        seen[t.id] = (i, t.piece)
     return Targets(tt, vv)
 
 
@@ -250,6 +254,26 @@ def neuron_terms(readout, layer) -> np.ndarray:
     return act[:, None] * (u @ W_down.T).T  # (u W_down^T)^T = W_down u: streams the [D, F] rows in order
 
 
+def check_head(readout, layer, head, source) -> None:
+    """through_head's argument checks; they read only readout.model.config, .site, .site_name and .position (so
+    a command can make them before any weight is read)."""
+    cfg = readout.model.config
+    if not 0 <= head < cfg.n_heads:
+        raise InputError(f"head {head} is out of range (layer {layer} has heads 0 .. {cfg.n_heads - 1})")
+    if not 0 <= source <= readout.position:
+        raise InputError(f"source {source} is out of range: it must be 0 .. {readout.position} "
+                         f"(a head at position {readout.position} reads no later token)")
+    _check_layer(readout, layer, "attn")
+
+
+def check_neuron(readout, layer, neuron) -> None:
+    """through_neuron's argument checks (as check_head: config, site and position only)."""
+    cfg = readout.model.config
+    if not 0 <= neuron < cfg.d_mlp:
+        raise InputError(f"neuron {neuron} is out of range (layer {layer} has neurons 0 .. {cfg.d_mlp - 1})")
+    _check_layer(readout, layer, "mlp")
+
+
 def through_head(readout, layer, head, source) -> Readout:
     """Pull the readout back through head h of layer l at source s: a readout of resid_pre_l at s.
 
@@ -259,13 +283,8 @@ def through_head(readout, layer, head, source) -> Readout:
             norm, through_post_norm); whole(u') = the parent's L{l}H{h}.src{s} term.
     Shapes: u [Z, D] -> u' [Z, D]
     """
+    check_head(readout, layer, head, source)
     cfg = readout.model.config
-    if not 0 <= head < cfg.n_heads:
-        raise InputError(f"head {head} is out of range (layer {layer} has heads 0 .. {cfg.n_heads - 1})")
-    if not 0 <= source <= readout.position:
-        raise InputError(f"source {source} is out of range: it must be 0 .. {readout.position} "
-                         f"(a head at position {readout.position} reads no later token)")
-    _check_layer(readout, layer, "attn")
     rec, b = readout.run.record, f"blocks.{layer}."
     params = readout.model.params
     kv = cfg.kv_head(head)
@@ -289,10 +308,7 @@ def through_neuron(readout, layer, neuron) -> Readout:
             (Gemma 2/3: u is first taken through the frozen post-feedforward norm, through_post_norm)
     Shapes: u [Z, D] -> u' [Z, D]
     """
-    cfg = readout.model.config
-    if not 0 <= neuron < cfg.d_mlp:
-        raise InputError(f"neuron {neuron} is out of range (layer {layer} has neurons 0 .. {cfg.d_mlp - 1})")
-    _check_layer(readout, layer, "mlp")
+    check_neuron(readout, layer, neuron)
     rec, b, p = readout.run.record, f"blocks.{layer}.", readout.position
     params = readout.model.params
     g = ops.gelu_tanh(rec[b + "mlp.gate"][p, neuron])  # frozen gate factor
@@ -302,5 +318,3 @@ def through_neuron(readout, layer, neuron) -> Readout:
     u = (g * down)[:, None] * (params.get(layer, "W_up")[:, neuron] * (1 + params.get(layer, "ln2")) / s)[None, :]
     path = readout.path + (f"L{layer}N{neuron}",)
     return replace(readout, u=u, site=2 * layer + 1, whole=term, whole_label="/".join(path), scale=s, path=path)
-
-

@@ -11,7 +11,7 @@ import numpy as np
 
 from refprism.errors import InputError
 from refprism.gemma import ops
-from refprism.prisms.readouts import Readout, head_source_terms, neuron_terms, site_name
+from refprism.prisms.readouts import Readout, Token, head_source_terms, neuron_terms, resolve_token, site_name
 
 # Exactness tolerance of |whole - sum(parts)|: atol + rtol * sum(|parts|), by compute dtype. The parts are dot
 # products over D (2048 for gemma-2b) computed in different orders from the whole, so their rounding error is a
@@ -222,7 +222,10 @@ def apply_map(readout, vectors, labels, *, own_scale=False) -> Split:
 
 
 def scaled_embeddings(model, tokens) -> np.ndarray:
-    """E[t] * sqrt(D) (the normalizer of the run), the vectors the first layer reads: [M, D]."""
+    """E[t] * sqrt(D) (the normalizer of the run), the vectors the first layer reads: [M, D].
+
+    tokens: Tokens, or anything resolve_token takes (pieces like "▁France", one-token text, ids "#7127")."""
+    tokens = [t if isinstance(t, Token) else resolve_token(model, t) for t in tokens]
     return model.params.embed_rows([t.id for t in tokens]) * model.normalizer
 
 

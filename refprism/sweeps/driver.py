@@ -54,6 +54,10 @@ def sweep(data, model, out, *, levels="residual,heads", chunk=16, backend="local
     bad.sort(key=lambda b: b.line)
     if strict and bad:
         raise InputError(f"{data} line {bad[0].line}: {bad[0].error} (--strict stops at the first bad row)")
+    if not items:  # nothing to compute (and no summary over zero prompts): refused before the weights are read
+        for b in bad:
+            warn(f"{data} line {b.line}: {b.error}")
+        raise InputError(f"nothing ran: all {len(bad)} rows of {data} are bad (each is named above)")
     manifest = {
         "format": FORMAT,
         "data": {"file": data.name, "sha256": hashlib.sha256(data.read_bytes()).hexdigest(), "rows": len(rows)},

@@ -6,8 +6,9 @@ import sys
 
 from refprism.cli.common import _common, _readout, check_out_path, path_text
 
-# `--memory auto` for the page: its prisms read every layer's weights many times over (see memory_mode)
-REPORT_WORK = "one"
+# `--memory auto` for the page: its prisms and chains read every layer's weights many times over, which low
+# memory converts anew at each read (gemma-2b shape, 2 cores: 223 s low, 60 s fast; docs/performance.md)
+REPORT_WORK = "many"
 
 
 def register(sub) -> None:

@@ -247,7 +247,7 @@ def test_memory_refusal_names_the_cli_ways_out_that_fit(tiny_dir, tmp_path, monk
     """The refusal comes before the weights, computed from config and token count, and names only what would
     fit, spelled as this command's flags."""
     import refprism.model
-    from refprism.record import estimate_bytes
+    from refprism.gemma.record import estimate_bytes
 
     _watch_weights(monkeypatch)
     tiny = refprism.load(tiny_dir, memory="low", defer=True)

@@ -1017,12 +1017,20 @@ def test_without_tokenizer_token_ids_still_work(checkpoint, tmp_path):
 @pytest.mark.parametrize("args", [
     ["residual", ""], ["attention", "", "--layer", "1"], ["mlp", "", "--layer", "0"],
     ["chain", "", "--layer", "1", "--head", "0", "--source", "0"], ["run", ""],
+    ["map", "", "--layer", "1", "--head", "0", "--source", "0", "--inputs", "#5"],
 ])
 def test_empty_prompt_is_the_bos_only_run_everywhere(tiny_dir, capsys, args):
     assert cli.main([*args, "--model", str(tiny_dir)]) == 0
     out = capsys.readouterr().out
     assert "(empty prompt: the BOS-only run)" in out
     assert "<bos>" in out and "The" not in out
+
+
+@pytest.mark.parametrize("args", [["run", "", "--json"], ["residual", "", "--json"]])
+def test_empty_prompt_in_json_is_the_one_token_bos(tiny_dir, capsys, args):
+    """The JSON outputs carry no note: their tokens are the one <bos>, as docs/errors.md says."""
+    assert cli.main([*args, "--model", str(tiny_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == [{"id": 2, "piece": "<bos>"}]
 
 
 def test_empty_prompt_file_is_the_bos_only_run(tiny_dir, tmp_path, capsys):

@@ -64,6 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _progress(config: dict):
+    """A bar on stderr while a real-size checkpoint is drawn and written (gemma-2b: ~1 min); none for small ones."""
+    from refprism.cli.common import REAL_SIZE_BYTES, Progress
+
+    params = sum(math.prod(s) for s in tensor_shapes(config).values())
+    return Progress(params * 2 >= REAL_SIZE_BYTES)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -80,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             tokenizer=None if args.no_tokenizer else "auto",
             force=args.force,
+            progress=_progress(config),
         )
         seconds = time.perf_counter() - start
     except (ValueError, FileExistsError, FileNotFoundError) as exc:

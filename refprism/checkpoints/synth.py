@@ -490,6 +490,7 @@ def write_checkpoint(
     seed: int = 0,
     tokenizer: str | None = "auto",
     force: bool = False,
+    progress=None,
 ) -> pathlib.Path:
     """Write a random-weight Gemma (1) checkpoint in the hub's layout; return its folder.
 
@@ -552,7 +553,13 @@ def write_checkpoint(
                 tensors[name] = values.astype(np_dtype, copy=False)  # round to nearest even
                 del values  # the float32 draw goes now, not at the end of the shard
                 weight_map[name] = file_name
+                if progress is not None:  # progress(what, done, total): a tensor drawn
+                    progress("drawing", len(weight_map), len(names))
+            if progress is not None:
+                progress(f"writing {file_name}", 0, 1)
             save_file(tensors, tmp / file_name, metadata={"format": "pt"})
+            if progress is not None:
+                progress(f"writing {file_name}", 1, 1)
             del tensors
         if len(files) > 1:
             _write_json(

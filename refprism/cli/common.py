@@ -26,21 +26,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"refprism: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+MODEL_HELP = "model directory, .gguf file or hub id (default: $REFPRISM_MODEL, else google/gemma-2b)"
+
+
+def memory_help(work: str) -> str:
+    """--memory's help: what each mode costs (measured on the gemma-2b shape, docs/performance.md) and what auto
+    means for this command's work (memory_mode)."""
+    auto = ("low, this command runs one forward pass" if work == "one"
+            else "fast when it fits in available memory, this command runs many forward passes")
+    return ("low: weights stay memory-mapped, each layer converted when it runs (gemma-2b shape: 2.1 GB peak, "
+            "load ~1 s, each forward pass converts again); fast: every weight converted at load (10.2 GB peak, a "
+            f"load of 13 s or more, then each forward pass ~3x faster); auto (default): {auto}. A .gguf file is "
+            "always dequantized into memory")
+
+
+def _common(p: argparse.ArgumentParser, work: str = "one") -> None:
     p.add_argument("prompt", nargs="?", help="the prompt text (the tokenizer adds BOS); or use --ids / --prompt-file")
     p.add_argument("--ids", help="the prompt as token ids, comma or space separated (e.g. '2,651,6037')")
     p.add_argument("--prompt-file", metavar="FILE",
                    help="read the prompt text from a UTF-8 file, exactly as stored (a final newline is part of it)")
-    p.add_argument("--model", default=None,
-                   help="model directory or hub id (default: $REFPRISM_MODEL, else google/gemma-2b)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 (default) or float64 (audit)")
-    p.add_argument("--memory", default="auto", choices=["auto", "fast", "low"],
-                   help="fast: convert all weights at load; low: convert each layer when used (about a third of "
-                        "the memory, slower); auto (default): fast when it fits in available memory")
+    p.add_argument("--memory", default="auto", choices=["auto", "fast", "low"], help=memory_help(work))
 
 
-def _prism_common(p, targets_default="the top 5"):
-    _common(p)
+def _prism_common(p, targets_default="the top 5", work="one"):
+    _common(p, work)
     p.add_argument("--position", type=int, default=-1, help="the position whose logits are split (default: last)")
     p.add_argument("--targets", nargs="*", metavar="TOKEN",  # "*": a bare --targets reaches the library's refusal
                    help=f"target tokens: pieces (▁Paris), one-token text, or ids (#7127); default: {targets_default}")

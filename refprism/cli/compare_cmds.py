@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from refprism.cli.common import RUN_SPELLING, _check_plot_path, open_model, path_text, prompt_of
+from refprism.cli.common import RUN_SPELLING, _check_plot_path, memory_help, open_model, path_text, prompt_of
 from refprism.errors import InputError
 from refprism.files import atomic_write
 
@@ -41,7 +41,7 @@ def register(sub) -> None:
                    help="with --against llama.cpp: a folder holding your own build's llama-debug (e.g. build/bin), "
                         "checked instead of the cached build; its printed logits stand for the logits")
     p.add_argument("--memory", default="auto", choices=["auto", "fast", "low"],
-                   help="refprism's weight memory mode (as for every command)")
+                   help="refprism's weight memory mode: " + memory_help("many"))
     p.add_argument("--top-k", type=int, default=5, help="k of the logits' top-k overlap (default 5)")
     p.add_argument("--json", action="store_true", help="print the report as JSON only")
     p.add_argument("--markdown", metavar="FILE", help="also write the report as Markdown (for a pull request)")

@@ -31,7 +31,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("validate", help="every component of a level: prism vs total effect, their agreement, "
                                         "and circuit faithfulness")
-    _intervention_args(p)
+    _intervention_args(p, work="many")
     p.add_argument("--level", required=True, metavar="LEVEL",
                    help="residual, heads, head-source:L, neurons:L or neurons")
     p.add_argument("--top", type=int, default=10, help="k of the top-k metrics and of the faithfulness table "
@@ -58,10 +58,10 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_attribute)
 
 
-def _intervention_args(p):
+def _intervention_args(p, work="one"):
     # the prompt, --position (the readout's), --targets, --versus, --json, --plot
     _prism_common(p, targets_default="the top token minus the runner-up (resample: minus the counterfactual's top "
-                                     "token when it differs)")
+                                     "token when it differs)", work=work)
     p.add_argument("--ablate", required=True, choices=["zero", "mean", "resample"],
                    help="zero; mean (over --reference prompts, or the prompt's own positions 1 .. T-1); resample "
                         "(the value in --counterfactual)")

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 
 from refprism.cli.common import (
+    MODEL_HELP,
     _check_plot_path,
     _check_top,
     _head_args,
@@ -14,6 +15,7 @@ from refprism.cli.common import (
     _prism_common,
     _readout,
     _show,
+    memory_help,
     open_model,
     read_weights,
     short,
@@ -60,9 +62,10 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_map)
 
     p = sub.add_parser("pca", help="2-D PCA of the targets' unembedding vectors, joined in order (Fig 9)")
-    p.add_argument("--model", default=None, help="model directory or hub id")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 (default) or float64")
-    p.add_argument("--memory", default="auto", choices=["auto", "fast", "low"], help="as for the other commands")
+    p.add_argument("--memory", default="auto", choices=["auto", "fast", "low"],
+                   help=memory_help("one") + " (pca reads only the targets' embedding rows: low converts only those)")
     p.add_argument("--targets", nargs="*", required=True, metavar="TOKEN", help="tokens, in the order to join")
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--plot", metavar="FILE.png", help="write the figure")

@@ -14,7 +14,7 @@ REPORT_WORK = "many"
 def register(sub) -> None:
     p = sub.add_parser("report", help="one self-contained HTML page to explore the prompt's prisms by clicking "
                                       "(offline, no server)")
-    _common(p)
+    _common(p, REPORT_WORK)
     p.add_argument("--position", type=int, default=-1, help="the position whose logits are split (default: last)")
     p.add_argument("--targets", nargs="*", metavar="TOKEN",
                    help="target tokens: pieces (▁Paris), one-token text, or ids (#7127); default: the top 5")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from refprism.cli.common import one_line, open_model
+from refprism.cli.common import MODEL_HELP, memory_help, one_line, open_model
 from refprism.errors import InputError
 
 
@@ -16,11 +16,10 @@ def register(sub) -> None:
                                 "targets, and optionally versus, position, roles, counterfactual (docs/sweeps.md)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="the output folder; a re-run with the same folder resumes where it stopped")
-    p.add_argument("--model", default=None,
-                   help="model directory, .gguf file or hub id (default: $REFPRISM_MODEL, else google/gemma-2b)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 (default) or float64 (audit)")
     p.add_argument("--memory", default="auto", choices=["auto", "fast", "low"],
-                   help="as for the other commands (local backend; the Ray driver keeps the weights memory-mapped)")
+                   help=memory_help("many") + " (local backend; the Ray driver keeps the weights memory-mapped)")
     p.add_argument("--levels", default="residual,heads",
                    help="what each prompt gets, comma separated: residual, heads, head-source (and by role), "
                         "neurons:K (each layer's top K neurons and the rest); default residual,heads")

@@ -7,6 +7,7 @@ import pytest
 
 from refprism import cli
 from refprism import prisms as P
+from refprism.errors import InputError
 
 PROMPT = "The capital city of France is"
 SCHEMA = {"prism", "model", "dtype", "tokens", "position", "targets", "whole", "components", "residual"}
@@ -157,3 +158,13 @@ def test_chain_through_a_neuron_first(tiny_dir, tiny, capsys):
 def test_chain_first_step_errors(tiny_dir, capsys, extra, message):
     assert cli.main(["chain", PROMPT, "--model", str(tiny_dir), "--layer", "1", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_scaled_embeddings_take_pieces_as_every_prism_does(tiny):
+    from refprism import prisms
+
+    tokens = [prisms.resolve_token(tiny, t) for t in ("▁France", "#7")]
+    np.testing.assert_array_equal(prisms.scaled_embeddings(tiny, ["▁France", "#7"]),
+                                  prisms.scaled_embeddings(tiny, tokens))
+    with pytest.raises(InputError, match="not in the vocabulary|not one"):
+        prisms.scaled_embeddings(tiny, ["▁Nowhere-at-all"])

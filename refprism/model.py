@@ -299,11 +299,12 @@ def ways_out(model, lengths, selection, *, edited=False, free) -> list[tuple[str
     least = Selection(["logits@-1"])
     if estimate_bytes(cfg, lengths, dt, least, edited=edited)["total"] < need and fits(least):
         ways.append(("select", {}))
-    fast = n_parameters(cfg) * np.dtype(dt).itemsize
-    if model.memory == "fast" and fits(selection, room=(free + fast) * MEMORY_SHARE):
+    held = resident_bytes(cfg, dt, model.memory)  # what the weights hold (or will), in this mode and dtype
+    low = resident_bytes(cfg, dt, "low")
+    if model.memory == "fast" and fits(selection, room=(free + held - low) * MEMORY_SHARE):
         ways.append(("low", {}))
     if np.dtype(dt) == np.float64:
-        freed = fast // 2 if model.memory == "fast" else 0
+        freed = held - resident_bytes(cfg, np.float32, model.memory)
         if fits(selection, dtype=np.float32, room=(free + freed) * MEMORY_SHARE):
             ways.append(("float32", {}))
     if len(lengths) == 1 and lengths[0] > 1:
@@ -347,19 +348,23 @@ def load(model=None, dtype="float32", *, memory="auto", normalizer_dtype=None, d
         tokenizer = _read_tokenizer(model_dir, cfg)
         stored = read_tensors(model_dir, cfg)
         mode = choose_memory(cfg, dt, memory)
-        item = np.dtype(dt).itemsize
-        if mode == "fast":
-            resident = n_parameters(cfg) * item
-        else:  # one layer's converted matrices and the unembedding's chunk buffer (weights.Weights.unembed)
-            resident = (n_parameters(cfg) - cfg.vocab_size * cfg.d_model) // cfg.n_layers * item + \
-                min(32768, cfg.vocab_size) * cfg.d_model * item
         deferred = Deferred(lambda report: Weights(stored, cfg, dt, mode, progress=report), np.dtype(dt), mode,
-                            resident, progress)
+                            resident_bytes(cfg, dt, mode), progress)
         out = Model(config=cfg, params=None, tokenizer=tokenizer, name=name,
                     normalizer=embed_normalizer(cfg.d_model, dt, round_to=normalizer_dtype), deferred=deferred)
     if not defer:
         out.load_weights()
     return out
+
+
+def resident_bytes(cfg: Config, dtype, memory: str) -> int:
+    """The memory the weights keep once read: fast, every parameter in the compute dtype; low, one layer's
+    converted matrices and the unembedding's chunk buffer (weights.Weights.unembed)."""
+    item = np.dtype(dtype).itemsize
+    if memory == "fast":
+        return n_parameters(cfg) * item
+    layer = (n_parameters(cfg) - cfg.vocab_size * cfg.d_model) // cfg.n_layers
+    return (layer + min(32768, cfg.vocab_size) * cfg.d_model) * item
 
 
 def _load_gguf(path: Path, dt, normalizer_dtype, progress) -> Model:

@@ -680,9 +680,10 @@ CASES = [
          lambda t, ctx: refprism.load(t).run([2, 5, 7], record=["logits@7"]),
          record("--ids", "2,5,7", "--select", "logits@7"),
          r"record entry logits@7: position 7 is out of range for 3 tokens", InputError),
-    Case("run-too-large-for-memory", lambda ctx: ctx.good(), load_run, RECORD,
-         r"a run of 3 tokens would need about .* GB \(record .* GB, of which logits .* GB; attention .* GB per "
-         r"layer at T=3\) but .* GB is available.*: no smaller run of this command fits: free memory", InputError,
+    Case("run-too-large-for-memory", lambda ctx: ctx.good(), lambda t, ctx: load_run(t, ctx, memory="low"), RECORD,
+         r"a run of 3 tokens would need about [\d.]+ KB \(record [\d.]+ KB, of which logits [\d.]+ KB; attention "
+         r"[\d.]+ KB per layer at T=3\) but .* is available.*: no smaller run of this command fits: free memory",
+         InputError,
          patch="little_memory"),
     Case("out-is-a-directory", lambda ctx: ctx.good(), cli_args("report", PROMPT, "--out", "{out}"),
          ("report", PROMPT, "--model", "{model}", "--out", "{out}"),

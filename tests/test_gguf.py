@@ -17,7 +17,7 @@ import gguf  # the test extra's (pip install -e ".[test]"): missing, these tests
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import SHARED_TOKENIZER  # noqa: E402
+from conftest import SHARED_TOKENIZER, shared_tokenizer  # noqa: E402
 
 from refprism.checkpoints.gguf import read_gguf, tokenizer_from_vocab
 from refprism.errors import CheckpointError
@@ -447,9 +447,7 @@ AWKWARD = [
 def gemma2b_reference():
     from tokenizers import Tokenizer
 
-    if not (SHARED_TOKENIZER / "tokenizer.model").is_file():
-        pytest.skip(f"the shared gemma-2b tokenizer is not at {SHARED_TOKENIZER}")
-    return Tokenizer.from_file(str(SHARED_TOKENIZER / "tokenizer.json"))
+    return Tokenizer.from_file(str(shared_tokenizer() / "tokenizer.json"))  # absent: the test fails, naming it
 
 
 def test_construction_reproduces_gemma2b_tokenizer_json(gemma2b_reference):

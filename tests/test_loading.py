@@ -6,7 +6,7 @@ import shutil
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import SHARED_TOKENIZER
+from conftest import shared_tokenizer
 from safetensors.numpy import load_file, save_file
 
 import refprism
@@ -155,12 +155,38 @@ def test_nonexistent_path_is_not_sent_to_the_hub(tmp_path):
         refprism.load(str(tmp_path / "nope"))
 
 
-def test_hub_offline_with_empty_cache(tmp_path, monkeypatch):
-    """Real huggingface_hub, offline mode, empty cache: one clear message, no network used."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    with pytest.raises(AccessError, match="not in the local HF cache .* go online once"):
+def test_hub_offline_with_empty_cache(tmp_path, monkeypatch, network_guard):
+    """Real huggingface_hub in offline mode (conftest sets it before the hub is imported), empty cache: one clear
+    message, raised by the hub's offline mode; no host was looked up (the guard sees every attempt)."""
+    import huggingface_hub.constants
+    from huggingface_hub import errors as hf_errors
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(AccessError, match="not in the local HF cache .* go online once") as e:
         refprism.load("google/gemma-2b")
+    assert network_guard.attempts == []
+    cause = e.value.__context__  # what huggingface_hub raised (refprism re-raises it `from None`)
+    assert isinstance(cause, (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled)), repr(cause)
+    assert not any(isinstance(c, OSError) and "no network in tests" in str(c) for c in _chain(cause))
+
+
+def _chain(error):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def test_the_network_guard_sees_a_hub_request(monkeypatch, network_guard):
+    """The guard the offline tests stand on: with the hub's offline mode switched off, the same call is seen trying
+    to reach huggingface.co (and refused: nothing leaves)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    with pytest.raises(AccessError):
+        refprism.load("google/gemma-2b")
+    assert any("huggingface.co" in attempt for attempt in network_guard.attempts), network_guard.attempts
+    network_guard.attempts.clear()  # made on purpose: the autouse check after the test must not fail it
 
 
 def test_hub_uses_cache_offline(tiny_dir, tmp_path, monkeypatch):
@@ -200,8 +226,8 @@ def test_hub_errors_are_one_line(monkeypatch, error, message):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.skipif(not SHARED_TOKENIZER.is_dir(), reason="../shared/gemma-2b-tokenizer is not beside the project")
 def test_real_tokenizer_through_the_model(checkpoint):
+    shared_tokenizer()  # the real tokenizer's folder: part of the test environment (absent: fail, naming it)
     d = checkpoint(vocab_size=256000, hidden_size=16, intermediate_size=32, num_attention_heads=2,
                    num_key_value_heads=1, head_dim=8, num_hidden_layers=1)
     model = refprism.load(d)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq  # the sweep extra: a missing pyarrow fails here, not as a skipped test
 import pytest
-from conftest import SHARED_TOKENIZER
+from conftest import shared_tokenizer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -548,8 +548,7 @@ def test_shipped_data_sets_are_the_tools_and_fit_gemmas_tokenizer():
                                                   Path(__file__).parents[1] / "tools" / "make_datasets.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    shared = Path(os.environ.get("REFPRISM_SHARED_TOKENIZER", SHARED_TOKENIZER))
-    tok = Tokenizer.from_file(str(shared / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(shared_tokenizer() / "tokenizer.json"))
     for name, rows, at_least in (("capitals", tool.capitals(), 30), ("additions", tool.additions(), 40)):
         path = S.data_path(name)
         assert path.read_text("utf-8") == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

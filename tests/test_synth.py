@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch  # plain import on purpose: the HF cross-load below must run in CI
 import transformers
+from conftest import shared_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -456,12 +457,13 @@ def test_tokenizer_selection_real_vocab_uses_env_folder(tmp_path, monkeypatch):
         "tokenizer.json", "tokenizer_config.json"]
 
 
-SHARED = REPO.parent / "shared" / "gemma-2b-tokenizer"
-
-
-@pytest.mark.skipif(not (SHARED / "tokenizer.json").is_file(), reason=f"shared tokenizer folder absent: {SHARED}")
 def test_tokenizer_selection_real_vocab_default_folder(monkeypatch):
+    """The default folder is ../shared/gemma-2b-tokenizer beside the checkout; the real vocabulary's files come from
+    the folder the environment names (part of the test environment: absent, the test fails)."""
     monkeypatch.delenv("REFPRISM_SHARED_TOKENIZER", raising=False)
+    assert synth._shared_tokenizer_dir() == REPO.parent / "shared" / "gemma-2b-tokenizer"
+    SHARED = shared_tokenizer()
+    monkeypatch.setenv("REFPRISM_SHARED_TOKENIZER", str(SHARED))
     files = synth._tokenizer_files_for(256000)
     assert files["tokenizer.json"] == SHARED / "tokenizer.json"
     assert files["tokenizer_config.json"] == SHARED / "tokenizer_config.json"

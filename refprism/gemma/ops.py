@@ -323,3 +323,184 @@ def geglu(x, W_gate, W_up):
     gate = x @ W_gate
     up = x @ W_up
     return gate, up, gelu_tanh(gate) * up
+
+
+# ------------------------------------------------------------------------------------ vector-Jacobian products
+#
+# The backward pass (refprism/gradients/backward.py) runs these in reverse forward order. Each takes the gradient
+# g of the readout with respect to its op's output and returns the gradients with respect to its inputs.
+# Gradients carry a leading readout axis Z (one row per readout row: target, or target minus foils), so one pass
+# computes many rows: g [Z, *output shape] -> [Z, *input shape]. The forward values they read (x, s, pattern, ...)
+# have no Z axis. docs/math.md section 5 derives each line.
+
+
+def embed_vjp(g, normalizer):
+    """Through the sqrt(D) embedding scale: the gradient with respect to the embedding rows E[tokens].
+
+    Math:   x_0 = E[tokens] * sqrt(D)  =>  dR/dE[tokens] = g * sqrt(D)   (the normalizer as the forward rounded it)
+    Shapes: g [Z, T, D] -> [Z, T, D]
+    """
+    return g * np.asarray(normalizer, dtype=g.dtype)
+
+
+def rms_apply_vjp(g, x, s, w, *, offset=1):
+    """Through y = x / s * (offset + w) with s an input of its own (the norm scale is a recorded site).
+
+    Math:   dR/dx|_s = g * (offset + w) / s
+            dR/ds    = -sum_d g_d x_d (offset + w_d) / s^2  = -sum_d g_d y_d / s
+            offset = 1 for every Gemma 1/2/3 norm (the (1 + w) trap); Gemma 4 applies w itself (offset = 0); a norm
+            without a weight (Gemma 4's v norm) is w = None: the gain is 1.
+    Shapes: g [Z, ..., D], x [..., D], s [...], w [D] or None -> g_x [Z, ..., D], g_s [Z, ...]
+    """
+    gain = np.ones((), dtype=g.dtype) if w is None else (np.asarray(offset, dtype=g.dtype) + w.astype(g.dtype))
+    gx = g * (gain / s[..., None])
+    gs = -np.sum(gx * x, axis=-1) / s
+    return gx, gs
+
+
+def rms_scale_vjp(g_s, x, s):
+    """Through the norm scale s = sqrt(mean_d x_d^2 + eps): skipped when the norm is frozen.
+
+    Math:   ds/dx_d = x_d / (D s)  =>  dR/dx += g_s * x / (D s)
+    Shapes: g_s [Z, ...], x [..., D], s [...] -> [Z, ..., D]
+    """
+    D = np.asarray(x.shape[-1], dtype=g_s.dtype)
+    return g_s[..., None] * (x / (D * s[..., None]))
+
+
+def rms_norm_vjp(g, x, s, w, *, offset=1, frozen=False):
+    """RMSNorm's whole VJP: rms_apply_vjp, then (unless the scale is frozen) rms_scale_vjp.
+
+    Math:   dR/dx = g (offset + w) / s + [not frozen] (dR/ds) x / (D s)
+    Shapes: g [Z, ..., D] -> g_x [Z, ..., D], g_s [Z, ...]
+    """
+    gx, gs = rms_apply_vjp(g, x, s, w, offset=offset)
+    if not frozen:
+        gx = gx + rms_scale_vjp(gs, x, s)
+    return gx, gs
+
+
+def rope_vjp(g, cos, sin):
+    """Through split-half RoPE: the transpose of a rotation is the rotation by the opposite angle.
+
+    Math:   rope: y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin  (per pair i, i + H/2)
+            =>   g_x1 = g1 cos + g2 sin, g_x2 = g2 cos - g1 sin  = rope(g, cos, -sin)
+    Shapes: g [Z, T, heads, H], cos/sin [T, H] -> [Z, T, heads, H]
+    """
+    half = g.shape[-1] // 2
+    out = g * cos[:, None, :]
+    out[..., :half] += g[..., half:] * sin[:, None, :half]
+    out[..., half:] -= g[..., :half] * sin[:, None, half:]
+    return out
+
+
+def gelu_tanh_grad(x):
+    """d gelu_tanh / dx.
+
+    Math:   gelu(x) = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)
+            gelu'(x) = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+            (for large |gate| tanh(u) = +-1 exactly: gelu' is 1 or 0, with no 0 * inf)
+    Shapes: any -> same
+    """
+    c = np.asarray(np.sqrt(2.0 / np.pi), dtype=x.dtype)
+    k = np.asarray(0.044715, dtype=x.dtype)
+    half = np.asarray(0.5, dtype=x.dtype)
+    t = np.tanh(c * (x + k * x * x * x))
+    return half * (1 + t) + half * x * (1 - t * t) * c * (1 + 3 * k * x * x)
+
+
+def geglu_vjp(g_act, gate, up, *, frozen=False):
+    """Through act = gelu_tanh(gate) * up.
+
+    Math:   dR/dup   = g * gelu(gate)
+            dR/dgate = g * up * gelu'(gate)          (0 when the gelu(gate) factor is frozen: act = G_0 * up)
+    Shapes: g_act [Z, T, F], gate/up [T, F] -> g_gate [Z, T, F], g_up [Z, T, F]
+    """
+    g_up = g_act * gelu_tanh(gate)
+    g_gate = np.zeros_like(g_act) if frozen else g_act * (up * gelu_tanh_grad(gate))
+    return g_gate, g_up
+
+
+def softcap_factor(x, cap):
+    """The soft-cap as a factor: softcap(x, cap) = x * r(x), r = cap tanh(x / cap) / x (r(0) = 1).
+
+    Shapes: any -> same
+    """
+    capv = np.asarray(cap, dtype=x.dtype)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = capv * np.tanh(x / capv) / x
+    return np.where(x == 0, np.ones((), dtype=x.dtype), r)
+
+
+def softcap_vjp(g, x, cap, *, frozen=False):
+    """Through y = cap tanh(x / cap).
+
+    Math:   dR/dx = g (1 - tanh(x / cap)^2)                    (true derivative; near the cap it goes to 0)
+            frozen: y = x * r(x_0), r held at the recorded x_0 => dR/dx = g r(x_0)      (softcap_factor)
+    Shapes: g [Z, ...], x [...] -> [Z, ...]
+    """
+    if frozen:
+        return g * softcap_factor(x, cap)
+    t = np.tanh(x / np.asarray(cap, dtype=x.dtype))
+    return g * (1 - t * t)
+
+
+def softmax_vjp(g, pattern):
+    """Through each row's softmax (causal, windowed: masked entries have pattern 0 and get gradient 0).
+
+    Math:   p = softmax(a) over the allowed s:  dR/da_s = p_s (g_s - sum_s' p_s' g_s')
+    Shapes: g [Z, N, T, S], pattern [N, T, S] -> [Z, N, T, S]
+    """
+    return pattern * (g - np.sum(g * pattern, axis=-1, keepdims=True))
+
+
+def attention_mix_vjp(g_z, pattern, v):
+    """Through z[t, n] = sum_s pattern[n, t, s] v[s, kv(n)] (query heads grouped on their shared kv head).
+
+    Math:   dR/dpattern[n, t, s] = g_z[t, n] . v[s, kv(n)]
+            dR/dv[s, k]          = sum_{n: kv(n) = k} sum_t pattern[n, t, s] g_z[t, n]
+    Shapes: g_z [Z, T, N, H], pattern [N, T, S], v [S, K, H] -> g_pattern [Z, N, T, S], g_v [Z, S, K, H]
+    """
+    Z, T, N, H = g_z.shape
+    K = v.shape[1]
+    kv = kv_index(N, K)
+    g_pattern = np.einsum("ztnh,snh->znts", g_z, v[:, kv, :], optimize=True)
+    g_vn = np.einsum("nts,ztnh->zsnh", pattern, g_z, optimize=True)  # [Z, S, N, H] per query head
+    return g_pattern, g_vn.reshape(Z, v.shape[0], K, N // K, H).sum(axis=3)
+
+
+def attention_scores_vjp(g_scores, q, k, scale):
+    """Through scores[n, t, s] = (q[t, n] . k[s, kv(n)]) * scale.
+
+    Math:   dR/dq[t, n] = scale sum_s g[n, t, s] k[s, kv(n)]
+            dR/dk[s, j] = scale sum_{n: kv(n) = j} sum_t g[n, t, s] q[t, n]
+    Shapes: g_scores [Z, N, T, S], q [T, N, H], k [S, K, H] -> g_q [Z, T, N, H], g_k [Z, S, K, H]
+    """
+    Z, N, T, S = g_scores.shape
+    K, H = k.shape[1], k.shape[2]
+    kv = kv_index(N, K)
+    sc = np.asarray(scale, dtype=g_scores.dtype)
+    g_q = sc * np.einsum("znts,snh->ztnh", g_scores, k[:, kv, :], optimize=True)
+    g_kn = sc * np.einsum("znts,tnh->zsnh", g_scores, q, optimize=True)
+    return g_q, g_kn.reshape(Z, S, K, N // K, H).sum(axis=3)
+
+
+def project_vjp(g, W):
+    """Through a per-head projection y[t, j] = x[t] W[:, j] (W_Q, W_K, W_V: [D, heads, H]).
+
+    Math:   dR/dx[t] = sum_j W[:, j] g[t, j]
+    Shapes: g [Z, T, heads, H], W [D, heads, H] -> [Z, T, D]
+    """
+    Z, T = g.shape[:2]
+    return g.reshape(Z, T, -1) @ W.reshape(W.shape[0], -1).T
+
+
+def heads_out_vjp(g, W_O):
+    """Through o = sum_n z[t, n] W_O[n] (o_proj).
+
+    Math:   dR/dz[t, n] = W_O[n] g[t]
+    Shapes: g [Z, T, D], W_O [N, H, D] -> [Z, T, N, H]
+    """
+    N, H, D = W_O.shape
+    Z, T = g.shape[:2]
+    return (g @ W_O.reshape(N * H, D).T).reshape(Z, T, N, H)

@@ -20,9 +20,10 @@ the factor is cut, the factor's own site keeps its gradient.
 Everything frozen is the linear map the prisms decompose (grad . embed = the readout, exactly); nothing frozen
 is the true gradient.
 
-**drop**: layers whose block the backward skips (AtP*'s GradDrop): the gradient passes from resid_post to
-resid_pre through the skip path only, attn.out and mlp.out get the gradient of the residual they add to, and the
-block's inner sites get zero.
+**drop**: layers (ints) whose block the backward skips (AtP*'s GradDrop), or single sublayers ("L3.attn",
+"L3.mlp"): the gradient passes a dropped sublayer through the skip path only (resid_mid -> resid_pre for
+attention, resid_post -> resid_mid for the MLP), its output (attn.out, mlp.out) gets the gradient of the residual
+it adds to, and its inner sites get zero.
 
 **Readouts** at one position p (`position=`), one row per target (minus the mean of the foils, `versus=`), through
 the prisms' own target resolution (prisms.resolve_targets, prisms.logits_readout):
@@ -87,7 +88,7 @@ def gradients(model, prompt_or_run, *, targets=None, versus=(), position=-1, rea
              selective one is recomputed layer by layer, never more than one layer at a time beyond it)
     targets, versus: the readout's rows, as the prisms take them (None: the run's top token at `position`)
     readout: "logit" (default, pre-cap), "capped", "logprob", or directions u [Z, D] / [D] at the final residual
-    freeze:  a subset of FREEZABLE;  drop: layers whose block the backward skips (GradDrop)
+    freeze:  a subset of FREEZABLE;  drop: layers (or "L{l}.attn" / "L{l}.mlp") the backward skips (GradDrop)
     dtype:   the compute dtype: that of the model (load the model in float64 for a float64 gradient)
     record:  None (every site) or globs of the gradient sites to keep (e.g. ["embed", "blocks.*.attn.z"])
     Shapes:  -> Gradients.record[name] [Z, *shape of the site]
@@ -125,13 +126,23 @@ def _freeze(freeze) -> frozenset:
 
 
 def _drop(cfg, drop) -> frozenset:
-    if isinstance(drop, (int, np.integer)):
+    """drop= -> {(layer, "attn" | "mlp")}: a layer l drops both its sublayers; "L{l}.attn" / "L{l}.mlp" one."""
+    if isinstance(drop, (int, np.integer, str)):
         drop = [drop]
     out = set()
-    for l in drop:
-        if not isinstance(l, (int, np.integer)) or isinstance(l, bool) or not 0 <= l < cfg.n_layers:
-            raise InputError(f"drop {l!r}: layers are 0 .. {cfg.n_layers - 1}")
-        out.add(int(l))
+    for item in drop:
+        if isinstance(item, str):
+            layer, _, kind = item.partition(".")
+            if not (layer[:1] == "L" and layer[1:].isdigit() and kind in ("attn", "mlp")):
+                raise InputError(f"drop {item!r}: give layers (ints) or sublayers L{{l}}.attn / L{{l}}.mlp")
+            l, kinds = int(layer[1:]), (kind,)
+        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
+            l, kinds = int(item), ("attn", "mlp")
+        else:
+            raise InputError(f"drop {item!r}: give layers (ints) or sublayers L{{l}}.attn / L{{l}}.mlp")
+        if not 0 <= l < cfg.n_layers:
+            raise InputError(f"drop {item!r}: layers are 0 .. {cfg.n_layers - 1}")
+        out.update((l, k) for k in kinds)
     return frozenset(out)
 
 
@@ -298,42 +309,40 @@ def backward(model, layers: _Layers, seed: Seed, p: int, *, freeze=frozenset(), 
     for l in reversed(range(cfg.n_layers)):
         b = f"blocks.{l}."
         put(b + "resid_post", g_x)
-        if l in drop:
-            for name in _block_sites(cfg, l):
-                if name in (b + "attn.out", b + "mlp.out", b + "resid_mid"):
-                    put(name, g_x)
-                elif name != b + "resid_pre":
-                    put(name, np.zeros((Z,) + _shape(cfg, name, T), dtype))
-            put(b + "resid_pre", g_x)
-            continue
-        rec = layers.layer(l)
+        rec = None if (l, "attn") in drop and (l, "mlp") in drop else layers.layer(l)
         w = lambda key, l=l: params.get(l, key)  # noqa: E731
 
         # MLP: resid_post = resid_mid + post2(act W_down), act = gelu(gate) * up, gate/up = ln2.out W_gate/W_up
-        put(b + "mlp.out", g_x)
-        g = g_x
-        if cfg.post_norms:
-            g, g_sp = ops.rms_norm_vjp(g, rec[b + "mlp.down"], rec[b + "ln2_post.scale"], w("ln2_post"),
-                                       frozen=eps_frozen)
-            put(b + "mlp.down", g)
-            put(b + "ln2_post.scale", g_sp)
-        g_act = g @ w("W_down").T  # [Z, T, F]
-        put(b + "mlp.act", g_act)
-        g_gate, g_up = ops.geglu_vjp(g_act, rec[b + "mlp.gate"], rec[b + "mlp.up"], frozen="gelu" in freeze)
-        del g_act
-        put(b + "mlp.gate", g_gate)
-        put(b + "mlp.up", g_up)
-        g_h = g_up @ w("W_up").T
-        if "gelu" not in freeze:
-            g_h += g_gate @ w("W_gate").T
-        del g_gate, g_up
-        put(b + "ln2.out", g_h)
-        g_xm, g_s = ops.rms_norm_vjp(g_h, rec[b + "resid_mid"], rec[b + "ln2.scale"], w("ln2"), frozen=eps_frozen)
-        put(b + "ln2.scale", g_s)
-        g_x = g_x + g_xm  # resid_mid: the skip path plus the MLP's
-        put(b + "resid_mid", g_x)
+        if (l, "mlp") in drop:  # GradDrop: the skip path only
+            _dropped(put, cfg, l, "mlp", g_x, Z, T, dtype)
+        else:
+            put(b + "mlp.out", g_x)
+            g = g_x
+            if cfg.post_norms:
+                g, g_sp = ops.rms_norm_vjp(g, rec[b + "mlp.down"], rec[b + "ln2_post.scale"], w("ln2_post"),
+                                           frozen=eps_frozen)
+                put(b + "mlp.down", g)
+                put(b + "ln2_post.scale", g_sp)
+            g_act = g @ w("W_down").T  # [Z, T, F]
+            put(b + "mlp.act", g_act)
+            g_gate, g_up = ops.geglu_vjp(g_act, rec[b + "mlp.gate"], rec[b + "mlp.up"], frozen="gelu" in freeze)
+            del g_act
+            put(b + "mlp.gate", g_gate)
+            put(b + "mlp.up", g_up)
+            g_h = g_up @ w("W_up").T
+            if "gelu" not in freeze:
+                g_h += g_gate @ w("W_gate").T
+            del g_gate, g_up
+            put(b + "ln2.out", g_h)
+            g_xm, g_s = ops.rms_norm_vjp(g_h, rec[b + "resid_mid"], rec[b + "ln2.scale"], w("ln2"), frozen=eps_frozen)
+            put(b + "ln2.scale", g_s)
+            g_x = g_x + g_xm  # resid_mid: the skip path plus the MLP's
+            put(b + "resid_mid", g_x)
 
         # Attention: resid_mid = resid_pre + post1(z W_O), z = pattern v, pattern = softmax(softcap(q.k scale))
+        if (l, "attn") in drop:
+            _dropped(put, cfg, l, "attn", g_x, Z, T, dtype)
+            continue
         put(b + "attn.out", g_x)
         g = g_x
         if cfg.post_norms:
@@ -388,6 +397,20 @@ def backward(model, layers: _Layers, seed: Seed, p: int, *, freeze=frozenset(), 
         del rec
     put("embed", g_x)
     return out
+
+
+def _dropped(put, cfg, l, kind, g_x, Z, T, dtype):
+    """A dropped sublayer: its output gets the gradient of the residual it adds to, its inner sites zero, and
+    the residual before it the same gradient as after (the skip path only)."""
+    b = f"blocks.{l}."
+    inner = ("ln2.", "mlp.", "ln2_post.") if kind == "mlp" else ("ln1.", "attn.", "ln1_post.")
+    for name in _block_sites(cfg, l):
+        site = name[len(b):]
+        if site == kind + ".out":
+            put(name, g_x)
+        elif site.startswith(inner):
+            put(name, np.zeros((Z,) + _shape(cfg, name, T), dtype))
+    put(b + ("resid_mid" if kind == "mlp" else "resid_pre"), g_x)
 
 
 def _at_position(g, p, T):

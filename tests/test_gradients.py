@@ -127,7 +127,7 @@ def test_each_freeze_switch_equals_differences_of_a_forward_with_the_factor_held
     for site in ("embed", "blocks.0.ln1.out", "blocks.0.resid_mid"):
         d = rng.standard_normal(clean.record[site].shape)
 
-        def value(h):
+        def value(h, d=d, site=site):
             def edit(name, v, record):
                 v = hold(name, v, record)
                 return v + h * d if name == site else v

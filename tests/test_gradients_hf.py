@@ -18,6 +18,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+from hf_reference import load_hf
 from transformers.models.gemma import modeling_gemma
 from transformers.models.gemma2 import modeling_gemma2
 from transformers.models.gemma3 import modeling_gemma3
@@ -25,8 +26,6 @@ from transformers.models.gemma3 import modeling_gemma3
 import refprism
 from refprism.gradients.backward import gradients
 from refprism.record import expected_shapes
-
-from hf_reference import load_hf
 
 MODULES = {"gemma": (modeling_gemma, "GemmaRMSNorm", "GemmaRotaryEmbedding"),
            "gemma2": (modeling_gemma2, "Gemma2RMSNorm", "Gemma2RotaryEmbedding"),
@@ -153,7 +152,7 @@ def hf_sites(hf, model_type, embed):
 def as_site(name, t, cfg, T):
     """HF's tensor [1, ...] (or its gradient) in refprism's layout for site `name`."""
     a = t.detach().numpy()[0]
-    N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+    H = cfg.d_head
     site = name.split(".", 2)[-1]
     if site in ("attn.q_pre", "attn.k_pre", "attn.v"):
         return a.reshape(T, -1, H)
@@ -203,7 +202,7 @@ def test_gradient_equals_torch_autograd_on_hf(checkpoint, preset):
                 direction = np.random.default_rng(z).standard_normal((T, cfg.d_model))
                 g = sites["embed"].grad.numpy()[0]
 
-                def value(e):
+                def value(e, tg_ids=tg_ids, coef=coef, kind=kind):
                     with torch.no_grad():
                         s = hf_sites(hf, cfg.model_type, e)
                     return readout_of(s, cfg, p, tg_ids, coef, kind)[0].item()

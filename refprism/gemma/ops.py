@@ -461,7 +461,7 @@ def attention_mix_vjp(g_z, pattern, v):
             dR/dv[s, k]          = sum_{n: kv(n) = k} sum_t pattern[n, t, s] g_z[t, n]
     Shapes: g_z [Z, T, N, H], pattern [N, T, S], v [S, K, H] -> g_pattern [Z, N, T, S], g_v [Z, S, K, H]
     """
-    Z, T, N, H = g_z.shape
+    Z, _, N, H = g_z.shape
     K = v.shape[1]
     kv = kv_index(N, K)
     g_pattern = np.einsum("ztnh,snh->znts", g_z, v[:, kv, :], optimize=True)
@@ -476,7 +476,7 @@ def attention_scores_vjp(g_scores, q, k, scale):
             dR/dk[s, j] = scale sum_{n: kv(n) = j} sum_t g[n, t, s] q[t, n]
     Shapes: g_scores [Z, N, T, S], q [T, N, H], k [S, K, H] -> g_q [Z, T, N, H], g_k [Z, S, K, H]
     """
-    Z, N, T, S = g_scores.shape
+    Z, N, _, S = g_scores.shape
     K, H = k.shape[1], k.shape[2]
     kv = kv_index(N, K)
     sc = np.asarray(scale, dtype=g_scores.dtype)

@@ -310,7 +310,7 @@ def backward(model, layers: _Layers, seed: Seed, p: int, *, freeze=frozenset(), 
         b = f"blocks.{l}."
         put(b + "resid_post", g_x)
         rec = None if (l, "attn") in drop and (l, "mlp") in drop else layers.layer(l)
-        w = lambda key, l=l: params.get(l, key)  # noqa: E731
+        w = lambda key, l=l: params.get(l, key)
 
         # MLP: resid_post = resid_mid + post2(act W_down), act = gelu(gate) * up, gate/up = ln2.out W_gate/W_up
         if (l, "mlp") in drop:  # GradDrop: the skip path only

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import refprism
-from refprism import ops
 from refprism import prisms as P
 from refprism.errors import InputError
+from refprism.gemma import ops
 from refprism.gradients.backward import FREEZABLE, gradients
 
 PRESETS = ["tiny", "tiny-gemma2", "tiny-gemma3"]
@@ -75,7 +75,8 @@ def test_all_frozen_with_later_layers_dropped_gives_the_prism_terms(models, pres
         np.testing.assert_allclose(np.einsum("znh,nh->nz", g_z, run.record[b + "attn.z"][p]),
                                    heads.extras["heads"]["values"], rtol=0, atol=tol)
         kv = ops.kv_index(cfg.n_heads, cfg.n_kv_heads)
-        terms = run.record[b + "attn.pattern"][:, p, : p + 1, None] * run.record[b + "attn.v"][: p + 1, kv].transpose(1, 0, 2)
+        v = run.record[b + "attn.v"][: p + 1, kv].transpose(1, 0, 2)  # [N, S, H]
+        terms = run.record[b + "attn.pattern"][:, p, : p + 1, None] * v
         mine = np.einsum("znh,nsh->nsz", g_z, terms).reshape(-1, g_z.shape[0])
         np.testing.assert_allclose(mine, heads.values, rtol=0, atol=tol)
         neurons = P.mlp_prism(readout, l)
@@ -185,7 +186,8 @@ def test_float32_stays_float32_and_close_to_float64(checkpoint):
 def test_bad_arguments_are_one_line_errors(models):
     model = models["tiny"]
     ids = _ids(model)
-    for kwargs, text in [({"freeze": ["norms"]}, "freeze 'norms'"), ({"drop": [9]}, "drop 9"), ({"drop": ["L0.mix"]}, "drop 'L0.mix'"),
+    for kwargs, text in [({"freeze": ["norms"]}, "freeze 'norms'"), ({"drop": [9]}, "drop 9"),
+                         ({"drop": ["L0.mix"]}, "drop 'L0.mix'"),
                          ({"readout": "prob"}, "readout 'prob'"), ({"readout": np.ones(3)}, "direction readout"),
                          ({"dtype": "float32"}, "computes in float64"), ({"record": ["blocks.*.nope"]}, "names no"),
                          ({"position": 40}, "out of range")]:

@@ -24,8 +24,8 @@ from transformers.models.gemma2 import modeling_gemma2
 from transformers.models.gemma3 import modeling_gemma3
 
 import refprism
+from refprism.gemma.record import expected_shapes
 from refprism.gradients.backward import gradients
-from refprism.record import expected_shapes
 
 MODULES = {"gemma": (modeling_gemma, "GemmaRMSNorm", "GemmaRotaryEmbedding"),
            "gemma2": (modeling_gemma2, "Gemma2RMSNorm", "Gemma2RotaryEmbedding"),
@@ -137,7 +137,7 @@ def hf_sites(hf, model_type, embed):
             keep(b + "attn.out", y)
         elif short == "ln2_post":
             keep(b + "mlp.out", y)
-    for mod, q, k, v, scores, pattern, z in captured["attn"]:
+    for mod, q, k, _v, scores, pattern, z in captured["attn"]:
         b = f"blocks.{mod.layer_idx}."
         keep(b + "attn.q", q)
         keep(b + "attn.k", k)

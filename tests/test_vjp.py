@@ -10,7 +10,7 @@ h = 1e-6 err by O(h^2 |f'''|) + O(eps / h) ~ 1e-10 relative on these O(1) values
 import numpy as np
 import pytest
 
-from refprism import ops
+from refprism.gemma import ops
 
 RNG = np.random.default_rng(18)
 Z = 3
@@ -127,7 +127,8 @@ def test_attention_mix_and_scores_vjp(NK):
     pattern = ops.causal_softmax(RNG.standard_normal((N, T, T)))
     g = RNG.standard_normal((Z, T, N, H))
     g_p, g_v = ops.attention_mix_vjp(g, pattern, v)
-    mix = lambda pp, vv: ops.attention_mix(pp, vv, banded=False)  # (every source read)
+    def mix(pp, vv):
+        return ops.attention_mix(pp, vv, banded=False)  # (every source read)
     check("mix pattern", lambda pp: mix(pp, v), pattern, g_p, g)
     check("mix v", lambda vv: mix(pattern, vv), v, g_v, g)
     gs = RNG.standard_normal((Z, N, T, T))

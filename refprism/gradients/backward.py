@@ -41,12 +41,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import ops
-from .. import prisms as P
-from ..errors import InputError
-from ..forward import forward
-from ..model import Run
-from ..record import Lazy, Record, symbolic_shapes
+from refprism import prisms as P
+from refprism.errors import InputError
+from refprism.gemma import ops
+from refprism.gemma.forward import forward
+from refprism.gemma.record import Lazy, Record, axis_sizes, symbolic_shapes
+from refprism.model import Run
 
 FREEZABLE = ("norm", "pattern", "gelu", "softcap")
 READOUTS = ("logit", "capped", "logprob")
@@ -310,7 +310,8 @@ def backward(model, layers: _Layers, seed: Seed, p: int, *, freeze=frozenset(), 
         b = f"blocks.{l}."
         put(b + "resid_post", g_x)
         rec = None if (l, "attn") in drop and (l, "mlp") in drop else layers.layer(l)
-        w = lambda key, l=l: params.get(l, key)
+        def w(key, l=l):
+            return params.get(l, key)
 
         # MLP: resid_post = resid_mid + post2(act W_down), act = gelu(gate) * up, gate/up = ln2.out W_gate/W_up
         if (l, "mlp") in drop:  # GradDrop: the skip path only
@@ -425,7 +426,5 @@ def _block_sites(cfg, l):
 
 
 def _shape(cfg, name, T):
-    from ..record import axis_sizes
-
     sizes = axis_sizes(cfg, T)
     return tuple(sizes[a] for a in symbolic_shapes(cfg)[name])

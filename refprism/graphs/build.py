@@ -40,6 +40,7 @@ from refprism import prisms as P
 from refprism.errors import InputError
 from refprism.gemma import ops
 from refprism.gradients.backward import FREEZABLE, Seed, _layer_source, backward
+from refprism.graphs import prune as _prune
 from refprism.model import Run
 
 KINDS = ("neuron", "remainder", "embed", "logit")
@@ -106,6 +107,16 @@ class Graph:
         """(sources [k], edges [k]) of node i."""
         m = self.rows == i
         return self.cols[m], self.values[m]
+
+    def pruned(self, node_threshold=0.8, edge_threshold=0.98) -> _prune.Pruned:
+        """circuit-tracer's pruning of this graph (prune.prune): node and edge masks, cumulative influence."""
+        return _prune.prune(self.rows, self.cols, self.values, self.weights, self.counts,
+                            node_threshold=node_threshold, edge_threshold=edge_threshold)
+
+    def scores(self) -> tuple[float, float]:
+        """circuit-tracer's (replacement, completeness), the remainder nodes in the error nodes' role: both 1 when
+        every neuron is explored (no error and no remainder: the graph is exact)."""
+        return _prune.scores(self.rows, self.cols, self.values, self.weights, self.counts)
 
     def row_sums(self) -> np.ndarray:
         """sum_j A_ij for every node [N] (0 for the sources)."""

@@ -207,6 +207,11 @@ class _Context:
         self.passes = 0
         self.most = 0
         self.T = p + 1
+        rec = run.record
+        self.act = [np.asarray(rec[f"blocks.{l}.mlp.act"]) for l in range(self.cfg.n_layers)]  # once: a Lazy
+        self.up = [np.asarray(rec[f"blocks.{l}.mlp.up"]) for l in range(self.cfg.n_layers)]  # recomputes per read
+        self.post = [((1 + model.params.get(l, "ln2_post"))[None, :] / rec[f"blocks.{l}.ln2_post.scale"][:, None])
+                     if self.cfg.post_norms else None for l in range(self.cfg.n_layers)]
 
     def rows(self, l, t, u):
         """Target rows at (layer l, position t) [l = L: the final residual], in passes of at most batch rows.
@@ -234,12 +239,10 @@ class _Context:
 
     def neuron_edges(self, m, g_out):
         """[Z, S, D] gradients at mlp.out of layer m -> [Z, S, F] edges from its neurons (post-norm frozen)."""
-        cfg, params, rec = self.cfg, self.model.params, self.run.record
-        b = f"blocks.{m}."
         S = g_out.shape[1]
-        if cfg.post_norms:
-            g_out = g_out * ((1 + params.get(m, "ln2_post"))[None, :] / rec[b + "ln2_post.scale"][:S, None])[None]
-        return rec[b + "mlp.act"][None, :S] * (g_out @ params.get(m, "W_down").T)
+        if self.post[m] is not None:
+            g_out = g_out * self.post[m][None, :S]
+        return self.act[m][None, :S] * (g_out @ self.model.params.get(m, "W_down").T)
 
     def neuron_rows(self, l, t, n):
         """u [Z, D] of neurons n of layer l at position t: u . resid_mid_l[t] = up[t, n] (ln2 scale frozen)."""
@@ -283,9 +286,9 @@ def _explore(ctx, u_logits, weights, max_nodes, update_interval, explore_k) -> n
         first = len(row_node)
         row_node.extend(nodes)
         row_w.extend(w0)
-        ent_row.append(np.repeat(np.arange(first, first + Z), c.shape[1]))
-        ent_col.append(c.ravel())
-        ent_val.append((v / np.maximum(absum, 1e-10)[:, None]).ravel())
+        ent_row.append(np.repeat(np.arange(first, first + Z, dtype=np.int32), c.shape[1]))
+        ent_col.append(c.ravel().astype(np.int32))
+        ent_val.append((v / np.maximum(absum, 1e-10)[:, None]).ravel().astype(np.float32))  # a ranking only
 
     add(ctx.rows(L, ctx.p, u_logits), [-1] * len(u_logits), list(weights))
     n_done = 0
@@ -356,10 +359,10 @@ def _assemble(ctx, text, explored, u_logits, labels, weights, readout) -> Graph:
     x_final = rec[P.site_name(2 * L, L)][ctx.p]
     readout_values = u_logits @ x_final
     act = np.full(N, np.nan)
-    act[:n_feat] = np.array([rec[f"blocks.{l}.mlp.act"][t, n] for l, t, n in zip(ll, tt, nn)]) if n_feat else []
+    act[:n_feat] = np.array([ctx.act[l][t, n] for l, t, n in zip(ll, tt, nn)]) if n_feat else []
     act[log0:] = readout_values
     inp = np.full(N, np.nan)
-    inp[:n_feat] = np.array([rec[f"blocks.{l}.mlp.up"][t, n] for l, t, n in zip(ll, tt, nn)]) if n_feat else []
+    inp[:n_feat] = np.array([ctx.up[l][t, n] for l, t, n in zip(ll, tt, nn)]) if n_feat else []
     inp[log0:] = readout_values
     R, C, V = [], [], []
 

@@ -1,6 +1,15 @@
-"""refprism: a NumPy reference implementation of gemma-2b with exact logit prisms."""
+"""refprism: a NumPy reference implementation of gemma-2b (and the Gemma text family) with exact logit prisms.
 
-from refprism import prisms  # noqa: F401  (refprism.prisms.needs, ... without a second import)
+The public surface: `load` -> Model, `Model.run` -> Run (its Record holds every activation by name), `prisms.*`
+(exact splits of a readout), `patch` / `validate` (interventions), `gradients(model, prompt, ...)` (one backward
+pass: every site's gradient; the attribution methods), `compare` (another implementation against the
+reference), and the exception family. The packages, lowest layer first (import-linter holds the order,
+pyproject.toml): errors, files, figures; gemma (the architecture); checkpoints (files in, arrays out); model;
+prisms; interventions | crosscheck; gradients; sweeps | report; demo; cli. Each package's docstring says what is in it.
+"""
+
+# refprism.prisms.needs, ... without a second import; refprism.gradients is a callable package (gradients(model, ...))
+from refprism import gradients, prisms  # noqa: F401
 from refprism.crosscheck import compare
 from refprism.errors import AccessError, CheckpointError, ConfigError, InputError, OutputError, RefprismError
 from refprism.gemma.config import Config

@@ -31,3 +31,7 @@ class OutputError(RefprismError):
     """An output file could not be written (disk full, permissions): nothing half-written is left behind."""
 
     exit_code = 1
+
+
+class ToolError(RefprismError):
+    """An external tool (llama.cpp's binaries, llama-cpp-python) is missing or failed."""

@@ -83,6 +83,20 @@ def llama_bin_dir():
 
 
 @pytest.fixture(scope="session")
+def llama_planted():
+    """name -> the folder of llama-debug built with that mistake planted in llama.cpp's source (PLANTS of
+    tools/build_llama_cpp.py, which tools/test.sh runs): a missing build fails with the command, it does not skip."""
+    spec = importlib.util.spec_from_file_location("build_llama_cpp", ROOT / "tools" / "build_llama_cpp.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    found = {name: build.locate_planted(name) for name in build.PLANTS}
+    missing = [name for name, folder in found.items() if folder is None]
+    if missing:
+        pytest.fail(f"llama.cpp's planted builds {missing} are not built for this machine: run {build.BUILD_COMMAND}")
+    return found
+
+
+@pytest.fixture(scope="session")
 def gemma3_q4_gguf():
     """Gemma 3 270M as the Q4_K_M GGUF of the PyPI package (refprism.demo assembles it once)."""
     from refprism.demo import gguf_path

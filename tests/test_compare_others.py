@@ -23,6 +23,7 @@ from refprism.crosscheck import catalogue, floors, ggml, replay
 from refprism.crosscheck.capture import GgmlArithmetic
 from refprism.crosscheck.sides import dumps, tl
 from refprism.crosscheck.sides import llamacpp as L
+from refprism.crosscheck.sides import llamacpp_debug as LD
 from refprism.gemma.record import expected_shapes
 
 PROMPT = "The capital city of France is"
@@ -243,7 +244,7 @@ def test_the_gelu_table_is_llamacpps(models, captures):
     honest = replay._run_all(model, cap.tokens, {}, floors.profile_of("float32", cap.arithmetic))
     s = cap.summaries["blocks.0.mlp.act"]
     exact, table = _printed_error(s, honest.R["blocks.0.mlp.act"]), _printed_error(s, honest.F["blocks.0.mlp.act"])
-    assert table <= L.PRINTED_RESOLUTION + 1e-5 and table * 10 < exact
+    assert table <= LD.PRINTED_RESOLUTION + 1e-5 and table * 10 < exact
 
 
 # ------------------------------------------------------------------------------------------------ llama.cpp, dumps
@@ -347,3 +348,43 @@ def test_a_broken_llamacpp_dump_is_caught_at_its_wrong_op(ggufs, models, q4_arit
     assert status == 1
     assert j["first_divergence"] == j["first_wrong_op"] == "blocks.3.attn.k"
     assert [d["variant"] for d in j["diagnosis"] if d["explains"]] == ["rope_interleaved"]
+
+
+# ------------------------------------------------------------------------------------------------ your own build
+
+
+def test_a_llamacpp_build_that_skips_a_post_norm_is_located_and_named(tiny_ggufs, llama_planted, capsys):
+    """`--llama-cpp DIR` runs a llama.cpp build of your own: here llama-debug with the post-attention norm deleted
+    from src/models/gemma3.cpp (tools/build_llama_cpp.py's PLANTS). llama-debug prints only corners and sums, so
+    there is no replay and no first wrong op; the catalogue is run at the first divergence on the reference's
+    inputs against the printed values, and exactly the planted mistake reproduces them."""
+    path, planted = tiny_ggufs["gemma3"], str(llama_planted["post-norm-skipped"])
+    status, j = compare_json(["the abc ab the", "--model", str(path), "--against", "llama.cpp",
+                              "--llama-cpp", planted], capsys)
+    assert status == 1 and j["first_wrong_op"] is None
+    assert j["first_divergence"] == "blocks.0.attn.out"
+    explained = [d["variant"] for d in j["diagnosis"] if d["explains"]]
+    assert explained == ["post_norm_missing"], j["diagnosis"][:3]
+    assert all(d["from"] == "printed" for d in j["diagnosis"])
+    assert planted in j["against"] and all(s.get("summary") for s in j["sites"])
+    text = C.compare(refprism.load(path), "the abc ab the", against="llama.cpp", llama_cpp=planted).table()
+    assert "diagnosis: " in text and "post_norm_missing" in text and "printed in part" in text
+
+
+def test_the_clean_build_given_as_llama_cpp_dir_agrees_from_its_print_alone(tiny_ggufs, llama_bin_dir, capsys):
+    """The negative control: the clean build through --llama-cpp (every site, the logits too, from llama-debug's
+    print) is within every floor, so nothing is diagnosed."""
+    status, j = compare_json(["the abc ab the", "--model", str(tiny_ggufs["gemma3"]), "--against", "llama.cpp",
+                              "--llama-cpp", str(llama_bin_dir)], capsys)
+    assert status == 0 and j["diagnosis"] == [] and j["first_divergence"] is None
+    assert all(s.get("summary") for s in j["sites"])  # llama-cpp-python (the pinned build) was not asked
+    assert "logits" in [s["site"] for s in j["sites"]]
+
+
+def test_llama_cpp_dir_is_checked_before_anything_runs(tiny_ggufs, tmp_path, capsys):
+    """A folder without an executable llama-debug, or --llama-cpp with another --against: one line, exit 2."""
+    path = str(tiny_ggufs["gemma3"])
+    assert cli.main(["compare", "a", "--model", path, "--against", "llama.cpp", "--llama-cpp", str(tmp_path)]) == 2
+    assert "no executable llama-debug in" in capsys.readouterr().err
+    assert cli.main(["compare", "a", "--model", path, "--against", "hf", "--llama-cpp", str(tmp_path)]) == 2
+    assert "applies to --against llama.cpp only" in capsys.readouterr().err

@@ -372,6 +372,9 @@ VALUES.update({  # the interventions' options (patch, validate)
     "--counterfactual": st.sampled_from([PROMPT.replace("France", "Japan"), "Paris", ""]) | texts,
     "--counterfactual-ids": st.sampled_from(["2,5,7", "", "2,-1"]) | numbers | texts,
     "--reference": st.sampled_from([PROMPT, "", "Paris is"]) | texts,
+    "--method": st.sampled_from(["gradxact", "atp", "atp*", "atp-gd", "ig", "eap", ""]) | texts,  # attribute
+    "--methods": st.sampled_from(["atp", "atp,ig", "gradxact,atp-gd", "", ",", "eap"]) | texts,  # validate
+    "--steps": numbers,
 })
 for _opt in ("--top", "--top-k", "--position", "--layer", "--head", "--source", "--neuron", "--depth",
              "--branch", "--budget", "--seed"):
@@ -406,6 +409,8 @@ GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads,
     "--counterfactual": st.just(PROMPT.replace("France", "Japan")), "--counterfactual-ids": st.just("2,5,7"),
     "--reference": st.sampled_from([PROMPT, "Paris is"]), "--budget": st.integers(10, 300).map(str),
     "--seed": st.integers(0, 5).map(str),
+    "--method": st.sampled_from(["gradxact", "atp", "atp*", "atp-gd", "ig"]),
+    "--methods": st.sampled_from(["atp", "gradxact,atp-gd", "ig"]), "--steps": st.integers(1, 2).map(str),
 }
 
 
@@ -431,7 +436,7 @@ def argument_lists(draw, model):
         for opt in first:
             argv += [opt, draw(values[opt])]
         skip |= {"--head", "--source", "--neuron"}
-    if not wild and command in ("patch", "validate"):  # tame: an ablation with the options it takes
+    if not wild and command in ("patch", "validate", "attribute"):  # tame: an ablation with the options it takes
         ablate = draw(st.sampled_from(["zero", "mean", "resample"]))
         argv += ["--ablate", ablate]
         if ablate == "mean" and draw(st.booleans()):

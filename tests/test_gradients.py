@@ -91,6 +91,9 @@ def held(model, clean, switch, readout):
     cfg = model.config
     cap = cfg.attn_softcap
 
+    def window_of(name):
+        return cfg.sliding_window if cfg.is_sliding(int(name.split(".")[1])) else None
+
     def edit(name, value, record):
         site = name.split(".", 2)[-1]
         if switch == "norm" and name.endswith("scale"):
@@ -103,7 +106,11 @@ def held(model, clean, switch, readout):
         if switch == "softcap" and site == "attn.scores" and cap is not None:
             # the forward caps what flows on: pass s' with cap tanh(s' / cap) = r(s_clean) s
             r = ops.softcap_factor(clean.record[name], cap)
-            return cap * np.arctanh(r * value / cap)
+            with np.errstate(invalid="ignore"):  # masked scores may leave (-cap, cap): the mask replaces them
+                held_scores = cap * np.arctanh(r * value / cap)
+            allowed = np.broadcast_to(ops.causal_mask(value.shape[-1], window_of(name)), value.shape)
+            assert np.all(np.isfinite(held_scores[allowed])), "the held soft-cap left (-cap, cap)"
+            return held_scores
         if switch == "softcap" and name == "logits" and cfg.final_softcap is not None:
             r = ops.softcap_factor(clean.record["logits_uncapped"], cfg.final_softcap)
             return r * record["logits_uncapped"]
@@ -148,8 +155,10 @@ def test_each_freeze_switch_equals_differences_of_a_forward_with_the_factor_held
 def test_selective_record_is_recomputed_layer_by_layer(models, preset):
     model = models[preset]
     ids = _ids(model, 11, 2)
-    full = gradients(model, model.run(ids), targets=TARGETS, versus=FOILS, readout="logprob")
-    sel = gradients(model, model.run(ids, record=["logits@-1"]), targets=TARGETS, versus=FOILS, readout="logprob")
+    full = gradients(model, model.run(ids), targets=TARGETS, versus=FOILS, readout="logprob", position=5)
+    sel = gradients(model, model.run(ids, record=["logits@-1"]), targets=TARGETS, versus=FOILS, readout="logprob",
+                    position=5)
+    np.testing.assert_allclose(sel.value, full.value, rtol=1e-14)
     for name in full.record:
         np.testing.assert_allclose(sel.record[name], full.record[name], rtol=0,
                                    atol=1e-13 * max(1.0, np.abs(full.record[name]).max()), err_msg=name)
@@ -193,3 +202,41 @@ def test_bad_arguments_are_one_line_errors(models):
                          ({"position": 40}, "out of range")]:
         with pytest.raises(InputError, match=text):
             gradients(model, ids, **kwargs)
+
+
+def test_public_api_is_the_callable_package(models):
+    import refprism.gradients.backward as backward_module
+
+    model = models["tiny"]
+    g = refprism.gradients(model, _ids(model), targets=TARGETS, versus=FOILS, freeze=["norm"])
+    assert backward_module.__name__ == "refprism.gradients.backward"
+    assert g.freeze == ("norm",) and g.record["embed"].shape == (2, 9, model.config.d_model)
+    np.testing.assert_allclose(g.token_embedding, g.record["embed"] * model.normalizer, rtol=1e-15)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_all_frozen_second_differences_vanish(models, preset):
+    """With every factor held by edits the readout is linear in the embedding: R(e + hd) - 2R(e) + R(e - hd) = 0
+    even for h = 1 (1e-10 of the first difference), and the first difference is the frozen gradient's."""
+    model = models[preset]
+    cfg = model.config
+    ids, p = _ids(model), 6
+    clean = model.run(ids)
+    g = gradients(model, clean, targets=TARGETS, versus=FOILS, position=p, freeze=FREEZABLE)
+    # the held pattern makes the attention soft-cap moot (and the pre-cap readout has no final one to hold)
+    holds = [held(model, clean, s, "logit") for s in ("norm", "pattern", "gelu")]
+    d = np.random.default_rng(3).standard_normal(clean.record["embed"].shape)
+    tids, coef = g.targets.coefficients(np.float64)
+
+    def value(h):
+        def edit(name, v, record):
+            for hold in holds:
+                v = hold(name, v, record)
+            return v + h * d if name == "embed" else v
+        rec = model.run(ids, edit=edit).record
+        return coef @ rec["logits_uncapped" if cfg.final_softcap is not None else "logits"][p, tids]
+
+    r0, r1, r2 = value(0.0), value(1.0), value(-1.0)
+    first = (r1 - r2) / 2
+    np.testing.assert_allclose(first, g.record["embed"].reshape(2, -1) @ d.ravel(), rtol=1e-10)
+    assert np.abs(r1 - 2 * r0 + r2).max() <= 1e-10 * np.abs(first).max()

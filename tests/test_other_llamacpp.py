@@ -21,16 +21,18 @@ import pytest
 import refprism
 from refprism.checkpoints.synth import make_config
 from refprism.crosscheck.capture import Capture, GgmlArithmetic, Summary
+from refprism.crosscheck.sides import gguf_header as LG
 from refprism.crosscheck.sides import llamacpp as L
+from refprism.crosscheck.sides import llamacpp_debug as LD
 from refprism.errors import InputError
 from refprism.gemma import ops
 from refprism.gemma.config import Config
-from refprism.gemma.record import expected_shapes
+from refprism.gemma.record import SITE_LETTERS, expected_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The capital city of France is"
 IDS = [2, 818, 5279, 3207, 529, 7001, 563]  # <bos> The ▁capital ▁city ▁of ▁France ▁is
-PRINT = 0.5 * 10.0 ** -L.PRINT_DECIMALS  # llama-debug prints %.4f: each printed value is within 5e-5 of its float
+PRINT = 0.5 * 10.0 ** -LD.PRINT_DECIMALS  # llama-debug prints %.4f: each printed value is within 5e-5 of its float
 
 
 @pytest.fixture(scope="module")
@@ -113,17 +115,17 @@ def test_tools_are_built_from_the_pinned_llama_cpp_python(bin_dir):
 
 def test_the_f32_file_holds_the_q4_k_m_values(q4, f32):
     """llama-quantize's dequantization equals the gguf package's, bit for bit, for every weight type in the file."""
-    assert (L.file_type(q4), L.file_type(f32)) == ("Q4_K_M", "F32")
+    assert (LG.file_type(q4), LG.file_type(f32)) == ("Q4_K_M", "F32")
     types = {}  # the smallest tensor of each type: Q4_K, Q6_K, Q5_0, Q8_0, F32
-    for name, (_ne, kind, _) in sorted(L.read_header(q4).tensors.items(), key=lambda item: np.prod(item[1][0])):
+    for name, (_ne, kind, _) in sorted(LG.read_header(q4).tensors.items(), key=lambda item: np.prod(item[1][0])):
         types.setdefault(kind, name)
     assert len(types) == 5
     for name in types.values():
-        assert np.array_equal(L.tensor(q4, name), L.tensor(f32, name)), name
+        assert np.array_equal(LG.tensor(q4, name), LG.tensor(f32, name)), name
 
 
 def test_config_from_the_header_is_the_loaders(model, q4):
-    assert L.gguf_config(q4) == model.config
+    assert LG.gguf_config(q4) == model.config
 
 
 # ------------------------------------------------------------------------------------------------ llama-debug: F32
@@ -207,12 +209,12 @@ def test_a_wrong_axis_mapping_fails_the_check(f32_dump, ref, model):
         (printed["Kcur-3", "ROPE"], "blocks.3.attn.k_pre", ["H", "K", "T"]),
     ]
     for t, site, layout in wrong:
-        s = L.summary_of(t, site, L.SITE_LETTERS[site.split(".", 2)[2]], layout, sizes, [])
+        s = LD.summary_of(t, site, SITE_LETTERS[site.split(".", 2)[2]], layout, sizes, [])
         with pytest.raises(AssertionError, match="NOT OK"):
             check(site, s, ref[site], rtol=4e-3, sum_rtol=1e-3)
     # A layout of the wrong size is refused outright: kqv's ne is [H, T, N], not [H, N, T].
     with pytest.raises(L.ToolError, match="the graph changed"):
-        L.summary_of(printed["kqv-3", "MUL_MAT"], "blocks.3.attn.z", ("T", "N", "H"), ["H", "N", "T"], sizes, [])
+        LD.summary_of(printed["kqv-3", "MUL_MAT"], "blocks.3.attn.z", ("T", "N", "H"), ["H", "N", "T"], sizes, [])
 
 
 # ------------------------------------------------------------------------------------------------ logits
@@ -304,7 +306,7 @@ def test_capture_assembles_logits_summaries_and_notes(f32, f32_dump, bin_dir, mo
     text = " ".join(cap.notes)
     assert "f16 table" in text and "1 + w" in text and "KV cache in f16" not in text
     assert "quantizes its activation rows" not in text
-    q4_notes = " ".join(L.conventions(L.gguf_config(f32), "Q4_K_M", "f16"))
+    q4_notes = " ".join(L.conventions(LG.gguf_config(f32), "Q4_K_M", "f16"))
     assert "KV cache in f16" in q4_notes and "Q4_K_M weights" in q4_notes
 
 
@@ -312,7 +314,7 @@ def test_the_q4_k_m_files_products_take_q8_0_or_q8_k_rows_by_weight_type(q4):
     """Each weight's type in the file decides what ggml converts its product's input to (VEC_DOT_TYPE): this
     Q4_K_M file mixes Q5_0 and Q8_0 weights (Q8_0 rows, blocks of 32) with Q4_K and Q6_K ones (Q8_K, blocks of
     256); the tied unembedding is token_embd, Q8_0."""
-    types = L.weight_types(q4)
+    types = LG.weight_types(q4)
     assert len(types) == 18 * 7 + 1
     assert (types["blocks.0.W_Q"], types["blocks.0.W_O"], types["blocks.0.W_V"], types["blocks.2.W_V"]) == (
         "Q5_0", "Q4_K", "Q8_0", "Q5_0")
@@ -380,7 +382,7 @@ Token ids (3):
 
 
 def test_parse_reads_printed_corners_sums_and_token_ids():
-    tokens, tensors = L.parse_debug_output(PRINTED)
+    tokens, tensors = LD.parse_debug_output(PRINTED)
     assert tokens == [2, 818, 5279]
     up, cache = tensors
     assert (up.name, up.op, up.src0, up.ne, up.total) == ("ffn_up-2", "MUL_MAT", "blk.2.ffn_up.weight", (8, 2, 1, 1),
@@ -394,29 +396,29 @@ def test_token_ids_are_read_across_newline_pieces():
     """A piece is printed as it is: a newline token breaks the ids' line, and the ids are still all read (a run
     cut before its last id is not complete)."""
     tail = "Token ids (6):\n<bos>(2) def(2063)  f(517) \n(107)     (140) return(2060)\n"
-    tokens, _ = L.parse_debug_output(PRINTED.split("Model add_bos")[0] + tail)
+    tokens, _ = LD.parse_debug_output(PRINTED.split("Model add_bos")[0] + tail)
     assert tokens == [2, 2063, 517, 107, 140, 2060]
-    assert L._ends_with_token_ids("x\n" + tail) and not L._ends_with_token_ids("x\n" + tail[:-9])
-    assert not L._ends_with_token_ids("x\n" + tail[:-1])  # the last id's line unfinished
-    assert L._ends_with_token_ids("x\n" + tail + "llama_perf: (12) (13)\n")  # what follows is not read
+    assert LD._ends_with_token_ids("x\n" + tail) and not LD._ends_with_token_ids("x\n" + tail[:-9])
+    assert not LD._ends_with_token_ids("x\n" + tail[:-1])  # the last id's line unfinished
+    assert LD._ends_with_token_ids("x\n" + tail + "llama_perf: (12) (13)\n")  # what follows is not read
 
 
 def test_parse_refuses_a_changed_print_format():
     broken = PRINTED.replace("      8.0000  ],", "  ],", 1)
     with pytest.raises(L.ToolError, match="print format changed"):
-        L.parse_debug_output(broken)
+        LD.parse_debug_output(broken)
 
 
 def test_summary_of_a_printed_tensor_in_refprism_indices():
     cfg = Config.from_hf(make_config("tiny-gemma3", intermediate_size=8))
-    _, (up, _) = L.parse_debug_output(PRINTED)
-    s, notes = L.summaries_from_debug([up], cfg, 2)
+    _, (up, _) = LD.parse_debug_output(PRINTED)
+    s, notes = LD.summaries_from_debug([up], cfg, 2)
     assert notes == [] and set(s) == {"blocks.2.mlp.up"}
     s = s["blocks.2.mlp.up"]
     assert s.shape == (2, 8) and s.total == -72.5 and s.rows is None
     assert s.elements[(1, 7)] == -80.5 and s.elements[(0, 5)] == 6.0  # ne [F, T] -> refprism [t, f]
     with pytest.raises(L.ToolError, match="2 positions"):  # 2 rows of 5 positions: not llama.cpp's cut (1 row)
-        L.summaries_from_debug([up], cfg, 5)
+        LD.summaries_from_debug([up], cfg, 5)
 
 
 def test_scheme_llamacpp_maps_dump_names_and_refuses_wrong_shapes():
@@ -425,32 +427,32 @@ def test_scheme_llamacpp_maps_dump_names_and_refuses_wrong_shapes():
     T, N, H, D, F = 5, cfg3.n_heads, cfg3.d_head, cfg3.d_model, cfg3.d_mlp
     rng = np.random.default_rng(0)
     x = rng.normal(size=(T, D)).astype(np.float32)
-    assert [(s, a.shape) for s, a in L.scheme_llamacpp("attn_norm-1", x, cfg3)] == [("blocks.1.ln1.out", (T, D))]
-    assert [s for s, _ in L.scheme_llamacpp("l_out-1", x, cfg3)] == ["blocks.1.resid_post", "blocks.2.resid_pre"]
-    assert [s for s, _ in L.scheme_llamacpp("l_out-2", x, cfg3)] == ["blocks.2.resid_post"]  # the last layer
-    assert [s for s, _ in L.scheme_llamacpp("inp_scaled", x, cfg3)] == ["embed", "blocks.0.resid_pre"]
-    assert L.scheme_llamacpp("ffn_out-0", x, cfg3)[0][0] == "blocks.0.mlp.down"
-    assert L.scheme_llamacpp("ffn_out-0", x, cfg1)[0][0] == "blocks.0.mlp.out"  # Gemma 1: no post-norm
-    assert L.scheme_llamacpp("attn_post_norm-0", x, cfg1) == []
+    assert [(s, a.shape) for s, a in LD.scheme_llamacpp("attn_norm-1", x, cfg3)] == [("blocks.1.ln1.out", (T, D))]
+    assert [s for s, _ in LD.scheme_llamacpp("l_out-1", x, cfg3)] == ["blocks.1.resid_post", "blocks.2.resid_pre"]
+    assert [s for s, _ in LD.scheme_llamacpp("l_out-2", x, cfg3)] == ["blocks.2.resid_post"]  # the last layer
+    assert [s for s, _ in LD.scheme_llamacpp("inp_scaled", x, cfg3)] == ["embed", "blocks.0.resid_pre"]
+    assert LD.scheme_llamacpp("ffn_out-0", x, cfg3)[0][0] == "blocks.0.mlp.down"
+    assert LD.scheme_llamacpp("ffn_out-0", x, cfg1)[0][0] == "blocks.0.mlp.out"  # Gemma 1: no post-norm
+    assert LD.scheme_llamacpp("attn_post_norm-0", x, cfg1) == []
     q = rng.normal(size=(T, N * H)).astype(np.float32)
-    (site, a), = L.scheme_llamacpp("Qcur-2", q, cfg3)
+    (site, a), = LD.scheme_llamacpp("Qcur-2", q, cfg3)
     assert site == "blocks.2.attn.q_pre" and np.array_equal(a, q.reshape(T, N, H))  # i0 = n*H + h
-    (site, a), = L.scheme_llamacpp("Qcur-2", q.reshape(1, 1, T, N, H)[0], cfg3)  # [1, T, N, H]: after RoPE
+    (site, a), = LD.scheme_llamacpp("Qcur-2", q.reshape(1, 1, T, N, H)[0], cfg3)  # [1, T, N, H]: after RoPE
     assert site == "blocks.2.attn.q" and a.shape == (T, N, H)
     kq = rng.normal(size=(N, T, 256)).astype(np.float32)  # [N, T, cells]
-    (site, a), = L.scheme_llamacpp("kq_soft_max-0", kq, cfg3)
+    (site, a), = LD.scheme_llamacpp("kq_soft_max-0", kq, cfg3)
     assert site == "blocks.0.attn.pattern" and np.array_equal(a, kq[:, :, :T])
     kqv = rng.normal(size=(N, T, H)).astype(np.float32)  # ne [H, T, N]
-    (site, a), = L.scheme_llamacpp("kqv-0", kqv, cfg3)
+    (site, a), = LD.scheme_llamacpp("kqv-0", kqv, cfg3)
     assert site == "blocks.0.attn.z" and np.array_equal(a, kqv.transpose(1, 0, 2))
     out = rng.normal(size=(1, cfg3.vocab_size)).astype(np.float32)
-    (site, s), = L.scheme_llamacpp("result_output", out, cfg3, T=T)
+    (site, s), = LD.scheme_llamacpp("result_output", out, cfg3, T=T)
     assert site == "logits" and s.rows == (T - 1,) and s.shape == (T, cfg3.vocab_size)
     assert s.elements[(T - 1, 3)] == out[0, 3]
-    assert L.scheme_llamacpp("norm-0", x, cfg3) == [] and L.scheme_llamacpp("Qcur_normed-0", q, cfg3) == []
-    assert L.scheme_llamacpp("ffn_post_norm", x, cfg3) == []  # Gemma 2's layerless name: cannot be placed
+    assert LD.scheme_llamacpp("norm-0", x, cfg3) == [] and LD.scheme_llamacpp("Qcur_normed-0", q, cfg3) == []
+    assert LD.scheme_llamacpp("ffn_post_norm", x, cfg3) == []  # Gemma 2's layerless name: cannot be placed
     with pytest.raises(InputError, match="ffn_gate-0"):
-        L.scheme_llamacpp("ffn_gate-0", rng.normal(size=(T, F + 1)), cfg3)
+        LD.scheme_llamacpp("ffn_gate-0", rng.normal(size=(T, F + 1)), cfg3)
 
 
 def _fake_llama_debug(folder: Path, body: str) -> Path:

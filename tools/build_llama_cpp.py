@@ -16,7 +16,10 @@ What this does, each step skipped when already done:
 3. its vendor/llama.cpp gets one patch (PATCHES: llama-debug flushes its logger before exiting, as common/log.h
    asks; without it the end of its dump is often lost), is configured with cmake (Release, CPU only, static
    libraries, no OpenSSL/HTTPS, no server, no tests) and the two targets are built with `-j2` (~9-10 minutes
-   cold on 2 cores).
+   cold on 2 cores), in a tree kept in the cache (tree/);
+4. the planted builds (PLANTS: llama-debug with one mistake edited into llama.cpp's source, e.g. the post-attention
+   norm skipped) for the tests of `refprism compare --llama-cpp DIR`: one file recompiled in the kept tree and the
+   edit undone (a minute or two), each into planted/<name>/.
 
 Cache: ~/.cache/refprism/llama.cpp/<version>/ (or $REFPRISM_CACHE/llama.cpp/<version>/), never the repository.
 A stamp file records the build options and this machine's CPU flags (ggml is built with -march=native): a
@@ -78,6 +81,19 @@ PATCHES = [(
 )]
 
 
+# Builds with one mistake planted in llama.cpp's own source, for the tests of `refprism compare --llama-cpp DIR`
+# (tests/test_other_llamacpp.py): each is the clean source with one edit, so that compare must find the first
+# divergence and name the mistake from llama-debug's printed values alone. name -> (file, old, new).
+PLANTS = {
+    "post-norm-skipped": (
+        "src/models/gemma3.cpp",
+        "        cur = build_norm(cur,\n                model.layers[il].attn_post_norm, NULL,\n"
+        "                LLM_NORM_RMS, il);\n        cb(cur, \"attn_post_norm\", il);",
+        "        cb(cur, \"attn_post_norm\", il);  // refprism's planted mistake: the post-attention norm skipped",
+    ),
+}
+
+
 def _stamp() -> dict:
     return {"llama-cpp-python": LLAMA_CPP_PYTHON, "cmake": list(CMAKE_OPTIONS), "cpu": _cpu_key(),
             "patches": [f"{path}: {new.strip().splitlines()[-3].strip()}" for path, _, new in PATCHES]}
@@ -105,6 +121,19 @@ def locate() -> Path | None:
     return bin_dir
 
 
+def _plant_stamp(name: str) -> dict:
+    file, old, new = PLANTS[name]
+    return {**_stamp(), "planted": name, "edit": hashlib.sha256(f"{file}\0{old}\0{new}".encode()).hexdigest()}
+
+
+def locate_planted(name: str) -> Path | None:
+    """The folder holding llama-debug built with the mistake PLANTS[name], or None when it is not built here."""
+    folder = cache_dir() / "planted" / name
+    try:
+        stamp = json.loads((folder / "stamp.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return folder if stamp == _plant_stamp(name) and os.access(folder / "llama-debug", os.X_OK) else None
 
 
 def _say(*args) -> None:
@@ -143,35 +172,74 @@ def _sdist() -> Path:
     return found[0]
 
 
-def build_binaries(jobs: int = 2) -> Path:
-    """Configure and build llama-debug and llama-quantize from the sdist's vendor/llama.cpp; return the bin folder."""
+def _tree() -> tuple[Path, Path]:
+    """The sdist's vendor/llama.cpp, patched (PATCHES), and its configured build folder: kept in the cache
+    (cache_dir()/tree/) so that a planted build recompiles only the file it edits. CMake records absolute paths,
+    so both are made in place; a stamp written last marks the tree whole (an interrupted one is made again)."""
     for tool in ("cmake", "g++"):
         if shutil.which(tool) is None:
             raise SystemExit(f"build_llama_cpp: {tool} is missing: apt-get install -y cmake g++")
     root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
+    tree = root / "tree"
+    src, build, stamp = tree / "src", tree / "build", tree / "stamp.json"
+    try:
+        if json.loads(stamp.read_text()) == _stamp():
+            return src, build
+    except (OSError, ValueError):
+        pass
+    if tree.exists():
+        shutil.rmtree(tree)
+    tree.mkdir(parents=True)
     sdist = _sdist()
-    with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
-        tmp = Path(tmp)
-        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+    with tempfile.TemporaryDirectory(dir=root, prefix=".extract-") as tmp:
         with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
             tar.extractall(tmp, members=members, filter="data")
-        src = tmp / prefix
-        _patch(src)
-        build = tmp / "build"
-        _run(["cmake", "-S", str(src), "-B", str(build), *CMAKE_OPTIONS])
-        _run(["cmake", "--build", str(build), "--target", *TARGETS, "-j", str(jobs)])
-        staged = tmp / "bin"
-        staged.mkdir()
-        for t in TARGETS:
-            shutil.copy2(build / "bin" / t, staged / t)
-        (staged / "stamp.json").write_text(json.dumps(_stamp(), indent=1) + "\n")
-        final = root / "bin"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staged, final)  # the bin folder appears whole or not at all
-    return root / "bin"
+        os.replace(Path(tmp) / prefix, src)
+    _patch(src)
+    _run(["cmake", "-S", str(src), "-B", str(build), *CMAKE_OPTIONS])
+    stamp.write_text(json.dumps(_stamp(), indent=1) + "\n")
+    return src, build
+
+
+def _stage(files: dict[str, Path], stamp: dict, final: Path) -> Path:
+    """Copy the built files into `final` with their stamp; the folder appears whole or not at all."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=final.parent, prefix=".stage-"))
+    for name, path in files.items():
+        shutil.copy2(path, staged / name)
+    (staged / "stamp.json").write_text(json.dumps(stamp, indent=1) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staged, final)
+    return final
+
+
+def build_binaries(jobs: int = 2) -> Path:
+    """Build llama-debug and llama-quantize from the sdist's vendor/llama.cpp; return the bin folder."""
+    _src, build = _tree()
+    _run(["cmake", "--build", str(build), "--target", *TARGETS, "-j", str(jobs)])
+    return _stage({t: build / "bin" / t for t in TARGETS}, _stamp(), cache_dir() / "bin")
+
+
+def build_planted(name: str, jobs: int = 2) -> Path:
+    """Build llama-debug with the mistake PLANTS[name] in its source (one file edited, recompiled, then restored:
+    the clean bin/ folder is untouched); return its folder, cache_dir()/planted/<name>/."""
+    src, build = _tree()
+    rel, old, new = PLANTS[name]
+    path = src / rel
+    clean = path.read_text()
+    if clean.count(old) != 1:
+        raise SystemExit(f"build_llama_cpp: {rel} no longer reads as the planted mistake {name!r} expects: "
+                         "review PLANTS for this llama.cpp version")
+    try:
+        path.write_text(clean.replace(old, new))
+        _run(["cmake", "--build", str(build), "--target", "llama-debug", "-j", str(jobs)])
+        return _stage({"llama-debug": build / "bin" / "llama-debug"}, _plant_stamp(name),
+                      cache_dir() / "planted" / name)
+    finally:
+        path.write_text(clean)  # the tree is clean again (its next build recompiles this file)
 
 
 def main(argv=None) -> int:
@@ -181,7 +249,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     found = locate()
     if args.check:
-        if found is None:
+        if found is None or any(locate_planted(name) is None for name in PLANTS):
             print(f"llama.cpp {LLAMA_CPP_PYTHON} tools are not built for this machine: run {BUILD_COMMAND}",
                   file=sys.stderr)
             return 1
@@ -190,6 +258,9 @@ def main(argv=None) -> int:
     ensure_python_package()
     if found is None:
         found = build_binaries(args.jobs)
+    for name in PLANTS:  # the planted builds the tests check `compare --llama-cpp DIR` on
+        if locate_planted(name) is None:
+            build_planted(name, args.jobs)
     print(found)
     return 0
 

@@ -11,6 +11,9 @@
 
 Errors: one line `refprism: error: ...` on stderr and exit status 2 (bad input; exit 1 for a failed write or a
 finding such as `compare`'s divergence); never a traceback, never a half file (docs/errors.md).
+
+The top layer: it may import every capability, and none imports it. It parses and prints; the work is the
+library's (each command calls one public function).
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ def register(sub) -> None:
                    help="llama.cpp's KV cache type (default f16, llama.cpp's): the one --against llama.cpp runs "
                         "with, or a dump with --names llama.cpp was made with (its floors round keys, values and "
                         "their products' other factor to it)")
+    p.add_argument("--llama-cpp", metavar="DIR", default=None,
+                   help="with --against llama.cpp: a folder holding your own build's llama-debug (e.g. build/bin), "
+                        "checked instead of the cached build; its printed logits stand for the logits")
     p.add_argument("--memory", default="auto", choices=["auto", "fast", "low"],
                    help="refprism's weight memory mode (as for every command)")
     p.add_argument("--top-k", type=int, default=5, help="k of the logits' top-k overlap (default 5)")
@@ -63,11 +66,17 @@ def cmd_compare(args) -> int:
         _check_plot_path(args.plot)
     if args.markdown:
         _check_markdown_path(args.markdown)
+    if args.llama_cpp is not None:
+        if args.against != "llama.cpp":
+            raise InputError("--llama-cpp names a llama.cpp build to run: it applies to --against llama.cpp only")
+        from refprism.crosscheck.sides.llamacpp import tool
+
+        tool("llama-debug", args.llama_cpp)  # your build's folder holds it, before any weights are read
     given = any(v is not None for v in (args.prompt, args.ids, args.prompt_file))
     prompt = prompt_of(args) if given else None  # None: the dump's own token ids
     model = load(args.model, dtype="float32", memory=args.memory)
     result = compare(model, prompt, against=args.against, names=args.names, dtype=args.dtype, top_k=args.top_k,
-                     kv_cache=args.kv_cache)
+                     kv_cache=args.kv_cache, llama_cpp=args.llama_cpp)
     if not result.tokens_match:  # nothing was compared: one line, exit 2, like every refusal
         raise InputError(result.headline())
     if args.plot:

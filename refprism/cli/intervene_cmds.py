@@ -1,4 +1,5 @@
-"""The intervention commands: `patch` (one component in full detail) and `validate` (a level's agreement report)."""
+"""The intervention commands: `patch` (one component in full detail), `validate` (a level's agreement report,
+with attribution methods beside the prism: --methods) and `attribute` (a level scored by gradient methods)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,21 @@ def register(sub) -> None:
                         "(default 256)")
     p.add_argument("--seed", type=int, default=0, help="the random sample's seed (default 0)")
     p.add_argument("--no-faithfulness", action="store_true", help="skip the faithfulness curve (its ~25 re-runs)")
+    p.add_argument("--methods", metavar="M,M", help="attribution methods to set beside the prism, comma separated: "
+                                                   "gradxact, atp, atp*, atp-gd, ig (refprism/gradients/)")
+    p.add_argument("--steps", type=int, default=8, help="ig's steps k (midpoint rule; default 8)")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("attribute", help="score every component of a level by a gradient method (gradient x "
+                                         "activation, AtP, AtP with GradDrop, integrated gradients)")
+    _intervention_args(p)
+    p.add_argument("--method", action="append", required=True, metavar="METHOD",
+                   help="gradxact, atp, atp* (heads, resample), atp-gd or ig (repeatable)")
+    p.add_argument("--level", required=True, metavar="LEVEL",
+                   help="residual, heads, head-source:L, neurons:L or neurons")
+    p.add_argument("--steps", type=int, default=8, help="ig's steps k (midpoint rule; default 8)")
+    p.add_argument("--top", type=int, default=20, help="rows of the text table (default 20)")
+    p.set_defaults(func=cmd_attribute)
 
 
 def _intervention_args(p):
@@ -123,19 +138,58 @@ def cmd_validate(args) -> int:
     from refprism.interventions import validate
 
     options = _options(args)
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if methods is not None and not methods:
+        raise InputError("--methods is empty: give methods separated by commas, e.g. atp,ig")
     prompt = prompt_of(args)
     model = load_model(args)
-    result = validate(model, prompt, level=args.level, top=args.top, budget=args.budget, seed=args.seed,
-                      faithfulness=not args.no_faithfulness, **options)
+    common = dict(level=args.level, top=args.top, budget=args.budget, seed=args.seed,
+                  faithfulness=not args.no_faithfulness, **options)
+    if methods is None:
+        result = shown = validate(model, prompt, **common)
+    else:
+        from refprism.gradients.attribution import validate_methods
+
+        shown = validate_methods(model, prompt, methods=methods, steps=args.steps, **common)
+        result = shown.validation
     if args.plot:
         from refprism.interventions import plots as plots_interventions
 
         plots_interventions.validation_figure(result, args.plot)
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps(shown.to_json()))
     else:
         _heading(args, result, f"validate --level {result.level}")
-        print(result.table(top=max(args.top, 10)))
+        print(shown.table(top=max(args.top, 10)))
     if args.plot:
         print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_attribute(args) -> int:
+    from refprism.gradients.attribution import attribute
+
+    if args.plot:
+        raise InputError("attribute draws no figure: use validate --methods ... --plot for the validation figure")
+    options = _options(args)
+    prompt = prompt_of(args)
+    model = load_model(args)
+    results = []
+    for method in args.method:
+        results.append(attribute(model, prompt, method=method, level=args.level, steps=args.steps, **options))
+        prompt = results[0].setting.clean  # the same runs for every method
+        if options["counterfactual"] is not None:
+            options["counterfactual"] = results[0].setting.counterfactual
+    if args.json:
+        first = results[0].to_json()
+        rows = [{"label": l, **{r.method: [float(x) for x in r.values[i]] for r in results}}
+                for i, l in enumerate(results[0].labels)]
+        first.pop("method"), first.pop("steps"), first.pop("cost")
+        first.update({"methods": {r.method: {"cost": r.cost, "steps": r.steps} for r in results},
+                      "components": rows})
+        print(json.dumps(first))
+        return 0
+    _heading(args, results[0], f"attribute --level {args.level}")
+    for r in results:
+        print(r.table(top=args.top))
     return 0

@@ -23,6 +23,7 @@ from refprism.crosscheck.floors import (
     pre_rope,
     profile_of,
     split_site,
+    summary_errors,
 )
 from refprism.crosscheck.replay import _Reached, _Runs, replay_edit
 from refprism.crosscheck.result import _num
@@ -448,7 +449,8 @@ def _token_diagnosis(ours, theirs, bos) -> list[dict]:
     return out
 
 
-def diagnose(model, tokens, wrong: str, theirs: dict, runs: _Runs, profile: Profile, floor: float) -> list[dict]:
+def diagnose(model, tokens, wrong: str, theirs: dict, runs: _Runs, profile: Profile, floor: float, *,
+             printed=None) -> list[dict]:
     """Try every applicable catalogued mistake at the first wrong op and say which reproduce the other side.
 
     The op's local error covers the ops from just after the previous site the other side provides up to `wrong`
@@ -457,6 +459,12 @@ def diagnose(model, tokens, wrong: str, theirs: dict, runs: _Runs, profile: Prof
     forward pass), and its value there is compared with the other side's: it explains the other side when its
     error is within the same local floor (for a rounding mistake, see `Mistake.rounds_to`). Never claims a cause
     that does not reproduce.
+
+    printed: where the other side printed only part of the site (llama.cpp's llama-debug: a `Summary` of some
+    elements and the sum, so no replay is possible and there is no first wrong op, only a first divergence), the
+    mistakes are tried at that site on the reference's inputs (every earlier site agreed within its floor) and
+    compared with what was printed: a mistake explains the other side when the printed elements and the printed
+    sum are each within their floors of the mistaken op's value (`floors.summary_errors`, the site's own floors).
     """
     cfg = model.config
     order = list(symbolic_shapes(cfg))
@@ -469,7 +477,7 @@ def diagnose(model, tokens, wrong: str, theirs: dict, runs: _Runs, profile: Prof
     layer = split_site(order[start])[0]
     resume = None if order[start] == "embed" else (layer if layer is not None else cfg.n_layers - 1, runs.Pflow)
     mask = compared_mask(cfg, wrong, len(tokens))
-    target = theirs[wrong]
+    target = theirs.get(wrong)
     out = []
     for mistake in candidates(profile):
         if not kinds & set(mistake.kinds):
@@ -497,6 +505,9 @@ def diagnose(model, tokens, wrong: str, theirs: dict, runs: _Runs, profile: Prof
         if not acted:
             continue  # not applicable to this model or layer (e.g. a Gemma 2 mistake on Gemma 3)
         value = kept[wrong]
+        if printed is not None:
+            out.append(_printed_verdict(cfg, wrong, printed, value, runs, profile, mistake, acted))
+            continue
         e = errors(target, value, mask)
         explains = e["max_abs"] <= floor
         evidence = None
@@ -505,8 +516,27 @@ def diagnose(model, tokens, wrong: str, theirs: dict, runs: _Runs, profile: Prof
         out.append({"variant": mistake.name, "site": wrong, "acts_at": acted, "explains": bool(explains),
                     "max_abs": _num(e["max_abs"]), "floor": _num(floor), "says": mistake.says,
                     **({"evidence": evidence} if evidence else {})})
-    out.sort(key=lambda d: (not d["explains"], d["max_abs"] if d["max_abs"] is not None else math.inf))
+    def closeness(d):  # the error relative to its floor: the element error, or the sum's where nothing else
+        if d["max_abs"] is not None:
+            return d["max_abs"] / d["floor"] if d["floor"] else d["max_abs"]
+        return d["sum_error"] / d["sum_floor"] if d.get("sum_floor") else math.inf
+
+    out.sort(key=lambda d: (not d["explains"], closeness(d)))
     return out
+
+
+def _printed_verdict(cfg, site, printed, value, runs: _Runs, profile: Profile, mistake, acted) -> dict:
+    """A mistake's value at a printed site against what was printed: explains when the printed elements and the
+    printed sum are each within their floors (those of the site itself)."""
+    s = summary_errors(cfg, site, symbolic_shapes(cfg)[site], printed, value, runs.R[site], runs.F[site], profile)
+    (e_abs, e_floor, _), total = s["elements"], s["sum"]
+    explains = (e_abs is None or e_abs <= e_floor) and (total is None or total[0] <= total[1])
+    explains = explains and not (e_abs is None and total is None)
+    d = {"variant": mistake.name, "site": site, "acts_at": acted, "explains": bool(explains),
+         "max_abs": _num(e_abs), "floor": _num(e_floor), "says": mistake.says, "from": "printed"}
+    if total is not None:
+        d.update(sum_error=_num(total[0]), sum_floor=_num(total[1]))
+    return d
 
 
 def _rounded_to(dt_name, theirs, value, floor, mask):

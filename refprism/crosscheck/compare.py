@@ -50,47 +50,18 @@ from refprism.crosscheck.floors import (
     logit_metrics,
     max_abs_error,
     profile_of,
-    running_sum_rounding,
+    summary_errors,
 )
 from refprism.crosscheck.replay import _run_all, _Runs
 from refprism.crosscheck.result import CompareResult, SiteResult
 from refprism.errors import InputError
 from refprism.gemma.record import expected_shapes, symbolic_shapes
 
-# ------------------------------------------------------------------------------------------------ profiles
-
-
-
-
-
-# ------------------------------------------------------------------------------------------------ weights
-
-
-# ------------------------------------------------------------------------------------------------ sites
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-
-
-# ------------------------------------------------------------------------------------------------ runs
-
-
-# ------------------------------------------------------------------------------------------------ llama.cpp (ggml-cpu)
-# Each rule below is read from the llama.cpp vendored in llama-cpp-python 0.3.36 (refprism/crosscheck/sides/llamacpp.py:
-# LLAMA_CPP_PYTHON), the build refprism checks; paths are under its vendor/llama.cpp/ggml/src/.
-
-
-# ------------------------------------------------------------------------------------------------ the catalogue
-
-
-# ------------------------------------------------------------------------------------------------ results
-
-
 # ------------------------------------------------------------------------------------------------ compare
 
 
 def compare(model, prompt=None, *, against, names=None, dtype=None, top_k: int = 5,
-            kv_cache: str | None = None) -> CompareResult:
+            kv_cache: str | None = None, llama_cpp=None) -> CompareResult:
     """Check another Gemma implementation against refprism; see the module docstring and docs/compare.md.
 
     model:   a refprism Model (any dtype: the reference runs in float64 on its weights) or a path / hub id
@@ -104,6 +75,8 @@ def compare(model, prompt=None, *, against, names=None, dtype=None, top_k: int =
              in float32 with its own roundings (`GgmlArithmetic`, from the GGUF's weight types and kv_cache)
     kv_cache: llama.cpp's KV cache type, "f16" (its default) or "f32": the one it runs with (--against
              llama.cpp) or ran with (a dump in llama.cpp's names)
+    llama_cpp: with against="llama.cpp", a folder holding your own build's llama-debug, run instead of the cached
+             build (tools/build_llama_cpp.py); every site, the logits too, is then what it prints
     """
     from refprism.model import Model, load
 
@@ -114,9 +87,11 @@ def compare(model, prompt=None, *, against, names=None, dtype=None, top_k: int =
     if kv_cache is not None and not llama:
         raise InputError("--kv-cache is llama.cpp's: it applies to --against llama.cpp and to dumps with --names "
                          "llama.cpp")
+    if llama_cpp is not None and against != "llama.cpp":
+        raise InputError("--llama-cpp names a llama.cpp build to run: it applies to --against llama.cpp only")
     tokens = None if prompt is None else model.encode(prompt)
     capture = _capture(model, against, tokens, names=names, dtype=dtype, prompt=prompt,
-                       kv_cache=kv_cache or "f16")
+                       kv_cache=kv_cache or "f16", llama_cpp=llama_cpp)
     if tokens is None:
         tokens = model.encode(capture.tokens.tolist())
     other_dtype = dtype or capture.dtype
@@ -152,10 +127,12 @@ def compare(model, prompt=None, *, against, names=None, dtype=None, top_k: int =
     if profile.ggml is not None:  # llama.cpp's arithmetic, as the floors model it
         g = profile.ggml
         result.floors["llama.cpp"] = {"weights": g.weights, "kv_cache": g.kv_cache, "activations": g.activations}
-    wrong = result.first_wrong_op
+    wrong, first = result.first_wrong_op, result.first_divergence
     if wrong is not None:
         result.diagnosis = diagnose(model, tokens, wrong, theirs, runs, profile,
                                     next(s for s in result.sites if s.site == wrong).local_floor)
+    elif first is not None and first in summaries:  # printed in part: no replay, so the mistakes meet the print
+        result.diagnosis = diagnose(model, tokens, first, theirs, runs, profile, math.nan, printed=summaries[first])
     return result
 
 
@@ -176,7 +153,7 @@ def _floor_method(profile: Profile) -> str:
     return base + how[profile.dtype]
 
 
-def _capture(model, against, tokens, *, names, dtype, prompt=None, kv_cache="f16") -> Capture:
+def _capture(model, against, tokens, *, names, dtype, prompt=None, kv_cache="f16", llama_cpp=None) -> Capture:
     """The other side as a Capture (see `compare`)."""
     if isinstance(against, Capture):
         return against
@@ -195,7 +172,7 @@ def _capture(model, against, tokens, *, names, dtype, prompt=None, kv_cache="f16
 
             # Text goes to llama.cpp's own tokenizer (its ids are then compared with ours); ids run as given.
             return llamacpp.capture(model.name, prompt if isinstance(prompt, str) else tokens.tolist(),
-                                    cache_type=kv_cache)
+                                    cache_type=kv_cache, bin_dir=llama_cpp)
         if gguf:
             raise InputError(f"--against {against} loads the checkpoint with transformers: give --model as a "
                              "safetensors model directory or hub id, not a .gguf file")
@@ -287,39 +264,14 @@ def _summary_site(cfg, name, letters, summary, runs: _Runs, profile: Profile) ->
     for a total summed in float32 as it ran, `running_sum_rounding`); the worse of the two, relative to its floor,
     is the site's error. No local error (a replay needs the whole array)."""
     R = np.asarray(runs.R[name], dtype=np.float64)
-    F = np.asarray(runs.F[name], dtype=np.float64)
     scale = float(np.abs(R).max())
-    idx = list(summary.elements)
-    theirs = np.array([summary.elements[i] for i in idx], dtype=np.float64)
-    ours = np.array([R[i] for i in idx], dtype=np.float64)
-    honest = np.array([F[i] for i in idx], dtype=np.float64)
-    e = errors(theirs, ours)
-    floor = SAFETY * profile.scale * max_abs_error(honest, ours) + SLACK * profile.u * scale + summary.resolution
-    max_abs = e["max_abs"]
-    worst = dict(zip(letters, (int(i) for i in idx[e["worst"]["axis0"]]))) if idx else {}  # NumPy ints too
-    if summary.total is not None:  # the sum over the rows printed: its own floor, derived the same way
-        axis = symbolic_shapes(cfg)[name].index("T")
-        rows = list(summary.rows) if summary.rows is not None else slice(None)
-        Rs, Fs = np.take(R, rows, axis=axis) if summary.rows is not None else R, \
-            np.take(F, rows, axis=axis) if summary.rows is not None else F
-        sum_err = abs(summary.total - float(Rs.sum())) if math.isfinite(summary.total) else math.inf
-        # The honest run's sum is one draw whose errors may happen to cancel. Errors of its sizes that do not cancel
-        # by luck sum to about the root of their squares (independent) or to their own sum (one sign), times
-        # SAFETY; or, correlated (an error in q moves a whole row of scores), to at most the sum of their sizes.
-        d = Fs - Rs
-        spread = max(SAFETY * max(abs(float(d.sum())), float(np.sqrt(np.vdot(d, d)))), float(np.abs(d).sum()))
-        sum_floor = (profile.scale * spread + SLACK * profile.u * float(np.abs(Rs).sum())
-                     + summary.total_resolution)
-        if summary.total_sum == "float32":
-            sum_floor += running_sum_rounding(Rs, letters, summary.total_order)
-        if not idx or sum_err * floor > max_abs * sum_floor:  # the sum is the worse, relative to its floor
-            max_abs, floor, worst = sum_err, sum_floor, {"sum": True}
+    s = summary_errors(cfg, name, letters, summary, R, runs.R[name], runs.F[name], profile)
+    max_abs, floor, worst = s["elements"]
+    if s["sum"] is not None and (s["elements"][0] is None or s["sum"][0] * floor > max_abs * s["sum"][1]):
+        max_abs, floor, worst = s["sum"]  # the sum is the worse, relative to its floor
     return SiteResult(site=name, shape=tuple(summary.shape), letters=tuple(letters), max_abs=max_abs,
                       max_rel=max_abs / scale if scale > 0 else math.inf, nmse_db=math.nan, cosine=math.nan,
                       worst=worst, floor=floor, local_max_abs=None, local_max_rel=None, local_worst=None,
                       local_floor=None, scale=scale, summary=True)
-
-
-# ------------------------------------------------------------------------------------------------ diagnosis
 
 

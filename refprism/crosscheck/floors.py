@@ -17,6 +17,7 @@ from refprism.crosscheck.capture import GgmlArithmetic
 from refprism.errors import InputError
 from refprism.gemma import ops
 from refprism.gemma.config import Config
+from refprism.gemma.record import symbolic_shapes
 
 # Unit roundoff u (half an ulp at 1) of each arithmetic.
 UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
@@ -270,3 +271,43 @@ def running_sum_rounding(x, letters, order=None) -> float:
     if order is not None:
         x = x.transpose([list(letters).index(a) for a in order])
     return UNIT_ROUNDOFF["float32"] * float(np.abs(np.cumsum(x.ravel())).sum())
+
+
+def summary_errors(cfg, name, letters, summary, value, R, F, profile: Profile) -> dict:
+    """How far a printed summary is from an array `value` of the whole site, with the floors an honest
+    implementation would need (the reference R, the honest run F): {"elements": (max_abs, floor, worst) over the
+    printed elements, or (None, floor, {}) when none was printed; "sum": (error, floor, {"sum": True}) of the
+    printed total over the rows it holds, or None}. `value` is R for the site's own error, or a catalogued
+    mistake's value for the diagnosis from printed values (`catalogue.diagnose`)."""
+    value = np.asarray(value, dtype=np.float64)
+    R = np.asarray(R, dtype=np.float64)
+    F = np.asarray(F, dtype=np.float64)
+    scale = float(np.abs(R).max())
+    idx = list(summary.elements)
+    theirs = np.array([summary.elements[i] for i in idx], dtype=np.float64)
+    ours = np.array([value[i] for i in idx], dtype=np.float64)
+    honest = np.array([F[i] for i in idx], dtype=np.float64)
+    ref = np.array([R[i] for i in idx], dtype=np.float64)
+    floor = SAFETY * profile.scale * max_abs_error(honest, ref) + SLACK * profile.u * scale + summary.resolution
+    out = {"elements": (None, floor, {}), "sum": None}
+    if idx:
+        e = errors(theirs, ours)
+        worst = dict(zip(letters, (int(i) for i in idx[e["worst"]["axis0"]])))  # NumPy ints too
+        out["elements"] = (e["max_abs"], floor, worst)
+    if summary.total is not None:  # the sum over the rows printed: its own floor, derived the same way
+        axis = symbolic_shapes(cfg)[name].index("T")
+        rows = list(summary.rows) if summary.rows is not None else None
+        take = (lambda a: np.take(a, rows, axis=axis)) if rows is not None else (lambda a: a)
+        Vs, Rs, Fs = take(value), take(R), take(F)
+        sum_err = abs(summary.total - float(Vs.sum())) if math.isfinite(summary.total) else math.inf
+        # The honest run's sum is one draw whose errors may happen to cancel. Errors of its sizes that do not cancel
+        # by luck sum to about the root of their squares (independent) or to their own sum (one sign), times
+        # SAFETY; or, correlated (an error in q moves a whole row of scores), to at most the sum of their sizes.
+        d = Fs - Rs
+        spread = max(SAFETY * max(abs(float(d.sum())), float(np.sqrt(np.vdot(d, d)))), float(np.abs(d).sum()))
+        sum_floor = (profile.scale * spread + SLACK * profile.u * float(np.abs(Rs).sum())
+                     + summary.total_resolution)
+        if summary.total_sum == "float32":
+            sum_floor += running_sum_rounding(Rs, letters, summary.total_order)
+        out["sum"] = (sum_err, sum_floor, {"sum": True})
+    return out

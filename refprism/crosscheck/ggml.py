@@ -1,6 +1,9 @@
 """ggml's CPU arithmetic, as llama.cpp computes: the input rows of each product quantized to the weight's
 vec_dot type, the f16 GELU table, ggml's RoPE angles, and the forward edit that applies them (`ggml_edit`).
 The floors of a llama.cpp comparison are made from these (crosscheck.floors, crosscheck.replay).
+
+Each rule is read from the llama.cpp vendored in llama-cpp-python 0.3.36 (LLAMA_CPP_PYTHON in
+refprism/crosscheck/sides/llamacpp.py), the build refprism checks; paths are under its vendor/llama.cpp/ggml/src/.
 """
 
 from __future__ import annotations

@@ -145,14 +145,22 @@ class CompareResult:
         lines = []
         explained = [d for d in self.diagnosis if d["explains"]]
         for d in explained:
+            if d.get("from") == "printed":
+                how = "its printed values" + (f" within {_fmt(d['floor'])}" if d["max_abs"] is not None else "") + \
+                    (f", its printed sum within {_fmt(d['sum_floor'])}" if "sum_floor" in d else "")
+                lines.append(f"diagnosis: {d['says']} (at the first divergence, printed in part so not replayed, "
+                             f"the other side prints what refprism with `{d['variant']}` at {d['site']} computes: "
+                             f"{how})")
+                continue
             how = d.get("evidence") or f"max abs {_fmt(d['max_abs'])} within the floor {_fmt(d['floor'])}"
             lines.append(f"diagnosis: {d['says']} (the other side behaves like refprism with `{d['variant']}` at "
                          f"{d['site']}: {how})")
         if self.diagnosis and not explained:
             where = self.diagnosis[0]["site"]
+            closest = ", ".join(f"{d['variant']} {_fmt(d['max_abs'] if d['max_abs'] is not None else d['sum_error'])}"
+                                for d in self.diagnosis[:3])
             lines.append(f"diagnosis: none of the {len(self.diagnosis)} catalogued mistakes that act at {where} "
-                         "reproduces the other side there (closest: "
-                         + ", ".join(f"{d['variant']} {_fmt(d['max_abs'])}" for d in self.diagnosis[:3]) + ")")
+                         f"reproduces the other side there (closest: {closest})")
         elif not self.diagnosis and self.first_wrong_op:
             lines.append(f"diagnosis: no catalogued mistake acts at {self.first_wrong_op}")
         return lines

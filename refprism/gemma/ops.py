@@ -504,3 +504,30 @@ def heads_out_vjp(g, W_O):
     N, H, D = W_O.shape
     Z, T = g.shape[:2]
     return (g @ W_O.reshape(N * H, D).T).reshape(Z, T, N, H)
+
+
+
+def softmax_key_change(g, pattern, s, delta):
+    """AtP*'s key fix: the exact change of each row's <g, pattern> when source s's score moves by delta[t].
+
+    Math:   a'[t] = a[t] + delta[t] e_s (a key change at source s moves one score of every row);  with p = the row's
+            pattern and e = exp(delta) - 1:  p'_s = p_s (1 + e) / (1 + p_s e),  p'_j = p_j / (1 + p_s e) (j != s), so
+                <g, p' - p> = e p_s (g_s - <g, p>) / (1 + p_s e)
+            which -> delta p_s (g_s - <g, p>) as delta -> 0: softmax_vjp's term, the plain linear estimate.
+            (exp(delta) - 1 as np.expm1, accurate for small delta; a masked source has p_s = 0: no change.)
+    Shapes: g [..., T, S] (dR/dpattern), pattern [..., T, S], s int, delta [..., T] -> [..., T]
+    """
+    p_s = pattern[..., s]
+    e = np.expm1(delta)
+    return e * p_s * (g[..., s] - np.sum(g * pattern, axis=-1)) / (1 + p_s * e)
+
+
+def softmax_row_change(g, a, a_new, window=None, *, cap=None):
+    """AtP*'s query fix: the exact change of <g, pattern> when a row's scores change (a query change moves a
+    whole row): each row's softmax recomputed, soft-cap and mask inside.
+
+    Math:   <g, causal_softmax(a_new) - causal_softmax(a)> per row    (a, a_new: scores before the soft-cap)
+    Shapes: g [N, T, S], a/a_new [N, T, S] -> [N, T]
+    """
+    diff = causal_softmax(a_new, window, cap=cap) - causal_softmax(a, window, cap=cap)
+    return np.sum(g * diff, axis=-1)

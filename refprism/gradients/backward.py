@@ -81,7 +81,7 @@ class Gradients:
 
 
 def gradients(model, prompt_or_run, *, targets=None, versus=(), position=-1, readout="logit", freeze=(), drop=(),
-              dtype=None, record=None) -> Gradients:
+              dtype=None, record=None, down_to=0) -> Gradients:
     """The gradient of a readout of the run with respect to every recorded site, in one backward pass.
 
     model:   a loaded refprism Model;  prompt_or_run: text, token ids, or a Run (a full record is read as it is; a
@@ -91,6 +91,8 @@ def gradients(model, prompt_or_run, *, targets=None, versus=(), position=-1, rea
     freeze:  a subset of FREEZABLE;  drop: layers (or "L{l}.attn" / "L{l}.mlp") the backward skips (GradDrop)
     dtype:   the compute dtype: that of the model (load the model in float64 for a float64 gradient)
     record:  None (every site) or globs of the gradient sites to keep (e.g. ["embed", "blocks.*.attn.z"])
+    down_to: stop the backward at this layer (its sites and those after it only): a method that reads one
+             layer's gradient need not go further down
     Shapes:  -> Gradients.record[name] [Z, *shape of the site]
     """
     cfg = model.config
@@ -100,9 +102,9 @@ def gradients(model, prompt_or_run, *, targets=None, versus=(), position=-1, rea
     freeze = _freeze(freeze)
     drop = _drop(cfg, drop)
     run = prompt_or_run if isinstance(prompt_or_run, Run) else model.run(prompt_or_run)
-    layers = _layer_source(model, run)
-    top = layers.top  # a record with the final residual, the final norm and the logits at every position asked
     p = P.resolve_position(run, position)
+    layers = _layer_source(model, run, p)
+    top = layers.top  # a record with the final residual, the final norm and the logits at the readout position
     seed, labels, value, kind, tg = _seed(model, run, top, p, targets, versus, readout, freeze)
     keep = None if record is None else ([record] if isinstance(record, str) else list(record))
     if keep is not None:
@@ -110,7 +112,9 @@ def gradients(model, prompt_or_run, *, targets=None, versus=(), position=-1, rea
         for glob in keep:
             if not any(fnmatch.fnmatchcase(n, glob) for n in names):
                 raise InputError(f"gradient record entry {glob!r} names no recorded site of this model")
-    grads = backward(model, layers, seed, p, freeze=freeze, drop=drop, keep=keep)
+    if not isinstance(down_to, (int, np.integer)) or not 0 <= down_to < cfg.n_layers:
+        raise InputError(f"down_to {down_to!r}: layers are 0 .. {cfg.n_layers - 1}")
+    grads = backward(model, layers, seed, p, freeze=freeze, drop=drop, keep=keep, down_to=int(down_to))
     return Gradients(model, run, labels, value, p, kind, tuple(sorted(freeze)), tuple(sorted(drop)), grads, tg)
 
 
@@ -182,11 +186,11 @@ def _seed(model, run, top, p, targets, versus, readout, freeze):
     if targets is None:
         if versus:
             raise InputError("versus needs targets")
-        targets = [f"#{int(np.argmax(top['logits'][p]))}"]
+        targets = [f"#{int(np.argmax(_raw_logits(model, top, p)))}"]
     tg = targets if isinstance(targets, P.Targets) else P.resolve_targets(model, targets, versus)
     ids, coef = tg.coefficients(dtype)
     cap = cfg.final_softcap
-    raw = top["logits_uncapped" if cap is not None else "logits"][p]  # [V] pre-cap
+    raw = _raw_logits(model, top, p)  # [V] pre-cap
     V = cfg.vocab_size
     if readout == "logit":
         g_raw = np.zeros((len(coef), V), dtype)
@@ -219,6 +223,14 @@ def _seed(model, run, top, p, targets, versus, readout, freeze):
     return Seed(at_norm, None, logits), tg.labels, value, readout, tg
 
 
+def _raw_logits(model, record, p) -> np.ndarray:
+    """The pre-cap logits [V] at p: recorded, or ln_final.out[p] E^T (a record kept without logits)."""
+    name = "logits_uncapped" if model.config.final_softcap is not None else "logits"
+    if name in record:
+        return record[name][p]
+    return model.params.unembed(record["ln_final.out"][p][None])[0]
+
+
 # ------------------------------------------------------------------------------------------------- the forward's values
 
 
@@ -235,12 +247,16 @@ class _Layers:
         return _one_layer(self.model, self.run.tokens, self.top, l)
 
 
-def _layer_source(model, run) -> _Layers:
-    if run.record.selection is None:
-        return _Layers(model, run, run.record, True)
+def _layer_source(model, run, p) -> _Layers:
+    """The run's own record when it holds every site but the logits (then its values are used as they are, an
+    edited run's included); else a checkpoint forward of the tokens (a selective record's edits are not replayed)."""
     cfg = model.config
+    rec = run.record
+    if rec.selection is None or all(dict.__contains__(rec, n) and rec.selection.rows(n, len(run.tokens)) == "all"
+                                    for n in symbolic_shapes(cfg) if not n.startswith("logits")):
+        return _Layers(model, run, rec, True)
     keep = ["embed", "blocks.*.resid_pre", f"blocks.{cfg.n_layers - 1}.resid_post", "ln_final.scale",
-            "ln_final.out", "logits"] + (["logits_uncapped"] if cfg.final_softcap is not None else [])
+            "ln_final.out", f"logits@{p}"] + ([f"logits_uncapped@{p}"] if cfg.final_softcap is not None else [])
     top = forward(model.params, cfg, run.tokens, normalizer=model.normalizer, record=keep)
     return _Layers(model, run, top, False)
 
@@ -271,12 +287,14 @@ def _one_layer(model, tokens, top, l) -> Record:
 # ------------------------------------------------------------------------------------------------- the backward
 
 
-def backward(model, layers: _Layers, seed: Seed, p: int, *, freeze=frozenset(), drop=frozenset(), keep=None) -> Record:
+def backward(model, layers: _Layers, seed: Seed, p: int, *, freeze=frozenset(), drop=frozenset(), keep=None,
+             down_to=0) -> Record:
     """Every site's gradient, layer by layer in reverse (docs/math.md section 5).
 
     Math:   per layer (reverse):  g(resid_mid) = g(resid_post) + ln2^T . geglu^T . W_down^T . post2^T g(resid_post)
                                   g(resid_pre) = g(resid_mid) + ln1^T . [W_Q, W_K, W_V]^T . attn^T . W_O^T . post1^T g
             each ^T the op's VJP (ops.*_vjp), with the frozen factors' edges cut.
+    down_to: the lowest layer to go down to (the sites below it, and embed, are not computed when > 0)
     Shapes: seed rows Z -> record[name] [Z, *site shape]
     """
     cfg, params, dtype = model.config, model.params, model.dtype
@@ -306,7 +324,7 @@ def backward(model, layers: _Layers, seed: Seed, p: int, *, freeze=frozenset(), 
         g_x, g_s = ops.rms_norm_vjp(g_h, x_final, top["ln_final.scale"], params.ln_final, frozen=eps_frozen)
         put("ln_final.scale", g_s)
     positions = np.arange(T)
-    for l in reversed(range(cfg.n_layers)):
+    for l in reversed(range(down_to, cfg.n_layers)):
         b = f"blocks.{l}."
         put(b + "resid_post", g_x)
         rec = None if (l, "attn") in drop and (l, "mlp") in drop else layers.layer(l)
@@ -396,7 +414,8 @@ def backward(model, layers: _Layers, seed: Seed, p: int, *, freeze=frozenset(), 
         g_x = g_x + g_xp
         put(b + "resid_pre", g_x)
         del rec
-    put("embed", g_x)
+    if down_to == 0:
+        put("embed", g_x)
     return out
 
 

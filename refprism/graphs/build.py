@@ -203,7 +203,7 @@ class _Context:
     def __init__(self, model, run, p, batch_size):
         self.model, self.run, self.p, self.batch = model, run, p, batch_size
         self.cfg = model.config
-        self.layers = _layer_source(model, run)
+        self.layers = _layer_source(model, run, p)
         self.passes = 0
         self.most = 0
         self.T = p + 1

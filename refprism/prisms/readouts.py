@@ -304,9 +304,3 @@ def through_neuron(readout, layer, neuron) -> Readout:
     return replace(readout, u=u, site=2 * layer + 1, whole=term, whole_label="/".join(path), scale=s, path=path)
 
 
-# ------------------------------------------------------------------------------------------------- results
-
-
-# ------------------------------------------------------------------------------------------------- prisms
-
-

@@ -223,7 +223,7 @@ def _mapper(names, model, T, source):
         from refprism.crosscheck.sides.tl import scheme_tl
 
         return (lambda key, a: scheme_tl(key, a, cfg)), "tl"
-    from refprism.crosscheck.sides.llamacpp import scheme_llamacpp
+    from refprism.crosscheck.sides.llamacpp_debug import scheme_llamacpp
 
     # T: a tensor with fewer rows than the prompt (llama.cpp's cut last layer) comes back as a Summary of its rows
     return (lambda key, a: scheme_llamacpp(key, a, cfg, T=T)), "llama.cpp"

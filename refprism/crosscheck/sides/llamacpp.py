@@ -84,30 +84,27 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from refprism.crosscheck.capture import ROW_TYPES, Capture, GgmlArithmetic, Summary
-from refprism.errors import CheckpointError, InputError, RefprismError
+from refprism.crosscheck.sides.gguf_header import VEC_DOT_TYPE, file_type, gguf_config, weight_types
+from refprism.crosscheck.sides.llamacpp_debug import (
+    Printed,
+    _ends_with_token_ids,
+    parse_debug_output,
+    summaries_from_debug,
+)
+from refprism.errors import CheckpointError, InputError, ToolError
 from refprism.gemma.config import Config
-from refprism.gemma.record import SITE_LETTERS
 
 LLAMA_CPP_PYTHON = "0.3.36"  # llama-cpp-python, whose vendor/llama.cpp the tools are built from (pyproject: llamacpp)
 BUILD_COMMAND = "python tools/build_llama_cpp.py"
-PRINTED_EDGE = 3  # llama-debug prints the first and last 3 indices of each of the three fastest axes
-PRINT_DECIMALS = 4  # ... as %12.4f
-PRINTED_RESOLUTION = 0.5 * 10.0 ** -PRINT_DECIMALS  # a printed element is within 5e-5 of the tensor's value
-SUM_RESOLUTION = 0.5e-6  # the sum is printed as %f (6 decimals) of a running float32 sum (common/debug.cpp)
-
-
-class ToolError(RefprismError):
-    """An external tool (llama.cpp's binaries, llama-cpp-python) is missing or failed."""
 
 
 # ------------------------------------------------------------------------------------------------ the tools
@@ -123,6 +120,9 @@ def tool(name: str, bin_dir=None) -> Path:
     """The path of a built llama.cpp binary (llama-debug, llama-quantize), or ToolError naming the build command."""
     folder = Path(bin_dir) if bin_dir is not None else cache_dir() / "bin"
     path = folder / name
+    if bin_dir is not None and not os.access(path, os.X_OK):  # the user's own build (--llama-cpp DIR)
+        raise InputError(f"no executable {name} in {str(folder)[:200]!r} (--llama-cpp): give the folder your "
+                         "llama.cpp build wrote its binaries to (e.g. build/bin)")
     if not os.access(path, os.X_OK):
         raise ToolError(f"{name} of llama.cpp (llama-cpp-python {LLAMA_CPP_PYTHON}) is not built in {folder}: "
                         f"run {BUILD_COMMAND}")
@@ -157,135 +157,6 @@ def quantize(src, dst, file_type: str = "F32", *, bin_dir=None) -> Path:
 def _last_line(text: str) -> str:
     lines = [x for x in text.strip().splitlines() if x.strip()]
     return lines[-1][:300] if lines else "(no output)"
-
-
-# ------------------------------------------------------------------------------------------------ the file
-
-
-def gguf_config(path) -> Config:
-    """refprism's Config of a GGUF file, from its metadata alone (no tensor is read)."""
-    from refprism.checkpoints.gguf import ARCHITECTURES, config_from_metadata
-
-    head = read_header(path)
-    meta, tensors = head.meta, {name: ne for name, (ne, _, _) in head.tensors.items()}
-    if meta.get("general.architecture") not in ARCHITECTURES:
-        raise CheckpointError(f"{Path(path).name} holds a {meta.get('general.architecture')!r} model, not Gemma 1/2/3")
-    shapes = {hf: tuple(reversed(tensors[name])) for name, hf in  # the two shapes the config reads, in HF's order
-              (("token_embd.weight", "model.embed_tokens.weight"),
-               ("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight")) if name in tensors}
-    hf = config_from_metadata(meta, shapes, path)
-    return Config.from_hf({k: v for k, v in hf.items() if k != "gguf_defaults"})
-
-
-def file_type(path) -> str:
-    """The GGUF's weight type as llama.cpp names it: "F32", "F16", "BF16", "Q4_K_M", ... ("unknown" if unrecorded)."""
-    import gguf
-
-    value = read_header(path).meta.get("general.file_type")
-    if value is None:
-        return "unknown"
-    try:
-        name = gguf.LlamaFileType(int(value)).name
-    except ValueError:
-        return f"file_type {int(value)}"
-    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
-
-
-# GGUF value types: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md (little-endian files, version 2 and 3)
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-@dataclass
-class Header:
-    """A GGUF file's header: metadata, and per tensor its ne (fastest first), ggml type and data offset."""
-
-    meta: dict
-    tensors: dict[str, tuple[tuple[int, ...], int, int]]  # name -> (ne, ggml type id, offset from data_start)
-    data_start: int
-
-
-def read_header(path) -> Header:
-    """A GGUF file's metadata and tensor table, read straight from its header with `struct`.
-
-    gguf.GGUFReader builds NumPy views of every field (~10 s for a 262k-piece vocabulary); this reads only what
-    the header holds and skips arrays of strings (the tokenizer's pieces and merges: no config lives there), which
-    come back as None. Numeric arrays come back as lists.
-    """
-    import struct
-
-    path = Path(path)
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    with f:
-        def take(fmt):
-            size = struct.calcsize(fmt)
-            raw = f.read(size)
-            if len(raw) != size:
-                raise CheckpointError(f"{path} is truncated: its GGUF header ends early")
-            return struct.unpack(fmt, raw)[0]
-
-        def string():
-            n = take("<Q")
-            raw = f.read(n)
-            if len(raw) != n:
-                raise CheckpointError(f"{path} is truncated: its GGUF header ends early")
-            return raw.decode("utf-8", errors="replace")
-
-        def value(kind):
-            if kind in _SCALARS:
-                return take(_SCALARS[kind])
-            if kind == _STRING:
-                return string()
-            if kind == _ARRAY:
-                inner, n = take("<I"), take("<Q")
-                if inner == _STRING:
-                    for _ in range(n):
-                        f.seek(take("<Q"), 1)
-                    return None
-                if inner not in _SCALARS:
-                    raise CheckpointError(f"{path}: a GGUF array of value type {inner} cannot be read")
-                fmt = _SCALARS[inner]
-                raw = f.read(struct.calcsize(fmt) * n)
-                return [x[0] for x in struct.iter_unpack(fmt, raw)]
-            raise CheckpointError(f"{path}: unknown GGUF value type {kind}")
-
-        if f.read(4) != b"GGUF":
-            raise CheckpointError(f"{path} is not a GGUF file (no GGUF magic)")
-        version = take("<I")
-        if version not in (2, 3):
-            raise CheckpointError(f"{path}: GGUF version {version}; versions 2 and 3 are read")
-        n_tensors, n_kv = take("<Q"), take("<Q")
-        meta = {}
-        for _ in range(n_kv):
-            key = string()
-            meta[key] = value(take("<I"))
-        tensors = {}
-        for _ in range(n_tensors):
-            name = string()
-            ne = tuple(take("<Q") for _ in range(take("<I")))
-            tensors[name] = (ne, take("<I"), take("<Q"))
-        align = int(meta.get("general.alignment", 32))
-        data_start = -(-f.tell() // align) * align
-    return Header(meta, tensors, data_start)
-
-
-def tensor(path, name: str) -> np.ndarray:
-    """One tensor of a GGUF file, dequantized to float32 by the gguf package, in NumPy order (reversed ne)."""
-    import gguf
-
-    head = read_header(path)
-    if name not in head.tensors:
-        raise CheckpointError(f"{Path(path).name} has no tensor {name}")
-    ne, kind, offset = head.tensors[name]
-    qtype = gguf.GGMLQuantizationType(kind)
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    n_bytes = int(np.prod(ne)) // block * size
-    raw = np.fromfile(path, dtype=np.uint8, count=n_bytes, offset=head.data_start + offset)
-    shape = (*reversed(ne[1:]), ne[0] // block * size)  # rows of bytes, as gguf.quants.dequantize takes them
-    return gguf.quants.dequantize(raw.reshape(shape), qtype).astype(np.float32).reshape(tuple(reversed(ne)))
 
 
 # ------------------------------------------------------------------------------------------------ view 1: logits
@@ -382,75 +253,6 @@ def logits(gguf_path, ids, *, cache_type="f16") -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ view 2: llama-debug
 
 
-@dataclass
-class Printed:
-    """One tensor as llama-debug printed it: name, type, op, sources, ne (fastest first), printed values, sum."""
-
-    name: str
-    type: str
-    op: str
-    src0: str
-    src1: str
-    ne: tuple[int, int, int, int]
-    values: dict[tuple[int, int, int, int], float] = field(default_factory=dict)  # (i0, i1, i2, i3) -> value
-    total: float | None = None
-
-
-_HEADER = re.compile(r"^common_debug_cb_eval:\s*(?P<name>.*?) = \((?P<type>[^)]*)\)\s*(?P<op>[A-Z0-9_]+)"
-                     r"\((?P<src0>.*?)\{[-\d, ]*\}, (?P<src1>.*?)\}\) = \{(?P<ne>[-\d, ]+)\}\s*$")
-_SUM = re.compile(r"^\s*sum = (?P<sum>\S+)\s*$")
-
-
-def printed_indices(n: int, edge: int = PRINTED_EDGE) -> list[int]:
-    """The indices llama-debug prints along an axis of length n: all if n <= 2*edge, else the first and last `edge`."""
-    return list(range(n)) if n <= 2 * edge else [*range(edge), *range(n - edge, n)]
-
-
-def parse_debug_output(text: str) -> tuple[list[int] | None, list[Printed]]:
-    """llama-debug's stdout -> (the token ids it printed, or None; every tensor it printed, in graph order)."""
-    lines = text.splitlines()
-    tensors: list[Printed] = []
-    tokens = None
-    i = 0
-    while i < len(lines):
-        m = _HEADER.match(lines[i])
-        if m is None:
-            if lines[i].startswith("Token ids (") and i + 1 < len(lines):
-                n = int(lines[i][len("Token ids ("):].split(")")[0])
-                found = _token_ids("\n".join(lines[i + 1:]) + "\n", n)  # a piece may be a newline: read on
-                if found is None:
-                    raise ToolError(f"cannot read llama-debug's {n} token ids from {lines[i + 1][:200]!r}")
-                tokens = found
-            i += 1
-            continue
-        ne = tuple(int(x) for x in m["ne"].split(","))
-        t = Printed(m["name"].strip(), m["type"], m["op"], m["src0"].strip(), m["src1"].strip(), ne)
-        i += 1
-        numbers: list[float] = []
-        while i < len(lines) and lines[i].startswith(" "):  # the data block is indented; a quantized tensor has none
-            s = _SUM.match(lines[i])
-            if s:
-                if t.total is None:
-                    t.total = float(s["sum"])
-                i += 1
-                if i < len(lines) and lines[i].strip() == "[":  # another ne[3] block follows
-                    continue
-                break
-            row = lines[i].strip()
-            if row.startswith("[") and len(row) > 1:
-                numbers += [float(x) for x in row.strip("[],").replace(" ", "").split(",") if x and x != "..."]
-            i += 1
-        if numbers:
-            order = [(i0, i1, i2, i3) for i3 in range(ne[3]) for i2 in printed_indices(ne[2])
-                     for i1 in printed_indices(ne[1]) for i0 in printed_indices(ne[0])]
-            if len(order) != len(numbers):
-                raise ToolError(f"llama-debug printed {len(numbers)} values of {t.name} (ne {list(ne)}), "
-                                f"expected {len(order)}: its print format changed")
-            t.values = dict(zip(order, numbers))
-        tensors.append(t)
-    return tokens, tensors
-
-
 def run_debug(gguf_path, prompt: str, *, cache_type="f16", tensor_filter=(), bin_dir=None, timeout=300,
               attempts=5) -> str:
     """Run llama-debug on text; return its stdout (the tensor dump, then the token ids).
@@ -488,188 +290,7 @@ def run_debug(gguf_path, prompt: str, *, cache_type="f16", tensor_filter=(), bin
                     "(its logger thread is not flushed at exit)")
 
 
-# llama-debug ends with "Token ids (n):" and one line of `piece(id)`, space separated; a piece is printed as it is,
-# so a newline piece breaks that line: an id is "(digits)" followed by a space or a newline.
-_TOKEN_ID = re.compile(r"\((-?\d+)\)(?=[ \n])")
-
-
-def _token_ids(rest: str, n: int) -> list[int] | None:
-    """The n ids printed at the start of `rest` (what follows "Token ids (n):"), or None when the output stops
-    before the line that holds the last of them is complete."""
-    found = list(_TOKEN_ID.finditer(rest))[:n]
-    if len(found) < n:
-        return None
-    if found and "\n" not in rest[found[-1].end():]:
-        return None  # the line of the last id is not finished: the output was cut there
-    return [int(m[1]) for m in found]
-
-
-def _ends_with_token_ids(text: str) -> bool:
-    """Whether llama-debug's output holds its closing "Token ids (n):" line and all n ids after it."""
-    at = text.rfind("\nToken ids (")
-    if at < 0:
-        return False
-    head, _, rest = text[at + 1:].partition("\n")
-    return _token_ids(rest, int(head[len("Token ids ("):].split(")")[0])) is not None
-
-
 # ------------------------------------------------------------------------------------------------ names and axes
-
-
-GLOBAL_SITES = ("embed", "ln_final.out", "logits")
-
-
-def place(tag: str, op: str | None, ndim: int, cfg: Config) -> tuple[str, str] | None:
-    """(refprism site without "blocks.{l}.", ggml layout fastest first) of a llama.cpp graph tensor, or None.
-
-    tag: the name without its "-l" layer suffix. op: the ggml op that made it; None for a dump file, which keeps
-    names only: then a repeated name means its last tensor, told apart by ndim (Qcur as [N*H, T] is the
-    projection, as [H, N, T] the tensor after RoPE). A layout lists ne axes fastest first; "NH" is one axis holding
-    head n's H values at n*H + h; S is the KV cache's cell axis.
-    """
-    post = cfg.post_norms
-    simple = {
-        "inp_scaled": ("embed", "D T"),
-        "attn_norm": ("ln1.out", "D T"),
-        "attn_post_norm": ("attn.out", "D T") if post else None,
-        "sa_out": ("resid_mid", "D T"),
-        "ffn_norm": ("ln2.out", "D T"),
-        "ffn_gate": ("mlp.gate", "F T"),
-        "ffn_up": ("mlp.up", "F T"),
-        "ffn_geglu": ("mlp.act", "F T"),
-        "ffn_out": ("mlp.down" if post else "mlp.out", "D T"),
-        "ffn_post_norm": ("mlp.out", "D T") if post else None,
-        "l_out": ("resid_post", "D T"),
-        "kq": ("attn.scores", "S T N"),
-        "kq_soft_max": ("attn.pattern", "S T N"),
-        "kqv_out": ("attn.z", "NH T"),
-        "kqv": ("attn.z", "H T N"),
-        "result_norm": ("ln_final.out", "D T"),
-        "result_output": ("logits", "V T"),
-        "attn_output": ("attn.o_proj" if post else "attn.out", "D T"),  # the unnamed MUL_MAT of blk.l.attn_output
-    }
-    if tag in simple:
-        return simple[tag]
-    if tag not in ("Qcur", "Kcur", "Vcur"):
-        return None
-    heads = "N" if tag == "Qcur" else "K"
-    before, after = {"Qcur": ("attn.q_pre", "attn.q"), "Kcur": ("attn.k_pre", "attn.k"),
-                     "Vcur": ("attn.v", "attn.v")}[tag]
-    if op == "MUL_MAT" or (op is None and ndim == 2):
-        return before, f"{heads}H T"  # the projection, [N*H, T]
-    if op == "RESHAPE":
-        return before, f"H {heads} T"  # the same values viewed per head
-    if op == "ROPE" or (op is None and ndim == 3):
-        return after, f"H {heads} T"  # after RoPE (Gemma 3: after the q/k norm too); v has no RoPE: the reshape
-    return None
-
-
-def _sizes(cfg: Config, T: int) -> dict[str, int]:
-    return {"T": T, "D": cfg.d_model, "N": cfg.n_heads, "K": cfg.n_kv_heads, "H": cfg.d_head, "F": cfg.d_mlp,
-            "V": cfg.vocab_size}
-
-
-def _split(tag: str) -> tuple[str, int | None]:
-    """"Qcur-3" -> ("Qcur", 3); "result_norm" -> ("result_norm", None)."""
-    head, _, tail = tag.rpartition("-")
-    return (head, int(tail)) if head and tail.isdecimal() else (tag, None)
-
-
-def summaries_from_debug(tensors: list[Printed], cfg: Config, T: int) -> tuple[dict[str, Summary], list[str]]:
-    """llama-debug's printed tensors -> {refprism site: Summary of the printed elements}, plus notes.
-
-    Two printed tensors of one site (Qcur MUL_MAT and RESHAPE; kqv and kqv_out) pool their elements; the total is
-    the first one's. Elements in KV cells beyond the prompt are checked to be 0 and dropped.
-    """
-    out: dict[str, Summary] = {}
-    notes: list[str] = []
-    sizes = _sizes(cfg, T)
-    last_layer = None  # Gemma 2 names its post-feedforward norm "ffn_post_norm", without the layer
-    for t in tensors:
-        tag, layer = _split(t.name)
-        if tag.startswith("node_") and t.op == "MUL_MAT":
-            m = re.fullmatch(r"blk\.(\d+)\.attn_output\.weight", t.src0)
-            if m is None:
-                continue
-            tag, layer = "attn_output", int(m[1])
-        if tag == "ffn_out":
-            last_layer = layer
-        if tag == "ffn_post_norm" and layer is None:
-            layer = last_layer
-        spot = place(tag, t.op, 2 if t.ne[2] == 1 and t.ne[3] == 1 else 3, cfg)
-        if spot is None or not t.values:
-            continue
-        site_end, layout = spot
-        if (layer is None) != (site_end in GLOBAL_SITES):
-            continue
-        site = site_end if layer is None else f"blocks.{layer}.{site_end}"
-        summary = summary_of(t, site, SITE_LETTERS[site_end], layout.split(), sizes, notes)
-        if site in out:
-            _pool(out[site], summary, site)
-        else:
-            out[site] = summary
-    for site, same in _entering(cfg):  # refprism's resid_pre of layer l is what left layer l - 1 (or the embedding)
-        if same in out and out[same].rows is None:
-            out[site] = replace(out[same], elements=dict(out[same].elements))
-    return out, notes
-
-
-def _entering(cfg: Config) -> list[tuple[str, str]]:
-    """(blocks.l.resid_pre, the site it equals by definition): embed for layer 0, resid_post of l - 1 after."""
-    return [("blocks.0.resid_pre", "embed")] + [(f"blocks.{l}.resid_pre", f"blocks.{l - 1}.resid_post")
-                                                for l in range(1, cfg.n_layers)]
-
-
-def summary_of(t: Printed, site: str, letters, layout: list[str], sizes: dict[str, int], notes: list) -> Summary:
-    """One printed tensor as a Summary of `site`: each ne index (layout: its axes, fastest first) -> refprism index."""
-    T = sizes["T"]
-    n_rows = T
-    for axis, n in zip(layout, t.ne):
-        if axis == "S":
-            if n < T:
-                raise ToolError(f"llama-debug's {t.name} has {n} KV cells for {T} tokens")
-        elif axis == "T":
-            if n not in (T, 1):
-                raise ToolError(f"llama-debug's {t.name} has {n} positions; the prompt has {T}")
-            n_rows = n
-        elif n != np.prod([sizes[a] for a in axis]):
-            raise ToolError(f"llama-debug printed {t.name} with ne {list(t.ne)}; the {site} mapping expects "
-                            f"{' '.join(layout)} = {[sizes.get(a, a) for a in layout]}: the graph changed")
-    if any(n != 1 for n in t.ne[len(layout):]):
-        raise ToolError(f"llama-debug printed {t.name} with ne {list(t.ne)}: more axes than {' '.join(layout)}")
-    rows = None if n_rows == T else (T - 1,)  # the cut last layer keeps the position with logits: the last
-    elements = {}
-    beyond = []
-    for idx, value in t.values.items():
-        at = {}
-        for axis, i in zip(layout, idx):
-            if len(axis) == 2:  # "NH": i = n*H + h
-                at[axis[0]], at[axis[1]] = divmod(i, sizes[axis[1]])
-            else:
-                at[axis] = i
-        if rows is not None:
-            at["T"] = rows[at["T"]]
-        if at.get("S", 0) >= T:  # a KV cell beyond the prompt: empty
-            beyond.append(value)
-            continue
-        elements[tuple(at[a] for a in letters)] = value
-    total = t.total
-    if any(v != 0 for v in beyond):
-        notes.append(f"{site}: KV cells beyond the prompt are not empty in llama.cpp's {t.name}: its sum left out")
-        total = None
-    shape = tuple(T if a in ("T", "S") else sizes[a] for a in letters)
-    order = tuple(c for axis in reversed(layout) for c in axis)  # ggml sums i0 fastest: its axes, slowest first
-    return Summary(shape=shape, elements=elements, total=total, rows=rows, resolution=PRINTED_RESOLUTION,
-                   total_sum="float32", total_order=order, total_resolution=SUM_RESOLUTION)
-
-
-def _pool(into: Summary, more: Summary, site: str) -> None:
-    if into.shape != more.shape or into.rows != more.rows:
-        raise ToolError(f"llama-debug printed {site} twice with different shapes")
-    for k, v in more.elements.items():
-        into.elements.setdefault(k, v)
-    if into.total is None:
-        into.total = more.total
 
 
 @dataclass
@@ -704,41 +325,6 @@ def debug_dump(gguf_path, prompt, *, cache_type="f16", tensor_filter=(), bin_dir
 
 
 # ------------------------------------------------------------------------------------------------ the arithmetic
-
-
-# A weight's product converts its input rows to the weight type's vec_dot_type (ggml/src/ggml-cpu/ggml-cpu.c,
-# type_traits_cpu; ggml_compute_forward_mul_mat calls that type's `from_float` on src1 when src1->type differs; the
-# repacked Q4_K weights of x86 AVX2, ggml-cpu/repack.cpp q4_K_8x8_q8_K, take Q8_K rows too). None: float32 rows.
-VEC_DOT_TYPE = {
-    "F32": None, "F16": "F16", "BF16": "BF16",
-    "Q4_0": "Q8_0", "Q5_0": "Q8_0", "Q8_0": "Q8_0", "IQ4_NL": "Q8_0", "MXFP4": "Q8_0",
-    "Q4_1": "Q8_1", "Q5_1": "Q8_1",
-    "Q2_K": "Q8_K", "Q3_K": "Q8_K", "Q4_K": "Q8_K", "Q5_K": "Q8_K", "Q6_K": "Q8_K", "IQ2_XXS": "Q8_K",
-    "IQ2_XS": "Q8_K", "IQ2_S": "Q8_K", "IQ3_XXS": "Q8_K", "IQ3_S": "Q8_K", "IQ1_S": "Q8_K", "IQ1_M": "Q8_K",
-    "IQ4_XS": "Q8_K", "TQ1_0": "Q8_K", "TQ2_0": "Q8_K",
-}
-GGUF_WEIGHTS = {"attn_q": "W_Q", "attn_k": "W_K", "attn_v": "W_V", "attn_output": "W_O", "ffn_gate": "W_gate",
-                "ffn_up": "W_up", "ffn_down": "W_down"}  # blk.l.<name>.weight -> refprism's blocks.l.<weight>
-
-
-def weight_types(gguf_path) -> dict[str, str]:
-    """refprism weight ("blocks.3.W_Q", ..., "unembed") -> its ggml type in the GGUF ("Q5_0", "Q4_K", "F32", ...).
-
-    The unembedding is output.weight when the file has one, else token_embd.weight (llama.cpp's tied output).
-    """
-    import gguf
-
-    tensors = read_header(gguf_path).tensors
-    name = lambda kind: gguf.GGMLQuantizationType(kind).name  # noqa: E731
-    out = {}
-    for tensor_name, (_, kind, _) in tensors.items():
-        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", tensor_name)
-        if m and m[2] in GGUF_WEIGHTS:
-            out[f"blocks.{m[1]}.{GGUF_WEIGHTS[m[2]]}"] = name(kind)
-    unembed = "output.weight" if "output.weight" in tensors else "token_embd.weight"
-    if unembed in tensors:
-        out["unembed"] = name(tensors[unembed][1])
-    return out
 
 
 def arithmetic(gguf_path, cache_type: str = "f16") -> GgmlArithmetic:
@@ -789,6 +375,8 @@ def conventions(cfg: Config, weights: str, cache_type: str) -> list[str]:
 def capture(gguf_path, prompt, *, with_debug=True, cache_type="f16", bin_dir=None) -> Capture:
     """llama.cpp on a GGUF file as a Capture: full logits [T, V] (llama-cpp-python) + llama-debug's summaries.
 
+    bin_dir: a folder holding a llama-debug of your own build (`compare --llama-cpp DIR`), checked instead of the
+    cached one; its logits are then what it prints too (llama-cpp-python links the build refprism pins).
     prompt: text (tokenized by llama.cpp, BOS added as the file says) or token ids (run as given; with_debug needs
     them to start with BOS and round-trip through text, since llama-debug takes text only).
     The capture's dtype is float32 and its `arithmetic` says how llama.cpp's CPU backend rounds this file
@@ -804,7 +392,12 @@ def capture(gguf_path, prompt, *, with_debug=True, cache_type="f16", bin_dir=Non
         detokenize(gguf_path, ids)  # ids llama-debug cannot take are refused before any run
     cap = Capture(source="llama.cpp", tokens=np.asarray(ids, dtype=np.int64), dtype="float32", arithmetic=how,
                   notes=conventions(cfg, how.weights, how.kv_cache))
-    cap.arrays["logits"] = logits(gguf_path, ids, cache_type=cache_type)
+    if bin_dir is None:  # llama-cpp-python runs the build refprism pins; a build of your own prints its own logits
+        cap.arrays["logits"] = logits(gguf_path, ids, cache_type=cache_type)
+    else:
+        cap.source = f"llama.cpp ({bin_dir})"
+        cap.notes.append(f"your llama.cpp build in {bin_dir}: every site from its llama-debug, the logits too "
+                         "(the rows it prints; llama-cpp-python runs the build refprism pins, not yours)")
     if with_debug:
         dump = debug_dump(gguf_path, prompt if isinstance(prompt, str) else ids, cache_type=cache_type,
                           bin_dir=bin_dir, cfg=cfg)
@@ -813,65 +406,10 @@ def capture(gguf_path, prompt, *, with_debug=True, cache_type="f16", bin_dir=Non
                             f"{ids[:12]}...")
         # The full logits (llama-cpp-python) are the logits site; llama-debug's printed last row is the same
         # quantity from the other binary (tests/test_other_llamacpp.py checks that they agree).
-        dump.summaries.pop("logits", None)
+        if "logits" in cap.arrays:
+            dump.summaries.pop("logits", None)
         cap.summaries.update(dump.summaries)
         cap.notes += dump.notes
     return cap
 
 
-# ------------------------------------------------------------------------------------------------ dump files
-
-
-def scheme_llamacpp(name: str, array, cfg: Config, *, T: int | None = None) -> list[tuple[str, object]]:
-    """A dump file's tensor named in llama.cpp's graph scheme -> [(refprism site, array or Summary)], [] if unmapped.
-
-    The array is the tensor's memory as NumPy sees it: dimensions in reverse ne order (ggml's [ne0=D, ne1=T] is a
-    [T, D] array), possibly with leading axes of 1 (ne[3], ne[2]). A name repeated in llama.cpp's graph means its
-    last tensor: "Qcur-l" as [T, N*H] is the projection (attn.q_pre), as [T, N, H] the one after RoPE (attn.q).
-    kq / kq_soft_max come as [N, T, cells] and keep the first T cells (the prompt's positions). When T (the
-    prompt's length) is given, a tensor with fewer rows (llama.cpp's cut last layer) comes back as a Summary of
-    the last rows. Gemma 2's layerless "ffn_post_norm" cannot be placed: []. A scheme name of the wrong shape is
-    InputError.
-    """
-    tag, layer = _split(name)
-    probe = place(tag, None, 2, cfg)
-    if probe is None:
-        return []
-    a = np.asarray(array)
-    while a.ndim > 3 and a.shape[0] == 1:  # ne[3] = 1
-        a = a[0]
-    if tag in ("Qcur", "Kcur", "Vcur"):
-        heads = cfg.n_heads if tag == "Qcur" else cfg.n_kv_heads
-        if a.ndim == 3 and a.shape[1:] != (heads, cfg.d_head) and a.shape[0] == 1:
-            a = a[0]  # [1, T, N*H]: the projection with its ne[2] = 1
-    elif len(probe[1].split()) == 2:
-        while a.ndim > 2 and a.shape[0] == 1:
-            a = a[0]
-    site_end, layout = place(tag, None, a.ndim, cfg)
-    is_global = site_end in GLOBAL_SITES
-    if (layer is None) != is_global or (layer is not None and not 0 <= layer < cfg.n_layers):
-        return []
-    site = site_end if is_global else f"blocks.{layer}.{site_end}"
-    axes = layout.split()[::-1]  # NumPy order: slowest first
-    if a.ndim != len(axes):
-        raise InputError(f"{name}: {a.ndim} axes {list(a.shape)}, but llama.cpp's {tag} is [{', '.join(axes)}]")
-    n_rows = a.shape[axes.index("T")]
-    sizes = {**_sizes(cfg, n_rows), "S": n_rows}
-    expect = [None if ax in ("T", "S") else int(np.prod([sizes[c] for c in ax])) for ax in axes]
-    if any(e is not None and e != n for e, n in zip(expect, a.shape)):
-        shown = ", ".join(ax if e is None else str(e) for ax, e in zip(axes, expect))
-        raise InputError(f"{name}: shape {list(a.shape)}, but llama.cpp's {tag} for this model is [{shown}]")
-    if "S" in axes:  # [N, T, cells]: the first T cells hold the prompt's positions
-        if a.shape[2] < n_rows:
-            raise InputError(f"{name}: {a.shape[2]} KV cells for {n_rows} positions")
-        a = a[:, :, :n_rows]
-    flat = [c for ax in axes for c in ax]  # "NH" -> N, H (n major)
-    letters = SITE_LETTERS[site_end]
-    a = a.reshape([sizes[c] for c in flat]).transpose([flat.index(c) for c in letters])
-    if T is not None and n_rows < T:
-        rows = tuple(range(T - n_rows, T))  # llama.cpp keeps the output rows: the last positions
-        elements = {(rows[idx[0]], *idx[1:]): float(v) for idx, v in np.ndenumerate(a)}
-        return [(site, Summary(shape=(T, *a.shape[1:]), elements=elements, total=float(a.sum(dtype=np.float64)),
-                               rows=rows))]
-    also = [entering for entering, same in _entering(cfg) if same == site]  # the next layer's resid_pre
-    return [(site, a)] + [(entering, a) for entering in also]

@@ -1,0 +1,233 @@
+"""Attribution methods (refprism/gradients/attribution.py) against patching and against torch autograd.
+
+- Integrated gradients of one component converge to its patched total effect at the midpoint rule's rate:
+  err(k) / err(2k) -> 4 (we require 3 .. 5 on components whose error is well above rounding).
+- AtP with the true gradient equals the AtP computed from torch autograd on HF's model (float64, HF patched to
+  float64 as in test_gradients_hf.py), noising and denoising, on every level: 1e-9 relative (the gradients agree
+  to ~1e-10, the activation changes to ~1e-12).
+- gradxact is AtP with the zero (or mean) replacement; GradDrop of a last-layer MLP is |AtP|.
+"""
+
+import numpy as np
+import pytest
+import torch
+from hf_reference import load_hf
+from test_gradients_hf import hf_sites
+
+import refprism
+from refprism.errors import InputError
+from refprism.gemma import ops
+from refprism.gradients.attribution import attribute
+from refprism.interventions import validate
+
+
+def _ids(model, seed, T=9):
+    return [int(i) for i in np.random.default_rng(seed).integers(0, model.config.vocab_size, T)]
+
+
+@pytest.fixture(scope="module")
+def gemma2(checkpoint):
+    return refprism.load(checkpoint("tiny-gemma2"), dtype="float64")
+
+
+def test_integrated_gradients_converge_to_the_total_effect_as_one_over_k_squared(gemma2):
+    ids = _ids(gemma2, 1)
+    v = validate(gemma2, ids, level="residual", targets=["#5"], versus=["#3"], faithfulness=False)
+    errs = {k: np.abs(attribute(gemma2, ids, method="ig", level="residual", targets=["#5"], versus=["#3"],
+                                steps=k).values - v.total)[:, 0] for k in (8, 16, 32)}
+    checked = 0
+    for c, label in enumerate(v.labels):
+        # embed: zeroing it passes the path through resid_pre[p] = 0, where rms_norm's gradient is ~1 / sqrt(eps):
+        # the midpoint rule reaches its 1/k^2 regime only for k >> |x| / sqrt(eps) (measured: no decrease to k = 32)
+        if label == "embed" or errs[32][c] < 1e-8:
+            continue
+        for k in (8, 16):
+            ratio = errs[k][c] / errs[2 * k][c]
+            assert 3.0 <= ratio <= 5.0, f"{label}: err({k}) / err({2 * k}) = {ratio:.3f}"
+        checked += 1
+    assert checked >= 4
+    assert errs[32][1:].max() < 1e-3 * np.abs(v.total).max()
+
+
+def test_gradxact_is_atp_with_the_zero_replacement_and_not_the_total(gemma2):
+    ids = _ids(gemma2, 2)
+    for level in ("heads", "neurons:1", "head-source:0"):
+        gx = attribute(gemma2, ids, method="gradxact", level=level, targets=["#5"])
+        atp = attribute(gemma2, ids, method="atp", level=level, targets=["#5"])
+        np.testing.assert_array_equal(gx.values, atp.values)
+        assert gx.cost == {**gx.cost, "forward": 1, "backward": 1}
+    mean = attribute(gemma2, ids, method="gradxact", level="heads", targets=["#5"], ablate="mean")
+    zero = attribute(gemma2, ids, method="gradxact", level="heads", targets=["#5"])
+    assert np.abs(mean.values - zero.values).max() > 1e-3  # the mean replacement is not zero
+    v = validate(gemma2, ids, level="heads", targets=["#5"], faithfulness=False)
+    assert np.abs(zero.values - v.total).max() > 1e-3  # a linearisation, not the patched effect
+
+
+def test_graddrop_of_a_last_layer_mlp_is_the_absolute_atp(gemma2):
+    ids, cf = _ids(gemma2, 3), _ids(gemma2, 4)
+    kw = dict(level="neurons:2", targets=["#5"], versus=["#3"], ablate="resample", counterfactual=cf)
+    gd = attribute(gemma2, ids, method="atp-gd", **kw)
+    atp = attribute(gemma2, ids, method="atp", **kw)
+    np.testing.assert_allclose(gd.values, np.abs(atp.values), rtol=1e-12)
+    assert gd.cost["backward"] == gemma2.config.n_layers
+    early = dict(kw, level="neurons:0")
+    assert np.abs(attribute(gemma2, ids, method="atp-gd", **early).values
+                  - np.abs(attribute(gemma2, ids, method="atp", **early).values)).max() > 1e-6
+
+
+def _torch_atp(hf, model, run_base, run_other, level, coef, tids, p, sign):
+    """AtP from torch autograd on HF: sign * sum_t grad(c)[t] . (c_base[t] - c_other[t]) at t = p, with the
+    gradient of the readout in HF's model at the base run and both activations read from HF's own tensors."""
+    cfg = model.config
+    base = hf_sites(hf, cfg.model_type, run_base.record["embed"])
+    with torch.no_grad():
+        other = hf_sites(hf, cfg.model_type, run_other.record["embed"])
+    raw = base["logits_uncapped" if cfg.final_softcap is not None else "logits"][0, p]
+    (torch.tensor(coef[0]) * raw[tids]).sum().backward()
+    kv = ops.kv_index(cfg.n_heads, cfg.n_kv_heads)
+
+    def z(sites, l):
+        return sites[f"blocks.{l}.attn.z"][0].detach().numpy()  # [N, T, H]
+
+    out = []
+    kind, _, arg = level.partition(":")
+    L = cfg.n_layers
+    if kind == "residual":
+        names = ["embed"] + [f"blocks.{l}.{k}.out" for l in range(L) for k in ("attn", "mlp")]
+        for n in names:
+            grad = base[n].grad[0, p].numpy()
+            out.append(grad @ (base[n][0, p].detach().numpy() - other[n][0, p].detach().numpy()))
+    elif kind == "heads":
+        for l in range(L):
+            grad = base[f"blocks.{l}.attn.z"].grad[0, :, p].numpy()  # [N, H]
+            out += list(np.sum(grad * (z(base, l)[:, p] - z(other, l)[:, p]), axis=-1))
+    elif kind == "head-source":
+        l = int(arg)
+        grad = base[f"blocks.{l}.attn.z"].grad[0, :, p].numpy()  # [N, H]
+
+        def terms(sites):
+            pattern = sites[f"blocks.{l}.attn.pattern"][0, :, p, : p + 1].detach().numpy()  # [N, S]
+            v = sites[f"blocks.{l}.attn.v"][0].detach().numpy().reshape(-1, cfg.n_kv_heads, cfg.d_head)[: p + 1]
+            return pattern[..., None] * v[:, kv].transpose(1, 0, 2)  # [N, S, H]
+
+        out += list(np.einsum("nh,nsh->ns", grad, terms(base) - terms(other)).ravel())
+    else:
+        l = int(arg)
+        name = f"blocks.{l}.mlp.act"
+        change = base[name][0, p].detach().numpy() - other[name][0, p].detach().numpy()
+        out += list(base[name].grad[0, p].numpy() * change)
+    return sign * np.asarray(out)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gemma2", "tiny-gemma3"])
+@pytest.mark.parametrize("direction", ["noising", "denoising"])
+def test_atp_equals_torch_autograd_atp(checkpoint, preset, direction):
+    model = refprism.load(checkpoint(preset), dtype="float64")
+    hf = load_hf(checkpoint(preset), "float64")
+    ids, cf = _ids(model, 5), _ids(model, 6)
+    clean, corrupt = model.run(ids), model.run(cf)
+    base, other = (clean, corrupt) if direction == "noising" else (corrupt, clean)
+    for level in ("residual", "heads", "head-source:1", "neurons:0"):
+        a = attribute(model, clean, method="atp", level=level, targets=["#5"], versus=["#3"], ablate="resample",
+                      counterfactual=corrupt, direction=direction)
+        tids, coef = a.setting.readout.targets.coefficients(np.float64)
+        ref = _torch_atp(hf, model, base, other, level, coef, tids, a.setting.position,
+                         1 if direction == "noising" else -1)
+        scale = np.abs(ref).max()
+        assert scale > 1e-3
+        assert np.abs(a.values[:, 0] - ref).max() <= 1e-9 * scale, (level, np.abs(a.values[:, 0] - ref).max())
+
+
+def test_attribute_refuses_bad_arguments(gemma2):
+    ids = _ids(gemma2, 7)
+    for kwargs, text in [({"method": "eap"}, "method 'eap'"),
+                         ({"method": "atp*"}, "needs --level heads"), ({"method": "ig", "steps": 0}, "steps"),
+                         ({"method": "gradxact", "ablate": "resample", "counterfactual": ids}, "gradxact"),
+                         ({"level": "layers"}, "not a level")]:
+        with pytest.raises(InputError, match=text):
+            attribute(gemma2, ids, **kwargs)
+
+
+def test_validate_methods_sets_each_method_beside_the_totals(gemma2):
+    from refprism.gradients.attribution import validate_methods
+    from refprism.interventions.agreement import agreement
+
+    ids, cf = _ids(gemma2, 8), _ids(gemma2, 9)
+    kw = dict(level="heads", targets=["#5"], versus=["#3"], ablate="resample", counterfactual=cf,
+              direction="denoising")
+    r = validate_methods(gemma2, ids, methods=["atp", "ig"], steps=4, faithfulness=False, **kw)
+    v = r.validation
+    alone = attribute(gemma2, ids, method="atp", **kw)
+    assert r.methods["atp"].labels == v.labels
+    np.testing.assert_allclose(r.methods["atp"].values, alone.values, rtol=1e-12)
+    assert r.agreement("ig") == agreement(r.methods["ig"].values[:, 0], v.total[:, 0], v.agreement["k"])
+    assert np.abs(r.methods["ig"].values - v.total).max() < np.abs(alone.values - v.total).max()
+    j = r.to_json()
+    assert set(j["methods"]) == {"atp", "ig", "prism"} and j["direction"] == "denoising"
+    assert all("atp" in c and "ig" in c for c in j["components"])
+    assert j["methods"]["ig"]["cost"]["forward"] > j["methods"]["atp"]["cost"]["forward"]
+
+
+def test_cli_attribute_and_validate_methods(checkpoint, capsys):
+    import json
+
+    from refprism import cli
+
+    d = str(checkpoint("tiny-gemma3"))
+    args = ["--model", d, "--ids", "2,5,7,9,11,13", "--level", "heads", "--ablate", "zero", "--targets", "#5"]
+    assert cli.main(["attribute", *args, "--method", "atp", "--method", "gradxact", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["components"][0]["label"] == "L0H0" and set(out["methods"]) == {"atp", "gradxact"}
+    assert out["components"][0]["atp"] == out["components"][0]["gradxact"]
+    assert cli.main(["validate", *args, "--methods", "atp", "--no-faithfulness"]) == 0
+    assert "each method's agreement" in capsys.readouterr().out
+    assert cli.main(["attribute", *args, "--method", "eap"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("refprism: error: method 'eap'") and "\n" not in err
+
+
+def test_atp_star_qk_fix_against_brute_force_and_its_linear_limit(gemma2):
+    """atp* (heads, resample): each part recomputed by brute force here (the pattern row softmaxed again with the
+    other run's query, and with each other-run key alone), and as the other run approaches the clean one, atp*
+    and atp agree to second order: |atp* - atp| / |atp| shrinks in proportion to the change."""
+    model, cfg = gemma2, gemma2.config
+    ids = _ids(model, 10)
+    clean = model.run(ids)
+    d = np.random.default_rng(0).standard_normal(clean.record["embed"].shape)
+
+    def nearby(eps):
+        return model.run(ids, edit=lambda name, v, r: v + eps * d if name == "embed" else v)
+
+    other = nearby(1.0)
+    kw = dict(level="heads", targets=["#5"], versus=["#3"], ablate="resample")
+    star = attribute(model, clean, method="atp*", counterfactual=other, **kw)
+    p, l, n = star.setting.position, 1, 2  # one head checked by brute force: layer 1 (full), head 2
+    b = f"blocks.{l}."
+    from refprism.gradients.backward import gradients
+
+    g_z = gradients(model, clean, targets=star.setting.readout.targets, position=p).record[b + "attn.z"][:, p, n]
+    j = ops.kv_index(cfg.n_heads, cfg.n_kv_heads)[n]
+    q, k, v = (clean.record[b + x][:, [n if x == "attn.q" else j]] for x in ("attn.q", "attn.k", "attn.v"))
+    q2, k2, v2 = (other.record[b + x][:, [n if x == "attn.q" else j]] for x in ("attn.q", "attn.k", "attn.v"))
+    scale = cfg.query_pre_attn_scalar ** -0.5
+
+    def row(qq, kk):
+        return ops.causal_softmax(ops.attention_scores(qq, kk, scale), cap=cfg.attn_softcap)[0, p]  # [S]
+
+    A = row(q, k)
+    dz = A @ (v[:, 0] - v2[:, 0])  # the value part's change of z (clean minus other)
+    dz -= (row(q2, k) - A) @ v[:, 0]
+    for s in range(p + 1):
+        k_s = k.copy()
+        k_s[s] = k2[s]
+        dz -= (row(q, k_s) - A) @ v[:, 0]
+    expected = g_z @ dz  # [Z]
+    np.testing.assert_allclose(star.values[star.labels.index(f"L{l}H{n}")], expected, rtol=1e-10)
+
+    gaps = []
+    for eps in (1e-2, 1e-3):
+        o = nearby(eps)
+        a1 = attribute(model, clean, method="atp*", counterfactual=o, **kw).values
+        a0 = attribute(model, clean, method="atp", counterfactual=o, **kw).values
+        gaps.append(np.abs(a1 - a0).max() / np.abs(a0).max())
+    assert 5 < gaps[0] / gaps[1] < 20, gaps  # O(eps): 10x smaller for a 10x smaller change

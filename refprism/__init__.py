@@ -15,10 +15,11 @@ from refprism.errors import AccessError, CheckpointError, ConfigError, InputErro
 from refprism.gemma.config import Config
 from refprism.gemma.forward import forward, forward_packed
 from refprism.gemma.record import RECORD_TABLE, Record
+from refprism.graphs import graph
 from refprism.interventions import patch, validate
 from refprism.model import Model, Run, load
 
-__all__ = ["compare", "patch", "validate", "Config", "Model", "Run", "Record", "RECORD_TABLE", "load", "forward",
-           "forward_packed", "RefprismError", "ConfigError", "CheckpointError", "AccessError", "InputError",
+__all__ = ["compare", "graph", "patch", "validate", "Config", "Model", "Run", "Record", "RECORD_TABLE", "load",
+           "forward", "forward_packed", "RefprismError", "ConfigError", "CheckpointError", "AccessError", "InputError",
            "OutputError"]
 __version__ = "0.1.0"

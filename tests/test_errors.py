@@ -32,7 +32,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import refprism
-from refprism import cli, interventions, prisms, report
+from refprism import cli, graphs, interventions, prisms, report
 from refprism.errors import AccessError, CheckpointError, ConfigError, InputError, RefprismError
 
 HERE = Path(__file__).resolve().parent
@@ -840,6 +840,14 @@ CASES = [
          lambda t, ctx: interventions.validate(refprism.load(t), PROMPT, level="neurons:x"),
          prism("validate", "--level", "neurons:x", "--ablate", "zero"),
          r"--level 'neurons:x': the layer after ':' is a number, e\.g\. neurons:3", InputError),
+    Case("graph-batch-size-zero", lambda ctx: ctx.good(),
+         lambda t, ctx: graphs.graph(refprism.load(t), PROMPT, batch_size=0),
+         ("graph", PROMPT, "--model", "{model}", "--batch-size", "0", "--out", "{out}/graph.json"),
+         r"max_nodes >= 0, batch_size, update_interval and explore_k >= 1 are required", InputError),
+    Case("graph-versus-without-targets", lambda ctx: ctx.good(),
+         lambda t, ctx: graphs.graph(refprism.load(t), PROMPT, versus=["#3"]),
+         ("graph", PROMPT, "--model", "{model}", "--versus", "#3", "--out", "{out}/graph.json"),
+         r"versus needs targets", InputError),
     Case("validate-seed-negative", lambda ctx: ctx.good(),
          lambda t, ctx: interventions.validate(refprism.load(t), PROMPT, level="heads", seed=-1),
          prism("validate", "--level", "heads", "--ablate", "zero", "--seed=-1"),

@@ -351,6 +351,12 @@ VALUES.update({  # the interventions' options (patch, validate)
     "--method": st.sampled_from(["gradxact", "atp", "atp*", "atp-gd", "ig", "eap", ""]) | texts,  # attribute
     "--methods": st.sampled_from(["atp", "atp,ig", "gradxact,atp-gd", "", ",", "eap"]) | texts,  # validate
     "--steps": numbers,
+    "--llama-cpp": st.sampled_from(["absent", ".", ""]) | texts,  # compare: a llama.cpp build (refused without one)
+    # graph
+    "--max-nodes": numbers, "--batch-size": numbers, "--slug": texts,
+    "--node-threshold": st.sampled_from(["0.8", "1.5", "-0.1", "nan", "x"]) | numbers | texts,
+    "--edge-threshold": st.sampled_from(["0.98", "2", "-1", "inf"]) | numbers | texts,
+    "--check": st.sampled_from(["zero", "mean", "resample"]) | texts,
 })
 for _opt in ("--top", "--top-k", "--position", "--layer", "--head", "--source", "--neuron", "--depth",
              "--branch", "--budget", "--seed"):
@@ -387,6 +393,10 @@ GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads,
     "--seed": st.integers(0, 5).map(str),
     "--method": st.sampled_from(["gradxact", "atp", "atp*", "atp-gd", "ig"]),
     "--methods": st.sampled_from(["atp", "gradxact,atp-gd", "ig"]), "--steps": st.integers(1, 2).map(str),
+    "--llama-cpp": st.just("absent"),
+    "--max-nodes": st.integers(0, 400).map(str), "--batch-size": st.integers(1, 300).map(str),
+    "--slug": st.just("g"), "--node-threshold": st.sampled_from(["0.8", "0.5", "1.0"]),
+    "--edge-threshold": st.sampled_from(["0.98", "0.9"]), "--check": st.sampled_from(["zero", "mean"]),
 }
 
 

@@ -6,6 +6,7 @@
     compare_cmds.py compare
     sweep_cmds.py sweep
     intervene_cmds.py patch, validate
+    graph_cmds.py graph
     common.py    the shared prompt arguments, loading, one-line errors and printing
 
 Errors: one line `refprism: error: ...` on stderr and exit status 2 (bad input; exit 1 for a failed write or a
@@ -20,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
-from refprism.cli import basic, compare_cmds, intervene_cmds, prism_cmds, report_cmds, sweep_cmds
+from refprism.cli import basic, compare_cmds, graph_cmds, intervene_cmds, prism_cmds, report_cmds, sweep_cmds
 from refprism.cli.common import (  # noqa: F401
     _check_plot_path,
     _check_text_args,
@@ -32,7 +33,7 @@ from refprism.cli.common import (  # noqa: F401
 )
 from refprism.errors import RefprismError
 
-GROUPS = (basic, prism_cmds, intervene_cmds, compare_cmds, sweep_cmds, report_cmds)
+GROUPS = (basic, prism_cmds, intervene_cmds, graph_cmds, compare_cmds, sweep_cmds, report_cmds)
 
 
 def build_parser() -> _Parser:

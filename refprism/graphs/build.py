@@ -1,0 +1,475 @@
+"""Attribution graphs in the neuron basis: exact, with no error nodes.
+
+**Nodes** (circuit-tracer's order): MLP neurons (l, t, n), remainder nodes (l, t) when not every neuron is explored,
+token embeddings (t), logits. A neuron's value is act = gelu(gate) up, its input is up = ln2.out . W_up[:, n]
+with the ln2 scale frozen; an embedding's output is embed[t] = E[token] sqrt(D); a logit's input is its readout.
+
+**Edges** are direct linear effects under the full freeze: every norm scale, attention pattern and gelu(gate) factor
+held at the run's values (gradients.FREEZABLE), and every other MLP held (a path through another neuron is two
+edges of the graph, not one). Under that freeze Gemma has no biases and is linear, so
+
+    input_i = sum_j A_ij,     A_ij = a_j (d_j . g_i(site_j))        exactly (float64 1e-10)
+
+with a_j the source's value, d_j its output vector at its site (W_down[n] through the frozen post-norm for a
+neuron, embed[t] for an embedding) and g_i the gradient of target i's input, from one backward pass of the gradients
+package (gradients.backward, frozen, every MLP and the attention after the target's layer dropped) that computes
+the rows of every target at one (layer, position) at once. Attention lives on the edges: an edge sums the paths
+through every head of every layer between its ends (edge_heads splits it per head and source token).
+
+**What the freeze leaves out**, by construction: the gate path (a neuron's input changes gelu(gate) too; the graph
+reads only its up projection), and the query/key path (a source changes where later heads look; the graph holds
+every pattern). Both are second-order in circuit-tracer's sense too, which detaches the same factors.
+
+**Explored neurons.** With more neurons than `max_nodes`, they are explored in influence order as circuit-tracer
+explores its features: the logit rows first, then repeatedly the unexplored neurons of highest influence through the
+rows computed so far (queues of update_interval x batch_size), until max_nodes are explored. The exploration ranks
+by each row's `explore_k` largest |edges| (its normaliser is the row's exact |A_i.| sum, so truncation only lowers
+an influence). The final rows are then recomputed exactly over the explored neurons; what the unexplored neurons of
+layer l at position t send to a row is one remainder node {l}_-1_{t} (circuit-tracer's error-node slot), so every
+row still sums to its input.
+Axis letters as in ops.py; Z target rows of one backward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from refprism import prisms as P
+from refprism.errors import InputError
+from refprism.gemma import ops
+from refprism.gradients.backward import FREEZABLE, Seed, _layer_source, backward
+from refprism.graphs import prune as _prune
+from refprism.model import Run
+
+KINDS = ("neuron", "remainder", "embed", "logit")
+
+
+@dataclass
+class Graph:
+    """An attribution graph: nodes in circuit-tracer's order, the adjacency as sparse rows.
+
+    kind [N] (KINDS), layer [N] (embed -1, logit L), index [N] (neuron id, token id; -1 for a remainder),
+    position [N], activation [N] (neurons: act; logits: the readout; else nan), input [N] (neurons: up, logits:
+    the readout; nan for sources). rows, cols, values [E]: A[rows, cols] = values, target <- source.
+    logit_weights [n_logits]: the logit probabilities (or 1/Z for given targets) that seed the influence.
+    """
+
+    model: object = field(repr=False)
+    run: Run = field(repr=False)
+    prompt: str
+    kind: np.ndarray
+    layer: np.ndarray
+    index: np.ndarray
+    position: np.ndarray
+    activation: np.ndarray
+    input: np.ndarray
+    rows: np.ndarray = field(repr=False)
+    cols: np.ndarray = field(repr=False)
+    values: np.ndarray = field(repr=False)
+    logit_weights: np.ndarray
+    logit_labels: list
+    logit_u: np.ndarray = field(repr=False)  # [n_logits, D] the readout rows at the final residual
+    readout: str  # "demeaned" (circuit-tracer's) or "targets"
+    explored: int  # neurons explored (= max_nodes or all)
+    n_neurons: int  # neurons in the model x positions
+    passes: int  # backward passes
+    batch_rows: int = 0  # the largest number of rows of one pass
+    read_at: int = -1  # the readout's position p
+
+    @property
+    def counts(self) -> tuple:
+        return tuple(int((self.kind == k).sum()) for k in KINDS)
+
+    @property
+    def n(self) -> int:
+        return len(self.kind)
+
+    @property
+    def weights(self) -> np.ndarray:
+        w = np.zeros(self.n)
+        w[self.kind == "logit"] = self.logit_weights
+        return w
+
+    def label(self, i) -> str:
+        """refprism's label of node i: L{l}N{n}@{t}, L{l}.rest@{t}, E@{t}, or the logit's label."""
+        k, l, t = self.kind[i], int(self.layer[i]), int(self.position[i])
+        if k == "neuron":
+            return f"L{l}N{int(self.index[i])}@{t}"
+        if k == "remainder":
+            return f"L{l}.rest@{t}"
+        if k == "embed":
+            return f"E@{t}"
+        return self.logit_labels[int(i - np.flatnonzero(self.kind == "logit")[0])]
+
+    def incoming(self, i):
+        """(sources [k], edges [k]) of node i."""
+        m = self.rows == i
+        return self.cols[m], self.values[m]
+
+    def pruned(self, node_threshold=0.8, edge_threshold=0.98) -> _prune.Pruned:
+        """circuit-tracer's pruning of this graph (prune.prune): node and edge masks, cumulative influence."""
+        return _prune.prune(self.rows, self.cols, self.values, self.weights, self.counts,
+                            node_threshold=node_threshold, edge_threshold=edge_threshold)
+
+    def scores(self) -> tuple[float, float]:
+        """circuit-tracer's (replacement, completeness), the remainder nodes in the error nodes' role: both 1 when
+        every neuron is explored (no error and no remainder: the graph is exact)."""
+        return _prune.scores(self.rows, self.cols, self.values, self.weights, self.counts)
+
+    def row_sums(self) -> np.ndarray:
+        """sum_j A_ij for every node [N] (0 for the sources)."""
+        return np.bincount(self.rows, weights=self.values, minlength=self.n)
+
+
+def graph(model, prompt, *, position=-1, targets=None, versus=(), max_nodes=7500, batch_size=256,
+          update_interval=4, explore_k=4096, desired_prob=0.95, max_logits=10) -> Graph:
+    """The attribution graph of the prediction at `position`, in the neuron basis (the module docstring).
+
+    targets, versus: None for circuit-tracer's logit nodes (top tokens by probability until desired_prob
+             cumulative, at most max_logits; each read through the demeaned unembedding E[t] - mean_v E[v], pre-cap);
+             or the prisms' targets and foils (rows E[t] - mean_f E[f], pre-cap; each weighted 1/Z)
+    max_nodes: neurons explored at most (influence order); batch_size: rows of one backward pass at most
+    Math:   rows of the targets at (l, t): u_n = W_up[:, n] (1 + w_ln2) / s_ln2[t] at resid_mid_l[t];
+            logits: u = (E[t] - mean) (1 + w_final) / s_final[p] at the final residual
+    Shapes: -> Graph with N nodes and E edges
+    """
+    cfg = model.config
+    if max_nodes < 0 or batch_size < 1 or update_interval < 1 or explore_k < 1:
+        raise InputError("max_nodes >= 0, batch_size, update_interval and explore_k >= 1 are required")
+    run = prompt if isinstance(prompt, Run) else model.run(prompt)
+    if run.record.selection is not None:
+        raise InputError("a graph reads every site of the run: run the prompt with a full record")
+    text = prompt if isinstance(prompt, str) else "".join(run.pieces)
+    p = P.resolve_position(run, position)
+    ctx = _Context(model, run, p, batch_size)
+    u, labels, weights, kind, ids = _logit_rows(model, run, p, targets, versus, desired_prob, max_logits)
+    L, T, F = cfg.n_layers, p + 1, cfg.d_mlp  # positions after p never reach the readout
+    total = L * T * F
+    if max_nodes >= total:
+        explored = np.ones((L, T, F), bool)
+    else:
+        explored = _explore(ctx, u, weights, max_nodes, update_interval, explore_k)
+    return _assemble(ctx, text, explored, u, labels, weights, (kind, ids))
+
+
+# ------------------------------------------------------------------------------------------------- logit nodes
+
+
+def _logit_rows(model, run, p, targets, versus, desired_prob, max_logits):
+    """The logit nodes' readout rows u [Z, D] at the final residual, labels, weights and the readout's kind.
+
+    Math:   circuit-tracer: probs = softmax(capped logits[p]); the top tokens until their cumulative probability
+            reaches desired_prob (at most max_logits); u_t = (E[t] - mean_v E[v]) (1 + w_final) / s_final[p]
+            targets: u_z = (E[t_z] - mean_f E[f]) (1 + w_final) / s_final[p]  (prisms.logits_readout)
+    """
+    cfg, params = model.config, model.params
+    if targets is None:
+        if versus:
+            raise InputError("versus needs targets")
+        z = run.record["logits"][p] - run.record["logits"][p].max()
+        probs = np.exp(z) / np.exp(z).sum()
+        top = np.argpartition(-probs, min(max_logits, len(probs) - 1))[:max_logits]
+        top = top[np.argsort(-probs[top], kind="stable")]
+        cut = int(np.searchsorted(np.cumsum(probs[top]), desired_prob)) + 1
+        ids = top[: min(cut, max_logits)]
+        mean = _mean_embedding(params, cfg.vocab_size)
+        rows = params.embed_rows(ids) - mean[None]
+        scale = (1 + params.ln_final) / run.record["ln_final.scale"][p]
+        labels = [f'Output "{model.piece(int(i))}" (p={probs[i]:.3f})' for i in ids]
+        return rows * scale, labels, probs[ids], "demeaned", ids
+    readout = P.logits_readout(model, run, targets, position=p, versus=versus)
+    ids = np.array([t.id for t in readout.targets.targets])
+    Z = len(readout.u)
+    return readout.u, readout.targets.labels, np.full(Z, 1.0 / Z), "targets", ids
+
+
+def _mean_embedding(params, V, chunk=16384) -> np.ndarray:
+    """mean_v E[v] [D], summed in row chunks (never the whole E converted at once in low-memory mode)."""
+    total = None
+    for a in range(0, V, chunk):
+        s = params.embed_rows(np.arange(a, min(V, a + chunk))).sum(axis=0)
+        total = s if total is None else total + s
+    return total / V
+
+
+# ------------------------------------------------------------------------------------------------- rows
+
+
+class _Context:
+    """The run's values the rows read, and the backward's source of forward values."""
+
+    def __init__(self, model, run, p, batch_size):
+        self.model, self.run, self.p, self.batch = model, run, p, batch_size
+        self.cfg = model.config
+        self.layers = _layer_source(model, run, p)
+        self.passes = 0
+        self.most = 0
+        self.T = p + 1
+        rec = run.record
+        self.act = [np.asarray(rec[f"blocks.{l}.mlp.act"]) for l in range(self.cfg.n_layers)]  # once: a Lazy
+        self.up = [np.asarray(rec[f"blocks.{l}.mlp.up"]) for l in range(self.cfg.n_layers)]  # recomputes per read
+        self.post = [((1 + model.params.get(l, "ln2_post"))[None, :] / rec[f"blocks.{l}.ln2_post.scale"][:, None])
+                     if self.cfg.post_norms else None for l in range(self.cfg.n_layers)]
+
+    def rows(self, l, t, u):
+        """Target rows at (layer l, position t) [l = L: the final residual], in passes of at most batch rows.
+
+        Yields per source layer l' < l (or -1 for the embeddings): edges [Z, t+1, F] (embeddings: [Z, t+1]).
+        Math:   g = the frozen gradient of u . resid_mid_l[t] (MLPs dropped, attention after l dropped)
+                A[z, (l', s, n)] = act_l'[s, n] (W_down[n] . g_l'[z, s] (1 + w_post) / s_post[s])
+                A[z, E@s] = embed[s] . g_embed[z, s]
+        """
+        cfg, run = self.cfg, self.run
+        L = cfg.n_layers
+        drop = frozenset({(m, "mlp") for m in range(L)} | {(m, "attn") for m in range(l + 1, L)})
+        out = {m: [] for m in range(-1, l)}
+        for a in range(0, len(u), self.batch):
+            chunk = u[a: a + self.batch]
+            g = backward(self.model, self.layers, Seed(None, chunk, {}), t, freeze=frozenset(FREEZABLE),
+                         drop=drop, keep=["embed"] + [f"blocks.{m}.mlp.out" for m in range(l)])
+            self.passes += 1
+            self.most = max(self.most, len(chunk))
+            out[-1].append(np.einsum("zsd,sd->zs", g["embed"][:, : t + 1], run.record["embed"][: t + 1]))
+            for m in range(l):
+                out[m].append(self.neuron_edges(m, g[f"blocks.{m}.mlp.out"][:, : t + 1]))
+            del g
+        return {m: np.concatenate(v) for m, v in out.items()}
+
+    def neuron_edges(self, m, g_out):
+        """[Z, S, D] gradients at mlp.out of layer m -> [Z, S, F] edges from its neurons (post-norm frozen)."""
+        S = g_out.shape[1]
+        if self.post[m] is not None:
+            g_out = g_out * self.post[m][None, :S]
+        return self.act[m][None, :S] * (g_out @ self.model.params.get(m, "W_down").T)
+
+    def neuron_rows(self, l, t, n):
+        """u [Z, D] of neurons n of layer l at position t: u . resid_mid_l[t] = up[t, n] (ln2 scale frozen)."""
+        params, rec = self.model.params, self.run.record
+        scale = (1 + params.get(l, "ln2")) / rec[f"blocks.{l}.ln2.scale"][t]
+        return (params.get(l, "W_up")[:, n] * scale[:, None]).T
+
+
+# ------------------------------------------------------------------------------------------------- exploration
+
+
+def _explore(ctx, u_logits, weights, max_nodes, update_interval, explore_k) -> np.ndarray:
+    """circuit-tracer's influence-ordered exploration: which neurons get rows (the module docstring).
+
+    Shapes: -> explored [L, T, F] bool
+    """
+    cfg = ctx.cfg
+    L, T, F = cfg.n_layers, ctx.T, cfg.d_mlp
+    n_flat = L * T * F
+    explored = np.zeros(n_flat, bool)
+    row_node, row_w, ent_row, ent_col, ent_val = [], [], [], [], []
+
+    def add(rows, nodes, w0):
+        """Keep each row's explore_k largest |edges| over the neurons, normalised by its exact |row| sum."""
+        l_max = max(m for m in rows) + 1
+        Z = len(nodes)
+        absum = np.abs(rows[-1]).sum(axis=1)
+        cand_c, cand_v = [], []
+        for m in range(l_max):
+            e = np.abs(rows[m].reshape(Z, -1))  # [Z, S*F], column s * F + n
+            absum += e.sum(axis=1)
+            k = min(explore_k, e.shape[1])
+            idx = np.argpartition(-e, k - 1, axis=1)[:, :k] if k < e.shape[1] else np.broadcast_to(
+                np.arange(e.shape[1]), (Z, e.shape[1]))
+            cand_c.append(m * T * F + idx)
+            cand_v.append(np.take_along_axis(e, idx, axis=1))
+        c, v = np.concatenate(cand_c, axis=1), np.concatenate(cand_v, axis=1)
+        if c.shape[1] > explore_k:
+            idx = np.argpartition(-v, explore_k - 1, axis=1)[:, :explore_k]
+            c, v = np.take_along_axis(c, idx, axis=1), np.take_along_axis(v, idx, axis=1)
+        first = len(row_node)
+        row_node.extend(nodes)
+        row_w.extend(w0)
+        ent_row.append(np.repeat(np.arange(first, first + Z, dtype=np.int32), c.shape[1]))
+        ent_col.append(c.ravel().astype(np.int32))
+        ent_val.append((v / np.maximum(absum, 1e-10)[:, None]).ravel().astype(np.float32))  # a ranking only
+
+    add(ctx.rows(L, ctx.p, u_logits), [-1] * len(u_logits), list(weights))
+    n_done = 0
+    while n_done < max_nodes:
+        infl = _partial_influence(np.array(row_node), np.array(row_w), np.concatenate(ent_row),
+                                  np.concatenate(ent_col), np.concatenate(ent_val), n_flat)
+        infl[explored] = -np.inf
+        q = min(update_interval * ctx.batch, max_nodes - n_done)
+        pick = np.argpartition(-infl, q - 1)[:q] if q < n_flat else np.flatnonzero(~explored)
+        pick = pick[np.argsort(-infl[pick], kind="stable")]
+        explored[pick] = True
+        n_done += len(pick)
+        l_, rest = np.divmod(pick, T * F)
+        t_, n_ = np.divmod(rest, F)
+        for l in np.unique(l_):
+            for t in np.unique(t_[l_ == l]):
+                sel = (l_ == l) & (t_ == t)
+                if l == 0:  # layer 0's inputs come from the embeddings only: nothing to rank further
+                    continue
+                rows = ctx.rows(int(l), int(t), ctx.neuron_rows(int(l), int(t), n_[sel]))
+                add(rows, list(pick[sel]), [0.0] * int(sel.sum()))
+    return explored.reshape(L, T, F)
+
+
+def _partial_influence(row_node, row_w, ent_row, ent_col, ent_val, n_flat, max_iter=128) -> np.ndarray:
+    """circuit-tracer's compute_partial_influences over the rows computed so far.
+
+    Math:   w_0 = the logit weights on the logit rows;  c_k[j] = sum_r w_k[r] Â_rj,  w_{k+1}[r] = c_k[node(r)]
+            influence = sum_k c_k
+    Shapes: rows R, entries E -> [n_flat]
+    """
+    w = row_w.astype(np.float64)
+    total = np.zeros(n_flat)
+    is_neuron = row_node >= 0
+    node = np.where(is_neuron, row_node, 0)
+    for _ in range(max_iter):
+        c = np.bincount(ent_col, weights=ent_val * w[ent_row], minlength=n_flat)
+        if not c.any():
+            return total
+        total += c
+        w = np.where(is_neuron, c[node], 0.0)
+    raise InputError("the exploration's influence did not converge")
+
+
+# ------------------------------------------------------------------------------------------------- assembly
+
+
+def _assemble(ctx, text, explored, u_logits, labels, weights, readout) -> Graph:
+    """The exact rows of every explored neuron and logit over the explored neurons, remainders and embeddings."""
+    model, run, cfg = ctx.model, ctx.run, ctx.cfg
+    L, T, F = cfg.n_layers, ctx.T, cfg.d_mlp
+    rec = run.record
+    ll, tt, nn = np.nonzero(explored)  # sorted by (layer, position, neuron)
+    n_feat = len(ll)
+    col = np.full((L, T, F), -1)
+    col[ll, tt, nn] = np.arange(n_feat)
+    rem_lt = [(l, t) for l in range(L) for t in range(T) if not explored[l, t].all()]
+    rem = {lt: n_feat + i for i, lt in enumerate(rem_lt)}
+    n_err = len(rem_lt)
+    emb0 = n_feat + n_err
+    log0 = emb0 + T
+    Z = len(u_logits)
+    N = log0 + Z
+    kind = np.array(["neuron"] * n_feat + ["remainder"] * n_err + ["embed"] * T + ["logit"] * Z)
+    layer = np.concatenate([ll, [lt[0] for lt in rem_lt], np.full(T, -1), np.full(Z, L)]).astype(int)
+    position = np.concatenate([tt, [lt[1] for lt in rem_lt], np.arange(T), np.full(Z, ctx.p)]).astype(int)
+    index = np.concatenate([nn, np.full(n_err, -1), run.tokens[:T], readout[1]]).astype(int)
+    x_final = rec[P.site_name(2 * L, L)][ctx.p]
+    readout_values = u_logits @ x_final
+    act = np.full(N, np.nan)
+    act[:n_feat] = np.array([ctx.act[l][t, n] for l, t, n in zip(ll, tt, nn)]) if n_feat else []
+    act[log0:] = readout_values
+    inp = np.full(N, np.nan)
+    inp[:n_feat] = np.array([ctx.up[l][t, n] for l, t, n in zip(ll, tt, nn)]) if n_feat else []
+    inp[log0:] = readout_values
+    R, C, V = [], [], []
+
+    def emit(targets, rows, l, t):
+        """Entries of the rows of `targets` [Z] at (l, t): explored neurons, remainders, embeddings."""
+        R.append(np.repeat(targets, t + 1))
+        C.append(np.tile(emb0 + np.arange(t + 1), len(targets)))
+        V.append(rows[-1].ravel())
+        for m in range(l):
+            e = rows[m]  # [Z, t+1, F]
+            cm = col[m, : t + 1]  # [t+1, F]
+            s, n = np.nonzero(cm >= 0)
+            R.append(np.repeat(targets, len(s)))
+            C.append(np.tile(cm[s, n], len(targets)))
+            V.append(e[:, s, n].ravel())
+            for s in range(t + 1):
+                if (m, s) in rem:
+                    R.append(targets)
+                    C.append(np.full(len(targets), rem[m, s]))
+                    V.append(np.where(cm[s] < 0, e[:, s], 0.0).sum(axis=1))
+
+    emit(log0 + np.arange(Z), ctx.rows(L, ctx.p, u_logits), L, ctx.p)
+    for l in range(1, L):  # layer 0's neurons read the embeddings alone
+        for t in range(T):
+            n = np.flatnonzero(explored[l, t])
+            if len(n):
+                emit(col[l, t, n], ctx.rows(l, t, ctx.neuron_rows(l, t, n)), l, t)
+    for t in range(T):
+        n = np.flatnonzero(explored[0, t])
+        if len(n):
+            emit(col[0, t, n], ctx.rows(0, t, ctx.neuron_rows(0, t, n)), 0, t)
+    rows_, cols_, vals_ = (np.concatenate(a) if a else np.zeros(0) for a in (R, C, V))
+    order = np.lexsort((cols_, rows_))
+    return Graph(model, run, text, kind, layer, index, position, act, inp, rows_[order].astype(np.int64),
+                 cols_[order].astype(np.int64), vals_[order], np.asarray(weights, float), list(labels), u_logits,
+                 readout[0], int(explored.sum()), L * T * F, ctx.passes, ctx.most, ctx.p)
+
+
+def edge_heads(g: Graph, target: int, source: int, layer: int, *, by_source=False):
+    """One edge split over layer m's heads (and source tokens): skip + sum_h heads[h] = A[target, source].
+
+    Math:   with the source alone propagated through the frozen model (every MLP held, x_j at resid_pre_m) and
+            g_i the target's frozen gradient:  A_ij = g_i(resid_pre_m) . x_j(resid_pre_m)
+              = g_i(resid_mid_m) . x_j(resid_pre_m)  +  sum_h g_i(z_m[., h]) . z_j[., h]
+            z_j[tau, h] = sum_s pattern[h, tau, s] v_j[s, kv(h)]  (by_source: the [N, S] terms of that sum)
+    Shapes: -> (skip: float, heads [N] or [N, S])
+    """
+    model, run = g.model, g.run
+    cfg = model.config
+    L = cfg.n_layers
+    tk, sk = g.kind[target], g.kind[source]
+    if tk not in ("neuron", "logit") or sk not in ("neuron", "remainder", "embed"):
+        raise InputError("edge_heads takes a neuron or logit target and a neuron, remainder or embedding source")
+    lt, ls = int(g.layer[target]), int(g.layer[source])
+    if not ls < layer <= min(lt, L - 1):
+        raise InputError(f"layer {layer} lies on no path from {g.label(source)} to {g.label(target)}")
+    t = int(g.position[target])
+    ctx = _Context(model, run, g.read_at, 1)
+    if tk == "logit":
+        u = g.logit_u[[int(target - np.flatnonzero(g.kind == "logit")[0])]]
+    else:
+        u = ctx.neuron_rows(lt, t, np.array([int(g.index[target])]))
+    drop = frozenset({(m, "mlp") for m in range(L)} | {(m, "attn") for m in range(lt + 1, L)})
+    b = f"blocks.{layer}."
+    grad = backward(model, ctx.layers, Seed(None, u, {}), t, freeze=frozenset(FREEZABLE), drop=drop,
+                    keep=[b + "resid_mid", b + "attn.z"])
+    alone = _source_alone(g, source)
+    skip = float(np.einsum("td,td->", grad[b + "resid_mid"][0], alone[b + "resid_pre"]))
+    gz = grad[b + "attn.z"][0]  # [T, N, H]
+    if not by_source:
+        return skip, np.einsum("tnh,tnh->n", gz, alone[b + "attn.z"])
+    kv = ops.kv_index(cfg.n_heads, cfg.n_kv_heads)
+    pattern = run.record[b + "attn.pattern"]  # [N, T, S]
+    v = alone[b + "attn.v"][:, kv]  # [S, N, H]
+    return skip, np.einsum("nts,tnh,snh->ns", pattern, gz, v)
+
+
+def _source_alone(g: Graph, source: int):
+    """The frozen forward of one source node alone: embeddings zero but the source's, every norm scale and pattern
+    held at the run's values, every neuron's act zero but the source's (a remainder: its unexplored neurons').
+    Linear and without biases, this is exactly the source's own contribution at every site."""
+    model, run = g.model, g.run
+    rec = run.record
+    kind, l, t, n = g.kind[source], int(g.layer[source]), int(g.position[source]), int(g.index[source])
+    act_site = f"blocks.{l}.mlp.act"
+    if kind == "remainder":
+        on = np.zeros(rec[act_site].shape[1], bool)
+        explored = (g.kind == "neuron") & (g.layer == l) & (g.position == t)
+        on[:] = True
+        on[g.index[explored]] = False
+
+    def edit(name, value, record):
+        site = name.split(".", 2)[-1]
+        if name == "embed":
+            out = np.zeros_like(value)
+            if kind == "embed":
+                out[t] = rec["embed"][t]
+            return out
+        if name.endswith("scale") or site == "attn.pattern":
+            return rec[name].copy()
+        if site == "mlp.act":
+            out = np.zeros_like(value)
+            if name == act_site and kind == "neuron":
+                out[t, n] = rec[name][t, n]
+            elif name == act_site and kind == "remainder":
+                out[t, on] = rec[name][t, on]
+            return out
+        return value
+
+    return model.run(run.tokens, edit=edit).record

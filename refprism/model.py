@@ -22,7 +22,16 @@ from refprism.gemma.record import (
     symbolic_shapes,
     with_transient,
 )
-from refprism.gemma.weights import Weights, available_memory, choose_memory, compute_dtype, hf_shapes
+from refprism.gemma.weights import (
+    Weights,
+    available_memory,
+    check_gemma4_tensors,
+    choose_memory,
+    compute_dtype,
+    gemma4_ignored,
+    hf_shapes,
+    text_decoder_names,
+)
 
 
 @dataclass
@@ -49,6 +58,7 @@ class Model:
     tokenizer: object = field(repr=False)  # tokenizers.Tokenizer or None
     name: str = ""
     normalizer: np.ndarray = field(default=None, repr=False)
+    notes: list = field(default_factory=list, repr=False)  # what loading ignored (a multimodal file's towers)
 
     @property
     def dtype(self) -> np.dtype:
@@ -230,9 +240,10 @@ def load(model=None, dtype="float32", *, memory="auto", normalizer_dtype=None) -
     model_dir, name = _resolve(model)
     cfg = read_config(model_dir)
     tokenizer = _read_tokenizer(model_dir, cfg)
-    params = Weights(read_tensors(model_dir, cfg), cfg, dt, choose_memory(cfg, dt, memory))
+    notes: list = []
+    params = Weights(read_tensors(model_dir, cfg, notes), cfg, dt, choose_memory(cfg, dt, memory))
     normalizer = embed_normalizer(cfg.d_model, dt, round_to=normalizer_dtype)
-    return Model(config=cfg, params=params, tokenizer=tokenizer, name=name, normalizer=normalizer)
+    return Model(config=cfg, params=params, tokenizer=tokenizer, name=name, normalizer=normalizer, notes=notes)
 
 
 def _load_gguf(path: Path, dt, normalizer_dtype) -> Model:
@@ -256,6 +267,11 @@ def from_arrays(hf_config: dict, tensors: dict, tokenizer=None, *, name="", dtyp
     """
     dt = compute_dtype(dtype)
     cfg = Config.from_hf({k: v for k, v in hf_config.items() if k != "gguf_defaults"})
+    tensors, notes = text_decoder_names(dict(tensors))
+    if cfg.gemma4:
+        tensors.pop("lm_head.weight", None)  # tied (a multimodal file may store it)
+    check_gemma4_tensors(cfg, tensors)
+    tensors = {n: a for n, a in tensors.items() if not gemma4_ignored(cfg, n)}
     expected = hf_shapes(cfg)
     missing = [n for n in expected if n not in tensors]
     unexpected = [n for n in tensors if n not in expected]
@@ -270,7 +286,7 @@ def from_arrays(hf_config: dict, tensors: dict, tokenizer=None, *, name="", dtyp
         raise CheckpointError(f"{name}: the vocabulary has {tokenizer.get_vocab_size()} tokens but the embedding "
                               f"only {cfg.vocab_size} rows")
     normalizer = embed_normalizer(cfg.d_model, dt, round_to=normalizer_dtype)
-    return Model(config=cfg, params=params, tokenizer=tokenizer, name=name, normalizer=normalizer)
+    return Model(config=cfg, params=params, tokenizer=tokenizer, name=name, normalizer=normalizer, notes=notes)
 
 
 def _resolve(model) -> tuple[Path, str]:

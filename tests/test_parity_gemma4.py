@@ -200,3 +200,33 @@ def test_gemma4_last_layer_is_forced_full_as_hf(tmp_path):
     ids = np.arange(2, 10)
     run, ref = refprism.load(d).run(ids), hf_gemma4_record(_hf(d), ids)
     assert_close("forced-full logits", run.logits, ref["logits"], atol=1e-5 * max(1.0, np.abs(ref["logits"]).max()))
+
+
+def test_gemma4_low_memory_resume_and_packed_equal_the_plain_run(checkpoint):
+    """memory="low" (each layer converted when used, the experts' halves into their own buffers) gives the same
+    bits; a run resumed at a KV-sharing consumer (its producer before the resume point) equals the full run bit
+    for bit; a packed pass equals each prompt's own run within float32 rounding."""
+    from refprism.forward import forward, forward_packed
+
+    d = checkpoint("tiny-gemma4")
+    fast, low = refprism.load(d, memory="fast"), refprism.load(d, memory="low")
+    ids = np.random.default_rng(3).integers(0, 512, 11)
+    run = fast.run(ids)
+    np.testing.assert_array_equal(low.run(ids).logits, run.logits)
+    cfg = fast.config
+    for first in (2, 5):  # 5: a consumer whose producer (3) is before it
+        resumed = forward(fast.params, cfg, ids, resume=(first, run.record), normalizer=fast.normalizer)
+        np.testing.assert_array_equal(resumed["logits"], run.logits)
+    other = np.random.default_rng(4).integers(0, 512, 6)
+    packed = forward_packed(fast.params, cfg, [ids, other], normalizer=fast.normalizer)
+    for rec, toks in zip(packed, [ids, other]):
+        np.testing.assert_allclose(rec["logits"], fast.run(toks).logits, atol=2e-5)
+
+
+def test_gemma4_edit_sees_every_site_once_in_table_order(checkpoint):
+    """The edit is called at every recorded site, in RECORD_TABLE's order (each layer's own sites)."""
+    model = refprism.load(checkpoint("tiny-gemma4"))
+    names = []
+    model.run(np.arange(2, 9), edit=lambda n, v, r: names.append(n) or v)
+    assert names == list(expected_shapes(model.config, 7))
+    assert "blocks.5.attn.k" not in names and "blocks.3.attn.k" in names  # a consumer computes no k of its own

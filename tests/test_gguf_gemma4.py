@@ -11,13 +11,12 @@ import gguf
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from test_gguf import VOCAB
 
 import refprism
-from refprism.config import Config
+from refprism.checkpoints.gguf import read_gguf
 from refprism.errors import CheckpointError
-from refprism.gguf import read_gguf
-
-from test_gguf import VOCAB
+from refprism.gemma.config import Config
 
 # HF module (after model.layers.{l}.) -> llama.cpp's name (after blk.{l}.), written from gguf-py's tensor_mapping
 _BLOCK = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",

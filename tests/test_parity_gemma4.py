@@ -16,14 +16,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
-import refprism
-from refprism.errors import CheckpointError, ConfigError
-from refprism.record import expected_shapes
-from refprism.synth import make_config, write_checkpoint
-
 from conftest import assert_close
 from hf_reference import hf_gemma4_record
+
+import refprism
+from refprism.checkpoints.synth import make_config, write_checkpoint
+from refprism.errors import CheckpointError, ConfigError
+from refprism.gemma.record import expected_shapes
 
 
 def _hf(d):
@@ -180,7 +179,7 @@ def test_gemma4_contradicting_fields_are_refused_naming_the_field(checkpoint, tm
 @pytest.mark.parametrize("model_type, what", [("gemma3n_text", "Gemma 3n"), ("gemma3n", "Gemma 3n"),
                                                ("gemma4_unified", "unified"), ("gemma4_unified_text", "unified")])
 def test_gemma3n_and_unified_are_refused_in_one_line(model_type, what):
-    from refprism.config import Config
+    from refprism.gemma.config import Config
 
     with pytest.raises(ConfigError, match=what) as e:
         Config.from_hf({**make_config("tiny-gemma4"), "model_type": model_type})
@@ -189,7 +188,7 @@ def test_gemma3n_and_unified_are_refused_in_one_line(model_type, what):
 
 def test_gemma4_last_layer_is_forced_full_as_hf(tmp_path):
     """Gemma4TextConfig forces the last layer to full_attention; so does refprism."""
-    from refprism.config import Config
+    from refprism.gemma.config import Config
 
     hf = make_config("tiny-gemma4", layer_types=["sliding_attention", "full_attention"] * 3 + ["sliding_attention"])
     assert Config.from_hf(hf).layer_types[-1] == "full_attention"
@@ -206,7 +205,7 @@ def test_gemma4_low_memory_resume_and_packed_equal_the_plain_run(checkpoint):
     """memory="low" (each layer converted when used, the experts' halves into their own buffers) gives the same
     bits; a run resumed at a KV-sharing consumer (its producer before the resume point) equals the full run bit
     for bit; a packed pass equals each prompt's own run within float32 rounding."""
-    from refprism.forward import forward, forward_packed
+    from refprism.gemma.forward import forward, forward_packed
 
     d = checkpoint("tiny-gemma4")
     fast, low = refprism.load(d, memory="fast"), refprism.load(d, memory="low")

@@ -222,8 +222,8 @@ def _hf_name(name: str, arch: str, path: Path) -> str:
 
 def _gemma4_tensors(tensors: dict, config: dict) -> dict:
     """Gemma 4: the k/v tensors a file may carry for KV-sharing layers are dropped (HF and llama.cpp ignore them)."""
-    from .config import Config
-    from .weights import gemma4_ignored
+    from refprism.gemma.config import Config
+    from refprism.gemma.weights import gemma4_ignored
 
     cfg = Config.from_hf({k: v for k, v in config.items() if k != "gguf_defaults"})
     return {n: t for n, t in tensors.items() if not gemma4_ignored(cfg, n)} | {

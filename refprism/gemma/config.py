@@ -362,7 +362,8 @@ def _object(parent: dict, key: str) -> dict:
 
 # Gemma4TextConfig's rope_parameters when config.json has none
 GEMMA4_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-               "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}}
+               "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                  "rope_theta": 1_000_000.0}}
 
 
 def _rope_entry(entry: dict, default_theta: float) -> tuple[float, float]:
@@ -460,10 +461,12 @@ def _gemma4_fields(hf: dict, n_layers, d_head, n_kv) -> dict:
         raise ConfigError(f"config.json: enable_moe_block must be true or false, got {_short(moe)}")
     experts = {}
     if moe:
-        for field, key in (("n_experts", "num_experts"), ("top_k", "top_k_experts"), ("d_expert", "moe_intermediate_size")):
+        for field, key in (("n_experts", "num_experts"), ("top_k", "top_k_experts"),
+                           ("d_expert", "moe_intermediate_size")):
             value = hf.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config.json: enable_moe_block needs {key} as a positive integer, got {_short(value)}")
+                raise ConfigError(f"config.json: enable_moe_block needs {key} as a positive integer, got "
+                                  f"{_short(value)}")
             experts[field] = value
         if experts["top_k"] > experts["n_experts"]:
             raise ConfigError(f"config.json: top_k_experts ({experts['top_k']}) exceeds num_experts "

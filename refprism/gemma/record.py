@@ -20,7 +20,8 @@ from refprism.gemma.config import Config
 # against it, name by name and shape by shape, and docs/math.md lists the same names.
 RECORD_TABLE: list[tuple[str, tuple[str, ...], str, str | None]] = [
     ("embed", ("T", "D"), "token embedding times the normalizer sqrt(D) (= blocks.0.resid_pre)", None),
-    ("ple.token", ("T", "L", "P"), "Gemma 4: E_ple[tokens] * sqrt(P), the per-layer inputs' token-identity piece", "ple"),
+    ("ple.token", ("T", "L", "P"), "Gemma 4: E_ple[tokens] * sqrt(P), the per-layer inputs' token-identity piece",
+     "ple"),
     ("ple.model_proj", ("T", "L", "P"), "Gemma 4: embed W_ple_model / sqrt(D), the piece linear in the embedding "
      "(before its norm)", "ple"),
     ("ple.model_proj_norm.scale", ("T", "L"), "Gemma 4: its RMSNorm scale over P", "ple"),

@@ -132,3 +132,16 @@ def test_moe_and_ple_prisms_refuse_models_without_them(checkpoint):
         P.ple_prism(r, 0)
     assert_exact(P.residual_prism(r), 1e-4)  # dense, no PLE: the layer_scalars still folded in
     assert_exact(P.mlp_prism(r, 2), 1e-4)
+
+
+def test_needs_records_what_the_gemma4_prisms_read(g4):
+    """A run recording only prisms.needs(...) gives the same residual, attention (a consumer) and MLP prisms."""
+    model = g4["float64"]
+    ids = np.arange(7, 19)
+    full = model.run(ids)
+    small = model.run(ids, record=P.needs(model, attention=[6], mlp=[4]))
+    for run_a, run_b in [(full, small)]:
+        ra, rb = P.logits_readout(model, run_a, ["#3"]), P.logits_readout(model, run_b, ["#3"])
+        np.testing.assert_array_equal(P.residual_prism(ra).values, P.residual_prism(rb).values)
+        np.testing.assert_array_equal(P.attention_prism(ra, 6).values, P.attention_prism(rb, 6).values)
+        np.testing.assert_array_equal(P.mlp_prism(ra, 4).values, P.mlp_prism(rb, 4).values)

@@ -109,7 +109,8 @@ def needs(model, *, position=-1, residual=True, attention=(), mlp=()) -> list[st
     residual_prism: embed and every sublayer output at the position, and the residual after each (logit lens);
     attention_prism(l): layer l's pattern row at the position, its values at every source, its output (and
         Gemma 2/3's post-norm scale) at the position;
-    mlp_prism(l): layer l's neuron activations, output (and post-norm scale) at the position.
+    mlp_prism(l): layer l's neuron activations, output (and post-norm scale) at the position (Gemma 4 MoE: the
+        selected experts, their weights and outputs, the two branch post-norm scales).
     Chains (through_head, through_neuron) read other positions: record those whole.
     """
     cfg, at = model.config, f"@{int(position)}"
@@ -117,12 +118,15 @@ def needs(model, *, position=-1, residual=True, attention=(), mlp=()) -> list[st
     entries += [f"logits_uncapped{at}"] if cfg.final_softcap is not None else []
     if residual:
         entries += [f"embed{at}"] + [f"blocks.*.{n}{at}" for n in ("attn.out", "mlp.out", "resid_mid", "resid_post")]
-    for l in attention:
-        entries += [f"blocks.{l}.attn.pattern{at}", f"blocks.{l}.attn.v", f"blocks.{l}.attn.out{at}"]
+        entries += [f"blocks.*.{n}{at}" for n in ("ple.out", "resid_mlp")] if cfg.ple else []  # Gemma 4
+    for l in attention:  # Gemma 4 KV-sharing consumer: the values are its producer's
+        entries += [f"blocks.{l}.attn.pattern{at}", f"blocks.{cfg.kv_source(l)}.attn.v", f"blocks.{l}.attn.out{at}"]
         entries += [f"blocks.{l}.ln1_post.scale{at}"] if cfg.post_norms else []
     for l in mlp:
         entries += [f"blocks.{l}.mlp.act{at}", f"blocks.{l}.mlp.out{at}"]
         entries += [f"blocks.{l}.ln2_post.scale{at}"] if cfg.post_norms else []
+        entries += [f"blocks.{l}.{n}{at}" for n in ("ln2_post1.scale", "ln2_post2.scale", "moe.topk.index",
+                                                    "moe.topk.weight", "moe.expert_out")] if cfg.moe else []
     return entries
 
 

@@ -117,3 +117,12 @@ def test_each_gemma4_mistake_is_found_and_diagnosed(g4dir, mistake, monkeypatch)
     assert r.first_wrong_op == site, (r.first_wrong_op, r.table())
     explained = [d["variant"] for d in r.diagnosis if d["explains"]]
     assert explained == [mistake], r.diagnosis
+
+
+@pytest.mark.parametrize("against, names", [("tl", None), ("llama.cpp", None), ("x.npz", "hf"), ("x.npz", "tl")])
+def test_unmapped_sides_refuse_gemma4_in_one_line(g4dir, against, names):
+    from refprism.errors import InputError
+
+    with pytest.raises(InputError, match="comparing Gemma 4 against .* not supported yet") as e:
+        compare(refprism.load(g4dir), IDS, against=against, names=names)
+    assert "\n" not in str(e.value)

@@ -139,7 +139,7 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray], "tokenizers.Tokenizer"
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"{path.name} holds a {arch!r} model; refprism reads the GGUF architectures "
-                              f"{', '.join(ARCHITECTURES)} (Gemma 1, 2 and 3)")
+                              f"{', '.join(ARCHITECTURES)} (Gemma 1, 2, 3 and 4)")
     stored = {t.name: t for t in reader.tensors}
     rope_freqs = stored.pop("rope_freqs.weight", None) if arch == "gemma4" else None
     tensors = {_hf_name(name, arch, path): t for name, t in stored.items() if name != "output.weight"}
@@ -274,7 +274,7 @@ def config_from_metadata(meta: dict, shapes: dict[str, tuple[int, ...]], path: P
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"{name} holds a {arch!r} model; refprism reads the GGUF architectures "
-                              f"{', '.join(ARCHITECTURES)} (Gemma 1, 2 and 3)")
+                              f"{', '.join(ARCHITECTURES)} (Gemma 1, 2, 3 and 4)")
     defaults: list[str] = []
 
     def need(key, kind=int):

@@ -17,8 +17,8 @@ KINDS = ("embed", "attn", "mlp", "head", "edge", "neuron")  # every Gemma
 GEMMA4_KINDS = ("ple", "dense", "expert")
 
 
-LABEL_FORMS = ("embed, L{l}.attn, L{l}.mlp, L{l}H{h}, L{l}H{h}.src{s} or L{l}N{n} (Gemma 4 also L{l}.ple, "
-               "L{l}.dense, L{l}E{e})")
+LABEL_FORMS = "embed, L{l}.attn, L{l}.mlp, L{l}H{h}, L{l}H{h}.src{s} or L{l}N{n}"
+GEMMA4_FORMS = "Gemma 4 also L{l}.ple, L{l}.dense, L{l}E{e}"
 
 
 _LABEL = re.compile(r"(embed)|L(\d+)\.(attn|mlp|ple|dense)|L(\d+)H(\d+)(?:\.src(\d+))?|L(\d+)N(\d+)|L(\d+)E(\d+)")
@@ -84,7 +84,8 @@ def parse_component(config, label, *, T, source=None) -> Group:
     source: a head's source position given apart (the CLI's --source): L{l}H{h} with source s is L{l}H{h}.src{s}.
     """
     if not isinstance(label, str) or not (m := _LABEL.fullmatch(label.strip())):
-        raise InputError(f"component {label!r} is not a component label: use {LABEL_FORMS} (0-based)")
+        raise InputError(f"component {label!r} is not a component label: use {LABEL_FORMS} (0-based); "
+                         f"{GEMMA4_FORMS}")
     embed, la, kind, lh, h, s, ln, n, le, e = m.groups()
     if source is not None:
         if h is None:

@@ -172,7 +172,8 @@ def _capture(model, against, tokens, *, names, dtype, prompt=None, kv_cache="f16
 
             # Text goes to llama.cpp's own tokenizer (its ids are then compared with ours); ids run as given.
             return llamacpp.capture(model.name, prompt if isinstance(prompt, str) else tokens.tolist(),
-                                    cache_type=kv_cache, bin_dir=llama_cpp)
+                                    cache_type=kv_cache, bin_dir=llama_cpp,
+                                    own_build=llama_cpp is not None)
         if gguf:
             raise InputError(f"--against {against} loads the checkpoint with transformers: give --model as a "
                              "safetensors model directory or hub id, not a .gguf file")

@@ -120,9 +120,9 @@ def tool(name: str, bin_dir=None) -> Path:
     """The path of a built llama.cpp binary (llama-debug, llama-quantize), or ToolError naming the build command."""
     folder = Path(bin_dir) if bin_dir is not None else cache_dir() / "bin"
     path = folder / name
-    if bin_dir is not None and not os.access(path, os.X_OK):  # the user's own build (--llama-cpp DIR)
-        raise InputError(f"no executable {name} in {str(folder)[:200]!r} (--llama-cpp): give the folder your "
-                         "llama.cpp build wrote its binaries to (e.g. build/bin)")
+    if bin_dir is not None and not os.access(path, os.X_OK):  # a folder given (--llama-cpp DIR, or the tests')
+        raise ToolError(f"no executable {name} in {str(folder)[:200]!r}: give the folder your llama.cpp build wrote "
+                        f"its binaries to (e.g. build/bin; --llama-cpp), or run {BUILD_COMMAND}")
     if not os.access(path, os.X_OK):
         raise ToolError(f"{name} of llama.cpp (llama-cpp-python {LLAMA_CPP_PYTHON}) is not built in {folder}: "
                         f"run {BUILD_COMMAND}")
@@ -288,7 +288,7 @@ def run_debug(gguf_path, prompt: str, *, cache_type="f16", tensor_filter=(), bin
         prompt_file = Path(tmp) / "prompt.txt"
         prompt_file.write_text(prompt + "\n", encoding="utf-8")  # -f drops one trailing newline: this one
         n_ctx = 256 * (1 + len(prompt.encode("utf-8")) // 256)  # a cell per byte at least: room for every token
-        cmd = [str(exe), "-m", str(gguf_path), "-f", str(prompt_file), "--verbose", "-fa", "off", "--no-warmup",
+        cmd = [str(exe), "-m", str(gguf_path), "-f", str(prompt_file), "--verbose", "-fa", "off", "--no-warmup", "--no-repack",
                "-t", "2", "-tb", "2", "-c", str(n_ctx), "-b", str(n_ctx), "-ub", str(n_ctx),
                "-ctk", _cache_type(cache_type), "-ctv", cache_type]
         for pattern in tensor_filter:
@@ -393,11 +393,11 @@ def conventions(cfg: Config, weights: str, cache_type: str) -> list[str]:
     return notes
 
 
-def capture(gguf_path, prompt, *, with_debug=True, cache_type="f16", bin_dir=None) -> Capture:
+def capture(gguf_path, prompt, *, with_debug=True, cache_type="f16", bin_dir=None, own_build=False) -> Capture:
     """llama.cpp on a GGUF file as a Capture: full logits [T, V] (llama-cpp-python) + llama-debug's summaries.
 
-    bin_dir: a folder holding a llama-debug of your own build (`compare --llama-cpp DIR`), checked instead of the
-    cached one; its logits are then what it prints too (llama-cpp-python links the build refprism pins).
+    bin_dir: a folder holding llama-debug, run instead of the cached one; own_build: it is your own build
+    (`compare --llama-cpp DIR`), so its logits are what it prints too (llama-cpp-python links the pinned build).
     prompt: text (tokenized by llama.cpp, BOS added as the file says) or token ids (run as given; with_debug needs
     them to start with BOS and round-trip through text, since llama-debug takes text only).
     The capture's dtype is float32 and its `arithmetic` says how llama.cpp's CPU backend rounds this file
@@ -413,7 +413,7 @@ def capture(gguf_path, prompt, *, with_debug=True, cache_type="f16", bin_dir=Non
         detokenize(gguf_path, ids)  # ids llama-debug cannot take are refused before any run
     cap = Capture(source="llama.cpp", tokens=np.asarray(ids, dtype=np.int64), dtype="float32", arithmetic=how,
                   notes=conventions(cfg, how.weights, how.kv_cache))
-    if bin_dir is None:  # llama-cpp-python runs the build refprism pins; a build of your own prints its own logits
+    if not own_build:  # llama-cpp-python runs the build refprism pins; a build of your own prints its own logits
         cap.arrays["logits"] = logits(gguf_path, ids, cache_type=cache_type)
     else:
         cap.source = f"llama.cpp ({bin_dir})"

@@ -163,19 +163,20 @@ def open_model(args, *, work="one", dtype=None):
         from refprism.gemma.weights import n_parameters  # a hub id: its size is known from its config
 
         progress.on = n_parameters(model.config) * 2 >= REAL_SIZE_BYTES
-    read = model.deferred.read
+    if model.deferred is not None:  # None: the weights are in already (a model handed over as it is)
+        read = model.deferred.read
 
-    def announced(report):  # the weights are read where they are first used: said then, whoever uses them
-        from refprism.gemma.weights import n_parameters
+        def announced(report):  # the weights are read where they are first used: said then, whoever uses them
+            from refprism.gemma.weights import n_parameters
 
-        cfg = model.config
-        how = ("every weight converted now" if model.memory == "fast"
-               else "--memory low: each layer converted as it runs")
-        progress.phase(f"loading {n_parameters(cfg) / 1e9:.2f} B parameters ({cfg.n_layers} layers) in "
-                       f"{np.dtype(model.dtype).name}, {how}")
-        return read(report)
+            cfg = model.config
+            how = ("every weight converted now" if model.memory == "fast"
+                   else "--memory low: each layer converted as it runs")
+            progress.phase(f"loading {n_parameters(cfg) / 1e9:.2f} B parameters ({cfg.n_layers} layers) in "
+                           f"{np.dtype(model.dtype).name}, {how}")
+            return read(report)
 
-    model.deferred.read = announced
+        model.deferred.read = announced
     return model
 
 

@@ -203,13 +203,22 @@ def test_preflight_estimate_matches_the_record(family):
 
 
 def test_packs_shrink_to_fit_memory(tiny, monkeypatch):
-    """With little memory, run_many packs fewer prompts rather than refusing."""
+    """With little memory, run_many packs fewer prompts rather than refusing: room for one prompt and a half means
+    three passes of one prompt (with room, one pass of three), and the same logits as the single runs."""
     from refprism.gemma.record import estimate_bytes
 
+    packs, real = [], refprism.model.forward_packed
+    monkeypatch.setattr(refprism.model, "forward_packed",
+                        lambda params, config, pack, **kw: packs.append(len(pack)) or real(params, config, pack, **kw))
+    assert len(tiny.run_many([PROMPTS[3]] * 3)) == 3 and packs == [3]
+    packs.clear()
     one = estimate_bytes(tiny.config, [13], tiny.dtype)["total"]
     monkeypatch.setattr(refprism.model, "available_memory", lambda: int(one * 1.5 / refprism.model.MEMORY_SHARE))
     runs = tiny.run_many([PROMPTS[3]] * 3)
-    assert len(runs) == 3
+    assert packs == [1, 1, 1]
+    alone = tiny.run(PROMPTS[3]).logits
+    for run in runs:  # a one-prompt pass is the single run's computation; float32 rounding at most, if BLAS differs
+        np.testing.assert_allclose(run.logits, alone, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ BLAS attention

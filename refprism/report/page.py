@@ -303,6 +303,8 @@ def load_section(kind: str, path) -> dict:
     """The JSON of --validate FILE, --compare FILE or --sweep DIR (DIR/summary.json), checked by check_section."""
     path = Path(path)
     file = path / "summary.json" if kind == "sweep" else path
+    if "\0" in str(path):  # no file system has such a name (open() would raise ValueError)
+        raise InputError(f"cannot read --{kind} {_quoted(path)}: a path cannot hold a NUL character")
     if kind == "sweep" and not path.is_dir():
         raise InputError(f"--sweep {_quoted(path)} is not a directory (give the folder holding summary.json)")
     try:

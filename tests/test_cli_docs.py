@@ -58,13 +58,10 @@ def test_compare_md_opening_example_is_what_compare_prints(tiny_dir):
 
 def test_guide_digit_ids_are_the_tokenizers():
     """The guide lists gemma-2b's ids of the digits 0-9 (not a range: they are not consecutive)."""
+    from conftest import shared_tokenizer
     from tokenizers import Tokenizer
 
-    from refprism.checkpoints.synth import _shared_tokenizer_dir
-
-    folder = _shared_tokenizer_dir()
-    if not (folder / "tokenizer.json").is_file():  # as tests/test_gguf.py: the shared tokenizer is not shipped
-        pytest.skip(f"the shared gemma-2b tokenizer is not at {folder}")
+    folder = shared_tokenizer()  # part of the test environment: its absence fails, never skips
     guide = (DOCS / "guide.md").read_text(encoding="utf-8")
     listed = re.search(r"the digits 0-9 are single tokens ((?:\d+, ){9}\d+)", guide).group(1)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))

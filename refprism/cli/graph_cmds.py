@@ -37,6 +37,12 @@ def cmd_graph(args) -> int:
     for name in ("node_threshold", "edge_threshold"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise InputError(f"--{name.replace('_', '-')} must be between 0 and 1")
+    if args.max_nodes < 0 or args.batch_size < 1:  # graph() says the same; here before any weights are read
+        raise InputError(f"--max-nodes {args.max_nodes}, --batch-size {args.batch_size}: max_nodes >= 0, batch_size, "
+                         "update_interval and explore_k >= 1 are required")
+    if args.versus and not args.targets:
+        raise InputError("--versus: versus needs targets (give --targets: the default logits are circuit-tracer's "
+                         "top tokens, which take no foils)")
     prompt = prompt_of(args)
     model = load_model(args)
     g = graph(model, prompt, position=args.position, targets=args.targets, versus=args.versus or (),

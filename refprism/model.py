@@ -23,7 +23,17 @@ from refprism.gemma.record import (
     symbolic_shapes,
     with_transient,
 )
-from refprism.gemma.weights import Weights, available_memory, choose_memory, compute_dtype, hf_shapes, n_parameters
+from refprism.gemma.weights import (
+    Weights,
+    available_memory,
+    check_gemma4_tensors,
+    choose_memory,
+    compute_dtype,
+    gemma4_ignored,
+    hf_shapes,
+    n_parameters,
+    text_decoder_names,
+)
 
 
 @dataclass
@@ -66,6 +76,7 @@ class Model:
     tokenizer: object = field(repr=False)  # tokenizers.Tokenizer or None
     name: str = ""
     normalizer: np.ndarray = field(default=None, repr=False)
+    notes: list = field(default_factory=list, repr=False)  # what loading ignored (a multimodal file's towers)
     deferred: Deferred | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -346,12 +357,14 @@ def load(model=None, dtype="float32", *, memory="auto", normalizer_dtype=None, d
         model_dir, name = _resolve(model)
         cfg = read_config(model_dir)
         tokenizer = _read_tokenizer(model_dir, cfg)
-        stored = read_tensors(model_dir, cfg)
+        notes: list = []
+        stored = read_tensors(model_dir, cfg, notes)
         mode = choose_memory(cfg, dt, memory)
         deferred = Deferred(lambda report: Weights(stored, cfg, dt, mode, progress=report), np.dtype(dt), mode,
                             resident_bytes(cfg, dt, mode), progress)
         out = Model(config=cfg, params=None, tokenizer=tokenizer, name=name,
-                    normalizer=embed_normalizer(cfg.d_model, dt, round_to=normalizer_dtype), deferred=deferred)
+                    normalizer=embed_normalizer(cfg.d_model, dt, round_to=normalizer_dtype), deferred=deferred,
+                    notes=notes)
     if not defer:
         out.load_weights()
     return out
@@ -394,14 +407,20 @@ def from_arrays(hf_config: dict, tensors: dict, tokenizer=None, *, name="", dtyp
     """
     dt = compute_dtype(dtype)
     cfg = Config.from_hf({k: v for k, v in hf_config.items() if k != "gguf_defaults"})
+    tensors, notes = text_decoder_names(dict(tensors))
     params = _weights_of_arrays(cfg, tensors, dt, name)
     _check_vocabulary(tokenizer, cfg, name)
     normalizer = embed_normalizer(cfg.d_model, dt, round_to=normalizer_dtype)
-    return Model(config=cfg, params=params, tokenizer=tokenizer, name=name, normalizer=normalizer)
+    return Model(config=cfg, params=params, tokenizer=tokenizer, name=name, normalizer=normalizer, notes=notes)
 
 
 def _weights_of_arrays(cfg: Config, tensors: dict, dt, name: str, progress=None) -> Weights:
     """HF-named arrays checked against the config (names, shapes) and converted once ("fast")."""
+    tensors = dict(tensors)
+    if cfg.gemma4:
+        tensors.pop("lm_head.weight", None)  # tied (a multimodal file may store it)
+    check_gemma4_tensors(cfg, tensors)
+    tensors = {n: a for n, a in tensors.items() if not gemma4_ignored(cfg, n)}
     expected = hf_shapes(cfg)
     missing = [n for n in expected if n not in tensors]
     unexpected = [n for n in tensors if n not in expected]

@@ -452,7 +452,7 @@ CASES = [
     Case("config-wrong-type", edit_config(lambda hf: hf.update(vocab_size="512")), load_run, RECORD,
          r"config\.json: vocab_size must be an integer, got '512'", ConfigError),
     Case("config-model-type", edit_config(lambda hf: hf.update(model_type="llama")), load_run, RECORD,
-         r"config\.json has model_type 'llama'; refprism supports Gemma 1, 2 and 3 text models", ConfigError),
+         r"config\.json has model_type 'llama'; refprism supports Gemma 1, 2, 3 and 4 text models", ConfigError),
     Case("config-zero-heads", edit_config(lambda hf: hf.update(num_attention_heads=0)), load_run, RECORD,
          r"config\.json: num_attention_heads must be a positive integer, got 0", ConfigError),
     Case("config-heads-not-multiple", edit_config(lambda hf: hf.update(num_key_value_heads=3)), load_run, RECORD,

@@ -4,7 +4,18 @@
 
 Pure reading: nothing here knows the forward pass. The `gguf` package (pip install gguf, tested with 0.19.0)
 parses the file and dequantizes every tensor type it supports (Q4_K, Q5_0, Q6_K, Q8_0, ..., F16, BF16, F32);
-refprism hand-writes no dequantization. Architectures: `gemma` (Gemma 1), `gemma2`, `gemma3` (text only).
+refprism hand-writes no dequantization. Architectures: `gemma` (Gemma 1), `gemma2`, `gemma3` (text only), `gemma4`
+(text decoder; below and `_gemma4_config`).
+
+Gemma 4 (convert_hf_to_gguf.py's Gemma4Model, conversion/gemma.py; src/models/gemma4.cpp): the norms are stored
+as w (its norm_shift is 0: nothing is subtracted); layer_scalar is `blk.{l}.layer_output_scale.weight`, the
+router `ffn_gate_inp.weight` with its scale vector `ffn_gate_inp.scale`, per_expert_scale `ffn_down_exps.scale`,
+the experts `ffn_gate_up_exps.weight` (or `ffn_gate_exps` + `ffn_up_exps`, joined on read) and
+`ffn_down_exps.weight`; the per-layer embeddings `per_layer_token_embd`, `per_layer_model_proj`,
+`per_layer_proj_norm` and per block `inp_gate`, `proj`, `post_norm`. `rope_freqs.weight` (1 for each rotated
+frequency of the full layers, 1e30 for each still one) gives the proportional RoPE's partial_rotary_factor; k/v
+tensors of KV-sharing layers are dropped, as HF and llama.cpp ignore them. The tokenizer model `gemma4` is read
+like `llama` (its merges rebuilt from the vocabulary; the stored merges are not read).
 
 What llama.cpp's converter (convert_hf_to_gguf.py, GemmaModel / Gemma2Model / Gemma3Model) changed, undone here:
 
@@ -66,8 +77,10 @@ import numpy as np
 
 from refprism.errors import CheckpointError
 
-ARCHITECTURES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text"}  # GGUF arch -> HF model_type
-_HF_CLASSES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+ARCHITECTURES = {"gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3_text",
+                 "gemma4": "gemma4_text"}  # GGUF arch -> HF model_type
+_HF_CLASSES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+               "gemma4": "Gemma4ForCausalLM"}
 
 # llama.cpp's per-block tensor names -> HF's, after "blk.{l}." and "model.layers.{l}." (".weight" on both).
 _COMMON = {
@@ -92,7 +105,21 @@ _BLOCK_NAMES = {
     "gemma2": _GEMMA2,
     "gemma3": {**_GEMMA2, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
 }
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+_BLOCK_NAMES["gemma4"] = {  # convert_hf_to_gguf.py's Gemma4Model (conversion/gemma.py), gguf-py's tensor_mapping
+    **_BLOCK_NAMES["gemma3"], "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
+    "post_ffw_norm_1": "post_feedforward_layernorm_1", "post_ffw_norm_2": "post_feedforward_layernorm_2",
+    "ffn_gate_inp": "router.proj", "inp_gate": "per_layer_input_gate", "proj": "per_layer_projection",
+    "post_norm": "post_per_layer_input_norm"}
+# Gemma 4's tensors whose HF names have no ".weight" (llama.cpp suffix -> HF name after model.layers.{l}.)
+_GEMMA4_OTHER = {"layer_output_scale.weight": "layer_scalar", "ffn_gate_inp.scale": "router.scale",
+                 "ffn_down_exps.scale": "router.per_expert_scale", "ffn_gate_up_exps.weight": "experts.gate_up_proj",
+                 "ffn_down_exps.weight": "experts.down_proj",
+                 # the converter's alternative to ffn_gate_up_exps: the two halves apart (joined on read)
+                 "ffn_gate_exps.weight": "experts.gate_proj", "ffn_up_exps.weight": "experts.up_proj"}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",  # Gemma 4
+                 "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
+                 "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight"}
 
 # tokenizer.ggml.token_type values (SentencePiece's piece types).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -120,11 +147,20 @@ def open_gguf(path):
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"{path.name} holds a {arch!r} model; refprism reads the GGUF architectures "
-                              f"{', '.join(ARCHITECTURES)} (Gemma 1, 2 and 3)")
+                              f"{', '.join(ARCHITECTURES)} (Gemma 1, 2, 3 and 4)")
     stored = {t.name: t for t in reader.tensors}
+    rope_freqs = stored.pop("rope_freqs.weight", None) if arch == "gemma4" else None
     tensors = {_hf_name(name, arch, path): t for name, t in stored.items() if name != "output.weight"}
-    config = config_from_metadata(meta, {name: _hf_shape(t) for name, t in tensors.items()}, path)
-    _check_names_and_shapes(tensors, config, path)
+    shapes = {name: _hf_shape(t) for name, t in tensors.items()}
+    if rope_freqs is not None:
+        shapes["rope_freqs"] = _dequantize(rope_freqs, path)  # values, not a shape: the rotated dims
+    config = config_from_metadata(meta, shapes, path)
+    if arch == "gemma4":  # the experts' halves are joined (in shape here, in value below), then checked as HF's
+        tensors = _gemma4_tensors(tensors, config)
+        joined = _gemma4_experts({name: _hf_shape(t) for name, t in tensors.items()}, join=_join_shapes)
+        _check_names_and_shapes(joined, config, path, shape=lambda s: s)
+    else:
+        _check_names_and_shapes(tensors, config, path)
     tokenizer = tokenizer_from_metadata(meta, config["vocab_size"], path)
 
     def dequantize(progress=None) -> dict[str, np.ndarray]:
@@ -143,9 +179,12 @@ def open_gguf(path):
             if progress is not None:
                 progress("dequantizing", total, total)
         for name, a in arrays.items():
-            if name.endswith("norm.weight"):
-                # The (1 + w) trap: llama.cpp's converter stored 1 + w; HF and refprism keep w.
+            if name.endswith("norm.weight") and arch != "gemma4":
+                # The (1 + w) trap: llama.cpp's converter stored 1 + w; HF and refprism keep w. (Gemma 4's norms
+                # scale by w itself: its converter's norm_shift is 0, and w is stored as it is.)
                 a -= np.float32(1)
+        if arch == "gemma4":
+            arrays = _gemma4_experts(arrays)
         reader = stored = tensors = None  # releases the file's memory map: every array above is a copy
         return arrays
 
@@ -189,14 +228,42 @@ def _metadata(reader, path: Path) -> dict:
 
 
 def _hf_name(name: str, arch: str, path: Path) -> str:
-    if name in _GLOBAL_NAMES:
+    if name in _GLOBAL_NAMES and (arch == "gemma4" or not name.startswith("per_layer")):
         return _GLOBAL_NAMES[name]
     parts = name.split(".")
+    if arch == "gemma4" and len(parts) == 4 and parts[0] == "blk" and parts[1].isdecimal():
+        other = _GEMMA4_OTHER.get(f"{parts[2]}.{parts[3]}")
+        if other is not None:
+            return f"model.layers.{int(parts[1])}.{other}"
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdecimal() and parts[3] == "weight":
         hf = _BLOCK_NAMES[arch].get(parts[2])
         if hf is not None:
             return f"model.layers.{int(parts[1])}.{hf}.weight"
     raise CheckpointError(f"{path.name} has tensor {name}, which a {arch} model does not have")
+
+
+def _gemma4_tensors(tensors: dict, config: dict) -> dict:
+    """Gemma 4: the k/v tensors a file may carry for KV-sharing layers are dropped (HF and llama.cpp ignore them)."""
+    from refprism.gemma.config import Config
+    from refprism.gemma.weights import gemma4_ignored
+
+    cfg = Config.from_hf({k: v for k, v in config.items() if k != "gguf_defaults"})
+    return {n: t for n, t in tensors.items() if not gemma4_ignored(cfg, n)} | {
+        n: t for n, t in tensors.items() if n.endswith(("experts.gate_proj", "experts.up_proj"))}
+
+
+def _gemma4_experts(arrays: dict, join=lambda a, b: np.concatenate([a, b], 1)) -> dict:
+    """ffn_gate_exps + ffn_up_exps (each [E, I, D]) -> HF's experts.gate_up_proj [E, 2I, D] (gate rows first).
+    `join` joins two values (arrays; _join_shapes for their shapes only, before anything is dequantized)."""
+    for name in [n for n in arrays if n.endswith("experts.gate_proj")]:
+        up = name.replace("gate_proj", "up_proj")
+        arrays[name.replace("gate_proj", "gate_up_proj")] = join(arrays.pop(name), arrays.pop(up))
+    return arrays
+
+
+def _join_shapes(a: tuple, b: tuple) -> tuple:
+    """The shape np.concatenate([x, y], 1) would have (mismatched halves are refused by the shape check)."""
+    return (a[0], a[1] + b[1], *a[2:]) if len(a) == len(b) == 3 and a[::2] == b[::2] else a + b
 
 
 def _hf_shape(t) -> tuple[int, ...]:
@@ -235,7 +302,7 @@ def config_from_metadata(meta: dict, shapes: dict[str, tuple[int, ...]], path: P
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"{name} holds a {arch!r} model; refprism reads the GGUF architectures "
-                              f"{', '.join(ARCHITECTURES)} (Gemma 1, 2 and 3)")
+                              f"{', '.join(ARCHITECTURES)} (Gemma 1, 2, 3 and 4)")
     defaults: list[str] = []
 
     def need(key, kind=int):
@@ -273,10 +340,11 @@ def config_from_metadata(meta: dict, shapes: dict[str, tuple[int, ...]], path: P
         "model_type": ARCHITECTURES[arch],
         "vocab_size": int(shapes["model.embed_tokens.weight"][0]),
         "hidden_size": d_model,
-        "intermediate_size": need("feed_forward_length"),
+        "intermediate_size": need("feed_forward_length") if arch != "gemma4" else None,  # Gemma 4: per layer
         "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
-        "num_key_value_heads": get("attention.head_count_kv", "num_key_value_heads", n_heads),
+        "num_key_value_heads": get("attention.head_count_kv", "num_key_value_heads", n_heads)
+        if arch != "gemma4" else None,
         "head_dim": d_head,
         "max_position_embeddings": need("context_length"),
         "rms_norm_eps": need("attention.layer_norm_rms_epsilon", float),
@@ -304,9 +372,110 @@ def config_from_metadata(meta: dict, shapes: dict[str, tuple[int, ...]], path: P
         # The sliding layers' RoPE base; .rope.freq_base is the global (full-attention) layers' rope_theta.
         config["rope_local_base_freq"] = get("rope.freq_base_swa", "rope_local_base_freq", 10000.0, float)
         config["layer_types"] = _layer_types(meta, arch, n_layers, 6, defaults, name)
+    elif arch == "gemma4":
+        _gemma4_config(meta, shapes, config, defaults, known, name)
     config.update(known)
     config["gguf_defaults"] = sorted(set(defaults) | set(known))
     return config
+
+
+def get_optional(meta: dict, key: str, name: str):
+    """A float metadata key's value, or None when the file lacks it."""
+    return _value(meta[key], float, key, name) if key in meta else None
+
+
+def _per_layer(meta: dict, key: str, n_layers: int, name: str) -> list[int] | None:
+    """An integer metadata key that may be one value or one per layer -> per-layer list (None when absent)."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if isinstance(value, list):
+        if len(value) != n_layers:
+            raise CheckpointError(f"{name}: {key} has {len(value)} entries for {n_layers} layers")
+        return [_value(v, int, key, name) for v in value]
+    return [_value(value, int, key, name)] * n_layers
+
+
+def _gemma4_config(meta: dict, shapes: dict, config: dict, defaults: list, known: dict, name: str) -> None:
+    """Gemma 4's fields from what convert_hf_to_gguf.py's Gemma4Model writes (conversion/gemma.py) and what
+    src/models/gemma4.cpp reads: key_length = the full layers' head width, key_length_swa the sliding ones';
+    head_count_kv and feed_forward_length per layer (arrays) when they differ by layer; sliding_window_pattern one
+    bool per layer; shared_kv_layers; embedding_length_per_layer_input; expert_count / expert_used_count /
+    expert_feed_forward_length; rope.freq_base (full) and rope.freq_base_swa (sliding); the full layers'
+    proportional RoPE as the rope_freqs tensor (1 for a rotated frequency, 1e30 for a still one). k_eq_v is not
+    metadata: the full layers have no attn_v."""
+    arch = "gemma4"
+    L = config["num_hidden_layers"]
+    full_h = config["head_dim"]
+    swa_key = f"{arch}.attention.key_length_swa"
+    if swa_key not in meta:
+        raise CheckpointError(f"{name} lacks the metadata key {swa_key}")
+    config["head_dim"] = _value(meta[swa_key], int, swa_key, name)
+    config["global_head_dim"] = full_h
+    types = _layer_types(meta, arch, L, 6, defaults, name)
+    config["layer_types"] = types
+    kv = _per_layer(meta, f"{arch}.attention.head_count_kv", L, name) or [config["num_attention_heads"]] * L
+    sliding_kv = {k for k, t in zip(kv, types) if t == "sliding_attention"}
+    full_kv = {k for k, t in zip(kv, types) if t == "full_attention"}
+    if len(sliding_kv) > 1 or len(full_kv) > 1:
+        raise CheckpointError(f"{name}: {arch}.attention.head_count_kv differs within a layer type")
+    config["num_key_value_heads"] = next(iter(sliding_kv or full_kv))
+    shared = meta.get(f"{arch}.attention.shared_kv_layers", 0)
+    shared = _value(shared, int, "shared_kv_layers", name)
+    config["num_kv_shared_layers"] = shared
+    producers = [l for l in range(L - shared) if types[l] == "full_attention"]
+    k_eq_v = bool(producers) and all(f"model.layers.{l}.self_attn.v_proj.weight" not in shapes for l in producers)
+    config["attention_k_eq_v"] = k_eq_v
+    if full_kv and next(iter(full_kv)) != config["num_key_value_heads"]:
+        if not k_eq_v:
+            raise CheckpointError(f"{name}: the full layers have their own head_count_kv but a v_proj (attn_v): "
+                                  "HF's Gemma4TextConfig applies num_global_key_value_heads only with k_eq_v")
+        config["num_global_key_value_heads"] = next(iter(full_kv))
+    ff = _per_layer(meta, f"{arch}.feed_forward_length", L, name)
+    base = min(ff)
+    double = [l for l in range(L) if ff[l] != base]
+    if any(ff[l] != 2 * base for l in double) or (double and double != list(range(L - shared, L))):
+        raise CheckpointError(f"{name}: {arch}.feed_forward_length {ff} is neither one width nor Gemma 4's "
+                              "double-wide MLP on the KV-sharing layers")
+    config["intermediate_size"] = base
+    config["use_double_wide_mlp"] = bool(double)
+    ple = _value(meta.get(f"{arch}.embedding_length_per_layer_input", 0), int, "embedding_length_per_layer_input",
+                 name)
+    config["hidden_size_per_layer_input"] = ple
+    if ple:
+        config["vocab_size_per_layer_input"] = int(shapes["model.embed_tokens_per_layer.weight"][0])
+    experts = meta.get(f"{arch}.expert_count", 0)
+    moe = bool(experts) and "model.layers.0.router.proj.weight" in shapes
+    config["enable_moe_block"] = moe
+    if moe:
+        config["num_experts"] = _value(experts, int, "expert_count", name)
+        config["top_k_experts"] = _value(meta.get(f"{arch}.expert_used_count"), int, "expert_used_count", name)
+        config["moe_intermediate_size"] = _value(meta.get(f"{arch}.expert_feed_forward_length"), int,
+                                                 "expert_feed_forward_length", name)
+    config["sliding_window"] = _value(meta.get(f"{arch}.attention.sliding_window"), int, "sliding_window", name)
+    config["final_logit_softcapping"] = get_optional(meta, f"{arch}.final_logit_softcapping", name)
+    if config["final_logit_softcapping"] is None:
+        defaults.append("final_logit_softcapping")
+    freqs = shapes.get("rope_freqs")
+    if freqs is None:
+        defaults.append("partial_rotary_factor")
+        partial = 0.25
+    else:
+        rotated = int(np.sum(freqs == 1.0))
+        if freqs.shape != (full_h // 2,) or not (np.all(freqs[:rotated] == 1.0) and np.all(freqs[rotated:] >= 1e29)):
+            raise CheckpointError(f"{name}: rope_freqs is not Gemma 4's proportional RoPE ({full_h // 2} factors: "
+                                  "1 for the rotated frequencies, then 1e30)")
+        partial = 2 * rotated / full_h
+    theta = config.pop("rope_theta")
+    local = meta.get(f"{arch}.rope.freq_base_swa")
+    if local is None:
+        defaults.append("rope_local_base_freq")
+    config["rope_parameters"] = {
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": partial, "rope_theta": theta},
+        "sliding_attention": {"rope_type": "default",
+                              "rope_theta": 10000.0 if local is None else _value(local, float, "freq_base_swa", name)}}
+    if config.pop("rope_scaling", None) is not None:
+        raise CheckpointError(f"{name}: rope scaling on a Gemma 4 file is not supported")
 
 
 def _value(v, kind, key: str, name: str):
@@ -373,7 +542,8 @@ def hf_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes_of(Config.from_hf({k: v for k, v in config.items() if k != "gguf_defaults"}))
 
 
-def _check_names_and_shapes(tensors: dict, config: dict, path: Path) -> None:
+def _check_names_and_shapes(tensors: dict, config: dict, path: Path, shape=None) -> None:
+    shape = shape or _hf_shape
     expected = hf_shapes(config)
     missing = [n for n in expected if n not in tensors]
     if missing:
@@ -381,10 +551,11 @@ def _check_names_and_shapes(tensors: dict, config: dict, path: Path) -> None:
     unexpected = [n for n in tensors if n not in expected]
     if unexpected:
         raise CheckpointError(f"{path.name} has unexpected tensor {unexpected[0]} ({len(unexpected)} in all)")
-    for name, shape in expected.items():
-        if _hf_shape(tensors[name]) != shape:
-            raise CheckpointError(f"{path.name}: tensor {tensors[name].name} has HF shape "
-                                  f"{list(_hf_shape(tensors[name]))}, the metadata implies {list(shape)}")
+    for name, want in expected.items():
+        if tuple(shape(tensors[name])) != want:
+            raise CheckpointError(f"{path.name}: tensor {getattr(tensors[name], 'name', name)} has HF shape "
+                                  f"{list(shape(tensors[name]))}, the "
+                                  f"metadata implies {list(want)}")
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
@@ -394,9 +565,9 @@ def tokenizer_from_metadata(meta: dict, vocab_size: int, path: Path | str = "GGU
     """The tokenizer.ggml.* metadata -> a `tokenizers.Tokenizer` (module docstring)."""
     name = Path(path).name
     model = meta.get("tokenizer.ggml.model")
-    if model != "llama":
+    if model not in ("llama", "gemma4"):
         raise CheckpointError(f"{name}: tokenizer.ggml.model is {model!r}; refprism reads Gemma's SentencePiece "
-                              "vocabulary ('llama')")
+                              "vocabulary ('llama'; Gemma 4's converter writes 'gemma4')")
     tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
     if not isinstance(tokens, list) or not isinstance(types, list) or len(tokens) != len(types) or not tokens:
         raise CheckpointError(f"{name}: tokenizer.ggml.tokens / token_type are missing or of different lengths")

@@ -19,7 +19,7 @@ import numpy as np
 
 from refprism.errors import AccessError, CheckpointError
 from refprism.gemma.config import Config
-from refprism.gemma.weights import hf_shapes
+from refprism.gemma.weights import check_gemma4_tensors, gemma4_ignored, hf_shapes, text_decoder_names
 
 DEFAULT_MODEL = "google/gemma-2b"
 
@@ -156,8 +156,11 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def read_tensors(model_dir: Path, cfg: Config) -> dict[str, Stored]:
-    """Every tensor of the checkpoint (not yet read), checked strictly against cfg: names, shapes, duplicates."""
+def read_tensors(model_dir: Path, cfg: Config, notes: list | None = None) -> dict[str, Stored]:
+    """Every tensor of the checkpoint (not yet read), checked strictly against cfg: names, shapes, duplicates.
+
+    Gemma 4: a multimodal checkpoint's decoder is read (its towers ignored), the k/v weights of KV-sharing layers
+    are ignored as HF ignores them; what was ignored is appended to `notes`."""
     expected = hf_shapes(cfg)
     tensors: dict[str, Stored] = {}
     for path in safetensors_files(model_dir):
@@ -165,7 +168,15 @@ def read_tensors(model_dir: Path, cfg: Config) -> dict[str, Stored]:
             if name in tensors:
                 raise CheckpointError(f"tensor {name} is stored twice: in {tensors[name].path.name} and {path.name}")
             tensors[name] = stored
+    tensors, found = text_decoder_names(tensors)
     tied = tensors.pop("lm_head.weight", None)
+    check_gemma4_tensors(cfg, tensors)
+    ignored = [n for n in tensors if gemma4_ignored(cfg, n)]
+    if ignored:
+        found.append(f"ignored as HF does: {len(ignored)} k/v tensors of KV-sharing layers (e.g. {ignored[0]})")
+        tensors = {n: t for n, t in tensors.items() if n not in set(ignored)}
+    if notes is not None:
+        notes.extend(found)
     missing = [n for n in expected if n not in tensors]
     if missing:
         raise CheckpointError(f"checkpoint is missing tensor {missing[0]} ({len(missing)} missing in all)")

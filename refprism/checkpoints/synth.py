@@ -167,6 +167,81 @@ PRESETS["tiny-gemma3"] = {
     "attn_logit_softcapping": None,
 }
 
+# Gemma 4 in miniature with every feature on (docs/gemma4.md): 7 layers S F S S F S F; the last 3 share K, V
+# (consumers 4 F, 5 S, 6 F read producers 1 F and 3 S: both layer types), with a double-wide MLP; full layers have
+# their own head width 32 and one kv head, V = K (k_eq_v), proportional RoPE over a quarter of the head; per-layer
+# embeddings of width 16; a mixture of 4 experts (top 2) beside the dense MLP; a final soft-cap that bends; a window
+# shorter than the test prompts. Norm weights, layer_scalar, the router's scale and per_expert_scale are drawn
+# around 1 (random_tensor): leaving them at 1 would test nothing.
+_LAYERS_4 = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention",
+             "sliding_attention", "full_attention"]
+_GEMMA4_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                   "rope_theta": 1_000_000.0}}
+PRESETS["tiny-gemma4"] = {
+    **_COMMON_2_3,
+    "architectures": ["Gemma4ForCausalLM"],
+    "model_type": "gemma4_text",
+    "rope_theta": 1_000_000.0,
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 7,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "global_head_dim": 32,
+    "num_global_key_value_heads": 1,
+    "attention_k_eq_v": True,
+    "layer_types": _LAYERS_4,
+    "rope_parameters": _GEMMA4_ROPE,
+    "sliding_window": 4,
+    "final_logit_softcapping": 5.0,
+    "num_kv_shared_layers": 3,
+    "use_double_wide_mlp": True,
+    "hidden_size_per_layer_input": 16,  # sqrt(16) = 4 and sqrt(64) = 8 are exact: float64 parity needs no rounding
+    "vocab_size_per_layer_input": 512,
+    "enable_moe_block": True,
+    "num_experts": 4,
+    "top_k_experts": 2,
+    "moe_intermediate_size": 24,
+    "max_position_embeddings": 128,
+    "torch_dtype": "float32",
+}
+# The released sizes' shapes (text decoders of the hub's google/gemma-4-* config.json files' text_config).
+_GEMMA4_COMMON = {**{k: v for k, v in PRESETS["tiny-gemma4"].items() if k in (
+    "architectures", "model_type", "hidden_activation", "rms_norm_eps", "attention_bias", "attention_dropout",
+    "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "initializer_range", "use_cache",
+    "rope_parameters")}, "rope_theta": 1_000_000.0, "vocab_size": 262144, "head_dim": 256, "global_head_dim": 512,
+    "final_logit_softcapping": 30.0, "torch_dtype": "bfloat16"}
+
+
+def _pattern(n_layers, every):
+    return ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layers)]
+
+
+PRESETS["gemma-4-e2b"] = {**_GEMMA4_COMMON, "hidden_size": 1536, "intermediate_size": 6144, "num_hidden_layers": 35,
+                          "num_attention_heads": 8, "num_key_value_heads": 1, "layer_types": _pattern(35, 5),
+                          "sliding_window": 512, "num_kv_shared_layers": 20, "use_double_wide_mlp": True,
+                          "hidden_size_per_layer_input": 256, "vocab_size_per_layer_input": 262144,
+                          "attention_k_eq_v": False, "enable_moe_block": False, "max_position_embeddings": 131072}
+PRESETS["gemma-4-e4b"] = {**_GEMMA4_COMMON, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 42,
+                          "num_attention_heads": 8, "num_key_value_heads": 2, "layer_types": _pattern(42, 6),
+                          "sliding_window": 512, "num_kv_shared_layers": 18, "use_double_wide_mlp": False,
+                          "hidden_size_per_layer_input": 256, "vocab_size_per_layer_input": 262144,
+                          "attention_k_eq_v": False, "enable_moe_block": False, "max_position_embeddings": 131072}
+PRESETS["gemma-4-31b"] = {**_GEMMA4_COMMON, "hidden_size": 5376, "intermediate_size": 21504, "num_hidden_layers": 60,
+                          "num_attention_heads": 32, "num_key_value_heads": 16, "num_global_key_value_heads": 4,
+                          "attention_k_eq_v": True, "layer_types": _pattern(60, 6), "sliding_window": 1024,
+                          "num_kv_shared_layers": 0, "hidden_size_per_layer_input": 0, "enable_moe_block": False,
+                          "max_position_embeddings": 262144}
+PRESETS["gemma-4-26b-a4b"] = {**_GEMMA4_COMMON, "hidden_size": 2816, "intermediate_size": 2112,
+                              "num_hidden_layers": 30, "num_attention_heads": 16, "num_key_value_heads": 8,
+                              "num_global_key_value_heads": 2, "attention_k_eq_v": True,
+                              "layer_types": _pattern(30, 6), "sliding_window": 1024, "num_kv_shared_layers": 0,
+                              "hidden_size_per_layer_input": 0, "enable_moe_block": True, "num_experts": 128,
+                              "top_k_experts": 8, "moe_intermediate_size": 704, "max_position_embeddings": 262144}
+
 # Name -> numpy dtype of the tensors written. bfloat16 is ml_dtypes' type, which
 # safetensors.numpy saves as "BF16" and loads back as ml_dtypes.bfloat16.
 DTYPES: dict[str, np.dtype] = {
@@ -211,8 +286,9 @@ def _validate_config(config: dict) -> None:
             raise ValueError(f"config[{key!r}] must be a positive number, got {value!r}")
     if config.get("tie_word_embeddings", True) is not True:
         raise ValueError("Gemma ties the unembedding to the embedding: tie_word_embeddings must be true")
-    if config.get("model_type", "gemma") not in ("gemma", "gemma2", "gemma3_text"):
-        raise ValueError(f"model_type must be 'gemma', 'gemma2' or 'gemma3_text', got {config.get('model_type')!r}")
+    if config.get("model_type", "gemma") not in ("gemma", "gemma2", "gemma3_text", "gemma4_text"):
+        raise ValueError(f"model_type must be 'gemma', 'gemma2', 'gemma3_text' or 'gemma4_text', got "
+                         f"{config.get('model_type')!r}")
 
 
 def make_config(preset: str = "tiny", **overrides) -> dict:
@@ -252,26 +328,49 @@ def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 NORM_WEIGHT_STD = 0.3
 
 
-def random_tensor(name: str, shape: tuple[int, ...], *, seed: int = 0) -> np.ndarray:
+# Gemma 4's scalars and scale vectors that start at 1 (norm weights, layer_scalar, the router's scale and
+# per_expert_scale): drawn as 1 + N(0, 0.3**2), so that a port that leaves them at 1 (or applies 1 + w) is caught
+_AROUND_ONE = ("norm.weight", "layer_scalar", "router.scale", "router.per_expert_scale")
+
+
+def random_tensor(name: str, shape: tuple[int, ...], *, seed: int = 0, norm_mean: float = 0.0) -> np.ndarray:
     """The float32 random values of one tensor (see the module docstring for the scales).
 
-    Math:   embed ~ N(0, 1/D);  proj [out, in] ~ N(0, 1/in);  norm w ~ N(0, 0.3**2)
+    Math:   embed ~ N(0, 1/D);  proj [out, in] ~ N(0, 1/in);  norm w ~ N(norm_mean, 0.3**2)
+            Gemma 4 (norm_mean 1): norm w, layer_scalar, router.scale, per_expert_scale ~ N(1, 0.3**2);
+            experts' gate_up [E, 2I, D] ~ N(0, 1/D), down [E, D, I] ~ N(0, 1/I);
+            per-layer embedding [Vp, L*P] ~ N(0, 1/P) (the model multiplies it by sqrt(P))
     Shapes: embed [V, D]; proj [out, in]; norm [D]; returned as given, dtype float32
 
     The stream is seeded by (seed, crc32(name)), so a tensor's values depend only on its
     name, shape and the seed.
     """
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    if name.endswith("norm.weight"):
-        std = NORM_WEIGHT_STD
+    mean = 0.0
+    norm = name.endswith(("norm.weight", "norm_1.weight", "norm_2.weight"))  # Gemma 4 MoE: ..._layernorm_2
+    if norm_mean and name.endswith(("q_norm.weight", "k_norm.weight")):
+        # Gemma 4's scores are q.k at scale 1 (q, k RMS-normed over H): w ~ N(0.5, 0.15**2) keeps them O(1) at the
+        # tiny sizes, so that attention is neither uniform nor one-hot (and float32 rounding is not amplified)
+        std, mean = NORM_WEIGHT_STD / 2, 0.5
+    elif name.endswith(_AROUND_ONE[1:]) or (norm_mean and norm):
+        std, mean = NORM_WEIGHT_STD, 1.0
+    elif norm:
+        std, mean = NORM_WEIGHT_STD, norm_mean
     elif name == "model.embed_tokens.weight":
         std = 1.0 / math.sqrt(shape[1])  # 1/sqrt(D): after the sqrt(D) embedding scale, rms 1
-    elif name.endswith("_proj.weight"):
+    elif name == "model.embed_tokens_per_layer.weight":
+        std = 0.25  # [Vp, L*P]; the model multiplies by sqrt(P): rms 1 at the tiny preset's P = 16
+    elif name.endswith(("_proj.weight", "router.proj.weight", "per_layer_input_gate.weight", "_projection.weight",
+                        "per_layer_projection.weight")):
         std = 1.0 / math.sqrt(shape[1])  # 1/sqrt(fan_in)
+    elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        std = 1.0 / math.sqrt(shape[2])  # [E, out, in]: 1/sqrt(fan_in)
     else:
         raise ValueError(f"no initialisation rule for tensor {name!r}")
     values = rng.standard_normal(shape, dtype=np.float32)
     values *= np.float32(std)  # in place, float32 constant: no float64 copy
+    if mean:
+        values += np.float32(mean)
     return values
 
 
@@ -549,7 +648,8 @@ def write_checkpoint(
             tensors = {}
             for i in group:
                 name = names[i]
-                values = random_tensor(name, shapes[name], seed=seed)
+                values = random_tensor(name, shapes[name], seed=seed,
+                                       norm_mean=1.0 if config.get("model_type") == "gemma4_text" else 0.0)
                 tensors[name] = values.astype(np_dtype, copy=False)  # round to nearest even
                 del values  # the float32 draw goes now, not at the end of the shard
                 weight_map[name] = file_name

@@ -113,12 +113,14 @@ def _norm_parts(op: Op):
 
 
 def _tables(op: Op, *, theta=None, scale=None, offset=0):
-    """cos, sin [T, H] of the op's layer (float64 angles), optionally with another base, scale or position offset."""
+    """cos, sin [T, H] of the op's layer (float64 angles), optionally with another base, scale or position offset
+    (Gemma 4: the layer's own head width and proportional fraction)."""
     th, sc = op.cfg.rope_of(op.layer)
     th = th if theta is None else theta
     sc = sc if scale is None else scale
     T = len(op.tokens)
-    return ops.rope_tables((np.arange(T) + offset) / sc, op.cfg.d_head, th, np.float64)
+    return ops.rope_tables((np.arange(T) + offset) / sc, op.cfg.head_dim_of(op.layer), th, np.float64,
+                           op.cfg.rope_partial_of(op.layer))
 
 
 def _norm_w(op):
@@ -403,6 +405,102 @@ CATALOGUE: list[Mistake] = [
 ]
 
 
+# ------------------------------------------------------------------------------------------------ Gemma 4
+
+# Gemma 4's norm outputs -> (input, recorded scale, weight key)
+_NORM_OF_4 = {**_NORM_OF, "mlp.dense": ("mlp.down", "ln2_post1.scale", "ln2_post1"),
+              "moe.out": ("moe.down", "ln2_post2.scale", "ln2_post2"),
+              "ln2_moe.out": ("resid_mid", "ln2_moe.scale", "ln2_moe"), "ple.out": ("ple.proj", "ple_post.scale",
+                                                                                  "ple_post")}
+NORM_OUTPUTS_4 = (*NORM_OUTPUTS, "mlp.dense", "moe.out", "ln2_moe.out", "ple.out")
+
+
+def _norm_one_plus_w(op):
+    """Gemma 4's norms with Gemma 3's (1 + w) (the trap of a port from Gemma 3)."""
+    cfg = op.cfg
+    if op.kind == "ln_final.out":
+        x, s, w, finish = (op.record[f"blocks.{cfg.n_layers - 1}.resid_post"], op.record["ln_final.scale"],
+                           op.weights.ln_final, lambda y: y)
+    elif op.kind in ("attn.q", "attn.k"):
+        which = op.kind[-1]
+        if which == "k" and not cfg.has_kv(op.layer):
+            return None
+        cos, sin = _tables(op)
+        x, s, w = op.at(f"attn.{which}_pre"), op.at(f"attn.{which}_norm.scale"), op.block[f"{which}_norm"]
+        finish = lambda y: ops.rope(y, cos, sin)  # noqa: E731
+    else:
+        x, s, w = _NORM_OF_4[op.kind]
+        if op.kind == "mlp.out" and cfg.moe:
+            x = "mlp.sum"
+        x, s, w, finish = op.at(x), op.at(s), op.block[w], lambda y: y
+    return finish(x / s[..., None] * (1 + w))
+
+
+def _v_norm_missing(op):
+    return op.at("attn.v_pre") if op.cfg.has_kv(op.layer) else None
+
+
+def _scale_head_dim_4(op):
+    cfg = op.cfg
+    k = op.record[f"blocks.{cfg.kv_source(op.layer)}.attn.k"]
+    return ops.attention_scores(op.at("attn.q"), k, cfg.head_dim_of(op.layer) ** -0.5)
+
+
+def _layer_scalar_missing(op):
+    x = op.at("resid_mlp")
+    return x + op.at("ple.out") if op.cfg.ple else x
+
+
+def _topk_weights(*, renormalise=True, per_expert=True):
+    def compute(op):
+        logits = op.at("moe.router.logits")
+        prob = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        prob /= prob.sum(axis=-1, keepdims=True)
+        top = np.argsort(-prob, axis=-1, kind="stable")[:, : op.cfg.top_k]
+        w = np.take_along_axis(prob, top, axis=-1)
+        if renormalise:
+            w = w / w.sum(axis=-1, keepdims=True)
+        return w * op.block["per_expert_scale"][top] if per_expert else w
+    return compute
+
+
+def _rope_neox_partial(op):
+    """The full layers rotate their first 2R dims as NeoX's partial rotary does (pairs (i, i + R), frequencies
+    theta^(-2i / 2R)), instead of Gemma 4's proportional pairs (i, i + H/2) with theta^(-2i / H)."""
+    cfg, l = op.cfg, op.layer
+    p = cfg.rope_partial_of(l)
+    if p == 1.0 or (op.kind == "attn.k" and not cfg.has_kv(l)):
+        return None
+    which = op.kind[-1]
+    x = op.at(f"attn.{which}_pre") / op.at(f"attn.{which}_norm.scale")[..., None] * op.block[f"{which}_norm"]
+    H = cfg.head_dim_of(l)
+    R = int(p * H // 2)
+    theta, scale = cfg.rope_of(l)
+    cos, sin = ops.rope_tables(np.arange(len(op.tokens)) / scale, 2 * R, theta, np.float64)
+    out = x.copy()
+    out[..., : 2 * R] = ops.rope(np.ascontiguousarray(x[..., : 2 * R]), cos, sin)
+    return out
+
+
+GEMMA4_CATALOGUE: list[Mistake] = [
+    Mistake("norm_one_plus_w", NORM_OUTPUTS_4, _norm_one_plus_w,
+            "a norm scales by 1 + w (Gemma 1-3's RMSNorm); Gemma 4's scales by w itself (its weights start at 1)"),
+    Mistake("v_norm_missing", ("attn.v",), _v_norm_missing,
+            "the values are not RMS-normalised; Gemma 4 normalises each value head (v_norm, no learned scale)"),
+    Mistake("query_scale_head_dim_4", ("attn.scores",), _scale_head_dim_4,
+            "q . k is scaled by head_dim ** -0.5; Gemma 4's attention scale is 1 (q and k are RMS-normed)"),
+    Mistake("layer_scalar_missing", ("resid_post",), _layer_scalar_missing,
+            "the residual stream leaving the layer is not multiplied by layer_scalar"),
+    Mistake("per_expert_scale_dropped", ("moe.topk.weight",), _topk_weights(per_expert=False),
+            "the router's top-k weights are not multiplied by per_expert_scale"),
+    Mistake("topk_not_renormalised", ("moe.topk.weight",), _topk_weights(renormalise=False),
+            "the top-k probabilities are not renormalised to sum 1 before per_expert_scale"),
+    Mistake("rope_partial_contiguous", ("attn.q", "attn.k"), _rope_neox_partial,
+            "a full layer rotates its first dims contiguously (NeoX's partial rotary); Gemma 4's proportional RoPE "
+            "rotates dims [0, R) with [H/2, H/2 + R), frequencies theta^(-2i/H)"),
+]
+
+
 # Mistakes of the token ids, told apart before any activation.
 TOKEN_MISTAKES = {
     "missing_bos": "the other side's tokens are ours without the leading <bos>: Gemma needs BOS first "
@@ -424,8 +522,10 @@ _COARSER = {"float64": ("float32", "bfloat16", "float16"), "float32": ("bfloat16
 _NORM_ROUNDING = {"float64": "float32", "float16": "float16"}
 
 
-def candidates(profile: Profile) -> list[Mistake]:
-    """The catalogue entries that can be told apart at this arithmetic."""
+def candidates(profile: Profile, cfg: Config | None = None) -> list[Mistake]:
+    """The catalogue entries that can be told apart at this arithmetic (Gemma 4: GEMMA4_CATALOGUE)."""
+    if cfg is not None and cfg.gemma4:
+        return list(GEMMA4_CATALOGUE)
     out = []
     for m in CATALOGUE:
         if m.name.startswith("norm_in_"):
@@ -479,7 +579,7 @@ def diagnose(model, tokens, wrong: str, theirs: dict, runs: _Runs, profile: Prof
     mask = compared_mask(cfg, wrong, len(tokens))
     target = theirs.get(wrong)
     out = []
-    for mistake in candidates(profile):
+    for mistake in candidates(profile, cfg):
         if not kinds & set(mistake.kinds):
             continue
 

@@ -149,6 +149,20 @@ class WeightsAs:
     def embedding(self):
         return self._cast(self.params.embedding())
 
+    def get(self, l: int, key: str):
+        return self._cast(self.params.get(l, key))
+
+    # Gemma 4's per-layer embeddings (gemma.weights.Weights)
+    @property
+    def ple_norm(self):
+        return self._cast(self.params.ple_norm)
+
+    def ple_rows(self, ids):
+        return self._cast(self.params.ple_rows(ids))
+
+    def ple_model(self):
+        return self._cast(self.params.ple_model())
+
 
 def split_site(name: str) -> tuple[int | None, str]:
     """'blocks.3.attn.q' -> (3, 'attn.q'); 'logits' -> (None, 'logits')."""
@@ -162,7 +176,8 @@ def pre_rope(record, cfg: Config, weights, l: int, kind: str):
     which = kind[-1]  # "q" or "k"
     x = record[f"blocks.{l}.attn.{which}_pre"]
     if cfg.qk_norm:
-        x = ops.rms_apply(x, record[f"blocks.{l}.attn.{which}_norm.scale"], weights.block(l)[f"{which}_norm"])
+        x = ops.rms_apply(x, record[f"blocks.{l}.attn.{which}_norm.scale"], weights.block(l)[f"{which}_norm"],
+                          cfg.norm_offset)
     return x
 
 

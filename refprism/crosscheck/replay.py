@@ -60,10 +60,11 @@ def honest_edit(profile: Profile, weights, cfg: Config, T: int):
 
     def rope_tables(l):
         theta, scale = cfg.rope_of(l)
-        if (theta, scale) not in tables:
-            cos, sin = rope_tables_float32(np.arange(T), cfg.d_head, theta, scale)
-            tables[theta, scale] = (_round(cos, dt), _round(sin, dt))
-        return tables[theta, scale]
+        key = (theta, scale, cfg.head_dim_of(l), cfg.rope_partial_of(l))  # Gemma 4: per layer type
+        if key not in tables:
+            cos, sin = rope_tables_float32(np.arange(T), *key[2:3], theta, scale, partial=key[3])
+            tables[key] = (_round(cos, dt), _round(sin, dt))
+        return tables[key]
 
     def edit(name, value, record):
         l, kind = split_site(name)
@@ -78,7 +79,8 @@ def honest_edit(profile: Profile, weights, cfg: Config, T: int):
         if dt is None:
             return value
         if kind == "attn.scores":
-            qk = _round(ops.attention_scores(record[f"blocks.{l}.attn.q"], record[f"blocks.{l}.attn.k"], 1.0), dt)
+            k = record[f"blocks.{cfg.kv_source(l)}.attn.k"]  # Gemma 4 KV-sharing consumer: the producer's keys
+            qk = _round(ops.attention_scores(record[f"blocks.{l}.attn.q"], k, 1.0), dt)
             return _round(qk * np.float32(cfg.query_pre_attn_scalar ** -0.5), dt)
         if kind == "attn.pattern" and cfg.attn_softcap is not None:
             capped = _softcap_rounded(record[f"blocks.{l}.attn.scores"], cfg.attn_softcap, dt)
@@ -100,7 +102,7 @@ def _softcap_rounded(x, cap, dt):
     return _round(_round(np.tanh(_round(x / cap, dt)), dt) * cap, dt)
 
 
-def rope_tables_float32(positions, d_head, theta, scale=1.0):
+def rope_tables_float32(positions, d_head, theta, scale=1.0, partial=1.0):
     """cos, sin as HF computes them in float32: inv_freq = 1 / theta ** (arange(0, H, 2) / H) (/ scale for linear
     scaling), angle = float32(position) * inv_freq, rounded at each step (the angle's error grows with position).
 
@@ -110,6 +112,8 @@ def rope_tables_float32(positions, d_head, theta, scale=1.0):
     inv = (f(1.0) / (f(theta) ** (np.arange(0, d_head, 2, dtype=f) / f(d_head)))).astype(f)
     if scale != 1.0:
         inv = (inv / f(scale)).astype(f)
+    if partial != 1.0:  # Gemma 4's proportional RoPE: the frequencies beyond int(p H / 2) are 0
+        inv[int(partial * d_head // 2):] = 0
     angles = np.asarray(positions, dtype=f)[:, None] * inv[None, :]
     angles = np.concatenate([angles, angles], axis=-1)
     return np.cos(angles).astype(f), np.sin(angles).astype(f)

@@ -166,9 +166,9 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
     site = _Recorder(cfg, lengths, selection, edit)
     bounds = site.bounds
     tokens = np.concatenate(prompts)
-    T, N, H = len(tokens), cfg.n_heads, cfg.d_head
+    T, N = len(tokens), cfg.n_heads
     positions = np.concatenate([np.arange(T) for T in lengths])  # each prompt's own positions
-    ropes = {}  # (theta, scale) -> cos, sin [sum T, H]: Gemma 3 has one RoPE for full and one for sliding layers
+    ropes = {}  # (theta, scale, H, partial) -> cos, sin [sum T, H]: one RoPE per layer type (Gemma 3, 4)
 
     first = 0
     if resume is not None:
@@ -183,6 +183,16 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
         x = clean[f"blocks.{first}.resid_pre"]
     else:
         x = site("embed", params.embed_rows(tokens) * normalizer)  # [T, D]
+    off = cfg.norm_offset  # Gemma trap: norms scale by (1 + w) in Gemma 1-3, by w in Gemma 4
+    ple = None
+    if cfg.ple:  # Gemma 4 E2B/E4B: per-layer inputs, computed once from the tokens and the embedding
+        ple = clean["ple.input"] if resume is not None else _ple_inputs(params, cfg, site, tokens, x)
+    shared = {}  # Gemma 4 KV sharing: layer type -> the (k, v) its consumers attend over (the producer's)
+    if resume is not None:
+        for l in range(first, cfg.n_layers):
+            src = cfg.kv_source(l)
+            if src < first:  # a consumer after the resume point whose producer is before it
+                shared[cfg.layer_types[l]] = (clean[f"blocks.{src}.attn.k"], clean[f"blocks.{src}.attn.v"])
 
     R = weakref.proxy(site.records[0])  # one prompt's record: the lazy entries below read their inputs from it
     for l in range(first, cfg.n_layers):  # T is the pack's total here
@@ -195,19 +205,24 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
         # -> causal softmax (Gemma 2: soft-capped scores; sliding layers: a window) -> o_proj (-> Gemma 2/3 post-norm)
         # A lazy entry (recompute=) is the same function of the same recorded inputs: see _Recorder.
         s1 = site(b + "ln1.scale", ops.rms_scale(x, eps=eps))
-        h = site(b + "ln1.out", ops.rms_apply(x, s1, p["ln1"]),
-                 recompute=lambda b=b, w=p["ln1"]: ops.rms_apply(R[b + "resid_pre"], R[b + "ln1.scale"], w))
+        h = site(b + "ln1.out", ops.rms_apply(x, s1, p["ln1"], off),
+                 recompute=lambda b=b, w=p["ln1"]: ops.rms_apply(R[b + "resid_pre"], R[b + "ln1.scale"], w, off))
         q = site(b + "attn.q_pre", _project(h, p["W_Q"]),  # [T, N, H] = h W_Q
                  recompute=lambda b=b, W=W: _project(R[b + "ln1.out"], W("W_Q")))
-        k = site(b + "attn.k_pre", _project(h, p["W_K"]),  # [T, K, H] = h W_K
-                 recompute=lambda b=b, W=W: _project(R[b + "ln1.out"], W("W_K")))
-        v = site(b + "attn.v", _project(h, p["W_V"]),  # [T, K, H] = h W_V
-                 recompute=lambda b=b, W=W: _project(R[b + "ln1.out"], W("W_V")))
         theta, scale = cfg.rope_of(l)
-        if (theta, scale) not in ropes:
-            ropes[theta, scale] = ops.rope_tables(positions / scale, cfg.d_head, theta, dtype)
-        cos, sin = ropes[theta, scale]
-        if cfg.qk_norm:  # Gemma 3: each head's q and k normalised over H, (1 + w) as every Gemma norm, then RoPE
+        H = cfg.head_dim_of(l)  # Gemma 4: full layers have their own head width (global_head_dim)
+        partial = cfg.rope_partial_of(l)
+        if (theta, scale, H, partial) not in ropes:
+            ropes[theta, scale, H, partial] = ops.rope_tables(positions / scale, H, theta, dtype, partial)
+        cos, sin = ropes[theta, scale, H, partial]
+        if cfg.gemma4:
+            q, k, v = _gemma4_qkv(cfg, l, b, site, h, q, p, cos, sin, shared, eps)
+        else:
+            k = site(b + "attn.k_pre", _project(h, p["W_K"]),  # [T, K, H] = h W_K
+                     recompute=lambda b=b, W=W: _project(R[b + "ln1.out"], W("W_K")))
+            v = site(b + "attn.v", _project(h, p["W_V"]),  # [T, K, H] = h W_V
+                     recompute=lambda b=b, W=W: _project(R[b + "ln1.out"], W("W_V")))
+        if cfg.qk_norm and not cfg.gemma4:  # Gemma 3: each head's q and k normalised over H, (1 + w), then RoPE
             sq = site(b + "attn.q_norm.scale", ops.rms_scale(q, eps=eps))
             sk = site(b + "attn.k_norm.scale", ops.rms_scale(k, eps=eps))
             q = site(b + "attn.q", ops.rope(ops.rms_apply(q, sq, p["q_norm"]), cos, sin),
@@ -216,13 +231,13 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
             k = site(b + "attn.k", ops.rope(ops.rms_apply(k, sk, p["k_norm"]), cos, sin),
                      recompute=lambda b=b, w=p["k_norm"], cos=cos, sin=sin: ops.rope(
                          ops.rms_apply(R[b + "attn.k_pre"], R[b + "attn.k_norm.scale"], w), cos, sin))
-        else:
+        elif not cfg.gemma4:
             q = site(b + "attn.q", ops.rope(q, cos, sin),
                      recompute=lambda b=b, cos=cos, sin=sin: ops.rope(R[b + "attn.q_pre"], cos, sin))
             k = site(b + "attn.k", ops.rope(k, cos, sin),
                      recompute=lambda b=b, cos=cos, sin=sin: ops.rope(R[b + "attn.k_pre"], cos, sin))
         window = cfg.sliding_window if cfg.is_sliding(l) else None
-        qscale = cfg.query_pre_attn_scalar ** -0.5
+        qscale = cfg.query_pre_attn_scalar ** -0.5  # Gemma 4: 1 (query_pre_attn_scalar 1.0: q, k are RMS-normed)
         zNTH = np.empty((N, T, H), dtype=dtype)  # z per head, written per prompt
         for i, Ti in enumerate(lengths):  # attention within each prompt only
             a, e = bounds[i], bounds[i + 1]
@@ -240,22 +255,23 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
             ops.attention_mix(pattern, v[a:e], out=zNTH[:, a:e], window=window,
                               banded=pattern is computed)  # an edited pattern is read whole
             del pattern, computed  # one prompt's attention at a time, unless the record keeps it
+        vb = f"blocks.{cfg.kv_source(l)}."  # Gemma 4 KV-sharing consumer: its producer's values
         z = site(b + "attn.z", zNTH.transpose(1, 0, 2),  # [T, N, H]
-                 recompute=lambda b=b, window=window: ops.attention_mix(R[b + "attn.pattern"], R[b + "attn.v"],
-                                                                        window=window))
+                 recompute=lambda b=b, vb=vb, window=window: ops.attention_mix(R[b + "attn.pattern"], R[vb + "attn.v"],
+                                                                               window=window))
         attn_out = _heads_out(z, p["W_O"])  # [T, D]
         if cfg.post_norms:  # Gemma 2/3: the attention output is normalised before the residual add
             attn_out = site(b + "attn.o_proj", attn_out,
                             recompute=lambda b=b, W=W: _heads_out(R[b + "attn.z"], W("W_O")))
             sp = site(b + "ln1_post.scale", ops.rms_scale(attn_out, eps=eps))
-            attn_out = ops.rms_apply(attn_out, sp, p["ln1_post"])
+            attn_out = ops.rms_apply(attn_out, sp, p["ln1_post"], off)
         attn_out = site(b + "attn.out", attn_out)  # kept: every residual prism reads it
         x = site(b + "resid_mid", x + attn_out, recompute=lambda b=b: R[b + "resid_pre"] + R[b + "attn.out"])
 
         # MLP: RMSNorm (1 + w) -> GeGLU gelu_tanh(gate) * up -> down (-> Gemma 2/3 post-norm)
         s2 = site(b + "ln2.scale", ops.rms_scale(x, eps=eps))
-        h = site(b + "ln2.out", ops.rms_apply(x, s2, p["ln2"]),
-                 recompute=lambda b=b, w=p["ln2"]: ops.rms_apply(R[b + "resid_mid"], R[b + "ln2.scale"], w))
+        h = site(b + "ln2.out", ops.rms_apply(x, s2, p["ln2"], off),
+                 recompute=lambda b=b, w=p["ln2"]: ops.rms_apply(R[b + "resid_mid"], R[b + "ln2.scale"], w, off))
         gate = site(b + "mlp.gate", h @ p["W_gate"],  # [T, F]
                     recompute=lambda b=b, W=W: R[b + "ln2.out"] @ W("W_gate"))
         up = site(b + "mlp.up", h @ p["W_up"],  # [T, F]
@@ -267,17 +283,125 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
         del act
         if cfg.post_norms:
             mlp_out = site(b + "mlp.down", mlp_out, recompute=lambda b=b, W=W: R[b + "mlp.act"] @ W("W_down"))
+            if cfg.moe:  # Gemma 4 26B-A4B: the dense branch beside the experts, each post-normed, then summed
+                mlp_out = site(b + "mlp.sum", _gemma4_moe(cfg, b, site, x, mlp_out, p, eps))
             sp = site(b + "ln2_post.scale", ops.rms_scale(mlp_out, eps=eps))
-            mlp_out = ops.rms_apply(mlp_out, sp, p["ln2_post"])
+            mlp_out = ops.rms_apply(mlp_out, sp, p["ln2_post"], off)
         mlp_out = site(b + "mlp.out", mlp_out)  # kept: every residual prism reads it
-        x = site(b + "resid_post", x + mlp_out)
+        if cfg.gemma4:
+            x = site(b + "resid_mlp", x + mlp_out)
+            if cfg.ple:  # Gemma 4: the per-layer input, gated by the residual, projected, post-normed, added
+                x = x + _gemma4_ple(cfg, l, b, site, x, ple, p, eps)
+            # Gemma 4 trap: layer_scalar multiplies the whole residual stream at the layer's end (not a branch)
+            x = site(b + "resid_post", x * p["layer_scalar"])
+        else:
+            x = site(b + "resid_post", x + mlp_out)
 
     s = site("ln_final.scale", ops.rms_scale(x, eps=eps))
-    h = site("ln_final.out", ops.rms_apply(x, s, params.ln_final),
+    h = site("ln_final.out", ops.rms_apply(x, s, params.ln_final, off),
              recompute=lambda: ops.rms_apply(R[f"blocks.{cfg.n_layers - 1}.resid_post"], R["ln_final.scale"],
-                                             params.ln_final))
+                                             params.ln_final, off))
     _logits(params, cfg, site, h, lengths)
     return site.records
+
+
+def _ple_inputs(params, cfg, site, tokens, x0):
+    """Gemma 4's per-layer inputs, once per position (HF: get_per_layer_inputs, project_per_layer_inputs).
+
+    Math:   token = E_ple[tokens] * sqrt(P)                              (token identity; sqrt(256) = 16)
+            model = x_0 W_ple_model / sqrt(D)                             (linear in the scaled embedding x_0)
+            ple   = (rms_norm(model; ple_norm) + token) / sqrt(2)         (the norm over P, per layer, scale w)
+    Shapes: tokens [T], x0 [T, D] -> ple [T, L, P]
+    """
+    dt = x0.dtype
+    token = site("ple.token", params.ple_rows(tokens) * np.asarray(np.sqrt(np.float64(cfg.d_ple)), dt))
+    model = site("ple.model_proj", np.einsum("td,dlp->tlp", x0, params.ple_model()) *
+                 np.asarray(cfg.d_model ** -0.5, dt))
+    s = site("ple.model_proj_norm.scale", ops.rms_scale(model, eps=cfg.rms_norm_eps))
+    return site("ple.input", (ops.rms_apply(model, s, params.ple_norm, 0) + token) * np.asarray(2.0 ** -0.5, dt))
+
+
+def _gemma4_qkv(cfg, l, b, site, h, q, p, cos, sin, shared, eps):
+    """Gemma 4's q, k, v of layer l (HF: Gemma4TextAttention.forward), recorded; -> q, k, v after norms and RoPE.
+
+    Math:   q = rope(rms_norm(h W_Q; q_norm))                      (per head over H, scale w; then RoPE)
+            producer:  k = rope(rms_norm(h W_K; k_norm)),  v = rms_norm(v_pre) (v_norm: no learned scale)
+                       v_pre = h W_V, or h W_K on a k_eq_v layer (full layers: V is the raw K projection,
+                       before k_norm and RoPE)
+            consumer (KV sharing, Config.kv_source): k, v = the producer's, as they flowed there
+    Shapes: h [T, D], q [T, N, H] -> q [T, N, H], k [S, K, H], v [S, K, H]
+    """
+    if cfg.has_kv(l):
+        k = site(b + "attn.k_pre", _project(h, p["W_K"]))  # [T, K, H] = h W_K
+        v = site(b + "attn.v_pre", k if cfg.k_eq_v_at(l) else _project(h, p["W_V"]))
+    sq = site(b + "attn.q_norm.scale", ops.rms_scale(q, eps=eps))
+    if cfg.has_kv(l):
+        sk = site(b + "attn.k_norm.scale", ops.rms_scale(k, eps=eps))
+        sv = site(b + "attn.v_norm.scale", ops.rms_scale(v, eps=eps))
+    q = site(b + "attn.q", ops.rope(ops.rms_apply(q, sq, p["q_norm"], 0), cos, sin))
+    if not cfg.has_kv(l):
+        return (q, *shared[cfg.layer_types[l]])
+    k = site(b + "attn.k", ops.rope(ops.rms_apply(k, sk, p["k_norm"], 0), cos, sin))
+    v = site(b + "attn.v", ops.rms_apply(v, sv, None))
+    shared[cfg.layer_types[l]] = (k, v)  # the last producer of this type before the consumers wins (HF: "store")
+    return q, k, v
+
+
+def _gemma4_moe(cfg, b, site, x, dense, p, eps):
+    """Gemma 4's mixture of experts beside the dense MLP (HF: Gemma4TextDecoderLayer, Gemma4TextRouter,
+    Gemma4TextExperts); only the selected experts are computed.
+
+    Math:   r       = (x / s_r * router_scale / sqrt(D)) W_router            (x = resid_mid; s_r its RMS)
+            prob    = softmax(r) over the E experts;  top = the J largest (by falling prob)
+            w_j     = prob[top_j] / sum_j' prob[top_j'] * per_expert_scale[top_j]
+            h2      = rms_norm(x; ln2_moe);  out_j = (gelu_tanh(h2 We_gate[e]) * (h2 We_up[e])) We_down[e], e = top_j
+            returns  rms_norm(dense; ln2_post1) + rms_norm(sum_j w_j out_j; ln2_post2)
+    Shapes: x, dense [T, D] -> [T, D]
+    """
+    dt = x.dtype
+    s1 = site(b + "ln2_post1.scale", ops.rms_scale(dense, eps=eps))
+    dense = site(b + "mlp.dense", ops.rms_apply(dense, s1, p["ln2_post1"], 0))
+    sr = site(b + "moe.router.scale", ops.rms_scale(x, eps=eps))
+    logits = site(b + "moe.router.logits", (ops.rms_apply(x, sr, None) * p["router_scale"] *
+                                            np.asarray(cfg.d_model ** -0.5, dt)) @ p["W_router"])
+    prob = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    prob /= prob.sum(axis=-1, keepdims=True)
+    # Gemma 4 trap: top-k of the probabilities, then renormalised over the k, then per_expert_scale
+    top = site(b + "moe.topk.index", np.argsort(-prob, axis=-1, kind="stable")[:, : cfg.top_k])  # [T, J]
+    w = np.take_along_axis(prob, top, axis=-1)
+    w = site(b + "moe.topk.weight", w / w.sum(axis=-1, keepdims=True) * p["per_expert_scale"][top])
+    s2 = site(b + "ln2_moe.scale", ops.rms_scale(x, eps=eps))
+    h2 = site(b + "ln2_moe.out", ops.rms_apply(x, s2, p["ln2_moe"], 0))
+    T, J, G = len(x), cfg.top_k, cfg.d_expert
+    gate, up = np.empty((T, J, G), dt), np.empty((T, J, G), dt)
+    for e in np.unique(top):  # each selected expert once, over the (token, slot) pairs that chose it
+        t, j = np.nonzero(top == e)
+        gate[t, j] = h2[t] @ p["We_gate"][e]
+        up[t, j] = h2[t] @ p["We_up"][e]
+    gate = site(b + "moe.gate", gate)
+    up = site(b + "moe.up", up)
+    act = site(b + "moe.act", ops.gelu_tanh(gate) * up)
+    out = np.empty((T, J, cfg.d_model), dt)
+    for e in np.unique(top):
+        t, j = np.nonzero(top == e)
+        out[t, j] = act[t, j] @ p["We_down"][e]
+    out = site(b + "moe.expert_out", out)
+    down = site(b + "moe.down", np.einsum("tj,tjd->td", w, out))
+    s3 = site(b + "ln2_post2.scale", ops.rms_scale(down, eps=eps))
+    return dense + site(b + "moe.out", ops.rms_apply(down, s3, p["ln2_post2"], 0))
+
+
+def _gemma4_ple(cfg, l, b, site, x, ple, p, eps):
+    """Gemma 4's per-layer input term of layer l (HF: Gemma4TextDecoderLayer, after the MLP's residual add).
+
+    Math:   out = rms_norm((gelu_tanh(x W_ple_gate) * ple[:, l]) W_ple_proj; ple_post)     (x = resid_mlp)
+    Shapes: x [T, D], ple [T, L, P] -> out [T, D]
+    """
+    gate = site(b + "ple.gate", x @ p["W_ple_gate"])
+    act = site(b + "ple.act", ops.gelu_tanh(gate) * ple[:, l])
+    proj = site(b + "ple.proj", act @ p["W_ple_proj"])
+    s = site(b + "ple_post.scale", ops.rms_scale(proj, eps=eps))
+    return site(b + "ple.out", ops.rms_apply(proj, s, p["ple_post"], 0))
 
 
 def _project(h, W):

@@ -41,22 +41,36 @@ def rms_scale(x, *, eps):
     return c * np.sqrt(np.mean(xc * xc, axis=-1) + eps / c / c)  # eps / c / c, not eps / c**2: may under/overflow
 
 
-def rms_apply(x, s, w):
-    """Apply a (possibly frozen) RMSNorm scale: y = x / s * (1 + w).
+def rms_apply(x, s, w, offset=1):
+    """Apply a (possibly frozen) RMSNorm scale: y = x / s * (offset + w).
 
-    Shapes: x [..., D], s [...], w [D] -> y [..., D]
+    Math:   Gemma 1-3: y = x / s * (1 + w);  Gemma 4 (offset 0, Config.norm_offset): y = x / s * w
+            Gemma trap: a Gemma 4 norm scales by w itself (its weights start at 1); w = None is a norm without a
+            learned scale (Gemma 4's v_norm and the router's norm): y = x / s
+    Shapes: x [..., D], s [...], w [D] or None -> y [..., D]
     """
+    if w is None:
+        return x / s[..., None]
+    if offset == 0:
+        return x / s[..., None] * w.astype(x.dtype)
     return x / s[..., None] * (1 + w.astype(x.dtype))
 
 
-def rope_tables(positions, d_head, theta, dtype):
+def rope_tables(positions, d_head, theta, dtype, partial=1.0):
     """cos and sin of the rotary angles, in float64 then rounded once to `dtype`.
 
     Math:   inv_freq_i = theta ** (-2i / H),  i = 0 .. H/2 - 1
             angle[t, i] = positions[t] * inv_freq_i,  repeated for both halves: [.., H/2] -> [.., H]
+            Gemma 4's "proportional" RoPE (partial = p < 1, full layers): only i < R = int(p * H // 2) rotate,
+            inv_freq_i = 0 for i >= R (cos 1, sin 0: those dims pass unchanged). The pairs stay (i, i + H/2) over
+            the whole head: with H = 512, p = 0.25 dims [0, 64) and [256, 320) rotate, with the frequencies
+            theta ** (-2i / 512) (HF: _compute_proportional_rope_parameters). Gemma trap: not the contiguous
+            first p*H dims of NeoX-style partial rotary.
     Shapes: positions [T] -> cos [T, H], sin [T, H]
     """
     inv_freq = float(theta) ** (-np.arange(0, d_head, 2, dtype=np.float64) / d_head)  # [H/2]
+    if partial != 1.0:
+        inv_freq[int(partial * d_head // 2):] = 0.0
     angles = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]  # [T, H/2]
     angles = np.concatenate([angles, angles], axis=-1)  # [T, H]: split-half layout
     return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)

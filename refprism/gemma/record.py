@@ -20,39 +20,89 @@ from refprism.gemma.config import Config
 # against it, name by name and shape by shape, and docs/math.md lists the same names.
 RECORD_TABLE: list[tuple[str, tuple[str, ...], str, str | None]] = [
     ("embed", ("T", "D"), "token embedding times the normalizer sqrt(D) (= blocks.0.resid_pre)", None),
+    ("ple.token", ("T", "L", "P"), "Gemma 4: E_ple[tokens] * sqrt(P), the per-layer inputs' token-identity piece",
+     "ple"),
+    ("ple.model_proj", ("T", "L", "P"), "Gemma 4: embed W_ple_model / sqrt(D), the piece linear in the embedding "
+     "(before its norm)", "ple"),
+    ("ple.model_proj_norm.scale", ("T", "L"), "Gemma 4: its RMSNorm scale over P", "ple"),
+    ("ple.input", ("T", "L", "P"), "Gemma 4: (rms_norm(model_proj; ple_norm) + token) / sqrt(2); layer l reads "
+     "[:, l]", "ple"),
     ("blocks.{l}.resid_pre", ("T", "D"), "residual stream entering layer l", None),
     ("blocks.{l}.ln1.scale", ("T",), "s = sqrt(mean(x^2) + eps) of the attention's input norm", None),
-    ("blocks.{l}.ln1.out", ("T", "D"), "the attention's normalized input x / s * (1 + w)", None),
+    ("blocks.{l}.ln1.out", ("T", "D"), "the attention's normalized input x / s * (1 + w) (Gemma 4: * w)", None),
     ("blocks.{l}.attn.q_pre", ("T", "N", "H"), "queries as projected, ln1.out W_Q (before the q norm and RoPE)", None),
-    ("blocks.{l}.attn.k_pre", ("T", "K", "H"), "keys as projected, ln1.out W_K (before the k norm and RoPE)", None),
-    ("blocks.{l}.attn.v", ("T", "K", "H"), "values", None),
-    ("blocks.{l}.attn.q_norm.scale", ("T", "N"), "Gemma 3: each head's q norm scale, over H", "qk_norm"),
-    ("blocks.{l}.attn.k_norm.scale", ("T", "K"), "Gemma 3: each kv head's k norm scale, over H", "qk_norm"),
-    ("blocks.{l}.attn.q", ("T", "N", "H"), "queries after RoPE (and the q norm on Gemma 3)", None),
-    ("blocks.{l}.attn.k", ("T", "K", "H"), "keys after RoPE (and the k norm on Gemma 3)", None),
-    ("blocks.{l}.attn.scores", ("N", "T", "S"), "q.k * scale before the soft-cap (Gemma 2), mask and softmax", None),
+    ("blocks.{l}.attn.k_pre", ("T", "K", "H"), "keys as projected, ln1.out W_K (before the k norm and RoPE); "
+     "Gemma 4: not on a KV-sharing consumer", "kv"),
+    ("blocks.{l}.attn.v", ("T", "K", "H"), "values (Gemma 1-3: ln1.out W_V)", "v_plain"),
+    ("blocks.{l}.attn.v_pre", ("T", "K", "H"), "Gemma 4: values as projected, ln1.out W_V (k_eq_v layers: = k_pre)",
+     "v_norm"),
+    ("blocks.{l}.attn.q_norm.scale", ("T", "N"), "Gemma 3/4: each head's q norm scale, over H", "qk_norm"),
+    ("blocks.{l}.attn.k_norm.scale", ("T", "K"), "Gemma 3/4: each kv head's k norm scale, over H", "k_norm"),
+    ("blocks.{l}.attn.v_norm.scale", ("T", "K"), "Gemma 4: each kv head's v norm scale, over H (no learned weight)",
+     "v_norm"),
+    ("blocks.{l}.attn.q", ("T", "N", "H"), "queries after RoPE (and the q norm on Gemma 3/4)", None),
+    ("blocks.{l}.attn.k", ("T", "K", "H"), "keys after RoPE (and the k norm on Gemma 3/4)", "kv"),
+    ("blocks.{l}.attn.v", ("T", "K", "H"), "Gemma 4: values after v_norm: v_pre / s (what the pattern mixes)",
+     "v_norm"),
+    ("blocks.{l}.attn.scores", ("N", "T", "S"), "q.k * scale before the soft-cap (Gemma 2), mask and softmax; "
+     "Gemma 4 KV-sharing consumer: against its producer's k", None),
     ("blocks.{l}.attn.pattern", ("N", "T", "S"), "softmax attention weights (0 where s > t or outside the window)",
      None),
     ("blocks.{l}.attn.z", ("T", "N", "H"), "pattern-weighted values per head", None),
-    ("blocks.{l}.attn.o_proj", ("T", "D"), "Gemma 2/3: o_proj output, before the post-attention norm", "post_norms"),
-    ("blocks.{l}.ln1_post.scale", ("T",), "Gemma 2/3: the post-attention norm scale", "post_norms"),
+    ("blocks.{l}.attn.o_proj", ("T", "D"), "Gemma 2/3/4: o_proj output, before the post-attention norm",
+     "post_norms"),
+    ("blocks.{l}.ln1_post.scale", ("T",), "Gemma 2/3/4: the post-attention norm scale", "post_norms"),
     ("blocks.{l}.attn.out", ("T", "D"), "what attention adds to the residual: sum over heads of z W_O "
-     "(Gemma 2/3: after the post-attention norm)", None),
+     "(Gemma 2/3/4: after the post-attention norm)", None),
     ("blocks.{l}.resid_mid", ("T", "D"), "after the attention residual add", None),
     ("blocks.{l}.ln2.scale", ("T",), "the MLP's input norm scale", None),
     ("blocks.{l}.ln2.out", ("T", "D"), "the MLP's normalized input", None),
     ("blocks.{l}.mlp.gate", ("T", "F"), "gate pre-activations", None),
     ("blocks.{l}.mlp.up", ("T", "F"), "up pre-activations", None),
     ("blocks.{l}.mlp.act", ("T", "F"), "gelu_tanh(gate) * up: the neuron activations", None),
-    ("blocks.{l}.mlp.down", ("T", "D"), "Gemma 2/3: down_proj output, before the post-feedforward norm", "post_norms"),
-    ("blocks.{l}.ln2_post.scale", ("T",), "Gemma 2/3: the post-feedforward norm scale", "post_norms"),
+    ("blocks.{l}.mlp.down", ("T", "D"), "Gemma 2/3/4: down_proj output, before the post-feedforward norm",
+     "post_norms"),
+    ("blocks.{l}.ln2_post1.scale", ("T",), "Gemma 4 MoE: the dense branch's post-norm scale "
+     "(post_feedforward_layernorm_1)", "moe"),
+    ("blocks.{l}.mlp.dense", ("T", "D"), "Gemma 4 MoE: the dense branch, rms_norm(mlp.down; ln2_post1)", "moe"),
+    ("blocks.{l}.moe.router.scale", ("T",), "Gemma 4 MoE: the router's norm scale of resid_mid (no learned weight)",
+     "moe"),
+    ("blocks.{l}.moe.router.logits", ("T", "E"), "Gemma 4 MoE: (resid_mid / s * router_scale / sqrt(D)) W_router",
+     "moe"),
+    ("blocks.{l}.moe.topk.index", ("T", "J"), "Gemma 4 MoE: the selected experts, by falling probability (int)",
+     "moe"),
+    ("blocks.{l}.moe.topk.weight", ("T", "J"), "Gemma 4 MoE: their softmax probabilities renormalised to sum 1, "
+     "times per_expert_scale", "moe"),
+    ("blocks.{l}.ln2_moe.scale", ("T",), "Gemma 4 MoE: the experts' input norm scale (pre_feedforward_layernorm_2)",
+     "moe"),
+    ("blocks.{l}.ln2_moe.out", ("T", "D"), "Gemma 4 MoE: the experts' normalized input", "moe"),
+    ("blocks.{l}.moe.gate", ("T", "J", "G"), "Gemma 4 MoE: each selected expert's gate pre-activations", "moe"),
+    ("blocks.{l}.moe.up", ("T", "J", "G"), "Gemma 4 MoE: each selected expert's up pre-activations", "moe"),
+    ("blocks.{l}.moe.act", ("T", "J", "G"), "Gemma 4 MoE: each selected expert's neurons, gelu_tanh(gate) * up", "moe"),
+    ("blocks.{l}.moe.expert_out", ("T", "J", "D"), "Gemma 4 MoE: each selected expert's output act W_down[e] "
+     "(unweighted)", "moe"),
+    ("blocks.{l}.moe.down", ("T", "D"), "Gemma 4 MoE: sum_j topk.weight[:, j] expert_out[:, j]", "moe"),
+    ("blocks.{l}.ln2_post2.scale", ("T",), "Gemma 4 MoE: the experts' post-norm scale (post_feedforward_layernorm_2)",
+     "moe"),
+    ("blocks.{l}.moe.out", ("T", "D"), "Gemma 4 MoE: rms_norm(moe.down; ln2_post2)", "moe"),
+    ("blocks.{l}.mlp.sum", ("T", "D"), "Gemma 4 MoE: mlp.dense + moe.out, before the post-feedforward norm", "moe"),
+    ("blocks.{l}.ln2_post.scale", ("T",), "Gemma 2/3/4: the post-feedforward norm scale", "post_norms"),
     ("blocks.{l}.mlp.out", ("T", "D"), "what the MLP adds to the residual: act W_down "
-     "(Gemma 2/3: after the post-feedforward norm)", None),
-    ("blocks.{l}.resid_post", ("T", "D"), "residual stream leaving layer l", None),
+     "(Gemma 2/3/4: after the post-feedforward norm; Gemma 4 MoE: of mlp.sum)", None),
+    ("blocks.{l}.resid_mlp", ("T", "D"), "Gemma 4: resid_mid + mlp.out (before the per-layer input and "
+     "layer_scalar)", "gemma4"),
+    ("blocks.{l}.ple.gate", ("T", "P"), "Gemma 4: resid_mlp W_ple_gate", "ple"),
+    ("blocks.{l}.ple.act", ("T", "P"), "Gemma 4: gelu_tanh(ple.gate) * ple.input[:, l]", "ple"),
+    ("blocks.{l}.ple.proj", ("T", "D"), "Gemma 4: ple.act W_ple_proj, before its post-norm", "ple"),
+    ("blocks.{l}.ple_post.scale", ("T",), "Gemma 4: the per-layer input's post-norm scale", "ple"),
+    ("blocks.{l}.ple.out", ("T", "D"), "Gemma 4: what the per-layer input adds to the residual, "
+     "rms_norm(ple.proj; ple_post)", "ple"),
+    ("blocks.{l}.resid_post", ("T", "D"), "residual stream leaving layer l (Gemma 4: layer_scalar * (resid_mlp "
+     "+ ple.out))", None),
     ("ln_final.scale", ("T",), "final norm scale", None),
     ("ln_final.out", ("T", "D"), "the final norm's output, read by the unembedding", None),
-    ("logits_uncapped", ("T", "V"), "Gemma 2: ln_final.out E^T before the final soft-cap", "final_softcap"),
-    ("logits", ("T", "V"), "the model's logits: ln_final.out E^T (tied unembedding; Gemma 2: soft-capped)", None),
+    ("logits_uncapped", ("T", "V"), "Gemma 2/4: ln_final.out E^T before the final soft-cap", "final_softcap"),
+    ("logits", ("T", "V"), "the model's logits: ln_final.out E^T (tied unembedding; Gemma 2/4: soft-capped)", None),
 ]
 
 # site name (without "blocks.{l}.") -> its axis letters: how another implementation's arrays are named by axis
@@ -60,33 +110,61 @@ SITE_LETTERS: dict[str, tuple[str, ...]] = {name.replace("blocks.{l}.", ""): sha
                                             for name, shape, _, _ in RECORD_TABLE}
 
 
-def _present(cfg: Config, when: str | None) -> bool:
+# When a row of RECORD_TABLE is present: a condition on the model, or on the model and the layer (Gemma 4's
+# KV-sharing consumers compute no k and v: they read their producer's, Config.kv_source)
+_WHEN = {
+    "kv": lambda cfg, l: cfg.has_kv(l),
+    "v_plain": lambda cfg, l: not cfg.gemma4,
+    "v_norm": lambda cfg, l: cfg.gemma4 and cfg.has_kv(l),
+    "k_norm": lambda cfg, l: cfg.qk_norm and cfg.has_kv(l),
+}
+
+
+def _present(cfg: Config, when: str | None, l=None) -> bool:
+    if when in _WHEN:
+        return _WHEN[when](cfg, l)
     return when is None or bool(getattr(cfg, when))
 
 
-def axis_sizes(cfg: Config, T: int) -> dict[str, int]:
-    return {"T": T, "S": T, "D": cfg.d_model, "N": cfg.n_heads, "K": cfg.n_kv_heads, "H": cfg.d_head,
-            "F": cfg.d_mlp, "V": cfg.vocab_size}
+def axis_sizes(cfg: Config, T: int, l: int | None = None) -> dict[str, int]:
+    """Every axis letter's size in a run of T tokens, at layer l (Gemma 4's H, K and F differ by layer; E experts,
+    J selected experts, G an expert's width, P the per-layer input width, L layers)."""
+    K, H, F = (cfg.n_kv_heads, cfg.d_head, cfg.d_mlp) if l is None else \
+        (cfg.kv_heads_of(l), cfg.head_dim_of(l), cfg.mlp_width_of(l))
+    return {"T": T, "S": T, "D": cfg.d_model, "N": cfg.n_heads, "K": K, "H": H, "F": F, "V": cfg.vocab_size,
+            "E": cfg.n_experts, "J": cfg.top_k, "G": cfg.d_expert, "P": cfg.d_ple, "L": cfg.n_layers}
+
+
+def layer_of(name: str) -> int | None:
+    """The layer of a record name (`blocks.3.attn.q` -> 3), None for embed, ple.*, ln_final and the logits."""
+    if name.startswith("blocks."):
+        return int(name.split(".", 2)[1])
+    return None
 
 
 @functools.lru_cache(maxsize=64)
 def symbolic_shapes(cfg: Config) -> dict[str, tuple[str, ...]]:
     """Every recorded name of this model with its shape in axis letters, in forward order: embed, then layer by
     layer, then the final norm and the logits (shared: do not change the dict returned)."""
-    rows = [(name, shape) for name, shape, _, when in RECORD_TABLE if _present(cfg, when)]
-    layered = [(name, shape) for name, shape in rows if "{l}" in name]
-    first = next(i for i, (name, _) in enumerate(rows) if "{l}" in name)
-    out = dict(rows[:first])
+    rows = [(name, shape, when) for name, shape, _, when in RECORD_TABLE if "{l}" in name or _present(cfg, when)]
+    first = next(i for i, (name, _, _) in enumerate(rows) if "{l}" in name)
+    out = {name: shape for name, shape, _ in rows[:first]}
     for l in range(cfg.n_layers):
-        out.update((name.format(l=l), shape) for name, shape in layered)
-    out.update((name, shape) for name, shape in rows[first:] if "{l}" not in name)
+        out.update((name.format(l=l), shape) for name, shape, when in rows if "{l}" in name and _present(cfg, when, l))
+    out.update((name, shape) for name, shape, _ in rows[first:] if "{l}" not in name)
     return out
 
 
 def expected_shapes(cfg: Config, T: int) -> dict[str, tuple[int, ...]]:
-    """Every recorded name of a run of T tokens with its concrete shape."""
-    sizes = axis_sizes(cfg, T)
-    return {name: tuple(sizes[a] for a in shape) for name, shape in symbolic_shapes(cfg).items()}
+    """Every recorded name of a run of T tokens with its concrete shape (each layer's own geometry)."""
+    sizes = {None: axis_sizes(cfg, T)}
+    out = {}
+    for name, shape in symbolic_shapes(cfg).items():
+        l = layer_of(name)
+        if l not in sizes:
+            sizes[l] = axis_sizes(cfg, T, l)
+        out[name] = tuple(sizes[l][a] for a in shape)
+    return out
 
 
 def row_axis(cfg: Config, name: str) -> int:
@@ -333,14 +411,13 @@ def prompt_bytes(cfg: Config, T: int, dtype, selection: Selection | None = None,
                  edited: bool = False) -> tuple[int, int]:
     """(record bytes, of which logits) that one prompt of T tokens keeps, alone or in a packed pass."""
     item = np.dtype(dtype).itemsize
-    sizes = axis_sizes(cfg, T)
     lengths = [T] if alone else [T, T]  # (lazy_entry only asks whether the prompt runs alone)
     record = logits = 0
     for name, shape in symbolic_shapes(cfg).items():
         rows = ALL if selection is None else selection.rows(name, T)
         if rows is None or (rows is ALL and lazy_entry(name, lengths, selection, edited=edited)):
             continue
-        n = math.prod(sizes[a] for a in shape)
+        n = math.prod(axis_sizes(cfg, T, layer_of(name))[a] for a in shape)
         if rows is not ALL:
             n = n // T * len(rows)
         record += n * item

@@ -21,6 +21,24 @@ The parameters are kept as the checkpoint stores them (raw norm weights w, appli
       ln1_post [D]      Gemma 2/3: post_attention_layernorm.weight (norm of the attention output)
       ln2_post [D]      Gemma 2/3: post_feedforward_layernorm.weight (norm of the MLP output)
       q_norm, k_norm [H]  Gemma 3: self_attn.q_norm.weight, self_attn.k_norm.weight (per-head norms of q, k)
+
+Gemma 4 (docs/gemma4.md) keeps these names, with the geometry of each layer (H_l, K_l, F_l: Config.head_dim_of,
+kv_heads_of, mlp_width_of); a KV-sharing consumer has no W_K, W_V, k_norm, and a k_eq_v layer no W_V. New:
+
+    layer_scalar [1]        layer_scalar (a buffer that multiplies the residual stream at the layer's end)
+    W_ple_gate [D, P]       per_layer_input_gate.weight [P, D], transposed          (per-layer embeddings)
+    W_ple_proj [P, D]       per_layer_projection.weight [D, P], transposed
+    ple_post   [D]          post_per_layer_input_norm.weight
+    W_router   [D, E]       router.proj.weight [E, D], transposed                   (mixture of experts)
+    router_scale [D]        router.scale;  per_expert_scale [E]  router.per_expert_scale
+    We_gate, We_up [E, D, I]  experts.gate_up_proj [E, 2I, D]: rows [:I] gate, [I:] up, transposed per expert
+    We_down    [E, I, D]    experts.down_proj [E, D, I], transposed per expert
+    ln2_moe [D]             pre_feedforward_layernorm_2.weight (the experts' input norm)
+    ln2_post1, ln2_post2 [D]  post_feedforward_layernorm_1 / _2.weight (dense branch's / experts' post-norms)
+  global:
+    ple_embed  [Vp, L, P]   model.embed_tokens_per_layer.weight [Vp, L*P] (rows read per token, never whole)
+    W_ple_model [D, L, P]   model.per_layer_model_projection.weight [L*P, D], transposed
+    ple_norm   [P]          model.per_layer_projection_norm.weight
 """
 
 from __future__ import annotations
@@ -48,6 +66,8 @@ def compute_dtype(name) -> type:
 
 def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Every tensor a Gemma checkpoint of this config must hold, with its HF shape, in the hub's file order."""
+    if cfg.gemma4:
+        return _gemma4_shapes(cfg)
     V, D, N, K, H, F = cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
     shapes = {"model.embed_tokens.weight": (V, D)}
     for l in range(cfg.n_layers):
@@ -71,7 +91,96 @@ def hf_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _gemma4_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Gemma4ForCausalLM's tensors (Gemma4TextModel under `model.`), layer by layer with each layer's geometry."""
+    V, D, N, L, P = cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.d_ple
+    shapes = {"model.embed_tokens.weight": (V, D)}
+    if cfg.ple:
+        shapes.update({"model.embed_tokens_per_layer.weight": (cfg.vocab_ple, L * P),
+                       "model.per_layer_model_projection.weight": (L * P, D),
+                       "model.per_layer_projection_norm.weight": (P,)})
+    for l in range(L):
+        p = f"model.layers.{l}."
+        H, K, F = cfg.head_dim_of(l), cfg.kv_heads_of(l), cfg.mlp_width_of(l)
+        shapes.update({p + "input_layernorm.weight": (D,), p + "self_attn.q_proj.weight": (N * H, D),
+                       p + "self_attn.q_norm.weight": (H,)})
+        if cfg.has_kv(l):  # a KV-sharing consumer has no k/v weights (it reads its producer's K, V)
+            shapes.update({p + "self_attn.k_proj.weight": (K * H, D), p + "self_attn.k_norm.weight": (H,)})
+            if not cfg.k_eq_v_at(l):
+                shapes[p + "self_attn.v_proj.weight"] = (K * H, D)
+        shapes.update({p + "self_attn.o_proj.weight": (D, N * H), p + "post_attention_layernorm.weight": (D,),
+                       p + "pre_feedforward_layernorm.weight": (D,), p + "mlp.gate_proj.weight": (F, D),
+                       p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F),
+                       p + "post_feedforward_layernorm.weight": (D,), p + "layer_scalar": (1,)})
+        if cfg.moe:
+            E, I = cfg.n_experts, cfg.d_expert
+            shapes.update({p + "router.proj.weight": (E, D), p + "router.scale": (D,),
+                           p + "router.per_expert_scale": (E,), p + "experts.gate_up_proj": (E, 2 * I, D),
+                           p + "experts.down_proj": (E, D, I), p + "pre_feedforward_layernorm_2.weight": (D,),
+                           p + "post_feedforward_layernorm_1.weight": (D,),
+                           p + "post_feedforward_layernorm_2.weight": (D,)})
+        if cfg.ple:
+            shapes.update({p + "per_layer_input_gate.weight": (P, D), p + "per_layer_projection.weight": (D, P),
+                           p + "post_per_layer_input_norm.weight": (D,)})
+    shapes["model.norm.weight"] = (D,)
+    return shapes
+
+
+# Tensors HF itself ignores when loading a Gemma 4 checkpoint: the k/v weights some released files carry for the
+# KV-sharing consumer layers (Gemma4TextModel._keys_to_ignore_on_load_unexpected)
+def gemma4_ignored(cfg: Config, name: str) -> bool:
+    if not cfg.gemma4 or not name.startswith("model.layers."):
+        return False
+    parts = name.split(".")
+    return (parts[2].isdigit() and int(parts[2]) < cfg.n_layers and not cfg.has_kv(int(parts[2]))
+            and len(parts) > 4 and parts[3] == "self_attn" and parts[4] in ("k_proj", "v_proj", "k_norm", "v_norm"))
+
+
+# A multimodal Gemma 4 checkpoint (Gemma4ForConditionalGeneration): the decoder under model.language_model., the
+# towers beside it (ignored: refprism reads the text decoder)
+GEMMA4_DECODER = "model.language_model."
+GEMMA4_TOWERS = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
+
+
+def text_decoder_names(tensors: dict) -> tuple[dict, list[str]]:
+    """A multimodal Gemma 4 checkpoint's tensors renamed to Gemma4ForCausalLM's (model.language_model.X ->
+    model.X), the vision / audio towers dropped -> (tensors, notes naming what was ignored). A text-only
+    checkpoint comes back unchanged."""
+    if not any(n.startswith(GEMMA4_DECODER) for n in tensors):
+        return tensors, []
+    out, towers = {}, {}
+    for name, value in tensors.items():
+        if name.startswith(GEMMA4_DECODER):
+            out["model." + name[len(GEMMA4_DECODER):]] = value
+        elif name.startswith(GEMMA4_TOWERS):
+            tower = name.split(".")[1]
+            towers[tower] = towers.get(tower, 0) + 1
+        else:
+            out[name] = value
+    notes = ["multimodal checkpoint: the text decoder (model.language_model.*) is read; ignored: "
+             + ", ".join(f"model.{t} ({n} tensors)" for t, n in sorted(towers.items()))] if towers else \
+        ["multimodal checkpoint: the text decoder (model.language_model.*) is read"]
+    return out, notes
+
+
 # ---------------------------------------------------------------------------------------------------- files
+
+
+def check_gemma4_tensors(cfg: Config, tensors: dict) -> None:
+    """The Gemma 4 config fields a checkpoint's tensors contradict, refused in one line naming the field."""
+    if not cfg.gemma4:
+        return
+    for l in range(cfg.n_layers):
+        if cfg.has_kv(l) and cfg.k_eq_v_at(l) and f"model.layers.{l}.self_attn.v_proj.weight" in tensors:
+            raise CheckpointError(f"config.json sets attention_k_eq_v (V is the K projection on full layers) but the "
+                                  f"checkpoint has model.layers.{l}.self_attn.v_proj.weight")
+    experts = tensors.get("model.layers.0.experts.gate_up_proj")
+    if experts is not None and (not cfg.moe or experts.shape[0] != cfg.n_experts):
+        raise CheckpointError(f"config.json: num_experts is {cfg.n_experts or None} (enable_moe_block "
+                              f"{cfg.moe}) but the checkpoint holds {experts.shape[0]} experts a layer")
+    if cfg.moe and experts is not None and experts.shape[1] != 2 * cfg.d_expert:
+        raise CheckpointError(f"config.json: moe_intermediate_size is {cfg.d_expert} but the checkpoint's experts "
+                              f"are {experts.shape[1] // 2} wide")
 
 
 def convert(src: np.ndarray, dtype, out: np.ndarray | None = None) -> np.ndarray:
@@ -97,7 +206,10 @@ def to_compute(a: np.ndarray, dtype) -> np.ndarray:
 
 
 BLOCK_KEYS = ("ln1", "W_Q", "W_K", "W_V", "W_O", "ln2", "W_gate", "W_up", "W_down",
-              "ln1_post", "ln2_post", "q_norm", "k_norm")  # the last four: Gemma 2/3 only
+              "ln1_post", "ln2_post", "q_norm", "k_norm",  # the last four: Gemma 2/3/4 only
+              # Gemma 4 only
+              "layer_scalar", "W_ple_gate", "W_ple_proj", "ple_post", "W_router", "router_scale", "per_expert_scale",
+              "We_gate", "We_up", "We_down", "ln2_moe", "ln2_post1", "ln2_post2")
 
 
 def norm_names(cfg: Config, l: int) -> dict[str, str]:
@@ -113,10 +225,45 @@ def norm_names(cfg: Config, l: int) -> dict[str, str]:
         names["ln2"] = p + "post_attention_layernorm.weight"
     if cfg.qk_norm:
         names.update(q_norm=p + "self_attn.q_norm.weight", k_norm=p + "self_attn.k_norm.weight")
+    if cfg.gemma4:  # the small vectors of Gemma 4, converted at load with the norms
+        if not cfg.has_kv(l):
+            del names["k_norm"]
+        names["layer_scalar"] = p + "layer_scalar"
+        if cfg.ple:
+            names["ple_post"] = p + "post_per_layer_input_norm.weight"
+        if cfg.moe:
+            names.update(router_scale=p + "router.scale", per_expert_scale=p + "router.per_expert_scale",
+                         ln2_moe=p + "pre_feedforward_layernorm_2.weight",
+                         ln2_post1=p + "post_feedforward_layernorm_1.weight",
+                         ln2_post2=p + "post_feedforward_layernorm_2.weight")
     return names
 
 
 _MATRICES = ("W_Q", "W_K", "W_V", "W_O", "W_gate", "W_up", "W_down")
+
+
+def matrix_keys(cfg: Config, l: int) -> tuple[str, ...]:
+    """The matrices of layer l (refprism's names): Gemma 4's consumers lack W_K, W_V, k_eq_v layers W_V."""
+    if not cfg.gemma4:
+        return _MATRICES
+    keys = [k for k in _MATRICES if not (k in ("W_K", "W_V") and not cfg.has_kv(l))
+            and not (k == "W_V" and cfg.k_eq_v_at(l))]
+    if cfg.ple:
+        keys += ["W_ple_gate", "W_ple_proj"]
+    if cfg.moe:
+        keys += ["W_router", "We_gate", "We_up", "We_down"]
+    return tuple(keys)
+
+
+def block_layout(cfg: Config, l: int) -> dict[str, tuple[int, ...]]:
+    """Layer l's weights in refprism's layout: key -> shape (module docstring)."""
+    D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.kv_heads_of(l), cfg.head_dim_of(l), cfg.mlp_width_of(l)
+    shapes = {"W_Q": (D, N, H), "W_K": (D, K, H), "W_V": (D, K, H), "W_O": (N, H, D), "W_gate": (D, F),
+              "W_up": (D, F), "W_down": (F, D), "q_norm": (H,), "k_norm": (H,), "layer_scalar": (1,),
+              "W_ple_gate": (D, cfg.d_ple), "W_ple_proj": (cfg.d_ple, D), "W_router": (D, cfg.n_experts),
+              "per_expert_scale": (cfg.n_experts,), "We_gate": (cfg.n_experts, D, cfg.d_expert),
+              "We_up": (cfg.n_experts, D, cfg.d_expert), "We_down": (cfg.n_experts, cfg.d_expert, D)}
+    return {k: shapes.get(k, (D,)) for k in (*norm_names(cfg, l), *matrix_keys(cfg, l))}
 
 
 class Weights:
@@ -142,6 +289,10 @@ class Weights:
         self._norms = [{key: self._convert(name) for key, name in norm_names(cfg, l).items()}
                        for l in range(cfg.n_layers)]
         self._embed = self._blocks = None
+        self._ple_model = None
+        if cfg.ple:  # Gemma 4 per-layer embeddings: the table's rows are read per token (E2B: 2.3 G values)
+            self._ple_table = stored["model.embed_tokens_per_layer.weight"]
+            self.ple_norm = self._convert("model.per_layer_projection_norm.weight")
         if memory == "fast":
             self._arena = _Arena(sum(math.prod(s) for s in hf_shapes(cfg).values()) * self.dtype.itemsize)
             # Two threads: the conversions release the GIL, so the page faults of the fresh memory (the cost of a
@@ -158,6 +309,8 @@ class Weights:
                     if progress is not None:
                         progress("converting", done, cfg.n_layers + 1)
                 self._blocks = blocks
+                if cfg.ple:
+                    self._ple_model = self.ple_model()
             self._stored = None  # every map released: nothing of the files stays resident
 
     @classmethod
@@ -175,18 +328,18 @@ class Weights:
         self = cls.__new__(cls)
         self.cfg, self.dtype, self.memory = cfg, np.dtype(dtype), "fast"
         self._stored, self._checked, self._scratch, self._arena, self._pool = None, set(), {}, None, None
-        V, D, N, K, H, F = cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.d_mlp
-        layout = {"W_Q": (D, N, H), "W_K": (D, K, H), "W_V": (D, K, H), "W_O": (N, H, D), "W_gate": (D, F),
-                  "W_up": (D, F), "W_down": (F, D), "q_norm": (H,), "k_norm": (H,)}
+        V, D = cfg.vocab_size, cfg.d_model
+        if cfg.ple:
+            raise CheckpointError("converted weights of a model with per-layer embeddings are not supported")
         blocks = [dict(b) for b in blocks]
         given = {"embed": (embed, (V, D)), "ln_final": (ln_final, (D,))}
         if len(blocks) != cfg.n_layers:
             raise CheckpointError(f"{len(blocks)} converted blocks for a model of {cfg.n_layers} layers")
         for l, block in enumerate(blocks):
-            keys = set(norm_names(cfg, l)) | set(_MATRICES)
-            if set(block) != keys:
-                raise CheckpointError(f"converted block {l} has weights {sorted(block)}, expected {sorted(keys)}")
-            given.update({f"blocks[{l}].{k}": (a, layout.get(k, (D,))) for k, a in block.items()})
+            layout = block_layout(cfg, l)
+            if set(block) != set(layout):
+                raise CheckpointError(f"converted block {l} has weights {sorted(block)}, expected {sorted(layout)}")
+            given.update({f"blocks[{l}].{k}": (a, layout[k]) for k, a in block.items()})
         for name, (a, shape) in given.items():
             if tuple(a.shape) != shape or a.dtype != self.dtype:
                 raise CheckpointError(f"converted weight {name} is {a.dtype} {list(a.shape)}, expected {self.dtype} "
@@ -209,7 +362,9 @@ class Weights:
         view = src if layout is None else layout(src)
         out = None if self._arena is None else self._arena.take(view.shape, self.dtype)
         if reuse:
-            role = name.split(".", 3)[-1]  # "self_attn.q_proj.weight": the same shape in every layer
+            # "self_attn.q_proj.weight": the same shape in every layer (Gemma 4: per layer type, reallocated when
+            # the shape changes); a string names the role itself (the gate and up halves of one experts tensor)
+            role = reuse if isinstance(reuse, str) else name.split(".", 3)[-1]
             out = self._scratch.get(role)
             if out is None or out.shape != view.shape:
                 out = self._scratch[role] = np.empty(view.shape, self.dtype)
@@ -227,12 +382,24 @@ class Weights:
 
     def _convert_one(self, l, key, reuse=False) -> np.ndarray:
         """Layer l's weight `key` in refprism's layout (see the module docstring), converted from the stored one."""
-        N, K, H, D = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.d_head, self.cfg.d_model
+        cfg = self.cfg
+        N, K, H, D = cfg.n_heads, cfg.kv_heads_of(l), cfg.head_dim_of(l), cfg.d_model
         p = f"model.layers.{l}."
         if key in self._norms[l]:
             return self._norms[l][key]
-        if key not in _MATRICES:
-            raise KeyError(f"{key} (this {self.cfg.model_type} model has no such weight)")
+        if key not in matrix_keys(cfg, l):
+            raise KeyError(f"{key} (layer {l} of this {cfg.model_type} model has no such weight)")
+        if key in ("W_ple_gate", "W_ple_proj", "W_router"):  # [out, in] kept as stored, read transposed
+            hf = {"W_ple_gate": "per_layer_input_gate.weight", "W_ple_proj": "per_layer_projection.weight",
+                  "W_router": "router.proj.weight"}[key]
+            return self._convert(p + hf, reuse=reuse).T
+        if key in ("We_gate", "We_up"):  # gate_up_proj [E, 2I, D]: gate rows [:I], up rows [I:] -> [E, D, I]
+            I = cfg.d_expert
+            rows = slice(0, I) if key == "We_gate" else slice(I, 2 * I)
+            return self._convert(p + "experts.gate_up_proj", lambda a: a[:, rows, :].transpose(0, 2, 1),
+                                 reuse and key)
+        if key == "We_down":  # down_proj [E, D, I] -> [E, I, D]
+            return self._convert(p + "experts.down_proj", lambda a: a.transpose(0, 2, 1), reuse)
         # q/k/v_proj rows are [head, h]: [heads*H, D] -> transposed [D, heads*H] -> [D, heads, H]. D first, so
         # that x W_Q is one BLAS product over a [D, N*H] view (no copy), and head n is still an index: W_Q[:, n]
         if key == "W_Q":
@@ -252,10 +419,10 @@ class Weights:
                 from concurrent.futures import ThreadPoolExecutor
 
                 self._pool = ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1)))
-            matrices = self._pool.map(lambda key: self._convert_one(l, key, reuse), _MATRICES)
+            matrices = self._pool.map(lambda key: self._convert_one(l, key, reuse), matrix_keys(self.cfg, l))
         else:
-            matrices = (self._convert_one(l, key, reuse) for key in _MATRICES)
-        return {**self._norms[l], **dict(zip(_MATRICES, matrices))}
+            matrices = (self._convert_one(l, key, reuse) for key in matrix_keys(self.cfg, l))
+        return {**self._norms[l], **dict(zip(matrix_keys(self.cfg, l), matrices))}
 
     # The three ways the model reads its weights.
 
@@ -299,6 +466,22 @@ class Weights:
             rows = E[i:i + chunk]
             out[:, i:i + chunk] = h @ convert(rows, self.dtype, out=buf[: len(rows)]).T
         return out
+
+    def ple_rows(self, ids) -> np.ndarray:
+        """Gemma 4: E_ple[ids] as [n, L, P]: rows of model.embed_tokens_per_layer.weight [Vp, L*P] (converted per
+        call, only these rows)."""
+        table = self._ple_table.array() if hasattr(self._ple_table, "array") else self._ple_table
+        rows = convert(table[np.asarray(ids)], self.dtype)
+        return rows.reshape(len(rows), self.cfg.n_layers, self.cfg.d_ple)
+
+    def ple_model(self) -> np.ndarray:
+        """Gemma 4: W_ple_model [D, L, P], per_layer_model_projection.weight [L*P, D] transposed (low-memory mode:
+        converted at each call)."""
+        if self._ple_model is not None:
+            return self._ple_model
+        cfg = self.cfg
+        return self._convert("model.per_layer_model_projection.weight",
+                             lambda a: a.T.reshape(cfg.d_model, cfg.n_layers, cfg.d_ple))
 
     def embedding(self) -> np.ndarray:
         """The whole E [V, D] in the compute dtype (low-memory mode: a new array each call)."""

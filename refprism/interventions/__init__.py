@@ -25,7 +25,10 @@ each clean component restores. Every number (prism, direct, total) uses the same
 **Components** (the prisms' labels, 0-based): `embed`, `L{l}.attn`, `L{l}.mlp` (a sublayer's output, what the
 residual receives), `L{l}H{h}` (the head's z, before W_O), `L{l}H{h}.src{s}` (one head x source term
 pattern[h,t,s] v[s] of z, pattern and values of the rest untouched), `L{l}N{n}` (the neuron's activation
-gelu(gate) * up). Each is replaced at chosen query positions (default: the readout position).
+gelu(gate) * up). Gemma 4 adds `L{l}.ple` (the per-layer input term), `L{l}.dense` (the MoE's dense branch after
+its post-norm) and `L{l}E{e}` (expert e's output, where the router chose it; its router weight stays); every term
+carries the layer_scalars after it, and a KV-sharing consumer's edges read its producer's values.
+Each is replaced at chosen query positions (default: the readout position).
 
 **Ablations.** zero: c' = 0. mean: the mean of the component over positions 1 .. T-1 of each reference prompt
 (or of the prompt itself): position 0 reads only itself and carries Gemma's attention sink, so its activations

@@ -12,13 +12,21 @@ import numpy as np
 from refprism.errors import InputError
 from refprism.gemma import ops
 
-KINDS = ("embed", "attn", "mlp", "head", "edge", "neuron")
+KINDS = ("embed", "attn", "mlp", "head", "edge", "neuron")  # every Gemma
+# Gemma 4 only: the per-layer input term, the MoE's dense branch, experts
+GEMMA4_KINDS = ("ple", "dense", "expert")
 
 
 LABEL_FORMS = "embed, L{l}.attn, L{l}.mlp, L{l}H{h}, L{l}H{h}.src{s} or L{l}N{n}"
+GEMMA4_FORMS = "Gemma 4 also L{l}.ple, L{l}.dense, L{l}E{e}"
 
 
-_LABEL = re.compile(r"(embed)|L(\d+)\.(attn|mlp)|L(\d+)H(\d+)(?:\.src(\d+))?|L(\d+)N(\d+)")
+_LABEL = re.compile(r"(embed)|L(\d+)\.(attn|mlp|ple|dense)|L(\d+)H(\d+)(?:\.src(\d+))?|L(\d+)N(\d+)|L(\d+)E(\d+)")
+# Gemma 4 components: the per-layer input term (ple.out), the MoE's dense branch after its post-norm (mlp.dense),
+# one expert's output (moe.expert_out at the top-k slot that chose it; unweighted: its router weight stays)
+_SITES = {"embed": "embed", "attn": "attn.out", "mlp": "mlp.out", "head": "attn.z", "edge": "attn.z",
+          "neuron": "mlp.act", "ple": "ple.out", "dense": "mlp.dense", "expert": "moe.expert_out"}
+RESIDUAL_LIKE = ("embed", "attn", "mlp", "ple", "dense")  # one [D] vector each
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,8 +52,10 @@ class Group:
         l = self.layer
         if self.kind == "embed":
             return ["embed"]
-        if self.kind in ("attn", "mlp"):
+        if self.kind in ("attn", "mlp", "ple", "dense"):
             return [f"L{l}.{self.kind}"]
+        if self.kind == "expert":
+            return [f"L{l}E{e}" for e in self.index]
         if self.kind == "head":
             return [f"L{l}H{h}" for h in self.index]
         if self.kind == "edge":
@@ -55,9 +65,7 @@ class Group:
     @property
     def site(self) -> str:
         """The recorded site the edit replaces."""
-        b = f"blocks.{self.layer}."
-        return {"embed": "embed", "attn": b + "attn.out", "mlp": b + "mlp.out", "head": b + "attn.z",
-                "edge": b + "attn.z", "neuron": b + "mlp.act"}[self.kind]
+        return "embed" if self.kind == "embed" else f"blocks.{self.layer}.{_SITES[self.kind]}"
 
     def take(self, rows) -> Group:
         rows = np.asarray(rows, dtype=int)
@@ -76,8 +84,9 @@ def parse_component(config, label, *, T, source=None) -> Group:
     source: a head's source position given apart (the CLI's --source): L{l}H{h} with source s is L{l}H{h}.src{s}.
     """
     if not isinstance(label, str) or not (m := _LABEL.fullmatch(label.strip())):
-        raise InputError(f"component {label!r} is not a component label: use {LABEL_FORMS} (0-based)")
-    embed, la, kind, lh, h, s, ln, n = m.groups()
+        raise InputError(f"component {label!r} is not a component label: use {LABEL_FORMS} (0-based); "
+                         f"{GEMMA4_FORMS}")
+    embed, la, kind, lh, h, s, ln, n, le, e = m.groups()
     if source is not None:
         if h is None:
             raise InputError(f"--source picks a head's source token: component {label!r} is not a head (L{{l}}H{{h}})")
@@ -86,15 +95,24 @@ def parse_component(config, label, *, T, source=None) -> Group:
         s = source
     if embed:
         return _group("embed")
-    layer = int(la or lh or ln)
+    layer = int(la or lh or ln or le)
     if not 0 <= layer < config.n_layers:
         raise InputError(f"layer {layer} is out of range (the model has layers 0 .. {config.n_layers - 1})")
+    if kind == "ple" and not config.ple:
+        raise InputError(f"component {label!r}: this model has no per-layer embeddings (Gemma 4 E2B / E4B do)")
+    if (kind == "dense" or e is not None) and not config.moe:
+        raise InputError(f"component {label!r}: this model has no mixture of experts (Gemma 4 26B-A4B does)")
     if kind:
         return _group(kind, layer)
+    if e is not None:
+        if not 0 <= int(e) < config.n_experts:
+            raise InputError(f"expert {e} is out of range (layer {layer} has experts 0 .. {config.n_experts - 1})")
+        return _group("expert", layer, [int(e)])
     if n is not None:
         n = int(n)
-        if not 0 <= n < config.d_mlp:
-            raise InputError(f"neuron {n} is out of range (layer {layer} has neurons 0 .. {config.d_mlp - 1})")
+        F = config.mlp_width_of(layer)
+        if not 0 <= n < F:
+            raise InputError(f"neuron {n} is out of range (layer {layer} has neurons 0 .. {F - 1})")
         return _group("neuron", layer, [n])
     h = int(h)
     if not 0 <= h < config.n_heads:
@@ -116,14 +134,15 @@ def level_groups(config, level: str, position: int) -> list[Group]:
     residual: embed, L{l}.attn, L{l}.mlp;  heads: every L{l}H{h};  head-source:L: L{L}H{h}.src{s} for s <= the
     readout position (head-major, as attention_prism);  neurons:L: L{L}N{n};  neurons: every layer's neurons.
     """
-    L, N, F = config.n_layers, config.n_heads, config.d_mlp
+    L, N = config.n_layers, config.n_heads
     kind, _, arg = str(level).partition(":")
     if kind in ("residual", "heads", "neurons") and not arg:
-        if kind == "residual":
-            return [_group("embed")] + [_group(k, l) for l in range(L) for k in ("attn", "mlp")]
+        if kind == "residual":  # Gemma 4: the per-layer input term is a residual part of its own
+            parts = ("attn", "mlp", "ple") if config.ple else ("attn", "mlp")
+            return [_group("embed")] + [_group(k, l) for l in range(L) for k in parts]
         if kind == "heads":
             return [_group("head", l, range(N)) for l in range(L)]
-        return [_group("neuron", l, range(F)) for l in range(L)]
+        return [_group("neuron", l, range(config.mlp_width_of(l))) for l in range(L)]
     if kind in ("head-source", "neurons") and arg:
         if not (arg.isascii() and arg.isdigit()):
             raise InputError(f"--level {level!r}: the layer after ':' is a number, e.g. {kind}:3")
@@ -131,7 +150,7 @@ def level_groups(config, level: str, position: int) -> list[Group]:
         if not 0 <= l < L:
             raise InputError(f"layer {l} is out of range (the model has layers 0 .. {L - 1})")
         if kind == "neurons":
-            return [_group("neuron", l, range(F))]
+            return [_group("neuron", l, range(config.mlp_width_of(l)))]
         h, s = np.divmod(np.arange(N * (position + 1)), position + 1)
         return [_group("edge", l, h, s)]
     raise InputError(f"--level {level!r} is not a level: use {LEVELS}")
@@ -144,17 +163,35 @@ def activation(model, record, g: Group, t: int) -> np.ndarray:
             head h:           z[t, h]                                                     -> [C, H]
             edge (h, s):      pattern[h, t, s] v[s, kv(h)]  (0 for s > t)                 -> [C, H]
             neuron n:         act[t, n] = gelu(gate[t, n]) up[t, n]                       -> [C, 1]
+            Gemma 4: ple, dense: ple.out[t], mlp.dense[t] -> [1, D]; expert e: expert_out[t, j] at the slot j that
+            chose e, 0 where the router did not choose it -> [1, D]; an edge of a KV-sharing consumer reads its
+            producer's v
     """
     b = f"blocks.{g.layer}."
-    if g.kind in ("embed", "attn", "mlp"):
+    cfg = model.config
+    if g.kind in RESIDUAL_LIKE:
         return record[g.site][t][None]
+    if g.kind == "expert":
+        out = np.zeros((len(g), cfg.d_model), dtype=model.dtype)
+        slots = record[b + "moe.topk.index"][t]
+        for i, e in enumerate(g.index):
+            if e in slots:
+                out[i] = record[b + "moe.expert_out"][t, int(np.nonzero(slots == e)[0][0])]
+        return out
     if g.kind == "head":
         return record[b + "attn.z"][t][g.index]
     if g.kind == "neuron":
         return record[b + "mlp.act"][t][g.index][:, None]
-    kv = ops.kv_index(model.config.n_heads, model.config.n_kv_heads)
+    kv = ops.kv_index(cfg.n_heads, cfg.kv_heads_of(g.layer))
     weight = record[b + "attn.pattern"][g.index, t, g.source] * (g.source <= t)  # [C] (causal: 0 for s > t)
-    return weight[:, None] * record[b + "attn.v"][g.source, kv[g.index]]
+    return weight[:, None] * record[f"blocks.{cfg.kv_source(g.layer)}.attn.v"][g.source, kv[g.index]]
+
+
+def chosen(record, g: Group, t: int) -> np.ndarray:
+    """Gemma 4: whether the router chose each expert of g at position t ([C] bool; True for other kinds)."""
+    if g.kind != "expert":
+        return np.ones(len(g), dtype=bool)
+    return np.isin(g.index, record[f"blocks.{g.layer}.moe.topk.index"][t])
 
 
 def mean_activation(model, runs, g: Group) -> np.ndarray:

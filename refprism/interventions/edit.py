@@ -48,16 +48,24 @@ class Edit:
             return value
         value = value.copy()
         for g, t, index, source, vals in todo:
-            if g.kind in ("embed", "attn", "mlp"):
+            if g.kind in ("embed", "attn", "mlp", "ple", "dense"):
                 value[t] = vals
+            elif g.kind == "expert":  # Gemma 4: the slot that chose the expert (none: the router did not choose it)
+                top = record[f"blocks.{g.layer}.moe.topk.index"]
+                for ti, e, v in zip(t, index, vals):
+                    slots = np.nonzero(top[ti] == e)[0]
+                    if len(slots):
+                        value[ti, slots[0]] = v
             elif g.kind == "head":
                 value[t, index] = vals
             elif g.kind == "neuron":
                 value[t, index] = vals[:, 0]
             else:
                 b = f"blocks.{g.layer}."
-                kv = ops.kv_index(self.config.n_heads, self.config.n_kv_heads)
-                term = record[b + "attn.pattern"][index, t, source][:, None] * record[b + "attn.v"][source, kv[index]]
+                cfg = self.config
+                kv = ops.kv_index(cfg.n_heads, cfg.kv_heads_of(g.layer))
+                v = record[f"blocks.{cfg.kv_source(g.layer)}.attn.v"]  # Gemma 4 consumer: the producer's values
+                term = record[b + "attn.pattern"][index, t, source][:, None] * v[source, kv[index]]
                 np.add.at(value, (t, index), vals - term)  # several edges may end at one (t, h)
         return value
 

@@ -12,7 +12,7 @@ import numpy as np
 from refprism import prisms as P
 from refprism.errors import InputError
 from refprism.gemma import ops
-from refprism.interventions.components import Group, activation, mean_activation
+from refprism.interventions.components import Group, activation, chosen, mean_activation
 from refprism.interventions.edit import Edit, rerun
 from refprism.model import Run, check_text
 
@@ -188,7 +188,7 @@ class Readings:
 
     def of_residual(self, xs, *, logprob=False):
         """f(x) for final residuals xs [C, D]: (pre-cap [C, Z], capped [C, Z] or None, log-probs [C, n] or None)."""
-        y, _ = ops.rms_norm(xs, self.model.params.ln_final, eps=self.model.config.rms_norm_eps)
+        y = _norm(self.model, xs, self.model.params.ln_final)
         return self._read(y, logprob, rows=True)
 
     def _read(self, h, logprob, rows=False):
@@ -202,6 +202,11 @@ class Readings:
             lp = np.stack([_log_softmax(row)[self.ids[: self.n_targets]] for row in full])
         out = (logits @ self.coef.T, capped, lp)
         return out if rows else tuple(None if v is None else v[0] for v in out)
+
+
+def _norm(model, x, w):
+    """rms_norm(x; w) with the model's gain (1 + w on Gemma 1-3, w on Gemma 4), the scale recomputed."""
+    return ops.rms_apply(x, ops.rms_scale(x, eps=model.config.rms_norm_eps), w, model.config.norm_offset)
 
 
 def _log_softmax(row):
@@ -220,6 +225,8 @@ def deltas(setting: Setting, g: Group) -> tuple[np.ndarray, np.ndarray]:
     delta = activation(setting.model, setting.base.record, g, p) - repl[setting.at.index(p)]
     if g.kind == "edge":
         delta = delta * (g.source <= p)[:, None]
+    if g.kind == "expert":  # an expert the router did not choose at p has no slot to replace: nothing changes
+        delta = delta * chosen(setting.base.record, g, p)[:, None]
     return delta, repl
 
 
@@ -233,10 +240,18 @@ def prism_terms(setting: Setting, g: Group, delta) -> np.ndarray:
     Shapes: delta [C, W] -> [C, Z]
     """
     r, params = setting.readout, setting.model.params
-    if g.kind in ("embed", "attn", "mlp"):
-        terms = delta @ r.u.T
+    cfg = setting.model.config
+    if g.kind in ("embed", "attn", "mlp", "ple"):  # Gemma 4: times the layer_scalars after the part
+        terms = (delta @ r.u.T) * P.layer_scale(r, max(g.layer, 0))
+    elif g.kind == "dense":  # Gemma 4 MoE: the dense branch after its own post-norm, before ln2_post
+        terms = delta @ P.through_post_norm(r, g.layer, "mlp").T
+    elif g.kind == "expert":  # w_j u_exp . (c - c'), the router's weight of the slot at the readout position
+        rec, p = setting.base.record, setting.position
+        top, weight = rec[f"blocks.{g.layer}.moe.topk.index"][p], rec[f"blocks.{g.layer}.moe.topk.weight"][p]
+        w = np.array([weight[top == e][0] if e in top else 0 for e in g.index], dtype=delta.dtype)
+        terms = w[:, None] * (delta @ P.through_post_norm(r, g.layer, "expert").T)
     elif g.kind == "neuron":
-        u = P.through_post_norm(r, g.layer, "mlp")
+        u = P.through_post_norm(r, g.layer, "dense" if cfg.moe else "mlp")
         terms = delta * (params.get(g.layer, "W_down")[g.index] @ u.T)
     else:
         u = P.through_post_norm(r, g.layer, "attn")
@@ -253,14 +268,28 @@ def residual_changes(setting: Setting, g: Group, delta, rows=slice(None)) -> np.
             head / edge:     o' = o + (c' - c) W_O[h];   d = rms_norm(o'; ln1_post) - rms_norm(o; ln1_post)
             neuron:          a' = down + (c' - c) W_down[n];   d = rms_norm(a'; ln2_post) - rms_norm(down; ln2_post)
             (Gemma 1 has no post-norms: d = (c' - c) W_O[h], or (c' - c) W_down[n])
+            Gemma 4: every d times the layer_scalars after the part (prisms.layer_scale); MoE: a dense neuron's
+            change passes ln2_post1, an expert's (times its router weight) ln2_post2, then the sum passes ln2_post
     Shapes: delta [C, W] -> d [C, D]
     """
     model, rec, p = setting.model, setting.base.record, setting.position
     cfg, params = model.config, model.params
     minus = -delta[rows]
-    if g.kind in ("embed", "attn", "mlp"):
-        return minus
+    scale = P.layer_scale(setting.readout, max(g.layer, 0))  # Gemma 4: the layer_scalars after the part (else 1)
+    if g.kind in ("embed", "attn", "mlp", "ple"):
+        return minus * scale
     b = f"blocks.{g.layer}."
+    norm = lambda x, key: _norm(model, x, params.get(g.layer, key))  # noqa: E731
+    if g.kind in ("dense", "expert"):  # Gemma 4 MoE: the branch changes, then ln2_post of their sum
+        if g.kind == "expert":
+            top, weight = rec[b + "moe.topk.index"][p], rec[b + "moe.topk.weight"][p]
+            w = np.array([weight[top == e][0] if e in top else 0 for e in g.index[rows]], dtype=minus.dtype)
+            down = rec[b + "moe.down"][p]
+            branch = norm(down[None] + w[:, None] * minus, "ln2_post2") - norm(down[None], "ln2_post2")
+        else:
+            branch = minus
+        total = rec[b + "mlp.sum"][p]
+        return (norm(total[None] + branch, "ln2_post") - norm(total[None], "ln2_post")) * scale
     if g.kind == "neuron":
         change = minus * params.get(g.layer, "W_down")[g.index[rows]]  # [C, D]
         pre, post = "mlp.down", "ln2_post"
@@ -273,8 +302,11 @@ def residual_changes(setting: Setting, g: Group, delta, rows=slice(None)) -> np.
     if not cfg.post_norms:
         return change
     before = rec[b + pre][p]  # [D], the sublayer's output before its post-norm
-    w, eps = params.get(g.layer, post), cfg.rms_norm_eps
-    return ops.rms_norm(before[None] + change, w, eps=eps)[0] - ops.rms_norm(before[None], w, eps=eps)[0]
+    if g.kind == "neuron" and cfg.moe:  # Gemma 4 MoE: down -> ln2_post1 (the dense branch) -> + experts -> ln2_post
+        dense = norm(before[None] + change, "ln2_post1") - norm(before[None], "ln2_post1")
+        total = rec[b + "mlp.sum"][p]
+        return (norm(total[None] + dense, "ln2_post") - norm(total[None], "ln2_post")) * scale
+    return (norm(before[None] + change, post) - norm(before[None], post)) * scale
 
 
 CHUNK = 2048  # components per [C, D] block when computing direct effects (16,384 neurons x D: 2 GB at once)
@@ -292,7 +324,7 @@ def direct_effects(setting: Setting, readings: Readings, g: Group, delta):
     """
     cfg = setting.model.config
     x = setting.base.record[P.site_name(2 * cfg.n_layers, cfg.n_layers)][setting.position]
-    own_norm = cfg.post_norms and g.kind in ("head", "edge", "neuron")
+    own_norm = cfg.post_norms and g.kind in ("head", "edge", "neuron", "dense", "expert")
     f0, c0, _ = readings.of_residual(x[None])
     out, post, capped = [], [], []
     for a in range(0, len(g), CHUNK):

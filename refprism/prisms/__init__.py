@@ -16,7 +16,9 @@ Residual sites: site k = 2l reads `blocks.{l}.resid_pre`, k = 2l + 1 reads `bloc
 the final residual (`blocks.{L-1}.resid_post`). The parts of the residual at site k are `embed` and every
 sublayer output before it: `L{j}.attn` (sublayer 2j) and `L{j}.mlp` (sublayer 2j + 1), for 2j (+1) < k.
 
-Labels (0-based): embed, L{l}.attn, L{l}.mlp, L{l}H{h}, L{l}H{h}.src{s}, L{l}N{n}.
+Labels (0-based): embed, L{l}.attn, L{l}.mlp, L{l}H{h}, L{l}H{h}.src{s}, L{l}N{n}; Gemma 4: L{l}.ple (per-layer
+input; L{l}.ple.token / .embed), L{l}.dense and L{l}E{e} (the MoE's dense branch and experts), L{l}E{e}N{n}.
+Gemma 4's layer_scalars are folded into every part (readouts.layer_scale), so the parts still sum to the whole.
 Axis letters as in ops.py; Z is the readout axis (one row per target, or per target-minus-foils).
 
     readouts.py  targets and foils, the logits readout, pull-backs through a head or a neuron
@@ -32,10 +34,15 @@ from refprism.prisms.readouts import (
                                       Token,
                                       check_head,
                                       check_neuron,
+                                      expert_neuron_terms,
+                                      expert_terms,
+                                      gain,
                                       head_source_terms,
+                                      layer_scale,
                                       logits_readout,
                                       needs,
                                       neuron_terms,
+                                      ple_terms,
                                       resolve_position,
                                       resolve_targets,
                                       resolve_token,
@@ -49,8 +56,11 @@ from refprism.prisms.splits import (
                                       Split,
                                       apply_map,
                                       attention_prism,
+                                      expert_prism,
                                       head_split,
                                       mlp_prism,
+                                      moe_prism,
+                                      ple_prism,
                                       residual_parts,
                                       residual_prism,
                                       scaled_embeddings,
@@ -58,7 +68,8 @@ from refprism.prisms.splits import (
 )
 
 __all__ = ["TOLERANCE", "Readout", "Split", "Targets", "Token", "apply_map", "attention_prism", "check_head",
-           "check_neuron", "head_source_terms",
-           "head_split", "logits_readout", "mlp_prism", "needs", "neuron_terms", "residual_parts", "residual_prism",
-           "resolve_position", "resolve_targets", "resolve_token", "scaled_embeddings", "site_name", "through_head",
-           "through_neuron", "through_post_norm", "unembedding_pca"]
+           "check_neuron", "expert_neuron_terms", "expert_prism", "expert_terms", "gain", "head_source_terms",
+           "head_split", "layer_scale", "logits_readout", "mlp_prism", "moe_prism", "needs", "neuron_terms",
+           "ple_prism", "ple_terms", "residual_parts", "residual_prism", "resolve_position", "resolve_targets",
+           "resolve_token", "scaled_embeddings", "site_name", "through_head", "through_neuron", "through_post_norm",
+           "unembedding_pca"]

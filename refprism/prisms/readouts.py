@@ -113,7 +113,8 @@ def needs(model, *, position=-1, residual=True, attention=(), mlp=()) -> list[st
     residual_prism: embed and every sublayer output at the position, and the residual after each (logit lens);
     attention_prism(l): layer l's pattern row at the position, its values at every source, its output (and
         Gemma 2/3's post-norm scale) at the position;
-    mlp_prism(l): layer l's neuron activations, output (and post-norm scale) at the position.
+    mlp_prism(l): layer l's neuron activations, output (and post-norm scale) at the position (Gemma 4 MoE: the
+        selected experts, their weights and outputs, the two branch post-norm scales).
     Chains (through_head, through_neuron) read other positions: record those whole.
     """
     cfg, at = model.config, f"@{int(position)}"
@@ -121,12 +122,15 @@ def needs(model, *, position=-1, residual=True, attention=(), mlp=()) -> list[st
     entries += [f"logits_uncapped{at}"] if cfg.final_softcap is not None else []
     if residual:
         entries += [f"embed{at}"] + [f"blocks.*.{n}{at}" for n in ("attn.out", "mlp.out", "resid_mid", "resid_post")]
-    for l in attention:
-        entries += [f"blocks.{l}.attn.pattern{at}", f"blocks.{l}.attn.v", f"blocks.{l}.attn.out{at}"]
+        entries += [f"blocks.*.{n}{at}" for n in ("ple.out", "resid_mlp")] if cfg.ple else []  # Gemma 4
+    for l in attention:  # Gemma 4 KV-sharing consumer: the values are its producer's
+        entries += [f"blocks.{l}.attn.pattern{at}", f"blocks.{cfg.kv_source(l)}.attn.v", f"blocks.{l}.attn.out{at}"]
         entries += [f"blocks.{l}.ln1_post.scale{at}"] if cfg.post_norms else []
     for l in mlp:
         entries += [f"blocks.{l}.mlp.act{at}", f"blocks.{l}.mlp.out{at}"]
         entries += [f"blocks.{l}.ln2_post.scale{at}"] if cfg.post_norms else []
+        entries += [f"blocks.{l}.{n}{at}" for n in ("ln2_post1.scale", "ln2_post2.scale", "moe.topk.index",
+                                                    "moe.topk.weight", "moe.expert_out")] if cfg.moe else []
     return entries
 
 
@@ -178,7 +182,7 @@ def resolve_position(run, position) -> int:
 def logits_readout(model, run, targets, *, position=-1, versus=()) -> Readout:
     """The readout whose value at the final residual is the logits (or logit differences) at `position`.
 
-    Math:   u_z = (E[t_z] - mean_f E[f]) * (1 + w_final) / s_final[p]      (final norm scale frozen)
+    Math:   u_z = (E[t_z] - mean_f E[f]) * (1 + w_final) / s_final[p]      (final norm scale frozen; Gemma 4: w)
             whole_z = logits[p, t_z] - mean_f logits[p, f]                   (the model's raw logits)
             Gemma 2 soft-caps its logits (cap * tanh(l / cap)), which is not linear: the readout and its whole are
             the pre-cap logits (`logits_uncapped`), decomposed exactly; the capped values are shown beside them.
@@ -190,33 +194,67 @@ def logits_readout(model, run, targets, *, position=-1, versus=()) -> Readout:
     dtype = model.dtype
     ids, coef = targets.coefficients(dtype)
     s = run.record["ln_final.scale"][p]
-    u = (coef @ model.params.embed_rows(ids)) * (1 + model.params.ln_final) / s  # [Z, D]
+    u = (coef @ model.params.embed_rows(ids)) * gain(model, model.params.ln_final) / s  # [Z, D]
     raw = run.record["logits_uncapped" if model.config.final_softcap is not None else "logits"]
     whole = coef @ raw[p, ids]  # [Z]
     return Readout(model, run, targets, u, 2 * model.config.n_layers, p, whole, "logits", s)
+
+
+def gain(model, w) -> np.ndarray:
+    """An RMSNorm's gain: 1 + w on Gemma 1-3, w itself on Gemma 4 (Config.norm_offset)."""
+    return w + np.asarray(model.config.norm_offset, dtype=w.dtype)
+
+
+def layer_scale(readout, layer):
+    """The product of Gemma 4's layer_scalars that a term of layer `layer` passes through before the readout's
+    residual: lambda_layer ... lambda_{k-1} for a readout of resid_pre_k or resid_mid_k (1 when the term is in
+    layer k itself, and on Gemma 1-3).
+
+    Math:   x_{l+1} = lambda_l (x_{l+1/2} + mlp_l + ple_l)   =>   x_k = prod_{l<k} lambda_l x_0
+            + sum_j prod_{j<=l<k} lambda_l (attn_j + mlp_j + ple_j)
+    """
+    model = readout.model
+    one = np.asarray(1, dtype=model.dtype)
+    if not model.config.gemma4:
+        return one
+    for l in range(layer, readout.site // 2):
+        one = one * model.params.get(l, "layer_scalar")[0]
+    return one
 
 
 def _check_layer(readout, layer, kind):
     L = readout.model.config.n_layers
     if not 0 <= layer < L:
         raise InputError(f"layer {layer} is out of range (the model has layers 0 .. {L - 1})")
-    sub = 2 * layer + (kind == "mlp")
+    sub = 2 * layer + (kind != "attn")
     if sub >= readout.site:
         raise InputError(f"L{layer}.{kind} is not part of {readout.site_name}, which this readout reads")
 
 
+# the post-norms a term passes through, innermost last (Gemma 4 MoE: the dense branch and the experts have their own)
+_POST_NORMS = {"attn": ("ln1_post",), "mlp": ("ln2_post",), "dense": ("ln2_post", "ln2_post1"),
+               "expert": ("ln2_post", "ln2_post2"), "ple": ("ple_post",)}
+
+
 def through_post_norm(readout, layer, kind) -> np.ndarray:
-    """The readout seen from before a Gemma 2/3 post-norm (the identity on Gemma 1).
+    """The readout seen from before a Gemma 2/3/4 post-norm (the identity on Gemma 1), with Gemma 4's
+    layer_scalars folded in (layer_scale).
 
     Math:   attn.out_l[p] = o_proj_l[p] / s_post[p] * (1 + w_post)   (s_post frozen: ln1_post or ln2_post)
             u . attn.out_l[p] = u_pre . o_proj_l[p],   u_pre = u * (1 + w_post) / s_post[p]
+            Gemma 4 (gain w, not 1 + w): u_pre = prod lambda * u * w_post / s_post[p]; the MoE's dense branch
+            ("dense") and experts ("expert") pass ln2_post then ln2_post1 / ln2_post2; the per-layer input
+            ("ple") ple_post.
     Shapes: u [Z, D] -> u_pre [Z, D]
     """
-    if not readout.model.config.post_norms:
+    model = readout.model
+    if not model.config.post_norms:
         return readout.u
-    key = "ln1_post" if kind == "attn" else "ln2_post"
-    s = readout.run.record[f"blocks.{layer}.{key}.scale"][readout.position]
-    return readout.u * (1 + readout.model.params.get(layer, key)) / s
+    u = readout.u * layer_scale(readout, layer)
+    for key in _POST_NORMS[kind]:
+        s = readout.run.record[f"blocks.{layer}.{key}.scale"][readout.position]
+        u = u * gain(model, model.params.get(layer, key)) / s
+    return u
 
 
 def head_source_terms(readout, layer) -> np.ndarray:
@@ -232,10 +270,10 @@ def head_source_terms(readout, layer) -> np.ndarray:
     b = f"blocks.{layer}."
     W_O = readout.model.params.get(layer, "W_O")  # [N, H, D]
     pattern = rec[b + "attn.pattern"][:, p, : p + 1]  # [N, S]
-    v = rec[b + "attn.v"][: p + 1]  # [S, K, H]
+    v = rec[f"blocks.{cfg.kv_source(layer)}.attn.v"][: p + 1]  # [S, K, H] (Gemma 4 consumer: the producer's)
     u = through_post_norm(readout, layer, "attn")
     r = np.einsum("zd,nhd->znh", u, W_O, optimize=True)  # W_O^h u per head: project the readout first
-    kv = ops.kv_index(cfg.n_heads, cfg.n_kv_heads)  # the shared kv head of each query head
+    kv = ops.kv_index(cfg.n_heads, cfg.kv_heads_of(layer))  # the shared kv head of each query head
     return np.einsum("ns,snh,znh->nsz", pattern, v[:, kv, :], r)
 
 
@@ -250,7 +288,7 @@ def neuron_terms(readout, layer) -> np.ndarray:
     _check_layer(readout, layer, "mlp")
     act = readout.run.record[f"blocks.{layer}.mlp.act"][readout.position]  # [F]
     W_down = readout.model.params.get(layer, "W_down")  # [F, D], a transposed view of the stored [D, F]
-    u = through_post_norm(readout, layer, "mlp")
+    u = through_post_norm(readout, layer, "dense" if readout.model.config.moe else "mlp")
     return act[:, None] * (u @ W_down.T).T  # (u W_down^T)^T = W_down u: streams the [D, F] rows in order
 
 
@@ -269,8 +307,9 @@ def check_head(readout, layer, head, source) -> None:
 def check_neuron(readout, layer, neuron) -> None:
     """through_neuron's argument checks (as check_head: config, site and position only)."""
     cfg = readout.model.config
-    if not 0 <= neuron < cfg.d_mlp:
-        raise InputError(f"neuron {neuron} is out of range (layer {layer} has neurons 0 .. {cfg.d_mlp - 1})")
+    if not 0 <= neuron < cfg.mlp_width_of(layer):  # Gemma 4's KV-sharing layers may be double-wide
+        raise InputError(f"neuron {neuron} is out of range (layer {layer} has neurons 0 .. "
+                         f"{cfg.mlp_width_of(layer) - 1})")
     _check_layer(readout, layer, "mlp")
 
 
@@ -281,22 +320,31 @@ def through_head(readout, layer, head, source) -> Readout:
               = u' . x_s  with  u' = pattern[h,p,s] (1 + w_ln1) / s_ln1[s] * (W_V^kv(h) W_O^h u)
             (pattern and the ln1 scale at s frozen; Gemma 2/3: u is first taken through the frozen post-attention
             norm, through_post_norm); whole(u') = the parent's L{l}H{h}.src{s} term.
+            Gemma 4: v[s, k] = (x_s / s_ln1[s] * w_ln1) W_V^k / s_v[s, k] (v_norm's scale frozen; W_V = W_K on a
+            k_eq_v layer), and on a KV-sharing consumer x_s, s_ln1, W_V and s_v are the PRODUCER's
+            (Config.kv_source): u' reads the producer's resid_pre at s, and chains from there.
     Shapes: u [Z, D] -> u' [Z, D]
     """
     check_head(readout, layer, head, source)
     cfg = readout.model.config
     rec, b = readout.run.record, f"blocks.{layer}."
-    params = readout.model.params
-    kv = cfg.kv_head(head)
-    u_pre = through_post_norm(readout, layer, "attn")  # Gemma 2/3: through the frozen post-attention norm
+    model = readout.model
+    params = model.params
+    kv = head // (cfg.n_heads // cfg.kv_heads_of(layer))
+    src = cfg.kv_source(layer)  # Gemma 4 KV sharing: the values are the producer layer's
+    bs = f"blocks.{src}."
+    u_pre = through_post_norm(readout, layer, "attn")  # Gemma 2/3/4: through the frozen post-attention norm
     r = np.einsum("zd,hd->zh", u_pre, params.get(layer, "W_O")[head])  # W_O^h u: [Z, H]
     weight = rec[b + "attn.pattern"][head, readout.position, source]
-    term = weight * (r @ rec[b + "attn.v"][source, kv])  # [Z]: the parent's L{l}H{h}.src{s} term, this one only
-    back = np.einsum("zh,dh->zd", r, params.get(layer, "W_V")[:, kv])  # W_V^kv (W_O^h u): [Z, D]
-    s = rec[b + "ln1.scale"][source]
-    u = weight * back * (1 + params.get(layer, "ln1")) / s
+    term = weight * (r @ rec[bs + "attn.v"][source, kv])  # [Z]: the parent's L{l}H{h}.src{s} term, this one only
+    if cfg.gemma4:  # v = rms_norm(v_pre) without a weight (v_norm, its scale frozen); k_eq_v: V is the K projection
+        r = r / rec[bs + "attn.v_norm.scale"][source, kv]
+    W_V = params.get(src, "W_K" if cfg.k_eq_v_at(src) else "W_V")
+    back = np.einsum("zh,dh->zd", r, W_V[:, kv])  # W_V^kv (W_O^h u): [Z, D]
+    s = rec[bs + "ln1.scale"][source]
+    u = weight * back * gain(model, params.get(src, "ln1")) / s
     path = readout.path + (f"L{layer}H{head}.src{source}",)
-    return replace(readout, u=u, site=2 * layer, position=source, whole=term, whole_label="/".join(path), scale=s,
+    return replace(readout, u=u, site=2 * src, position=source, whole=term, whole_label="/".join(path), scale=s,
                    path=path)
 
 
@@ -309,12 +357,67 @@ def through_neuron(readout, layer, neuron) -> Readout:
     Shapes: u [Z, D] -> u' [Z, D]
     """
     check_neuron(readout, layer, neuron)
+    cfg = readout.model.config
     rec, b, p = readout.run.record, f"blocks.{layer}.", readout.position
     params = readout.model.params
     g = ops.gelu_tanh(rec[b + "mlp.gate"][p, neuron])  # frozen gate factor
-    down = params.get(layer, "W_down")[neuron] @ through_post_norm(readout, layer, "mlp").T  # [Z]
+    kind = "dense" if cfg.moe else "mlp"
+    down = params.get(layer, "W_down")[neuron] @ through_post_norm(readout, layer, kind).T  # [Z]
     term = rec[b + "mlp.act"][p, neuron] * down  # [Z]: the parent's L{l}N{n} term, this neuron only
     s = rec[b + "ln2.scale"][p]
-    u = (g * down)[:, None] * (params.get(layer, "W_up")[:, neuron] * (1 + params.get(layer, "ln2")) / s)[None, :]
+    u = (g * down)[:, None] * (params.get(layer, "W_up")[:, neuron] * gain(readout.model, params.get(layer, "ln2"))
+                               / s)[None, :]
     path = readout.path + (f"L{layer}N{neuron}",)
     return replace(readout, u=u, site=2 * layer + 1, whole=term, whole_label="/".join(path), scale=s, path=path)
+
+
+
+
+def expert_terms(readout, layer) -> tuple[np.ndarray, np.ndarray]:
+    """Gemma 4 MoE: each selected expert's term of layer l's MLP output at position p (norm scales frozen).
+
+    Math:   mlp.out_l = rms_norm(rms_norm(dense; ln2_post1) + rms_norm(sum_j w_j out_j; ln2_post2); ln2_post)
+            term[j, z] = w_j (out_j . u_exp_z),  u_exp = through_post_norm(kind "expert")   (e = topk.index[p, j])
+    Shapes: -> experts [J] (their ids), terms [J, Z]
+    """
+    _check_layer(readout, layer, "mlp")
+    rec, b, p = readout.run.record, f"blocks.{layer}.", readout.position
+    u = through_post_norm(readout, layer, "expert")
+    w = rec[b + "moe.topk.weight"][p]  # [J]
+    return rec[b + "moe.topk.index"][p], w[:, None] * (rec[b + "moe.expert_out"][p] @ u.T)
+
+
+def expert_neuron_terms(readout, layer, slot) -> np.ndarray:
+    """Gemma 4 MoE: the neurons of the expert in top-k slot j (e = topk.index[p, j]), read at p.
+
+    Math:   term[n, z] = w_j act_j[p, n] (We_down[e][n] . u_exp_z)
+    Shapes: -> [G, Z]
+    """
+    rec, b, p = readout.run.record, f"blocks.{layer}.", readout.position
+    e = int(rec[b + "moe.topk.index"][p, slot])
+    u = through_post_norm(readout, layer, "expert")
+    w = rec[b + "moe.topk.weight"][p, slot]
+    act = rec[b + "moe.act"][p, slot]  # [G]
+    return (w * act)[:, None] * (readout.model.params.get(layer, "We_down")[e] @ u.T)
+
+
+def ple_terms(readout, layer) -> np.ndarray:
+    """Gemma 4: layer l's per-layer-input term at p split into its token-identity and embedding-linear pieces.
+
+    Math:   ple.out_l = rms_norm((gelu(gate) * ple_l) W_ple_proj; ple_post)     (gelu(gate), s_post frozen)
+            ple_l = token_l / sqrt(2) + rms_norm(model_l; ple_norm) / sqrt(2)   (ple.input, split exactly)
+            piece[i, z] = sum_q gelu(gate[q]) piece_i[q] (W_ple_proj[q] . u_ple_z),  u_ple = through_post_norm("ple")
+            (the embedding-linear piece is linear in x_0 with the ple_norm scale frozen)
+    Shapes: -> [2, Z]: token, embed
+    """
+    _check_layer(readout, layer, "ple")
+    model, rec, p = readout.model, readout.run.record, readout.position
+    b = f"blocks.{layer}."
+    dt = model.dtype
+    g = ops.gelu_tanh(rec[b + "ple.gate"][p])  # [P]
+    half = np.asarray(2.0 ** -0.5, dt)
+    token = rec["ple.token"][p, layer] * half
+    s = rec["ple.model_proj_norm.scale"][p, layer]
+    embed = rec["ple.model_proj"][p, layer] / s * gain(model, model.params.ple_norm) * half
+    r = model.params.get(layer, "W_ple_proj") @ through_post_norm(readout, layer, "ple").T  # [P, Z]
+    return np.stack([(g * token) @ r, (g * embed) @ r])

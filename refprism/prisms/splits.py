@@ -11,7 +11,19 @@ import numpy as np
 
 from refprism.errors import InputError
 from refprism.gemma import ops
-from refprism.prisms.readouts import Readout, Token, head_source_terms, neuron_terms, resolve_token, site_name
+from refprism.prisms.readouts import (
+    Readout,
+    Token,
+    expert_neuron_terms,
+    expert_terms,
+    gain,
+    head_source_terms,
+    layer_scale,
+    neuron_terms,
+    ple_terms,
+    resolve_token,
+    site_name,
+)
 
 # Exactness tolerance of |whole - sum(parts)|: atol + rtol * sum(|parts|), by compute dtype. The parts are dot
 # products over D (2048 for gemma-2b) computed in different orders from the whole, so their rounding error is a
@@ -110,14 +122,20 @@ def residual_parts(readout) -> tuple[list[str], np.ndarray]:
     """The parts of the residual at the readout's site and position: embed and each earlier sublayer output.
 
     Math:   x_site[p] = embed[p] + sum_{sublayers i < site} out_i[p]
+            Gemma 4: x_{l+1} = lambda_l (x_{l+1/2} + mlp_l + ple_l), so each part carries the product of the
+            layer_scalars after it (readouts.layer_scale): x_k = prod_{l<k} lambda_l embed + sum_j
+            prod_{j<=l<k} lambda_l (attn_j + mlp_j + ple_j), and the per-layer input is a part of its own, L{j}.ple
     Shapes: -> labels [C], vectors [C, D]
     """
     rec, p = readout.run.record, readout.position
-    labels, vectors = ["embed"], [rec["embed"][p]]
+    cfg = readout.model.config
+    labels, vectors = ["embed"], [rec["embed"][p] * layer_scale(readout, 0)]
     for i in range(readout.site):
         l, kind = divmod(i, 2)
-        labels.append(f"L{l}.{'mlp' if kind else 'attn'}")
-        vectors.append(rec[f"blocks.{l}.{'mlp' if kind else 'attn'}.out"][p])
+        names = ["attn"] if kind == 0 else (["mlp", "ple"] if cfg.ple else ["mlp"])
+        for name in names:
+            labels.append(f"L{l}.{name}")
+            vectors.append(rec[f"blocks.{l}.{name}.out"][p] * layer_scale(readout, l))
     return labels, np.stack(vectors)
 
 
@@ -152,14 +170,16 @@ def _beyond_frozen(readout, labels, vectors, values) -> dict:
     w = model.params.ln_final
 
     def f(xs):  # [C, D] -> [C, Z]
-        y, _ = ops.rms_norm(xs, w, eps=cfg.rms_norm_eps)
-        return y @ W.T
+        s = ops.rms_scale(xs, eps=cfg.rms_norm_eps)
+        return (xs / s[..., None] * gain(model, w)) @ W.T
 
     x = rec[site_name(2 * cfg.n_layers, cfg.n_layers)][p]  # the final residual
     direct = f(x)[None, :] - f(x[None, :] - vectors)
     running = [rec["embed"][p]]
     for i in range(2 * cfg.n_layers):
         l, kind = divmod(i, 2)
+        if kind and cfg.ple:  # Gemma 4: after the MLP (before the per-layer input and layer_scalar), then after
+            running.append(rec[f"blocks.{l}.resid_mlp"][p])
         running.append(rec[f"blocks.{l}.resid_{'post' if kind else 'mid'}"][p])
     lens = f(np.stack(running))
     extras = {
@@ -181,18 +201,72 @@ def attention_prism(readout, layer) -> Split:
     terms = head_source_terms(readout, layer)  # [N, S, Z]
     N, S, Z = terms.shape
     labels = [f"L{layer}H{h}.src{s}" for h in range(N) for s in range(S)]
-    whole = readout.value_of(readout.run.record[f"blocks.{layer}.attn.out"][readout.position])
+    whole = readout.value_of(readout.run.record[f"blocks.{layer}.attn.out"][readout.position]) * \
+        layer_scale(readout, layer)
     split = Split("attention", readout, labels, terms.reshape(N * S, Z), whole, _term_label(readout, f"L{layer}.attn"))
     split.extras["heads"] = {"labels": [f"L{layer}H{h}" for h in range(N)], "values": terms.sum(axis=1)}
     return split
 
 
 def mlp_prism(readout, layer) -> Split:
-    """Split layer l's MLP term into neurons (labels L{l}N{n}); whole = u . mlp.out_l[p]."""
+    """Split layer l's MLP term into neurons (labels L{l}N{n}); whole = u . mlp.out_l[p].
+
+    Gemma 4 MoE: the dense branch's neurons L{l}N{n} and each selected expert L{l}E{e} (moe_prism splits the
+    layer into the dense branch and the experts, expert_prism an expert into its neurons)."""
     terms = neuron_terms(readout, layer)  # [F, Z]
     labels = [f"L{layer}N{n}" for n in range(terms.shape[0])]
-    whole = readout.value_of(readout.run.record[f"blocks.{layer}.mlp.out"][readout.position])
-    return Split("mlp", readout, labels, terms, whole, _term_label(readout, f"L{layer}.mlp"))
+    if readout.model.config.moe:
+        experts, values = expert_terms(readout, layer)
+        labels += [f"L{layer}E{int(e)}" for e in experts]
+        terms = np.concatenate([terms, values])
+    return Split("mlp", readout, labels, terms, _mlp_whole(readout, layer), _term_label(readout, f"L{layer}.mlp"))
+
+
+def _mlp_whole(readout, layer):
+    return readout.value_of(readout.run.record[f"blocks.{layer}.mlp.out"][readout.position]) * \
+        layer_scale(readout, layer)
+
+
+def moe_prism(readout, layer) -> Split:
+    """Gemma 4 MoE: layer l's MLP term split into the dense branch (L{l}.dense) and each selected expert
+    (L{l}E{e}, in top-k order); whole = u . mlp.out_l[p] (the post-norm scales frozen).
+
+    Math:   u . mlp.out = u_dense . mlp.down + sum_j w_j u_exp . out_j      (readouts.through_post_norm)
+    """
+    if not readout.model.config.moe:
+        raise InputError("moe_prism needs a mixture-of-experts layer (Gemma 4 26B-A4B); this model has none")
+    dense = neuron_terms(readout, layer).sum(axis=0, keepdims=True)
+    experts, values = expert_terms(readout, layer)
+    labels = [f"L{layer}.dense"] + [f"L{layer}E{int(e)}" for e in experts]
+    return Split("moe", readout, labels, np.concatenate([dense, values]), _mlp_whole(readout, layer),
+                 _term_label(readout, f"L{layer}.mlp"))
+
+
+def expert_prism(readout, layer, expert) -> Split:
+    """Gemma 4 MoE: the term of expert e (one selected at the readout's position) split into its neurons
+    (labels L{l}E{e}N{n}); whole = that expert's L{l}E{e} term of moe_prism."""
+    if not readout.model.config.moe:
+        raise InputError("expert_prism needs a mixture-of-experts layer (Gemma 4 26B-A4B); this model has none")
+    experts, values = expert_terms(readout, layer)
+    slots = [j for j, e in enumerate(experts) if int(e) == int(expert)]
+    if not slots:
+        raise InputError(f"expert {expert} is not selected at position {readout.position} of layer {layer} "
+                         f"(the router chose {', '.join(map(str, map(int, experts)))})")
+    terms = expert_neuron_terms(readout, layer, slots[0])
+    labels = [f"L{layer}E{int(expert)}N{n}" for n in range(terms.shape[0])]
+    return Split("expert", readout, labels, terms, values[slots[0]], _term_label(readout, f"L{layer}E{int(expert)}"))
+
+
+def ple_prism(readout, layer) -> Split:
+    """Gemma 4: layer l's per-layer-input term split into its token-identity piece (L{l}.ple.token) and its
+    piece linear in the embedding (L{l}.ple.embed); whole = u . ple.out_l[p] (readouts.ple_terms)."""
+    if not readout.model.config.ple:
+        raise InputError("ple_prism needs per-layer embeddings (Gemma 4 E2B / E4B); this model has none")
+    values = ple_terms(readout, layer)
+    whole = readout.value_of(readout.run.record[f"blocks.{layer}.ple.out"][readout.position]) * \
+        layer_scale(readout, layer)
+    return Split("ple", readout, [f"L{layer}.ple.token", f"L{layer}.ple.embed"], values, whole,
+                 _term_label(readout, f"L{layer}.ple"))
 
 
 def _term_label(readout, label):

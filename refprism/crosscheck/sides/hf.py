@@ -87,8 +87,10 @@ def load(model_dir, dtype: str = "float32"):
     hf_logging.set_verbosity_error()  # no progress bars or legacy-config warnings on a report's stderr
     hf_logging.disable_progress_bar()
     try:
+        # Gemma 4's MoE: the eager experts loop (the other implementations sum in other orders)
+        extra = {"experts_implementation": "eager"} if _model_type(model_dir) in ("gemma4", "gemma4_text") else {}
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            str(model_dir), dtype=torch_dtype, attn_implementation="eager", output_loading_info=True)
+            str(model_dir), dtype=torch_dtype, attn_implementation="eager", output_loading_info=True, **extra)
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"HF transformers cannot load {model_dir}: {str(e).splitlines()[0][:200]}") from None
     finally:
@@ -99,6 +101,161 @@ def load(model_dir, dtype: str = "float32"):
         if info.get(kind):
             raise CheckpointError(f"HF loaded {model_dir} with {kind.replace('_', ' ')}: {sorted(info[kind])[:3]}")
     return model.eval()
+
+
+def _model_type(model_dir):
+    import json
+
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+NOTES_GEMMA4 = ["HF never forms the RMSNorm scales: the replay uses refprism's scale of HF's own input there",
+                "Gemma 4: HF's expert loop keeps no per-expert tensors (moe.gate/up/act/expert_out): the replay "
+                "computes them; its output (moe.down), the router's logits and top-k weights are HF's (the chosen "
+                "experts, integers, are compared through their weights)",
+                "attn.scores: recomputed from the query and key HF's eager attention received, as eager computes "
+                "them (matmul(query, repeat_kv(key)^T) * scaling)"]
+
+
+def capture_gemma4(model, ids) -> tuple[dict, str]:
+    """One hooked forward of an HF Gemma4ForCausalLM (eager attention; its layer output scaled in place by
+    layer_scalar, so every stored tensor is a clone) -> ({refprism site: array}, dtype). What HF computes as a
+    tensor: module outputs and inputs, eager attention's query / key / value (after HF's norms and RoPE) and
+    weights, the router's logits, top-k index and weights, the experts' summed output, the per-layer inputs."""
+    import torch
+    from transformers.models.gemma4 import modeling_gemma4 as g4
+
+    tm, hf_cfg = model.model, model.config
+    got: dict = {}
+    hooks = []
+
+    def keep(name, t):
+        got[name] = t.detach().clone()
+
+    def on(module, name, *, pre=False):
+        if pre:
+            hooks.append(module.register_forward_pre_hook(
+                lambda mod, args, kwargs: keep(name, args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+        else:
+            hooks.append(module.register_forward_hook(
+                lambda mod, args, o: keep(name, o[0] if isinstance(o, tuple) else o)))
+
+    on(tm.embed_tokens, "embed")
+    projected = None
+    if tm.hidden_size_per_layer_input:
+        on(tm.embed_tokens_per_layer, "ple.token")
+        on(tm.per_layer_projection_norm, "ple.model_proj", pre=True)
+        projected = tm.project_per_layer_inputs
+
+        def project(*args, **kwargs):
+            out = projected(*args, **kwargs)
+            keep("ple.input", out)
+            return out
+
+        tm.project_per_layer_inputs = project
+    for l, layer in enumerate(tm.layers):
+        b, a = f"blocks.{l}.", layer.self_attn
+        on(layer, b + "resid_pre", pre=True)
+        on(layer, b + "resid_post")
+        on(layer.input_layernorm, b + "ln1.out")
+        on(a.q_proj, b + "attn.q_pre")
+        if not a.is_kv_shared_layer:
+            on(a.k_proj, b + "attn.k_pre")
+            on(a.v_proj if a.v_proj is not None else a.k_proj, b + "attn.v_pre")
+        on(a.o_proj, b + "attn.z", pre=True)
+        on(a.o_proj, b + "attn.o_proj")
+        on(layer.post_attention_layernorm, b + "attn.out")
+        on(layer.pre_feedforward_layernorm, b + "resid_mid", pre=True)
+        on(layer.pre_feedforward_layernorm, b + "ln2.out")
+        on(layer.mlp.gate_proj, b + "mlp.gate")
+        on(layer.mlp.up_proj, b + "mlp.up")
+        on(layer.mlp.down_proj, b + "mlp.act", pre=True)
+        on(layer.mlp.down_proj, b + "mlp.down")
+        on(layer.post_feedforward_layernorm, b + ("mlp.sum" if layer.enable_moe_block else "mlp.down"), pre=True)
+        on(layer.post_feedforward_layernorm, b + "mlp.out")
+        if layer.enable_moe_block:
+            on(layer.post_feedforward_layernorm_1, b + "mlp.dense")
+            on(layer.router.proj, b + "moe.router.logits")
+
+            def router(mod, args, o, b=b):  # (probabilities, top-k weights, top-k index); o unchanged
+                keep(b + "moe.topk.weight", o[1])
+                keep(b + "moe.topk.index", o[2])
+
+            hooks.append(layer.router.register_forward_hook(router))
+            on(layer.pre_feedforward_layernorm_2, b + "ln2_moe.out")
+            on(layer.experts, b + "moe.down")
+            on(layer.post_feedforward_layernorm_2, b + "moe.out")
+        if layer.hidden_size_per_layer_input:
+            on(layer.per_layer_input_gate, b + "resid_mlp", pre=True)
+            on(layer.per_layer_input_gate, b + "ple.gate")
+            on(layer.per_layer_projection, b + "ple.act", pre=True)
+            on(layer.per_layer_projection, b + "ple.proj")
+            on(layer.post_per_layer_input_norm, b + "ple.out")
+    on(tm.norm, "ln_final.out")
+    on(model.lm_head, "logits_uncapped" if hf_cfg.final_logit_softcapping is not None else "logits")
+    original = g4.eager_attention_forward
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        b = f"blocks.{module.layer_idx}."
+        keep(b + "attn.q", query)
+        if not module.is_kv_shared_layer:
+            keep(b + "attn.k", key)
+            keep(b + "attn.v", value)
+        with torch.no_grad():
+            keep(b + "attn.scores", torch.matmul(query, g4.repeat_kv(key, module.num_key_value_groups)
+                                                 .transpose(2, 3)) * kwargs.get("scaling", module.scaling))
+        out, weights = original(module, query, key, value, attention_mask, *args, **kwargs)
+        keep(b + "attn.pattern", weights)
+        return out, weights
+
+    before = model.config._attn_implementation
+    g4.eager_attention_forward = spy
+    try:
+        if before != "eager":
+            model.set_attn_implementation("eager")
+        with torch.no_grad():
+            # output_hidden_states: transformers 5.24's _maybe_slice_kv_shared_inputs slices per_layer_inputs even
+            # when a KV-sharing model has none; asking for the hidden states turns that slicing off
+            got["logits"] = model(torch.tensor([list(map(int, ids))]), use_cache=False,
+                                  output_hidden_states=True).logits
+    finally:
+        g4.eager_attention_forward = original
+        for h in hooks:
+            h.remove()
+        if projected is not None:
+            del tm.project_per_layer_inputs
+        if before != "eager":
+            model.set_attn_implementation(before)
+    T = len(ids)
+    L, P = hf_cfg.num_hidden_layers, hf_cfg.hidden_size_per_layer_input
+    arrays = {}
+    for name, t in got.items():
+        x = (t.double().numpy() if t.dtype == torch.float64 else t.float().numpy()) if t.dtype.is_floating_point \
+            else t.numpy()
+        arrays[name] = x[0] if x.ndim and x.shape[0] == 1 and name.split(".")[-1] not in ("index", "weight",
+                                                                                          "logits") else x
+    for name in ("ple.token", "ple.model_proj", "ple.input"):
+        if name in arrays:
+            arrays[name] = arrays[name].reshape(T, L, P)
+    for l, layer in enumerate(tm.layers):
+        b, H = f"blocks.{l}.", layer.self_attn.head_dim
+        for site in ("moe.router.logits", "moe.topk.index", "moe.topk.weight", "ln2_moe.out", "moe.down"):
+            if b + site in arrays:  # HF runs the router and the experts on [B*T, ...] rows
+                arrays[b + site] = arrays[b + site].reshape(T, -1)
+        for site in ("attn.q_pre", "attn.k_pre", "attn.v_pre", "attn.z"):
+            if b + site in arrays:
+                arrays[b + site] = arrays[b + site].reshape(T, -1, H)
+        for site in ("attn.q", "attn.k", "attn.v"):  # [heads, T, H] as the attention function receives them
+            if b + site in arrays:
+                arrays[b + site] = arrays[b + site].transpose(1, 0, 2)
+    if arrays["logits"].ndim == 3:
+        arrays["logits"] = arrays["logits"][0]
+    for l in range(L):  # the choice is compared through its weights (a float site); an integer cannot flow on
+        arrays.pop(f"blocks.{l}.moe.topk.index", None)
+    return arrays, str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def _hook_makers(got: dict):
@@ -139,6 +296,10 @@ def capture(model, ids, *, dtype: str = "float32", cfg: Config | None = None) ->
     """
     if isinstance(model, (str, Path)):
         model = load(model, dtype)
+    if getattr(model.config, "model_type", None) == "gemma4_text":
+        arrays, dt = capture_gemma4(model, ids)
+        return Capture(source="hf", tokens=np.asarray(ids, dtype=np.int64), arrays=arrays, dtype=dt,
+                       notes=NOTES_GEMMA4)
     raw, dt, notes = capture_hf_names(model, ids)
     cfg = cfg or config_of(model)
     arrays = {}

@@ -1,0 +1,231 @@
+"""Gemma 4 (text): refprism's forward pass equals HF transformers' Gemma4ForCausalLM (eager attention, eager
+experts) activation by activation, on the tiny random checkpoint with every feature on (refprism.synth
+"tiny-gemma4": per-layer embeddings, KV sharing across both layer types, double-wide MLP, k_eq_v, two head
+geometries with proportional RoPE, MoE, random layer_scalar / norm weights / router scales), with prompts longer
+than the sliding window. The same test family as tests/test_parity_family.py, with the bound stated relative to
+each tensor's size: float32 logits and activations within 1e-5 of the tensor's largest value (at least 1e-5
+absolute). Why relative: the residual stream grows over the seven layers (three sublayer terms a layer, times
+layer_scalar) and attention at scale 1 reads q.k of O(1) to O(3); both float32 sides then lie up to ~2e-5 from the
+float64 result on the last layers (measured), in either direction. The float64 test is the exact one: every site
+within 1e-9 of its size of HF's float64 (HF's float32 norms, softmaxes and RoPE patched to float64).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import assert_close
+from hf_reference import hf_gemma4_record
+
+import refprism
+from refprism.checkpoints.synth import make_config, write_checkpoint
+from refprism.errors import CheckpointError, ConfigError
+from refprism.gemma.record import expected_shapes
+
+
+def _hf(d):
+    hf, info = transformers.Gemma4ForCausalLM.from_pretrained(
+        str(d), dtype=torch.float32, attn_implementation="eager", experts_implementation="eager",
+        output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return hf.eval()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention_k_eq_v": False}, {"enable_moe_block": False,
+                                                                          "hidden_size_per_layer_input": 0}])
+def test_gemma4_matches_hf_activation_by_activation(checkpoint, overrides):
+    d = checkpoint("tiny-gemma4", **overrides)
+    ours = refprism.load(d)
+    hf = _hf(d)
+    cfg = ours.config
+    assert cfg.head_dim_of(1) == 32 and cfg.head_dim_of(0) == 16 and [cfg.kv_source(l) for l in (4, 5, 6)] == [1, 3, 1]
+    for T, seed in [(1, 0), (9, 1), (17, 2)]:  # longer than the window of 4
+        ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, T)
+        run, ref = ours.run(ids), hf_gemma4_record(hf, ids)
+        names = expected_shapes(cfg, T)
+        assert set(names) <= set(ref), sorted(set(names) - set(ref))
+        for name in names:
+            if name.endswith("topk.index"):
+                np.testing.assert_array_equal(run.record[name], ref[name], err_msg=name)
+                continue
+            assert run.record[name].dtype == np.float32, name
+            scale = max(1.0, np.abs(ref[name]).max())
+            assert_close(f"gemma4 T={T} {name}", run.record[name], ref[name], atol=1e-5 * scale)
+
+
+def test_gemma4_float64_matches_hf_float64(checkpoint):
+    """float64 against HF run in float64 throughout (tests/hf_reference.gemma4_float64 patches HF's float32 norms,
+    softmaxes and RoPE tables): every site within 1e-9 relative to its size (float64 rounding only)."""
+    from hf_reference import gemma4_float64
+
+    d = checkpoint("tiny-gemma4")
+    ours = refprism.load(d, dtype="float64")
+    hf = transformers.Gemma4ForCausalLM.from_pretrained(str(d), dtype=torch.float64, attn_implementation="eager",
+                                                        experts_implementation="eager").eval()
+    undo = gemma4_float64(hf)
+    try:
+        for T, seed in [(9, 1), (17, 2)]:
+            ids = np.random.default_rng(seed).integers(0, ours.config.vocab_size, T)
+            run, ref = ours.run(ids), hf_gemma4_record(hf, ids)
+            for name in expected_shapes(ours.config, T):
+                if name.endswith("topk.index"):
+                    np.testing.assert_array_equal(run.record[name], ref[name], err_msg=name)
+                    continue
+                assert run.record[name].dtype == np.float64, name
+                scale = np.abs(ref[name]).max()
+                assert_close(f"float64 T={T} {name}", run.record[name], ref[name], atol=1e-9 * scale)
+    finally:
+        undo()
+
+
+def test_gemma4_features_are_not_no_ops(checkpoint):
+    """Each feature the tiny preset turns on changes the logits: the parity above tests each of them."""
+    base = refprism.load(checkpoint("tiny-gemma4"))
+    ids = np.arange(3, 15)
+    logits = base.run(ids).logits
+    cfg = base.config
+    assert cfg.moe and cfg.ple and cfg.k_eq_v and cfg.double_wide_mlp and cfg.n_kv_shared == 3
+    assert cfg.rope_partial == 0.25 and cfg.query_pre_attn_scalar == 1.0 and cfg.norm_offset == 0.0
+    p = base.params
+    for l in range(cfg.n_layers):  # the scalars that start at 1 are random
+        assert abs(float(p.block(l)["layer_scalar"][0]) - 1) > 1e-3
+        assert np.abs(p.block(l)["per_expert_scale"] - 1).max() > 1e-3
+        assert np.abs(p.block(l)["router_scale"] - 1).max() > 1e-3
+    run = base.run(ids)
+    assert np.abs(run.record["logits_uncapped"]).max() > 2.5  # the soft-cap of 5 bends
+    # MoE: the experts' term is not negligible beside the dense branch
+    assert np.abs(run.record["blocks.2.moe.out"]).mean() > 0.1 * np.abs(run.record["blocks.2.mlp.dense"]).mean()
+    for name, kw in [("no k_eq_v", {"attention_k_eq_v": False}), ("no sharing", {"num_kv_shared_layers": 0}),
+                     ("no MoE", {"enable_moe_block": False})]:
+        other = refprism.load(checkpoint("tiny-gemma4", **kw)).run(ids).logits
+        assert np.abs(other - logits).max() > 1e-3, name
+
+
+def test_gemma4_multimodal_checkpoint_loads_the_text_decoder(checkpoint, tmp_path):
+    """A Gemma4ForConditionalGeneration checkpoint: config text_config nested, decoder weights under
+    model.language_model.*, a vision tower beside it (ignored, named in the notes)."""
+    from safetensors.numpy import load_file, save_file
+
+    d = checkpoint("tiny-gemma4")
+    text = json.loads((d / "config.json").read_text())
+    tensors = load_file(d / "model.safetensors")
+    mm = tmp_path / "mm"
+    mm.mkdir()
+    (mm / "config.json").write_text(json.dumps({"model_type": "gemma4", "architectures":
+                                                ["Gemma4ForConditionalGeneration"], "text_config": text}))
+    renamed = {"model.language_model." + n[len("model."):]: a for n, a in tensors.items()}
+    renamed["model.vision_tower.encoder.layers.0.mlp.up_proj.linear.weight"] = np.zeros((4, 4), np.float32)
+    renamed["lm_head.weight"] = tensors["model.embed_tokens.weight"]
+    save_file(renamed, mm / "model.safetensors", metadata={"format": "pt"})
+    ours, mine = refprism.load(mm), refprism.load(d)
+    assert ours.config == mine.config
+    assert any("vision_tower" in n for n in ours.notes)
+    ids = np.arange(2, 12)
+    np.testing.assert_array_equal(ours.run(ids).logits, mine.run(ids).logits)
+
+
+def test_gemma4_consumer_kv_weights_are_ignored_as_hf_does(checkpoint, tmp_path):
+    """Released E2B files carry k/v weights for the KV-sharing layers; HF ignores them, so does refprism."""
+    from safetensors.numpy import load_file, save_file
+
+    d = checkpoint("tiny-gemma4")
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.5.self_attn.k_proj.weight"] = np.ones((32, 64), np.float32)
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "config.json").write_text((d / "config.json").read_text())
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    ids = np.arange(2, 9)
+    np.testing.assert_array_equal(refprism.load(out).run(ids).logits, refprism.load(d).run(ids).logits)
+
+
+def _refusal(tmp_path, d, config_edit=None, tensor_edit=None):
+    from safetensors.numpy import load_file, save_file
+
+    hf = json.loads((d / "config.json").read_text())
+    tensors = load_file(d / "model.safetensors")
+    if config_edit:
+        config_edit(hf)
+    if tensor_edit:
+        tensor_edit(tensors)
+    out = tmp_path / "bad"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(hf))
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_gemma4_contradicting_fields_are_refused_naming_the_field(checkpoint, tmp_path):
+    d = checkpoint("tiny-gemma4")
+    v = _refusal(tmp_path / "v", d, tensor_edit=lambda t: t.update(
+        {"model.layers.1.self_attn.v_proj.weight": np.zeros((32, 64), np.float32)}))
+    with pytest.raises(CheckpointError, match="attention_k_eq_v.*model.layers.1.self_attn.v_proj.weight"):
+        refprism.load(v)
+    with pytest.raises(ConfigError, match="num_kv_shared_layers is 9"):
+        refprism.load(_refusal(tmp_path / "s", d, config_edit=lambda c: c.update(num_kv_shared_layers=9)))
+    with pytest.raises(ConfigError, match="num_kv_shared_layers"):  # leaves the full consumers without a producer
+        refprism.load(_refusal(tmp_path / "p", d, config_edit=lambda c: c.update(
+            layer_types=["sliding_attention"] * 4 + ["full_attention"] * 3)))
+    with pytest.raises(CheckpointError, match="num_experts is 8 .*4 experts"):
+        refprism.load(_refusal(tmp_path / "e", d, config_edit=lambda c: c.update(num_experts=8)))
+    with pytest.raises(CheckpointError, match="moe_intermediate_size is 12"):
+        refprism.load(_refusal(tmp_path / "i", d, config_edit=lambda c: c.update(moe_intermediate_size=12)))
+    with pytest.raises(ConfigError, match="top_k_experts .5. exceeds num_experts .4."):
+        refprism.load(_refusal(tmp_path / "k", d, config_edit=lambda c: c.update(top_k_experts=5)))
+
+
+@pytest.mark.parametrize("model_type, what", [("gemma3n_text", "Gemma 3n"), ("gemma3n", "Gemma 3n"),
+                                               ("gemma4_unified", "unified"), ("gemma4_unified_text", "unified")])
+def test_gemma3n_and_unified_are_refused_in_one_line(model_type, what):
+    from refprism.gemma.config import Config
+
+    with pytest.raises(ConfigError, match=what) as e:
+        Config.from_hf({**make_config("tiny-gemma4"), "model_type": model_type})
+    assert "\n" not in str(e.value)
+
+
+def test_gemma4_last_layer_is_forced_full_as_hf(tmp_path):
+    """Gemma4TextConfig forces the last layer to full_attention; so does refprism."""
+    from refprism.gemma.config import Config
+
+    hf = make_config("tiny-gemma4", layer_types=["sliding_attention", "full_attention"] * 3 + ["sliding_attention"])
+    assert Config.from_hf(hf).layer_types[-1] == "full_attention"
+    assert transformers.Gemma4TextConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type",
+                                                                                      "torch_dtype")}).layer_types[-1] \
+        == "full_attention"
+    d = write_checkpoint(tmp_path / "m", make_config("tiny-gemma4", layer_types=hf["layer_types"]))
+    ids = np.arange(2, 10)
+    run, ref = refprism.load(d).run(ids), hf_gemma4_record(_hf(d), ids)
+    assert_close("forced-full logits", run.logits, ref["logits"], atol=1e-5 * max(1.0, np.abs(ref["logits"]).max()))
+
+
+def test_gemma4_low_memory_resume_and_packed_equal_the_plain_run(checkpoint):
+    """memory="low" (each layer converted when used, the experts' halves into their own buffers) gives the same
+    bits; a run resumed at a KV-sharing consumer (its producer before the resume point) equals the full run bit
+    for bit; a packed pass equals each prompt's own run within float32 rounding."""
+    from refprism.gemma.forward import forward, forward_packed
+
+    d = checkpoint("tiny-gemma4")
+    fast, low = refprism.load(d, memory="fast"), refprism.load(d, memory="low")
+    ids = np.random.default_rng(3).integers(0, 512, 11)
+    run = fast.run(ids)
+    np.testing.assert_array_equal(low.run(ids).logits, run.logits)
+    cfg = fast.config
+    for first in (2, 5):  # 5: a consumer whose producer (3) is before it
+        resumed = forward(fast.params, cfg, ids, resume=(first, run.record), normalizer=fast.normalizer)
+        np.testing.assert_array_equal(resumed["logits"], run.logits)
+    other = np.random.default_rng(4).integers(0, 512, 6)
+    packed = forward_packed(fast.params, cfg, [ids, other], normalizer=fast.normalizer)
+    for rec, toks in zip(packed, [ids, other]):
+        np.testing.assert_allclose(rec["logits"], fast.run(toks).logits, atol=2e-5)
+
+
+def test_gemma4_edit_sees_every_site_once_in_table_order(checkpoint):
+    """The edit is called at every recorded site, in RECORD_TABLE's order (each layer's own sites)."""
+    model = refprism.load(checkpoint("tiny-gemma4"))
+    names = []
+    model.run(np.arange(2, 9), edit=lambda n, v, r: names.append(n) or v)
+    assert names == list(expected_shapes(model.config, 7))
+    assert "blocks.5.attn.k" not in names and "blocks.3.attn.k" in names  # a consumer computes no k of its own

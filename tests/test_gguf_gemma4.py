@@ -48,7 +48,8 @@ def llama_cpp_name(hf: str) -> str:
     return f"blk.{l}.{_BLOCK[rest]}"
 
 
-def write_gemma4_gguf(path, hf: dict, tensors: dict, *, split_experts=False, extra=None, rope_freqs=None):
+def write_gemma4_gguf(path, hf: dict, tensors: dict, *, split_experts=False, extra=None, rope_freqs=None,
+                      tokenizer_model="gemma4"):
     """The converter's metadata (Gemma4Model.set_gguf_parameters and TextModel's) and tensors, F32."""
     cfg = Config.from_hf(hf)
     L = cfg.n_layers
@@ -77,7 +78,7 @@ def write_gemma4_gguf(path, hf: dict, tensors: dict, *, split_experts=False, ext
     w.add_uint32(a + "expert_count", cfg.n_experts)
     w.add_uint32(a + "expert_used_count", cfg.top_k)
     w.add_uint32(a + "expert_feed_forward_length", cfg.d_expert)
-    w.add_tokenizer_model("gemma4")
+    w.add_tokenizer_model(tokenizer_model)  # "llama" (SentencePiece) for llama.cpp: its "gemma4" is BPE with merges
     vocab = VOCAB + [(f"x{i}", 1) for i in range(cfg.vocab_size - len(VOCAB))]
     w.add_token_list([p for p, _ in vocab])
     w.add_token_scores([-float(i) for i in range(len(vocab))])

@@ -89,3 +89,36 @@ def test_gemma4_component_labels_are_checked(g4, checkpoint):
         parse_component(dense.config, "L2E1", T=5)
     with pytest.raises(InputError, match="no per-layer embeddings"):
         parse_component(dense.config, "L2.ple", T=5)
+
+
+@pytest.mark.parametrize("level", ["residual", "heads", "neurons:5", "experts:1", "head-source:4"])
+def test_gemma4_gradxact_is_the_derivative_of_scaling_each_component(checkpoint, level):
+    """gradxact(c) = sign g . c (zero replacement) is the derivative of the readout as the component is scaled,
+    c -> (1 + e) c, every later op recomputed: checked by central differences of re-runs with the edit
+    (interventions.Edit), on every Gemma 4 component kind: the per-layer input parts, a double-wide layer's
+    neurons, the experts (their routing weight inside), the heads of KV-sharing consumers and their sources."""
+    from refprism.interventions.attribution import attribute
+    from refprism.interventions.components import activation, level_groups
+    from refprism.interventions.edit import Edit, rerun
+
+    model = refprism.load(checkpoint("tiny-gemma4"), dtype="float64")
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, model.config.vocab_size, 9)]
+    run = model.run(ids)
+    T = len(ids)
+    gx = attribute(model, ids, method="gradxact", level=level, targets=["#5"])
+    groups = level_groups(model.config, level, T - 1)
+    fd, h = [], 1e-5
+    for g in groups:
+        for r in range(len(g)):
+            one = g.take([r])
+            c = activation(model, run.record, one, T - 1)[None]  # [P=1, C=1, W]
+            vals = [model.params.unembed(rerun(model, run, Edit(model.config, [(one, [T - 1], (1 + e) * c)]))
+                                         ["ln_final.out"][[T - 1]])[0, 5] for e in (h, -h)]  # the pre-cap logit
+            fd.append((vals[0] - vals[1]) / (2 * h))
+    fd = np.asarray(fd)
+    assert len(fd) == len(gx.labels) and np.abs(fd).max() > 1e-3
+    sign = np.sign(gx.values[np.argmax(np.abs(fd)), 0] / fd[np.argmax(np.abs(fd))])
+    np.testing.assert_allclose(gx.values[:, 0], sign * fd, rtol=0, atol=1e-7 * np.abs(fd).max())
+    if level == "experts:1":  # the experts the router did not choose at the readout position score 0
+        chosen = set(run.record["blocks.1.moe.topk.index"][T - 1].tolist())
+        assert all((gx.values[e, 0] == 0) == (e not in chosen) for e in range(model.config.n_experts))

@@ -17,8 +17,20 @@ the factor is cut, the factor's own site keeps its gradient.
     gelu     every gelu(gate) factor of act = gelu(gate) * up: no gradient reaches the gate
     softcap  the soft-caps (Gemma 2's scores, and the final one under readout="logprob"/"capped") as factors
              cap tanh(x / cap) = x r(x) with r held at the recorded x (ops.softcap_factor)
+    router   Gemma 4 MoE: the routing weights w (moe.topk.weight) held: no gradient reaches the router's logits
+             (the top-k choice itself is a step function: it never has a gradient)
 Everything frozen is the linear map the prisms decompose (grad . embed = the readout, exactly); nothing frozen
 is the true gradient.
+
+**Gemma 4** (_gemma4_block): norms scale by w (offset 0), v_norm has no weight, scores are scaled by 1, the
+partial RoPE's fixed dims pass the gradient unchanged, a KV-sharing consumer's key and value gradients reach its
+producer's attn.k / attn.v (the producer's site holds the sum over itself and its consumers), k_eq_v's
+attn.k_pre gets the key path plus attn.v_pre's, the MoE's routing weights pass the gradient to the router
+(softmax over E, top-k renormalised, per_expert_scale), the per-layer inputs' gradient collects over the layers
+into ple.input and reaches the embedding through ple.model_proj, and layer_scalar scales the gradient leaving
+each layer. There `embed` and blocks.0.resid_pre are two gradients: the embedding also feeds the per-layer inputs.
+A dropped L{l}.mlp (GradDrop) also drops the layer's per-layer-input branch; layer_scalar stays (it scales the
+skip path itself).
 
 **drop**: layers (ints) whose block the backward skips (AtP*'s GradDrop), or single sublayers ("L3.attn",
 "L3.mlp"): the gradient passes a dropped sublayer through the skip path only (resid_mid -> resid_pre for
@@ -45,10 +57,10 @@ from refprism import prisms as P
 from refprism.errors import InputError
 from refprism.gemma import ops
 from refprism.gemma.forward import forward
-from refprism.gemma.record import Lazy, Record, axis_sizes, symbolic_shapes
+from refprism.gemma.record import Lazy, Record, axis_sizes, layer_of, symbolic_shapes
 from refprism.model import Run
 
-FREEZABLE = ("norm", "pattern", "gelu", "softcap")
+FREEZABLE = ("norm", "pattern", "gelu", "softcap", "router")
 READOUTS = ("logit", "capped", "logprob")
 
 
@@ -257,6 +269,10 @@ def _layer_source(model, run, p) -> _Layers:
         return _Layers(model, run, rec, True)
     keep = ["embed", "blocks.*.resid_pre", f"blocks.{cfg.n_layers - 1}.resid_post", "ln_final.scale",
             "ln_final.out", f"logits@{p}"] + ([f"logits_uncapped@{p}"] if cfg.final_softcap is not None else [])
+    if cfg.ple:  # Gemma 4: a resumed layer reads the per-layer inputs; the backward ends through them
+        keep += ["ple.*"]
+    for src in sorted({cfg.kv_source(l) for l in range(cfg.n_layers) if not cfg.has_kv(l)}):
+        keep += [f"blocks.{src}.attn.k", f"blocks.{src}.attn.v"]  # KV sharing: what a resumed consumer attends
     top = forward(model.params, cfg, run.tokens, normalizer=model.normalizer, record=keep)
     return _Layers(model, run, top, False)
 
@@ -321,12 +337,18 @@ def backward(model, layers: _Layers, seed: Seed, p: int, *, freeze=frozenset(), 
         g_h = np.zeros((Z, T, D), dtype)
         g_h[:, p] = seed.at_norm
         put("ln_final.out", g_h)
-        g_x, g_s = ops.rms_norm_vjp(g_h, x_final, top["ln_final.scale"], params.ln_final, frozen=eps_frozen)
+        g_x, g_s = ops.rms_norm_vjp(g_h, x_final, top["ln_final.scale"], params.ln_final, offset=cfg.norm_offset,
+                                    frozen=eps_frozen)
         put("ln_final.scale", g_s)
     positions = np.arange(T)
+    shared = {}  # Gemma 4 KV sharing: producer layer -> [g_k, g_v] summed over its consumers (later layers)
+    g_ple = np.zeros((Z, T, cfg.n_layers, cfg.d_ple), dtype) if cfg.ple else None  # dR/dple.input, over layers
     for l in reversed(range(down_to, cfg.n_layers)):
         b = f"blocks.{l}."
         put(b + "resid_post", g_x)
+        if cfg.gemma4:
+            g_x = _gemma4_block(model, layers, l, g_x, put, freeze, drop, shared, g_ple, positions)
+            continue
         rec = None if (l, "attn") in drop and (l, "mlp") in drop else layers.layer(l)
         def w(key, l=l):
             return params.get(l, key)
@@ -415,8 +437,234 @@ def backward(model, layers: _Layers, seed: Seed, p: int, *, freeze=frozenset(), 
         put(b + "resid_pre", g_x)
         del rec
     if down_to == 0:
+        if cfg.ple:
+            g_x = g_x + _ple_inputs_vjp(model, top, g_ple, put, eps_frozen)
         put("embed", g_x)
     return out
+
+
+def _ple_inputs_vjp(model, top, g_ple, put, eps_frozen):
+    """Gemma 4: from dR/dple.input [Z, T, L, P] (collected over the layers) to the embedding's share.
+
+    Math:   ple = (rms_norm(model; ple_norm) + token) / sqrt(2),  model = x_0 W_ple_model / sqrt(D)
+            dR/dtoken = dR/dple / sqrt(2);  dR/dmodel = rms_norm^T(dR/dple / sqrt(2))
+            dR/dx_0 (this path) = sum_{l,q} dR/dmodel[:, :, l, q] W_ple_model[:, l, q] / sqrt(D)
+    Shapes: g_ple [Z, T, L, P] -> [Z, T, D]
+    """
+    cfg, params, dt = model.config, model.params, model.dtype
+    put("ple.input", g_ple)
+    g = g_ple * np.asarray(2.0 ** -0.5, dt)
+    put("ple.token", g)
+    g_m, g_s = ops.rms_norm_vjp(g, top["ple.model_proj"], top["ple.model_proj_norm.scale"], params.ple_norm,
+                                offset=0, frozen=eps_frozen)
+    put("ple.model_proj_norm.scale", g_s)
+    put("ple.model_proj", g_m)
+    return np.einsum("ztlp,dlp->ztd", g_m, params.ple_model(), optimize=True) * np.asarray(cfg.d_model ** -0.5, dt)
+
+
+def _gemma4_block(model, layers, l, g_x, put, freeze, drop, shared, g_ple, positions):
+    """One Gemma 4 layer's VJP (forward.forward's Gemma 4 branches, in reverse); -> dR/dresid_pre.
+
+    Math:   resid_post = layer_scalar (resid_mlp + ple.out),  resid_mlp = resid_mid + mlp.out
+            ple.out = rms_norm((gelu(resid_mlp W_pg) * ple[:, l]) W_pp; ple_post)
+            mlp.out = rms_norm(mlp.down; ln2_post)  or, MoE, rms_norm(rms_norm(mlp.down; post1) + moe.out; ln2_post)
+            moe.out = rms_norm(sum_j w_j out_j; post2),  w_j = p_j / sum_i p_i * c_j  (p = softmax(router), c the
+                      per-expert scales) =>  dR/dp_j = (c_j dR/dw_j - sum_i w_i dR/dw_i) / sum_i p_i
+            resid_mid = resid_pre + rms_norm(o_proj; ln1_post);  every norm's gain is w (offset 0)
+            q = rope(rms_norm(ln1.out W_Q; q_norm));  k = rope(rms_norm(k_pre; k_norm));  v = v_pre / s_v
+    Each ^T the op's VJP (ops.*_vjp), the frozen factors' edges cut as in `backward`.
+    Shapes: g_x [Z, T, D] -> [Z, T, D]
+    """
+    cfg, params, dtype = model.config, model.params, model.dtype
+    eps_frozen = "norm" in freeze
+    b = f"blocks.{l}."
+    Z, T, D = g_x.shape
+
+    def w(key):
+        return params.get(l, key)
+
+    def norm(g, x_name, s_name, weight):
+        g_in, g_s = ops.rms_norm_vjp(g, rec[b + x_name], rec[b + s_name], weight, offset=0, frozen=eps_frozen)
+        put(b + s_name, g_s)
+        return g_in
+
+    def zeros(name):
+        put(b + name, np.zeros((Z,) + _shape(cfg, b + name, T), dtype))
+
+    rec = layers.layer(l)
+    g = g_x * w("layer_scalar").astype(dtype)  # dR/d(resid_mlp + ple.out)
+    if (l, "mlp") in drop:  # GradDrop: the MLP and the per-layer-input branch skipped; layer_scalar kept
+        for name in _block_sites(cfg, l):
+            site = name[len(b):]
+            if site in ("mlp.out", "ple.out", "resid_mlp", "resid_mid"):
+                put(name, g)
+            elif site.startswith(("ln2.", "mlp.", "ln2_post", "moe.", "ln2_moe.", "ple.", "ple_post.")):
+                put(name, np.zeros((Z,) + _shape(cfg, name, T), dtype))
+        g_mid = g
+    else:
+        if cfg.ple:  # resid_post / layer_scalar = resid_mlp + rms_norm((gelu(gate) * ple_l) W_pp; ple_post)
+            put(b + "ple.out", g)
+            g_proj = norm(g, "ple.proj", "ple_post.scale", w("ple_post"))
+            put(b + "ple.proj", g_proj)
+            g_act = g_proj @ w("W_ple_proj").T  # [Z, T, P]
+            put(b + "ple.act", g_act)
+            g_gate, g_in = ops.geglu_vjp(g_act, rec[b + "ple.gate"], layers.top["ple.input"][:, l],
+                                         frozen="gelu" in freeze)
+            put(b + "ple.gate", g_gate)
+            g_ple[:, :, l] += g_in
+            g = g + g_gate @ w("W_ple_gate").T if "gelu" not in freeze else g
+        put(b + "resid_mlp", g)
+        put(b + "mlp.out", g)
+        g_mid = g  # the skip path
+        g_sum = norm(g, "mlp.sum" if cfg.moe else "mlp.down", "ln2_post.scale", w("ln2_post"))
+        if cfg.moe:
+            put(b + "mlp.sum", g_sum)
+            put(b + "mlp.dense", g_sum)
+            put(b + "moe.out", g_sum)
+            g_mid = g_mid + _moe_vjp(model, rec, l, g_sum, put, norm, freeze)
+            g_sum = norm(g_sum, "mlp.down", "ln2_post1.scale", w("ln2_post1"))
+        put(b + "mlp.down", g_sum)
+        g_act = g_sum @ w("W_down").T  # [Z, T, F]
+        put(b + "mlp.act", g_act)
+        g_gate, g_up = ops.geglu_vjp(g_act, rec[b + "mlp.gate"], rec[b + "mlp.up"], frozen="gelu" in freeze)
+        put(b + "mlp.gate", g_gate)
+        put(b + "mlp.up", g_up)
+        g_h = g_up @ w("W_up").T
+        if "gelu" not in freeze:
+            g_h += g_gate @ w("W_gate").T
+        put(b + "ln2.out", g_h)
+        g_mid = g_mid + norm(g_h, "resid_mid", "ln2.scale", w("ln2"))
+    put(b + "resid_mid", g_mid)
+
+    # Attention: resid_mid = resid_pre + rms_norm(z W_O; ln1_post), z = pattern v, pattern = softmax(q . k)
+    H = cfg.head_dim_of(l)
+    theta, scale = cfg.rope_of(l)
+    cos, sin = ops.rope_tables(positions / scale, H, theta, dtype, cfg.rope_partial_of(l))
+
+    def producer_kv(g_k, g_v):
+        """A producer's k and v sites (its own gradient plus its consumers') down to ln1.out."""
+        g_k0, g_v0 = shared.pop(l, (0, 0))
+        g_k, g_v = g_k + g_k0, g_v + g_v0
+        put(b + "attn.k", g_k)
+        put(b + "attn.v", g_v)
+        g_vp = norm(g_v, "attn.v_pre", "attn.v_norm.scale", None)  # v_norm: no learned scale
+        put(b + "attn.v_pre", g_vp)
+        g_kp = norm(ops.rope_vjp(g_k, cos, sin), "attn.k_pre", "attn.k_norm.scale", w("k_norm"))
+        if cfg.k_eq_v_at(l):  # v_pre is k_pre's value flowing on: k_pre's gradient is both paths'
+            g_kp = g_kp + g_vp
+            put(b + "attn.k_pre", g_kp)
+            return ops.project_vjp(g_kp, w("W_K"))
+        put(b + "attn.k_pre", g_kp)
+        return ops.project_vjp(g_kp, w("W_K")) + ops.project_vjp(g_vp, w("W_V"))
+
+    if (l, "attn") in drop:
+        for name in _block_sites(cfg, l):
+            site = name[len(b):]
+            if site == "attn.out":
+                put(name, g_mid)
+            elif site.startswith(("ln1.", "attn.", "ln1_post.")):
+                put(name, np.zeros((Z,) + _shape(cfg, name, T), dtype))
+        g_pre = g_mid
+        if cfg.has_kv(l) and l in shared:  # its consumers' key and value gradients are theirs: not dropped
+            zero = np.zeros((Z, T) + _shape(cfg, b + "attn.k", T)[1:], dtype)
+            g_h = producer_kv(zero, zero)
+            put(b + "ln1.out", g_h)
+            g_pre = g_mid + norm(g_h, "resid_pre", "ln1.scale", w("ln1"))
+        put(b + "resid_pre", g_pre)
+        return g_pre
+    put(b + "attn.out", g_mid)
+    g_o = norm(g_mid, "attn.o_proj", "ln1_post.scale", w("ln1_post"))
+    put(b + "attn.o_proj", g_o)
+    g_z = ops.heads_out_vjp(g_o, w("W_O"))  # [Z, T, N, H]
+    put(b + "attn.z", g_z)
+    src = cfg.kv_source(l)
+    kv = rec if src == l else layers.top  # the producer's k, v (the full record, or kept by _layer_source)
+    k, v = kv[f"blocks.{src}.attn.k"], kv[f"blocks.{src}.attn.v"]
+    pattern = rec[b + "attn.pattern"]
+    g_pattern, g_v = ops.attention_mix_vjp(g_z, pattern, v)
+    del g_z
+    put(b + "attn.pattern", g_pattern)
+    if "pattern" in freeze:  # the pattern held: nothing reaches the scores, q or k
+        for name in ("attn.scores", "attn.q", "attn.q_pre", "attn.q_norm.scale"):
+            zeros(name)
+        g_h, g_k = np.zeros((Z, T, D), dtype), np.zeros_like(g_v)
+    else:
+        g_a = ops.softmax_vjp(g_pattern, pattern)
+        put(b + "attn.scores", g_a)
+        g_q, g_k = ops.attention_scores_vjp(g_a, rec[b + "attn.q"], k, cfg.query_pre_attn_scalar ** -0.5)
+        del g_a
+        put(b + "attn.q", g_q)
+        g_q = norm(ops.rope_vjp(g_q, cos, sin), "attn.q_pre", "attn.q_norm.scale", w("q_norm"))
+        put(b + "attn.q_pre", g_q)
+        g_h = ops.project_vjp(g_q, w("W_Q"))
+    del g_pattern
+    if src != l:  # a KV-sharing consumer: its key and value gradients go to the producer's sites
+        acc = shared.setdefault(src, [0, 0])
+        acc[0] = acc[0] + g_k
+        acc[1] = acc[1] + g_v
+    else:
+        g_h = g_h + producer_kv(g_k, g_v)
+    put(b + "ln1.out", g_h)
+    g_pre = g_mid + norm(g_h, "resid_pre", "ln1.scale", w("ln1"))
+    put(b + "resid_pre", g_pre)
+    return g_pre
+
+
+def _moe_vjp(model, rec, l, g_sum, put, norm, freeze):
+    """Gemma 4 MoE's VJP from dR/dmoe.out (= dR/dmlp.sum) to its share of dR/dresid_mid.
+
+    Math:   moe.out = rms_norm(down; post2),  down = sum_j w_j out_j,  out_j = (gelu(h2 Wg_e) * (h2 Wu_e)) Wd_e
+            h2 = rms_norm(resid_mid; ln2_moe)
+            dR/dw_j = dR/ddown . out_j;   dR/dout_j = w_j dR/ddown
+            router (unless frozen): w_j = p_j / P c_j (P = sum_i p_i over the selected, c = per_expert_scale)
+              dR/dp_j = (c_j dR/dw_j - sum_i w_i dR/dw_i) / P,  p = softmax(r): dR/dr = p (dR/dp - sum_e p_e dR/dp_e)
+              r = (resid_mid / s_r * router_scale / sqrt(D)) W_router
+    Shapes: g_sum [Z, T, D] -> [Z, T, D]
+    """
+    cfg, params, dt = model.config, model.params, model.dtype
+    b = f"blocks.{l}."
+    Z, T, D = g_sum.shape
+    g_down = norm(g_sum, "moe.down", "ln2_post2.scale", params.get(l, "ln2_post2"))
+    put(b + "moe.down", g_down)
+    top, wts, out = rec[b + "moe.topk.index"], rec[b + "moe.topk.weight"], rec[b + "moe.expert_out"]
+    g_out = g_down[:, :, None, :] * wts[None, :, :, None]  # [Z, T, J, D]
+    g_w = np.einsum("ztd,tjd->ztj", g_down, out, optimize=True)
+    put(b + "moe.expert_out", g_out)
+    put(b + "moe.topk.weight", g_w)
+    We_down, We_gate, We_up = (params.get(l, k) for k in ("We_down", "We_gate", "We_up"))
+    g_act = np.empty(g_out.shape[:3] + (cfg.d_expert,), dt)
+    for e in np.unique(top):  # each selected expert once, over its (token, slot) pairs
+        t, j = np.nonzero(top == e)
+        g_act[:, t, j] = g_out[:, t, j] @ We_down[e].T
+    put(b + "moe.act", g_act)
+    g_gate, g_up = ops.geglu_vjp(g_act, rec[b + "moe.gate"], rec[b + "moe.up"], frozen="gelu" in freeze)
+    put(b + "moe.gate", g_gate)
+    put(b + "moe.up", g_up)
+    g_h2 = np.zeros((Z, T, D), dt)
+    for e in np.unique(top):  # a token chooses an expert at most once: the t are distinct within e
+        t, j = np.nonzero(top == e)
+        g_h2[:, t] += g_up[:, t, j] @ We_up[e].T
+        if "gelu" not in freeze:
+            g_h2[:, t] += g_gate[:, t, j] @ We_gate[e].T
+    put(b + "ln2_moe.out", g_h2)
+    g_mid = norm(g_h2, "resid_mid", "ln2_moe.scale", params.get(l, "ln2_moe"))
+    if "router" in freeze:
+        put(b + "moe.router.logits", np.zeros((Z, T, cfg.n_experts), dt))
+        put(b + "moe.router.scale", np.zeros((Z, T), dt))
+        return g_mid
+    r = rec[b + "moe.router.logits"]
+    prob = np.exp(r - r.max(axis=-1, keepdims=True))
+    prob /= prob.sum(axis=-1, keepdims=True)
+    p_sel = np.take_along_axis(prob, top, axis=-1)  # [T, J]
+    c = params.get(l, "per_expert_scale")[top]  # [T, J]
+    g_p_sel = (c[None] * g_w - np.sum(wts[None] * g_w, axis=-1, keepdims=True)) / p_sel.sum(-1)[None, :, None]
+    g_prob = np.zeros((Z, T, cfg.n_experts), dt)
+    np.put_along_axis(g_prob, np.broadcast_to(top[None], g_p_sel.shape), g_p_sel, axis=-1)
+    g_r = prob[None] * (g_prob - np.sum(g_prob * prob[None], axis=-1, keepdims=True))
+    put(b + "moe.router.logits", g_r)
+    g_n = (g_r @ params.get(l, "W_router").T) * (params.get(l, "router_scale").astype(dt) *
+                                                np.asarray(cfg.d_model ** -0.5, dt))
+    return g_mid + norm(g_n, "resid_mid", "moe.router.scale", None)
 
 
 def _dropped(put, cfg, l, kind, g_x, Z, T, dtype):
@@ -445,5 +693,5 @@ def _block_sites(cfg, l):
 
 
 def _shape(cfg, name, T):
-    sizes = axis_sizes(cfg, T)
+    sizes = axis_sizes(cfg, T, layer_of(name))  # Gemma 4: each layer's own H, K and F
     return tuple(sizes[a] for a in symbolic_shapes(cfg)[name])

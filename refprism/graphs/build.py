@@ -136,6 +136,9 @@ def graph(model, prompt, *, position=-1, targets=None, versus=(), max_nodes=7500
     Shapes: -> Graph with N nodes and E edges
     """
     cfg = model.config
+    if cfg.gemma4:  # read from the config: a command refuses before any weight is read
+        raise InputError("attribution graphs do not take Gemma 4 yet (its experts, per-layer inputs and double-wide "
+                         "layers are not graph nodes); gradients, attribute and validate do")
     if max_nodes < 0 or batch_size < 1 or update_interval < 1 or explore_k < 1:
         raise InputError("max_nodes >= 0, batch_size, update_interval and explore_k >= 1 are required")
     run = prompt if isinstance(prompt, Run) else model.run(prompt)

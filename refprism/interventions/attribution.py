@@ -37,7 +37,7 @@ from refprism.errors import InputError
 from refprism.gemma import ops
 from refprism.gradients.backward import gradients
 from refprism.interventions.agreement import agreement
-from refprism.interventions.components import Group, activation, level_groups
+from refprism.interventions.components import RESIDUAL_LIKE, Group, activation, level_groups
 from refprism.interventions.edit import Edit, rerun
 from refprism.interventions.setting import Setting, setting
 from refprism.model import Run
@@ -135,16 +135,27 @@ def changes(s: Setting, g: Group) -> np.ndarray:
     return delta
 
 
-def component_gradient(record, g: Group, at) -> np.ndarray:
+def component_gradient(record, g: Group, at, base=None) -> np.ndarray:
     """dR/dc for the group's components at positions `at`, from a gradient record: [Z, P, C, W].
 
-    Math:   embed, attn, mlp: dR/d(residual part)[t]; head h and edge (h, s): dR/dz[t, h] (an edge's term is
-            added into z[t, h]); neuron n: dR/dact[t, n]
+    Math:   embed, attn, mlp (Gemma 4: ple, dense): dR/d(residual part)[t]; head h and edge (h, s): dR/dz[t, h]
+            (an edge's term is added into z[t, h]); neuron n: dR/dact[t, n]; Gemma 4 expert e: dR/dexpert_out[t, j]
+            at the slot j that chose e (it carries the routing weight w_j), 0 where the router did not choose e
+            (base: the run's record, whose moe.topk.index says which slot; the component's layer routes before it)
     """
     G = record[g.site]
     at = list(at)
-    if g.kind in ("embed", "attn", "mlp"):
+    if g.kind in RESIDUAL_LIKE:
         return G[:, at][:, :, None, :]
+    if g.kind == "expert":
+        top = base[f"blocks.{g.layer}.moe.topk.index"]
+        out = np.zeros((G.shape[0], len(at), len(g), G.shape[-1]), G.dtype)
+        for i, t in enumerate(at):
+            for c, e in enumerate(g.index):
+                slot = np.nonzero(top[t] == e)[0]
+                if len(slot):
+                    out[:, i, c] = G[:, t, int(slot[0])]
+        return out
     if g.kind == "neuron":
         return G[:, at][:, :, g.index][..., None]
     return G[:, at][:, :, g.index, :]
@@ -154,7 +165,8 @@ def linear_scores(s: Setting, groups, *, record=None) -> np.ndarray:
     """sign * sum_t g(t) . (c(t) - c'(t)) for every component of the groups: [C, Z] (gradxact, atp)."""
     if record is None:
         record = _base_gradients(s, record=sorted({g.site for g in groups})).record
-    out = [s.sign * np.einsum("zpcw,pcw->cz", component_gradient(record, g, s.at), changes(s, g)) for g in groups]
+    out = [s.sign * np.einsum("zpcw,pcw->cz", component_gradient(record, g, s.at, s.base.record), changes(s, g))
+           for g in groups]
     return np.concatenate(out)
 
 
@@ -192,16 +204,17 @@ def qk_fixed_scores(s: Setting, groups) -> np.ndarray:
     model, cfg = s.model, s.model.config
     base, other = s.base.record, s.donor.record
     grads = _base_gradients(s, record=[g.site for g in groups]).record
-    kv = ops.kv_index(cfg.n_heads, cfg.n_kv_heads)
-    scale = np.asarray(cfg.query_pre_attn_scalar ** -0.5, dtype=model.dtype)
+    scale = np.asarray(cfg.query_pre_attn_scalar ** -0.5, dtype=model.dtype)  # Gemma 4: 1
     cap = cfg.attn_softcap
     capped = (lambda x: x) if cap is None else (lambda x: ops.softcap(x, cap))  # noqa: E731
     out = []
     for g in groups:
         b = f"blocks.{g.layer}."
+        kb = f"blocks.{cfg.kv_source(g.layer)}."  # Gemma 4 KV sharing: a consumer's keys and values are its producer's
+        kv = ops.kv_index(cfg.n_heads, cfg.kv_heads_of(g.layer))
         window = cfg.sliding_window if cfg.is_sliding(g.layer) else None
-        A, v, q, k = base[b + "attn.pattern"], base[b + "attn.v"], base[b + "attn.q"], base[b + "attn.k"]
-        v2, q2, k2 = other[b + "attn.v"], other[b + "attn.q"], other[b + "attn.k"]
+        A, v, q, k = base[b + "attn.pattern"], base[kb + "attn.v"], base[b + "attn.q"], base[kb + "attn.k"]
+        v2, q2, k2 = other[kb + "attn.v"], other[b + "attn.q"], other[kb + "attn.k"]
         g_z = grads[b + "attn.z"]  # [Z, T, N, H]
         Z = g_z.shape[0]
         scores = np.zeros((len(g), Z), dtype=model.dtype)
@@ -253,7 +266,7 @@ def ig_scores(s: Setting, groups, k: int):
                 rec = rerun(model, s.base, Edit(model.config, [(one, s.at, value)]))
                 run = Run(s.base.tokens, s.base.pieces, rec)
                 grads = _base_gradients(s, run, record=[one.site], down_to=max(one.layer, 0))
-                acc = acc + component_gradient(grads.record, one, s.at)  # [Z, P, 1, W]
+                acc = acc + component_gradient(grads.record, one, s.at, s.base.record)  # [Z, P, 1, W]
                 forwards, backwards = forwards + 1, backwards + 1
             scores[r] = s.sign * np.einsum("zpcw,pcw->z", acc / k, delta[:, [r]])
         out.append(scores)

@@ -125,14 +125,16 @@ def parse_component(config, label, *, T, source=None) -> Group:
     return _group("edge", layer, [h], [s])
 
 
-LEVELS = "residual, heads, head-source:L, neurons:L or neurons"
+LEVELS = "residual, heads, head-source:L, neurons:L, neurons or (Gemma 4 MoE) experts:L"
 
 
 def level_groups(config, level: str, position: int) -> list[Group]:
     """The components of a validation level, in label order.
 
     residual: embed, L{l}.attn, L{l}.mlp;  heads: every L{l}H{h};  head-source:L: L{L}H{h}.src{s} for s <= the
-    readout position (head-major, as attention_prism);  neurons:L: L{L}N{n};  neurons: every layer's neurons.
+    readout position (head-major, as attention_prism);  neurons:L: L{L}N{n};  neurons: every layer's neurons;
+    experts:L (Gemma 4 MoE): L{L}E{e} for every expert (an expert the router did not choose at a position is 0
+    there: its patch and its every score are 0).
     """
     L, N = config.n_layers, config.n_heads
     kind, _, arg = str(level).partition(":")
@@ -143,7 +145,9 @@ def level_groups(config, level: str, position: int) -> list[Group]:
         if kind == "heads":
             return [_group("head", l, range(N)) for l in range(L)]
         return [_group("neuron", l, range(config.mlp_width_of(l))) for l in range(L)]
-    if kind in ("head-source", "neurons") and arg:
+    if kind == "experts" and not config.moe:
+        raise InputError(f"--level {level!r}: this model has no mixture of experts (Gemma 4 26B-A4B does)")
+    if kind in ("head-source", "neurons", "experts") and arg:
         if not (arg.isascii() and arg.isdigit()):
             raise InputError(f"--level {level!r}: the layer after ':' is a number, e.g. {kind}:3")
         l = int(arg)
@@ -151,6 +155,8 @@ def level_groups(config, level: str, position: int) -> list[Group]:
             raise InputError(f"layer {l} is out of range (the model has layers 0 .. {L - 1})")
         if kind == "neurons":
             return [_group("neuron", l, range(config.mlp_width_of(l)))]
+        if kind == "experts":  # Gemma 4 MoE: each expert's weighted output where the router chose it
+            return [_group("expert", l, range(config.n_experts))]
         h, s = np.divmod(np.arange(N * (position + 1)), position + 1)
         return [_group("edge", l, h, s)]
     raise InputError(f"--level {level!r} is not a level: use {LEVELS}")

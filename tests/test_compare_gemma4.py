@@ -126,3 +126,56 @@ def test_unmapped_sides_refuse_gemma4_in_one_line(g4dir, against, names):
     with pytest.raises(InputError, match="comparing Gemma 4 against .* not supported yet") as e:
         compare(refprism.load(g4dir), IDS, against=against, names=names)
     assert "\n" not in str(e.value)
+
+
+def test_llama_cpp_runs_tiny_gemma4_close_to_refprism_with_ggmls_gelu(checkpoint, tmp_path):
+    """llama.cpp's own Gemma 4 (llama-cpp-python 0.3.36, in process) on a tiny GGUF with every feature on, in a
+    layer layout llama.cpp's KV-sharing rule takes (the last non-shared layers sliding then full: docs/gemma4.md),
+    F32 weights, f32 KV cache; refprism computing ggml's f16 GELU table (crosscheck.ggml.gelu_f16_table). Measured:
+    8e-4 of the largest |logit| (docs/gemma4.md: not yet explained below that). A Gemma 4 trap is O(1) off: the
+    port that forgets layer_scalar is shown to miss by far more than the bound."""
+    import json
+
+    import llama_cpp
+    from safetensors.numpy import load_file
+    from test_gguf_gemma4 import write_gemma4_gguf
+
+    from refprism.crosscheck.ggml import gelu_f16_table
+    from refprism.crosscheck.sides.llamacpp import _no_extra_buffers, _quiet_stderr
+
+    S, F = "sliding_attention", "full_attention"
+    d = checkpoint("tiny-gemma4", layer_types=(S, F, S, F, S, F, F))
+    hf, tensors = json.loads((d / "config.json").read_text()), load_file(d / "model.safetensors")
+    path = write_gemma4_gguf(tmp_path / "g4.gguf", hf, tensors, split_experts=True, tokenizer_model="llama")
+    ours = refprism.load(path)
+    ids = list(range(4, 20))
+    _no_extra_buffers(llama_cpp)
+    with _quiet_stderr():
+        llm = llama_cpp.Llama(str(path), n_ctx=256, n_batch=256, n_ubatch=256, logits_all=True, verbose=False,
+                              n_threads=1, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+                              flash_attn=False)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+
+    def ggml_gelu(name, v, rec):
+        for act, gate, up in (("mlp.act", "mlp.gate", "mlp.up"), ("moe.act", "moe.gate", "moe.up")):
+            if name.endswith(act):
+                return gelu_f16_table(rec[name.replace(act, gate)]) * rec[name.replace(act, up)]
+        if name.endswith("ple.act"):
+            l = int(name.split(".")[1])
+            return gelu_f16_table(rec[name.replace("ple.act", "ple.gate")]) * rec["ple.input"][:, l]
+        return v
+
+    mine = ours.run(ids, edit=ggml_gelu).logits
+    bound = 3e-3 * np.abs(mine).max()
+    assert np.abs(theirs - mine).max() <= bound
+    # the bound is narrow enough to catch a Gemma 4 trap: a port that forgets layer_scalar (the catalogue's
+    # layer_scalar_missing), planted as an edit dividing each layer's output by its scalar, is far outside it
+    def no_layer_scalar(name, v, rec):
+        v = ggml_gelu(name, v, rec)
+        if name.endswith("resid_post"):
+            return v / ours.params.get(int(name.split(".")[1]), "layer_scalar")
+        return v
+
+    off = np.abs(theirs - ours.run(ids, edit=no_layer_scalar).logits).max()
+    assert off > 10 * bound, off

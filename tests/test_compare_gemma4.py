@@ -89,7 +89,24 @@ def _contiguous_rope(hf, monkeypatch):
     monkeypatch.setattr(g4, "apply_rotary_pos_emb", rope)
 
 
+def _llama_cpp_producer(hf):
+    """Consumer 5 (sliding) reads layer 2's keys and values, not layer 3's: HF's own store moved (llama.cpp's rule
+    on this layout, S F S S | F S F)."""
+    hf.model.layers[3].self_attn.store_full_length_kv = False
+    hf.model.layers[2].self_attn.store_full_length_kv = True
+
+
+def _first_producer(hf):
+    """Consumer 5 (sliding) reads layer 0's keys and values: the first sliding layer's store kept, the later ones'
+    dropped."""
+    hf.model.layers[3].self_attn.store_full_length_kv = False
+    hf.model.layers[2].self_attn.store_full_length_kv = False
+    hf.model.layers[0].self_attn.store_full_length_kv = True
+
+
 CASES = {
+    "kv_producer_llama_cpp_rule": (_llama_cpp_producer, "blocks.5.attn.scores"),
+    "kv_producer_first_of_type": (_first_producer, "blocks.5.attn.scores"),
     "norm_one_plus_w": (_one_plus_w, "blocks.2.attn.out"),
     "v_norm_missing": (_no_v_norm, "blocks.3.attn.v"),
     "query_scale_head_dim_4": (_head_dim_scale, "blocks.1.attn.scores"),

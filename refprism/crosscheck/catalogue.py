@@ -446,6 +446,39 @@ def _scale_head_dim_4(op):
     return ops.attention_scores(op.at("attn.q"), k, cfg.head_dim_of(op.layer) ** -0.5)
 
 
+def _kv_producer(rule):
+    """A KV-sharing consumer's scores over the keys of another producer than HF's (the last non-shared layer of
+    its own type): `rule(cfg, l)` -> that layer, or None. Not applicable where it is HF's producer, or where that
+    layer's keys have another shape (the two layer types' head widths or kv head counts differ)."""
+    def compute(op):
+        cfg, l = op.cfg, op.layer
+        if cfg.has_kv(l):
+            return None
+        src = rule(cfg, l)
+        if src is None or src == cfg.kv_source(l):
+            return None
+        k = op.record.get(f"blocks.{src}.attn.k")
+        true_k = op.record[f"blocks.{cfg.kv_source(l)}.attn.k"]
+        if k is None or k.shape != true_k.shape:
+            return None
+        return ops.attention_scores(op.at("attn.q"), k, cfg.query_pre_attn_scalar ** -0.5)
+    return compute
+
+
+def _llama_cpp_producer(cfg, l):
+    """llama.cpp's rule (src/llama-model.cpp, the Gemma 3n / Gemma 4 reuse callback): the first shared layer
+    minus 2 for a sliding consumer, minus 1 for a full one (right only when the last non-shared layers are
+    sliding then full, as in the released layouts)."""
+    first = cfg.n_layers - cfg.n_kv_shared
+    return first - (2 if cfg.is_sliding(l) else 1) if first >= 2 else None
+
+
+def _first_producer(cfg, l):
+    """The first non-shared layer of the consumer's type (a port that keeps the first store, not the last)."""
+    first = cfg.n_layers - cfg.n_kv_shared
+    return next((j for j in range(first) if cfg.layer_types[j] == cfg.layer_types[l]), None)
+
+
 def _layer_scalar_missing(op):
     x = op.at("resid_mlp")
     return x + op.at("ple.out") if op.cfg.ple else x
@@ -495,6 +528,13 @@ GEMMA4_CATALOGUE: list[Mistake] = [
             "the router's top-k weights are not multiplied by per_expert_scale"),
     Mistake("topk_not_renormalised", ("moe.topk.weight",), _topk_weights(renormalise=False),
             "the top-k probabilities are not renormalised to sum 1 before per_expert_scale"),
+    Mistake("kv_producer_llama_cpp_rule", ("attn.scores",), _kv_producer(_llama_cpp_producer),
+            "a KV-sharing consumer attends over the keys of layer (first shared layer) - 2 if sliding, - 1 if full "
+            "(llama.cpp's rule, right only when the last non-shared layers are sliding then full); HF's producer "
+            "is the last non-shared layer of the consumer's own type"),
+    Mistake("kv_producer_first_of_type", ("attn.scores",), _kv_producer(_first_producer),
+            "a KV-sharing consumer attends over the keys of the first non-shared layer of its type; HF's producer "
+            "is the last one"),
     Mistake("rope_partial_contiguous", ("attn.q", "attn.k"), _rope_neox_partial,
             "a full layer rotates its first dims contiguously (NeoX's partial rotary); Gemma 4's proportional RoPE "
             "rotates dims [0, R) with [H/2, H/2 + R), frequencies theta^(-2i/H)"),

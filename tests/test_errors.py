@@ -828,7 +828,8 @@ CASES = [
     Case("validate-level-unknown", lambda ctx: ctx.good(),
          lambda t, ctx: interventions.validate(refprism.load(t), PROMPT, level="layers"),
          prism("validate", "--level", "layers", "--ablate", "zero"),
-         r"--level 'layers' is not a level: use residual, heads, head-source:L, neurons:L or neurons", InputError),
+         r"--level 'layers' is not a level: use residual, heads, head-source:L, neurons:L, neurons or "
+         r"\(Gemma 4 MoE\) experts:L", InputError),
     Case("validate-level-layer-out-of-range", lambda ctx: ctx.good(),
          lambda t, ctx: interventions.validate(refprism.load(t), PROMPT, level="neurons:5"),
          prism("validate", "--level", "neurons:5", "--ablate", "zero"),

@@ -33,7 +33,7 @@ def register(sub) -> None:
                                         "and circuit faithfulness")
     _intervention_args(p, work="many")
     p.add_argument("--level", required=True, metavar="LEVEL",
-                   help="residual, heads, head-source:L, neurons:L or neurons")
+                   help="residual, heads, head-source:L, neurons:L, neurons or (Gemma 4 MoE) experts:L")
     p.add_argument("--top", type=int, default=10, help="k of the top-k metrics and of the faithfulness table "
                                                        "(default 10)")
     p.add_argument("--budget", type=int, default=256,
@@ -52,7 +52,7 @@ def register(sub) -> None:
     p.add_argument("--method", action="append", required=True, metavar="METHOD",
                    help="gradxact, atp, atp* (heads, resample), atp-gd or ig (repeatable)")
     p.add_argument("--level", required=True, metavar="LEVEL",
-                   help="residual, heads, head-source:L, neurons:L or neurons")
+                   help="residual, heads, head-source:L, neurons:L, neurons or (Gemma 4 MoE) experts:L")
     p.add_argument("--steps", type=int, default=8, help="ig's steps k (midpoint rule; default 8)")
     p.add_argument("--top", type=int, default=20, help="rows of the text table (default 20)")
     p.set_defaults(func=cmd_attribute)

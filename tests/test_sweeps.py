@@ -603,7 +603,8 @@ def test_shipped_data_sets_on_gemma3_270m(tmp_path):
             return value
 
         frozen = float(read(base.record) - read(model.run(ids, edit=hook).record))
-        assert term == pytest.approx(frozen, abs=2e-3 + 1e-4 * abs(frozen)), line["id"]  # float32, 18 layers
+        # float32 sums in other orders: measured ~1e-6 on terms ~3
+        assert term == pytest.approx(frozen, abs=1e-4), line["id"]
     add = S.sweep("additions", model, tmp_path / "additions", levels="residual", quiet=True)
     assert add["sweep"]["prompts"] == 55 and add["sweep"]["bad_rows"] == 0 and add["exact"]
     whole = next(s for s in add["splits"] if s["prism"] == "residual")["whole"]

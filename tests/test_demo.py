@@ -73,7 +73,7 @@ def test_demo_finds_the_capital_head(tmp_path, monkeypatch, gemma3_q4_gguf, llam
     # step 7: the head zero-ablated at the last position; each number against a forward pass written here (the
     # readout off the run's own logits): prism = every later output, norm scale, pattern and gate frozen; direct =
     # later outputs frozen, norms recomputed; total = the full re-run; mediated = total - direct run. float32 runs
-    # summed in different orders: abs 2e-3 (the readout is ~10, float32 ulps over 18 layers reach ~1e-4).
+    # summed in different orders: abs 2e-4 (the numbers are ~2 to 5; measured differences reach 1e-5).
     c, layer, head, p = found["patch"], found["layer"], found["head"], len(run.tokens) - 1
     ids = [P.resolve_token(model, name).id for name in demo.CAPITALS]
     read = lambda rec: rec["logits"][p, ids[0]] - np.mean(rec["logits"][p, ids[1:]])  # noqa: E731
@@ -95,6 +95,6 @@ def test_demo_finds_the_capital_head(tmp_path, monkeypatch, gemma3_q4_gguf, llam
 
     frozen, direct, total = effect(True, True), effect(True, False), effect(False, False)
     for key, want in (("prism", frozen), ("direct", direct), ("total", total), ("mediated", total - direct)):
-        assert c[key] == pytest.approx(want, abs=2e-3), key
+        assert c[key] == pytest.approx(want, abs=2e-4), key
     assert abs(total - direct) > 1e-2 and abs(direct - frozen) > 1e-3  # real gaps, not zeros compared
     assert c["total"] > 0.3 * c["prism"] > 0  # the frozen term survives, in part, as a causal effect

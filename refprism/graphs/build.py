@@ -1,4 +1,5 @@
-"""Attribution graphs in the neuron basis: exact, with no error nodes.
+"""Attribution graphs in the neuron basis (exact, no error nodes) or a transcoder basis (exact, with error and bias
+nodes).
 
 **Nodes** (circuit-tracer's order): MLP neurons (l, t, n), remainder nodes (l, t) when not every neuron is explored,
 token embeddings (t), logits. A neuron's value is act = gelu(gate) up, its input is up = ln2.out . W_up[:, n]
@@ -20,13 +21,29 @@ through every head of every layer between its ends (edge_heads splits it per hea
 reads only its up projection), and the query/key path (a source changes where later heads look; the graph holds
 every pattern). Both are second-order in circuit-tracer's sense too, which detaches the same factors.
 
-**Explored neurons.** With more neurons than `max_nodes`, they are explored in influence order as circuit-tracer
-explores its features: the logit rows first, then repeatedly the unexplored neurons of highest influence through the
-rows computed so far (queues of update_interval x batch_size), until max_nodes are explored. The exploration ranks
-by each row's `explore_k` largest |edges| (its normaliser is the row's exact |A_i.| sum, so truncation only lowers
-an influence). The final rows are then recomputed exactly over the explored neurons; what the unexplored neurons of
-layer l at position t send to a row is one remainder node {l}_-1_{t} (circuit-tracer's error-node slot), so every
-row still sums to its input.
+**The transcoder basis** (transcoders=, graphs.transcoders): each layer's MLP output mlp.out[l] (after Gemma 2/3's
+post-norm, TransformerLens' hook_mlp_out) is split exactly as
+
+    mlp.out[l, t] = sum_f act[l, t, f] W_dec[f] + b_dec + h[l, t] W_skip + err[l, t]
+
+with h = resid_mid c the transcoder's input (c: 1, 1/s_ln2 or (1 + w_ln2)/s_ln2 by its hook, the scale frozen),
+act = gate pre, pre = h W_enc + b_enc, the 0/1 gate frozen at the run's value (JumpReLU, ReLU, TopK alike), and
+the error err = mlp.out - the reconstruction, a constant under the freeze. Nodes: the active features (act != 0;
+positions < zero_positions are zero, circuit-tracer's BOS rule), remainders (unexplored active features), one
+error node and two bias nodes (b_dec, written at mlp.out[l, t]; b_enc, read by the features of (l, t)) per (layer,
+position), embeddings, logits. A feature's input is pre = u . resid_mid_l[t] + b_enc[f] with u = W_enc[:, f] c[t]:
+its row holds the b_enc edge, and a_f d_f with d_f = W_dec[f] at mlp.out; the skip path h W_skip is linear and is
+carried on the edges like attention (gradients.backward's linear_mlp). So every row still sums to its input exactly;
+the freeze now also leaves out how a feature's gate would move with its input.
+
+**Explored neurons.** With more neurons (active features) than `max_nodes`, they are explored in influence order as
+circuit-tracer explores its features: the logit rows first, then repeatedly the unexplored ones of highest influence
+through the rows computed so far (queues of update_interval x batch_size), until max_nodes are explored. The
+exploration ranks by each row's `explore_k` largest |edges| (its normaliser is the row's exact |A_i.| sum, so
+truncation only lowers an influence). The final rows are then recomputed exactly over the explored ones; what the
+unexplored ones of layer l at position t send to a row is one remainder node {l}_-1_{t} (circuit-tracer's
+error-node slot; {l}_-4_{t} in the transcoder basis, where the error node has that id), so every row still sums to
+its input.
 Axis letters as in ops.py; Z target rows of one backward pass.
 """
 

@@ -3,10 +3,11 @@ with the transcoders spliced in by edits, an independent dense reference of circ
 and bad files refused in one line.
 
 circuit-tracer itself is not run here: it pins TransformerLens < 3 and transformers <= 4.57.3, which this
-environment does not have. Instead `_dense_reference` recomputes its adjacency (features zero at BOS, the error
-node = mlp_out - reconstruction, embeddings, demeaned logits) from the weights and the run's frozen factors alone,
-by pushing every source's output vector forward through dense per-layer linear maps (no backward, no refprism
-forward): an implementation that shares no code with the graph's.
+environment does not have (tools/crosscheck_circuit_tracer.py runs it in a venv of its own). Instead
+`_dense_reference` recomputes its adjacency (features zero at BOS, the error node = mlp_out - reconstruction,
+embeddings, demeaned logits) from the weights and the run's frozen factors alone, by pushing every source's output
+vector forward through dense per-layer linear maps (no backward, no refprism forward): an implementation that
+shares no code with the graph's.
 Tolerances: float64 throughout; 1e-10 of the largest input leaves room for BLAS order, a wrong edge is O(edge) off.
 """
 

@@ -23,7 +23,7 @@ from test_graphs_output import SCHEMA
 import refprism
 from refprism import cli
 from refprism.gemma import ops
-from refprism.graphs import graph, graph_json
+from refprism.graphs import edge_heads, faithfulness, graph, graph_json
 from refprism.graphs.transcoders import read_transcoders
 
 PRESETS = ["tiny-gemma2", "tiny-gemma3"]
@@ -108,6 +108,21 @@ def test_three_formats_read_to_the_same_arrays(models, tmp_path):
     ct = read_transcoders(write_circuit_tracer(tmp_path / "ct", w))
     sl = read_transcoders(write_sae_lens(tmp_path / "sl", w, architecture="skip_transcoder"))
     pattern = read_transcoders(str(tmp_path / "gs" / "layer_*" / "width_16k" / "*" / "params.npz"))
+    for l, x in enumerate(w):  # GemmaScope's safetensors form, and GemmaScope 2's lower-case keys with a skip
+        d = tmp_path / "gs-st" / f"layer_{l}"
+        d.mkdir(parents=True)
+        save_file({k: x[k] for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}, str(d / "params.safetensors"))
+        d = tmp_path / "gs2" / f"layer_{l}_width_16k_l0_small"
+        d.mkdir(parents=True)
+        save_file({"w_enc": x["W_enc"], "w_dec": x["W_dec"], "b_enc": x["b_enc"], "b_dec": x["b_dec"],
+                   "threshold": x["threshold"], "affine_skip_connection": x["W_skip"].T.copy()},
+                  str(d / "params.safetensors"))
+    gs_st, gs2 = read_transcoders(tmp_path / "gs-st"), read_transcoders(tmp_path / "gs2")
+    for l in range(cfg.n_layers):
+        for ts in (gs_st, gs2):
+            np.testing.assert_array_equal(ts.layers[l].W_enc, w[l]["W_enc"])
+            np.testing.assert_array_equal(ts.layers[l].threshold, w[l]["threshold"])
+        np.testing.assert_array_equal(gs2.layers[l].W_skip, w[l]["W_skip"])
     assert (gs.format, ct.format, sl.format) == ("gemmascope", "circuit-tracer", "sae-lens")
     for ts in (gs, ct, sl, pattern):
         assert ts.input_hook == "normalized" and len(ts.layers) == cfg.n_layers
@@ -387,6 +402,11 @@ def test_json_ids_of_a_transcoder_graph(models, tmp_path):
         elif n["feature_type"] == "bias":
             assert b in ("-2", "-3")
     assert doc["metadata"]["info"]["basis"] == "transcoders"
+    logit, feature = int(np.flatnonzero(g.kind == "logit")[0]), int(np.flatnonzero(g.kind == "feature")[0])
+    with pytest.raises(refprism.InputError, match="neuron basis"):
+        edge_heads(g, logit, feature, 1)
+    with pytest.raises(refprism.InputError, match="ablates neurons"):
+        faithfulness(g)
     assert len(doc["metadata"]["transcoder_list"]) == L
     assert doc["metadata"]["info"]["max_row_sum_error"] <= 1e-10 * np.nanmax(np.abs(g.input))
 

@@ -133,7 +133,27 @@ def read_transcoders(path) -> Transcoders:
 
     A folder with config.yaml: circuit-tracer's; with cfg.json: one SAE Lens transcoder; else its layer files
     (layer_{l}.safetensors, layer_{l}/.../params.npz, or SAE Lens folders holding cfg.json), found recursively.
+    Every refusal is one line: a line break or other unprintable character of a path is shown escaped.
     """
+    try:
+        ts = _read(path)
+    except CheckpointError as e:
+        raise CheckpointError(_one_line(str(e))) from None
+    except OSError as e:  # a name too long, a folder that cannot be listed
+        raise CheckpointError(_one_line(f"transcoders {path}: {e.strerror or type(e).__name__}")) from None
+    ts.source = _one_line(ts.source)
+    for tc in ts.layers:
+        tc.source = _one_line(tc.source)
+    return ts
+
+
+def _one_line(text) -> str:
+    """text with each unprintable character (a line break in a file name) escaped, at most 1000 characters."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return out if len(out) <= 1000 else out[:480] + " ... " + out[-480:]
+
+
+def _read(path) -> Transcoders:
     text = str(path)
     if "\0" in text:
         raise CheckpointError("transcoders: the path holds a NUL character")

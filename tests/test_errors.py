@@ -412,6 +412,34 @@ class Case:
 RECORD = ("record", "--ids", "2,5,7", "--model", "{model}", "--out", "{out}/run.npz")
 
 
+def transcoders(*, d_extra=0, hook=None, pickled=False):
+    """GemmaScope-style params.npz files for every layer of the good tiny model under {tmp}/tc (or SAE Lens
+    folders reading `hook`), broken as asked: d_model + d_extra, an object array in layer 0's file."""
+    def build(ctx):
+        model = ctx.good()
+        cfg = refprism.load(model).config
+        rng = np.random.default_rng(0)
+        D, F = cfg.d_model + d_extra, 8
+        for l in range(cfg.n_layers):
+            w = {"W_enc": rng.normal(size=(D, F)), "W_dec": rng.normal(size=(F, D)), "b_enc": np.zeros(F),
+                 "b_dec": np.zeros(D), "threshold": np.ones(F)}
+            d = ctx.tmp / "tc" / f"layer_{l}"
+            d.mkdir(parents=True)
+            if hook is not None:
+                hooks = {"hook_name": f"blocks.{l}.{hook}", "hook_name_out": f"blocks.{l}.hook_mlp_out"}
+                (d / "cfg.json").write_text(json.dumps({"architecture": "jumprelu_transcoder", **hooks}))
+                save_file(w, str(d / "sae_weights.safetensors"))
+            elif pickled and l == 0:
+                np.savez(d / "params.npz", W_enc=np.array([{"a": 1}], dtype=object))
+            else:
+                np.savez(d / "params.npz", **w)
+        return model
+    return build
+
+
+GRAPH_TC = ("graph", PROMPT, "--model", "{model}", "--out", "{out}/graph.json", "--transcoders", "{tmp}/tc")
+
+
 def record(*extra):
     return ("record", *extra, "--model", "{model}", "--out", "{out}/run.npz")
 
@@ -849,6 +877,17 @@ CASES = [
          lambda t, ctx: graphs.graph(refprism.load(t), PROMPT, versus=["#3"]),
          ("graph", PROMPT, "--model", "{model}", "--versus", "#3", "--out", "{out}/graph.json"),
          r"versus needs targets", InputError),
+    Case("graph-transcoders-d-model", transcoders(d_extra=2),
+         lambda t, ctx: graphs.graph(refprism.load(t), PROMPT, transcoders=ctx.tmp / "tc"), GRAPH_TC,
+         r"transcoder \S*layer_0\S*: d_model \d+, the model's is \d+", ConfigError),
+    Case("graph-transcoders-unknown-hook", transcoders(hook="hook_attn_out"),
+         lambda t, ctx: graphs.graph(refprism.load(t), PROMPT, transcoders=ctx.tmp / "tc"), GRAPH_TC,
+         r"transcoder \S*layer_0: unknown input hook 'hook_attn_out' \(known: hook_resid_mid, hook_mlp_in, "
+         r"ln2\.hook_normalized, mlp\.hook_in\)", CheckpointError),
+    Case("graph-transcoders-pickle", transcoders(pickled=True),
+         lambda t, ctx: graphs.graph(refprism.load(t), PROMPT, transcoders=ctx.tmp / "tc"), GRAPH_TC,
+         r"transcoder \S*params\.npz: cannot be read \(Object arrays cannot be loaded when allow_pickle=False\)",
+         CheckpointError),
     Case("validate-seed-negative", lambda ctx: ctx.good(),
          lambda t, ctx: interventions.validate(refprism.load(t), PROMPT, level="heads", seed=-1),
          prism("validate", "--level", "heads", "--ablate", "zero", "--seed=-1"),

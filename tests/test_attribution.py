@@ -140,7 +140,7 @@ def test_atp_equals_torch_autograd_atp(checkpoint, preset, direction):
 
 def test_attribute_refuses_bad_arguments(gemma2):
     ids = _ids(gemma2, 7)
-    for kwargs, text in [({"method": "eap"}, "method 'eap'"),
+    for kwargs, text in [({"method": "eip"}, "method 'eip' is not one of .*eap, eap-ig"),
                          ({"method": "atp*"}, "needs --level heads"), ({"method": "ig", "steps": 0}, "steps"),
                          ({"method": "gradxact", "ablate": "resample", "counterfactual": ids}, "gradxact"),
                          ({"level": "layers"}, "not a level")]:
@@ -181,9 +181,9 @@ def test_cli_attribute_and_validate_methods(checkpoint, capsys):
     assert out["components"][0]["atp"] == out["components"][0]["gradxact"]
     assert cli.main(["validate", *args, "--methods", "atp", "--no-faithfulness"]) == 0
     assert "each method's agreement" in capsys.readouterr().out
-    assert cli.main(["attribute", *args, "--method", "eap"]) == 2
+    assert cli.main(["attribute", *args, "--method", "eip"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("refprism: error: method 'eap'") and "\n" not in err
+    assert err.startswith("refprism: error: method 'eip'") and "\n" not in err
 
 
 def test_atp_star_qk_fix_against_brute_force_and_its_linear_limit(gemma2):

@@ -195,3 +195,56 @@ def test_edge_methods_refuse_bad_arguments(models):
         edge_patch(e.setting, "L1H0->L0H1.q")
     with pytest.raises(InputError, match="not an edge label"):
         edge_patch(e.setting, "L1H0->L1H1.x")
+
+
+def test_cli_attribute_eap_lists_each_edge_with_its_ends_and_the_setting(checkpoint, capsys):
+    import json
+
+    from refprism import cli
+
+    d = str(checkpoint("tiny-gemma3"))
+    ids, cf = "2,5,7,9,11,13", "2,6,7,9,12,13"
+    args = ["--model", d, "--ids", ids, "--level", "heads", "--ablate", "resample", "--counterfactual-ids", cf,
+            "--targets", "#5", "--at", "all", "--dtype", "float64"]
+    assert cli.main(["attribute", *args, "--method", "eap", "--method", "eap-ig", "--steps", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    model = refprism.load(d, dtype="float64")
+    N, L = 4, 3  # the docstring's closed form: 3NL + L + 1 + N (3N L(L-1)/2 + L(L+1)/2 + L) + 3N L(L-1)/2 + ...
+    closed = 3 * N * L + L + 1 + N * (3 * N * L * (L - 1) // 2 + L * (L + 1) // 2 + L) + 3 * N * L * (L - 1) // 2 \
+        + L * (L - 1) // 2 + L
+    assert out["n_edges"] == len(out["edges"]) == edge_count(model.config) == closed == 262
+    assert out["ablate"] == "resample" and out["at"] == list(range(6)) and out["methods"]["eap-ig"]["steps"] == 3
+    assert out["methods"]["eap-ig"]["rule"] == "midpoint" and out["methods"]["eap"]["cost"]["backward"] == 1
+    row = {e["label"]: e for e in out["edges"]}["L0H1->L2H3.k"]
+    assert row["upstream"] == "L0H1" and row["downstream"] == "L2H3.k"
+    lib = attribute_edges(model, [2, 5, 7, 9, 11, 13], level="heads", ablate="resample",
+                          counterfactual=[2, 6, 7, 9, 12, 13], targets=["#5"], at="all")
+    np.testing.assert_allclose(row["eap"], lib.values[lib.labels.index("L0H1->L2H3.k")], rtol=1e-12)
+    assert cli.main(["attribute", *args, "--method", "eap"]) == 0
+    assert "edges" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, text", [
+    (["--method", "eap-ig", "--ablate", "zero"], "eap-ig interpolates the input"),
+    (["--method", "eap", "--ablate", "zero", "--level", "residual"], "use --level heads or --level neurons:L"),
+    (["--method", "eap", "--method", "atp", "--ablate", "zero"], "give one kind per command"),
+    (["--method", "eap-ig", "--ablate", "resample", "--counterfactual-ids", "2,5,7", "--steps", "0"],
+     "steps must be a positive integer"),
+    (["--method", "eap", "--ablate", "zero", "--level", "neurons:7"], "layer 7 is out of range"),
+])
+def test_cli_attribute_eap_refuses_before_the_weights(checkpoint, capsys, monkeypatch, extra, text):
+    import refprism.model
+    from refprism import cli
+
+    def read(self):
+        if self.deferred is not None:
+            raise AssertionError("the weights were read before the refusal")
+        return self.params
+
+    monkeypatch.setattr(refprism.model.Model, "load_weights", read)
+    argv = ["attribute", "--model", str(checkpoint("tiny-gemma3")), "--ids", "2,5,7", "--targets", "#5"]
+    if "--level" not in extra:
+        argv += ["--level", "heads"]
+    assert cli.main(argv + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("refprism: error:") and text in err and "\n" not in err, err

@@ -70,13 +70,16 @@ PATHS = ("q", "k", "v")
 # ------------------------------------------------------------------------------------------------- the graph
 
 
-def _neuron_layer(config, level) -> int | None:
-    """The level of an edge graph: "heads" (heads and whole MLPs) or "neurons:L" (layer L's MLP as neurons)."""
+def edge_level(config, level) -> int | None:
+    """The level of an edge graph: "heads" (heads and whole MLPs: None) or "neurons:L" (layer L's MLP as its
+    neurons: L). config None: the form only (the layer's range is checked with a config)."""
     kind, _, arg = str(level).partition(":")
     if kind == "heads" and not arg:
         return None
     if kind == "neurons" and arg:
-        if not (arg.isascii() and arg.isdigit()) or not 0 <= int(arg) < config.n_layers:
+        if not (arg.isascii() and arg.isdigit()):
+            raise InputError(f"--level {level!r}: the layer after ':' is a number, e.g. neurons:3")
+        if config is not None and not 0 <= int(arg) < config.n_layers:
             raise InputError(f"--level {level!r}: the layer after ':' is 0 .. {config.n_layers - 1}")
         return int(arg)
     raise InputError(f"edge attribution scores edges between heads, MLPs and one layer's neurons: use --level heads "
@@ -204,7 +207,7 @@ def attribute_edges(model, prompt, *, method="eap", level="heads", targets=None,
     steps:  eap-ig's k (midpoint rule);  freeze: refprism.gradients' switches (default: the true gradient)
     """
     check_edge_method(method, level, ablate, steps)
-    neurons = _neuron_layer(model.config, level)
+    neurons = edge_level(model.config, level)
     s = setting(model, prompt, targets=targets, versus=versus, position=position, at=at, ablate=ablate,
                 counterfactual=counterfactual, reference=reference, direction=direction)
     started = time.perf_counter()

@@ -211,7 +211,7 @@ def cmd_validate(args) -> int:
     if args.plot:
         from refprism.interventions import plots as plots_interventions
 
-        plots_interventions.validation_figure(result, args.plot)
+        plots_interventions.validation_figure(shown, args.plot)  # with --methods: a panel of the methods
     if args.json:
         print(json.dumps(shown.to_json()))
     else:

@@ -314,7 +314,7 @@ class MethodsValidation:
         out["methods"] = {m: {"agreement": self.agreement(m), "cost": a.cost, "steps": a.steps}
                           for m, a in self.methods.items()}
         out["methods"]["prism"] = {"agreement": self.validation.agreement,
-                                   "cost": {"forward": 1, "backward": 0}}
+                                   "cost": {"forward": 1, "backward": 0, "seconds": None}}  # within validate
         return out
 
     def table(self, top=20) -> str:
@@ -324,13 +324,15 @@ class MethodsValidation:
                f"each method's agreement with |total| (column {v.columns[v.column]}, n = {v.agreement['n']}, "
                f"k = {v.agreement['k']}) and cost:",
                f"{'method':<10}{'Spearman':>10}{'Kendall':>10}{'sign':>8}{'top-k P':>9}{'top-k R':>9}"
-               f"{'fwd':>6}{'bwd':>6}{'seconds':>9}"]
-        rows = [("prism", v.agreement, {"forward": 1, "backward": 0, "seconds": float("nan")})]
+               f"{'re-runs':>9}{'fwd':>6}{'bwd':>6}{'seconds':>9}"]
+        rows = [("prism", v.agreement, {"forward": 1, "backward": 0, "seconds": None})]
         rows += [(m, self.agreement(m), a.cost) for m, a in self.methods.items()]
         for m, g, c in rows:
             out.append(f"{m:<10}{fmt(g['spearman']):>10}{fmt(g['kendall']):>10}{fmt(g['sign_agreement']):>8}"
-                       f"{g['top_k_precision']:>9.3f}{g['top_k_recall']:>9.3f}{c['forward']:>6}{c['backward']:>6}"
-                       f"{c['seconds']:>9.2f}")
+                       f"{g['top_k_precision']:>9.3f}{g['top_k_recall']:>9.3f}"
+                       f"{'n/a' if g['reruns_to_true_top_k'] is None else g['reruns_to_true_top_k']:>9}"
+                       f"{c['forward']:>6}{c['backward']:>6}"
+                       f"{'n/a' if c['seconds'] is None else format(c['seconds'], '.2f'):>9}")
         return "\n".join(out)
 
 

@@ -76,11 +76,15 @@ def test_edge_count_is_the_brute_enumeration_and_the_literature_counts(models):
     assert edge_count(gemma2_2b) == 74_218
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-gemma2", "tiny-gemma3"])
-def test_eap_summed_over_a_nodes_out_edges_is_its_node_atp(models, preset):
+@pytest.mark.parametrize("preset, direction", [("tiny", "noising"), ("tiny-gemma2", "noising"),
+                                               ("tiny-gemma3", "noising"), ("tiny-gemma3", "denoising")])
+def test_eap_summed_over_a_nodes_out_edges_is_its_node_atp(models, preset, direction, monkeypatch):
+    import refprism.interventions.edges as E
+
+    monkeypatch.setattr(E, "NEURON_CHUNK", 48)  # the split layer's 128 neurons in three blocks (48, 48, 32)
     model = models[preset]
     ids, cf = _ids(model, 1), _ids(model, 2)
-    kw = dict(targets=["#5"], versus=["#3"], ablate="resample", counterfactual=cf, at="all")
+    kw = dict(targets=["#5"], versus=["#3"], ablate="resample", counterfactual=cf, at="all", direction=direction)
     for level in ("heads", "neurons:1"):
         e = attribute_edges(model, ids, method="eap", level=level, **kw)
         by_up = {}

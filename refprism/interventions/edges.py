@@ -64,6 +64,7 @@ from refprism.interventions.setting import Readings, Setting, setting
 from refprism.model import Run
 
 EDGE_METHODS = ("eap", "eap-ig")
+NEURON_CHUNK = 256  # downstream neurons per block of input copies ([Z, 256, T, D] at a time)
 PATHS = ("q", "k", "v")
 
 
@@ -268,7 +269,7 @@ def _sites(cfg, neurons):
     return sites + [f"blocks.{cfg.n_layers - 1}.resid_post"]
 
 
-def input_gradients(model, run: Run, grads, l, kind, *, frozen_norm=False) -> np.ndarray:
+def input_gradients(model, run: Run, grads, l, kind, *, frozen_norm=False, rows=slice(None)) -> np.ndarray:
     """G_d = dR/d(copy of d's input) [Z, n, T, D] for the downstream nodes of one block, from the backward's
     gradient record `grads` of `run` (module docstring).
 
@@ -278,7 +279,7 @@ def input_gradients(model, run: Run, grads, l, kind, *, frozen_norm=False) -> np
             v of head n:  g_h = (sum_t pattern[n, t, s] g(z)[t, n]) W_V[:, kv(n)]^T
             MLP:          g_h = g(ln2.out);   neuron n: g_h = g(gate)[:, n] W_gate[:, n]^T + g(up)[:, n] W_up[:, n]^T
             logits:       G = g(final residual) (no norm of its own: the final norm is inside the readout)
-    kind:   "attn" (rows: head-major q, k, v of every head), "mlp", "neuron" (every neuron of layer l), "logits"
+    kind:   "attn" (rows: head-major q, k, v of every head), "mlp", "neuron" (layer l's neurons `rows`), "logits"
     """
     cfg, params, rec = model.config, model.params, run.record
     if kind == "logits":
@@ -287,8 +288,10 @@ def input_gradients(model, run: Run, grads, l, kind, *, frozen_norm=False) -> np
     if kind == "mlp":
         g_h = grads[b + "ln2.out"][:, None]
     elif kind == "neuron":
-        g_h = (np.einsum("ztf,df->zftd", grads[b + "mlp.gate"], params.get(l, "W_gate"), optimize=True)
-               + np.einsum("ztf,df->zftd", grads[b + "mlp.up"], params.get(l, "W_up"), optimize=True))
+        g_h = (np.einsum("ztf,df->zftd", grads[b + "mlp.gate"][..., rows], params.get(l, "W_gate")[:, rows],
+                         optimize=True)
+               + np.einsum("ztf,df->zftd", grads[b + "mlp.up"][..., rows], params.get(l, "W_up")[:, rows],
+                           optimize=True))
     if kind in ("mlp", "neuron"):
         return ops.rms_norm_vjp(g_h, rec[b + "resid_mid"], rec[b + "ln2.scale"], params.get(l, "ln2"),
                                 frozen=frozen_norm)[0]
@@ -323,10 +326,13 @@ def edge_scores(s: Setting, run: Run, deltas, neurons=None, *, freeze=()) -> np.
     L = cfg.n_layers
     # each upstream layer's change as what it adds before the post-norm: heads dz W_O [N, T, D]; neurons [T, F]
     d_o = {l: np.einsum("tnh,nhd->ntd", deltas["head", l], params.get(l, "W_O"), optimize=True) for l in range(L)}
-    blocks = [(l, k) for l in range(L) for k in ("attn", "neuron" if l == neurons else "mlp")] + [(L, "logits")]
+    blocks = [(l, k, slice(None)) for l in range(L) for k in ("attn", "mlp") if not (k == "mlp" and l == neurons)]
+    if neurons is not None:  # a split layer's neurons in chunks: their copies are [Z, chunk, T, D]
+        at = 2 * neurons + 1
+        blocks[at:at] = [(neurons, "neuron", slice(a, a + NEURON_CHUNK)) for a in range(0, cfg.d_mlp, NEURON_CHUNK)]
     out = []
-    for l, kind in blocks:
-        G = input_gradients(model, run, grads, l, kind, frozen_norm=frozen)  # [Z, n, T, D]
+    for l, kind, rows in blocks + [(L, "logits", slice(None))]:
+        G = input_gradients(model, run, grads, l, kind, frozen_norm=frozen, rows=rows)  # [Z, n, T, D]
         Z, n = G.shape[:2]
         r = reads({"attn": "q", "logits": "logits"}.get(kind, "mlp"), l)
         Gy = G.reshape(Z * n, *G.shape[2:])

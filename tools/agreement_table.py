@@ -65,12 +65,15 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=64, help="re-runs of the neurons:L setting (default 64)")
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--table-only", action="store_true", help="write table.md from the rows done so far")
+    ap.add_argument("--only", choices=["demo", "capitals"], help="run only these settings (e.g. two processes)")
+    ap.add_argument("--rows", nargs="*", default=[], help="with --table-only: more rows.jsonl files to include")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
     if args.table_only:
-        (out / "table.md").write_text(table([json.loads(x) for x in rows_path.read_text().splitlines()], args))
+        rows = [json.loads(x) for path in [rows_path, *map(Path, args.rows)] for x in path.read_text().splitlines()]
+        (out / "table.md").write_text(table(rows, args))
         print((out / "table.md").read_text())
         return 0
     done = set()
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
     model = refprism.load(str(gguf_path()), dtype="float32", memory="fast")
     print(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     for pid, level, ablate, prompt, extra, methods in settings(args.layer, args.capitals, args.capitals_ig):
-        if (pid, level, ablate) in done:
+        if (pid, level, ablate) in done or (args.only and not pid.startswith(args.only)):
             continue
         started = time.perf_counter()
         r = validate_methods(model, prompt, methods=methods, level=level, ablate=ablate, steps=args.steps,

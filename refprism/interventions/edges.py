@@ -30,8 +30,8 @@ activation at the edited positions t of the base run, a' its replacement, Settin
     eap       sign * sum_t (a(t) - a'(t)) . dR/da(t)|_d        the gradient through d's input path only, one
                                                                backward pass of the base run
     eap-ig    the same with dR/da|_d averaged over k runs whose input embeddings at the edited positions are
-              x' + alpha_i (x - x'), alpha_i = (i + 1/2) / k (the midpoint rule; Hanna et al.'s EAP-IG-inputs,
-              who use the left rule: the midpoint's error is O(1/k^2)); resample ablation only (x, x' the two
+              x' + alpha_i (x - x'), alpha_i = (i + 1/2) / k (the midpoint rule, error O(1/k^2), where a
+              one-sided Riemann sum's is O(1/k); Hanna et al.'s EAP-IG-inputs); resample ablation only (x, x' the two
               prompts' embeddings; the activation changes a - a' are the end points', as in EAP-IG)
     dR/da|_d through the chain, for a head u = (l, h):  W_O[h] . post1^T(G_d),  post1^T the VJP of the head's
     post-norm at the base run (Gemma 2/3; the identity on Gemma 1); for a neuron: W_down[n] . post2^T(G_d);

@@ -67,12 +67,18 @@ def main(argv=None) -> int:
     ap.add_argument("--table-only", action="store_true", help="write table.md from the rows done so far")
     ap.add_argument("--only", choices=["demo", "capitals"], help="run only these settings (e.g. two processes)")
     ap.add_argument("--rows", nargs="*", default=[], help="with --table-only: more rows.jsonl files to include")
+    ap.add_argument("--reverse", action="store_true", help="the settings in reverse order (a second process)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
     if args.table_only:
-        rows = [json.loads(x) for path in [rows_path, *map(Path, args.rows)] for x in path.read_text().splitlines()]
+        rows = {}  # one row per (prompt, level, ablation): two processes may both have done one
+        for path in [rows_path, *map(Path, args.rows)]:
+            for x in path.read_text().splitlines():
+                r = json.loads(x)
+                rows.setdefault((r["prompt_id"], r["level"], r["ablate"]), r)
+        rows = list(rows.values())
         (out / "table.md").write_text(table(rows, args))
         print((out / "table.md").read_text())
         return 0
@@ -82,7 +88,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model = refprism.load(str(gguf_path()), dtype="float32", memory="fast")
     print(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    for pid, level, ablate, prompt, extra, methods in settings(args.layer, args.capitals, args.capitals_ig):
+    todo = settings(args.layer, args.capitals, args.capitals_ig)
+    for pid, level, ablate, prompt, extra, methods in (todo[::-1] if args.reverse else todo):
         if (pid, level, ablate) in done or (args.only and not pid.startswith(args.only)):
             continue
         started = time.perf_counter()

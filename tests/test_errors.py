@@ -896,6 +896,16 @@ CASES = [
          lambda t, ctx: interventions.validate(refprism.load(t), PROMPT, level="heads", top=10, budget=5),
          prism("validate", "--level", "heads", "--ablate", "zero", "--budget", "5"),
          r"budget must be at least (--)?top \(10\), got 5", InputError),
+    Case("attribute-eap-ig-without-resample", lambda ctx: ctx.good(),
+         lambda t, ctx: interventions.attribute(refprism.load(t), PROMPT, method="eap-ig", level="heads"),
+         ("attribute", PROMPT, "--model", "{model}", "--level", "heads", "--ablate", "zero", "--method", "eap-ig"),
+         r"eap-ig interpolates the input between the prompt and the counterfactual: it needs --ablate resample",
+         InputError),
+    Case("attribute-edge-level", lambda ctx: ctx.good(),
+         lambda t, ctx: interventions.attribute(refprism.load(t), PROMPT, method="eap", level="residual"),
+         ("attribute", PROMPT, "--model", "{model}", "--level", "residual", "--ablate", "zero", "--method", "eap"),
+         r"edge attribution scores edges between heads, MLPs and one layer's neurons: use --level heads or "
+         r"--level neurons:L, not 'residual'", InputError),
 ]
 
 

@@ -672,3 +672,51 @@ def test_a_byte_order_mark_is_not_a_bad_row(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "a", "prompt": "x", "targets": ["#5"]}).encode() + b"\n")
     assert S.read_rows(path) == [S.Row(1, "a", "x", ("#5",))]
+
+
+def test_validate_methods_are_aggregated_with_intervals(tiny, tmp_path):
+    """--validate-methods: each prompt's line holds every method's scores beside prism and total, and its agreement
+    (recomputed here from the line's own numbers); summary.json's validate.methods holds each method's metrics and
+    costs as mean over the prompts with a bootstrap interval, and each component's mean score per method."""
+    from refprism.interventions.agreement import agreement
+
+    path = write_jsonl(tmp_path / "d.jsonl", capital_rows()[:4])
+    check = S.Validation("heads", "zero", 3, ("gradxact", "atp-gd"))
+    summary = S.sweep(path, tiny, tmp_path / "out", levels="residual", chunk=2, validate=check, quiet=True,
+                      bootstrap=50)
+    lines = lines_of(tmp_path / "out")
+    for line in lines:
+        comps = line["validate"]["components"]
+        for m in ("gradxact", "atp-gd"):
+            mine = agreement([c[m][0] for c in comps], [c["total"][0] for c in comps], 3)
+            got = line["validate"]["methods"][m]["agreement"]
+            assert got["spearman"] == pytest.approx(mine["spearman"], rel=1e-12)
+            assert got["top_k_recall"] == mine["top_k_recall"]
+    m = summary["validate"]["methods"]
+    assert set(m) == {"gradxact", "atp-gd", "prism"}
+    for name in ("gradxact", "atp-gd", "prism"):
+        values = [l["validate"]["methods"][name]["agreement"]["kendall"] for l in lines]
+        e = m[name]["agreement"]["kendall"]
+        assert e["mean"] == pytest.approx(np.mean(values), rel=1e-12) and e["prompts"] == 4
+        assert e["ci"][0] <= e["mean"] <= e["ci"][1] and e["ci"][0] >= min(values) and e["ci"][1] <= max(values)
+    assert m["atp-gd"]["agreement"]["sign_agreement"] is None  # unsigned: no sign to agree
+    assert m["atp-gd"]["cost"]["backward"]["mean"] == tiny.config.n_layers and m["prism"]["cost"]["seconds"] is None
+    comp = next(c for c in summary["validate"]["components"] if c["label"] == "L1H2")
+    scores = [next(c["gradxact"] for c in l["validate"]["components"] if c["label"] == "L1H2") for l in lines]
+    assert comp["gradxact"]["mean"] == pytest.approx(np.mean(scores, axis=0).tolist(), rel=1e-12)
+
+
+@pytest.mark.parametrize("extra, text", [
+    (["--validate-methods", "atp"], "go with --validate LEVEL"),
+    (["--validate", "heads", "--validate-methods", ","], "--validate-methods is empty"),
+    (["--validate", "heads", "--ablate", "zero", "--validate-methods", "eap"], "'eap' is not one of"),
+    (["--validate", "heads", "--ablate", "zero", "--validate-methods", "atp*"], "atp* needs"),
+    (["--validate", "heads", "--validate-steps", "3"], "--validate-steps goes with --validate-methods"),
+])
+def test_cli_validate_methods_refusals(tiny_dir, tmp_path, capsys, extra, text):
+    from refprism import cli
+
+    path = write_jsonl(tmp_path / "d.jsonl", capital_rows()[:2])
+    assert cli.main(["sweep", str(path), "--model", str(tiny_dir), "--out", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("refprism: error:") and text in err and "\n" not in err, err

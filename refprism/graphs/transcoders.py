@@ -279,7 +279,11 @@ def _gemmascope_or_plain(path: Path):
 
 def _circuit_tracer(folder: Path) -> Transcoders:
     """circuit-tracer's config.yaml (model_kind transcoder_set) and its per-layer safetensors."""
-    import yaml
+    try:
+        import yaml  # PyYAML: not a core dependency (transformers, in the test extras, brings it)
+    except ImportError:
+        raise CheckpointError(f"transcoders {folder}/config.yaml: reading circuit-tracer's config needs PyYAML: "
+                              "pip install pyyaml") from None
 
     try:
         cfg = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))

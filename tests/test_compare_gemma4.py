@@ -136,7 +136,7 @@ def test_each_gemma4_mistake_is_found_and_diagnosed(g4dir, mistake, monkeypatch)
     assert explained == [mistake], r.diagnosis
 
 
-@pytest.mark.parametrize("against, names", [("tl", None), ("llama.cpp", None), ("x.npz", "hf"), ("x.npz", "tl")])
+@pytest.mark.parametrize("against, names", [("tl", None), ("x.npz", "hf"), ("x.npz", "tl"), ("x.npz", "llama.cpp")])
 def test_unmapped_sides_refuse_gemma4_in_one_line(g4dir, against, names):
     from refprism.errors import InputError
 

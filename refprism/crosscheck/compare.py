@@ -158,7 +158,7 @@ def _capture(model, against, tokens, *, names, dtype, prompt=None, kv_cache="f16
     if isinstance(against, Capture):
         return against
     other = against if isinstance(against, str) and against in ("tl", "llama.cpp") else names
-    live = against in ("hf", "llama.cpp") and names in (None, "refprism")  # Gemma 4's live sides are mapped, dumps and TL not
+    live = against in ("hf", "llama.cpp") and names in (None, "refprism")  # Gemma 4: live HF and llama.cpp are mapped
     if model.config.gemma4 and other in ("tl", "llama.cpp", "hf") and not live:
         what = f"a dump in {other}'s names" if other == names else other
         raise InputError(f"comparing Gemma 4 against {what} is not supported yet (its site names are not mapped): "

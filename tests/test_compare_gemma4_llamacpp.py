@@ -47,6 +47,7 @@ def test_honest_tiny_gemma4_is_within_every_floor(g4gguf, llama_bin_dir, kv_cach
     # a KV-sharing consumer has no k / v of its own: nothing of llama.cpp's is placed there
     assert not any(s.startswith(f"blocks.{l}.attn.{kv}") for s in compared for l in (4, 5, 6) for kv in "kv")
     assert cfg.mlp_width_of(4) == 2 * cfg.d_mlp
+    assert r.floors["llama.cpp"]["weights"] == "F32" and r.floors["llama.cpp"]["kv_cache"] == kv_cache
     logits = next(row for row in r.sites if row.site == "logits")
     assert 0 < logits.max_abs <= logits.floor
 

@@ -140,7 +140,7 @@ def test_atp_equals_torch_autograd_atp(checkpoint, preset, direction):
 
 def test_attribute_refuses_bad_arguments(gemma2):
     ids = _ids(gemma2, 7)
-    for kwargs, text in [({"method": "eap"}, "method 'eap'"),
+    for kwargs, text in [({"method": "eip"}, "method 'eip' is not one of .*eap, eap-ig"),
                          ({"method": "atp*"}, "needs --level heads"), ({"method": "ig", "steps": 0}, "steps"),
                          ({"method": "gradxact", "ablate": "resample", "counterfactual": ids}, "gradxact"),
                          ({"level": "layers"}, "not a level")]:
@@ -181,9 +181,9 @@ def test_cli_attribute_and_validate_methods(checkpoint, capsys):
     assert out["components"][0]["atp"] == out["components"][0]["gradxact"]
     assert cli.main(["validate", *args, "--methods", "atp", "--no-faithfulness"]) == 0
     assert "each method's agreement" in capsys.readouterr().out
-    assert cli.main(["attribute", *args, "--method", "eap"]) == 2
+    assert cli.main(["attribute", *args, "--method", "eip"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("refprism: error: method 'eap'") and "\n" not in err
+    assert err.startswith("refprism: error: method 'eip'") and "\n" not in err
 
 
 def test_atp_star_qk_fix_against_brute_force_and_its_linear_limit(gemma2):
@@ -231,3 +231,29 @@ def test_atp_star_qk_fix_against_brute_force_and_its_linear_limit(gemma2):
         a0 = attribute(model, clean, method="atp", counterfactual=o, **kw).values
         gaps.append(np.abs(a1 - a0).max() / np.abs(a0).max())
     assert 5 < gaps[0] / gaps[1] < 20, gaps  # O(eps): 10x smaller for a 10x smaller change
+
+
+def test_validate_methods_table_and_figure_show_every_method(gemma2):
+    from refprism.interventions import plots as PI
+    from refprism.interventions.attribution import validate_methods
+
+    ids = _ids(gemma2, 11)
+    r = validate_methods(gemma2, ids, methods=["gradxact", "atp", "ig"], steps=2, level="heads", targets=["#5"],
+                         faithfulness=False, top=3)
+    text = r.table()
+    for m in ("prism", "gradxact", "atp", "ig"):
+        g = r.validation.agreement if m == "prism" else r.agreement(m)
+        line = next(x for x in text.splitlines() if x.startswith(f"{m} "))
+        assert f"{g['top_k_recall']:.3f}" in line and line.split()[6] == str(g["reruns_to_true_top_k"]), line
+    fig = PI._validation_fig(r)
+    ax = fig.get_axes()[-1]
+    assert len(fig.get_axes()) == 3 and ax.get_title() == "each method against the total (y = x)"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert [x.split(":")[0] for x in labels] == ["prism", "gradxact", "atp", "ig"]
+    # ig: 3 layers x 4 heads x 2 steps = 24 re-runs and backward passes, plus the base run
+    assert f"Spearman {r.agreement('ig')['spearman']:.2f}" in labels[3] and "25 + 24 passes" in labels[3]
+    v = r.validation
+    np.testing.assert_allclose(ax.collections[3].get_offsets(), np.stack([v.total[:, 0], r.methods["ig"].values[:, 0]],
+                                                                         1), rtol=1e-6)
+    j = r.to_json()
+    assert j["methods"]["prism"]["cost"]["seconds"] is None and j["methods"]["ig"]["cost"]["seconds"] > 0

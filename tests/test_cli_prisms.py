@@ -91,16 +91,72 @@ def test_chain_and_then(tiny_dir, tiny, capsys):
     assert split["prism"] == "mlp" and split["whole"]["label"] == "L1H2.src5/L0.mlp"
 
 
-def test_map(tiny_dir, capsys):
+def _map_by_hand(tiny_dir, own_scale):
+    """L1H2's map frozen at source 5 of PROMPT, read at its last position for ▁Paris and ▁Tokyo, from docs/math.md
+    §3.5-3.8 with HF's tensors read here (not refprism's params) and the recorded residuals: (values [M, Z] for the
+    scaled embeddings of ▁France ▁Japan ▁Russia, whole [Z] the map at the actual residual at the source).
+        term(y) = pattern[h, p, s] (y / s(y) * (1 + w_ln1)) W_V^kv(h) . W_O^h (E[t] (1 + w_final) / s_final[p])
+    with s(y) = s_ln1[s] (frozen at the source) or, own_scale, sqrt(mean(y**2) + eps). Tiny is Gemma 1: no post-norm,
+    N 4 query heads on K 2 kv heads (head 2 reads kv head 1), H 16, D 64 (sqrt(D) = 8 exactly)."""
+    from safetensors.numpy import load_file
+
+    import refprism
+
+    w = {k: v.astype(np.float64) for k, v in load_file(str(tiny_dir / "model.safetensors")).items()}
+    model = refprism.load(tiny_dir, dtype="float64")
+    run = model.run(PROMPT)
+    eps, H, D, h, kv, s, p = 1e-6, 16, 64, 2, 1, 5, len(run.tokens) - 1
+    rms = lambda x: np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)  # noqa: E731
+    ids = [P.resolve_token(model, "▁" + word).id for word in ("Paris", "Tokyo", "France", "Japan", "Russia")]
+    E = w["model.embed_tokens.weight"]
+    x_final = run.record["blocks.1.resid_post"][p]
+    u = E[ids[:2]] * (1 + w["model.norm.weight"]) / rms(x_final)  # [Z, D]
+    Wv = w["model.layers.1.self_attn.v_proj.weight"][kv * H:(kv + 1) * H]  # [H, D]
+    Wo = w["model.layers.1.self_attn.o_proj.weight"][:, h * H:(h + 1) * H]  # [D, H]
+    pattern = run.record["blocks.1.attn.pattern"][h, p, s]
+    x_src = run.record["blocks.1.resid_pre"][s]
+
+    def term(y, scale):
+        v = (y / scale * (1 + w["model.layers.1.input_layernorm.weight"])) @ Wv.T  # [M, H]
+        return pattern * (v @ Wo.T) @ u.T  # [M, Z]
+
+    ys = E[ids[2:]] * np.sqrt(D)
+    values = term(ys, rms(ys) if own_scale else rms(x_src))
+    return values, term(x_src[None], rms(x_src))[0]
+
+
+@pytest.mark.parametrize("own_scale", [False, True])
+def test_map_values(tiny_dir, capsys, own_scale):
+    """`refprism map` (and prisms.apply_map under it) against the map computed by hand from its definition."""
     data = run_json(capsys, "map", PROMPT, "--model", tiny_dir, "--layer", "1", "--head", "2", "--source", "5",
-                    "--inputs", "▁France", "▁Japan", "▁Russia", "--targets", "▁Paris", "▁Tokyo")
+                    "--inputs", "▁France", "▁Japan", "▁Russia", "--targets", "▁Paris", "▁Tokyo", "--dtype",
+                    "float64", *(["--own-scale"] if own_scale else []))
     assert data["prism"] == "map" and [c["label"] for c in data["components"]] == ["▁France", "▁Japan", "▁Russia"]
     assert data["residual"] is None and data["whole"]["label"] == "L1H2.src5"
+    values, whole = _map_by_hand(tiny_dir, own_scale)
+    np.testing.assert_allclose([c["values"] for c in data["components"]], values, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(data["whole"]["values"], whole, rtol=1e-10, atol=1e-14)
+    other, _ = _map_by_hand(tiny_dir, not own_scale)
+    assert np.abs(values - other).max() > 1e-3 * np.abs(values).max()  # the two scalings differ: the flag acts
 
 
-def test_pca(tiny_dir, capsys):
-    data = run_json(capsys, "pca", "--model", tiny_dir, "--targets", *"0123456789")
+def test_pca_values(tiny_dir, capsys):
+    """`refprism pca` against the PCA computed another way: the eigenvectors of the centred rows' covariance
+    (np.linalg.eigh, not the SVD the library uses), from the embedding read here; coordinates up to each axis' sign."""
+    from safetensors.numpy import load_file
+
+    data = run_json(capsys, "pca", "--model", tiny_dir, "--targets", *"0123456789", "--dtype", "float64")
     assert len(data["coords"]) == 10 and [t["piece"] for t in data["targets"]] == list("0123456789")
+    E = load_file(str(tiny_dir / "model.safetensors"))["model.embed_tokens.weight"].astype(np.float64)
+    X = E[[t["id"] for t in data["targets"]]]
+    X = X - X.mean(axis=0)
+    lam, vec = np.linalg.eigh(X.T @ X)  # ascending
+    want = X @ vec[:, [-1, -2]]
+    got = np.array(data["coords"])
+    signs = np.sign(np.sum(got * want, axis=0))
+    np.testing.assert_allclose(got * signs, want, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(data["explained_variance"], lam[[-1, -2]] / lam.sum(), rtol=1e-8)
+    assert lam[-1] > 1.01 * lam[-2] > 1.01 * lam[-3]  # distinct eigenvalues: the axes are defined
 
 
 @pytest.mark.parametrize("args, message", [

@@ -379,3 +379,25 @@ def test_diagnosis_costs_one_layer_per_mistake_not_a_forward_per_site(checkpoint
     assert r.first_wrong_op == "blocks.1.mlp.act"
     assert len(calls) == 4 + sum(1 for x in r.diagnosis)  # R, F, P, Q, then one partial replay per mistake tried
     assert all(c is not None and c[0] == 1 for c in calls[4:])
+
+
+# The negative control of the half-precision floors: honest bfloat16 / float16 runs pass (tests/test_compare.py,
+# tests/test_compare_hf.py), so a floor wide enough to pass anything would pass too. These mistakes, large (a
+# norm scaling by w, a missing post-norm) and small (the RoPE base 10^6 for 10^4: every angle slightly off), must
+# still be found at the op that was broken, and diagnosed, with HF computing in that dtype.
+HALF_CASES = ["norm_w", "post_norm_missing", "rope_base_1000000", "rope_interleaved"]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in HALF_CASES],
+                         ids=[c[0] for c in CASES if c[0] in HALF_CASES])
+def test_mistakes_are_found_at_half_precision(case, dtype, made, monkeypatch):
+    _, mistake, (preset, overrides), _, brk, site, synonyms = case
+    d = made(preset, overrides)
+    model = hf_of(d, dtype)
+    brk(model, monkeypatch)
+    r = compare(refprism.load(d), IDS, against=model, dtype=dtype)
+    assert r.tokens_match and r.exit_status == 1
+    assert r.first_wrong_op == site, (r.first_wrong_op, r.wrong_ops[:5], r.table())
+    explained = [x["variant"] for x in r.diagnosis if x["explains"]]
+    assert mistake in explained and set(explained) <= {mistake, *synonyms}, r.diagnosis

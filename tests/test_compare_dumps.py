@@ -1,5 +1,9 @@
 """Dump files as the other side: every naming scheme round-trips (write, read, compare: every site within its
-floor and the arrays as written), through .npz and .safetensors, and JSON name maps are read and validated."""
+floor and the arrays as written), through .npz and .safetensors, and JSON name maps are read and validated.
+
+The round trips are plumbing tests of the file formats and name maps: a refprism record compared with refprism
+has error 0 and passes any floor. That the floors catch mistakes is tested where the other side is broken: here
+(a catalogued mistake in a dump), tests/test_compare.py and tests/test_compare_catalogue.py."""
 
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ IDS = [2, 455, 17, 301, 88, 260, 41, 7, 130]
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
 @pytest.mark.parametrize("preset", ["tiny", "tiny-gemma2", "tiny-gemma3"])
-def test_refprism_scheme_round_trips(checkpoint, tmp_path, suffix, preset):
+def test_plumbing_refprism_scheme_round_trips(checkpoint, tmp_path, suffix, preset):
+    """refprism's own record as a dump (a plumbing test: the comparison's errors are 0 by construction)."""
     d = checkpoint(preset)
     model = refprism.load(d)
     run = model.run(IDS)

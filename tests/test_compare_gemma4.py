@@ -136,7 +136,29 @@ def test_each_gemma4_mistake_is_found_and_diagnosed(g4dir, mistake, monkeypatch)
     assert explained == [mistake], r.diagnosis
 
 
-@pytest.mark.parametrize("against, names", [("tl", None), ("x.npz", "hf"), ("x.npz", "tl"), ("x.npz", "llama.cpp")])
+def test_tl_gemma4_is_within_every_floor_and_a_planted_mistake_is_named(g4dir):
+    """TransformerLens 4.3's TransformerBridge (gemma4_text adapter) on the tiny Gemma 4: an honest run is within
+    every floor of the 191 sites it hooks; its attn.hook_attn_scores holds the pattern, not the scores (so it is not
+    mapped: checked here); layer_scalar removed in the bridge's own HF model is found at the layer's resid_post and
+    named alone."""
+    from refprism.crosscheck.sides.tl import boot
+
+    ours = refprism.load(g4dir)
+    bridge = boot(g4dir)
+    r = compare(ours, IDS, against=bridge)
+    assert r.exit_status == 0, r.table()
+    assert len(r.sites) > 150 and not any(s.site.endswith("attn.scores") for s in r.sites)
+    _, cache = bridge.run_with_cache(torch.tensor([IDS]))
+    for l in (0, 4):
+        np.testing.assert_array_equal(cache[f"blocks.{l}.attn.hook_attn_scores"].numpy(),
+                                      cache[f"blocks.{l}.attn.hook_pattern"].numpy())
+    _no_layer_scalar(bridge.original_model)
+    r = compare(ours, IDS, against=bridge)
+    assert r.exit_status == 1 and r.first_wrong_op == "blocks.2.resid_post", r.table()
+    assert [d["variant"] for d in r.diagnosis if d["explains"]] == ["layer_scalar_missing"], r.diagnosis
+
+
+@pytest.mark.parametrize("against, names", [("x.npz", "hf"), ("x.npz", "llama.cpp")])
 def test_unmapped_sides_refuse_gemma4_in_one_line(g4dir, against, names):
     from refprism.errors import InputError
 

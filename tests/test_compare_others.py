@@ -310,11 +310,14 @@ def q4_arith(ggufs):
 
 
 @pytest.mark.parametrize("cut", [False, True], ids=["every-row", "cut-last-layer"])
-def test_llamacpp_names_round_trip(ggufs, models, q4_arith, cut, tmp_path):
-    """Every llama.cpp name refprism reads, written from a port of llama.cpp's graph on the Q4_K_M file and read
-    back: the arrays as written, and all 327 sites it names within the Q4_K_M floors (its repeated names keep the
-    last tensor: Qcur / Kcur after RoPE, so q_pre / k_pre are not in it). With the last layer cut as llama.cpp
-    cuts it, those 11 sites come back as summaries of their last row."""
+def test_plumbing_llamacpp_names_round_trip(ggufs, models, q4_arith, cut, tmp_path):
+    """A plumbing test of the llama.cpp naming scheme, not of the floors: the port of llama.cpp's graph is refprism
+    with ggml's arithmetic (crosscheck.ggml), the same emulation the Q4_K_M floors are made from, so passing them
+    says nothing about their width (the next test, and tests/test_other_llamacpp.py against the real llama.cpp,
+    do). Every llama.cpp name refprism reads, written from the port on the Q4_K_M file and read back: the arrays
+    as written, and all 327 sites it names within the Q4_K_M floors (its repeated names keep the last tensor:
+    Qcur / Kcur after RoPE, so q_pre / k_pre are not in it). With the last layer cut as llama.cpp cuts it, those
+    11 sites come back as summaries of their last row."""
     model = models["Q4_K_M"]
     rec = ported(model, q4_arith)
     path = tmp_path / "llama.safetensors"

@@ -412,6 +412,34 @@ class Case:
 RECORD = ("record", "--ids", "2,5,7", "--model", "{model}", "--out", "{out}/run.npz")
 
 
+def transcoders(*, d_extra=0, hook=None, pickled=False):
+    """GemmaScope-style params.npz files for every layer of the good tiny model under {tmp}/tc (or SAE Lens
+    folders reading `hook`), broken as asked: d_model + d_extra, an object array in layer 0's file."""
+    def build(ctx):
+        model = ctx.good()
+        cfg = refprism.load(model).config
+        rng = np.random.default_rng(0)
+        D, F = cfg.d_model + d_extra, 8
+        for l in range(cfg.n_layers):
+            w = {"W_enc": rng.normal(size=(D, F)), "W_dec": rng.normal(size=(F, D)), "b_enc": np.zeros(F),
+                 "b_dec": np.zeros(D), "threshold": np.ones(F)}
+            d = ctx.tmp / "tc" / f"layer_{l}"
+            d.mkdir(parents=True)
+            if hook is not None:
+                hooks = {"hook_name": f"blocks.{l}.{hook}", "hook_name_out": f"blocks.{l}.hook_mlp_out"}
+                (d / "cfg.json").write_text(json.dumps({"architecture": "jumprelu_transcoder", **hooks}))
+                save_file(w, str(d / "sae_weights.safetensors"))
+            elif pickled and l == 0:
+                np.savez(d / "params.npz", W_enc=np.array([{"a": 1}], dtype=object))
+            else:
+                np.savez(d / "params.npz", **w)
+        return model
+    return build
+
+
+GRAPH_TC = ("graph", PROMPT, "--model", "{model}", "--out", "{out}/graph.json", "--transcoders", "{tmp}/tc")
+
+
 def record(*extra):
     return ("record", *extra, "--model", "{model}", "--out", "{out}/run.npz")
 
@@ -828,7 +856,8 @@ CASES = [
     Case("validate-level-unknown", lambda ctx: ctx.good(),
          lambda t, ctx: interventions.validate(refprism.load(t), PROMPT, level="layers"),
          prism("validate", "--level", "layers", "--ablate", "zero"),
-         r"--level 'layers' is not a level: use residual, heads, head-source:L, neurons:L or neurons", InputError),
+         r"--level 'layers' is not a level: use residual, heads, head-source:L, neurons:L, neurons or "
+         r"\(Gemma 4 MoE\) experts:L", InputError),
     Case("validate-level-layer-out-of-range", lambda ctx: ctx.good(),
          lambda t, ctx: interventions.validate(refprism.load(t), PROMPT, level="neurons:5"),
          prism("validate", "--level", "neurons:5", "--ablate", "zero"),
@@ -848,6 +877,17 @@ CASES = [
          lambda t, ctx: graphs.graph(refprism.load(t), PROMPT, versus=["#3"]),
          ("graph", PROMPT, "--model", "{model}", "--versus", "#3", "--out", "{out}/graph.json"),
          r"versus needs targets", InputError),
+    Case("graph-transcoders-d-model", transcoders(d_extra=2),
+         lambda t, ctx: graphs.graph(refprism.load(t), PROMPT, transcoders=ctx.tmp / "tc"), GRAPH_TC,
+         r"transcoder \S*layer_0\S*: d_model \d+, the model's is \d+", ConfigError),
+    Case("graph-transcoders-unknown-hook", transcoders(hook="hook_attn_out"),
+         lambda t, ctx: graphs.graph(refprism.load(t), PROMPT, transcoders=ctx.tmp / "tc"), GRAPH_TC,
+         r"transcoder \S*layer_0: unknown input hook 'hook_attn_out' \(known: hook_resid_mid, hook_mlp_in, "
+         r"ln2\.hook_normalized, mlp\.hook_in\)", CheckpointError),
+    Case("graph-transcoders-pickle", transcoders(pickled=True),
+         lambda t, ctx: graphs.graph(refprism.load(t), PROMPT, transcoders=ctx.tmp / "tc"), GRAPH_TC,
+         r"transcoder \S*params\.npz: cannot be read \(Object arrays cannot be loaded when allow_pickle=False\)",
+         CheckpointError),
     Case("validate-seed-negative", lambda ctx: ctx.good(),
          lambda t, ctx: interventions.validate(refprism.load(t), PROMPT, level="heads", seed=-1),
          prism("validate", "--level", "heads", "--ablate", "zero", "--seed=-1"),
@@ -856,6 +896,16 @@ CASES = [
          lambda t, ctx: interventions.validate(refprism.load(t), PROMPT, level="heads", top=10, budget=5),
          prism("validate", "--level", "heads", "--ablate", "zero", "--budget", "5"),
          r"budget must be at least (--)?top \(10\), got 5", InputError),
+    Case("attribute-eap-ig-without-resample", lambda ctx: ctx.good(),
+         lambda t, ctx: interventions.attribute(refprism.load(t), PROMPT, method="eap-ig", level="heads"),
+         ("attribute", PROMPT, "--model", "{model}", "--level", "heads", "--ablate", "zero", "--method", "eap-ig"),
+         r"eap-ig interpolates the input between the prompt and the counterfactual: it needs --ablate resample",
+         InputError),
+    Case("attribute-edge-level", lambda ctx: ctx.good(),
+         lambda t, ctx: interventions.attribute(refprism.load(t), PROMPT, method="eap", level="residual"),
+         ("attribute", PROMPT, "--model", "{model}", "--level", "residual", "--ablate", "zero", "--method", "eap"),
+         r"edge attribution scores edges between heads, MLPs and one layer's neurons: use --level heads or "
+         r"--level neurons:L, not 'residual'", InputError),
 ]
 
 

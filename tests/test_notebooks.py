@@ -20,7 +20,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 FOLDER = ROOT / "notebooks"
 READING_ORDER = ["01_forward_op_by_op.ipynb", "02_the_post.ipynb", "03_checking_a_port.ipynb",
-                 "04_prisms_and_causal_effects.ipynb"]
+                 "04_prisms_and_causal_effects.ipynb", "05_a_circuit.ipynb"]
 
 _spec = importlib.util.spec_from_file_location("notebooks_tool", ROOT / "tools" / "notebooks.py")
 tool = importlib.util.module_from_spec(_spec)

@@ -570,8 +570,41 @@ def test_shipped_data_sets_on_gemma3_270m(tmp_path):
     for line in lines_of(tmp_path / "capitals"):
         country = line["id"].capitalize()
         assert line["tokens"][line["roles"]["country"]]["piece"] == "▁" + country
+    # The finding, L12H2 reading the country, is refprism's to find (no other tool splits logits by head and
+    # source); what makes it more than refprism's say-so: its per-prompt terms are the effects of forward passes
+    # written here (the edge's value removed from the head's output, every later output, norm scale and pattern
+    # frozen), on the first 3 prompts, and the mean and sign share are recomputed from the per-prompt terms.
     best = cap["top"]["head-role"][0]
-    assert best["label"] == "L12H2.country" and best["same_sign"] == [1.0] and best["ci"][0][0] > 3
+    assert best["label"] == "L12H2.country"
+    lines = lines_of(tmp_path / "capitals")
+    terms = []
+    for line in lines:
+        [c] = [c for c in split_of(line, "head-role", "L12.attn")["components"] if c["label"] == "L12H2.country"]
+        terms.append(c["values"][0])
+    terms = np.array(terms)
+    assert best["mean"][0] == pytest.approx(terms.mean(), rel=1e-9) and best["same_sign"] == [1.0]
+    assert terms.min() > 0 and terms.mean() - 3 * terms.std() / np.sqrt(len(terms)) > 3  # beside the bootstrap's
+    assert best["ci"][0][0] > 3
+    for line, term in zip(lines[:3], terms[:3]):
+        ids = [t["id"] for t in line["tokens"]]
+        src, p = line["roles"]["country"], line["position"]
+        base = model.run(ids)
+        rows = [t["id"] for t in line["targets"]], [t["id"] for t in line["versus"]]
+        read = lambda rec, p=p, rows=rows: rec["logits"][p, rows[0]].mean() - rec["logits"][p, rows[1]].mean()  # noqa: E731
+
+        def hook(name, value, record, base=base, src=src, p=p):
+            if name == "blocks.12.attn.z":  # [T, N, H]; the one kv head: pattern[2, p, src] v[src, 0]
+                value = value.copy()
+                value[p, 2] -= record["blocks.12.attn.pattern"][2, p, src] * record["blocks.12.attn.v"][src, 0]
+                return value
+            later = name.startswith("blocks.") and (int(name.split(".")[1]) > 12 or name == "blocks.12.mlp.out")
+            if (later and name.endswith((".attn.out", ".mlp.out"))) or name.endswith((".scale", "attn.pattern")):
+                return base.record[name]
+            return value
+
+        frozen = float(read(base.record) - read(model.run(ids, edit=hook).record))
+        # float32 sums in other orders: measured ~1e-6 on terms ~3
+        assert term == pytest.approx(frozen, abs=1e-4), line["id"]
     add = S.sweep("additions", model, tmp_path / "additions", levels="residual", quiet=True)
     assert add["sweep"]["prompts"] == 55 and add["sweep"]["bad_rows"] == 0 and add["exact"]
     whole = next(s for s in add["splits"] if s["prism"] == "residual")["whole"]
@@ -639,3 +672,51 @@ def test_a_byte_order_mark_is_not_a_bad_row(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "a", "prompt": "x", "targets": ["#5"]}).encode() + b"\n")
     assert S.read_rows(path) == [S.Row(1, "a", "x", ("#5",))]
+
+
+def test_validate_methods_are_aggregated_with_intervals(tiny, tmp_path):
+    """--validate-methods: each prompt's line holds every method's scores beside prism and total, and its agreement
+    (recomputed here from the line's own numbers); summary.json's validate.methods holds each method's metrics and
+    costs as mean over the prompts with a bootstrap interval, and each component's mean score per method."""
+    from refprism.interventions.agreement import agreement
+
+    path = write_jsonl(tmp_path / "d.jsonl", capital_rows()[:4])
+    check = S.Validation("heads", "zero", 3, ("gradxact", "atp-gd"))
+    summary = S.sweep(path, tiny, tmp_path / "out", levels="residual", chunk=2, validate=check, quiet=True,
+                      bootstrap=50)
+    lines = lines_of(tmp_path / "out")
+    for line in lines:
+        comps = line["validate"]["components"]
+        for m in ("gradxact", "atp-gd"):
+            mine = agreement([c[m][0] for c in comps], [c["total"][0] for c in comps], 3)
+            got = line["validate"]["methods"][m]["agreement"]
+            assert got["spearman"] == pytest.approx(mine["spearman"], rel=1e-12)
+            assert got["top_k_recall"] == mine["top_k_recall"]
+    m = summary["validate"]["methods"]
+    assert set(m) == {"gradxact", "atp-gd", "prism"}
+    for name in ("gradxact", "atp-gd", "prism"):
+        values = [l["validate"]["methods"][name]["agreement"]["kendall"] for l in lines]
+        e = m[name]["agreement"]["kendall"]
+        assert e["mean"] == pytest.approx(np.mean(values), rel=1e-12) and e["prompts"] == 4
+        assert e["ci"][0] <= e["mean"] <= e["ci"][1] and e["ci"][0] >= min(values) and e["ci"][1] <= max(values)
+    assert m["atp-gd"]["agreement"]["sign_agreement"] is None  # unsigned: no sign to agree
+    assert m["atp-gd"]["cost"]["backward"]["mean"] == tiny.config.n_layers and m["prism"]["cost"]["seconds"] is None
+    comp = next(c for c in summary["validate"]["components"] if c["label"] == "L1H2")
+    scores = [next(c["gradxact"] for c in l["validate"]["components"] if c["label"] == "L1H2") for l in lines]
+    assert comp["gradxact"]["mean"] == pytest.approx(np.mean(scores, axis=0).tolist(), rel=1e-12)
+
+
+@pytest.mark.parametrize("extra, text", [
+    (["--validate-methods", "atp"], "go with --validate LEVEL"),
+    (["--validate", "heads", "--validate-methods", ","], "--validate-methods is empty"),
+    (["--validate", "heads", "--ablate", "zero", "--validate-methods", "eap"], "'eap' is not one of"),
+    (["--validate", "heads", "--ablate", "zero", "--validate-methods", "atp*"], "atp* needs"),
+    (["--validate", "heads", "--validate-steps", "3"], "--validate-steps goes with --validate-methods"),
+])
+def test_cli_validate_methods_refusals(tiny_dir, tmp_path, capsys, extra, text):
+    from refprism import cli
+
+    path = write_jsonl(tmp_path / "d.jsonl", capital_rows()[:2])
+    assert cli.main(["sweep", str(path), "--model", str(tiny_dir), "--out", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("refprism: error:") and text in err and "\n" not in err, err

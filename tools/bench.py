@@ -9,7 +9,8 @@
 What is measured (each measurement in its own fresh Python process: this script run as `--worker SPEC`, which
 prints one JSON line; the parent keeps only those lines):
 
-    hf            GemmaForCausalLM.from_pretrained(dir, dtype=float32, attn_implementation="eager"), then two
+    hf            AutoModelForCausalLM.from_pretrained(dir, dtype=float32, attn_implementation="eager") (the config's
+                  class: GemmaForCausalLM for gemma-2b, Gemma4ForCausalLM for a gemma4_text checkpoint), then two
                   forwards under torch.no_grad() (torch.set_num_threads(os.cpu_count()); no warm-up)
     refprism-MODE refprism.load(dir, dtype="float32", memory=MODE), two full-record forwards (model.run), then
                   the full prism set on the second run: logits_readout of the ten top logits, residual_prism,
@@ -325,12 +326,13 @@ def worker_hf(spec: dict) -> dict:
     """HF transformers, float32, eager attention: load, then two forwards of the ids (no warm-up)."""
     t = time.perf_counter()
     import torch
-    from transformers import GemmaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     out = {"import_s": time.perf_counter() - t, "rss_import": peak_rss()}
     torch.set_num_threads(os.cpu_count())
     t = time.perf_counter()
-    model = GemmaForCausalLM.from_pretrained(spec["dir"], dtype=torch.float32, attn_implementation="eager")
+    # the config's own class: GemmaForCausalLM (Gemma 1), Gemma2/3ForCausalLM, Gemma4ForCausalLM (gemma4_text)
+    model = AutoModelForCausalLM.from_pretrained(spec["dir"], dtype=torch.float32, attn_implementation="eager")
     model.eval()
     out["load_s"], out["rss_load"] = time.perf_counter() - t, peak_rss()
     ids = torch.tensor([spec["ids"]], dtype=torch.long)
@@ -645,7 +647,7 @@ def render_report(*, command: str, date: str, machine_info: dict, checkpoint: di
     out += ["", "## Method", "",
             f"- Every measurement runs in its own fresh Python process; each number is the median of {runs} "
             "such process(es); ratios are refprism / HF medians from this invocation.",
-            "- HF: `GemmaForCausalLM.from_pretrained(dir, dtype=torch.float32, attn_implementation=\"eager\")`, "
+            "- HF: `AutoModelForCausalLM.from_pretrained(dir, dtype=torch.float32, attn_implementation=\"eager\")`, "
             "`torch.set_num_threads(os.cpu_count())`, forwards under `torch.no_grad()` with `use_cache=False`.",
             "- refprism: `refprism.load(dir, dtype=\"float32\", memory=MODE)`, `model.run(prompt)` (every "
             "activation recorded). Prism set on the second run: `logits_readout` of the ten top logits at the last "

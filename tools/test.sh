@@ -9,7 +9,8 @@
 #   4. lint: ruff (pyproject's rule set) and import-linter (the layers, no import circles, no torch in the core);
 #   5. pytest. Tests that need an extra or a tool fail, never skip, when it is missing;
 #   6. the tutorial notebooks (notebooks/*.ipynb), each executed from a clean kernel by nbmake: a notebook that no
-#      longer runs top to bottom fails the build (4 notebooks: 11 minutes measured on 2 cores under heavy load).
+#      longer runs top to bottom fails the build (01-04 before 04's gradient methods: 11 minutes measured on 2 cores
+#      under heavy load; since then 04 alone 1022 s (tools/notebooks.py --refresh) and 05 383 s (nbmake), load ~11).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

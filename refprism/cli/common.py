@@ -35,7 +35,7 @@ def memory_help(work: str) -> str:
     auto = ("low, this command runs one forward pass" if work == "one"
             else "fast when it fits in available memory, this command runs many forward passes")
     return ("low: weights stay memory-mapped, each layer converted when it runs (gemma-2b shape: 2.1 GB peak, "
-            "load ~1 s, each forward pass converts again); fast: every weight converted at load (10.2 GB peak, a "
+            "load ~1 s, each forward pass converts again); fast: every weight converted at load (10.5 GB peak, a "
             f"load of 13 s or more, then each forward pass ~3x faster); auto (default): {auto}. A .gguf file is "
             "always dequantized into memory")
 

@@ -1,11 +1,12 @@
-"""`refprism graph PROMPT --out graph.json`: the attribution graph (neuron basis), pruned as circuit-tracer prunes,
-written as the graph JSON that circuit-tracer's frontend and Neuronpedia open."""
+"""`refprism graph PROMPT --out graph.json [--transcoders PATH]`: the attribution graph (neuron basis, or the
+transcoders' features with error and bias nodes), pruned as circuit-tracer prunes, written as the graph JSON that
+circuit-tracer's frontend and Neuronpedia open."""
 
 from __future__ import annotations
 
 import sys
 
-from refprism.cli.common import _common, check_out_path, load_model, prompt_of
+from refprism.cli.common import _common, check_out_path, load_model, open_model, prompt_of, read_weights
 
 
 def register(sub) -> None:
@@ -24,6 +25,12 @@ def register(sub) -> None:
     p.add_argument("--slug", default=None, help="the graph's slug in the JSON (default: refprism-graph)")
     p.add_argument("--check", choices=["zero", "mean"], default=None,
                    help="ablate every neuron outside the pruned graph and report the readout recovered")
+    p.add_argument("--transcoders", default=None, metavar="PATH",
+                   help="the transcoder basis: a folder or a file pattern of GemmaScope (params.npz / .safetensors), "
+                        "circuit-tracer (config.yaml + layer_{l}.safetensors) or SAE Lens (cfg.json + "
+                        "sae_weights.safetensors) transcoders, one per layer (docs/graphs.md)")
+    p.add_argument("--zero-positions", type=int, default=1, metavar="N",
+                   help="with --transcoders: features at positions < N are zero, as circuit-tracer zeroes BOS (1)")
     p.set_defaults(func=cmd_graph)
 
 
@@ -43,16 +50,31 @@ def cmd_graph(args) -> int:
     if args.versus and not args.targets:
         raise InputError("--versus: versus needs targets (give --targets: the default logits are circuit-tracer's "
                          "top tokens, which take no foils)")
+    if args.transcoders is not None and args.check:
+        raise InputError("--check ablates neurons: it does not take --transcoders yet")
+    if args.zero_positions < 0:
+        raise InputError(f"--zero-positions {args.zero_positions}: give 0 or more")
     prompt = prompt_of(args)
-    model = load_model(args)
+    transcoders = None
+    if args.transcoders is not None:  # every file read and checked, then against the config: before the weights
+        from refprism.graphs.transcoders import read_transcoders
+
+        transcoders = read_transcoders(args.transcoders)
+        model = open_model(args)
+        transcoders.check(model.config)
+        model = read_weights(model)
+    else:
+        model = load_model(args)
     g = graph(model, prompt, position=args.position, targets=args.targets, versus=args.versus or (),
-              max_nodes=args.max_nodes, batch_size=args.batch_size)
+              max_nodes=args.max_nodes, batch_size=args.batch_size, transcoders=transcoders,
+              zero_positions=args.zero_positions)
     pr = g.pruned(args.node_threshold, args.edge_threshold)
     faith = faithfulness(g, pruned=pr, ablation=args.check) if args.check else None
     write_graph_json(g, out, slug=args.slug, node_threshold=args.node_threshold,
                      edge_threshold=args.edge_threshold, faithfulness=faith)
     replacement, completeness = g.scores()
-    print(f"graph: {g.explored} of {g.n_neurons} neurons explored in {g.passes} backward passes; pruned to "
+    what = "neurons" if g.basis == "neurons" else "active features"
+    print(f"graph: {g.explored} of {g.n_neurons} {what} explored in {g.passes} backward passes; pruned to "
           f"{int(pr.node_mask.sum())} nodes, {int(pr.edge_mask.sum())} edges; replacement {replacement:.4f}, "
           f"completeness {completeness:.4f}")
     if faith is not None:

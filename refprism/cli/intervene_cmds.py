@@ -33,7 +33,7 @@ def register(sub) -> None:
                                         "and circuit faithfulness")
     _intervention_args(p, work="many")
     p.add_argument("--level", required=True, metavar="LEVEL",
-                   help="residual, heads, head-source:L, neurons:L or neurons")
+                   help="residual, heads, head-source:L, neurons:L, neurons or (Gemma 4 MoE) experts:L")
     p.add_argument("--top", type=int, default=10, help="k of the top-k metrics and of the faithfulness table "
                                                        "(default 10)")
     p.add_argument("--budget", type=int, default=256,
@@ -47,13 +47,16 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("attribute", help="score every component of a level by a gradient method (gradient x "
-                                         "activation, AtP, AtP with GradDrop, integrated gradients)")
+                                         "activation, AtP, AtP with GradDrop, integrated gradients), or every edge "
+                                         "between components (EAP, EAP-IG)")
     _intervention_args(p, work="many")
     p.add_argument("--method", action="append", required=True, metavar="METHOD",
-                   help="gradxact, atp, atp* (heads, resample), atp-gd or ig (repeatable)")
+                   help="gradxact, atp, atp* (heads, resample), atp-gd or ig (repeatable); or the edge methods eap, "
+                        "eap-ig (resample; --level heads or neurons:L)")
     p.add_argument("--level", required=True, metavar="LEVEL",
-                   help="residual, heads, head-source:L, neurons:L or neurons")
-    p.add_argument("--steps", type=int, default=8, help="ig's steps k (midpoint rule; default 8)")
+                   help="residual, heads, head-source:L, neurons:L, neurons or (Gemma 4 MoE) experts:L (edges: "
+                        "heads = heads and MLPs, neurons:L = layer L's MLP as its neurons)")
+    p.add_argument("--steps", type=int, default=8, help="ig's and eap-ig's steps k (midpoint rule; default 8)")
     p.add_argument("--top", type=int, default=20, help="rows of the text table (default 20)")
     p.set_defaults(func=cmd_attribute)
 
@@ -208,7 +211,7 @@ def cmd_validate(args) -> int:
     if args.plot:
         from refprism.interventions import plots as plots_interventions
 
-        plots_interventions.validation_figure(result, args.plot)
+        plots_interventions.validation_figure(shown, args.plot)  # with --methods: a panel of the methods
     if args.json:
         print(json.dumps(shown.to_json()))
     else:
@@ -220,11 +223,18 @@ def cmd_validate(args) -> int:
 
 
 def cmd_attribute(args) -> int:
-    from refprism.interventions.attribution import attribute
+    from refprism.interventions.attribution import attribute, check_method
+    from refprism.interventions.edges import EDGE_METHODS
 
     if args.plot:
         raise InputError("attribute draws no figure: use validate --methods ... --plot for the validation figure")
     options = _options(args)
+    for method in args.method:  # before the weights: the method and what it needs of the level and the ablation
+        check_method(method, args.level, options["ablate"], args.steps)
+    edge = {m in EDGE_METHODS for m in args.method}
+    if len(edge) > 1:
+        raise InputError("eap and eap-ig score edges, the other methods components: give one kind per command")
+    edge = edge.pop()
     prompt = prompt_of(args)
     model = _checked_model(args, options, prompt, level=args.level, work="many")  # gradients: many passes
     args.progress.phase(f"running the prompt, then {', '.join(args.method)} over --level {args.level}")
@@ -236,11 +246,18 @@ def cmd_attribute(args) -> int:
             options["counterfactual"] = results[0].setting.counterfactual
     if args.json:
         first = results[0].to_json()
-        rows = [{"label": l, **{r.method: [float(x) for x in r.values[i]] for r in results}}
-                for i, l in enumerate(results[0].labels)]
-        first.pop("method"), first.pop("steps"), first.pop("cost")
-        first.update({"methods": {r.method: {"cost": r.cost, "steps": r.steps} for r in results},
-                      "components": rows})
+        for key in ("method", "steps", "cost", "rule"):
+            first.pop(key, None)
+        first["methods"] = {r.method: {"cost": r.cost, "steps": r.steps, **({"rule": r.rule} if edge else {})}
+                            for r in results}
+        if edge:  # each edge: its label, its two ends under validate's labels, one number list per method
+            first["edges"] = [{"label": l, "upstream": u, "downstream": d,
+                               **{r.method: [float(x) for x in r.values[i]] for r in results}}
+                              for i, (l, u, d) in enumerate(zip(results[0].labels, results[0].upstream,
+                                                                results[0].downstream))]
+        else:
+            first["components"] = [{"label": l, **{r.method: [float(x) for x in r.values[i]] for r in results}}
+                                   for i, l in enumerate(results[0].labels)]
         print(json.dumps(first))
         return 0
     _heading(args, results[0], f"attribute --level {args.level}")

@@ -27,6 +27,10 @@ def register(sub) -> None:
                    help="also run refprism.interventions.validate at this level on every prompt")
     p.add_argument("--ablate", metavar="MODE", help="with --validate: how components are ablated")
     p.add_argument("--validate-top", type=int, metavar="N", help="with --validate: how many components to check")
+    p.add_argument("--validate-methods", metavar="M,M",
+                   help="with --validate: attribution methods beside the prism (gradxact, atp, atp*, atp-gd, ig), "
+                        "each one's agreement with the totals aggregated with intervals")
+    p.add_argument("--validate-steps", type=int, metavar="K", help="with --validate-methods: ig's steps k")
     p.add_argument("--backend", default="local", choices=["local", "ray"],
                    help="local (default): packed passes in this process; ray: actors on a Ray cluster "
                         "(pip install 'refprism[ray]')")
@@ -51,10 +55,15 @@ def cmd_sweep(args) -> int:
 
     levels = sweeps.Levels.parse(args.levels)
     validate = None
+    methods = ()
+    if args.validate_methods is not None:
+        methods = tuple(m.strip() for m in args.validate_methods.split(",") if m.strip())
+        if not methods:
+            raise InputError("--validate-methods is empty: give methods separated by commas, e.g. atp,ig")
     if args.validate is not None:
-        validate = sweeps.Validation(args.validate, args.ablate, args.validate_top)
-    elif args.ablate is not None or args.validate_top is not None:
-        raise InputError("--ablate and --validate-top go with --validate LEVEL")
+        validate = sweeps.Validation(args.validate, args.ablate, args.validate_top, methods, args.validate_steps)
+    elif any(x is not None for x in (args.ablate, args.validate_top, args.validate_methods, args.validate_steps)):
+        raise InputError("--ablate, --validate-top, --validate-methods and --validate-steps go with --validate LEVEL")
     if args.backend == "local" and (args.address is not None or args.workers is not None):
         raise InputError("--address and --workers go with --backend ray")
     if args.backend == "ray" and importlib.util.find_spec("ray") is None:
@@ -90,6 +99,19 @@ def summary_table(summary, top) -> str:
         lines += [_row(f"{r['label']}", r) for r in rows[:top]]
     exact = "yes" if summary["exact"] else "NO"
     lines.append(f"\nthe mean terms sum to the mean wholes within the stated tolerance: {exact}")
+    methods = (summary.get("validate") or {}).get("methods")
+    if methods:
+        lines.append("\n--validate-methods: each method's agreement with |total|, mean over the prompts [interval]")
+        for m, entry in methods.items():
+            cells = []
+            for key, name in (("spearman", "Spearman"), ("top_k_recall", "top-k recall"),
+                              ("reruns_to_true_top_k", "re-runs to top-k")):
+                e = entry["agreement"].get(key)
+                cells.append(f"{name} n/a" if e is None else f"{name} {e['mean']:.3f} [{e['ci'][0]:.3f}, "
+                                                              f"{e['ci'][1]:.3f}]")
+            fwd, bwd = entry["cost"]["forward"], entry["cost"]["backward"]
+            cells.append(f"passes {fwd['mean']:.0f} + {bwd['mean']:.0f}")
+            lines.append(f"  {m:<10}" + "   ".join(cells))
     return "\n".join(lines)
 
 

@@ -159,10 +159,10 @@ def _capture(model, against, tokens, *, names, dtype, prompt=None, kv_cache="f16
         return against
     other = against if isinstance(against, str) and against in ("tl", "llama.cpp") else names
     live = against in ("hf", "llama.cpp") and names in (None, "refprism")  # Gemma 4: live HF and llama.cpp are mapped
-    if model.config.gemma4 and other in ("tl", "llama.cpp", "hf") and not live:
+    if model.config.gemma4 and other in ("llama.cpp", "hf") and not live:
         what = f"a dump in {other}'s names" if other == names else other
         raise InputError(f"comparing Gemma 4 against {what} is not supported yet (its site names are not mapped): "
-                         "compare against hf or llama.cpp (live), or a dump in refprism's names")
+                         "compare against hf, tl or llama.cpp (live), or a dump in refprism's or TL's names")
     if isinstance(against, str) and against in ("hf", "tl", "llama.cpp"):
         if tokens is None:
             raise InputError(f"--against {against} runs the other side live: give the prompt (text, --ids or "
@@ -193,6 +193,12 @@ def _capture(model, against, tokens, *, names, dtype, prompt=None, kv_cache="f16
         from refprism.crosscheck.sides import tl
 
         return tl.capture(directory, tokens, dtype=dtype or "float32")
+    if hasattr(against, "run_with_cache") and hasattr(against, "original_model"):  # a booted TransformerBridge
+        from refprism.crosscheck.sides import tl
+
+        if tokens is None:
+            raise InputError("a TransformerBridge runs live: give the prompt (text or token ids)")
+        return tl.capture(against, tokens)
     if hasattr(against, "config") and hasattr(against, "forward") and not isinstance(against, (str, bytes)):
         from refprism.crosscheck.sides import hf
 

@@ -304,13 +304,15 @@ def _one_layer(model, tokens, top, l) -> Record:
 
 
 def backward(model, layers: _Layers, seed: Seed, p: int, *, freeze=frozenset(), drop=frozenset(), keep=None,
-             down_to=0) -> Record:
+             down_to=0, linear_mlp=None) -> Record:
     """Every site's gradient, layer by layer in reverse (docs/math.md section 5).
 
     Math:   per layer (reverse):  g(resid_mid) = g(resid_post) + ln2^T . geglu^T . W_down^T . post2^T g(resid_post)
                                   g(resid_pre) = g(resid_mid) + ln1^T . [W_Q, W_K, W_V]^T . attn^T . W_O^T . post1^T g
             each ^T the op's VJP (ops.*_vjp), with the frozen factors' edges cut.
     down_to: the lowest layer to go down to (the sites below it, and embed, are not computed when > 0)
+    linear_mlp: {layer: vjp} for dropped MLPs replaced by a linear map of resid_mid (a skip transcoder's h W_skip
+             under the freeze): g(resid_mid) = g(resid_post) + vjp(g(resid_post)), vjp [Z, T, D] -> [Z, T, D]
     Shapes: seed rows Z -> record[name] [Z, *site shape]
     """
     cfg, params, dtype = model.config, model.params, model.dtype
@@ -356,6 +358,9 @@ def backward(model, layers: _Layers, seed: Seed, p: int, *, freeze=frozenset(), 
         # MLP: resid_post = resid_mid + post2(act W_down), act = gelu(gate) * up, gate/up = ln2.out W_gate/W_up
         if (l, "mlp") in drop:  # GradDrop: the skip path only
             _dropped(put, cfg, l, "mlp", g_x, Z, T, dtype)
+            if linear_mlp and l in linear_mlp:  # ... plus the linear map that stands for the MLP
+                g_x = g_x + linear_mlp[l](g_x)
+                put(b + "resid_mid", g_x)
         else:
             put(b + "mlp.out", g_x)
             g = g_x

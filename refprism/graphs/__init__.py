@@ -1,11 +1,14 @@
-"""Attribution graphs: every chain of direct effects behind a prediction at once, exact in the neuron basis.
+"""Attribution graphs: every chain of direct effects behind a prediction at once, exact in the neuron basis and in
+a transcoder basis (its error and bias nodes make the rows exact).
 
-    build.py   graph(): nodes (neurons, remainders, embeddings, logits) and their exact edges, from batched frozen
-               backward passes (gradients.backward); influence-ordered exploration; edge_heads (per-head splits)
-    prune.py   circuit-tracer's pruning (node 0.8, edge 0.98) and its replacement / completeness scores, on
-               sparse rows with partial selection
-    check.py   faithfulness(): the pruned graph's neurons kept, the rest ablated (interventions' edits)
-    export.py  the Neuronpedia / circuit-tracer graph JSON
+    build.py        graph(): nodes (neurons or transcoder features, remainders, errors, biases, embeddings, logits)
+                    and their exact edges, from batched frozen backward passes (gradients.backward);
+                    influence-ordered exploration; edge_heads (per-head splits, neuron basis)
+    transcoders.py  read_transcoders(): GemmaScope, circuit-tracer and SAE Lens transcoder files, every shape checked
+    prune.py        circuit-tracer's pruning (node 0.8, edge 0.98) and its replacement / completeness scores, on
+                    sparse rows with partial selection
+    check.py        faithfulness(): the pruned graph's neurons kept, the rest ablated (interventions' edits)
+    export.py       the Neuronpedia / circuit-tracer graph JSON
 
 Public: every name below. May import: gradients, interventions, prisms, model, gemma, errors, files.
 """
@@ -14,6 +17,8 @@ from refprism.graphs.build import KINDS, Graph, edge_heads, graph
 from refprism.graphs.check import ABLATIONS, faithfulness
 from refprism.graphs.export import graph_json, write_graph_json
 from refprism.graphs.prune import Pruned, influence, normalize, prune, scores, threshold
+from refprism.graphs.transcoders import Transcoder, Transcoders, read_transcoders
 
-__all__ = ["ABLATIONS", "KINDS", "Graph", "Pruned", "edge_heads", "faithfulness", "graph", "graph_json", "influence",
-           "normalize", "prune", "scores", "threshold", "write_graph_json"]
+__all__ = ["ABLATIONS", "KINDS", "Graph", "Pruned", "Transcoder", "Transcoders", "edge_heads", "faithfulness", "graph",
+           "graph_json", "influence", "normalize", "prune", "read_transcoders", "scores", "threshold",
+           "write_graph_json"]

@@ -1,4 +1,5 @@
-"""Attribution graphs in the neuron basis: exact, with no error nodes.
+"""Attribution graphs in the neuron basis (exact, no error nodes) or a transcoder basis (exact, with error and bias
+nodes).
 
 **Nodes** (circuit-tracer's order): MLP neurons (l, t, n), remainder nodes (l, t) when not every neuron is explored,
 token embeddings (t), logits. A neuron's value is act = gelu(gate) up, its input is up = ln2.out . W_up[:, n]
@@ -20,13 +21,29 @@ through every head of every layer between its ends (edge_heads splits it per hea
 reads only its up projection), and the query/key path (a source changes where later heads look; the graph holds
 every pattern). Both are second-order in circuit-tracer's sense too, which detaches the same factors.
 
-**Explored neurons.** With more neurons than `max_nodes`, they are explored in influence order as circuit-tracer
-explores its features: the logit rows first, then repeatedly the unexplored neurons of highest influence through the
-rows computed so far (queues of update_interval x batch_size), until max_nodes are explored. The exploration ranks
-by each row's `explore_k` largest |edges| (its normaliser is the row's exact |A_i.| sum, so truncation only lowers
-an influence). The final rows are then recomputed exactly over the explored neurons; what the unexplored neurons of
-layer l at position t send to a row is one remainder node {l}_-1_{t} (circuit-tracer's error-node slot), so every
-row still sums to its input.
+**The transcoder basis** (transcoders=, graphs.transcoders): each layer's MLP output mlp.out[l] (after Gemma 2/3's
+post-norm, TransformerLens' hook_mlp_out) is split exactly as
+
+    mlp.out[l, t] = sum_f act[l, t, f] W_dec[f] + b_dec + h[l, t] W_skip + err[l, t]
+
+with h = resid_mid c the transcoder's input (c: 1, 1/s_ln2 or (1 + w_ln2)/s_ln2 by its hook, the scale frozen),
+act = gate pre, pre = h W_enc + b_enc, the 0/1 gate frozen at the run's value (JumpReLU, ReLU, TopK alike), and
+the error err = mlp.out - the reconstruction, a constant under the freeze. Nodes: the active features (act != 0;
+positions < zero_positions are zero, circuit-tracer's BOS rule), remainders (unexplored active features), one
+error node and two bias nodes (b_dec, written at mlp.out[l, t]; b_enc, read by the features of (l, t)) per (layer,
+position), embeddings, logits. A feature's input is pre = u . resid_mid_l[t] + b_enc[f] with u = W_enc[:, f] c[t]:
+its row holds the b_enc edge, and a_f d_f with d_f = W_dec[f] at mlp.out; the skip path h W_skip is linear and is
+carried on the edges like attention (gradients.backward's linear_mlp). So every row still sums to its input exactly;
+the freeze now also leaves out how a feature's gate would move with its input.
+
+**Explored neurons.** With more neurons (active features) than `max_nodes`, they are explored in influence order as
+circuit-tracer explores its features: the logit rows first, then repeatedly the unexplored ones of highest influence
+through the rows computed so far (queues of update_interval x batch_size), until max_nodes are explored. The
+exploration ranks by each row's `explore_k` largest |edges| (its normaliser is the row's exact |A_i.| sum, so
+truncation only lowers an influence). The final rows are then recomputed exactly over the explored ones; what the
+unexplored ones of layer l at position t send to a row is one remainder node {l}_-1_{t} (circuit-tracer's
+error-node slot; {l}_-4_{t} in the transcoder basis, where the error node has that id), so every row still sums to
+its input.
 Axis letters as in ops.py; Z target rows of one backward pass.
 """
 
@@ -41,9 +58,11 @@ from refprism.errors import InputError
 from refprism.gemma import ops
 from refprism.gradients.backward import FREEZABLE, Seed, _layer_source, backward
 from refprism.graphs import prune as _prune
+from refprism.graphs import transcoders as _tc
 from refprism.model import Run
 
-KINDS = ("neuron", "remainder", "embed", "logit")
+KINDS = ("neuron", "feature", "remainder", "error", "bias", "embed", "logit")
+BIAS_DEC, BIAS_ENC = -2, -3  # a bias node's index: the decoder's b_dec, the encoder's b_enc
 
 
 @dataclass
@@ -77,10 +96,15 @@ class Graph:
     passes: int  # backward passes
     batch_rows: int = 0  # the largest number of rows of one pass
     read_at: int = -1  # the readout's position p
+    basis: str = "neurons"  # or "transcoders"
+    transcoders: object = field(default=None, repr=False)  # graphs.transcoders.Transcoders (the model's dtype)
 
     @property
     def counts(self) -> tuple:
-        return tuple(int((self.kind == k).sum()) for k in KINDS)
+        """circuit-tracer's groups (features, errors, tokens, logits): neurons or features; remainders and error
+        nodes; bias nodes and embeddings (the sources that are exact parts of the replacement); logits."""
+        c = {k: int((self.kind == k).sum()) for k in KINDS}
+        return (c["neuron"] + c["feature"], c["remainder"] + c["error"], c["bias"] + c["embed"], c["logit"])
 
     @property
     def n(self) -> int:
@@ -93,12 +117,19 @@ class Graph:
         return w
 
     def label(self, i) -> str:
-        """refprism's label of node i: L{l}N{n}@{t}, L{l}.rest@{t}, E@{t}, or the logit's label."""
+        """refprism's label of node i: L{l}N{n}@{t}, L{l}F{f}@{t}, L{l}.rest@{t}, L{l}.err@{t}, L{l}.b_dec@{t},
+        L{l}.b_enc@{t}, E@{t}, or the logit's label."""
         k, l, t = self.kind[i], int(self.layer[i]), int(self.position[i])
         if k == "neuron":
             return f"L{l}N{int(self.index[i])}@{t}"
+        if k == "feature":
+            return f"L{l}F{int(self.index[i])}@{t}"
         if k == "remainder":
             return f"L{l}.rest@{t}"
+        if k == "error":
+            return f"L{l}.err@{t}"
+        if k == "bias":
+            return f"L{l}.{'b_dec' if self.index[i] == BIAS_DEC else 'b_enc'}@{t}"
         if k == "embed":
             return f"E@{t}"
         return self.logit_labels[int(i - np.flatnonzero(self.kind == "logit")[0])]
@@ -114,8 +145,8 @@ class Graph:
                             node_threshold=node_threshold, edge_threshold=edge_threshold)
 
     def scores(self) -> tuple[float, float]:
-        """circuit-tracer's (replacement, completeness), the remainder nodes in the error nodes' role: both 1 when
-        every neuron is explored (no error and no remainder: the graph is exact)."""
+        """circuit-tracer's (replacement, completeness), the remainder nodes in the error nodes' role with the
+        error nodes: both 1 in the neuron basis when every neuron is explored (no error and no remainder)."""
         return _prune.scores(self.rows, self.cols, self.values, self.weights, self.counts)
 
     def row_sums(self) -> np.ndarray:
@@ -124,13 +155,18 @@ class Graph:
 
 
 def graph(model, prompt, *, position=-1, targets=None, versus=(), max_nodes=7500, batch_size=256,
-          update_interval=4, explore_k=4096, desired_prob=0.95, max_logits=10) -> Graph:
-    """The attribution graph of the prediction at `position`, in the neuron basis (the module docstring).
+          update_interval=4, explore_k=4096, desired_prob=0.95, max_logits=10, transcoders=None,
+          zero_positions=1) -> Graph:
+    """The attribution graph of the prediction at `position`, in the neuron basis or the transcoders' (the module
+    docstring).
 
     targets, versus: None for circuit-tracer's logit nodes (top tokens by probability until desired_prob
              cumulative, at most max_logits; each read through the demeaned unembedding E[t] - mean_v E[v], pre-cap);
              or the prisms' targets and foils (rows E[t] - mean_f E[f], pre-cap; each weighted 1/Z)
-    max_nodes: neurons explored at most (influence order); batch_size: rows of one backward pass at most
+    max_nodes: neurons (features) explored at most (influence order); batch_size: rows of one backward pass at most
+    transcoders: None (the neurons), or a path / graphs.transcoders.Transcoders: one per layer, replacing the MLPs
+    zero_positions: with transcoders, the features at positions < zero_positions are zero (circuit-tracer's BOS
+             rule): the whole MLP output there is the error node's
     Math:   rows of the targets at (l, t): u_n = W_up[:, n] (1 + w_ln2) / s_ln2[t] at resid_mid_l[t];
             logits: u = (E[t] - mean) (1 + w_final) / s_final[p] at the final residual
     Shapes: -> Graph with N nodes and E edges
@@ -141,17 +177,23 @@ def graph(model, prompt, *, position=-1, targets=None, versus=(), max_nodes=7500
                          "layers are not graph nodes); gradients, attribute and validate do")
     if max_nodes < 0 or batch_size < 1 or update_interval < 1 or explore_k < 1:
         raise InputError("max_nodes >= 0, batch_size, update_interval and explore_k >= 1 are required")
+    if zero_positions < 0:
+        raise InputError(f"zero_positions {zero_positions}: give 0 or more")
+    if transcoders is not None:
+        if not isinstance(transcoders, _tc.Transcoders):
+            transcoders = _tc.read_transcoders(transcoders)
+        transcoders.check(cfg)
+        transcoders = transcoders.as_dtype(model.dtype)
     run = prompt if isinstance(prompt, Run) else model.run(prompt)
     if run.record.selection is not None:
         raise InputError("a graph reads every site of the run: run the prompt with a full record")
     text = prompt if isinstance(prompt, str) else "".join(run.pieces)
     p = P.resolve_position(run, position)
-    ctx = _Context(model, run, p, batch_size)
+    ctx = _Context(model, run, p, batch_size, transcoders, zero_positions)
     u, labels, weights, kind, ids = _logit_rows(model, run, p, targets, versus, desired_prob, max_logits)
-    L, T, F = cfg.n_layers, p + 1, cfg.d_mlp  # positions after p never reach the readout
-    total = L * T * F
+    total = int(ctx.active.sum())  # positions after p never reach the readout
     if max_nodes >= total:
-        explored = np.ones((L, T, F), bool)
+        explored = ctx.active.copy()
     else:
         explored = _explore(ctx, u, weights, max_nodes, update_interval, explore_k)
     return _assemble(ctx, text, explored, u, labels, weights, (kind, ids))
@@ -201,57 +243,124 @@ def _mean_embedding(params, V, chunk=16384) -> np.ndarray:
 
 
 class _Context:
-    """The run's values the rows read, and the backward's source of forward values."""
+    """The run's values the rows read, and the backward's source of forward values, in one basis: the neurons, or
+    the transcoders' features (tc: graphs.transcoders.Transcoders, in the model's dtype)."""
 
-    def __init__(self, model, run, p, batch_size):
+    def __init__(self, model, run, p, batch_size, tc=None, zero_positions=1):
         self.model, self.run, self.p, self.batch = model, run, p, batch_size
         self.cfg = model.config
         self.layers = _layer_source(model, run, p)
         self.passes = 0
         self.most = 0
         self.T = p + 1
+        self.tc = tc
         rec = run.record
-        self.act = [np.asarray(rec[f"blocks.{l}.mlp.act"]) for l in range(self.cfg.n_layers)]  # once: a Lazy
-        self.up = [np.asarray(rec[f"blocks.{l}.mlp.up"]) for l in range(self.cfg.n_layers)]  # recomputes per read
-        self.post = [((1 + model.params.get(l, "ln2_post"))[None, :] / rec[f"blocks.{l}.ln2_post.scale"][:, None])
-                     if self.cfg.post_norms else None for l in range(self.cfg.n_layers)]
+        L = self.cfg.n_layers
+        if tc is None:
+            self.F = self.cfg.d_mlp
+            self.act = [np.asarray(rec[f"blocks.{l}.mlp.act"]) for l in range(L)]  # once: a Lazy
+            self.inp = [np.asarray(rec[f"blocks.{l}.mlp.up"]) for l in range(L)]  # recomputes per read
+            self.post = [((1 + model.params.get(l, "ln2_post"))[None, :] / rec[f"blocks.{l}.ln2_post.scale"][:, None])
+                         if self.cfg.post_norms else None for l in range(L)]
+            self.active = np.ones((L, self.T, self.F), bool)
+            return
+        self.F = tc.layers[0].d_sae
+        self.c, self.act, self.inp, self.err = [], [], [], []
+        for l, t_l in enumerate(tc.layers):
+            c, pre, act, recon = _transcode(model, rec, l, t_l, tc.input_hook, zero_positions)
+            self.c.append(c)
+            self.inp.append(pre)
+            self.act.append(act)
+            self.err.append(np.asarray(rec[f"blocks.{l}.mlp.out"]) - recon)  # constant under the freeze
+        self.active = np.stack([a[: self.T] != 0 for a in self.act])
+
+    def _linear_mlp(self, l):
+        """The skip transcoders' h W_skip of layers < l as the backward's linear MLPs: g -> (g W_skip^T) c."""
+        if self.tc is None or not self.tc.skip:
+            return None
+        return {m: (lambda g, W=self.tc.layers[m].W_skip, c=self.c[m]: (g @ W.T) * c[None])
+                for m in range(l) if self.tc.layers[m].W_skip is not None}
 
     def rows(self, l, t, u):
         """Target rows at (layer l, position t) [l = L: the final residual], in passes of at most batch rows.
 
-        Yields per source layer l' < l (or -1 for the embeddings): edges [Z, t+1, F] (embeddings: [Z, t+1]).
-        Math:   g = the frozen gradient of u . resid_mid_l[t] (MLPs dropped, attention after l dropped)
-                A[z, (l', s, n)] = act_l'[s, n] (W_down[n] . g_l'[z, s] (1 + w_post) / s_post[s])
+        Yields per source layer l' < l (or -1 for the embeddings): edges [Z, t+1, F] (embeddings: [Z, t+1]);
+        with transcoders also ("err", l') and ("dec", l'): [Z, t+1] from the error and decoder-bias nodes.
+        Math:   g = the frozen gradient of u . resid_mid_l[t] (MLPs dropped, attention after l dropped; a skip
+                transcoder's W_skip carried as the MLP's linear stand-in)
+                neurons: A[z, (l', s, n)] = act_l'[s, n] (W_down[n] . g_l'[z, s] (1 + w_post) / s_post[s])
+                features: A[z, (l', s, f)] = act_l'[s, f] (W_dec[f] . g_l'[z, s]) (written at mlp.out, after the
+                post-norm); A[z, err(l', s)] = err_l'[s] . g_l'[z, s];  A[z, dec(l', s)] = b_dec_l' . g_l'[z, s]
                 A[z, E@s] = embed[s] . g_embed[z, s]
         """
         cfg, run = self.cfg, self.run
         L = cfg.n_layers
         drop = frozenset({(m, "mlp") for m in range(L)} | {(m, "attn") for m in range(l + 1, L)})
         out = {m: [] for m in range(-1, l)}
+        if self.tc is not None:
+            out.update({(k, m): [] for m in range(l) for k in ("err", "dec")})
         for a in range(0, len(u), self.batch):
             chunk = u[a: a + self.batch]
             g = backward(self.model, self.layers, Seed(None, chunk, {}), t, freeze=frozenset(FREEZABLE),
-                         drop=drop, keep=["embed"] + [f"blocks.{m}.mlp.out" for m in range(l)])
+                         drop=drop, keep=["embed"] + [f"blocks.{m}.mlp.out" for m in range(l)],
+                         linear_mlp=self._linear_mlp(l))
             self.passes += 1
             self.most = max(self.most, len(chunk))
             out[-1].append(np.einsum("zsd,sd->zs", g["embed"][:, : t + 1], run.record["embed"][: t + 1]))
             for m in range(l):
-                out[m].append(self.neuron_edges(m, g[f"blocks.{m}.mlp.out"][:, : t + 1]))
+                g_out = g[f"blocks.{m}.mlp.out"][:, : t + 1]
+                out[m].append(self.feature_edges(m, g_out))
+                if self.tc is not None:
+                    out["err", m].append(np.einsum("zsd,sd->zs", g_out, self.err[m][: t + 1]))
+                    out["dec", m].append(g_out @ self.tc.layers[m].b_dec)
             del g
         return {m: np.concatenate(v) for m, v in out.items()}
 
-    def neuron_edges(self, m, g_out):
-        """[Z, S, D] gradients at mlp.out of layer m -> [Z, S, F] edges from its neurons (post-norm frozen)."""
+    def feature_edges(self, m, g_out):
+        """[Z, S, D] gradients at mlp.out of layer m -> [Z, S, F] edges from its neurons (post-norm frozen) or its
+        transcoder's features (written at mlp.out itself)."""
         S = g_out.shape[1]
+        if self.tc is not None:
+            return self.act[m][None, :S] * (g_out @ self.tc.layers[m].W_dec.T)
         if self.post[m] is not None:
             g_out = g_out * self.post[m][None, :S]
         return self.act[m][None, :S] * (g_out @ self.model.params.get(m, "W_down").T)
 
-    def neuron_rows(self, l, t, n):
-        """u [Z, D] of neurons n of layer l at position t: u . resid_mid_l[t] = up[t, n] (ln2 scale frozen)."""
+    def feature_rows(self, l, t, n):
+        """u [Z, D] of neurons n of layer l at position t: u . resid_mid_l[t] = up[t, n] (ln2 scale frozen); of
+        features n: u . resid_mid_l[t] = pre[t, n] - b_enc[n], u = W_enc[:, n] c_l[t] (c: _transcode)."""
+        if self.tc is not None:
+            return (self.tc.layers[l].W_enc[:, n] * self.c[l][t][:, None]).T
         params, rec = self.model.params, self.run.record
         scale = (1 + params.get(l, "ln2")) / rec[f"blocks.{l}.ln2.scale"][t]
         return (params.get(l, "W_up")[:, n] * scale[:, None]).T
+
+
+def _transcode(model, rec, l, tc, input_hook, zero_positions):
+    """One layer's transcoder on the run: the input factor c, pre-activations, activations, reconstruction.
+
+    Math:   h = resid_mid c,  c = 1 (resid_mid), 1 / s_ln2 (normalized), (1 + w_ln2) / s_ln2 (ln2.out)
+            pre = h W_enc + b_enc,  act = gate(pre) pre (0 at positions < zero_positions: circuit-tracer's BOS),
+            recon = act W_dec + b_dec (+ h W_skip)
+    Shapes: -> c [T, D], pre [T, F], act [T, F], recon [T, D]
+    """
+    x = np.asarray(rec[f"blocks.{l}.resid_mid"])
+    T, D = x.shape
+    if input_hook == "resid_mid":
+        c = np.ones((T, D), x.dtype)
+    else:
+        s = np.asarray(rec[f"blocks.{l}.ln2.scale"]).reshape(T, 1)
+        w = (1 + model.params.get(l, "ln2")) if input_hook == "ln2.out" else np.ones(D, x.dtype)
+        c = np.broadcast_to(w[None, :] / s, (T, D))
+    h = x * c
+    pre = h @ tc.W_enc + tc.b_enc
+    gate = tc.gate(pre)
+    gate[:zero_positions] = 0
+    act = gate * pre
+    recon = act @ tc.W_dec + tc.b_dec
+    if tc.W_skip is not None:
+        recon = recon + h @ tc.W_skip
+    return c, pre, act, recon
 
 
 # ------------------------------------------------------------------------------------------------- exploration
@@ -263,16 +372,21 @@ def _explore(ctx, u_logits, weights, max_nodes, update_interval, explore_k) -> n
     Shapes: -> explored [L, T, F] bool
     """
     cfg = ctx.cfg
-    L, T, F = cfg.n_layers, ctx.T, cfg.d_mlp
+    L, T, F = cfg.n_layers, ctx.T, ctx.F
     n_flat = L * T * F
     explored = np.zeros(n_flat, bool)
+    inactive = ~ctx.active.ravel()  # transcoder features that are zero in the run: no node, nothing to explore
+    max_nodes = min(max_nodes, int((~inactive).sum()))
     row_node, row_w, ent_row, ent_col, ent_val = [], [], [], [], []
 
     def add(rows, nodes, w0):
-        """Keep each row's explore_k largest |edges| over the neurons, normalised by its exact |row| sum."""
-        l_max = max(m for m in rows) + 1
+        """Keep each row's explore_k largest |edges| over the features, normalised by its exact |row| sum."""
+        l_max = max(m for m in rows if isinstance(m, int)) + 1
         Z = len(nodes)
         absum = np.abs(rows[-1]).sum(axis=1)
+        for key in rows:
+            if not isinstance(key, int):  # error and bias nodes: in the row's sum, never explored
+                absum += np.abs(rows[key]).sum(axis=1)
         cand_c, cand_v = [], []
         for m in range(l_max):
             e = np.abs(rows[m].reshape(Z, -1))  # [Z, S*F], column s * F + n
@@ -298,9 +412,9 @@ def _explore(ctx, u_logits, weights, max_nodes, update_interval, explore_k) -> n
     while n_done < max_nodes:
         infl = _partial_influence(np.array(row_node), np.array(row_w), np.concatenate(ent_row),
                                   np.concatenate(ent_col), np.concatenate(ent_val), n_flat)
-        infl[explored] = -np.inf
+        infl[explored | inactive] = -np.inf
         q = min(update_interval * ctx.batch, max_nodes - n_done)
-        pick = np.argpartition(-infl, q - 1)[:q] if q < n_flat else np.flatnonzero(~explored)
+        pick = np.argpartition(-infl, q - 1)[:q] if q < n_flat else np.flatnonzero(~explored & ~inactive)
         pick = pick[np.argsort(-infl[pick], kind="stable")]
         explored[pick] = True
         n_done += len(pick)
@@ -311,7 +425,7 @@ def _explore(ctx, u_logits, weights, max_nodes, update_interval, explore_k) -> n
                 sel = (l_ == l) & (t_ == t)
                 if l == 0:  # layer 0's inputs come from the embeddings only: nothing to rank further
                     continue
-                rows = ctx.rows(int(l), int(t), ctx.neuron_rows(int(l), int(t), n_[sel]))
+                rows = ctx.rows(int(l), int(t), ctx.feature_rows(int(l), int(t), n_[sel]))
                 add(rows, list(pick[sel]), [0.0] * int(sel.sum()))
     return explored.reshape(L, T, F)
 
@@ -340,68 +454,88 @@ def _partial_influence(row_node, row_w, ent_row, ent_col, ent_val, n_flat, max_i
 
 
 def _assemble(ctx, text, explored, u_logits, labels, weights, readout) -> Graph:
-    """The exact rows of every explored neuron and logit over the explored neurons, remainders and embeddings."""
-    model, run, cfg = ctx.model, ctx.run, ctx.cfg
-    L, T, F = cfg.n_layers, ctx.T, cfg.d_mlp
+    """The exact rows of every explored feature and logit over the explored features, remainders, errors, biases
+    and embeddings (the module docstring's order)."""
+    model, run, cfg, tc = ctx.model, ctx.run, ctx.cfg, ctx.tc
+    L, T, F = cfg.n_layers, ctx.T, ctx.F
     rec = run.record
-    ll, tt, nn = np.nonzero(explored)  # sorted by (layer, position, neuron)
+    ll, tt, nn = np.nonzero(explored)  # sorted by (layer, position, feature)
     n_feat = len(ll)
     col = np.full((L, T, F), -1)
     col[ll, tt, nn] = np.arange(n_feat)
-    rem_lt = [(l, t) for l in range(L) for t in range(T) if not explored[l, t].all()]
+    rem_lt = [(l, t) for l in range(L) for t in range(T) if (ctx.active[l, t] & ~explored[l, t]).any()]
     rem = {lt: n_feat + i for i, lt in enumerate(rem_lt)}
-    n_err = len(rem_lt)
-    emb0 = n_feat + n_err
+    lt_all = [(l, t) for l in range(L) for t in range(T)] if tc is not None else []
+    err0 = n_feat + len(rem_lt)
+    err = {lt: err0 + i for i, lt in enumerate(lt_all)}
+    dec0 = err0 + len(lt_all)
+    dec = {lt: dec0 + i for i, lt in enumerate(lt_all)}
+    enc0 = dec0 + len(lt_all)
+    enc = {lt: enc0 + i for i, lt in enumerate(lt_all)}
+    emb0 = enc0 + len(lt_all)
     log0 = emb0 + T
     Z = len(u_logits)
     N = log0 + Z
-    kind = np.array(["neuron"] * n_feat + ["remainder"] * n_err + ["embed"] * T + ["logit"] * Z)
-    layer = np.concatenate([ll, [lt[0] for lt in rem_lt], np.full(T, -1), np.full(Z, L)]).astype(int)
-    position = np.concatenate([tt, [lt[1] for lt in rem_lt], np.arange(T), np.full(Z, ctx.p)]).astype(int)
-    index = np.concatenate([nn, np.full(n_err, -1), run.tokens[:T], readout[1]]).astype(int)
+    n_lt = len(lt_all)
+    kind = np.array(["neuron" if tc is None else "feature"] * n_feat + ["remainder"] * len(rem_lt) + ["error"] * n_lt
+                    + ["bias"] * (2 * n_lt) + ["embed"] * T + ["logit"] * Z)
+    lt_l = [lt[0] for lt in lt_all]
+    lt_t = [lt[1] for lt in lt_all]
+    layer = np.concatenate([ll, [lt[0] for lt in rem_lt], lt_l, lt_l, lt_l, np.full(T, -1), np.full(Z, L)]).astype(int)
+    position = np.concatenate([tt, [lt[1] for lt in rem_lt], lt_t, lt_t, lt_t, np.arange(T),
+                               np.full(Z, ctx.p)]).astype(int)
+    index = np.concatenate([nn, np.full(len(rem_lt), -1), np.full(n_lt, -1), np.full(n_lt, BIAS_DEC),
+                            np.full(n_lt, BIAS_ENC), run.tokens[:T], readout[1]]).astype(int)
     x_final = rec[P.site_name(2 * L, L)][ctx.p]
     readout_values = u_logits @ x_final
     act = np.full(N, np.nan)
     act[:n_feat] = np.array([ctx.act[l][t, n] for l, t, n in zip(ll, tt, nn)]) if n_feat else []
     act[log0:] = readout_values
     inp = np.full(N, np.nan)
-    inp[:n_feat] = np.array([ctx.up[l][t, n] for l, t, n in zip(ll, tt, nn)]) if n_feat else []
+    inp[:n_feat] = np.array([ctx.inp[l][t, n] for l, t, n in zip(ll, tt, nn)]) if n_feat else []
     inp[log0:] = readout_values
     R, C, V = [], [], []
 
-    def emit(targets, rows, l, t):
-        """Entries of the rows of `targets` [Z] at (l, t): explored neurons, remainders, embeddings."""
+    def emit(targets, rows, l, t, n=None):
+        """Entries of the rows of `targets` [Z] at (l, t): explored features, remainders, errors and biases of the
+        layers below, embeddings; features n of a transcoder also take their encoder bias b_enc[n]."""
         R.append(np.repeat(targets, t + 1))
         C.append(np.tile(emb0 + np.arange(t + 1), len(targets)))
         V.append(rows[-1].ravel())
+        if n is not None and tc is not None:
+            R.append(targets)
+            C.append(np.full(len(targets), enc[l, t]))
+            V.append(tc.layers[l].b_enc[n].astype(np.float64))
         for m in range(l):
             e = rows[m]  # [Z, t+1, F]
             cm = col[m, : t + 1]  # [t+1, F]
-            s, n = np.nonzero(cm >= 0)
+            s, f = np.nonzero(cm >= 0)
             R.append(np.repeat(targets, len(s)))
-            C.append(np.tile(cm[s, n], len(targets)))
-            V.append(e[:, s, n].ravel())
+            C.append(np.tile(cm[s, f], len(targets)))
+            V.append(e[:, s, f].ravel())
             for s in range(t + 1):
                 if (m, s) in rem:
                     R.append(targets)
                     C.append(np.full(len(targets), rem[m, s]))
                     V.append(np.where(cm[s] < 0, e[:, s], 0.0).sum(axis=1))
+            if tc is not None:
+                for key, nodes in (("err", err), ("dec", dec)):
+                    R.append(np.repeat(targets, t + 1))
+                    C.append(np.tile([nodes[m, s] for s in range(t + 1)], len(targets)))
+                    V.append(rows[key, m].ravel())
 
     emit(log0 + np.arange(Z), ctx.rows(L, ctx.p, u_logits), L, ctx.p)
-    for l in range(1, L):  # layer 0's neurons read the embeddings alone
+    for l in range(L):
         for t in range(T):
             n = np.flatnonzero(explored[l, t])
             if len(n):
-                emit(col[l, t, n], ctx.rows(l, t, ctx.neuron_rows(l, t, n)), l, t)
-    for t in range(T):
-        n = np.flatnonzero(explored[0, t])
-        if len(n):
-            emit(col[0, t, n], ctx.rows(0, t, ctx.neuron_rows(0, t, n)), 0, t)
+                emit(col[l, t, n], ctx.rows(l, t, ctx.feature_rows(l, t, n)), l, t, n)
     rows_, cols_, vals_ = (np.concatenate(a) if a else np.zeros(0) for a in (R, C, V))
     order = np.lexsort((cols_, rows_))
     return Graph(model, run, text, kind, layer, index, position, act, inp, rows_[order].astype(np.int64),
                  cols_[order].astype(np.int64), vals_[order], np.asarray(weights, float), list(labels), u_logits,
-                 readout[0], int(explored.sum()), L * T * F, ctx.passes, ctx.most, ctx.p)
+                 readout[0], int(explored.sum()), int(ctx.active.sum()), ctx.passes, ctx.most, ctx.p,
+                 "neurons" if tc is None else "transcoders", tc)
 
 
 def edge_heads(g: Graph, target: int, source: int, layer: int, *, by_source=False):
@@ -416,6 +550,8 @@ def edge_heads(g: Graph, target: int, source: int, layer: int, *, by_source=Fals
     model, run = g.model, g.run
     cfg = model.config
     L = cfg.n_layers
+    if g.basis != "neurons":
+        raise InputError("edge_heads splits the neuron basis' edges only (not a transcoder graph's yet)")
     tk, sk = g.kind[target], g.kind[source]
     if tk not in ("neuron", "logit") or sk not in ("neuron", "remainder", "embed"):
         raise InputError("edge_heads takes a neuron or logit target and a neuron, remainder or embedding source")
@@ -427,7 +563,7 @@ def edge_heads(g: Graph, target: int, source: int, layer: int, *, by_source=Fals
     if tk == "logit":
         u = g.logit_u[[int(target - np.flatnonzero(g.kind == "logit")[0])]]
     else:
-        u = ctx.neuron_rows(lt, t, np.array([int(g.index[target])]))
+        u = ctx.feature_rows(lt, t, np.array([int(g.index[target])]))
     drop = frozenset({(m, "mlp") for m in range(L)} | {(m, "attn") for m in range(lt + 1, L)})
     b = f"blocks.{layer}."
     grad = backward(model, ctx.layers, Seed(None, u, {}), t, freeze=frozenset(FREEZABLE), drop=drop,

@@ -28,6 +28,8 @@ def faithfulness(g, *, pruned=None, ablation="zero") -> dict:
     """
     if ablation not in ABLATIONS:
         raise InputError(f"ablation {ablation!r} is not one of {', '.join(ABLATIONS)}")
+    if getattr(g, "basis", "neurons") != "neurons":
+        raise InputError("faithfulness ablates neurons: a transcoder graph's check is not written yet")
     model, run = g.model, g.run
     cfg = model.config
     pr = g.pruned() if pruned is None else pruned

@@ -2,7 +2,11 @@
 
 Node ids as circuit-tracer writes them: a neuron {layer}_{neuron}_{pos} (a feature's slot), a remainder node
 {layer}_-1_{pos} (the error node's slot, feature_type "mlp reconstruction error"), an embedding E_{token}_{pos},
-a logit {L+1}_{token}_{pos} with the clerp 'Output "piece" (p=...)'. Only the pruned graph's kept nodes and edges
+a logit {L+1}_{token}_{pos} with the clerp 'Output "piece" (p=...)'. In the transcoder basis: a feature
+{layer}_{feature}_{pos} ("cross layer transcoder", circuit-tracer's type for every transcoder feature), an error
+node {layer}_-1_{pos}, the unexplored features {layer}_-4_{pos} (both "mlp reconstruction error"), and refprism's
+bias nodes (circuit-tracer has none) {layer}_-2_{pos} (b_dec) and {layer}_-3_{pos} (b_enc), feature_type "bias".
+Only the pruned graph's kept nodes and edges
 are written (embeddings and logits always); `influence` is circuit-tracer's cumulative influence score.
 metadata.info carries refprism's own numbers (basis, explored neurons, passes, scores, exactness).
 """
@@ -41,14 +45,22 @@ def graph_json(g, *, slug=None, node_threshold=0.8, edge_threshold=0.98, faithfu
     replacement, completeness = g.scores()
     targets = np.flatnonzero(~np.isnan(g.input))
     exact = float(np.abs(g.row_sums()[targets] - g.input[targets]).max()) if len(targets) else 0.0
-    info = {"creator": "refprism", "basis": "neurons", "readout": g.readout, "explored_neurons": g.explored,
+    info = {"creator": "refprism", "basis": g.basis, "readout": g.readout, "explored_neurons": g.explored,
             "neurons": g.n_neurons, "backward_passes": g.passes, "replacement_score": replacement,
             "completeness_score": completeness, "max_row_sum_error": exact, "edge_threshold": edge_threshold,
             "frozen": ["norm scales", "attention patterns", "gelu(gate) factors"],
             "left_out": ["the gate path", "the query/key path"]}
+    if g.basis == "transcoders":
+        tc = g.transcoders
+        info.update({"explored_features": g.explored, "active_features": g.n_neurons,
+                     "transcoders": {"format": tc.format, "hooks": list(tc.hook_names), "source": tc.source,
+                                     "d_sae": tc.layers[0].d_sae, "skip": tc.skip},
+                     "frozen": ["norm scales", "attention patterns", "the features' activation gates"],
+                     "left_out": ["the activation gates' dependence on their inputs", "the query/key path"]})
     if faithfulness is not None:
         info["faithfulness"] = faithfulness
-    metadata = {"slug": slug or "refprism-graph", "scan": g.model.name, "transcoder_list": [],
+    transcoder_list = [tc.source for tc in g.transcoders.layers] if g.basis == "transcoders" else []
+    metadata = {"slug": slug or "refprism-graph", "scan": g.model.name, "transcoder_list": transcoder_list,
                 "prompt_tokens": [g.model.piece(int(t)) for t in g.run.tokens[: g.read_at + 1]],
                 "prompt": g.prompt, "node_threshold": node_threshold, "schema_version": SCHEMA_VERSION, "info": info}
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
@@ -70,9 +82,11 @@ def _probabilities(g) -> np.ndarray:
 
 def _node_id(g, i, L) -> str:
     k, l, t, n = g.kind[i], int(g.layer[i]), int(g.position[i]), int(g.index[i])
-    if k == "neuron":
+    if k in ("neuron", "feature", "bias"):
         return f"{l}_{n}_{t}"
     if k == "remainder":
+        return f"{l}_{-1 if g.basis == 'neurons' else -4}_{t}"
+    if k == "error":
         return f"{l}_-1_{t}"
     if k == "embed":
         return f"E_{n}_{t}"
@@ -87,9 +101,22 @@ def _node(g, i, node_id, L, influence, probs, logits) -> dict:
     if k == "neuron":
         return {**base, "feature": n, "layer": str(l), "feature_type": "mlp neuron", "jsNodeId": f"{l}_{n}-0",
                 "clerp": f"L{l}N{n} at {t} (act {g.activation[i]:.3g})", "activation": float(g.activation[i])}
+    if k == "feature":
+        return {**base, "feature": n, "layer": str(l), "feature_type": "cross layer transcoder",
+                "jsNodeId": f"{l}_{n}-0", "clerp": f"L{l}F{n} at {t} (act {g.activation[i]:.3g})",
+                "activation": float(g.activation[i])}
     if k == "remainder":
+        f = -1 if g.basis == "neurons" else -4
+        return {**base, "feature": f, "layer": str(l), "feature_type": "mlp reconstruction error",
+                "jsNodeId": f"{l}_{f}-{t}", "activation": None,
+                "clerp": f"the unexplored {'neurons' if g.basis == 'neurons' else 'features'} of L{l} at {t}"}
+    if k == "error":
         return {**base, "feature": -1, "layer": str(l), "feature_type": "mlp reconstruction error",
-                "jsNodeId": f"{l}_-1-{t}", "clerp": f"the unexplored neurons of L{l} at {t}", "activation": None}
+                "jsNodeId": f"{l}_-1-{t}", "clerp": f"the transcoder's error at L{l}, {t}", "activation": None}
+    if k == "bias":
+        name = "b_dec" if n == -2 else "b_enc"
+        return {**base, "feature": n, "layer": str(l), "feature_type": "bias", "jsNodeId": f"{l}_{n}-{t}",
+                "clerp": f"the transcoder's {name} at L{l}, {t}", "activation": None}
     if k == "embed":
         return {**base, "feature": t, "layer": "E", "feature_type": "embedding", "jsNodeId": f"E_{n}-{t}",
                 "clerp": f"Emb: {g.model.piece(n)!r}", "activation": None}

@@ -48,10 +48,13 @@ Axis letters as in ops.py; C components, Z readout columns, P edited positions, 
     validation.py  validate(): every component of a level, agreement, faithfulness
     attribution.py the gradient methods beside them (gradient x activation, AtP, AtP*, GradDrop, integrated
                    gradients) on gradients.backward: attribute(), validate(methods=...)
+    edges.py       edge attribution (EAP, EAP-IG) between embed, heads (q, k, v), MLPs or neurons and the logits,
+                   the edge count, and the exact patch of one edge: attribute_edges(), edge_patch()
     plots.py       the validation figure
 
 Public: patch, validate, Patch, Validation, Group, parse_component, level_groups, setting, Setting, Edit, rerun,
-the agreement statistics, attribute, METHODS. May import: gradients, prisms, model, gemma, errors, files, figures
+the agreement statistics, attribute, METHODS, attribute_edges, edge_patch, edge_count,
+EDGE_METHODS. May import: gradients, prisms, model, gemma, errors, files, figures
 (not other capabilities).
 """
 
@@ -75,6 +78,7 @@ from refprism.interventions.components import (
                                               mean_activation,
                                               parse_component,
 )
+from refprism.interventions.edges import EDGE_METHODS, EdgeAttribution, attribute_edges, edge_count, edge_patch
 from refprism.interventions.edit import Edit, rerun
 from refprism.interventions.patching import Patch, patch
 from refprism.interventions.setting import (
@@ -93,6 +97,7 @@ from refprism.interventions.setting import (
 from refprism.interventions.validation import Validation, faithfulness_grid, recovered_curve, validate
 
 __all__ = ["METHODS", "Attribution", "MethodsValidation", "attribute",
+           "EDGE_METHODS", "EdgeAttribution", "attribute_edges", "edge_count", "edge_patch",
            "ABLATIONS", "CHUNK", "DIRECTIONS", "KINDS", "LABEL_FORMS", "LEVELS", "Edit", "Group", "Patch",
            "Readings", "Setting", "Validation", "activation", "agreement", "binomial_upper", "deltas",
            "direct_effects", "faithfulness_grid", "kendall", "level_groups", "mean_activation", "parse_component",

@@ -22,6 +22,9 @@ total sit side by side. With c the component at the edited positions t of the ba
                                                          the midpoint rule for the path integral, which is the total
                                                          effect exactly (error O(1/k^2))
 
+    eap, eap-ig  the edges between components (edge attribution patching, and its integrated-gradients form on
+                 interpolated inputs): refprism/interventions/edges.py; attribute() hands them over
+
 Cost (Attribution.cost): the forward and backward passes each method ran, and seconds.
 Axis letters as in ops.py; C components, Z readout columns, P edited positions, W a component's width.
 """
@@ -38,6 +41,7 @@ from refprism.gemma import ops
 from refprism.gradients.backward import gradients
 from refprism.interventions.agreement import agreement
 from refprism.interventions.components import RESIDUAL_LIKE, Group, activation, level_groups
+from refprism.interventions.edges import EDGE_METHODS, attribute_edges, check_edge_method, edge_level
 from refprism.interventions.edit import Edit, rerun
 from refprism.interventions.setting import Setting, setting
 from refprism.model import Run
@@ -86,19 +90,17 @@ def attribute(model, prompt, *, method="atp", level="heads", targets=None, versu
               ablate="zero", counterfactual=None, reference=None, direction="noising", steps=8,
               max_reruns=1024) -> Attribution:
     """Score every component of a level by one attribution method (module docstring); arguments as validate's.
+    The edge methods (eap, eap-ig) score the edges between components instead: edges.attribute_edges, an
+    EdgeAttribution.
 
     steps: ig's k (midpoint rule);  max_reruns: ig costs components x steps re-runs (and backward passes): more
            than this is refused before any is run
     """
-    if method not in METHODS:
-        raise InputError(f"method {method!r} is not one of {', '.join(METHODS)}")
-    if method == "atp*" and (ablate != "resample" or str(level) != "heads"):
-        raise InputError("atp* estimates a head's patch through its queries, keys and values: it needs --level heads "
-                         "and --ablate resample (the other run's q, k and v)")
-    if method == "gradxact" and ablate == "resample":
-        raise InputError("gradxact linearises zero or mean ablation; for a counterfactual use --method atp")
-    if method == "ig" and (not isinstance(steps, (int, np.integer)) or steps < 1):
-        raise InputError(f"steps must be a positive integer, got {steps!r}")
+    check_method(method, level, ablate, steps)
+    if method in EDGE_METHODS:  # the edges between components: edges.py
+        return attribute_edges(model, prompt, method=method, level=level, targets=targets, versus=versus,
+                               position=position, at=at, ablate=ablate, counterfactual=counterfactual,
+                               reference=reference, direction=direction, steps=steps)
     s = setting(model, prompt, targets=targets, versus=versus, position=position, at=at, ablate=ablate,
                 counterfactual=counterfactual, reference=reference, direction=direction)
     groups = level_groups(model.config, level, s.position)
@@ -118,6 +120,24 @@ def attribute(model, prompt, *, method="atp", level="heads", targets=None, versu
     cost["seconds"] = time.perf_counter() - started
     labels = [label for g in groups for label in g.labels]
     return Attribution(s, method, str(level), labels, values, cost, int(steps) if method == "ig" else None)
+
+
+def check_method(method, level, ablate, steps) -> None:
+    """attribute's checks that need no run (the CLI makes them before the weights are read): the method, and
+    what it needs of the level, the ablation and the steps. Edge methods: edges.check_edge_method and the level."""
+    if method in EDGE_METHODS:
+        check_edge_method(method, level, ablate, steps)
+        edge_level(None, level)
+        return
+    if method not in METHODS:
+        raise InputError(f"method {method!r} is not one of {', '.join(METHODS + EDGE_METHODS)}")
+    if method == "atp*" and (ablate != "resample" or str(level) != "heads"):
+        raise InputError("atp* estimates a head's patch through its queries, keys and values: it needs --level heads "
+                         "and --ablate resample (the other run's q, k and v)")
+    if method == "gradxact" and ablate == "resample":
+        raise InputError("gradxact linearises zero or mean ablation; for a counterfactual use --method atp")
+    if method == "ig" and (not isinstance(steps, (int, np.integer)) or steps < 1):
+        raise InputError(f"steps must be a positive integer, got {steps!r}")
 
 
 def _base_gradients(s: Setting, run=None, **kwargs):
@@ -307,7 +327,7 @@ class MethodsValidation:
         out["methods"] = {m: {"agreement": self.agreement(m), "cost": a.cost, "steps": a.steps}
                           for m, a in self.methods.items()}
         out["methods"]["prism"] = {"agreement": self.validation.agreement,
-                                   "cost": {"forward": 1, "backward": 0}}
+                                   "cost": {"forward": 1, "backward": 0, "seconds": None}}  # within validate
         return out
 
     def table(self, top=20) -> str:
@@ -317,13 +337,15 @@ class MethodsValidation:
                f"each method's agreement with |total| (column {v.columns[v.column]}, n = {v.agreement['n']}, "
                f"k = {v.agreement['k']}) and cost:",
                f"{'method':<10}{'Spearman':>10}{'Kendall':>10}{'sign':>8}{'top-k P':>9}{'top-k R':>9}"
-               f"{'fwd':>6}{'bwd':>6}{'seconds':>9}"]
-        rows = [("prism", v.agreement, {"forward": 1, "backward": 0, "seconds": float("nan")})]
+               f"{'re-runs':>9}{'fwd':>6}{'bwd':>6}{'seconds':>9}"]
+        rows = [("prism", v.agreement, {"forward": 1, "backward": 0, "seconds": None})]
         rows += [(m, self.agreement(m), a.cost) for m, a in self.methods.items()]
         for m, g, c in rows:
             out.append(f"{m:<10}{fmt(g['spearman']):>10}{fmt(g['kendall']):>10}{fmt(g['sign_agreement']):>8}"
-                       f"{g['top_k_precision']:>9.3f}{g['top_k_recall']:>9.3f}{c['forward']:>6}{c['backward']:>6}"
-                       f"{c['seconds']:>9.2f}")
+                       f"{g['top_k_precision']:>9.3f}{g['top_k_recall']:>9.3f}"
+                       f"{'n/a' if g['reruns_to_true_top_k'] is None else g['reruns_to_true_top_k']:>9}"
+                       f"{c['forward']:>6}{c['backward']:>6}"
+                       f"{'n/a' if c['seconds'] is None else format(c['seconds'], '.2f'):>9}")
         return "\n".join(out)
 
 

@@ -6,7 +6,9 @@ are `matplotlib.figure.Figure` objects built by the `_*_fig` functions (which te
     validation_figure(v, path)   three panels: prism vs total (scatter, y = x), the gap decomposition of the
                                  largest components (prism + post-norm rescaling + final norm rescaling + mediated
                                  = total), the faithfulness
-                                 curve (fraction recovered against k, with the 80% and 90% lines)
+                                 curve (fraction recovered against k, with the 80% and 90% lines); for a
+                                 validate(methods=...) result one more: each method's score vs total (y = x), its
+                                 Spearman, top-k recall and passes in the legend
     patch_figure(p, path)        one component: prism, direct and total per readout column, and the two gaps
 """
 
@@ -34,12 +36,15 @@ def patch_figure(p, path) -> Path:
 
 
 def _validation_fig(v, *, top=20):
+    methods = getattr(v, "methods", None)  # a MethodsValidation: its validation, and a panel for the methods
+    if methods is not None:
+        found, v = v, v.validation
     z = v.column
     rows = np.flatnonzero(v.verified)
     prism, direct, total = v.prism[rows, z], v.direct[rows, z], v.total[rows, z]
     post, final = v.post_norm_rescaling[rows, z], v.final_norm_rescaling[rows, z]
     labels = [v.labels[i] for i in rows]
-    panels = 3 if v.faithfulness is not None else 2
+    panels = (3 if v.faithfulness is not None else 2) + (methods is not None)
     fig = _figure(6.0 * panels, 6.0)
     axes = fig.subplots(1, panels, squeeze=False)[0]
 
@@ -90,10 +95,29 @@ def _validation_fig(v, *, top=20):
         ax.set_ylabel("fraction of the readout recovered")
         ax.set_title("circuit faithfulness", fontsize="medium")
         ax.legend(fontsize="small", loc="lower right")
+    if methods is not None:  # each method's score against the total
+        ax = axes[-1]
+        colors = _colors(len(methods) + 1)
+        ax.scatter(total, prism, s=10, color=colors[0], alpha=0.7, label=_method_label("prism", v.agreement, None))
+        for (m, a), color in zip(methods.items(), colors[1:]):
+            ax.scatter(total, a.values[rows, z], s=10, color=color, alpha=0.7,
+                       label=_method_label(m, found.agreement(m), a.cost))
+        ax.plot([-lim, lim], [-lim, lim], color="0.5", lw=0.8, ls="--")
+        ax.axhline(0, color="0.8", lw=0.6), ax.axvline(0, color="0.8", lw=0.6)
+        ax.set_xlabel("total effect (full re-run)")
+        ax.set_ylabel("the method's score")
+        ax.set_title("each method against the total (y = x)", fontsize="medium")
+        ax.legend(fontsize="x-small", loc="upper left")
     s = v.setting
     fig.suptitle(f"validation at level {_text(v.level)}: {_text(v.columns[z])} at position {s.position} "
                  f"({_text(s.clean.pieces[s.position])}); {s.ablate}, {s.direction}")
     return fig
+
+
+def _method_label(name, agreement, cost) -> str:
+    rho = "n/a" if agreement["spearman"] is None else f"{agreement['spearman']:.2f}"
+    passes = "" if cost is None else f", {cost['forward']} + {cost['backward']} passes"
+    return f"{_text(name)}: Spearman {rho}, top-k recall {agreement['top_k_recall']:.2f}{passes}"
 
 
 def _patch_fig(p):

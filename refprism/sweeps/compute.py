@@ -51,14 +51,18 @@ class Levels:
 
 @dataclass(frozen=True)
 class Validation:
-    """--validate LEVEL [--ablate MODE] [--validate-top N]: refprism.interventions.validate per prompt."""
+    """--validate LEVEL [--ablate MODE] [--validate-top N] [--validate-methods M,M [--validate-steps K]]:
+    refprism.interventions.validate per prompt, with the attribution methods beside the prism (methods=)."""
 
     level: str
     ablate: object = None
     top: int | None = None
+    methods: tuple = ()
+    steps: int | None = None
 
     def to_json(self) -> dict:
-        return {"level": self.level, "ablate": self.ablate, "top": self.top}
+        return {"level": self.level, "ablate": self.ablate, "top": self.top, "methods": list(self.methods),
+                "steps": self.steps}
 
     def check(self, model) -> None:
         """The level and the ablation as refprism.interventions reads them (one-line errors naming --validate)."""
@@ -72,6 +76,17 @@ class Validation:
             raise InputError(f"--ablate {self.ablate!r} is not one of zero, mean, resample")
         if self.top is not None and (not _is_int(self.top) or self.top < 1):
             raise InputError(f"--validate-top must be an integer >= 1, got {self.top!r}")
+        if self.steps is not None and not self.methods:
+            raise InputError("--validate-steps goes with --validate-methods")
+        if self.steps is not None and (not _is_int(self.steps) or self.steps < 1):
+            raise InputError(f"--validate-steps must be an integer >= 1, got {self.steps!r}")
+        for m in self.methods:
+            if m not in interventions.METHODS:
+                raise InputError(f"--validate-methods: {m!r} is not one of {', '.join(interventions.METHODS)}")
+            if m == "atp*" and (self.ablate != "resample" or self.level != "heads"):
+                raise InputError("--validate-methods atp* needs --validate heads and --ablate resample")
+            if m == "gradxact" and self.ablate == "resample":
+                raise InputError("--validate-methods gradxact linearises zero or mean ablation; with resample use atp")
 
 
 # ------------------------------------------------------------------------------------------------- one prompt
@@ -228,8 +243,10 @@ def _validate_one(model, item: Item, v: Validation):
     counterfactual = None
     if v.ablate == "resample":  # only resampling reads it: token ids (prepare), cut where the prompt is
         counterfactual = list(item.counterfactual[:item.position + 1])
-    kw.update({k: x for k, x in (("ablate", v.ablate), ("top", v.top), ("counterfactual", counterfactual))
-               if x is not None})
+    kw.update({k: x for k, x in (("ablate", v.ablate), ("top", v.top), ("counterfactual", counterfactual),
+                                 ("steps", v.steps)) if x is not None})
+    if v.methods:  # a MethodsValidation: its JSON adds each method's column, agreement and cost
+        kw["methods"] = list(v.methods)
     result = interventions.validate(model, list(item.tokens[:item.position + 1]),
                                     targets=[f"#{t.id}" for t in item.targets.targets],
                                     versus=[f"#{t.id}" for t in item.targets.versus], **kw)

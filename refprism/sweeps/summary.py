@@ -80,7 +80,9 @@ EFFECTS = ("prism", "direct", "total", "norm_rescaling", "mediated")
 def validation_summary(validations, *, bootstrap=1000, seed=0) -> dict:
     """--validate over the data set: each agreement metric's mean over prompts with its bootstrap interval, the
     faithfulness curve's k80/k90, and per component (by label, over the prompts that validated it) the mean of
-    its prism term, direct and total effect and the gap's parts, with intervals and sign agreement.
+    its prism term, direct and total effect and the gap's parts, with intervals and sign agreement. With
+    --validate-methods also "methods": per method (and "prism") each agreement metric's mean and interval and
+    the mean cost (passes, seconds with its interval), and each component's mean score under the method's name.
 
     Math:   as for the prisms' terms (mean_interval_sign), over the prompts' validations; a metric that is NaN in
             a prompt (e.g. a rank correlation of constant values) is left out of that metric's mean.
@@ -97,6 +99,10 @@ def validation_summary(validations, *, bootstrap=1000, seed=0) -> dict:
             st = mean_interval_sign(x[:, None], resamples=bootstrap, seed=seed)
             out["agreement"][name] = {"mean": float(st["mean"][0]), "ci": [float(st["lo"][0]), float(st["hi"][0])],
                                       "prompts": int(x.size)}
+    methods = list(validations[0].get("methods") or {})
+    if methods:
+        out["methods"] = {m: _method_summary([v["methods"][m] for v in validations if m in v.get("methods", {})],
+                                             bootstrap, seed) for m in methods}
     by_label: dict[str, list] = {}
     for v in validations:
         for c in v["components"]:
@@ -107,8 +113,30 @@ def validation_summary(validations, *, bootstrap=1000, seed=0) -> dict:
             st = mean_interval_sign(np.asarray([r[key] for r in rows], dtype=np.float64), resamples=bootstrap,
                                     seed=seed)
             entry[key] = _entry(st)
+        for m in methods:
+            got = [r[m] for r in rows if m in r]
+            if got:
+                entry[m] = _entry(mean_interval_sign(np.asarray(got, dtype=np.float64), resamples=bootstrap,
+                                                     seed=seed))
         out["components"].append(entry)
     return out
+
+
+def _mean_ci(values, bootstrap, seed) -> dict | None:
+    x = np.asarray([float(v) for v in values if v is not None], dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if not x.size:
+        return None
+    st = mean_interval_sign(x[:, None], resamples=bootstrap, seed=seed)
+    return {"mean": float(st["mean"][0]), "ci": [float(st["lo"][0]), float(st["hi"][0])], "prompts": int(x.size)}
+
+
+def _method_summary(entries, bootstrap, seed) -> dict:
+    """One method over the prompts: each agreement metric (AGREEMENT) and each cost (forward and backward passes,
+    seconds) as mean, bootstrap interval and the number of prompts with a value (None where no prompt has one)."""
+    return {"agreement": {k: _mean_ci([e["agreement"].get(k) for e in entries], bootstrap, seed) for k in AGREEMENT},
+            "cost": {k: _mean_ci([e["cost"].get(k) for e in entries], bootstrap, seed)
+                     for k in ("forward", "backward", "seconds")}}
 
 
 def mean_interval_sign(x, *, resamples=1000, seed=0) -> dict[str, np.ndarray]:

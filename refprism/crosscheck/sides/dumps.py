@@ -4,9 +4,9 @@ A dump holds one array per activation and the token ids the run used (`tokens` o
 Its names are read in one of four schemes (`--names`):
 
     refprism    refprism's record names and layouts (`refprism record --out run.npz` writes one)
-    hf          HF module paths as forward hooks see them (`refprism.other.hf.scheme_hf`'s table)
-    tl          TransformerLens hook names (`refprism.other.tl.scheme_tl`), as a plain bridge's run_with_cache
-    llama.cpp   llama.cpp tensor names as llama-debug / eval-callback print them (`refprism.other.llamacpp`); a
+    hf          HF module paths as forward hooks see them (`sides.hf.scheme_hf`'s table)
+    tl          TransformerLens hook names (`sides.tl.scheme_tl`), as a plain bridge's run_with_cache
+    llama.cpp   llama.cpp tensor names as llama-debug / eval-callback print them (`sides.llamacpp`); a
                 tensor with fewer rows than the prompt (llama.cpp's cut last layer) is a summary of those rows,
                 and the floors are llama.cpp's arithmetic (the model's GGUF weight types, the KV cache given)
 

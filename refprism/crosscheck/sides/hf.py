@@ -312,7 +312,7 @@ def capture(model, ids, *, dtype: str = "float32", cfg: Config | None = None) ->
 
 def capture_hf_names(model, ids) -> tuple[dict, str, list[str]]:
     """One hooked forward of an HF model object -> ({HF module path: array with its batch axis}, dtype, notes):
-    what `capture` maps, and what an HF-named dump holds (`refprism.other.dumps`, `--names hf`)."""
+    what `capture` maps, and what an HF-named dump holds (`refprism.crosscheck.sides.dumps`, `--names hf`)."""
     import torch
 
     if not hasattr(model, "model") or not hasattr(model.model, "layers"):

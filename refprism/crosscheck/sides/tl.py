@@ -7,7 +7,8 @@ The bridge wraps HF transformers' own Gemma modules (eager attention) and fires 
 them; `run_with_cache(ids)` returns every hook's tensor with a batch axis. `scheme_tl` maps one hook name + tensor
 to refprism sites; `capture` runs it over the whole cache; a dump file keyed by TL hook names is read with the same
 function. Checked against refprism's own record on tiny Gemma 1, 2 and 3 checkpoints (tests/test_other_tl.py);
-TransformerLens 4.3.0 boots all three (adapters gemma1.py, gemma2.py, gemma3.py).
+TransformerLens 4.3.0 boots all three (adapters gemma1.py, gemma2.py, gemma3.py), and Gemma 4 (gemma4_text.py:
+GEMMA4_BLOCK_HOOKS below; tests/test_compare_gemma4.py).
 
     TL hook (after "blocks.l." for a block)   TL shape (no batch)   refprism site               transform
     hook_embed                                [T, D]                embed                       -
@@ -100,6 +101,30 @@ BLOCK_HOOKS: dict[str, tuple[str, str, str | None]] = {
     "hook_mlp_out": ("mlp.out", "TD", None),
     "hook_resid_post": ("resid_post", "TD", None),
 }
+# Gemma 4 (TransformerLens 4.3's gemma4_text adapter): the bridge hooks HF's Gemma 4 modules by their HF names,
+# besides the table above. Its attn.hook_q / hook_k are the projections (before the q/k norms and RoPE); the value
+# norm's input and output are the values before and after v_norm; there is no hook after RoPE (attn.q, attn.k are
+# not compared: the replay computes them and the pattern compares what follows). Its attn.hook_attn_scores holds
+# the softmaxed pattern, the same values as hook_pattern (measured on TransformerLens 4.3.0; tested): not the
+# scores, so not compared. A KV-sharing consumer has no k/v hooks. "moe" / "ple" are the Config flags of the MoE
+# and the per-layer inputs.
+GEMMA4_BLOCK_HOOKS: dict[str, tuple[str, str, str | None]] = {
+    **{k: v for k, v in BLOCK_HOOKS.items() if k not in ("attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
+                                                         "attn.hook_attn_scores")},
+    "attn.hook_v": ("attn.v_pre", "TKH", None),
+    "attn.v_norm.hook_in": ("attn.v_pre", "TKH", None),
+    "attn.v_norm.hook_out": ("attn.v", "TKH", None),
+    "post_feedforward_layernorm_1.hook_out": ("mlp.dense", "TD", "moe"),
+    "pre_feedforward_layernorm_2.hook_out": ("ln2_moe.out", "TD", "moe"),
+    "experts.hook_out": ("moe.down", "TD", "moe"),
+    "post_feedforward_layernorm_2.hook_out": ("moe.out", "TD", "moe"),
+    "ln2_post.hook_in": ("mlp.sum", "TD", "moe"),
+    "per_layer_input_gate.hook_in": ("resid_mlp", "TD", "ple"),
+    "per_layer_input_gate.hook_out": ("ple.gate", "TP", "ple"),
+    "per_layer_projection.hook_in": ("ple.act", "TP", "ple"),
+    "per_layer_projection.hook_out": ("ple.proj", "TD", "ple"),
+    "post_per_layer_input_norm.hook_out": ("ple.out", "TD", "ple"),
+}
 GLOBAL_HOOKS: dict[str, tuple[str, str, str | None]] = {
     "hook_embed": ("embed", "TD", None),
     "ln_final.hook_scale": ("ln_final.scale", "T1", None),
@@ -130,13 +155,14 @@ def scheme_tl(name: str, array, cfg: Config, *, folded_norms=False, centered_une
     model raises InputError.
     """
     if name.startswith("blocks."):
+        table = GEMMA4_BLOCK_HOOKS if cfg.gemma4 else BLOCK_HOOKS
         parts = name.split(".", 2)
-        if len(parts) < 3 or not parts[1].isdecimal() or parts[2] not in BLOCK_HOOKS:
+        if len(parts) < 3 or not parts[1].isdecimal() or parts[2] not in table:
             return []
         layer = int(parts[1])
         if layer >= cfg.n_layers:
             raise InputError(f"{name}: layer {layer}, but the model has layers 0 .. {cfg.n_layers - 1}")
-        site_end, axes, when = BLOCK_HOOKS[parts[2]]
+        site_end, axes, when = table[parts[2]]
         site = f"blocks.{layer}.{site_end}"
     elif name in GLOBAL_HOOKS:
         layer = None
@@ -158,8 +184,10 @@ def scheme_tl(name: str, array, cfg: Config, *, folded_norms=False, centered_une
             raise InputError(f"{name}: a batch of {a.shape[0]} prompts; compare one prompt at a time")
         a = a[0]
     T = a.shape[axes.index("T")] if a.ndim == len(axes) else 0
-    sizes = {"T": T, "S": T, "D": cfg.d_model, "N": cfg.n_heads, "K": cfg.n_kv_heads, "H": cfg.d_head,
-             "F": cfg.d_mlp, "V": cfg.vocab_size, "1": 1}
+    K, H, F = (cfg.n_kv_heads, cfg.d_head, cfg.d_mlp) if layer is None else \
+        (cfg.kv_heads_of(layer), cfg.head_dim_of(layer), cfg.mlp_width_of(layer))  # Gemma 4: by layer
+    sizes = {"T": T, "S": T, "D": cfg.d_model, "N": cfg.n_heads, "K": K, "H": H, "F": F, "V": cfg.vocab_size,
+             "P": cfg.d_ple, "1": 1}
     want = tuple(sizes[c] for c in axes)
     if a.shape != want:
         raise InputError(f"{name}: shape {list(a.shape)}, but TransformerLens' {name.split('.', 2)[-1]} for this "
@@ -190,22 +218,31 @@ def notes(cfg: Config, *, folded_norms=False, centered_unembed=False) -> list[st
     out = [
         "TL's *.hook_scale is s = sqrt(mean(x^2) + eps), as refprism's; *.hook_normalized (x / s before the "
         "(1 + w) weight) has no refprism site: not compared",
-        "TL's attn.hook_q / hook_k are before RoPE (attn.q_pre / k_pre); hook_rot_q / hook_rot_k after it (attn.q / k)",
     ]
+    if not cfg.gemma4:
+        out.append("TL's attn.hook_q / hook_k are before RoPE (attn.q_pre / k_pre); hook_rot_q / hook_rot_k after it "
+                   "(attn.q / k)")
     if cfg.qk_norm:
         out.append("Gemma 3: TL's attn.hook_q_normed / hook_k_normed (after the q/k norm, before RoPE) have no "
                    "refprism site: not compared")
     if cfg.attn_softcap is not None:
         out.append("Gemma 2: TL's attn.hook_attn_scores is soft-capped and masked; refprism's attn.scores is before "
                    "both: left out (attn.pattern is compared)")
-    else:
+    elif not cfg.gemma4:
         out.append("TL's attn.hook_attn_scores is masked (dtype min or -inf): only its unmasked entries are compared")
     if cfg.post_norms:
         out.append("Gemma 2/3: TL's hook_attn_out / hook_mlp_out are after the post-norms (= attn.out / mlp.out); "
                    "attn.hook_out / mlp.hook_out before them (= attn.o_proj / mlp.down)")
     if cfg.final_softcap is not None:
-        out.append("Gemma 2: TL's hook_unembed is before the final soft-cap (= logits_uncapped); the bridge's "
+        out.append("Gemma 2/4: TL's hook_unembed is before the final soft-cap (= logits_uncapped); the bridge's "
                    "output is the capped logits")
+    if cfg.gemma4:
+        out.append("Gemma 4: TL hooks HF's modules by their names (v_norm's input and output, the MoE's norms, "
+                   "experts and sum, the per-layer input's gate and projection); no hook after RoPE: attn.q / attn.k "
+                   "are not compared, nor the norm scales, the router or the layer_scalar product (HF scales the "
+                   "layer's output in place)")
+        out.append("Gemma 4: TL 4.3's attn.hook_attn_scores holds the softmaxed pattern (= hook_pattern), not the "
+                   "scores: attn.scores is not compared")
     if folded_norms:
         out.append("compatibility mode folded the norm weights (1 + w) into the next matrices: TL's ln1/ln2/"
                    "ln_final.hook_out are x / s, not refprism's ln*.out: left out")

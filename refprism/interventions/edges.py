@@ -1,0 +1,450 @@
+"""Edge attribution: EAP and EAP-IG scores for every edge between components, and the exact patch of one edge.
+
+**Nodes** (the EAP literature's graph, Syed et al. 2023, Hanna et al. 2024): upstream nodes write into the residual
+stream, downstream nodes read it.
+    upstream    embed;  every head L{l}H{h} (its z, validate's head);  every MLP L{l}.mlp (its output, post-norm
+                included);  with neurons=m, layer m's MLP is its neurons L{m}N{n} (their act) instead
+    downstream  every head's three inputs L{l}H{h}.q, .k, .v;  every MLP L{l}.mlp (its input);  with neurons=m,
+                layer m's neurons L{m}N{n} (the input of that neuron's gate and up columns);  logits
+An edge u -> d exists when d reads the residual stream after u has written into it: u writes at residual index
+w(embed) = 0, w(head of l) = 2l + 1 (resid_mid), w(mlp of l) = 2l + 2 (resid_post); d reads at r(head of l) = 2l
+(resid_pre), r(mlp of l) = 2l + 1, r(logits) = 2L; the edge is there iff w(u) <= r(d). Labels: `U->D`, e.g.
+`L3H1->L14H5.q`, `embed->L0.mlp`, `L17N230->logits`.
+
+**Counts** (edge_count): for L layers of N heads, MLPs whole,
+    E = (3NL + L + 1) + N sum_l [3N(L-1-l) + (L-l) + 1] + sum_l [3N(L-1-l) + (L-1-l) + 1]
+      = 3NL + L + 1 + N (3N L(L-1)/2 + L(L+1)/2 + L) + 3N L(L-1)/2 + L(L-1)/2 + L
+the literature's convention (per query head q, k and v inputs, MLPs as single nodes): GPT-2 small (12 x 12)
+32,491, Gemma 2 2B (26 x 8) 74,218. With grouped-query attention the k and v inputs are still one per query head
+(as in TransformerLens' ungrouped attention): the k input of query head n is n's own copy of the keys of its
+kv head, the other query heads of the group keep theirs.
+
+**An edge's input path** is d's private copy of the residual stream: for a head's q input, the residual that
+ln1 normalises and W_Q[:, n] projects for head n only; for k (v), the residual that ln1 normalises and W_K[:, kv(n)]
+(W_V) projects for the scores (the values) of query head n only; for an MLP, its ln2 input; for a neuron, the ln2
+input of its gate and up columns; for the logits, the final residual. The input norm is on the path as it is
+(its scale recomputed: the true gradient), so a copy's change is normalised with the copy.
+
+**Scores** (each one "the readout with the edge clean minus with it replaced", validate's sign; a the upstream
+activation at the edited positions t of the base run, a' its replacement, Setting.replacement):
+    eap       sign * sum_t (a(t) - a'(t)) . dR/da(t)|_d        the gradient through d's input path only, one
+                                                               backward pass of the base run
+    eap-ig    the same with dR/da|_d averaged over k runs whose input embeddings at the edited positions are
+              x' + alpha_i (x - x'), alpha_i = (i + 1/2) / k (the midpoint rule, error O(1/k^2), where a
+              one-sided Riemann sum's is O(1/k); Hanna et al.'s EAP-IG-inputs); resample ablation only (x, x' the two
+              prompts' embeddings; the activation changes a - a' are the end points', as in EAP-IG)
+    dR/da|_d through the chain, for a head u = (l, h):  W_O[h] . post1^T(G_d),  post1^T the VJP of the head's
+    post-norm at the base run (Gemma 2/3; the identity on Gemma 1); for a neuron: W_down[n] . post2^T(G_d);
+    embed and MLPs write into the residual directly: G_d; G_d = dR/d(copy of d) [Z, T, D].
+Summed over the edges out of u, the G_d add up to dR/d(residual after u) (every reader of the residual is some
+d), so sum_d eap(u -> d) is u's node-level AtP exactly; the edges into the logits are AtP with every later layer
+dropped from the backward (the skip path only). Every gradient comes from refprism.gradients (one backward,
+its freeze switches passed through).
+
+**The exact edge patch** (edge_patch): the base run re-run from d's layer with d's input copy set to x + dr_u,
+dr_u = r(a') - r(a) the residual change u alone makes (its post-norm recomputed with the other heads at their
+recorded values), everything else clean; everything after d recomputed. Built with the forward's one edit hook
+(q_pre column, scores row, z column, ln2.out, gate/up columns or the final residual).
+Axis letters as in ops.py; Z readout columns, Y = Z x (downstream nodes of a block), E edges, U upstream nodes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from refprism.errors import InputError
+from refprism.gemma import ops
+from refprism.gemma.record import everything_but
+from refprism.gradients.backward import gradients
+from refprism.interventions.components import _group
+from refprism.interventions.setting import Readings, Setting, setting
+from refprism.model import Run
+
+EDGE_METHODS = ("eap", "eap-ig")
+NEURON_CHUNK = 256  # downstream neurons per block of input copies ([Z, 256, T, D] at a time)
+PATHS = ("q", "k", "v")
+
+
+# ------------------------------------------------------------------------------------------------- the graph
+
+
+def edge_level(config, level) -> int | None:
+    """The level of an edge graph: "heads" (heads and whole MLPs: None) or "neurons:L" (layer L's MLP as its
+    neurons: L). config None: the form only (the layer's range is checked with a config)."""
+    if config is not None and config.gemma4:  # read from the config: refused before any weight is read
+        raise InputError("edge attribution (eap, eap-ig) does not take Gemma 4 yet (its KV-sharing consumers' key "
+                         "and value edges, experts and per-layer inputs are not edges); the node methods do")
+    kind, _, arg = str(level).partition(":")
+    if kind == "heads" and not arg:
+        return None
+    if kind == "neurons" and arg:
+        if not (arg.isascii() and arg.isdigit()):
+            raise InputError(f"--level {level!r}: the layer after ':' is a number, e.g. neurons:3")
+        if config is not None and not 0 <= int(arg) < config.n_layers:
+            raise InputError(f"--level {level!r}: the layer after ':' is 0 .. {config.n_layers - 1}")
+        return int(arg)
+    raise InputError(f"edge attribution scores edges between heads, MLPs and one layer's neurons: use --level heads "
+                     f"or --level neurons:L, not {level!r}")
+
+
+def upstream_nodes(config, neurons=None) -> list[tuple[str, str, int, int]]:
+    """(label, kind, layer, index) in compute order: embed, each layer's heads, then its MLP (or its neurons);
+    kind embed | head | mlp | neuron."""
+    out = [("embed", "embed", -1, 0)]
+    for l in range(config.n_layers):
+        out += [(f"L{l}H{h}", "head", l, h) for h in range(config.n_heads)]
+        out += ([(f"L{l}N{n}", "neuron", l, n) for n in range(config.d_mlp)] if l == neurons
+                else [(f"L{l}.mlp", "mlp", l, 0)])
+    return out
+
+
+def downstream_nodes(config, neurons=None) -> list[tuple[str, str, int, int]]:
+    """(label, kind, layer, index) in compute order: each layer's q, k, v inputs (head-major: L{l}H{h}.q, .k, .v),
+    then its MLP (or neurons), then logits. kind: q | k | v | mlp | neuron | logits."""
+    out = []
+    for l in range(config.n_layers):
+        out += [(f"L{l}H{h}.{p}", p, l, h) for h in range(config.n_heads) for p in PATHS]
+        out += ([(f"L{l}N{n}", "neuron", l, n) for n in range(config.d_mlp)] if l == neurons
+                else [(f"L{l}.mlp", "mlp", l, 0)])
+    return out + [("logits", "logits", config.n_layers, 0)]
+
+
+def writes(kind, layer) -> int:
+    """The residual index an upstream node writes into: embed 0, a head of layer l 2l + 1, an MLP/neuron 2l + 2."""
+    return 0 if kind == "embed" else 2 * layer + (1 if kind == "head" else 2)
+
+
+def reads(kind, layer) -> int:
+    """The residual index a downstream node reads: a head's q/k/v 2l, an MLP/neuron 2l + 1, logits 2L."""
+    return 2 * layer + (0 if kind in PATHS else 1) if kind != "logits" else 2 * layer
+
+
+def edges(config, neurons=None) -> list[tuple[int, int]]:
+    """Every edge as (upstream index, downstream index) into upstream_nodes / downstream_nodes, downstream-major."""
+    up, down = upstream_nodes(config, neurons), downstream_nodes(config, neurons)
+    w = np.array([writes(k, l) for _, k, l, _ in up])
+    out = []
+    for j, (_, k, l, _) in enumerate(down):
+        out += [(int(i), j) for i in np.flatnonzero(w <= reads(k, l))]
+    return out
+
+
+def edge_count(config, neurons=None) -> int:
+    """The number of edges (module docstring), counted per downstream node: sum_d #{u : w(u) <= r(d)}.
+
+    Math:   a head input of layer l reads 1 + (N + 1) l upstream nodes (embed, every head and MLP before it);
+            an MLP of layer l reads 1 + (N + 1) l + N;  the logits 1 + (N + 1) L; each of layer m's MLP nodes
+            counts F times with neurons=m (as an upstream and as a downstream node)
+    """
+    L, N, F = config.n_layers, config.n_heads, config.d_mlp
+    mult = [F if l == neurons else 1 for l in range(L)]  # nodes of each layer's MLP
+    before = [1 + sum(N + mult[i] for i in range(l)) for l in range(L + 1)]  # upstream nodes before layer l
+    total = sum(3 * N * before[l] + mult[l] * (before[l] + N) for l in range(L))
+    return int(total + before[L])
+
+
+# ------------------------------------------------------------------------------------------------- the scores
+
+
+@dataclass
+class EdgeAttribution:
+    """One edge method's score for every edge: values [E, Z] under labels `U->D`."""
+
+    setting: Setting = field(repr=False)
+    method: str
+    level: str
+    labels: list[str]  # E edge labels
+    upstream: list[str]  # E
+    downstream: list[str]  # E
+    values: np.ndarray  # [E, Z]
+    cost: dict
+    steps: int | None = None
+    rule: str | None = None  # eap-ig's quadrature
+
+    @property
+    def columns(self) -> list[str]:
+        return self.setting.readout.targets.labels
+
+    def to_json(self) -> dict:
+        from refprism.interventions.patching import _header
+
+        out = _header(self.setting, "attribute")
+        out.update({"method": self.method, "level": self.level, "steps": self.steps, "rule": self.rule,
+                    "cost": self.cost, "n_edges": len(self.labels),
+                    "edges": [{"label": e, "upstream": u, "downstream": d, "values": [float(x) for x in v]}
+                              for e, u, d, v in zip(self.labels, self.upstream, self.downstream, self.values)]})
+        return out
+
+    def table(self, top=20) -> str:
+        order = np.argsort(-np.abs(self.values[:, 0]), kind="stable")[:top]
+        width = max(12, *(len(c) + 2 for c in self.columns))
+        s = self.setting
+        out = [f"{self.method} on the edges of {self.level} ({s.ablate} ablation, {s.direction}; {len(self.labels)} "
+               f"edges; {self.cost['forward']} forward + {self.cost['backward']} backward passes, "
+               f"{self.cost['seconds']:.2f} s)",
+               f"{'edge':<28}" + "".join(f"{c:>{width}}" for c in self.columns)]
+        out += [f"{self.labels[i]:<28}" + "".join(f"{v:>{width}.4f}" for v in self.values[i]) for i in order]
+        return "\n".join(out)
+
+
+def check_edge_method(method, level, ablate, steps) -> None:
+    """The checks that need no run (the CLI makes them before the weights are read)."""
+    if method not in EDGE_METHODS:
+        raise InputError(f"edge method {method!r} is not one of {', '.join(EDGE_METHODS)}")
+    if method == "eap-ig":
+        if ablate != "resample":
+            raise InputError("eap-ig interpolates the input between the prompt and the counterfactual: it needs "
+                             "--ablate resample and --counterfactual")
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 1:
+            raise InputError(f"steps must be a positive integer, got {steps!r}")
+
+
+def attribute_edges(model, prompt, *, method="eap", level="heads", targets=None, versus=(), position=-1, at=None,
+                    ablate="zero", counterfactual=None, reference=None, direction="noising", steps=8,
+                    freeze=()) -> EdgeAttribution:
+    """Score every edge of the graph (module docstring) by EAP or EAP-IG; arguments as validate's.
+
+    level:  "heads" (heads and whole MLPs) or "neurons:L" (layer L's MLP split into its neurons)
+    steps:  eap-ig's k (midpoint rule);  freeze: refprism.gradients' switches (default: the true gradient)
+    """
+    check_edge_method(method, level, ablate, steps)
+    neurons = edge_level(model.config, level)
+    s = setting(model, prompt, targets=targets, versus=versus, position=position, at=at, ablate=ablate,
+                counterfactual=counterfactual, reference=reference, direction=direction)
+    started = time.perf_counter()
+    deltas = upstream_changes(s, neurons)
+    extra = 2 if s.donor is not None else 1
+    if method == "eap":
+        values = edge_scores(s, s.base, deltas, neurons, freeze=freeze)
+        cost = {"forward": extra, "backward": 1}
+    else:
+        values = 0
+        x, x2 = s.base.record["embed"], s.donor.record["embed"]
+        at = list(s.at)
+        for i in range(int(steps)):
+            alpha = np.asarray((i + 0.5) / steps, dtype=model.dtype)
+            point = x.copy()
+            point[at] = x2[at] + alpha * (x[at] - x2[at])
+            run = model.run(s.base.tokens, edit=lambda name, v, r, point=point: point if name == "embed" else v)
+            values = values + edge_scores(s, run, deltas, neurons, freeze=freeze)
+        values = values / np.asarray(steps, dtype=model.dtype)
+        cost = {"forward": extra + int(steps), "backward": int(steps)}
+    cost["seconds"] = time.perf_counter() - started
+    up, down = upstream_nodes(model.config, neurons), downstream_nodes(model.config, neurons)
+    pairs = edges(model.config, neurons)
+    ups, downs = [up[i][0] for i, _ in pairs], [down[j][0] for _, j in pairs]
+    return EdgeAttribution(s, method, str(level), [f"{u}->{d}" for u, d in zip(ups, downs)], ups, downs, values,
+                           cost, int(steps) if method == "eap-ig" else None,
+                           "midpoint" if method == "eap-ig" else None)
+
+
+def upstream_changes(s: Setting, neurons=None) -> dict:
+    """a - a' of every upstream node at every position (0 where not edited), from the base run and the
+    replacement: {"embed": [T, D], ("head", l): [T, N, H], ("mlp", l): [T, D], ("neuron", l): [T, F]}."""
+    cfg, rec = s.model.config, s.base.record
+    T = len(s.base.tokens)
+    at = list(s.at)
+    out = {}
+
+    def change(g, site, shape):
+        d = np.zeros((T,) + shape, dtype=s.model.dtype)
+        d[at] = rec[site][at] - s.replacement(g).reshape((len(at),) + shape)
+        return d
+
+    out["embed"] = change(_group("embed"), "embed", (cfg.d_model,))
+    for l in range(cfg.n_layers):
+        b = f"blocks.{l}."
+        out["head", l] = change(_group("head", l, range(cfg.n_heads)), b + "attn.z", (cfg.n_heads, cfg.d_head))
+        if l == neurons:
+            out["neuron", l] = change(_group("neuron", l, range(cfg.d_mlp)), b + "mlp.act", (cfg.d_mlp,))
+        else:
+            out["mlp", l] = change(_group("mlp", l), b + "mlp.out", (cfg.d_model,))
+    return out
+
+
+def _sites(cfg, neurons):
+    sites = [f"blocks.{l}.{n}" for l in range(cfg.n_layers) for n in ("attn.q_pre", "attn.scores", "attn.z")]
+    sites += [f"blocks.{l}." + ("mlp.gate" if l == neurons else "ln2.out") for l in range(cfg.n_layers)]
+    sites += [f"blocks.{neurons}.mlp.up"] if neurons is not None else []
+    return sites + [f"blocks.{cfg.n_layers - 1}.resid_post"]
+
+
+def input_gradients(model, run: Run, grads, l, kind, *, frozen_norm=False, rows=slice(None)) -> np.ndarray:
+    """G_d = dR/d(copy of d's input) [Z, n, T, D] for the downstream nodes of one block, from the backward's
+    gradient record `grads` of `run` (module docstring).
+
+    Math:   (before the input norm: G = ln^T(g_h), the norm's VJP at the run's recorded input and scale)
+            q of head n:  g_h = g(q_pre)[:, n] W_Q[:, n]^T
+            k of head n:  g_h = [k_norm^T rope^T (scale sum_t g(scores)[n, t, s] q[t, n])] W_K[:, kv(n)]^T
+            v of head n:  g_h = (sum_t pattern[n, t, s] g(z)[t, n]) W_V[:, kv(n)]^T
+            MLP:          g_h = g(ln2.out);   neuron n: g_h = g(gate)[:, n] W_gate[:, n]^T + g(up)[:, n] W_up[:, n]^T
+            logits:       G = g(final residual) (no norm of its own: the final norm is inside the readout)
+    kind:   "attn" (rows: head-major q, k, v of every head), "mlp", "neuron" (layer l's neurons `rows`), "logits"
+    """
+    cfg, params, rec = model.config, model.params, run.record
+    if kind == "logits":
+        return grads[f"blocks.{cfg.n_layers - 1}.resid_post"][:, None]
+    b = f"blocks.{l}."
+    if kind == "mlp":
+        g_h = grads[b + "ln2.out"][:, None]
+    elif kind == "neuron":
+        g_h = (np.einsum("ztf,df->zftd", grads[b + "mlp.gate"][..., rows], params.get(l, "W_gate")[:, rows],
+                         optimize=True)
+               + np.einsum("ztf,df->zftd", grads[b + "mlp.up"][..., rows], params.get(l, "W_up")[:, rows],
+                           optimize=True))
+    if kind in ("mlp", "neuron"):
+        return ops.rms_norm_vjp(g_h, rec[b + "resid_mid"], rec[b + "ln2.scale"], params.get(l, "ln2"),
+                                frozen=frozen_norm)[0]
+    N, H = cfg.n_heads, cfg.d_head
+    kv = ops.kv_index(N, cfg.n_kv_heads)
+    T = len(run.tokens)
+    g_q = np.einsum("ztnh,dnh->zntd", grads[b + "attn.q_pre"], params.get(l, "W_Q"), optimize=True)
+    sc = np.asarray(cfg.query_pre_attn_scalar ** -0.5, dtype=model.dtype)
+    g_k = sc * np.einsum("znts,tnh->zsnh", grads[b + "attn.scores"], rec[b + "attn.q"], optimize=True)  # per head
+    theta, scale = cfg.rope_of(l)
+    cos, sin = ops.rope_tables(np.arange(T) / scale, H, theta, model.dtype)
+    g_k = ops.rope_vjp(g_k, cos, sin)
+    if cfg.qk_norm:  # each query head's copy of its kv head's k norm
+        g_k = ops.rms_norm_vjp(g_k, rec[b + "attn.k_pre"][:, kv], rec[b + "attn.k_norm.scale"][:, kv],
+                               params.get(l, "k_norm"), frozen=frozen_norm)[0]
+    g_k = np.einsum("zsnh,dnh->znsd", g_k, params.get(l, "W_K")[:, kv], optimize=True)
+    g_v = np.einsum("nts,ztnh->zsnh", rec[b + "attn.pattern"], grads[b + "attn.z"], optimize=True)
+    g_v = np.einsum("zsnh,dnh->znsd", g_v, params.get(l, "W_V")[:, kv], optimize=True)
+    g_h = np.stack([g_q, g_k, g_v], axis=2).reshape(g_q.shape[0], 3 * N, T, cfg.d_model)  # head-major q, k, v
+    return ops.rms_norm_vjp(g_h, rec[b + "resid_pre"], rec[b + "ln1.scale"], params.get(l, "ln1"),
+                            frozen=frozen_norm)[0]
+
+
+def edge_scores(s: Setting, run: Run, deltas, neurons=None, *, freeze=()) -> np.ndarray:
+    """sign * (a - a') . dR/da|_d for every edge (edges() order), the gradient taken at `run`: [E, Z]."""
+    model = s.model
+    cfg, params = model.config, model.params
+    frozen = "norm" in freeze or freeze is True or freeze == "all"
+    grads = gradients(model, run, targets=s.readout.targets, position=s.position, freeze=freeze,
+                      record=_sites(cfg, neurons)).record
+    rec = run.record
+    L = cfg.n_layers
+    # each upstream layer's change as what it adds before the post-norm: heads dz W_O [N, T, D]; neurons [T, F]
+    d_o = {l: np.einsum("tnh,nhd->ntd", deltas["head", l], params.get(l, "W_O"), optimize=True) for l in range(L)}
+    blocks = [(l, k, slice(None)) for l in range(L) for k in ("attn", "mlp") if not (k == "mlp" and l == neurons)]
+    if neurons is not None:  # a split layer's neurons in chunks: their copies are [Z, chunk, T, D]
+        at = 2 * neurons + 1
+        blocks[at:at] = [(neurons, "neuron", slice(a, a + NEURON_CHUNK)) for a in range(0, cfg.d_mlp, NEURON_CHUNK)]
+    out = []
+    for l, kind, rows in blocks + [(L, "logits", slice(None))]:
+        G = input_gradients(model, run, grads, l, kind, frozen_norm=frozen, rows=rows)  # [Z, n, T, D]
+        Z, n = G.shape[:2]
+        r = reads({"attn": "q", "logits": "logits"}.get(kind, "mlp"), l)
+        Gy = G.reshape(Z * n, *G.shape[2:])
+        cols = [np.einsum("ytd,td->y", Gy, deltas["embed"], optimize=True)[:, None]]  # embed
+        for u in range(L):
+            if writes("head", u) > r:
+                break
+            b = f"blocks.{u}."
+            Gp = Gy if not cfg.post_norms else ops.rms_norm_vjp(
+                Gy, rec[b + "attn.o_proj"], rec[b + "ln1_post.scale"], params.get(u, "ln1_post"), frozen=frozen)[0]
+            cols.append(np.einsum("ytd,ntd->yn", Gp, d_o[u], optimize=True))
+            if writes("mlp", u) > r:
+                break
+            if u == neurons:
+                Gp = Gy if not cfg.post_norms else ops.rms_norm_vjp(
+                    Gy, rec[b + "mlp.down"], rec[b + "ln2_post.scale"], params.get(u, "ln2_post"), frozen=frozen)[0]
+                cols.append(np.einsum("ytf,tf->yf", Gp @ params.get(u, "W_down").T, deltas["neuron", u]))
+            else:
+                cols.append(np.einsum("ytd,td->y", Gy, deltas["mlp", u], optimize=True)[:, None])
+        block = np.concatenate(cols, axis=1).reshape(Z, n, -1)  # [Z, n downstream, upstream before them]
+        out.append(block.transpose(1, 2, 0).reshape(-1, Z))  # downstream-major, as edges()
+    return s.sign * np.concatenate(out)
+
+
+# ------------------------------------------------------------------------------------------------- one edge, patched
+
+
+def parse_edge(config, label, neurons=None) -> tuple[tuple, tuple]:
+    """An edge label `U->D` -> (upstream node, downstream node) as upstream_nodes / downstream_nodes give them;
+    a label that names no edge of the graph is a one-line InputError."""
+    up = {n[0]: n for n in upstream_nodes(config, neurons)}
+    down = {n[0]: n for n in downstream_nodes(config, neurons)}
+    u, sep, d = str(label).partition("->")
+    if not sep or u not in up or d not in down:
+        raise InputError(f"edge {label!r} is not an edge label: use U->D with U embed, L{{l}}H{{h}}, L{{l}}.mlp "
+                         f"(or a neuron of the split layer) and D L{{l}}H{{h}}.q/.k/.v, L{{l}}.mlp or logits")
+    if writes(up[u][1], up[u][2]) > reads(down[d][1], down[d][2]):
+        raise InputError(f"edge {label!r} does not exist: {d} reads the residual stream before {u} writes into it")
+    return up[u], down[d]
+
+
+def residual_change(s: Setting, node, deltas) -> np.ndarray:
+    """dr_u [T, D]: the change upstream node u alone makes to the residual stream (its replacement minus its base
+    value, its own post-norm recomputed with the rest of its sublayer as recorded)."""
+    cfg, params, rec = s.model.config, s.model.params, s.base.record
+    _, kind, l, i = node
+    if kind == "embed":
+        return -deltas["embed"]
+    if kind == "mlp":
+        return -deltas["mlp", l]
+    b = f"blocks.{l}."
+    if kind == "head":
+        change = -deltas["head", l][:, i] @ params.get(l, "W_O")[i]  # [T, D]
+        pre, post = "attn.o_proj", "ln1_post"
+    else:
+        change = -deltas["neuron", l][:, i][:, None] * params.get(l, "W_down")[i][None]
+        pre, post = "mlp.down", "ln2_post"
+    if not cfg.post_norms:
+        return change
+    before, w, eps = rec[b + pre], params.get(l, post), cfg.rms_norm_eps
+    return ops.rms_norm(before + change, w, eps=eps)[0] - ops.rms_norm(before, w, eps=eps)[0]
+
+
+def edge_patch(s: Setting, label, neurons=None, *, deltas=None) -> np.ndarray:
+    """The exact effect of patching one edge (module docstring): sign * (m(base) - m(edge patched)) [Z]."""
+    model = s.model
+    cfg, params = model.config, model.params
+    u, (_, kind, l, n) = parse_edge(cfg, label, neurons)
+    deltas = upstream_changes(s, neurons) if deltas is None else deltas
+    dr = residual_change(s, u, deltas)
+    eps = cfg.rms_norm_eps
+    L = cfg.n_layers
+    b = f"blocks.{l}."
+
+    def normed(record, site, norm):  # the input copy of d, normalised by d's own input norm
+        return ops.rms_norm(record[site] + dr, params.get(l, norm), eps=eps)[0]
+
+    def edit(name, value, record):
+        if kind == "logits" and name == f"blocks.{L - 1}.resid_post":
+            return value + dr
+        if kind in PATHS and name == b + {"q": "attn.q_pre", "k": "attn.scores", "v": "attn.z"}[kind]:
+            h = normed(record, b + "resid_pre", "ln1")
+            value = value.copy()
+            j = ops.kv_index(cfg.n_heads, cfg.n_kv_heads)[n]
+            if kind == "q":
+                value[:, n] = h @ params.get(l, "W_Q")[:, n]
+            elif kind == "v":
+                value[:, n] = record[b + "attn.pattern"][n] @ (h @ params.get(l, "W_V")[:, j])
+            else:  # head n's own keys: its kv head's projection of the copy, k norm (Gemma 3) and RoPE
+                k = (h @ params.get(l, "W_K")[:, j])[:, None]  # [S, 1, H]
+                if cfg.qk_norm:
+                    k = ops.rms_norm(k, params.get(l, "k_norm"), eps=eps)[0]
+                theta, scale = cfg.rope_of(l)
+                cos, sin = ops.rope_tables(np.arange(len(k)) / scale, cfg.d_head, theta, model.dtype)
+                window = cfg.sliding_window if cfg.is_sliding(l) else None
+                value[n] = ops.attention_scores(record[b + "attn.q"][:, [n]], ops.rope(k, cos, sin),
+                                                cfg.query_pre_attn_scalar ** -0.5, window)[0]
+            return value
+        if kind == "mlp" and name == b + "ln2.out":
+            return normed(record, b + "resid_mid", "ln2")
+        if kind == "neuron" and name in (b + "mlp.gate", b + "mlp.up"):
+            value = value.copy()
+            W = params.get(l, "W_gate" if name.endswith("gate") else "W_up")
+            value[:, n] = normed(record, b + "resid_mid", "ln2") @ W[:, n]
+            return value
+        return value
+
+    first = L - 1 if kind == "logits" else l
+    rec = model.run(s.base.tokens, edit=edit, resume=(first, s.base.record),
+                    record=everything_but(cfg, ("logits", "logits_uncapped"))).record
+    readings = Readings(s)
+    return s.sign * (readings.of_record(s.base.record)[0] - readings.of_record(rec)[0])

@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""How gradient x activation, AtP, AtP*, AtP with GradDrop, IG and the prisms agree with patched total effects, on
+Gemma 3 270M (the GGUF from PyPI, dequantized to float32): the table of docs/attribution.md and the README.
+
+    python tools/agreement_table.py --out agreement-270m            # every setting below
+    python tools/agreement_table.py --out DIR --capitals 10         # the first 10 prompts of the capitals data set
+
+Settings (each one refprism.interventions.validate(..., methods=[...]) per prompt; every component re-run):
+    demo, heads, zero ablation           gradxact, atp, atp-gd, ig (k = --steps)
+    demo, heads, resample (noising)      atp, atp*, atp-gd, ig      counterfactual: Germany in place of France
+    demo, neurons:L, zero ablation       gradxact, atp, atp-gd     (ig would be 2048 x k re-runs; the totals of
+                                                                   the top-k and a sample: --budget, default 64)
+    capitals, heads, zero ablation       gradxact, atp, atp-gd     (each prompt: its target versus the mean of the
+                                                                   other capitals, as the data set gives them;
+                                                                   ig too with --capitals-ig)
+Writes DIR/rows.jsonl (one line per prompt and setting, as it goes: a stopped run keeps what it did) and
+DIR/table.md (the markdown table: per setting and method the mean over prompts of Spearman, Kendall, sign
+agreement, top-k precision and recall, re-runs to the true top-k, passes and seconds; capitals with 95% bootstrap
+intervals, refprism.sweeps.summary.mean_interval_sign).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import refprism
+from refprism.demo import CAPITAL_PROMPT, gguf_path
+from refprism.interventions.attribution import validate_methods
+from refprism.sweeps.summary import mean_interval_sign
+
+METRICS = ("spearman", "kendall", "sign_agreement", "top_k_precision", "top_k_recall", "reruns_to_true_top_k")
+NAMES = {"spearman": "Spearman", "kendall": "Kendall", "sign_agreement": "sign", "top_k_precision": "top-k P",
+         "top_k_recall": "top-k R", "reruns_to_true_top_k": "re-runs to top-k"}
+
+
+def settings(layer, capitals, capitals_ig):
+    demo = CAPITAL_PROMPT
+    out = [("demo", "heads", "zero", demo, {}, ["gradxact", "atp", "atp-gd", "ig"]),
+           ("demo", "heads", "resample", demo, {"counterfactual": demo.replace("France", "Germany")},
+            ["atp", "atp*", "atp-gd", "ig"]),
+           ("demo", f"neurons:{layer}", "zero", demo, {}, ["gradxact", "atp", "atp-gd"])]
+    out = [out[0], out[2], out[1]]  # the cheap one first
+    rows = [json.loads(line) for line in
+            (Path(refprism.__file__).parent / "sweeps" / "data" / "capitals.jsonl").read_text().splitlines()]
+    for r in rows[:capitals]:
+        out.append((f"capitals:{r['id']}", "heads", "zero", r["prompt"],
+                    {"targets": r["targets"], "versus": r["versus"]},
+                    ["gradxact", "atp", "atp-gd"] + (["ig"] if capitals_ig else [])))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=8, help="ig's k (default 8)")
+    ap.add_argument("--layer", type=int, default=6, help="the layer of the neurons:L setting (default 6)")
+    ap.add_argument("--capitals", type=int, default=40, help="prompts of the capitals data set (default all 40)")
+    ap.add_argument("--capitals-ig", action="store_true", help="ig on the capitals prompts too (k x 72 re-runs each)")
+    ap.add_argument("--budget", type=int, default=64, help="re-runs of the neurons:L setting (default 64)")
+    ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--table-only", action="store_true", help="write table.md from the rows done so far")
+    ap.add_argument("--only", choices=["demo", "capitals"], help="run only these settings (e.g. two processes)")
+    ap.add_argument("--rows", nargs="*", default=[], help="with --table-only: more rows.jsonl files to include")
+    ap.add_argument("--reverse", action="store_true", help="the settings in reverse order (a second process)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
+    if args.table_only:
+        rows = {}  # one row per (prompt, level, ablation): two processes may both have done one
+        for path in [rows_path, *map(Path, args.rows)]:
+            for x in path.read_text().splitlines():
+                r = json.loads(x)
+                rows.setdefault((r["prompt_id"], r["level"], r["ablate"]), r)
+        rows = list(rows.values())
+        (out / "table.md").write_text(table(rows, args))
+        print((out / "table.md").read_text())
+        return 0
+    done = set()
+    if rows_path.exists():
+        done = {(r["prompt_id"], r["level"], r["ablate"]) for r in map(json.loads, rows_path.read_text().splitlines())}
+    t0 = time.perf_counter()
+    model = refprism.load(str(gguf_path()), dtype="float32", memory="fast")
+    print(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    todo = settings(args.layer, args.capitals, args.capitals_ig)
+    for pid, level, ablate, prompt, extra, methods in (todo[::-1] if args.reverse else todo):
+        if (pid, level, ablate) in done or (args.only and not pid.startswith(args.only)):
+            continue
+        started = time.perf_counter()
+        r = validate_methods(model, prompt, methods=methods, level=level, ablate=ablate, steps=args.steps,
+                             top=args.top, budget=args.budget if level.startswith("neurons") else 256,
+                             faithfulness=False, **extra)
+        v = r.validation
+        line = {"prompt_id": pid, "prompt": prompt, "level": level, "ablate": ablate, "n": int(v.verified.sum()),
+                "components": len(v.labels), "k": v.agreement["k"], "steps": args.steps,
+                "methods": {"prism": {"agreement": v.agreement, "cost": {"forward": 1, "backward": 0, "seconds": None}},
+                            **{m: {"agreement": r.agreement(m), "cost": a.cost} for m, a in r.methods.items()}},
+                "totals": {"reruns": v.timing["reruns"], "seconds": v.timing["rerun_seconds"]},
+                "seconds": time.perf_counter() - started}
+        with rows_path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(f"{pid} {level} {ablate}: {line['seconds']:.1f} s", file=sys.stderr)
+    (out / "table.md").write_text(table([json.loads(x) for x in rows_path.read_text().splitlines()], args))
+    print((out / "table.md").read_text())
+    return 0
+
+
+def _fmt(values, interval):
+    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if not x.size:
+        return "n/a"
+    if not interval or x.size < 2:
+        return f"{x.mean():.2f}"
+    st = mean_interval_sign(x[:, None], resamples=1000, seed=0)
+    return f"{st['mean'][0]:.2f} [{st['lo'][0]:.2f}, {st['hi'][0]:.2f}]"
+
+
+def table(rows, args) -> str:
+    groups: dict = {}
+    for r in rows:
+        where = "capitals" if r["prompt_id"].startswith("capitals:") else "demo"
+        groups.setdefault((where, r["level"], r["ablate"]), []).append(r)
+    out = ["| prompts | level | ablation | method | " + " | ".join(NAMES[m] for m in METRICS)
+           + " | passes (fwd + bwd) | seconds |",
+           "|---" * (len(METRICS) + 6) + "|"]
+    for (where, level, ablate), rs in groups.items():
+        label = f"{where} ({len(rs)})" if where == "capitals" else "demo prompt"
+        first = rs[0]
+        for m in first["methods"]:
+            got = [r["methods"][m] for r in rs if m in r["methods"]]
+            cells = [_fmt([g["agreement"].get(k) for g in got], where == "capitals") for k in METRICS]
+            fwd = np.mean([g["cost"]["forward"] for g in got])
+            bwd = np.mean([g["cost"]["backward"] for g in got])
+            secs = [g["cost"]["seconds"] for g in got if g["cost"].get("seconds") is not None]
+            sec = f"{np.mean(secs):.2f}" if secs else "(in the base run)"
+            out.append(f"| {label} | {level} | {ablate} | {m} | " + " | ".join(cells)
+                       + f" | {fwd:.0f} + {bwd:.0f} | {sec} |")
+        reruns = np.mean([r["totals"]["reruns"] for r in rs])
+        secs = np.mean([r["totals"]["seconds"] for r in rs])
+        out.append(f"| {label} | {level} | {ablate} | *total (the truth)* | n = {first['n']} of "
+                   f"{first['components']}, k = {first['k']} |  |  |  |  |  | {reruns:.0f} + 0 | {secs:.2f} |")
+    out.append("")
+    out.append(f"Gemma 3 270M (Q4_K_M GGUF dequantized, float32); ig k = {args.steps}; capitals rows: mean over "
+               "prompts [95% bootstrap interval]. Agreement of |method| with |total| (refprism.interventions."
+               "agreement). Produced by `python tools/agreement_table.py --out DIR "
+               f"--steps {args.steps} --layer {args.layer} --capitals {args.capitals} --budget {args.budget}"
+               + (" --capitals-ig" if args.capitals_ig else "") + "`.")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -55,6 +55,7 @@ def write_gemma4_gguf(path, hf: dict, tensors: dict, *, split_experts=False, ext
     L = cfg.n_layers
     w = gguf.GGUFWriter(str(path), "gemma4")
     a = "gemma4."
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)  # general.file_type: llama.cpp's side reads "F32" from it
     w.add_uint32(a + "block_count", L)
     w.add_uint32(a + "context_length", hf["max_position_embeddings"])
     w.add_uint32(a + "embedding_length", cfg.d_model)

@@ -91,6 +91,11 @@ PLANTS = {
         "                LLM_NORM_RMS, il);\n        cb(cur, \"attn_post_norm\", il);",
         "        cb(cur, \"attn_post_norm\", il);  // refprism's planted mistake: the post-attention norm skipped",
     ),
+    "gemma4-layer-scalar-skipped": (  # Gemma 4: each layer's output left unscaled by layer_output_scale
+        "src/models/gemma4.cpp",
+        "            cur = ggml_mul(ctx0, cur, model.layers[il].out_scale);\n",
+        "            // refprism's planted mistake: layer_output_scale skipped\n",
+    ),
 }
 
 

@@ -76,10 +76,14 @@ def gelu_f16_table(x):
     return np.where(x <= -GELU_TABLE_RANGE, f(0), np.where(x >= GELU_TABLE_RANGE, x, table))
 
 
-def rope_tables_ggml(positions, d_head, theta, scale=1.0):
+def rope_tables_ggml(positions, d_head, theta, scale=1.0, partial=1.0):
     """cos, sin as llama.cpp's CPU RoPE builds them (ggml-cpu/ops.cpp ggml_rope_cache_init, rope_yarn without YaRN):
     theta_scale = powf(base, -2 / H); the angle of pair i is p * theta_scale**i by repeated float32 products
     (angle_0 = p, angle_i = angle_{i-1} * theta_scale), times freq_scale = 1 / scale; then cosf, sinf.
+
+    Gemma 4's proportional RoPE (partial < 1, full layers): llama.cpp rotates all H dims (n_rot = H) with the
+    GGUF's rope_freqs factors, 1 on the int(partial H / 2) rotated pairs and 1e30 on the still ones; the angle
+    is angle_i / factor_i (float32), so a still pair turns by ~1e-29 rad: cos 1, sin ~0 (refprism: frequency 0).
 
     Shapes: positions [T] -> cos, sin [T, H] float32 (split-half layout, as `ops.rope` takes them)
     """
@@ -87,13 +91,19 @@ def rope_tables_ggml(positions, d_head, theta, scale=1.0):
     theta_scale = np.power(f(theta), f(-2.0) / f(d_head))
     angles = np.empty((len(positions), d_head // 2), dtype=f)
     a = np.asarray(positions, dtype=f)
+    rotated = int(partial * d_head // 2)
     for i in range(d_head // 2):
-        angles[:, i] = a
+        angles[:, i] = a if partial == 1.0 or i < rotated else a / f(1e30)  # ggml: theta / freq_factors[i]
         a = a * theta_scale
     if scale != 1.0:
         angles = f(1.0 / scale) * angles  # theta_interp = freq_scale * theta_extrap
     angles = np.concatenate([angles, angles], axis=-1)
     return np.cos(angles), np.sin(angles)
+
+
+# the GEGLUs ggml computes through its f16 GELU table: act site -> (gate site, up site); ple.act's "up" is
+# the layer's slice of ple.input
+_GEGLU = {"mlp.act": ("mlp.gate", "mlp.up"), "moe.act": ("moe.gate", "moe.up"), "ple.act": ("ple.gate", None)}
 
 
 # refprism weight -> (the site its product makes, the site its input rows come from); Gemma 1 has no o_proj / down
@@ -125,11 +135,20 @@ def ggml_edit(arith: GgmlArithmetic, weights, cfg: Config, T: int):
     qscale = f(cfg.query_pre_attn_scalar ** -0.5)
     tables = {}
 
+    if cfg.gemma4:
+        qscale = f(1)  # Gemma 4: f_attention_scale = 1 (q and k are RMS-normed)
+
     def rope_tables(l):
-        theta, scale = cfg.rope_of(l)
-        if (theta, scale) not in tables:
-            tables[theta, scale] = rope_tables_ggml(np.arange(T), cfg.d_head, theta, scale)
-        return tables[theta, scale]
+        key = (*cfg.rope_of(l), cfg.head_dim_of(l), cfg.rope_partial_of(l))  # Gemma 4: per layer type
+        if key not in tables:
+            theta, scale, H, partial = key
+            tables[key] = rope_tables_ggml(np.arange(T), H, theta, scale, partial)
+        return tables[key]
+
+    def geglu(record, l, act):  # GGML_GELU_FP16: the table; Gemma 4's experts and per-layer inputs too
+        gate, up = _GEGLU[act]
+        u = record["ple.input"][:, l] if up is None else record[f"blocks.{l}.{up}"]
+        return gelu_f16_table(record[f"blocks.{l}.{gate}"]) * u
 
     def edit(name, value, record):
         l, kind = split_site(name)
@@ -143,15 +162,16 @@ def ggml_edit(arith: GgmlArithmetic, weights, cfg: Config, T: int):
         if kind in ("attn.q", "attn.k"):
             cos, sin = rope_tables(l)
             return ops.rope(pre_rope(record, cfg, weights, l, kind), cos, sin)
+        src = cfg.kv_source(l) if l is not None else None  # a Gemma 4 KV-sharing consumer reads its producer's
         if kind == "attn.scores":
             q = _round(record[f"blocks.{l}.attn.q"] * qscale, f16)
-            return ops.attention_scores(q, _round(record[f"blocks.{l}.attn.k"], f16), f(1))
+            return ops.attention_scores(q, _round(record[f"blocks.{src}.attn.k"], f16), f(1))
         if kind == "attn.z" and f16 is not None:
             window = cfg.sliding_window if cfg.is_sliding(l) else None
             return ops.attention_mix(_round(record[f"blocks.{l}.attn.pattern"], f16),
-                                     _round(record[f"blocks.{l}.attn.v"], f16), window=window, banded=False)
-        if kind == "mlp.act":
-            return gelu_f16_table(record[f"blocks.{l}.mlp.gate"]) * record[f"blocks.{l}.mlp.up"]
+                                     _round(record[f"blocks.{src}.attn.v"], f16), window=window, banded=False)
+        if kind in _GEGLU:
+            return geglu(record, l, kind)
         return value
 
     return edit

@@ -17,10 +17,13 @@ from refprism.gemma.config import Config
 
 def gguf_config(path) -> Config:
     """refprism's Config of a GGUF file, from its metadata alone (no tensor is read)."""
-    from refprism.checkpoints.gguf import ARCHITECTURES, config_from_metadata
+    from refprism.checkpoints.gguf import ARCHITECTURES, config_from_metadata, open_gguf
 
     head = read_header(path)
     meta, tensors = head.meta, {name: ne for name, (ne, _, _) in head.tensors.items()}
+    if meta.get("general.architecture") == "gemma4":  # its config reads many shapes and rope_freqs' values
+        config, _, _ = open_gguf(path)  # the header and rope_freqs only: no other tensor is dequantized
+        return Config.from_hf({k: v for k, v in config.items() if k != "gguf_defaults"})
     if meta.get("general.architecture") not in ARCHITECTURES:
         raise CheckpointError(f"{Path(path).name} holds a {meta.get('general.architecture')!r} model, not Gemma 1/2/3")
     shapes = {hf: tuple(reversed(tensors[name])) for name, hf in  # the two shapes the config reads, in HF's order

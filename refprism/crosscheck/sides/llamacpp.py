@@ -52,6 +52,9 @@ src/llama-graph.cpp) and checked against real runs: Gemma 3 270M, and tiny rando
     result_norm                     [D, T]              ln_final.out
     result_output                   [V, T]              logits      (Gemma 2: after the final soft-cap)
 
+Gemma 4 (src/models/gemma4.cpp) has its own table, llamacpp_debug.GEMMA4_SITES (docs/gemma4.md): per-layer
+inputs [P, L, T], the experts [G, J, T], the PLE products, each layer's own widths; F32 files only.
+
 S is the KV cache's cell axis: n_kv cells (llama.cpp pads the cache to 256), the first T holding positions
 0 .. T-1 of this fresh context; the printed cells beyond T are empty (0 in kq and in the pattern) and are checked
 to be 0, then dropped. Not mapped, because refprism records no such quantity: `embd` (the unscaled embedding rows),
@@ -93,7 +96,7 @@ from pathlib import Path
 import numpy as np
 
 from refprism.crosscheck.capture import ROW_TYPES, Capture, GgmlArithmetic, Summary
-from refprism.crosscheck.sides.gguf_header import VEC_DOT_TYPE, file_type, gguf_config, weight_types
+from refprism.crosscheck.sides.gguf_header import VEC_DOT_TYPE, file_type, gguf_config, read_header, weight_types
 from refprism.crosscheck.sides.llamacpp_debug import (
     Printed,
     _ends_with_token_ids,
@@ -366,6 +369,27 @@ def arithmetic(gguf_path, cache_type: str = "f16") -> GgmlArithmetic:
     return GgmlArithmetic(weights=file_type(gguf_path), kv_cache=_cache_type(cache_type), activations=rows)
 
 
+def _gemma4_f32_only(gguf_path) -> None:
+    """Gemma 4 against llama.cpp is modelled on F32 weights only: ggml's conversion of the input rows of the
+    experts' MUL_MAT_ID, the router and the per-layer products (an F16 or quantized weight's vec_dot type) is
+    not in crosscheck.ggml_edit. Anything else is an InputError naming the way to an F32 file."""
+    import gguf
+
+    kinds = {gguf.GGMLQuantizationType(kind).name for _, kind, _ in read_header(gguf_path).tensors.values()}
+    if kinds - {"F32"}:
+        raise InputError(f"comparing a Gemma 4 GGUF with {', '.join(sorted(kinds - {'F32'}))} tensors against "
+                         "llama.cpp is not supported yet (ggml's row conversions for its experts and per-layer "
+                         "products are not modelled): convert it to F32 first (refprism.crosscheck.sides."
+                         "llamacpp.quantize(src, dst, 'F32'))")
+
+
+GEMMA4_UNMAPPED = ("not mapped on Gemma 4 (refprism records no such quantity): embd, per_layer_proj (the per-layer "
+                   "projection after its norm), Qcur_normed / Kcur_normed (before RoPE), ffn_moe_probs, "
+                   "ffn_moe_weights_norm (without per_expert_scale: refprism's moe.topk.weight has it), "
+                   "ffn_moe_down_scaled, ffn_moe_weighted, the PLE GELU and product nodes, the KV cache copies; "
+                   "a KV-sharing consumer has no k / v of its own (kq reads its producer's cache)")
+
+
 # ------------------------------------------------------------------------------------------------ the capture
 
 
@@ -384,6 +408,11 @@ def conventions(cfg: Config, weights: str, cache_type: str) -> list[str]:
         "Qcur_normed / Kcur_normed, the q * scale node, Gemma 2's capped scores kq_scaled_2, the KV cache copies; "
         "llama.cpp prints no norm scales (ln*.scale)",
     ]
+    if cfg.gemma4:
+        notes[-1] = GEMMA4_UNMAPPED
+        notes[2] = ("mlp.act, moe.act, ple.act: llama.cpp's CPU GELU looks gelu_tanh up in an f16 table (gate and "
+                    "gelu rounded to f16: up to ~2**-10 relative; a gate on an f16 rounding boundary flips with one "
+                    "ulp of its product, which later layers carry)")
     if cache_type == "f16":
         notes.append("KV cache in f16 (llama.cpp's default): attn.scores, attn.pattern and attn.z use f16-rounded "
                      "keys and values (attn.k and attn.v are printed before the store)")
@@ -408,6 +437,8 @@ def capture(gguf_path, prompt, *, with_debug=True, cache_type="f16", bin_dir=Non
         tool("llama-debug", bin_dir)  # a missing build: one line naming the command, before any work
     cfg = gguf_config(gguf_path)
     how = arithmetic(gguf_path, cache_type)
+    if cfg.gemma4:
+        _gemma4_f32_only(gguf_path)
     ids = tokenize(gguf_path, prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
     if with_debug and not isinstance(prompt, str):
         detokenize(gguf_path, ids)  # ids llama-debug cannot take are refused before any run

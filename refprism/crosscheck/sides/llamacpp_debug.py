@@ -14,7 +14,7 @@ import numpy as np
 from refprism.crosscheck.capture import Summary
 from refprism.errors import InputError, ToolError
 from refprism.gemma.config import Config
-from refprism.gemma.record import SITE_LETTERS
+from refprism.gemma.record import SITE_LETTERS, axis_sizes
 
 PRINTED_EDGE = 3  # llama-debug prints the first and last 3 indices of each of the three fastest axes
 
@@ -124,7 +124,7 @@ def _ends_with_token_ids(text: str) -> bool:
     return _token_ids(rest, int(head[len("Token ids ("):].split(")")[0])) is not None
 
 
-GLOBAL_SITES = ("embed", "ln_final.out", "logits")
+GLOBAL_SITES = ("embed", "ln_final.out", "logits", "ple.token", "ple.input")  # ple.*: Gemma 4, [T, L, P]
 
 
 def place(tag: str, op: str | None, ndim: int, cfg: Config) -> tuple[str, str] | None:
@@ -135,6 +135,8 @@ def place(tag: str, op: str | None, ndim: int, cfg: Config) -> tuple[str, str] |
     projection, as [H, N, T] the tensor after RoPE). A layout lists ne axes fastest first; "NH" is one axis holding
     head n's H values at n*H + h; S is the KV cache's cell axis.
     """
+    if cfg.gemma4:
+        return _place_gemma4(tag, op)
     post = cfg.post_norms
     simple = {
         "inp_scaled": ("embed", "D T"),
@@ -172,7 +174,66 @@ def place(tag: str, op: str | None, ndim: int, cfg: Config) -> tuple[str, str] |
     return None
 
 
-def _sizes(cfg: Config, T: int) -> dict[str, int]:
+# llama.cpp's Gemma 4 graph (src/models/gemma4.cpp) -> refprism's sites. "mm:<weight>" is the unnamed MUL_MAT
+# (MUL_MAT_ID for the experts) of blk.l.<weight>.weight, placed by its weight (summaries_from_debug).
+GEMMA4_SITES = {
+    "inp_scaled": ("embed", "D T"),
+    "inp_per_layer_selected": ("ple.token", "P L T"),  # E_ple[tokens] * sqrt(P)
+    "inp_per_layer": ("ple.input", "P L T"),  # (rms_norm(model; ple_norm) + token) / sqrt(2), before the permute
+    "attn_norm": ("ln1.out", "D T"),
+    "Qcur_pos": ("attn.q", "H N T"),  # after q_norm and RoPE
+    "Kcur_pos": ("attn.k", "H K T"),
+    "kq": ("attn.scores", "S T N"),  # q . k, scale 1 (f_attention_scale)
+    "kq_soft_max": ("attn.pattern", "S T N"),
+    "kqv": ("attn.z", "H T N"),
+    "kqv_out": ("attn.z", "NH T"),
+    "mm:attn_output": ("attn.o_proj", "D T"),
+    "attn_post_norm": ("attn.out", "D T"),
+    "attn_out": ("resid_mid", "D T"),
+    "ffn_norm": ("ln2.out", "D T"),  # a layer without experts
+    "ffn_norm_1": ("ln2.out", "D T"),  # a layer with experts: the dense MLP's input norm
+    "ffn_gate": ("mlp.gate", "F T"),
+    "ffn_up": ("mlp.up", "F T"),
+    "ffn_geglu": ("mlp.act", "F T"),
+    "mm:ffn_down": ("mlp.down", "D T"),
+    "ffn_out": ("mlp.down", "D T"),  # a layer without experts names its down product
+    "ffn_mlp": ("mlp.dense", "D T"),
+    "ffn_moe_logits": ("moe.router.logits", "E T"),
+    "ffn_norm_2": ("ln2_moe.out", "D T"),
+    "ffn_moe_gate": ("moe.gate", "G J T"),
+    "ffn_moe_up": ("moe.up", "G J T"),
+    "ffn_moe_geglu": ("moe.act", "G J T"),
+    "mm:ffn_down_exps": ("moe.expert_out", "D J T"),  # before the per-expert scale and the routing weight
+    "ffn_moe_out": ("moe.down", "D T"),
+    "ffn_moe": ("moe.out", "D T"),
+    "ffn_moe_combined": ("mlp.sum", "D T"),
+    "ffn_post_norm": ("mlp.out", "D T"),
+    "pe_in": ("resid_mlp", "D T"),
+    "mm:inp_gate": ("ple.gate", "P T"),
+    "mm:proj": ("ple.proj", "D T"),
+    "per_layer_embd_out": ("ple.out", "D T"),
+    "l_out": ("resid_post", "D T"),  # after layer_output_scale
+    "result_norm": ("ln_final.out", "D T"),
+    "result_output": ("logits", "V T"),  # after the final soft-cap
+}
+
+
+def _place_gemma4(tag: str, op: str | None) -> tuple[str, str] | None:
+    """`place` for Gemma 4 (GEMMA4_SITES). Qcur / Kcur / Vcur as MUL_MAT are the projections [N*H, T] (on a
+    k_eq_v layer the one product of blk.l.attn_k is named Vcur: summaries_from_debug places it at k_pre too);
+    Vcur_normed (RMS_NORM, no weight) is v. Qcur_normed / Kcur_normed (after the norm, before RoPE) have no site."""
+    if tag in GEMMA4_SITES:
+        return GEMMA4_SITES[tag]
+    if op == "MUL_MAT" and tag in ("Qcur", "Kcur", "Vcur"):
+        return {"Qcur": ("attn.q_pre", "NH T"), "Kcur": ("attn.k_pre", "KH T"), "Vcur": ("attn.v_pre", "KH T")}[tag]
+    if op == "RMS_NORM" and tag == "Vcur_normed":
+        return "attn.v", "H K T"
+    return None
+
+
+def _sizes(cfg: Config, T: int, l: int | None = None) -> dict[str, int]:
+    if cfg.gemma4:
+        return axis_sizes(cfg, T, l)  # each layer's own K, H, F (double-wide consumers, full layers' heads)
     return {"T": T, "D": cfg.d_model, "N": cfg.n_heads, "K": cfg.n_kv_heads, "H": cfg.d_head, "F": cfg.d_mlp,
             "V": cfg.vocab_size}
 
@@ -195,11 +256,13 @@ def summaries_from_debug(tensors: list[Printed], cfg: Config, T: int) -> tuple[d
     last_layer = None  # Gemma 2 names its post-feedforward norm "ffn_post_norm", without the layer
     for t in tensors:
         tag, layer = _split(t.name)
-        if tag.startswith("node_") and t.op == "MUL_MAT":
-            m = re.fullmatch(r"blk\.(\d+)\.attn_output\.weight", t.src0)
+        if tag.startswith("node_") and t.op in ("MUL_MAT", "MUL_MAT_ID"):
+            m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", t.src0)
             if m is None:
                 continue
-            tag, layer = "attn_output", int(m[1])
+            if not cfg.gemma4 and m[2] != "attn_output":
+                continue
+            tag, layer = ("mm:" + m[2] if cfg.gemma4 else m[2]), int(m[1])
         if tag == "ffn_out":
             last_layer = layer
         if tag == "ffn_post_norm" and layer is None:
@@ -211,11 +274,16 @@ def summaries_from_debug(tensors: list[Printed], cfg: Config, T: int) -> tuple[d
         if (layer is None) != (site_end in GLOBAL_SITES):
             continue
         site = site_end if layer is None else f"blocks.{layer}.{site_end}"
-        summary = summary_of(t, site, SITE_LETTERS[site_end], layout.split(), sizes, notes)
-        if site in out:
-            _pool(out[site], summary, site)
-        else:
-            out[site] = summary
+        here = _sizes(cfg, T, layer) if cfg.gemma4 else sizes
+        summary = summary_of(t, site, SITE_LETTERS[site_end], layout.split(), here, notes)
+        sites = [site]
+        if cfg.gemma4 and site_end == "attn.v_pre" and cfg.k_eq_v_at(layer):
+            sites.append(f"blocks.{layer}.attn.k_pre")  # k_eq_v: the one product of blk.l.attn_k is k and v
+        for at in sites:
+            if at in out:
+                _pool(out[at], summary, at)
+            else:
+                out[at] = replace(summary, elements=dict(summary.elements))
     for site, same in _entering(cfg):  # refprism's resid_pre of layer l is what left layer l - 1 (or the embedding)
         if same in out and out[same].rows is None:
             out[site] = replace(out[same], elements=dict(out[same].elements))

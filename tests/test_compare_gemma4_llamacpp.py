@@ -1,0 +1,98 @@
+"""`refprism compare --against llama.cpp` on Gemma 4: llama.cpp's own gemma4 graph (src/models/gemma4.cpp of the
+llama.cpp vendored in llama-cpp-python 0.3.36), run on a tiny Gemma 4 GGUF with every feature on (KV sharing,
+k_eq_v, the double-wide MLP on the consumers, MoE, per-layer inputs, proportional RoPE, layer_scalar), F32
+weights, in a layer layout llama.cpp's KV-sharing rule takes (docs/gemma4.md). An honest run is within every
+floor with either KV cache; a mistake planted in llama.cpp's gemma4.cpp (tools/build_llama_cpp.py PLANTS) is
+found at its first wrong op and named by the Gemma 4 catalogue from llama-debug's printed values alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import refprism
+from refprism.crosscheck import compare
+
+PROMPT = "hello world the cat"  # 16 tokens of the tiny byte-level vocabulary, BOS included
+
+
+@pytest.fixture(scope="module")
+def g4gguf(checkpoint, tmp_path_factory):
+    from safetensors.numpy import load_file
+    from test_gguf_gemma4 import write_gemma4_gguf
+
+    S, F = "sliding_attention", "full_attention"
+    d = checkpoint("tiny-gemma4", layer_types=(S, F, S, F, S, F, F))
+    hf, tensors = json.loads((d / "config.json").read_text()), load_file(d / "model.safetensors")
+    path = tmp_path_factory.mktemp("g4llama") / "g4.gguf"
+    return write_gemma4_gguf(path, hf, tensors, split_experts=True, tokenizer_model="llama")
+
+
+@pytest.mark.parametrize("kv_cache", ["f32", "f16"])
+def test_honest_tiny_gemma4_is_within_every_floor(g4gguf, llama_bin_dir, kv_cache):
+    model = refprism.load(g4gguf)
+    cfg = model.config
+    r = compare(model, PROMPT, against="llama.cpp", kv_cache=kv_cache)
+    assert r.exit_status == 0, r.table()
+    assert r.first_wrong_op is None
+    compared = {row.site for row in r.sites}
+    # every part of Gemma 4 is compared: the per-layer inputs [T, L, P], k_eq_v's one product at k_pre and v_pre,
+    # the experts [T, J, G], the double-wide MLP of the consumers, and the logits (in full)
+    for site in ("ple.token", "ple.input", "blocks.1.attn.k_pre", "blocks.1.attn.v_pre", "blocks.1.attn.v",
+                 "blocks.0.moe.gate", "blocks.0.moe.act", "blocks.0.moe.expert_out", "blocks.0.moe.down",
+                 "blocks.4.mlp.act", "blocks.4.ple.gate", "blocks.6.resid_post", "logits"):
+        assert site in compared, site
+    # a KV-sharing consumer has no k / v of its own: nothing of llama.cpp's is placed there
+    assert not any(s.startswith(f"blocks.{l}.attn.{kv}") for s in compared for l in (4, 5, 6) for kv in "kv")
+    assert cfg.mlp_width_of(4) == 2 * cfg.d_mlp
+    assert r.floors["llama.cpp"]["weights"] == "F32" and r.floors["llama.cpp"]["kv_cache"] == kv_cache
+    logits = next(row for row in r.sites if row.site == "logits")
+    assert 0 < logits.max_abs <= logits.floor
+
+
+def test_without_ggmls_gelu_table_the_honest_floor_is_missed(g4gguf, llama_bin_dir, monkeypatch):
+    """The floors model llama.cpp, not just any float32 run: with the f16 GELU table taken out of ggml_edit, the
+    floors shrink to float32 rounding and llama.cpp's layer-0 GELU output falls outside (the first divergence; a
+    printed-only site has no local check, so the first wrong op is where full arrays exist: the logits)."""
+    from refprism.crosscheck import ggml
+
+    monkeypatch.setattr(ggml, "gelu_f16_table", lambda x: refprism.gemma.ops.gelu_tanh(np.asarray(x, np.float32)))
+    r = compare(refprism.load(g4gguf), PROMPT, against="llama.cpp", kv_cache="f32")
+    assert r.exit_status == 1
+    assert r.first_divergence in ("blocks.0.mlp.act", "blocks.0.moe.act"), r.table()
+
+
+def test_planted_layer_scalar_skipped_is_found_and_named(g4gguf, llama_planted):
+    """llama.cpp's gemma4.cpp with `cur = ggml_mul(ctx0, cur, model.layers[il].out_scale)` removed (PLANTS
+    "gemma4-layer-scalar-skipped"): every site up to layer 0's residual output agrees, and the catalogue's
+    layer_scalar_missing alone reproduces what llama-debug printed there."""
+    r = compare(refprism.load(g4gguf), PROMPT, against="llama.cpp", kv_cache="f32",
+                llama_cpp=llama_planted["gemma4-layer-scalar-skipped"])
+    assert r.exit_status == 1
+    # printed-only sites have no local check: the divergence is located, and the printed values name it
+    assert r.first_divergence == "blocks.0.resid_post", r.table()
+    explained = [d["variant"] for d in r.diagnosis if d["explains"]]
+    assert explained == ["layer_scalar_missing"], r.diagnosis
+
+
+def test_quantized_gemma4_is_refused_in_one_line(g4gguf, tmp_path):
+    from refprism.crosscheck.sides import llamacpp
+    from refprism.errors import InputError
+
+    q = llamacpp.quantize(g4gguf, tmp_path / "q.gguf", "Q8_0")
+    with pytest.raises(InputError, match="Gemma 4 GGUF with .* not supported yet") as e:
+        compare(refprism.load(q), PROMPT, against="llama.cpp")
+    assert "\n" not in str(e.value)
+
+
+def test_cli_compares_a_gemma4_gguf_against_llama_cpp(g4gguf, llama_bin_dir, capsys):
+    from refprism import cli
+
+    assert cli.main(["compare", PROMPT, "--model", str(g4gguf), "--against", "llama.cpp", "--kv-cache", "f32",
+                     "--json"]) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["exit_status"] == 0 and j["first_divergence"] is None
+    sites = {s["site"] for s in j["sites"]}
+    assert {"ple.input", "blocks.0.moe.expert_out", "blocks.6.ple.out", "logits"} <= sites

@@ -171,7 +171,8 @@ def test_llama_cpp_runs_tiny_gemma4_close_to_refprism_with_ggmls_gelu(checkpoint
     """llama.cpp's own Gemma 4 (llama-cpp-python 0.3.36, in process) on a tiny GGUF with every feature on, in a
     layer layout llama.cpp's KV-sharing rule takes (the last non-shared layers sliding then full: docs/gemma4.md),
     F32 weights, f32 KV cache; refprism computing ggml's f16 GELU table (crosscheck.ggml.gelu_f16_table). Measured:
-    8e-4 of the largest |logit| (docs/gemma4.md: not yet explained below that). A Gemma 4 trap is O(1) off: the
+    8e-4 of the largest |logit| (docs/gemma4.md: one gate element on an f16 rounding boundary of the GELU table,
+    rounded apart by float32 and llama.cpp, carried on by the sliding window). A Gemma 4 trap is O(1) off: the
     port that forgets layer_scalar is shown to miss by far more than the bound."""
     import json
 

@@ -331,3 +331,18 @@ def test_edge_attribution_refuses_gemma4_in_one_line_before_reading_weights(chec
     with pytest.raises(InputError, match="^edge attribution .* does not take Gemma 4 yet") as e:
         attribute_edges(model, "abc", method="eap", level="heads", ablate="resample", counterfactual="abd")
     assert "\n" not in str(e.value) and model.deferred is not None
+
+
+def test_float32_stays_float32_and_close_to_float64(checkpoint):
+    """No site's gradient is silently promoted, and float32 is float64's within 1e-3 of the record's largest
+    gradient (per site, the near-zero ln1.scale gradients are rounding noise: q, k, v are normed after it)."""
+    m32 = refprism.load(checkpoint("tiny-gemma4"))
+    m64 = refprism.load(checkpoint("tiny-gemma4"), dtype="float64")
+    ids = _smooth_ids(m64)
+    g32 = gradients(m32, ids, targets=TARGETS, versus=FOILS, position=POSITION)
+    g64 = gradients(m64, ids, targets=TARGETS, versus=FOILS, position=POSITION)
+    assert set(g32.record) == set(g64.record)
+    top = max(np.abs(g64.record[n]).max() for n in g64.record)
+    for name in g32.record:
+        assert g32.record[name].dtype == np.float32, name
+        assert np.abs(g32.record[name] - g64.record[name]).max() <= 1e-3 * top, name

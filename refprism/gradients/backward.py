@@ -517,7 +517,8 @@ def _gemma4_block(model, layers, l, g_x, put, freeze, drop, shared, g_ple, posit
                                          frozen="gelu" in freeze)
             put(b + "ple.gate", g_gate)
             g_ple[:, :, l] += g_in
-            g = g + g_gate @ w("W_ple_gate").T if "gelu" not in freeze else g
+            if "gelu" not in freeze:  # the gate reads resid_mlp: the gelu factor's own path
+                g = g + g_gate @ w("W_ple_gate").T
         put(b + "resid_mlp", g)
         put(b + "mlp.out", g)
         g_mid = g  # the skip path

@@ -7,10 +7,13 @@ from __future__ import annotations
 # huggingface_hub reads these once, at import, into huggingface_hub.constants. A monkeypatched environment later
 # does nothing. So the hub is offline and its cache an empty folder of this session for every test; Ray (started by
 # tests/test_sweeps_ray.py) sends no usage statistics.
+import atexit
 import os
+import shutil
 import tempfile
 
 HUB_HOME = tempfile.mkdtemp(prefix="refprism-tests-hf-")
+atexit.register(shutil.rmtree, HUB_HOME, ignore_errors=True)  # an empty folder each session: leave nothing behind
 os.environ.update({
     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
     "HF_HOME": HUB_HOME, "HF_HUB_CACHE": os.path.join(HUB_HOME, "hub"),

@@ -485,3 +485,21 @@ def test_bad_transcoders_are_refused_in_one_line_before_the_weights(checkpoint, 
     monkeypatch.undo()
     with pytest.raises(refprism.RefprismError, match=message.split("'")[0]):
         graph(refprism.load(checkpoint("tiny-gemma2"), dtype="float64"), [2, 17, 33], transcoders=path)
+
+
+def test_a_folder_is_walked_to_a_bounded_depth_and_size(models, tmp_path, monkeypatch):
+    """`--transcoders /` must not walk the whole disk: deeper than WALK_DEPTH is not searched, and a folder with more
+    than WALK_ENTRIES entries is refused in one line (both bounds lowered here, so the test stays small)."""
+    from refprism.graphs import transcoders as tc
+
+    cfg = models("tiny-gemma2", "float64").config
+    folder = write_gemmascope(tmp_path / "gs", _weights(cfg, skip=False))  # layer_l/width_16k/average_l0_50/params
+    assert len(tc.read_transcoders(folder).layers) == cfg.n_layers  # depth 3: found
+    monkeypatch.setattr(tc, "WALK_DEPTH", 2)
+    with pytest.raises(refprism.RefprismError, match="no .npz, .safetensors or cfg.json under the folder"):
+        tc.read_transcoders(folder)
+    monkeypatch.setattr(tc, "WALK_DEPTH", 4)
+    monkeypatch.setattr(tc, "WALK_ENTRIES", 2 * cfg.n_layers)  # each layer's folder holds three more entries
+    with pytest.raises(refprism.RefprismError, match=f"over {2 * cfg.n_layers} entries under the folder") as e:
+        tc.read_transcoders(folder)
+    assert "\n" not in str(e.value)

@@ -169,14 +169,41 @@ def _read(path) -> Transcoders:
         if (p / "cfg.json").is_file():
             return _assemble([_sae_lens(p)], text)
         found = sorted({q.parent if (q.parent / "cfg.json").is_file() else q  # an SAE Lens folder: one layer
-                        for q in p.rglob("*") if q.is_file() and (q.suffix in (".npz", ".safetensors")
-                                                                  or q.name == "cfg.json")})
+                        for q in _files_under(p, text) if q.suffix in (".npz", ".safetensors")
+                        or q.name == "cfg.json"})
         if not found:
             raise CheckpointError(f"transcoders {text}: no .npz, .safetensors or cfg.json under the folder")
         return _layer_files(found, text)
     if p.is_file():
         return _layer_files([p], text)
     raise CheckpointError(f"transcoders {text}: no such file or folder")
+
+
+WALK_DEPTH, WALK_ENTRIES = 4, 20_000  # GemmaScope's deepest layout: layer_12/width_16k/average_l0_76/params.npz
+
+
+def _files_under(folder: Path, text: str) -> list[Path]:
+    """The files at most WALK_DEPTH folders below `folder`, refusing a folder with more than WALK_ENTRIES entries
+    (`--transcoders /` must not walk the whole disk)."""
+    files, seen, level = [], 0, [folder]
+    for _ in range(WALK_DEPTH + 1):
+        deeper = []
+        for d in level:
+            try:
+                entries = sorted(d.iterdir())
+            except OSError:
+                continue
+            seen += len(entries)
+            if seen > WALK_ENTRIES:
+                raise CheckpointError(f"transcoders {text}: over {WALK_ENTRIES:,} entries under the folder; give the "
+                                      "transcoders' own folder or a glob pattern of their files")
+            for q in entries:
+                if q.is_dir() and not q.is_symlink():
+                    deeper.append(q)
+                elif q.is_file():
+                    files.append(q)
+        level = deeper
+    return files
 
 
 def _layer_files(paths, source) -> Transcoders:

@@ -13,6 +13,9 @@ Settings (each one refprism.interventions.validate(..., methods=[...]) per promp
     capitals, heads, zero ablation       gradxact, atp, atp-gd     (each prompt: its target versus the mean of the
                                                                    other capitals, as the data set gives them;
                                                                    ig too with --capitals-ig)
+    capitals, heads, resample (noising)  atp, atp*, atp-gd         counterfactual: the next prompt of the data set
+                                                                   (cyclically) with as many tokens
+                                                                   (counterfactual_pairs); ig too with --capitals-ig
 Writes DIR/rows.jsonl (one line per prompt and setting, as it goes: a stopped run keeps what it did) and
 DIR/table.md (the markdown table: per setting and method the mean over prompts of Spearman, Kendall, sign
 agreement, top-k precision and recall, re-runs to the true top-k, passes and seconds; capitals with 95% bootstrap
@@ -39,7 +42,21 @@ NAMES = {"spearman": "Spearman", "kendall": "Kendall", "sign_agreement": "sign",
          "top_k_recall": "top-k R", "reruns_to_true_top_k": "re-runs to top-k"}
 
 
-def settings(layer, capitals, capitals_ig):
+def counterfactual_pairs(ids, lengths) -> dict:
+    """Each capitals prompt's counterfactual for resample ablation: the next prompt of the data set, cyclically,
+    whose token count is the same (resample needs the two runs position by position); a prompt with no such
+    partner is left out. ids [n] in the data set's order, lengths {id: tokens} -> {id: partner id}."""
+    out = {}
+    for i, a in enumerate(ids):
+        for j in range(1, len(ids)):
+            b = ids[(i + j) % len(ids)]
+            if lengths[b] == lengths[a]:
+                out[a] = b
+                break
+    return out
+
+
+def settings(model, layer, capitals, capitals_ig):
     demo = CAPITAL_PROMPT
     out = [("demo", "heads", "zero", demo, {}, ["gradxact", "atp", "atp-gd", "ig"]),
            ("demo", "heads", "resample", demo, {"counterfactual": demo.replace("France", "Germany")},
@@ -48,10 +65,15 @@ def settings(layer, capitals, capitals_ig):
     out = [out[0], out[2], out[1]]  # the cheap one first
     rows = [json.loads(line) for line in
             (Path(refprism.__file__).parent / "sweeps" / "data" / "capitals.jsonl").read_text().splitlines()]
+    by_id = {r["id"]: r for r in rows}
+    pairs = counterfactual_pairs([r["id"] for r in rows], {r["id"]: len(model.encode(r["prompt"])) for r in rows})
+    ig = ["ig"] if capitals_ig else []
     for r in rows[:capitals]:
-        out.append((f"capitals:{r['id']}", "heads", "zero", r["prompt"],
-                    {"targets": r["targets"], "versus": r["versus"]},
-                    ["gradxact", "atp", "atp-gd"] + (["ig"] if capitals_ig else [])))
+        readout = {"targets": r["targets"], "versus": r["versus"]}
+        out.append((f"capitals:{r['id']}", "heads", "zero", r["prompt"], readout, ["gradxact", "atp", "atp-gd"] + ig))
+        if r["id"] in pairs:
+            out.append((f"capitals:{r['id']}", "heads", "resample", r["prompt"],
+                        {**readout, "counterfactual": by_id[pairs[r["id"]]]["prompt"]}, ["atp", "atp*", "atp-gd"] + ig))
     return out
 
 
@@ -75,7 +97,7 @@ def main(argv=None) -> int:
     if args.table_only:
         rows = {}  # one row per (prompt, level, ablation): two processes may both have done one
         for path in [rows_path, *map(Path, args.rows)]:
-            for x in path.read_text().splitlines():
+            for x in path.read_text().splitlines() if path.exists() else []:
                 r = json.loads(x)
                 rows.setdefault((r["prompt_id"], r["level"], r["ablate"]), r)
         rows = list(rows.values())
@@ -88,7 +110,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model = refprism.load(str(gguf_path()), dtype="float32", memory="fast")
     print(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    todo = settings(args.layer, args.capitals, args.capitals_ig)
+    todo = settings(model, args.layer, args.capitals, args.capitals_ig)
     for pid, level, ablate, prompt, extra, methods in (todo[::-1] if args.reverse else todo):
         if (pid, level, ablate) in done or (args.only and not pid.startswith(args.only)):
             continue
@@ -97,7 +119,8 @@ def main(argv=None) -> int:
                              top=args.top, budget=args.budget if level.startswith("neurons") else 256,
                              faithfulness=False, **extra)
         v = r.validation
-        line = {"prompt_id": pid, "prompt": prompt, "level": level, "ablate": ablate, "n": int(v.verified.sum()),
+        line = {"prompt_id": pid, "prompt": prompt, "counterfactual": extra.get("counterfactual"), "level": level,
+                "ablate": ablate, "n": int(v.verified.sum()),
                 "components": len(v.labels), "k": v.agreement["k"], "steps": args.steps,
                 "methods": {"prism": {"agreement": v.agreement, "cost": {"forward": 1, "backward": 0, "seconds": None}},
                             **{m: {"agreement": r.agreement(m), "cost": a.cost} for m, a in r.methods.items()}},
@@ -120,6 +143,24 @@ def _fmt(values, interval):
         return f"{x.mean():.2f}"
     st = mean_interval_sign(x[:, None], resamples=1000, seed=0)
     return f"{st['mean'][0]:.2f} [{st['lo'][0]:.2f}, {st['hi'][0]:.2f}]"
+
+
+def paired(groups) -> list[str]:
+    """Per capitals setting, each method's Spearman minus atp's on the same prompts: mean [95% bootstrap interval]
+    of the per-prompt differences (a paired comparison; the intervals of two means overlap more than this)."""
+    out = []
+    for (where, level, ablate), rs in groups.items():
+        if where != "capitals" or len(rs) < 2:
+            continue
+        cells = []
+        for m in rs[0]["methods"]:
+            d = [r["methods"][m]["agreement"]["spearman"] - r["methods"]["atp"]["agreement"]["spearman"]
+                 for r in rs if m != "atp" and m in r["methods"]]
+            if d:
+                cells.append(f"{m} {_fmt(d, True)}")
+        out.append(f"capitals ({len(rs)}), {level}, {ablate}: Spearman minus atp's, paired over prompts: "
+                   + "; ".join(cells) + ".")
+    return out + [""] if out else []
 
 
 def table(rows, args) -> str:
@@ -146,11 +187,14 @@ def table(rows, args) -> str:
         secs = np.mean([r["totals"]["seconds"] for r in rs])
         out.append(f"| {label} | {level} | {ablate} | *total (the truth)* | n = {first['n']} of "
                    f"{first['components']}, k = {first['k']} |  |  |  |  |  | {reruns:.0f} + 0 | {secs:.2f} |")
-    out.append("")
-    out.append(f"Gemma 3 270M (Q4_K_M GGUF dequantized, float32); ig k = {args.steps}; capitals rows: mean over "
+    out += ["", *paired(groups)]
+    steps = ", ".join(str(k) for k in sorted({r["steps"] for r in rows}))  # as the rows were run
+    out.append(f"Gemma 3 270M (Q4_K_M GGUF dequantized, float32); ig k = {steps}; capitals rows: mean over "
                "prompts [95% bootstrap interval]. Agreement of |method| with |total| (refprism.interventions."
-               "agreement). Produced by `python tools/agreement_table.py --out DIR "
-               f"--steps {args.steps} --layer {args.layer} --capitals {args.capitals} --budget {args.budget}"
+               "agreement). Resample (noising): the demo prompt against France replaced by Germany; each capitals "
+               "prompt against the next prompt of the data set with as many tokens (counterfactual_pairs). "
+               "Produced by `python tools/agreement_table.py --out DIR "
+               f"--steps {steps} --layer {args.layer} --capitals {args.capitals} --budget {args.budget}"
                + (" --capitals-ig" if args.capitals_ig else "") + "`.")
     return "\n".join(out) + "\n"
 

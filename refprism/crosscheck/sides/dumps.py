@@ -87,11 +87,10 @@ def read_dump(path, model, *, names="refprism", ids=None, kv_cache="f16") -> Cap
     if names == "hf":
         from refprism.crosscheck.sides.hf import derived_hf
 
-        extra, derived_notes = derived_hf(arrays, cfg, set(out))
+        extra, derived_notes, used = derived_hf(arrays, cfg, out)
         out.update(extra)
         notes += derived_notes
-        ignored = [k for k in ignored if not (k.endswith(".mlp.act_fn") and
-                                              f"blocks.{k.split('.')[2]}.mlp.act" in extra)]
+        ignored = [k for k in ignored if k not in used]
     if ignored:
         notes.append(f"{len(ignored)} arrays of the dump name no refprism site in the {label} scheme, ignored: "
                      + ", ".join(ignored[:8]) + (" ..." if len(ignored) > 8 else ""))

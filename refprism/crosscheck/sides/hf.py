@@ -41,6 +41,12 @@ hidden_states.{i}                               embed (i = 0) and blocks.{i}.res
 Gemma trap: HF's `post_attention_layernorm` is the MLP's input norm in Gemma 1 but the attention's output norm in
 Gemma 2/3 (`weights.norm_names`); the table maps it by model_type.
 
+Gemma 4 has its own table (`_GEMMA4_LAYER_SITES`, read by `scheme_hf` for a dump; the live capture is
+`capture_gemma4`, whose own hooks a test holds the scheme to): v_norm's output is attn.v, k_proj on a k_eq_v layer
+is k_pre and v_pre, a KV-sharing consumer has no k / v, the MoE's and the per-layer input's modules, the router's
+top-k weights as the port `router:top_k_weights` (its output [1]), and `derived_hf` forms ple.input, which no
+module outputs.
+
 Not captured: the RMSNorm scales s (HF never forms them; the replay uses refprism's scale of HF's own input, so a
 norm's mistakes show at its output) and `mlp.act_fn`'s output gelu(gate) alone (refprism's `mlp.act` is
 gelu(gate) * up, down_proj's input; a dump that has act_fn's and up_proj's outputs but not down_proj's input gets
@@ -403,7 +409,7 @@ def _attention_spy(family, original, got):
 
 # ------------------------------------------------------------------------------------------ the HF naming scheme
 
-_LAYER = re.compile(r"model\.layers\.(\d+)(?:\.([a-z_.]+?))?(?::(\w+))?$")
+_LAYER = re.compile(r"model\.layers\.(\d+)(?:\.([a-z_.0-9]+?))?(?::(\w+))?$")
 
 
 def scheme_hf(name: str, array, cfg: Config) -> list[tuple[str, np.ndarray]]:
@@ -414,6 +420,8 @@ def scheme_hf(name: str, array, cfg: Config) -> list[tuple[str, np.ndarray]]:
             weights and scores [B, N, T, S] -> [N, T, S]; everything else [B, T, X] -> [T, X]
     """
     a = np.asarray(array)
+    if cfg.gemma4:
+        return _scheme_gemma4(name, a, cfg)
     N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
     post = cfg.post_norms
     if name == "model.embed_tokens":
@@ -482,25 +490,231 @@ _LAYER_SITES.update({  # Gemma trap: post_attention_layernorm is the MLP's input
 })
 
 
-def derived_hf(arrays: dict, cfg: Config, have: set) -> tuple[dict, list[str]]:
-    """Sites an HF-named dump gives only through two tensors: `blocks.{l}.mlp.act` = gelu(gate) * up from
-    `mlp.act_fn`'s output times `mlp.up_proj`'s (HF's own factors; the product is taken in float64, one rounding
-    finer than HF's), where the dump lacks down_proj's input. -> ({site: array}, notes)"""
-    out, layers = {}, []
+# ------------------------------------------------------------------------------ the HF naming scheme, Gemma 4
+
+# Gemma 4 (modeling_gemma4: Gemma4TextDecoderLayer and its modules): (module path within model.layers.{l}, "out"
+# or the port after ":") -> refprism site within blocks.{l}. The When column of RECORD_TABLE decides which exist
+# at a layer (a KV-sharing consumer has no k_proj, k_norm, v_proj, v_norm; a k_eq_v layer has no v_proj).
+_GEMMA4_LAYER_SITES = {
+    ("", "in"): "resid_pre", ("", "out"): "resid_post",  # the output after `hidden_states *= layer_scalar`
+    ("input_layernorm", "in"): "resid_pre", ("input_layernorm", "out"): "ln1.out",
+    ("self_attn.q_proj", "out"): "attn.q_pre", ("self_attn.q_norm", "in"): "attn.q_pre",
+    ("self_attn.k_proj", "out"): "attn.k_pre", ("self_attn.k_norm", "in"): "attn.k_pre",
+    ("self_attn.v_proj", "out"): "attn.v_pre", ("self_attn.v_norm", "in"): "attn.v_pre",
+    ("self_attn.v_norm", "out"): "attn.v",  # v_norm: no learned scale, no RoPE after it
+    ("self_attn", "query"): "attn.q", ("self_attn", "key"): "attn.k", ("self_attn", "value"): "attn.v",
+    ("self_attn", "scores"): "attn.scores", ("self_attn", "attn_weights"): "attn.pattern",
+    ("self_attn.o_proj", "in"): "attn.z", ("self_attn.o_proj", "out"): "attn.o_proj",
+    ("self_attn", "out"): "attn.o_proj",
+    ("post_attention_layernorm", "in"): "attn.o_proj", ("post_attention_layernorm", "out"): "attn.out",
+    ("pre_feedforward_layernorm", "in"): "resid_mid", ("pre_feedforward_layernorm", "out"): "ln2.out",
+    ("mlp.gate_proj", "out"): "mlp.gate", ("mlp.up_proj", "out"): "mlp.up", ("mlp.down_proj", "in"): "mlp.act",
+    ("mlp.down_proj", "out"): "mlp.down", ("mlp", "out"): "mlp.down",
+    ("post_feedforward_layernorm", "out"): "mlp.out",  # its input: mlp.down, or mlp.sum on an MoE layer
+    # MoE (26B-A4B): the dense MLP's post-norm, the router on resid_mid, the experts on their own pre-norm
+    ("post_feedforward_layernorm_1", "in"): "mlp.down", ("post_feedforward_layernorm_1", "out"): "mlp.dense",
+    ("router", "in"): "resid_mid", ("router.proj", "out"): "moe.router.logits",
+    ("router", "top_k_weights"): "moe.topk.weight",  # the router's output [1]; its output [0] is the softmax
+    ("pre_feedforward_layernorm_2", "in"): "resid_mid", ("pre_feedforward_layernorm_2", "out"): "ln2_moe.out",
+    ("experts", "in"): "ln2_moe.out", ("experts", "out"): "moe.down",
+    ("post_feedforward_layernorm_2", "in"): "moe.down", ("post_feedforward_layernorm_2", "out"): "moe.out",
+    # per-layer inputs (E2B / E4B)
+    ("per_layer_input_gate", "in"): "resid_mlp", ("per_layer_input_gate", "out"): "ple.gate",
+    ("per_layer_projection", "in"): "ple.act", ("per_layer_projection", "out"): "ple.proj",
+    ("post_per_layer_input_norm", "in"): "ple.proj", ("post_per_layer_input_norm", "out"): "ple.out",
+}
+
+
+def _scheme_gemma4(name: str, a: np.ndarray, cfg: Config) -> list[tuple[str, np.ndarray]]:
+    """`scheme_hf` on Gemma 4 (Gemma4ForCausalLM's module paths; a multimodal checkpoint's
+    model.language_model.* the same). Each array is checked against its site's shape at that layer (Gemma 4's
+    head width, kv heads and MLP width differ by layer): a mis-shaped one is InputError naming it."""
+    from refprism.gemma.record import SITE_LETTERS, axis_sizes, symbolic_shapes
+
+    key = "model." + name[len("model.language_model."):] if name.startswith("model.language_model.") else name
+    L, P = cfg.n_layers, cfg.d_ple
+    if key == "model.embed_tokens":
+        return [("embed", _unbatch(name, a, 2))]
+    if key == "model.embed_tokens_per_layer" and cfg.ple:  # [B, T, L*P], E_ple[tokens] * sqrt(P)
+        return [("ple.token", _layers_apart(name, _unbatch(name, a, 2), L, P))]
+    if key == "model.per_layer_projection_norm:in" and cfg.ple:  # [B, T, L, P], embed W / sqrt(D) as reshaped
+        return [("ple.model_proj", _checked(name, _unbatch(name, a, 3), "ple.model_proj", cfg))]
+    if key in ("model.embed_tokens_per_layer", "model.per_layer_projection_norm:in"):
+        return []
+    if key in ("model.norm", "lm_head:in", "model.norm:in", "lm_head", "logits") or \
+            re.fullmatch(r"(hidden_states|attentions)\.\d+", key):
+        return _checked_all(name, _scheme_shared(key, name, a, cfg), cfg)
+    m = _LAYER.fullmatch(key)
+    if not m or int(m.group(1)) >= L:
+        return []
+    l, module, port = int(m.group(1)), m.group(2) or "", m.group(3) or "out"
+    site = _GEMMA4_LAYER_SITES.get((module, port))
+    if module == "post_feedforward_layernorm" and port == "in":
+        site = "mlp.sum" if cfg.moe else "mlp.down"
+    b = f"blocks.{l}."
+    if site is None or b + site not in symbolic_shapes(cfg):
+        return []  # not a site at this layer: a consumer's key / value are its producer's
+    sizes = axis_sizes(cfg, 0, l)
+    letters = SITE_LETTERS[site]
+    if port in ("query", "key", "value"):  # [B, heads, T, H] as the attention function receives them
+        x = _unbatch(name, a, 3).transpose(1, 0, 2)
+    elif port in ("scores", "attn_weights"):
+        x = _unbatch(name, a, 3)
+    elif len(letters) == 3 and letters[2] == "H":  # projections [B, T, heads*H]; norm inputs [B, T, heads, H]
+        heads = sizes[letters[1]]
+        x = _unbatch(name, a, 3) if a.ndim == 4 else _unbatch(name, a, 2)
+        x = _heads(name, x, b + site, heads, sizes["H"]) if x.ndim == 2 else x
+    else:  # [B, T, X]; the router's and the experts' [B*T, X] rows
+        x = _unbatch(name, a, 2)
+    out = [(b + site, _checked(name, x, b + site, cfg))]
+    if (module, port) == ("self_attn.k_proj", "out") and cfg.k_eq_v_at(l):
+        out.append((b + "attn.v_pre", out[0][1]))  # k_eq_v: V is the raw k_proj output (there is no v_proj)
+    return out
+
+
+def _scheme_shared(key, name, a, cfg) -> list[tuple[str, np.ndarray]]:
+    """The names every family shares: the final norm, the lm_head, the model's outputs."""
+    if key in ("model.norm", "lm_head:in"):
+        return [("ln_final.out", _unbatch(name, a, 2))]
+    if key == "model.norm:in":
+        return [(f"blocks.{cfg.n_layers - 1}.resid_post", _unbatch(name, a, 2))]
+    if key == "lm_head":
+        return [("logits_uncapped" if cfg.final_softcap is not None else "logits", _unbatch(name, a, 2))]
+    if key == "logits":
+        return [("logits", _unbatch(name, a, 2))]
+    kind, i = key.split(".")
+    i = int(i)
+    if i >= cfg.n_layers:  # the last hidden state is the final norm's output in some transformers versions
+        return []
+    if kind == "attentions":
+        return [(f"blocks.{i}.attn.pattern", _unbatch(name, a, 3))]
+    x = _unbatch(name, a, 2)
+    return [("embed", x), ("blocks.0.resid_pre", x)] if i == 0 else [(f"blocks.{i}.resid_pre", x)]
+
+
+def _layers_apart(name, a, L, P):
+    """[T, L*P] -> [T, L, P] (HF's .reshape(*ids.shape, L, P): layer-major columns)."""
+    if a.shape[-1] != L * P:
+        raise InputError(f"{name} has shape {list(a.shape)}: ple.token needs a last axis of {L} layers x {P} = "
+                         f"{L * P}")
+    return a.reshape(a.shape[0], L, P)
+
+
+def _checked(name, x, site, cfg):
+    """x if it has `site`'s shape at its layer (any number of positions), else InputError naming the dump's key."""
+    from refprism.gemma.record import axis_sizes, layer_of, symbolic_shapes
+
+    letters = symbolic_shapes(cfg)[site]
+    T = x.shape[letters.index("T")] if x.ndim == len(letters) else 0
+    want = [T if c in ("T", "S") else axis_sizes(cfg, T, layer_of(site))[c] for c in letters]
+    if list(x.shape) != want:
+        raise InputError(f"{name} has shape {list(x.shape)} (batch axis dropped); {site} of this model is "
+                         f"[{', '.join(c if c in ('T', 'S') else str(n) for c, n in zip(letters, want))}]")
+    return x
+
+
+def _checked_all(name, pairs, cfg):
+    return [(site, _checked(name, x, site, cfg)) for site, x in pairs]
+
+
+def derived_hf(arrays: dict, cfg: Config, have) -> tuple[dict, list[str], set[str]]:
+    """Sites an HF-named dump gives only through two tensors, where it lacks the module input that holds them
+    (each product or sum taken in float64 from HF's own factors: one rounding finer than HF's):
+
+        blocks.{l}.mlp.act   = mlp.act_fn's output * mlp.up_proj's        (no mlp.down_proj:in)
+      Gemma 4, per-layer inputs (HF forms ple.input in project_per_layer_inputs, no module's output):
+        ple.model_proj       = model.per_layer_model_projection's output / sqrt(D), reshaped [T, L, P]
+                               (no model.per_layer_projection_norm:in)
+        ple.input            = (model.per_layer_projection_norm's output + ple.token) / sqrt(2)
+        blocks.{l}.ple.act   = model.layers.{l}.act_fn's output * ple.input[:, l]   (no per_layer_projection:in)
+
+    have: the sites the dump already gives ({site: array}). -> ({site: array}, notes, the dump keys used)"""
+    if cfg.gemma4:  # a multimodal checkpoint's text decoder: model.language_model.* read as model.*
+        named = {("model." + k[len("model.language_model."):] if k.startswith("model.language_model.") else k): k
+                 for k in arrays}
+    else:
+        named = {k: k for k in arrays}
+    get = lambda key, ndim: _unbatch(named[key], np.asarray(arrays[named[key]]), ndim).astype(np.float64)  # noqa: E731
+    out, layers, used, notes = {}, [], set(), []
     for l in range(cfg.n_layers):
         p = f"model.layers.{l}.mlp."
         site = f"blocks.{l}.mlp.act"
-        if site in have or p + "act_fn" not in arrays or p + "up_proj" not in arrays:
+        if site in have or p + "act_fn" not in named or p + "up_proj" not in named:
             continue
-        gelu = _unbatch(p + "act_fn", np.asarray(arrays[p + "act_fn"]), 2).astype(np.float64)
-        up = _unbatch(p + "up_proj", np.asarray(arrays[p + "up_proj"]), 2).astype(np.float64)
+        gelu, up = get(p + "act_fn", 2), get(p + "up_proj", 2)
         if gelu.shape != up.shape:
-            raise InputError(f"{p}act_fn has shape {list(gelu.shape)} but {p}up_proj {list(up.shape)}")
+            raise InputError(f"{named[p + 'act_fn']} has shape {list(gelu.shape)} but {named[p + 'up_proj']} "
+                             f"{list(up.shape)}")
         out[site] = gelu * up
         layers.append(l)
-    notes = [f"mlp.act of layers {', '.join(map(str, layers))}: act_fn's output times up_proj's (the dump has no "
-             "down_proj:in)"] if layers else []
-    return out, notes
+        used.add(named[p + "act_fn"])
+    if layers:
+        notes.append(f"mlp.act of layers {', '.join(map(str, layers))}: act_fn's output times up_proj's (the dump "
+                     "has no down_proj:in)")
+    if cfg.gemma4:
+        more, more_notes, more_used = _derived_gemma4(named, get, cfg, {**have, **out})
+        out.update(more)
+        notes += more_notes
+        used |= more_used
+    return out, notes, used
+
+
+def _derived_gemma4(named: dict, get, cfg: Config, have: dict) -> tuple[dict, list[str], set[str]]:
+    """derived_hf's Gemma 4 sites (per-layer inputs) and notes on what a module-output dump cannot hold."""
+    L, P, D = cfg.n_layers, cfg.d_ple, cfg.d_model
+    out, notes, used = {}, [], set()
+    if cfg.ple:
+        proj = "model.per_layer_model_projection"
+        if "ple.model_proj" not in have and proj in named:
+            out["ple.model_proj"] = _layers_apart(named[proj], get(proj, 2), L, P) * D ** -0.5
+            used.add(named[proj])
+            notes.append("ple.model_proj: model.per_layer_model_projection's output / sqrt(D) (the dump has no "
+                         "model.per_layer_projection_norm:in)")
+        norm = "model.per_layer_projection_norm"
+        token = have.get("ple.token")
+        if "ple.input" not in have and norm in named and token is not None:
+            normed = get(norm, 3)
+            if normed.shape != token.shape:
+                raise InputError(f"{named[norm]} has shape {list(normed.shape)} (batch axis dropped); ple.input of "
+                                 f"this model is [T, {L}, {P}]")
+            out["ple.input"] = (normed + token.astype(np.float64)) * 2 ** -0.5
+            used.add(named[norm])
+            notes.append("ple.input: (model.per_layer_projection_norm's output + ple.token) / sqrt(2), as HF's "
+                         "project_per_layer_inputs forms it")
+        ple_input = have.get("ple.input", out.get("ple.input"))
+        layers = []
+        for l in range(L):
+            act = f"model.layers.{l}.act_fn"
+            if f"blocks.{l}.ple.act" in have or act not in named or ple_input is None:
+                continue
+            gelu = get(act, 2)
+            if gelu.shape != ple_input[:, l].shape:
+                raise InputError(f"{named[act]} has shape {list(gelu.shape)} (batch axis dropped); "
+                                 f"blocks.{l}.ple.gate of this model is [T, {P}]")
+            out[f"blocks.{l}.ple.act"] = gelu * ple_input[:, l].astype(np.float64)
+            used.add(named[act])
+            layers.append(l)
+        if layers:
+            notes.append(f"ple.act of layers {', '.join(map(str, layers))}: the layer's act_fn output times "
+                         "ple.input[:, l] (the dump has no per_layer_projection:in)")
+    if cfg.moe:
+        index = [named[f"model.layers.{l}.router:top_k_index"] for l in range(L)
+                 if f"model.layers.{l}.router:top_k_index" in named]
+        used |= set(index)
+        if index:
+            notes.append("router:top_k_index: the chosen experts (integers) are compared through their weights, "
+                         "router:top_k_weights")
+        plain = [l for l in range(L) if f"model.layers.{l}.router" in named and f"blocks.{l}.moe.topk.weight"
+                 not in have]
+        used |= {named[f"model.layers.{l}.router"] for l in plain}
+        if plain:
+            notes.append("model.layers.{l}.router's output is a tuple (probabilities, top-k weights, top-k index) "
+                         "and a module-output dump keeps its probabilities, which are no refprism site: save its "
+                         "[1] as model.layers.{l}.router:top_k_weights to compare moe.topk.weight")
+        if any(re.fullmatch(r"model\.layers\.\d+\.experts(:in)?", k) for k in named):
+            notes.append("HF's expert loop keeps no per-expert tensors (moe.gate/up/act/expert_out): the replay "
+                         "computes them from the experts' input")
+    return out, notes, used
 
 
 def _unbatch(name, a, ndim):

@@ -9,6 +9,8 @@ a transcoder basis (its error and bias nodes make the rows exact).
                     sparse rows with partial selection
     check.py        faithfulness(): the pruned graph's neurons kept, the rest ablated (interventions' edits)
     export.py       the Neuronpedia / circuit-tracer graph JSON
+    view.py         graph_view(): what `refprism report --graph` embeds (nodes, capped edges, every node's exact
+                    incoming / outgoing edges and its input split by the prisms' readout)
 
 Public: every name below. May import: gradients, interventions, prisms, model, gemma, errors, files.
 """
@@ -18,7 +20,8 @@ from refprism.graphs.check import ABLATIONS, faithfulness
 from refprism.graphs.export import graph_json, write_graph_json
 from refprism.graphs.prune import Pruned, influence, normalize, prune, scores, threshold
 from refprism.graphs.transcoders import Transcoder, Transcoders, read_transcoders
+from refprism.graphs.view import graph_view, node_split
 
 __all__ = ["ABLATIONS", "KINDS", "Graph", "Pruned", "Transcoder", "Transcoders", "edge_heads", "faithfulness", "graph",
-           "graph_json", "influence", "normalize", "prune", "read_transcoders", "scores", "threshold",
-           "write_graph_json"]
+           "graph_json", "graph_view", "influence", "node_split", "normalize", "prune", "read_transcoders", "scores",
+           "threshold", "write_graph_json"]

@@ -25,23 +25,29 @@ chains at each depth d >= 2; each stored number takes 16/3 bytes (float32, base6
 split. For gemma-2b at "The capital city of France is" (T = 7, the top 5 targets) with the defaults: 1,320 chains,
 1.48 MB. Whatever was not precomputed the page says so, with the `refprism chain` command that computes it.
 
-Optional sections embed, as given, the JSON of `refprism validate` (interventions), `refprism compare` and a
-sweep's summary.json, after checking the keys the renderers read (`check_section`).
+Optional sections embed, as given, the JSON of `refprism validate` (interventions), `refprism compare`, a
+sweep's summary.json and an attribution graph's view (graphs.graph_view: the pruned graph, every shown node's exact
+incoming and outgoing edges and its input split by the prisms' readout, all computed in Python), after checking the
+keys the renderers read (`check_section`; a graph also against the page's model, prompt and position:
+`check_graph`). The page draws the graph (x = token position, y = layer) and opens a node's numbers on a click.
 
     page.py   build_data (what the page embeds), render, build_page, write_report, the optional sections
     assets/   report.html, report.js, report.css (inlined at build time)
 
-Public: write_report, build_page, build_data, page_data, encode_split, decode_split, check_section, load_section.
+Public: write_report, build_page, build_data, page_data, encode_split, decode_split, check_section, check_graph,
+load_section.
 May import: prisms, model, gemma, errors, files (sections from other capabilities arrive as their JSON).
 """
 
 from refprism.report.page import (
                                   FORMAT,
+                                  GRAPH_FORMAT,
                                   NEXT_TOKENS,
                                   SECTION_KEYS,
                                   build_data,
                                   build_page,
                                   check_budget,
+                                  check_graph,
                                   check_section,
                                   decode_split,
                                   encode_split,
@@ -53,6 +59,6 @@ from refprism.report.page import (
                                   write_report,
 )
 
-__all__ = ["FORMAT", "NEXT_TOKENS", "SECTION_KEYS", "build_data", "build_page", "check_budget", "check_section",
-           "decode_split", "encode_split", "load_section", "node_key", "page_data", "pull_back", "render",
-           "write_report"]
+__all__ = ["FORMAT", "GRAPH_FORMAT", "NEXT_TOKENS", "SECTION_KEYS", "build_data", "build_page", "check_budget",
+           "check_graph", "check_section", "decode_split", "encode_split", "load_section", "node_key", "page_data",
+           "pull_back", "render", "write_report"]

@@ -19,6 +19,7 @@ from refprism.errors import InputError
 from refprism.files import atomic_write
 
 FORMAT = 1  # the page's data format; bump when encode_split changes
+GRAPH_FORMAT = 1  # the graph view's format the page draws (graphs.view.FORMAT, which arrives as JSON)
 NEXT_TOKENS = 10  # the top next tokens listed with their probabilities
 SHARED = ("model", "dtype", "tokens", "targets", "versus", "columns")  # Split.to_json fields stored once per page
 
@@ -33,6 +34,10 @@ SECTION_KEYS = {
     "sweep": {"top": ("sweep", "columns", "splits"),
               "splits": ("prism", "whole", "components"),
               "splits.components": ("label", "mean", "ci", "same_sign")},
+    "graph": {"top": ("format", "model", "tokens", "position", "n_layers", "scores", "pruned", "shown", "top",
+                      "nodes", "edges"),
+              "nodes": ("id", "label", "kind", "layer", "position", "value", "input", "influence", "weight",
+                        "incoming", "outgoing", "split")},
 }
 
 
@@ -299,6 +304,20 @@ def check_section(kind: str, data, source: str) -> dict:
     return data
 
 
+def check_graph(view: dict, model, run, position=-1) -> dict:
+    """Refuse a graph view (graphs.graph_view's dict) of another model, prompt or position than the page's."""
+    p = P.resolve_position(run, position)
+    ids = [int(t) for t in run.tokens[: p + 1]]
+    if view["model"] != model.name:
+        raise InputError(f"the graph is of the model {view['model']!r}, the page of {model.name!r}")
+    if view["position"] != p or [t["id"] for t in view["tokens"]] != ids:
+        raise InputError(f"the graph traces position {view['position']} of another prompt than the page's position "
+                         f"{p} (its tokens differ): build it from the same prompt and position")
+    if view["format"] != GRAPH_FORMAT:
+        raise InputError(f"the graph view has format {view['format']!r}, this page reads format {GRAPH_FORMAT}")
+    return view
+
+
 def load_section(kind: str, path) -> dict:
     """The JSON of --validate FILE, --compare FILE or --sweep DIR (DIR/summary.json), checked by check_section."""
     path = Path(path)
@@ -347,11 +366,15 @@ def render(data: dict) -> str:
 
 
 def build_page(model, run, targets, *, position=-1, versus=(), depth=2, top=50, branch=2, validate=None,
-               compare=None, sweep=None) -> str:
+               compare=None, sweep=None, graph=None) -> str:
     """The page as one HTML string (see the module docstring for what it embeds). validate / compare / sweep: the
-    JSON dicts of those sections (checked by check_section), or None to leave the section out."""
+    JSON dicts of those sections (checked by check_section), or None to leave the section out; graph: the dict of
+    graphs.graph_view for the same model, prompt and position (check_graph), or None."""
     sections = {kind: check_section(kind, value, "(given)") for kind, value in
-                (("validate", validate), ("compare", compare), ("sweep", sweep)) if value is not None}
+                (("validate", validate), ("compare", compare), ("sweep", sweep), ("graph", graph))
+                if value is not None}
+    if graph is not None:
+        check_graph(graph, model, run, position)
     return render(build_data(model, run, targets, position=position, versus=versus, depth=depth, top=top,
                              branch=branch, sections=sections))
 

@@ -8,7 +8,7 @@
 const D = JSON.parse(document.getElementById("refprism-data").textContent);
 const F32 = D.dtype === "float32";
 const Z = D.columns.length;
-const state = { col: 0, stack: [{ kind: "residual", node: "" }] };
+const state = { col: 0, stack: [{ kind: "residual", node: "" }], graphNode: null };
 
 // ------------------------------------------------------------------------------------------------ decoding
 
@@ -505,6 +505,191 @@ function sections() {
   return out;
 }
 
+// ------------------------------------------------------------------------------------------------ the graph
+
+// The attribution graph (refprism.graphs.graph_view, embedded as sections.graph): laid out as circuit-tracer's
+// frontend lays it out, x = token position, y = layer (embeddings at the bottom, logits at the top). Every number
+// shown is the embedded one, computed in Python; nothing is summed here.
+const KIND_FILL = { embed: "#9ae6b4", neuron: "#90cdf4", feature: "#90cdf4", remainder: "#cbd5e0", error: "#cbd5e0",
+                    bias: "#e9d8fd", logit: "#fbd38d" };
+
+function graphRow(G, n) {
+  if (n.kind === "embed") return 0;
+  if (n.kind === "logit") return G.n_layers + 1;
+  return n.layer + 1;
+}
+
+function graphLayout(G) {
+  const T = G.tokens.length, R = G.n_layers + 2;
+  const colW = Math.max(60, Math.min(150, Math.floor(660 / T))), pad = 56, step = 13;
+  const perLine = Math.max(1, Math.floor((colW - 10) / step));
+  const cells = new Map();  // (row, position) -> node indices, largest influence (logits: weight) first
+  G.nodes.forEach((n, i) => {
+    const key = `${graphRow(G, n)},${n.position}`;
+    if (!cells.has(key)) cells.set(key, []);
+    cells.get(key).push(i);
+  });
+  const size = (n) => (n.kind === "logit" ? n.weight : n.influence);
+  const lines = new Array(R).fill(1);
+  for (const [key, list] of cells) {
+    list.sort((a, b) => size(G.nodes[b]) - size(G.nodes[a]) || a - b);
+    const r = +key.split(",")[0];
+    lines[r] = Math.max(lines[r], Math.ceil(list.length / perLine));
+  }
+  const bandH = lines.map((k) => 14 + k * step);
+  const H = bandH.reduce((a, b) => a + b, 0) + 30, W = pad + T * colW + 10;
+  const top = [];  // the y of each band's top edge, row 0 (embeddings) at the bottom
+  let y = H - 30;
+  for (let r = 0; r < R; r++) { y -= bandH[r]; top.push(y); }
+  const xy = new Array(G.nodes.length);
+  for (const [key, list] of cells) {
+    const [r, t] = key.split(",").map(Number);
+    list.forEach((i, k) => {
+      const line = Math.floor(k / perLine), inLine = k % perLine;
+      const count = Math.min(perLine, list.length - line * perLine);
+      xy[i] = [pad + t * colW + colW / 2 + (inLine - (count - 1) / 2) * step, top[r] + bandH[r] - 10 - line * step];
+    });
+  }
+  const maxInfl = Math.max(1e-300, ...G.nodes.filter((n) => n.kind !== "logit").map((n) => n.influence));
+  const maxW = Math.max(1e-300, ...G.nodes.filter((n) => n.kind === "logit").map((n) => n.weight));
+  const radius = G.nodes.map((n) => 2.5 + 3.5 * Math.sqrt(n.kind === "logit" ? n.weight / maxW : n.influence / maxInfl));
+  return { W, H, pad, colW, top, bandH, xy, radius, R };
+}
+
+function nodeTip(n) {
+  const parts = [`${n.label} (${n.kind}${n.piece !== null ? ` ${shown(n.piece)}` : ""})`];
+  if (n.value !== null) parts.push(`value ${full(n.value)}`);
+  if (n.input !== null) parts.push(`input ${full(n.input)}`);
+  parts.push(n.kind === "logit" ? `weight ${full(n.weight)}` : `influence ${full(n.influence)}`);
+  return parts.join("\n");
+}
+
+function graphSvg(G, sel) {
+  const lay = graphLayout(G);
+  const s = svg("svg", { width: lay.W, height: lay.H, "data-role": "graph-svg" });
+  for (let r = 0; r < lay.R; r++) {
+    if (r % 2) s.append(svg("rect", { x: lay.pad, y: lay.top[r], width: lay.W - lay.pad - 10, height: lay.bandH[r],
+                                      fill: "#f7fafc" }));
+    const t = svg("text", { x: 4, y: lay.top[r] + lay.bandH[r] / 2 + 4 });
+    t.textContent = r === 0 ? "embed" : r === lay.R - 1 ? "logits" : `L${r - 1}`;
+    s.append(t);
+  }
+  G.tokens.forEach((tok, t) => {
+    const label = svg("text", { x: lay.pad + t * lay.colW + 4, y: lay.H - 12 });
+    label.textContent = `${t}: ${shown(tok.piece)}`.slice(0, Math.floor(lay.colW / 6.5));
+    s.append(label);
+  });
+  const maxAbsW = Math.max(1e-300, ...G.edges.map((e) => Math.abs(e[2])));
+  const near = new Set();
+  G.edges.forEach(([i, j, w]) => {
+    const [x1, y1] = lay.xy[j], [x2, y2] = lay.xy[i], a = Math.abs(w) / maxAbsW;
+    const on = sel === null || i === sel || j === sel;
+    if (sel !== null && on) { near.add(i); near.add(j); }
+    const path = svg("path", { d: `M${x1},${y1} C${x1},${(y1 + y2) / 2} ${x2},${(y1 + y2) / 2} ${x2},${y2}`,
+      fill: "none", stroke: w >= 0 ? "#2b6cb0" : "#c53030", "stroke-width": (0.4 + 3.6 * a).toFixed(2),
+      "stroke-opacity": on ? (0.2 + 0.6 * a).toFixed(2) : "0.05", "data-edge": `${i},${j}`,
+      "data-value": full(w) });
+    const tip = svg("title", {});
+    tip.textContent = `${G.nodes[j].label} → ${G.nodes[i].label}: ${full(w)}`;
+    path.append(tip);
+    s.append(path);
+  });
+  G.nodes.forEach((n, i) => {
+    const [x, y] = lay.xy[i];
+    const c = svg("circle", { cx: x, cy: y, r: lay.radius[i].toFixed(2), fill: KIND_FILL[n.kind] || "#e2e8f0",
+      stroke: i === sel ? "#1a202c" : (n.value !== null && n.value < 0 ? "#c53030" : "#4a5568"),
+      "stroke-width": i === sel ? 2.5 : 1, class: "click", "data-node": i, "data-id": n.id, "data-kind": n.kind,
+      "fill-opacity": sel === null || near.has(i) || i === sel ? 1 : 0.35 });
+    const tip = svg("title", {});
+    tip.textContent = nodeTip(n);
+    c.append(tip);
+    c.addEventListener("click", () => { state.graphNode = i; draw(); });
+    s.append(c);
+  });
+  return s;
+}
+
+function edgeTable(G, list, role, sumRows) {
+  const scale = Math.max(...list.top.map((e) => Math.abs(e[1])), 0);
+  const rows = list.top.map(([label, v, k]) => el("tr", {},
+    el("td", { class: "label" }, k >= 0 ? el("a", { class: "click", "data-goto": k,
+      onclick: () => { state.graphNode = k; draw(); } }, label) : el("span", { title: "not among the shown nodes" },
+      label)),
+    numCell(label, v, { col: 0, role, scale })));
+  if (list.others.count) rows.push(el("tr", {}, el("td", { class: "label" }, `(${list.others.count} others, summed)`),
+    numCell("others", list.others.sum, { col: 0, role: `${role}-others` })));
+  for (const [name, r, v] of sumRows) rows.push(el("tr", { class: "whole" }, el("td", { class: "label" }, name),
+    numCell(name, v, { col: 0, role: `${role}-${r}` })));
+  return el("table", { "data-role": `${role}-table` }, el("tbody", {}, rows));
+}
+
+function graphPanel(G, i) {
+  if (i === null || i === undefined) return el("div", { class: "card gpanel", "data-role": "graph-panel" },
+    el("p", { class: "mute" }, "Click a node: its exact value, its incoming edges (summing to its input), its " +
+      "outgoing edges and its input split by component (the prisms' readout)."));
+  const n = G.nodes[i];
+  const out = el("div", { class: "card gpanel", "data-role": "graph-panel", "data-node": i, "data-id": n.id });
+  out.append(el("h3", {}, `${n.label}${n.piece !== null ? ` (${shown(n.piece)})` : ""}`));
+  const facts = [["kind", n.kind, null], ["layer", n.layer, null], ["position", n.position, null]];
+  const numbers = [["value", "g-value", n.value], ["input", "g-input", n.input],
+                   [n.kind === "logit" ? "weight (seeds the influence)" : "influence", "g-influence",
+                    n.kind === "logit" ? n.weight : n.influence]];
+  out.append(el("table", {}, el("tbody", {},
+    facts.map(([k, v]) => el("tr", {}, el("td", { class: "label" }, k), el("td", { class: "label" }, String(v)))),
+    numbers.filter(([, , v]) => v !== null).map(([k, role, v]) => el("tr", {}, el("td", { class: "label" }, k),
+      numCell(k, v, { col: 0, role }))))));
+  if (n.incoming) {
+    out.append(el("h3", {}, `Incoming edges: the top ${n.incoming.top.length} of ${n.incoming.count}`));
+    out.append(edgeTable(G, n.incoming, "g-in", [["Σ all incoming (float64)", "sum", n.incoming.sum],
+      ["input", "input", n.input], ["residual = input − Σ", "residual", n.incoming.residual]]));
+  } else {
+    out.append(el("p", { class: "mute" }, "A source: it has no incoming edges."));
+  }
+  out.append(el("h3", {}, `Outgoing edges: the top ${n.outgoing.top.length} of ${n.outgoing.count}`));
+  out.append(n.outgoing.count ? edgeTable(G, n.outgoing, "g-out", [["Σ all outgoing", "sum", n.outgoing.sum]])
+    : el("p", { class: "mute" }, "None."));
+  if (n.split) {
+    const sp = n.split;
+    out.append(el("h3", {}, "Its input split by component (residual prism)"));
+    out.append(el("p", { class: "legend" }, "The parts of the residual the node reads, at its own position, each " +
+      "read by the node's readout with the norm scales frozen. Another exact split of the same input than the edges."));
+    const scale = Math.max(...sp.values.map(Math.abs), 0);
+    const rows = sp.labels.map((label, k) => el("tr", {}, el("td", { class: "label" }, label),
+      numCell(label, sp.values[k], { col: 0, role: "g-split", scale })));
+    for (const [name, role, v] of [["whole (the input)", "whole", sp.whole], ["Σ parts (float64)", "sum", sp.sum],
+                                   ["residual = whole − Σ", "residual", sp.residual],
+                                   ["tolerance", "tolerance", sp.tolerance]])
+      rows.push(el("tr", { class: "whole" }, el("td", { class: "label" }, name),
+        numCell(name, v, { col: 0, role: `g-split-${role}` })));
+    out.append(el("table", { "data-role": "g-split-table" }, el("tbody", {}, rows)));
+    out.append(el("div", { "data-role": "g-split-exact", "data-exact": String(sp.exact) },
+      sp.exact ? el("span", { class: "ok" }, "exact: yes") : el("span", { class: "warn" }, "exact: NO"),
+      el("span", { class: "mute" }, ` — |residual| ≤ tolerance in ${sp.dtype}`)));
+  }
+  return out;
+}
+
+function graphSection(G) {
+  const sel = state.graphNode === undefined ? null : state.graphNode;
+  const capped = G.shown.nodes < G.pruned.nodes || G.shown.edges < G.pruned.edges;
+  return el("div", { class: "card section", "data-section": "graph" },
+    el("h2", {}, "Attribution graph"),
+    el("p", { class: "mute" }, `${G.basis === "neurons" ? "Neuron" : "Transcoder"} basis, ${G.explored} of ` +
+       `${G.neurons} ${G.basis === "neurons" ? "neurons" : "active features"} explored; pruned at node ` +
+       `${G.thresholds.node}, edge ${G.thresholds.edge} (circuit-tracer's rule) to ${G.pruned.nodes} nodes and ` +
+       `${G.pruned.edges} edges; replacement ${fmt(G.scores.replacement)}, completeness ` +
+       `${fmt(G.scores.completeness)}. Edges are direct effects with every norm scale, attention pattern and ` +
+       "gelu(gate) factor frozen (the gate and query/key paths are left out)."),
+    el("p", { class: capped ? "warn" : "mute", "data-role": "graph-caps" }, `Shown: ${G.shown.nodes} of ` +
+       `${G.pruned.nodes} pruned nodes (every logit, then by influence) and ${G.shown.edges} of ${G.pruned.edges} ` +
+       `pruned edges (the largest |weight| between shown nodes)${capped ? "; the rest are left out of this page" : ""}` +
+       `. Each node lists its top ${G.top} incoming and outgoing edges over the whole graph, the rest summed.`),
+    el("p", { class: "legend" }, "x: token position, y: layer (embeddings at the bottom, logits at the top); node " +
+       "size: influence on the logits (a logit's: its weight); blue edges add, red take away, width by |weight|. " +
+       "Hover for the numbers, click a node for its panel."),
+    el("div", { class: "gwrap" }, el("div", { class: "scroll gsvg" }, graphSvg(G, sel)), graphPanel(G, sel)));
+}
+
 // ------------------------------------------------------------------------------------------------ the page
 
 function header() {
@@ -537,6 +722,7 @@ function draw() {
   const app = document.getElementById("app");
   app.textContent = "";
   app.append(header());
+  if (D.sections && D.sections.graph) app.append(graphSection(D.sections.graph));
   app.append(el("div", { class: "cols", "data-role": "columns" }, el("span", { class: "mute" }, "Bars and grids show:"),
     D.columns.map((c, z) => el("button", { class: z === state.col ? "on" : "", "data-col": z,
       onclick: () => { state.col = z; draw(); } }, c))));

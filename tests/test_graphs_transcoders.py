@@ -492,7 +492,7 @@ def test_a_folder_is_walked_to_a_bounded_depth_and_size(models, tmp_path, monkey
     than WALK_ENTRIES entries is refused in one line (both bounds lowered here, so the test stays small)."""
     from refprism.graphs import transcoders as tc
 
-    cfg = models("tiny-gemma2", "float64").config
+    cfg = models["tiny-gemma2"].config
     folder = write_gemmascope(tmp_path / "gs", _weights(cfg, skip=False))  # layer_l/width_16k/average_l0_50/params
     assert len(tc.read_transcoders(folder).layers) == cfg.n_layers  # depth 3: found
     monkeypatch.setattr(tc, "WALK_DEPTH", 2)

@@ -292,3 +292,17 @@ def test_run_child_reports_failures(code, failed):
 def test_run_child_returns_the_result_and_wall_time():
     got = bench.run_child([sys.executable, "-c", "print('BENCH-RESULT {\"load_s\": 0.25}')"], timeout=60)
     assert got["load_s"] == 0.25 and got["wall_s"] > 0 and "failed" not in got
+
+
+def test_the_forward_suite_keeps_every_marked_section_of_the_old_report():
+    """keep_sections carries each suite's and each hand-written tool's section (cli, graph, gradients) of the old
+    report into the new one, in place before ## Notes; an unmarked section is not kept (so it must be marked)."""
+    old = "# r\n\nold body\n\n"
+    for name in bench.KEPT_SECTIONS:
+        old += f"<!-- suite:{name} -->\n## {name} section\n\n{name} numbers\n<!-- /suite:{name} -->\n\n"
+    old += "## Unmarked\n\nlost\n\n## Notes\n\nmine\n"
+    new = bench.keep_sections("# r\n\nnew body\n\n## Notes\n\nmine\n", old)
+    for name in ("cli", "graph", "gradients", "long"):
+        assert f"## {name} section\n\n{name} numbers\n" in new
+    assert new.index("<!-- /suite:gradients -->") < new.index("## Notes") and "lost" not in new
+    assert "new body" in new and "old body" not in new

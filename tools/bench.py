@@ -638,8 +638,9 @@ def render_report(*, command: str, date: str, machine_info: dict, checkpoint: di
     """The whole Markdown report (everything above "## Notes" is regenerated; `notes` is appended as is)."""
     out = ["# refprism performance", "",
            "Written by `tools/bench.py`: the default (forward) suite regenerates everything above \"## Notes\" "
-           "but the other suites' sections, which `--suite long|packed|interventions|sweeps` each replace; the "
-           "Notes section is kept.", "", "## Command", "", "```", command, "```", "", f"Date: {date}", "",
+           "but the other suites' sections, which `--suite long|packed|interventions|sweeps` each replace, and "
+           "the sections of tools/bench_cli.py, bench_graph.py and bench_gradients.py (written by hand from their "
+           "output); the Notes section is kept.", "", "## Command", "", "```", command, "```", "", f"Date: {date}", "",
            "## Machine", "", "| | |", "| --- | --- |"]
     out += [f"| {k} | {v} |" for k, v in machine_info.items()]
     out += ["", "## Checkpoint", "", "| | |", "| --- | --- |"]
@@ -828,6 +829,7 @@ def main(argv=None) -> int:
     return 0
 
 
+KEPT_SECTIONS = ("long", "packed", "interventions", "sweeps", "cli", "graph", "gradients")
 SECTION = "<!-- suite:{name} -->"
 SECTION_END = "<!-- /suite:{name} -->"
 
@@ -845,8 +847,9 @@ def replace_section(report: str, name: str, body: str) -> str:
 
 
 def keep_sections(report: str, old: str | None) -> str:
-    """The forward suite's new report with the other suites' sections of the old report kept."""
-    for name in ("long", "packed", "interventions", "sweeps"):
+    """The forward suite's new report with the other suites' sections of the old report kept (also those other tools
+    write by hand: cli, tools/bench_cli.py; graph, tools/bench_graph.py; gradients, tools/bench_gradients.py)."""
+    for name in KEPT_SECTIONS:
         start, end = SECTION.format(name=name), SECTION_END.format(name=name)
         if old and start in old and end in old:
             body = old[old.index(start) + len(start):old.index(end)].strip("\n")

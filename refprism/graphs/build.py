@@ -336,6 +336,21 @@ class _Context:
         return (params.get(l, "W_up")[:, n] * scale[:, None]).T
 
 
+def input_factor(model, rec, l, input_hook) -> np.ndarray:
+    """The transcoder's input factor c of layer l: its input is h = resid_mid c, with the ln2 scale frozen.
+
+    Math:   c = 1 (resid_mid), 1 / s_ln2 (normalized), (1 + w_ln2) / s_ln2 (ln2.out; P.gain: w on Gemma 4)
+    Shapes: -> c [T, D] (a broadcast view for the last two)
+    """
+    x = rec[f"blocks.{l}.resid_mid"]
+    T, D = x.shape
+    if input_hook == "resid_mid":
+        return np.ones((T, D), x.dtype)
+    s = np.asarray(rec[f"blocks.{l}.ln2.scale"]).reshape(T, 1)
+    w = P.gain(model, model.params.get(l, "ln2")) if input_hook == "ln2.out" else np.ones(D, x.dtype)
+    return np.broadcast_to(w[None, :] / s, (T, D))
+
+
 def _transcode(model, rec, l, tc, input_hook, zero_positions):
     """One layer's transcoder on the run: the input factor c, pre-activations, activations, reconstruction.
 
@@ -345,13 +360,7 @@ def _transcode(model, rec, l, tc, input_hook, zero_positions):
     Shapes: -> c [T, D], pre [T, F], act [T, F], recon [T, D]
     """
     x = np.asarray(rec[f"blocks.{l}.resid_mid"])
-    T, D = x.shape
-    if input_hook == "resid_mid":
-        c = np.ones((T, D), x.dtype)
-    else:
-        s = np.asarray(rec[f"blocks.{l}.ln2.scale"]).reshape(T, 1)
-        w = (1 + model.params.get(l, "ln2")) if input_hook == "ln2.out" else np.ones(D, x.dtype)
-        c = np.broadcast_to(w[None, :] / s, (T, D))
+    c = input_factor(model, rec, l, input_hook)
     h = x * c
     pre = h @ tc.W_enc + tc.b_enc
     gate = tc.gate(pre)

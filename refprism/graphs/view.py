@@ -40,6 +40,7 @@ import numpy as np
 
 from refprism import prisms as P
 from refprism.errors import InputError
+from refprism.graphs.build import input_factor
 from refprism.graphs.export import _node_id
 
 FORMAT = 1  # the view's data format (report's SECTION_KEYS["graph"] checks its keys)
@@ -148,16 +149,10 @@ def node_split(g, i) -> P.Split | None:
         scale = rec[f"blocks.{l}.ln2.scale"][t]
         u = (params.get(l, "W_up")[:, n] * P.gain(model, params.get(l, "ln2")) / scale)[None, :]
         site = 2 * l + 1
-    elif k == "feature":  # pre[t, f] = (resid_mid c) . W_enc[:, f] + b_enc[f]: c as graphs.build._transcode's
+    elif k == "feature":  # pre[t, f] = (resid_mid c) . W_enc[:, f] + b_enc[f]: c of graphs.build.input_factor
         tc = g.transcoders
         scale = rec[f"blocks.{l}.ln2.scale"][t]
-        if tc.input_hook == "resid_mid":
-            c = np.ones(cfg.d_model, model.dtype)
-        elif tc.input_hook == "normalized":
-            c = np.ones(cfg.d_model, model.dtype) / scale
-        else:
-            c = P.gain(model, params.get(l, "ln2")) / scale
-        u = (tc.layers[l].W_enc[:, n] * c)[None, :]
+        u = (tc.layers[l].W_enc[:, n] * input_factor(model, rec, l, tc.input_hook)[t])[None, :]
         site = 2 * l + 1
     else:
         return None

@@ -424,27 +424,8 @@ def scheme_hf(name: str, array, cfg: Config) -> list[tuple[str, np.ndarray]]:
         return _scheme_gemma4(name, a, cfg)
     N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
     post = cfg.post_norms
-    if name == "model.embed_tokens":
-        return [("embed", _unbatch(name, a, 2))]
-    if name == "model.norm":
-        return [("ln_final.out", _unbatch(name, a, 2))]
-    if name == "model.norm:in":
-        return [(f"blocks.{cfg.n_layers - 1}.resid_post", _unbatch(name, a, 2))]
-    if name == "lm_head:in":
-        return [("ln_final.out", _unbatch(name, a, 2))]
-    if name == "lm_head":
-        return [("logits_uncapped" if cfg.final_softcap is not None else "logits", _unbatch(name, a, 2))]
-    if name == "logits":
-        return [("logits", _unbatch(name, a, 2))]
-    m = re.fullmatch(r"(hidden_states|attentions)\.(\d+)", name)
-    if m:
-        i = int(m.group(2))
-        if m.group(1) == "attentions":
-            return [(f"blocks.{i}.attn.pattern", _unbatch(name, a, 3))] if i < cfg.n_layers else []
-        if i >= cfg.n_layers:  # the last entry is the final norm's output in some transformers versions: ambiguous
-            return []
-        x = _unbatch(name, a, 2)
-        return [("embed", x), ("blocks.0.resid_pre", x)] if i == 0 else [(f"blocks.{i}.resid_pre", x)]
+    if _shared_name(name):
+        return _scheme_shared(name, name, a, cfg)
     m = _LAYER.fullmatch(name)
     if not m or int(m.group(1)) >= cfg.n_layers:
         return []
@@ -533,16 +514,13 @@ def _scheme_gemma4(name: str, a: np.ndarray, cfg: Config) -> list[tuple[str, np.
 
     key = "model." + name[len("model.language_model."):] if name.startswith("model.language_model.") else name
     L, P = cfg.n_layers, cfg.d_ple
-    if key == "model.embed_tokens":
-        return [("embed", _unbatch(name, a, 2))]
     if key == "model.embed_tokens_per_layer" and cfg.ple:  # [B, T, L*P], E_ple[tokens] * sqrt(P)
         return [("ple.token", _layers_apart(name, _unbatch(name, a, 2), L, P))]
     if key == "model.per_layer_projection_norm:in" and cfg.ple:  # [B, T, L, P], embed W / sqrt(D) as reshaped
         return [("ple.model_proj", _checked(name, _unbatch(name, a, 3), "ple.model_proj", cfg))]
     if key in ("model.embed_tokens_per_layer", "model.per_layer_projection_norm:in"):
         return []
-    if key in ("model.norm", "lm_head:in", "model.norm:in", "lm_head", "logits") or \
-            re.fullmatch(r"(hidden_states|attentions)\.\d+", key):
+    if _shared_name(key):
         return _checked_all(name, _scheme_shared(key, name, a, cfg), cfg)
     m = _LAYER.fullmatch(key)
     if not m or int(m.group(1)) >= L:
@@ -572,8 +550,16 @@ def _scheme_gemma4(name: str, a: np.ndarray, cfg: Config) -> list[tuple[str, np.
     return out
 
 
+def _shared_name(key) -> bool:
+    return key in ("model.embed_tokens", "model.norm", "lm_head:in", "model.norm:in", "lm_head", "logits") or \
+        re.fullmatch(r"(hidden_states|attentions)\.\d+", key) is not None
+
+
 def _scheme_shared(key, name, a, cfg) -> list[tuple[str, np.ndarray]]:
-    """The names every family shares: the final norm, the lm_head, the model's outputs."""
+    """The names every family shares (scheme_hf's and _scheme_gemma4's): the embedding, the final norm, the
+    lm_head, the model's outputs (hidden_states.{i}, attentions.{i})."""
+    if key == "model.embed_tokens":
+        return [("embed", _unbatch(name, a, 2))]
     if key in ("model.norm", "lm_head:in"):
         return [("ln_final.out", _unbatch(name, a, 2))]
     if key == "model.norm:in":

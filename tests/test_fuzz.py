@@ -360,6 +360,7 @@ VALUES.update({  # the interventions' options (patch, validate)
     "--check": st.sampled_from(["zero", "mean", "resample"]) | texts,
     "--transcoders": st.sampled_from(["tc", "absent", ".", "", "prompt.txt", "tc/layer_*/params.npz"]) | texts,
     "--zero-positions": numbers,
+    "--graph-nodes": numbers, "--graph-edges": numbers,  # report --graph
 })
 for _opt in ("--top", "--top-k", "--position", "--layer", "--head", "--source", "--neuron", "--depth",
              "--branch", "--budget", "--seed"):
@@ -401,6 +402,7 @@ GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads,
     "--slug": st.just("g"), "--node-threshold": st.sampled_from(["0.8", "0.5", "1.0"]),
     "--edge-threshold": st.sampled_from(["0.98", "0.9"]), "--check": st.sampled_from(["zero", "mean"]),
     "--transcoders": st.sampled_from(["tc", "tc/layer_*/params.npz"]), "--zero-positions": st.integers(0, 2).map(str),
+    "--graph-nodes": st.integers(1, 50).map(str), "--graph-edges": st.integers(0, 200).map(str),
 }
 
 

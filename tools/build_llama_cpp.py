@@ -12,7 +12,7 @@ from (LLAMA_CPP_PYTHON in refprism/crosscheck/sides/llamacpp.py; pyproject's ext
 What this does, each step skipped when already done:
 1. llama-cpp-python == LLAMA_CPP_PYTHON is importable, else `pip install llama-cpp-python==...` (pip builds it
    from source with cmake and g++, ~11 minutes on 2 cores, and caches the wheel under ~/.cache/pip);
-2. the sdist is fetched with `pip download --no-binary :all:` into the cache folder;
+2. the sdist is fetched with `pip download --no-binary llama-cpp-python` into the cache folder (seconds);
 3. its vendor/llama.cpp gets one patch (PATCHES: llama-debug flushes its logger before exiting, as common/log.h
    asks; without it the end of its dump is often lost), is configured with cmake (Release, CPU only, static
    libraries, no OpenSSL/HTTPS, no server, no tests) and the two targets are built with `-j2` (~9-10 minutes
@@ -168,7 +168,9 @@ def _sdist() -> Path:
     if found:
         return found[0]
     folder.mkdir(parents=True, exist_ok=True)
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+    # --no-binary for this package alone: with :all: pip also built the sdist's build backend from source, most of
+    # a cold 33-minute run on 2 busy cores; this way 12 s (its wheels are fine: only llama.cpp's source is wanted)
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
           f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(folder)])
     found = sorted(folder.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"))
     if not found:

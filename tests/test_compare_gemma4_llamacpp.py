@@ -2,8 +2,9 @@
 llama.cpp vendored in llama-cpp-python 0.3.36), run on a tiny Gemma 4 GGUF with every feature on (KV sharing,
 k_eq_v, the double-wide MLP on the consumers, MoE, per-layer inputs, proportional RoPE, layer_scalar), F32
 weights, in a layer layout llama.cpp's KV-sharing rule takes (docs/gemma4.md). An honest run is within every
-floor with either KV cache; a mistake planted in llama.cpp's gemma4.cpp (tools/build_llama_cpp.py PLANTS) is
-found at its first wrong op and named by the Gemma 4 catalogue from llama-debug's printed values alone."""
+floor with either KV cache; a mistake planted in llama.cpp's source (tools/build_llama_cpp.py PLANTS: gemma4.cpp's
+layer_output_scale skipped, llama-model.cpp's KV-sharing rule giving a consumer the wrong producer) is found at its
+first divergence and named by the Gemma 4 catalogue from llama-debug's printed values alone."""
 
 from __future__ import annotations
 
@@ -75,6 +76,24 @@ def test_planted_layer_scalar_skipped_is_found_and_named(g4gguf, llama_planted):
     assert r.first_divergence == "blocks.0.resid_post", r.table()
     explained = [d["variant"] for d in r.diagnosis if d["explains"]]
     assert explained == ["layer_scalar_missing"], r.diagnosis
+
+
+def test_planted_wrong_kv_producer_is_found_at_the_consumer_and_named(g4gguf, llama_planted):
+    """llama.cpp's KV-sharing rule in src/llama-model.cpp edited so that a sliding consumer reuses the K/V of layer
+    (first shared layer) - 4 (PLANTS "gemma4-kv-producer-wrong"): on this layout consumer 4 reads layer 0's cache,
+    the first sliding layer, not its producer, layer 2. Every site up to the consumer's own q agrees; its scores
+    are the first divergence, and of the catalogue's variants run on llama-debug's printed values alone,
+    kv_producer_first_of_type (layer 0's keys) reproduces them, and llama.cpp's own rule (layer 2 here: HF's
+    producer, so not applicable) does not."""
+    r = compare(refprism.load(g4gguf), PROMPT, against="llama.cpp", kv_cache="f32",
+                llama_cpp=llama_planted["gemma4-kv-producer-wrong"])
+    assert r.exit_status == 1
+    assert r.first_divergence == "blocks.4.attn.scores", r.table()
+    agreed = {row.site for row in r.sites if row.max_abs <= row.floor}
+    assert {"blocks.3.resid_post", "blocks.4.ln1.out", "blocks.4.attn.q_pre", "blocks.4.attn.q"} <= agreed
+    explained = [d["variant"] for d in r.diagnosis if d["explains"]]
+    assert explained == ["kv_producer_first_of_type"], r.diagnosis
+    assert all(d["from"] == "printed" for d in r.diagnosis)
 
 
 def test_quantized_gemma4_is_refused_in_one_line(g4gguf, tmp_path):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from test_compare_gemma4 import _no_layer_scalar, _no_per_expert_scale, _no_v_norm
-from test_compare_gemma4_llamacpp import PROMPT, g4gguf  # noqa: F401  (the tiny F32 GGUF llama.cpp runs)
+from test_compare_gemma4_llamacpp import PROMPT
 
 import refprism
 from refprism.crosscheck import compare

@@ -17,18 +17,7 @@ import refprism
 from refprism.crosscheck import compare
 
 PROMPT = "hello world the cat"  # 16 tokens of the tiny byte-level vocabulary, BOS included
-
-
-@pytest.fixture(scope="module")
-def g4gguf(checkpoint, tmp_path_factory):
-    from safetensors.numpy import load_file
-    from test_gguf_gemma4 import write_gemma4_gguf
-
-    S, F = "sliding_attention", "full_attention"
-    d = checkpoint("tiny-gemma4", layer_types=(S, F, S, F, S, F, F))
-    hf, tensors = json.loads((d / "config.json").read_text()), load_file(d / "model.safetensors")
-    path = tmp_path_factory.mktemp("g4llama") / "g4.gguf"
-    return write_gemma4_gguf(path, hf, tensors, split_experts=True, tokenizer_model="llama")
+# g4gguf: the tiny F32 Gemma 4 GGUF llama.cpp runs (conftest.py)
 
 
 @pytest.mark.parametrize("kv_cache", ["f32", "f16"])

@@ -109,7 +109,7 @@ def read_dump(path, model, *, names="refprism", ids=None, kv_cache="f16") -> Cap
 
 def _llamacpp_arithmetic(model, kv_cache):
     """How llama.cpp rounded a dump in its names: the weight types of the model's GGUF and the KV cache given."""
-    from refprism.crosscheck.sides.llamacpp import gemma4_f32_only, arithmetic
+    from refprism.crosscheck.sides.llamacpp import arithmetic, gemma4_f32_only
 
     note = (f"a dump in llama.cpp's names: floors of llama.cpp's CPU arithmetic ({kv_cache} KV cache, GELU through "
             "an f16 table, ggml's RoPE angles")

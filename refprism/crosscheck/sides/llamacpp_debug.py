@@ -369,6 +369,10 @@ def scheme_llamacpp(name: str, array, cfg: Config, *, T: int | None = None) -> l
     prompt's length) is given, a tensor with fewer rows (llama.cpp's cut last layer) comes back as a Summary of
     the last rows. Gemma 2's layerless "ffn_post_norm" cannot be placed: []. A scheme name of the wrong shape is
     InputError.
+
+    Gemma 4: placed by GEMMA4_SITES (`_place_gemma4`, op None: each name once, an unnamed product as
+    "<weight>-l"), at each layer's own widths; layouts as the printout's ([P, L, T] is a [T, L, P] array, the
+    experts' [G, J, T] a [T, J, G] one); a k_eq_v layer's Vcur is k_pre too.
     """
     tag, layer = _split(name)
     probe = place(tag, None, 2, cfg)

@@ -15,6 +15,7 @@ import pytest
 
 import refprism
 from refprism.crosscheck import compare
+from refprism.crosscheck.sides import dumps
 
 PROMPT = "hello world the cat"  # 16 tokens of the tiny byte-level vocabulary, BOS included
 # g4gguf: the tiny F32 Gemma 4 GGUF llama.cpp runs (conftest.py)
@@ -90,8 +91,15 @@ def test_quantized_gemma4_is_refused_in_one_line(g4gguf, tmp_path):
     from refprism.errors import InputError
 
     q = llamacpp.quantize(g4gguf, tmp_path / "q.gguf", "Q8_0")
+    model = refprism.load(q)
     with pytest.raises(InputError, match="Gemma 4 GGUF with .* not supported yet") as e:
-        compare(refprism.load(q), PROMPT, against="llama.cpp")
+        compare(model, PROMPT, against="llama.cpp")
+    assert "\n" not in str(e.value)
+    # a dump in llama.cpp's names on that model: the same floors, so the same refusal
+    dumps.write_dump(tmp_path / "d.npz", {"tokens": np.asarray([2, 5, 7]),
+                                          "inp_scaled": np.zeros((3, model.config.d_model), np.float32)})
+    with pytest.raises(InputError, match="Gemma 4 GGUF with F16, Q8_0 tensors against llama.cpp is not supported yet") as e:
+        compare(model, None, against=str(tmp_path / "d.npz"), names="llama.cpp")
     assert "\n" not in str(e.value)
 
 

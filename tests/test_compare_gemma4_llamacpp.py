@@ -98,7 +98,7 @@ def test_quantized_gemma4_is_refused_in_one_line(g4gguf, tmp_path):
     # a dump in llama.cpp's names on that model: the same floors, so the same refusal
     dumps.write_dump(tmp_path / "d.npz", {"tokens": np.asarray([2, 5, 7]),
                                           "inp_scaled": np.zeros((3, model.config.d_model), np.float32)})
-    with pytest.raises(InputError, match="Gemma 4 GGUF with F16, Q8_0 tensors against llama.cpp is not supported yet") as e:
+    with pytest.raises(InputError, match="Gemma 4 GGUF with F16, Q8_0 tensors against llama.cpp is not supported") as e:
         compare(model, None, against=str(tmp_path / "d.npz"), names="llama.cpp")
     assert "\n" not in str(e.value)
 

@@ -24,6 +24,7 @@ for _stale in ("HUGGINGFACE_HUB_CACHE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
     os.environ.pop(_stale, None)
 
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -82,6 +83,20 @@ def checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def g4gguf(checkpoint, tmp_path_factory):
+    """The tiny Gemma 4 (every feature on) as an F32 GGUF llama.cpp runs: layer types S F S F | S F F, a layout
+    llama.cpp's KV-sharing rule takes (docs/gemma4.md), experts split per kind, the llama tokenizer model."""
+    from safetensors.numpy import load_file
+    from test_gguf_gemma4 import write_gemma4_gguf
+
+    S, F = "sliding_attention", "full_attention"
+    d = checkpoint("tiny-gemma4", layer_types=(S, F, S, F, S, F, F))
+    hf, tensors = json.loads((d / "config.json").read_text()), load_file(d / "model.safetensors")
+    path = tmp_path_factory.mktemp("g4llama") / "g4.gguf"
+    return write_gemma4_gguf(path, hf, tensors, split_experts=True, tokenizer_model="llama")
 
 
 @pytest.fixture(scope="session")

@@ -6,15 +6,21 @@ double-wide MLP, MoE, random layer_scalar / router scale / per_expert_scale / no
 HF dumps are written here from HF's own modules (hooks in this file, not refprism's live capture), read back and
 checked against the live capture (`sides.hf.capture_gemma4`, its own hooks): the same arrays at every site both
 have. A mistake planted in HF's model (as tests/test_compare_gemma4.py plants them) reaches the dump and is found at
-its first wrong op and named. llama.cpp dumps are refprism's record under llama.cpp's names, written by a hand
-inverse of the map (numpy layouts spelled out here), as tests/test_compare_others.py does for Gemma 3."""
+its first wrong op and named. llama.cpp dumps are written from llama.cpp's own run (llama-cpp-python with a graph
+callback, the one llama-debug prints from: `llama_graph_dump` here) on the tiny F32 GGUF that
+tests/test_compare_gemma4_llamacpp.py runs, read back, checked against llama-debug's print of the same llama.cpp
+and compared (exit 0); a mistake planted in that dump is found at its site and named."""
 
 from __future__ import annotations
+
+import ctypes
+import re
 
 import numpy as np
 import pytest
 import torch
 from test_compare_gemma4 import _no_layer_scalar, _no_per_expert_scale, _no_v_norm
+from test_compare_gemma4_llamacpp import PROMPT
 
 import refprism
 from refprism.crosscheck import compare
@@ -189,3 +195,171 @@ def test_hf_names_that_are_mis_shaped_or_unknown_are_named(g4dir, g4, tmp_path):
                                          r"scheme \(its names begin model\.layers\.0\.self_attn\.q_norm") as e:
         compare(g4, IDS, against=str(tmp_path / "none.npz"), names="hf")
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp's names
+
+
+class _GgmlTensor(ctypes.Structure):
+    """ggml's `struct ggml_tensor` (ggml/include/ggml.h of the llama.cpp vendored in llama-cpp-python 0.3.36)."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64),
+                ("extra", ctypes.c_void_p), ("padding", ctypes.c_char * 8)]
+
+
+def llama_graph_dump(gguf, ids, *, cache_type="f32") -> dict:
+    """What a dumper on llama.cpp's graph callback writes (cb_eval, the callback llama-debug prints from), run by
+    llama-cpp-python on the ids: every F32 tensor of the graph as llama.cpp computed it, under its graph name, as
+    NumPy sees ggml's memory (reverse ne, ne[3] first), the last tensor of a repeated name kept; an unnamed product
+    (`node_<i>`) of a weight blk.l.<w>.weight under "<w>-l". Logits at every position: no row is cut."""
+    import llama_cpp
+
+    from refprism.crosscheck.sides import llamacpp as L
+
+    got = {}
+
+    def keep(t, ask, _):
+        if ask:
+            return True  # every tensor, as llama-debug asks
+        x = _GgmlTensor.from_address(t)
+        if x.type != 0 or not x.data:  # GGML_TYPE_F32 only (the KV cache copies of an f16 cache are f16)
+            return True
+        name = x.name.decode()
+        if name.startswith("node_") and x.src[0]:
+            m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", _GgmlTensor.from_address(x.src[0]).name.decode())
+            if m is None:
+                return True
+            name = f"{m[2]}-{m[1]}"
+        ne, nb = list(x.ne), list(x.nb)
+        span = sum((n - 1) * s for n, s in zip(ne, nb)) + 4  # bytes from the first element to the last
+        flat = np.frombuffer((ctypes.c_char * span).from_address(x.data), np.float32)
+        got[name] = np.lib.stride_tricks.as_strided(flat, shape=ne[::-1], strides=nb[::-1]).copy()
+        return True
+
+    callback = llama_cpp.ggml_backend_sched_eval_callback(keep)
+    lib = llama_cpp.llama_cpp
+    real = lib.llama_context_default_params
+
+    def with_callback():
+        p = real()
+        p.cb_eval, p.cb_eval_user_data = callback, None
+        return p
+
+    lib.llama_context_default_params = with_callback
+    try:
+        llm = L._load_llama(gguf, len(ids), cache_type=cache_type)
+    finally:
+        lib.llama_context_default_params = real
+    try:
+        llm.eval([int(i) for i in ids])
+    finally:
+        llm.close()
+    return {**got, "tokens": np.asarray(ids)}
+
+
+@pytest.fixture(scope="module")
+def g4llama(g4gguf, tmp_path_factory):
+    """(the GGUF's model, its ids of the prompt, the path of llama.cpp's own dump of them, f32 KV cache)."""
+    from refprism.crosscheck.sides import llamacpp as L
+
+    ids = L.tokenize(g4gguf, PROMPT)
+    path = tmp_path_factory.mktemp("g4dump") / "llama.npz"
+    dumps.write_dump(path, llama_graph_dump(g4gguf, ids))
+    return refprism.load(g4gguf), ids, path
+
+
+def test_llamacpp_names_dump_of_llamacpps_own_run_reads_back_and_is_within_every_floor(g4gguf, g4llama,
+                                                                                        llama_bin_dir):
+    """llama.cpp's own run on the tiny GGUF (every feature on, the S F S F | S F F layout llama.cpp's KV-sharing
+    rule takes), dumped from its graph callback and read with --names llama.cpp: every site llama-debug prints of
+    the same llama.cpp (placed by the same GEMMA4_SITES) is in the dump, with each printed element at the same
+    index (within the print's 5e-5): the per-layer inputs [P, L, T], the experts [G, J, T] and [D, J, T], k_eq_v's
+    one product, the double-wide MLP, a KV-sharing consumer's q, scores, pattern and z. Compared site by site
+    with replay: exit 0."""
+    from refprism.crosscheck.sides import llamacpp as L
+    from refprism.crosscheck.sides.llamacpp_debug import PRINTED_RESOLUTION
+
+    model, ids, path = g4llama
+    cap = dumps.read_dump(path, model, names="llama.cpp", kv_cache="f32")
+    printed = L.debug_dump(g4gguf, PROMPT, cache_type="f32").summaries
+    # llama-debug asks for the last logits only (result_norm / result_output cut to row T-1): the dump has them all
+    assert set(printed) - set(cap.arrays) == set() and not cap.summaries
+    for site, s in printed.items():
+        a = cap.arrays[site]
+        worst = max(abs(float(a[idx]) - v) for idx, v in s.elements.items())
+        assert worst <= PRINTED_RESOLUTION * 1.001 + 1e-6 * np.abs(a).max(), (site, worst)
+    cfg = model.config
+    T = len(ids)
+    assert cap.arrays["ple.token"].shape == cap.arrays["ple.input"].shape == (T, 7, cfg.d_ple)
+    assert cap.arrays["blocks.0.moe.gate"].shape == (T, cfg.top_k, cfg.d_expert)
+    assert cap.arrays["blocks.0.moe.expert_out"].shape == (T, cfg.top_k, cfg.d_model)
+    assert cap.arrays["blocks.4.mlp.act"].shape == (T, 2 * cfg.d_mlp)
+    np.testing.assert_array_equal(cap.arrays["blocks.1.attn.k_pre"], cap.arrays["blocks.1.attn.v_pre"])
+    for site in ("blocks.4.attn.q", "blocks.4.attn.scores", "blocks.5.attn.pattern", "blocks.6.attn.z",
+                 "blocks.0.attn.o_proj", "blocks.3.ple.gate", "blocks.3.ple.proj", "blocks.0.mlp.down"):
+        assert site in cap.arrays, site
+    assert not any(f"blocks.{l}.attn.{kv}" in cap.arrays for l in (4, 5, 6) for kv in ("k", "v", "k_pre"))
+    r = compare(model, None, against=str(path), names="llama.cpp", kv_cache="f32")
+    assert r.exit_status == 0 and r.first_divergence is None, r.table()
+    assert r.tokens == ids and r.floors["llama.cpp"] == {"weights": "F32", "kv_cache": "f32", "activations": {}}
+    assert len(r.sites) == len(cap.arrays)
+
+
+def _wrong_producer_scores(d, cfg, consumer, producer):
+    """kq of `consumer` over the keys of `producer` (llama.cpp's names, NumPy layouts): [N, T, S] = q . k."""
+    q, k = d[f"Qcur_pos-{consumer}"].reshape(-1, cfg.n_heads, cfg.head_dim_of(consumer)), \
+        d[f"Kcur_pos-{producer}"].reshape(-1, cfg.kv_heads_of(producer), cfg.head_dim_of(producer))
+    k = np.repeat(k, cfg.n_heads // k.shape[1], axis=1)
+    return np.einsum("tnh,snh->nts", q, k).astype(np.float32)  # attention scale 1
+
+
+LLAMA_DUMP_PLANTS = {  # a mistake planted in llama.cpp's own dump -> (its first wrong op, the variant naming it)
+    "v_norm_missing": (lambda d, cfg: {"Vcur_normed-3": d["Vcur-3"].reshape(d["Vcur_normed-3"].shape)},
+                       "blocks.3.attn.v"),
+    "kv_producer_first_of_type": (lambda d, cfg: {"kq-4": _wrong_producer_scores(d, cfg, 4, 0)},
+                                  "blocks.4.attn.scores"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(LLAMA_DUMP_PLANTS))
+def test_a_mistake_planted_in_llamacpps_dump_is_found_and_named(g4llama, tmp_path, mistake):
+    """llama.cpp's own dump with one tensor replaced by a port's mistake: layer 3's values left un-normed
+    (Vcur_normed = Vcur), or consumer 4's scores over layer 0's keys (the first sliding layer, not its producer,
+    layer 2: the first of its type). Exit 1 at the planted site and the catalogue names the mistake alone."""
+    model, _, path = g4llama
+    planted, site = LLAMA_DUMP_PLANTS[mistake]
+    d = dumps.load_arrays(path)
+    dumps.write_dump(tmp_path / "broken.npz", {**d, **planted(d, model.config)})
+    r = compare(model, None, against=str(tmp_path / "broken.npz"), names="llama.cpp", kv_cache="f32")
+    assert r.exit_status == 1
+    assert r.first_wrong_op == site, r.table()
+    assert [x["variant"] for x in r.diagnosis if x["explains"]] == [mistake], r.diagnosis
+
+
+def test_llamacpp_names_that_are_mis_shaped_are_named_with_their_layers_widths(g4, tmp_path):
+    """A llama.cpp-named array of the wrong shape is one line naming it and the shape llama.cpp's tensor has at
+    that layer (a full layer's heads are 32 wide, a sliding layer's 16; the per-layer inputs [T, L, P]); names of
+    no site (before RoPE, an unnamed node) are left to a note, and a layer beyond the model to it too."""
+    T = len(IDS)
+    base = {"tokens": np.asarray(IDS), "inp_scaled": np.zeros((T, g4.config.d_model), np.float32)}
+    cases = [("Qcur-1", np.zeros((1, 1, T, 4 * 16), np.float32),
+              r"Qcur-1: shape \[9, 64\], but llama\.cpp's Qcur for this model is \[T, 128\]"),
+             ("Vcur_normed-2", np.zeros((T, 2, 32), np.float32),
+              r"Vcur_normed-2: shape \[9, 2, 32\], but llama\.cpp's Vcur_normed for this model is \[T, 2, 16\]"),
+             ("inp_per_layer", np.zeros((T, 7, 15), np.float32),
+              r"inp_per_layer: shape \[9, 7, 15\], but llama\.cpp's inp_per_layer for this model is \[T, 7, 16\]")]
+    for key, bad, message in cases:
+        dumps.write_dump(tmp_path / "bad.npz", {**base, key: bad})
+        with pytest.raises(InputError, match=message) as e:
+            compare(g4, None, against=str(tmp_path / "bad.npz"), names="llama.cpp")
+        assert "\n" not in str(e.value)
+    odd = {"Kcur_normed-0": np.zeros((T, 2, 16), np.float32), "node_17": np.zeros((T, 4), np.float32),
+           "l_out-7": base["inp_scaled"]}
+    dumps.write_dump(tmp_path / "odd.npz", {**base, **odd})
+    cap = dumps.read_dump(tmp_path / "odd.npz", g4, names="llama.cpp")
+    assert set(cap.arrays) == {"embed", "blocks.0.resid_pre"}
+    assert "3 arrays of the dump name no refprism site in the llama.cpp scheme, ignored: " + ", ".join(odd) \
+        in cap.notes

@@ -2,8 +2,9 @@
 llama.cpp vendored in llama-cpp-python 0.3.36), run on a tiny Gemma 4 GGUF with every feature on (KV sharing,
 k_eq_v, the double-wide MLP on the consumers, MoE, per-layer inputs, proportional RoPE, layer_scalar), F32
 weights, in a layer layout llama.cpp's KV-sharing rule takes (docs/gemma4.md). An honest run is within every
-floor with either KV cache; a mistake planted in llama.cpp's gemma4.cpp (tools/build_llama_cpp.py PLANTS) is
-found at its first wrong op and named by the Gemma 4 catalogue from llama-debug's printed values alone."""
+floor with either KV cache; a mistake planted in llama.cpp's source (tools/build_llama_cpp.py PLANTS: gemma4.cpp's
+layer_output_scale skipped, llama-model.cpp's KV-sharing rule giving a consumer the wrong producer) is found at its
+first divergence and named by the Gemma 4 catalogue from llama-debug's printed values alone."""
 
 from __future__ import annotations
 
@@ -14,20 +15,10 @@ import pytest
 
 import refprism
 from refprism.crosscheck import compare
+from refprism.crosscheck.sides import dumps
 
 PROMPT = "hello world the cat"  # 16 tokens of the tiny byte-level vocabulary, BOS included
-
-
-@pytest.fixture(scope="module")
-def g4gguf(checkpoint, tmp_path_factory):
-    from safetensors.numpy import load_file
-    from test_gguf_gemma4 import write_gemma4_gguf
-
-    S, F = "sliding_attention", "full_attention"
-    d = checkpoint("tiny-gemma4", layer_types=(S, F, S, F, S, F, F))
-    hf, tensors = json.loads((d / "config.json").read_text()), load_file(d / "model.safetensors")
-    path = tmp_path_factory.mktemp("g4llama") / "g4.gguf"
-    return write_gemma4_gguf(path, hf, tensors, split_experts=True, tokenizer_model="llama")
+# g4gguf: the tiny F32 Gemma 4 GGUF llama.cpp runs (conftest.py)
 
 
 @pytest.mark.parametrize("kv_cache", ["f32", "f16"])
@@ -77,13 +68,38 @@ def test_planted_layer_scalar_skipped_is_found_and_named(g4gguf, llama_planted):
     assert explained == ["layer_scalar_missing"], r.diagnosis
 
 
+def test_planted_wrong_kv_producer_is_found_at_the_consumer_and_named(g4gguf, llama_planted):
+    """llama.cpp's KV-sharing rule in src/llama-model.cpp edited so that a sliding consumer reuses the K/V of layer
+    (first shared layer) - 4 (PLANTS "gemma4-kv-producer-wrong"): on this layout consumer 4 reads layer 0's cache,
+    the first sliding layer, not its producer, layer 2. Every site up to the consumer's own q agrees; its scores
+    are the first divergence, and of the catalogue's variants run on llama-debug's printed values alone,
+    kv_producer_first_of_type (layer 0's keys) reproduces them, and llama.cpp's own rule (layer 2 here: HF's
+    producer, so not applicable) does not."""
+    r = compare(refprism.load(g4gguf), PROMPT, against="llama.cpp", kv_cache="f32",
+                llama_cpp=llama_planted["gemma4-kv-producer-wrong"])
+    assert r.exit_status == 1
+    assert r.first_divergence == "blocks.4.attn.scores", r.table()
+    agreed = {row.site for row in r.sites if row.max_abs <= row.floor}
+    assert {"blocks.3.resid_post", "blocks.4.ln1.out", "blocks.4.attn.q_pre", "blocks.4.attn.q"} <= agreed
+    explained = [d["variant"] for d in r.diagnosis if d["explains"]]
+    assert explained == ["kv_producer_first_of_type"], r.diagnosis
+    assert all(d["from"] == "printed" for d in r.diagnosis)
+
+
 def test_quantized_gemma4_is_refused_in_one_line(g4gguf, tmp_path):
     from refprism.crosscheck.sides import llamacpp
     from refprism.errors import InputError
 
     q = llamacpp.quantize(g4gguf, tmp_path / "q.gguf", "Q8_0")
+    model = refprism.load(q)
     with pytest.raises(InputError, match="Gemma 4 GGUF with .* not supported yet") as e:
-        compare(refprism.load(q), PROMPT, against="llama.cpp")
+        compare(model, PROMPT, against="llama.cpp")
+    assert "\n" not in str(e.value)
+    # a dump in llama.cpp's names on that model: the same floors, so the same refusal
+    dumps.write_dump(tmp_path / "d.npz", {"tokens": np.asarray([2, 5, 7]),
+                                          "inp_scaled": np.zeros((3, model.config.d_model), np.float32)})
+    with pytest.raises(InputError, match="Gemma 4 GGUF with F16, Q8_0 tensors against llama.cpp is not supported") as e:
+        compare(model, None, against=str(tmp_path / "d.npz"), names="llama.cpp")
     assert "\n" not in str(e.value)
 
 

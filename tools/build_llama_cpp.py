@@ -96,6 +96,15 @@ PLANTS = {
         "            cur = ggml_mul(ctx0, cur, model.layers[il].out_scale);\n",
         "            // refprism's planted mistake: layer_output_scale skipped\n",
     ),
+    # Gemma 4's KV sharing (the Gemma 3n / Gemma 4 reuse callback): a sliding consumer reuses the K/V of layer
+    # (first shared layer) - 4, not - 2; on tests/test_compare_gemma4_llamacpp.py's layout S F S F | S F F that is
+    # layer 0 for consumer 4 (the first sliding layer; its producer is layer 2), a layer of the same shapes.
+    "gemma4-kv-producer-wrong": (
+        "src/llama-model.cpp",
+        "                                return hparams.n_layer_kv_from_start - (hparams.is_swa(il) ? 2 : 1);\n",
+        "                                return hparams.n_layer_kv_from_start - (hparams.is_swa(il) ? 4 : 1);"
+        "  // refprism's planted mistake: the wrong producer\n",
+    ),
 }
 
 

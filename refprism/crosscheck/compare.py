@@ -157,10 +157,6 @@ def _capture(model, against, tokens, *, names, dtype, prompt=None, kv_cache="f16
     """The other side as a Capture (see `compare`)."""
     if isinstance(against, Capture):
         return against
-    if model.config.gemma4 and names == "llama.cpp" and not isinstance(against, Capture):
-        raise InputError("comparing Gemma 4 against a dump in llama.cpp's names is not supported yet (its site "
-                         "names are not mapped): compare against hf, tl or llama.cpp (live), or a dump in "
-                         "refprism's, HF's or TL's names")
     if isinstance(against, str) and against in ("hf", "tl", "llama.cpp"):
         if tokens is None:
             raise InputError(f"--against {against} runs the other side live: give the prompt (text, --ids or "

@@ -109,11 +109,13 @@ def read_dump(path, model, *, names="refprism", ids=None, kv_cache="f16") -> Cap
 
 def _llamacpp_arithmetic(model, kv_cache):
     """How llama.cpp rounded a dump in its names: the weight types of the model's GGUF and the KV cache given."""
-    from refprism.crosscheck.sides.llamacpp import arithmetic
+    from refprism.crosscheck.sides.llamacpp import arithmetic, gemma4_f32_only
 
     note = (f"a dump in llama.cpp's names: floors of llama.cpp's CPU arithmetic ({kv_cache} KV cache, GELU through "
             "an f16 table, ggml's RoPE angles")
     if str(model.name).lower().endswith(".gguf"):
+        if model.config.gemma4:
+            gemma4_f32_only(model.name)  # as --against llama.cpp: ggml's row conversions are modelled on F32 only
         how = arithmetic(model.name, kv_cache)
         return how, [note + f", input rows of each product as its {how.weights} weight's type makes them)"]
     how = GgmlArithmetic(weights="F32", kv_cache=kv_cache)

@@ -369,7 +369,7 @@ def arithmetic(gguf_path, cache_type: str = "f16") -> GgmlArithmetic:
     return GgmlArithmetic(weights=file_type(gguf_path), kv_cache=_cache_type(cache_type), activations=rows)
 
 
-def _gemma4_f32_only(gguf_path) -> None:
+def gemma4_f32_only(gguf_path) -> None:
     """Gemma 4 against llama.cpp is modelled on F32 weights only: ggml's conversion of the input rows of the
     experts' MUL_MAT_ID, the router and the per-layer products (an F16 or quantized weight's vec_dot type) is
     not in crosscheck.ggml_edit. Anything else is an InputError naming the way to an F32 file."""
@@ -438,7 +438,7 @@ def capture(gguf_path, prompt, *, with_debug=True, cache_type="f16", bin_dir=Non
     cfg = gguf_config(gguf_path)
     how = arithmetic(gguf_path, cache_type)
     if cfg.gemma4:
-        _gemma4_f32_only(gguf_path)
+        gemma4_f32_only(gguf_path)
     ids = tokenize(gguf_path, prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
     if with_debug and not isinstance(prompt, str):
         detokenize(gguf_path, ids)  # ids llama-debug cannot take are refused before any run

@@ -220,15 +220,29 @@ GEMMA4_SITES = {
 
 def _place_gemma4(tag: str, op: str | None) -> tuple[str, str] | None:
     """`place` for Gemma 4 (GEMMA4_SITES). Qcur / Kcur / Vcur as MUL_MAT are the projections [N*H, T] (on a
-    k_eq_v layer the one product of blk.l.attn_k is named Vcur: summaries_from_debug places it at k_pre too);
-    Vcur_normed (RMS_NORM, no weight) is v. Qcur_normed / Kcur_normed (after the norm, before RoPE) have no site."""
+    k_eq_v layer the one product of blk.l.attn_k is named Vcur: it is placed at k_pre too, `_k_eq_v_too`);
+    Vcur_normed (RMS_NORM, no weight) is v. Qcur_normed / Kcur_normed (after the norm, before RoPE) have no site.
+
+    op None (a dump file, names only): gemma4.cpp names each of Qcur / Kcur / Vcur / Vcur_normed once, so the name
+    alone places it; an unnamed product ("mm:<weight>" here, `node_<i>` in the graph) is named in a dump by its
+    weight and layer, "<weight>-l" (e.g. "attn_output-3", "ffn_down_exps-0"), as Gemma 3's attn_output-l is."""
     if tag in GEMMA4_SITES:
         return GEMMA4_SITES[tag]
-    if op == "MUL_MAT" and tag in ("Qcur", "Kcur", "Vcur"):
+    if op in ("MUL_MAT", None) and tag in ("Qcur", "Kcur", "Vcur"):
         return {"Qcur": ("attn.q_pre", "NH T"), "Kcur": ("attn.k_pre", "KH T"), "Vcur": ("attn.v_pre", "KH T")}[tag]
-    if op == "RMS_NORM" and tag == "Vcur_normed":
+    if op in ("RMS_NORM", None) and tag == "Vcur_normed":
         return "attn.v", "H K T"
+    if op is None and "mm:" + tag in GEMMA4_SITES:
+        return GEMMA4_SITES["mm:" + tag]
     return None
+
+
+def _k_eq_v_too(cfg: Config, site_end: str, layer: int | None) -> list[str]:
+    """The other site a Gemma 4 tensor also is: on a k_eq_v layer the one product of blk.l.attn_k (named Vcur,
+    placed at v_pre) is k_pre as well."""
+    if cfg.gemma4 and site_end == "attn.v_pre" and layer is not None and cfg.k_eq_v_at(layer):
+        return [f"blocks.{layer}.attn.k_pre"]
+    return []
 
 
 def _sizes(cfg: Config, T: int, l: int | None = None) -> dict[str, int]:
@@ -276,10 +290,7 @@ def summaries_from_debug(tensors: list[Printed], cfg: Config, T: int) -> tuple[d
         site = site_end if layer is None else f"blocks.{layer}.{site_end}"
         here = _sizes(cfg, T, layer) if cfg.gemma4 else sizes
         summary = summary_of(t, site, SITE_LETTERS[site_end], layout.split(), here, notes)
-        sites = [site]
-        if cfg.gemma4 and site_end == "attn.v_pre" and cfg.k_eq_v_at(layer):
-            sites.append(f"blocks.{layer}.attn.k_pre")  # k_eq_v: the one product of blk.l.attn_k is k and v
-        for at in sites:
+        for at in [site, *_k_eq_v_too(cfg, site_end, layer)]:
             if at in out:
                 _pool(out[at], summary, at)
             else:
@@ -358,6 +369,10 @@ def scheme_llamacpp(name: str, array, cfg: Config, *, T: int | None = None) -> l
     prompt's length) is given, a tensor with fewer rows (llama.cpp's cut last layer) comes back as a Summary of
     the last rows. Gemma 2's layerless "ffn_post_norm" cannot be placed: []. A scheme name of the wrong shape is
     InputError.
+
+    Gemma 4: placed by GEMMA4_SITES (`_place_gemma4`, op None: each name once, an unnamed product as
+    "<weight>-l"), at each layer's own widths; layouts as the printout's ([P, L, T] is a [T, L, P] array, the
+    experts' [G, J, T] a [T, J, G] one); a k_eq_v layer's Vcur is k_pre too.
     """
     tag, layer = _split(name)
     probe = place(tag, None, 2, cfg)
@@ -366,12 +381,12 @@ def scheme_llamacpp(name: str, array, cfg: Config, *, T: int | None = None) -> l
     a = np.asarray(array)
     while a.ndim > 3 and a.shape[0] == 1:  # ne[3] = 1
         a = a[0]
-    if tag in ("Qcur", "Kcur", "Vcur"):
+    if tag in ("Qcur", "Kcur", "Vcur") and not cfg.gemma4:
         heads = cfg.n_heads if tag == "Qcur" else cfg.n_kv_heads
         if a.ndim == 3 and a.shape[1:] != (heads, cfg.d_head) and a.shape[0] == 1:
             a = a[0]  # [1, T, N*H]: the projection with its ne[2] = 1
-    elif len(probe[1].split()) == 2:
-        while a.ndim > 2 and a.shape[0] == 1:
+    else:
+        while a.ndim > len(probe[1].split()) and a.shape[0] == 1:  # Gemma 4's names keep one layout each
             a = a[0]
     site_end, layout = place(tag, None, a.ndim, cfg)
     is_global = site_end in GLOBAL_SITES
@@ -382,7 +397,7 @@ def scheme_llamacpp(name: str, array, cfg: Config, *, T: int | None = None) -> l
     if a.ndim != len(axes):
         raise InputError(f"{name}: {a.ndim} axes {list(a.shape)}, but llama.cpp's {tag} is [{', '.join(axes)}]")
     n_rows = a.shape[axes.index("T")]
-    sizes = {**_sizes(cfg, n_rows), "S": n_rows}
+    sizes = {**_sizes(cfg, n_rows, layer), "S": n_rows}  # Gemma 4: layer l's own K, H, F
     expect = [None if ax in ("T", "S") else int(np.prod([sizes[c] for c in ax])) for ax in axes]
     if any(e is not None and e != n for e, n in zip(expect, a.shape)):
         shown = ", ".join(ax if e is None else str(e) for ax, e in zip(axes, expect))
@@ -400,4 +415,4 @@ def scheme_llamacpp(name: str, array, cfg: Config, *, T: int | None = None) -> l
         return [(site, Summary(shape=(T, *a.shape[1:]), elements=elements, total=float(a.sum(dtype=np.float64)),
                                rows=rows))]
     also = [entering for entering, same in _entering(cfg) if same == site]  # the next layer's resid_pre
-    return [(site, a)] + [(entering, a) for entering in also]
+    return [(at, a) for at in [site, *also, *_k_eq_v_too(cfg, site_end, layer)]]

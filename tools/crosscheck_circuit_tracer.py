@@ -105,46 +105,9 @@ def refprism_side(work: Path, env: Path, seed: int) -> int:
 def ct_side(work: Path) -> int:
     import torch
     from circuit_tracer.attribution.attribute import attribute
-    from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
-    from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
-    from transformer_lens import HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions.gemma import convert_gemma_weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     s = json.loads((work / "spec.json").read_text())
-    dtype = torch.float64
-    hf = AutoModelForCausalLM.from_pretrained(s["checkpoint"], torch_dtype=dtype, attn_implementation="eager")
-    cfg = HookedTransformerConfig.from_dict({
-        "n_layers": s["n_layers"], "d_model": s["d_model"], "n_ctx": 128, "d_head": s["d_head"],
-        "model_name": "gemma-2-tiny-random", "n_heads": s["n_heads"], "d_mlp": s["d_mlp"],
-        "act_fn": "gelu_pytorch_tanh", "d_vocab": s["vocab"], "d_vocab_out": s["vocab"], "eps": s["eps"],
-        "use_attn_result": False, "use_attn_scale": True, "attn_scale": float(s["query_pre_attn_scalar"]) ** 0.5,
-        "use_split_qkv_input": False, "use_hook_mlp_in": False, "use_attn_in": False, "use_local_attn": True,
-        "original_architecture": "Gemma2ForCausalLM", "window_size": s["window"],
-        "attn_types": ["local" if x else "global" for x in s["sliding"]], "normalization_type": "RMS",
-        "positional_embedding_type": "rotary", "rotary_dim": s["d_head"], "rotary_base": s["rope_theta"],
-        "final_rms": True, "gated_mlp": True, "n_key_value_heads": s["n_kv_heads"], "default_prepend_bos": False,
-        "use_normalization_before_and_after": True, "attn_scores_soft_cap": s["attn_softcap"],
-        "output_logits_soft_cap": s["final_softcap"], "rotary_adjacent_pairs": False, "dtype": dtype,
-        "device": "cpu", "init_weights": False, "tokenizer_prepends_bos": True,
-    })
-    tok = AutoTokenizer.from_pretrained(s["checkpoint"])
-    model = TransformerLensReplacementModel(cfg, tokenizer=tok)
-    sd = convert_gemma_weights(hf, cfg)
-    norms = {"ln1": "input_layernorm", "ln1_post": "post_attention_layernorm", "ln2": "pre_feedforward_layernorm",
-             "ln2_post": "post_feedforward_layernorm"}
-    for l in range(s["n_layers"]):  # TransformerLens adds Gemma's 1 to the norm weights in float32: here in float64
-        for tl_name, hf_name in norms.items():
-            sd[f"blocks.{l}.{tl_name}.w"] = getattr(hf.model.layers[l], hf_name).weight.to(dtype) + 1
-    sd["ln_final.w"] = hf.model.norm.weight.to(dtype) + 1
-    model.load_and_process_state_dict(sd, fold_ln=False, center_writing_weights=False,
-                                      center_unembed=False, fold_value_biases=False,
-                                      refactor_factored_attn_matrices=False)
-    paths = {l: str(Path(s["transcoders"]) / f"layer_{l}.safetensors") for l in range(s["n_layers"])}
-    ts = load_transcoder_set(paths, scan="refprism-random", feature_input_hook="ln2.hook_normalized",
-                             feature_output_hook="hook_mlp_out", device=torch.device("cpu"), dtype=dtype,
-                             lazy_encoder=False, lazy_decoder=False)
-    model._configure_replacement_model(ts)
+    model = _ct_model(s, torch.float64)
     tokens = torch.tensor(s["ids"])
     with torch.no_grad():
         logits = model(tokens[None])[0, -1]

@@ -85,7 +85,7 @@ def _faithfulness_transcoders(g, pr, ablation) -> dict:
     """The module docstring's replacement-model check: the active features outside the pruned graph ablated."""
     model, run, tc = g.model, g.run, g.transcoders
     rec = run.record
-    L, T = model.config.n_layers, g.read_at + 1
+    T = g.read_at + 1
     clean_act, err, fill = [], [], []
     for l, t_l in enumerate(tc.layers):
         _, _, act, recon = _transcode(model, rec, l, t_l, tc.input_hook, g.zero_positions)

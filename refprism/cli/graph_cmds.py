@@ -68,10 +68,11 @@ def cmd_graph(args) -> int:
               max_nodes=args.max_nodes, batch_size=args.batch_size, transcoders=transcoders,
               zero_positions=args.zero_positions)
     pr = g.pruned(args.node_threshold, args.edge_threshold)
-    faith = faithfulness(g, pruned=pr, ablation=args.check) if args.check else None
+    replacement, completeness = g.scores()
+    faith = (faithfulness(g, pruned=pr, ablation=args.check, scores=(replacement, completeness)) if args.check
+             else None)
     write_graph_json(g, out, slug=args.slug, node_threshold=args.node_threshold,
                      edge_threshold=args.edge_threshold, faithfulness=faith)
-    replacement, completeness = g.scores()
     what = "neurons" if g.basis == "neurons" else "active features"
     print(f"graph: {g.explored} of {g.n_neurons} {what} explored in {g.passes} backward passes; pruned to "
           f"{int(pr.node_mask.sum())} nodes, {int(pr.edge_mask.sum())} edges; replacement {replacement:.4f}, "

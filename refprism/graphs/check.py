@@ -39,9 +39,9 @@ from refprism.interventions.edit import Edit, rerun
 ABLATIONS = ("zero", "mean")
 
 
-def faithfulness(g, *, pruned=None, ablation="zero") -> dict:
+def faithfulness(g, *, pruned=None, ablation="zero", scores=None) -> dict:
     """The fraction of the readout the pruned graph's neurons (features) recover when every other one is ablated,
-    beside the graph's own replacement and completeness scores.
+    beside the graph's own replacement and completeness scores (scores: g.scores() when already computed).
 
     Shapes: -> {"recovered": float, "per_logit": [Z], "clean", "kept", "none": [Z], "ablation", "replacement",
                 "completeness", neurons: "kept_neurons", "ablated_neurons"; transcoders: "kept_features",
@@ -50,7 +50,7 @@ def faithfulness(g, *, pruned=None, ablation="zero") -> dict:
     if ablation not in ABLATIONS:
         raise InputError(f"ablation {ablation!r} is not one of {', '.join(ABLATIONS)}")
     pr = g.pruned() if pruned is None else pruned
-    replacement, completeness = g.scores()
+    replacement, completeness = g.scores() if scores is None else scores
     scores = {"replacement": replacement, "completeness": completeness}
     if g.basis == "transcoders":
         return {**_faithfulness_transcoders(g, pr, ablation), **scores}

@@ -144,34 +144,40 @@ def test_three_formats_read_to_the_same_arrays(models, tmp_path):
     np.testing.assert_array_equal(g_gs.gate(pre), [[0, 0, 1, 1]])
 
 
+def _apply(model, rec, l, tc, input_hook, zero_positions=1):
+    """One transcoder on a record's values, written out here: c [T, D], h, pre, gate, recon (jumprelu pre > thr (and
+    > 0), relu pre > 0, topk the k largest; gate 0 at positions < zero_positions)."""
+    x = rec[f"blocks.{l}.resid_mid"]
+    s = rec[f"blocks.{l}.ln2.scale"].reshape(len(x), 1)
+    c = {"resid_mid": np.ones_like(x), "normalized": np.ones_like(x) / s,
+         "ln2.out": np.broadcast_to((1 + model.params.get(l, "ln2")) / s, x.shape)}[input_hook]
+    pre = (x * c) @ tc.W_enc + tc.b_enc
+    if tc.activation == "topk":
+        gate = (pre >= np.sort(pre, axis=1)[:, -tc.k][:, None]) & ((pre > 0) | (not tc.relu))
+    elif tc.activation == "relu":
+        gate = pre > 0
+    else:
+        gate = (pre > tc.threshold) & ((pre > 0) | (not tc.relu))
+    gate = gate.astype(float)
+    gate[:zero_positions] = 0
+    recon = (gate * pre) @ tc.W_dec + tc.b_dec + ((x * c) @ tc.W_skip if tc.W_skip is not None else 0)
+    return c, x * c, pre, gate, recon
+
+
 def _edit_reference(model, run, ts, zero_positions=1):
-    """Each layer's clean transcoder values, computed here: c [T, D], pre, gate, err (the activation rules written
-    out again: jumprelu pre > thr (and > 0), relu pre > 0, topk the k largest)."""
-    rec = run.record
+    """Each layer's clean transcoder values, computed here (_apply): c [T, D], pre, gate, err = mlp.out - recon."""
     out = []
     for l, tc in enumerate(ts.layers):
-        x = rec[f"blocks.{l}.resid_mid"]
-        s = rec[f"blocks.{l}.ln2.scale"].reshape(len(x), 1)
-        c = {"resid_mid": np.ones_like(x), "normalized": np.ones_like(x) / s,
-             "ln2.out": np.broadcast_to((1 + model.params.get(l, "ln2")) / s, x.shape)}[ts.input_hook]
-        pre = (x * c) @ tc.W_enc + tc.b_enc
-        if tc.activation == "topk":
-            gate = (pre >= np.sort(pre, axis=1)[:, -tc.k][:, None]) & ((pre > 0) | (not tc.relu))
-        elif tc.activation == "relu":
-            gate = pre > 0
-        else:
-            gate = (pre > tc.threshold) & ((pre > 0) | (not tc.relu))
-        gate = gate.astype(float)
-        gate[:zero_positions] = 0
-        recon = (gate * pre) @ tc.W_dec + tc.b_dec + ((x * c) @ tc.W_skip if tc.W_skip is not None else 0)
-        out.append({"c": c, "pre": pre, "gate": gate, "err": rec[f"blocks.{l}.mlp.out"] - recon})
+        c, _, pre, gate, recon = _apply(model, run.record, l, tc, ts.input_hook, zero_positions)
+        out.append({"c": c, "pre": pre, "gate": gate, "err": run.record[f"blocks.{l}.mlp.out"] - recon})
     return out
 
 
-def _inputs_with_source_added(g, j, ref):
+def _inputs_with_source_added(g, j, ref, block=None):
     """Every target's input in a forward where each MLP output is replaced by its transcoder's (every feature held
     at its clean value, the skip path live, the clean error added), every norm scale and pattern held, and source
-    j's output added once at its site."""
+    j's output added once at its site. block=(m, h): head h of layer m held at its clean z as well (the source's
+    paths through it cut)."""
     model, run, ts = g.model, g.run, g.transcoders
     cfg, rec = model.config, run.record
     kind, l0, t0, n0 = g.kind[j], int(g.layer[j]), int(g.position[j]), int(g.index[j])
@@ -181,6 +187,10 @@ def _inputs_with_source_added(g, j, ref):
         site = name.split(".", 2)[-1]
         if name.endswith("scale") or site == "attn.pattern":
             return rec[name].copy()
+        if block is not None and name == f"blocks.{block[0]}.attn.z":
+            out = value.copy()
+            out[:, block[1]] = rec[name][:, block[1]]
+            return out
         if name == "embed" and kind == "embed":
             out = value.copy()
             out[t0] *= 2
@@ -380,6 +390,135 @@ def test_against_a_dense_reference_of_circuit_tracers_conventions(models, tmp_pa
     assert all(k[1].endswith("@0") for k in extra if ".err@" in k[1])
 
 
+# ------------------------------------------------------------------------------------------------- edges per head
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_edge_heads_of_a_transcoder_graph_sum_to_the_edge_and_cut_what_a_blocked_head_cuts(models, preset, tmp_path):
+    """Every kind of source and target: skip + sum_h heads[h] = the edge, the [N, S] terms sum to heads, and each
+    head's part is what the spliced forward loses when that head is held at its clean z (its paths cut)."""
+    model = models[preset]
+    cfg = model.config
+    L = cfg.n_layers
+    ts = read_transcoders(write_circuit_tracer(tmp_path / "ct", _weights(cfg, seed=3)))  # with W_skip
+    g = graph(model, _ids(model), transcoders=ts)
+    ref = _edit_reference(model, g.run, g.transcoders)
+    scale = np.nanmax(np.abs(g.input))
+    rng = np.random.default_rng(1)
+    logit = int(np.flatnonzero(g.kind == "logit")[0])
+    top = _pick(g, "feature", 1, rng, layer=L - 1)
+    sources = (_pick(g, "feature", 2, rng, layer=0) + _pick(g, "error", 1, rng, layer=0) + _pick(g, "embed", 1, rng)
+               + _pick(g, "bias", 1, rng, layer=0, index=-2))
+    checked = 0
+    for target in [logit] + top:
+        for j in sources:
+            edge = _column(g, j)[target]
+            for m in range(int(g.layer[j]) + 1, min(int(g.layer[target]), L - 1) + 1):
+                skip, heads = edge_heads(g, target, j, m)
+                assert abs(skip + heads.sum() - edge) <= 1e-10 * scale, (g.label(target), g.label(j), m)
+                _, terms = edge_heads(g, target, j, m, by_source=True)
+                assert terms.shape == (cfg.n_heads, g.read_at + 1)
+                np.testing.assert_allclose(terms.sum(axis=1), heads, rtol=0, atol=1e-12 * scale)
+                h = int(np.argmax(np.abs(heads)))
+                blocked = _inputs_with_source_added(g, j, ref, block=(m, h))[target]
+                assert abs((edge - blocked) - heads[h]) <= 1e-10 * scale, (g.label(target), g.label(j), m, h)
+                checked += np.abs(heads[h]) > 1e-6
+    assert checked >= 5
+    # a remainder source of an explored graph: the parts still sum to its edge
+    g2 = graph(model, _ids(model), transcoders=ts, max_nodes=20, batch_size=8, update_interval=1)
+    rem = int(np.flatnonzero((g2.kind == "remainder") & (g2.layer == 0))[0])
+    logit2 = int(np.flatnonzero(g2.kind == "logit")[0])
+    skip, heads = edge_heads(g2, logit2, rem, 1)
+    assert abs(skip + heads.sum() - _column(g2, rem)[logit2]) <= 1e-10 * np.nanmax(np.abs(g2.input))
+    enc = int(np.flatnonzero((g.kind == "bias") & (g.index == -3))[0])
+    with pytest.raises(refprism.InputError, match="no path"):  # b_enc feeds its own layer's features directly
+        edge_heads(g, logit, enc, 1)
+    with pytest.raises(refprism.InputError, match="a feature or logit target"):
+        edge_heads(g, sources[1], logit, 1)
+
+
+# ------------------------------------------------------------------------------------------------- faithfulness
+
+
+def _replacement_readout(g, ref, fills):
+    """The logit nodes' demeaned pre-cap readouts of the replacement model written out here: every mlp.out replaced
+    by its transcoder's output on the live values (_apply: norm scales, patterns, gates live), the clean error
+    added, the features in fills {(l, t, f): value} set to value. A full forward, no resume."""
+    model, ts = g.model, g.transcoders
+
+    def edit(name, value, record):
+        if not name.endswith(".mlp.out"):
+            return value
+        l = int(name.split(".")[1])
+        tc = ts.layers[l]
+        _, h, pre, gate, _ = _apply(model, record, l, tc, ts.input_hook)
+        a = gate * pre
+        for (m, t, f), v in fills.items():
+            if m == l:
+                a[t, f] = v
+        return a @ tc.W_dec + tc.b_dec + ref[l]["err"] + (h @ tc.W_skip if tc.W_skip is not None else 0)
+
+    raw = model.run(g.run.tokens, edit=edit).record["logits_uncapped"][g.read_at]
+    return raw[g.index[g.kind == "logit"]] - raw.mean()
+
+
+def test_faithfulness_of_a_transcoder_graph_is_the_replacement_model_with_features_ablated(models, tmp_path):
+    from refprism.graphs import Pruned
+
+    model = models["tiny-gemma2"]
+    ts = read_transcoders(write_circuit_tracer(tmp_path / "ct", _weights(model.config, seed=3)))
+    g = graph(model, _ids(model), transcoders=ts)
+    ref = _edit_reference(model, g.run, g.transcoders)
+    T = g.read_at + 1
+    mean = {l: (r["gate"] * r["pre"])[1:].mean(axis=0) for l, r in enumerate(ref)}  # positions 1 .. T-1
+    active = {(l, t, f) for l, r in enumerate(ref) for t, f in zip(*np.nonzero((r["gate"] * r["pre"])[:T]))}
+    feats = np.flatnonzero(g.kind == "feature")
+    assert active == {(g.layer[i], g.position[i], g.index[i]) for i in feats}
+    clean = _replacement_readout(g, ref, {})
+    raw = g.run.record["logits_uncapped"][g.read_at]
+    np.testing.assert_allclose(clean, raw[g.index[g.kind == "logit"]] - raw.mean(), rtol=1e-12)  # err's definition
+    pr = g.pruned()
+    w = g.logit_weights
+    everything = Pruned(np.ones(g.n, bool), np.ones(len(g.values), bool), pr.cumulative, pr.influence)
+    # feature j, the one of the largest |act| . |edge to the top logit|: ablated alone
+    j = int(feats[np.argmax(np.abs(_column(g, int(np.flatnonzero(g.kind == "logit")[0]))[feats]))])
+    lj, tj, fj = int(g.layer[j]), int(g.position[j]), int(g.index[j])
+    but_j = everything.node_mask.copy()
+    but_j[j] = False
+    one = Pruned(but_j, everything.edge_mask, pr.cumulative, pr.influence)
+    changes = {}
+    for ablation in ("zero", "mean"):
+        fill = (lambda l, f: 0.0) if ablation == "zero" else (lambda l, f: mean[l][f])
+        none = _replacement_readout(g, ref, {k: fill(k[0], k[2]) for k in active})
+        f = faithfulness(g, pruned=pr, ablation=ablation)
+        outside = {(g.layer[i], g.position[i], g.index[i]) for i in feats if not pr.node_mask[i]}
+        kept = _replacement_readout(g, ref, {k: fill(k[0], k[2]) for k in outside})
+        scale = np.abs(clean).max()
+        np.testing.assert_allclose(f["clean"], clean, rtol=0, atol=1e-10 * scale)
+        np.testing.assert_allclose(f["kept"], kept, rtol=0, atol=1e-10 * scale)
+        np.testing.assert_allclose(f["none"], none, rtol=0, atol=1e-10 * scale)
+        assert f["recovered"] == pytest.approx(w @ (kept - none) / (w @ (clean - none)), rel=1e-9)
+        assert f["ablated_features"] == len(outside) > 0 and f["kept_features"] == len(active) - len(outside)
+        assert (f["replacement"], f["completeness"]) == g.scores() and f["replacement"] < 1
+        assert f["held_errors"] == int((g.kind == "error").sum())
+        assert f["held_errors_outside"] == int(((g.kind == "error") & ~pr.node_mask).sum())
+        # every node kept: the replacement forward is the clean forward, whatever the ablation
+        f_all = faithfulness(g, pruned=everything, ablation=ablation)
+        assert f_all["recovered"] == pytest.approx(1.0, abs=1e-10) and f_all["ablated_features"] == 0
+        np.testing.assert_allclose(f_all["kept"], clean, rtol=0, atol=1e-10 * scale)
+        # one feature ablated: the readout changes by what a direct forward edit of that feature computes
+        f_one = faithfulness(g, pruned=one, ablation=ablation)
+        direct = _replacement_readout(g, ref, {(lj, tj, fj): fill(lj, fj)})
+        np.testing.assert_allclose(np.array(f_one["kept"]) - clean, direct - clean, rtol=0, atol=1e-10 * scale)
+        assert f_one["ablated_features"] == 1 and np.abs(direct - clean).max() > 1e-4 * scale
+        changes[ablation] = np.array(f_one["kept"]) - clean
+    # zero sets act_j to 0, mean to mean_j (this prompt's positions 1 .. T-1, computed above): each matched its own
+    # direct edit, and the two are different changes (mean_j is neither 0 nor act_j here)
+    a = ref[lj]["gate"][tj, fj] * ref[lj]["pre"][tj, fj]
+    apart = np.abs(changes["zero"] - changes["mean"]).max()
+    assert 0 != mean[lj][fj] != a and apart > 1e-3 * np.abs(changes["zero"]).max()
+
+
 # ------------------------------------------------------------------------------------------------- outputs
 
 
@@ -402,11 +541,6 @@ def test_json_ids_of_a_transcoder_graph(models, tmp_path):
         elif n["feature_type"] == "bias":
             assert b in ("-2", "-3")
     assert doc["metadata"]["info"]["basis"] == "transcoders"
-    logit, feature = int(np.flatnonzero(g.kind == "logit")[0]), int(np.flatnonzero(g.kind == "feature")[0])
-    with pytest.raises(refprism.InputError, match="neuron basis"):
-        edge_heads(g, logit, feature, 1)
-    with pytest.raises(refprism.InputError, match="ablates neurons"):
-        faithfulness(g)
     assert len(doc["metadata"]["transcoder_list"]) == L
     assert doc["metadata"]["info"]["max_row_sum_error"] <= 1e-10 * np.nanmax(np.abs(g.input))
 
@@ -416,10 +550,13 @@ def test_cli_graph_with_transcoders(checkpoint, tmp_path, capsys, monkeypatch):
     folder = write_sae_lens(tmp_path / "sl", _weights(model.config, skip=False))
     out = tmp_path / "g.json"
     assert cli.main(["graph", "--ids", "2 17 33 5 9", "--model", str(checkpoint("tiny-gemma2")), "--out", str(out),
-                     "--transcoders", str(folder)]) == 0
+                     "--transcoders", str(folder), "--check", "mean"]) == 0
     doc = json.loads(out.read_text())
     jsonschema.validate(doc, SCHEMA)
-    assert "active features explored" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "active features explored" in printed and "other active features" in printed and "recovered" in printed
+    faith = doc["metadata"]["info"]["faithfulness"]
+    assert faith["ablation"] == "mean" and faith["held_errors"] == 3 * 5 and 0 < faith["ablated_features"]
     reads = []
     load_weights = refprism.Model.load_weights
     monkeypatch.setattr(refprism.Model, "load_weights", lambda self: (reads.append(1), load_weights(self))[1])

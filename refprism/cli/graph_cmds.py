@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: the edges' influence kept (0.98)")
     p.add_argument("--slug", default=None, help="the graph's slug in the JSON (default: refprism-graph)")
     p.add_argument("--check", choices=["zero", "mean"], default=None,
-                   help="ablate every neuron outside the pruned graph and report the readout recovered")
+                   help="ablate every neuron (with --transcoders: every active feature) outside the pruned graph "
+                        "and report the readout recovered")
     p.add_argument("--transcoders", default=None, metavar="PATH",
                    help="the transcoder basis: a folder or a file pattern of GemmaScope (params.npz / .safetensors), "
                         "circuit-tracer (config.yaml + layer_{l}.safetensors) or SAE Lens (cfg.json + "
@@ -50,8 +51,6 @@ def cmd_graph(args) -> int:
     if args.versus and not args.targets:
         raise InputError("--versus: versus needs targets (give --targets: the default logits are circuit-tracer's "
                          "top tokens, which take no foils)")
-    if args.transcoders is not None and args.check:
-        raise InputError("--check ablates neurons: it does not take --transcoders yet")
     if args.zero_positions < 0:
         raise InputError(f"--zero-positions {args.zero_positions}: give 0 or more")
     prompt = prompt_of(args)
@@ -69,16 +68,19 @@ def cmd_graph(args) -> int:
               max_nodes=args.max_nodes, batch_size=args.batch_size, transcoders=transcoders,
               zero_positions=args.zero_positions)
     pr = g.pruned(args.node_threshold, args.edge_threshold)
-    faith = faithfulness(g, pruned=pr, ablation=args.check) if args.check else None
+    replacement, completeness = g.scores()
+    faith = (faithfulness(g, pruned=pr, ablation=args.check, scores=(replacement, completeness)) if args.check
+             else None)
     write_graph_json(g, out, slug=args.slug, node_threshold=args.node_threshold,
                      edge_threshold=args.edge_threshold, faithfulness=faith)
-    replacement, completeness = g.scores()
     what = "neurons" if g.basis == "neurons" else "active features"
     print(f"graph: {g.explored} of {g.n_neurons} {what} explored in {g.passes} backward passes; pruned to "
           f"{int(pr.node_mask.sum())} nodes, {int(pr.edge_mask.sum())} edges; replacement {replacement:.4f}, "
           f"completeness {completeness:.4f}")
     if faith is not None:
-        print(f"faithfulness ({args.check} ablation of the {faith['ablated_neurons']} other neurons): "
-              f"{faith['recovered']:.4f} of the readout recovered")
+        others = (f"{faith['ablated_neurons']} other neurons" if g.basis == "neurons" else
+                  f"{faith['ablated_features']} other active features; {faith['held_errors']} error nodes held")
+        print(f"faithfulness ({args.check} ablation of the {others}): {faith['recovered']:.4f} of the readout "
+              "recovered")
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -3,11 +3,11 @@ a transcoder basis (its error and bias nodes make the rows exact).
 
     build.py        graph(): nodes (neurons or transcoder features, remainders, errors, biases, embeddings, logits)
                     and their exact edges, from batched frozen backward passes (gradients.backward);
-                    influence-ordered exploration; edge_heads (per-head splits, neuron basis)
+                    influence-ordered exploration; edge_heads (per-head splits, both bases)
     transcoders.py  read_transcoders(): GemmaScope, circuit-tracer and SAE Lens transcoder files, every shape checked
     prune.py        circuit-tracer's pruning (node 0.8, edge 0.98) and its replacement / completeness scores, on
                     sparse rows with partial selection
-    check.py        faithfulness(): the pruned graph's neurons kept, the rest ablated (interventions' edits)
+    check.py        faithfulness(): the pruned graph's neurons (features) kept, the rest ablated (interventions' rerun)
     export.py       the Neuronpedia / circuit-tracer graph JSON
     view.py         graph_view(): what `refprism report --graph` embeds (nodes, capped edges, every node's exact
                     incoming / outgoing edges and its input split by the prisms' readout)

@@ -98,6 +98,7 @@ class Graph:
     read_at: int = -1  # the readout's position p
     basis: str = "neurons"  # or "transcoders"
     transcoders: object = field(default=None, repr=False)  # graphs.transcoders.Transcoders (the model's dtype)
+    zero_positions: int = 1  # transcoders: features at positions < zero_positions are zero (graph()'s argument)
 
     @property
     def counts(self) -> tuple:
@@ -196,7 +197,9 @@ def graph(model, prompt, *, position=-1, targets=None, versus=(), max_nodes=7500
         explored = ctx.active.copy()
     else:
         explored = _explore(ctx, u, weights, max_nodes, update_interval, explore_k)
-    return _assemble(ctx, text, explored, u, labels, weights, (kind, ids))
+    g = _assemble(ctx, text, explored, u, labels, weights, (kind, ids))
+    g.zero_positions = zero_positions
+    return g
 
 
 # ------------------------------------------------------------------------------------------------- logit nodes
@@ -554,21 +557,31 @@ def edge_heads(g: Graph, target: int, source: int, layer: int, *, by_source=Fals
             g_i the target's frozen gradient:  A_ij = g_i(resid_pre_m) . x_j(resid_pre_m)
               = g_i(resid_mid_m) . x_j(resid_pre_m)  +  sum_h g_i(z_m[., h]) . z_j[., h]
             z_j[tau, h] = sum_s pattern[h, tau, s] v_j[s, kv(h)]  (by_source: the [N, S] terms of that sum)
+            In the transcoder basis the MLPs are held the same way (every feature, error and bias a node of its
+            own) but a skip transcoder's h W_skip stays a linear path, on both sides: in g_i (the backward's
+            linear_mlp) and in x_j (h = resid_mid c with c frozen); "skip" then also carries the later layers'
+            W_skip paths, as it carries the later layers' attention. The source's output is written at mlp.out
+            of its layer (a feature: act_f W_dec[f]; a remainder: its unexplored active features'; an error:
+            err[l, t]; a decoder bias: b_dec), the target reads u . resid_mid (a feature: u = W_enc[:, f] c[t]).
     Shapes: -> (skip: float, heads [N] or [N, S])
     """
     model, run = g.model, g.run
     cfg = model.config
     L = cfg.n_layers
-    if g.basis != "neurons":
-        raise InputError("edge_heads splits the neuron basis' edges only (not a transcoder graph's yet)")
+    tc = g.transcoders if g.basis == "transcoders" else None
+    unit = "neuron" if tc is None else "feature"
     tk, sk = g.kind[target], g.kind[source]
-    if tk not in ("neuron", "logit") or sk not in ("neuron", "remainder", "embed"):
-        raise InputError("edge_heads takes a neuron or logit target and a neuron, remainder or embedding source")
+    sources = (unit, "remainder", "embed") + (("error", "bias") if tc is not None else ())
+    if tk not in (unit, "logit") or sk not in sources:
+        raise InputError(f"edge_heads takes a {unit} or logit target and a {', '.join(sources[:-1])} or "
+                         f"{sources[-1]} source (of this {g.basis} graph)")
     lt, ls = int(g.layer[target]), int(g.layer[source])
+    if sk == "bias" and g.index[source] == BIAS_ENC:  # b_enc feeds its own layer's features: no head between
+        ls = lt
     if not ls < layer <= min(lt, L - 1):
         raise InputError(f"layer {layer} lies on no path from {g.label(source)} to {g.label(target)}")
     t = int(g.position[target])
-    ctx = _Context(model, run, g.read_at, 1)
+    ctx = _Context(model, run, g.read_at, 1, tc, g.zero_positions)
     if tk == "logit":
         u = g.logit_u[[int(target - np.flatnonzero(g.kind == "logit")[0])]]
     else:
@@ -576,8 +589,8 @@ def edge_heads(g: Graph, target: int, source: int, layer: int, *, by_source=Fals
     drop = frozenset({(m, "mlp") for m in range(L)} | {(m, "attn") for m in range(lt + 1, L)})
     b = f"blocks.{layer}."
     grad = backward(model, ctx.layers, Seed(None, u, {}), t, freeze=frozenset(FREEZABLE), drop=drop,
-                    keep=[b + "resid_mid", b + "attn.z"])
-    alone = _source_alone(g, source)
+                    keep=[b + "resid_mid", b + "attn.z"], linear_mlp=ctx._linear_mlp(lt))
+    alone = _source_alone(g, source, ctx)
     skip = float(np.einsum("td,td->", grad[b + "resid_mid"][0], alone[b + "resid_pre"]))
     gz = grad[b + "attn.z"][0]  # [T, N, H]
     if not by_source:
@@ -588,19 +601,33 @@ def edge_heads(g: Graph, target: int, source: int, layer: int, *, by_source=Fals
     return skip, np.einsum("nts,tnh,snh->ns", pattern, gz, v)
 
 
-def _source_alone(g: Graph, source: int):
+def _source_alone(g: Graph, source: int, ctx: _Context):
     """The frozen forward of one source node alone: embeddings zero but the source's, every norm scale and pattern
     held at the run's values, every neuron's act zero but the source's (a remainder: its unexplored neurons').
-    Linear and without biases, this is exactly the source's own contribution at every site."""
+    Linear and without biases, this is exactly the source's own contribution at every site.
+
+    Transcoder basis: every mlp.out_l replaced by h_l W_skip (h_l = resid_mid_l c_l, c frozen; 0 without a skip)
+    plus, at the source's (l, t), its output vector: act_f W_dec[f] (a feature), sum over the unexplored active
+    features of (l, t) (a remainder), err[l, t] (an error), b_dec (a decoder bias)."""
     model, run = g.model, g.run
     rec = run.record
     kind, l, t, n = g.kind[source], int(g.layer[source]), int(g.position[source]), int(g.index[source])
+    tc = ctx.tc
+    unit = "neuron" if tc is None else "feature"
     act_site = f"blocks.{l}.mlp.act"
     if kind == "remainder":
-        on = np.zeros(rec[act_site].shape[1], bool)
-        explored = (g.kind == "neuron") & (g.layer == l) & (g.position == t)
-        on[:] = True
+        explored = (g.kind == unit) & (g.layer == l) & (g.position == t)
+        on = np.ones(ctx.F, bool)
         on[g.index[explored]] = False
+        if tc is not None:
+            on &= ctx.act[l][t] != 0
+    own = None  # the transcoder-basis source's output vector at mlp.out_l[t]
+    if tc is not None and kind in ("feature", "remainder", "error", "bias"):
+        W_dec = tc.layers[l].W_dec
+        own = {"feature": lambda: ctx.act[l][t, n] * W_dec[n],
+               "remainder": lambda: ctx.act[l][t, on] @ W_dec[on],
+               "error": lambda: ctx.err[l][t],
+               "bias": lambda: tc.layers[l].b_dec if n == BIAS_DEC else np.zeros_like(tc.layers[l].b_dec)}[kind]()
 
     def edit(name, value, record):
         site = name.split(".", 2)[-1]
@@ -611,7 +638,14 @@ def _source_alone(g: Graph, source: int):
             return out
         if name.endswith("scale") or site == "attn.pattern":
             return rec[name].copy()
-        if site == "mlp.act":
+        if tc is not None and site == "mlp.out":
+            m = int(name.split(".")[1])
+            W_skip = tc.layers[m].W_skip
+            out = np.zeros_like(value) if W_skip is None else (record[f"blocks.{m}.resid_mid"] * ctx.c[m]) @ W_skip
+            if m == l and own is not None:
+                out[t] += own
+            return out
+        if tc is None and site == "mlp.act":
             out = np.zeros_like(value)
             if name == act_site and kind == "neuron":
                 out[t, n] = rec[name][t, n]

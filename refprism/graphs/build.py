@@ -61,7 +61,8 @@ from refprism.graphs import prune as _prune
 from refprism.graphs import transcoders as _tc
 from refprism.model import Run
 
-KINDS = ("neuron", "feature", "remainder", "error", "bias", "embed", "logit")
+KINDS = ("neuron", "feature", "remainder", "error", "bias", "embed", "logit",
+         "expert", "ple", "ple_token")  # the last three: Gemma 4's (graphs.gemma4)
 BIAS_DEC, BIAS_ENC = -2, -3  # a bias node's index: the decoder's b_dec, the encoder's b_enc
 
 
@@ -104,7 +105,8 @@ class Graph:
         """circuit-tracer's groups (features, errors, tokens, logits): neurons or features; remainders and error
         nodes; bias nodes and embeddings (the sources that are exact parts of the replacement); logits."""
         c = {k: int((self.kind == k).sum()) for k in KINDS}
-        return (c["neuron"] + c["feature"], c["remainder"] + c["error"], c["bias"] + c["embed"], c["logit"])
+        return (c["neuron"] + c["feature"] + c["expert"] + c["ple"], c["remainder"] + c["error"],
+                c["bias"] + c["ple_token"] + c["embed"], c["logit"])
 
     @property
     def n(self) -> int:
@@ -118,8 +120,12 @@ class Graph:
 
     def label(self, i) -> str:
         """refprism's label of node i: L{l}N{n}@{t}, L{l}F{f}@{t}, L{l}.rest@{t}, L{l}.err@{t}, L{l}.b_dec@{t},
-        L{l}.b_enc@{t}, E@{t}, or the logit's label."""
+        L{l}.b_enc@{t}, E@{t}, the logit's label; Gemma 4's graphs.gemma4.label."""
         k, l, t = self.kind[i], int(self.layer[i]), int(self.position[i])
+        if k in ("expert", "ple", "ple_token"):
+            from refprism.graphs import gemma4
+
+            return gemma4.label(self.model.config, k, l, int(self.index[i]), t)
         if k == "neuron":
             return f"L{l}N{int(self.index[i])}@{t}"
         if k == "feature":
@@ -172,9 +178,9 @@ def graph(model, prompt, *, position=-1, targets=None, versus=(), max_nodes=7500
     Shapes: -> Graph with N nodes and E edges
     """
     cfg = model.config
-    if cfg.gemma4:  # read from the config: a command refuses before any weight is read
-        raise InputError("attribution graphs do not take Gemma 4 yet (its experts, per-layer inputs and double-wide "
-                         "layers are not graph nodes); gradients, attribute and validate do")
+    if cfg.gemma4 and transcoders is not None:  # read from the config: refused before any weight is read
+        raise InputError("transcoder graphs do not take Gemma 4 (no Gemma 4 transcoders are read); its neuron-basis "
+                         "graph does (drop transcoders)")
     if max_nodes < 0 or batch_size < 1 or update_interval < 1 or explore_k < 1:
         raise InputError("max_nodes >= 0, batch_size, update_interval and explore_k >= 1 are required")
     if zero_positions < 0:
@@ -189,14 +195,20 @@ def graph(model, prompt, *, position=-1, targets=None, versus=(), max_nodes=7500
         raise InputError("a graph reads every site of the run: run the prompt with a full record")
     text = prompt if isinstance(prompt, str) else "".join(run.pieces)
     p = P.resolve_position(run, position)
-    ctx = _Context(model, run, p, batch_size, transcoders, zero_positions)
+    if cfg.gemma4:  # experts, per-layer inputs, double-wide layers: graphs.gemma4's slots and nodes
+        from refprism.graphs import gemma4 as _g4
+
+        ctx = _g4.Context(model, run, p, batch_size)
+    else:
+        ctx = _Context(model, run, p, batch_size, transcoders, zero_positions)
     u, labels, weights, kind, ids = _logit_rows(model, run, p, targets, versus, desired_prob, max_logits)
     total = int(ctx.active.sum())  # positions after p never reach the readout
     if max_nodes >= total:
         explored = ctx.active.copy()
     else:
         explored = _explore(ctx, u, weights, max_nodes, update_interval, explore_k)
-    return _assemble(ctx, text, explored, u, labels, weights, (kind, ids))
+    g = _assemble(ctx, text, explored, u, labels, weights, (kind, ids))
+    return _g4.finish(g, ctx) if cfg.gemma4 else g
 
 
 # ------------------------------------------------------------------------------------------------- logit nodes
@@ -221,7 +233,7 @@ def _logit_rows(model, run, p, targets, versus, desired_prob, max_logits):
         ids = top[: min(cut, max_logits)]
         mean = _mean_embedding(params, cfg.vocab_size)
         rows = params.embed_rows(ids) - mean[None]
-        scale = (1 + params.ln_final) / run.record["ln_final.scale"][p]
+        scale = P.gain(model, params.ln_final) / run.record["ln_final.scale"][p]  # 1 + w; w on Gemma 4
         labels = [f'Output "{model.piece(int(i))}" (p={probs[i]:.3f})' for i in ids]
         return rows * scale, labels, probs[ids], "demeaned", ids
     readout = P.logits_readout(model, run, targets, position=p, versus=versus)
@@ -561,6 +573,9 @@ def edge_heads(g: Graph, target: int, source: int, layer: int, *, by_source=Fals
     L = cfg.n_layers
     if g.basis != "neurons":
         raise InputError("edge_heads splits the neuron basis' edges only (not a transcoder graph's yet)")
+    if cfg.gemma4:
+        raise InputError("edge_heads does not split Gemma 4 edges yet (its source-alone forward holds no experts, "
+                         "PLE neurons or layer_scalar seed); the edges themselves are exact")
     tk, sk = g.kind[target], g.kind[source]
     if tk not in ("neuron", "logit") or sk not in ("neuron", "remainder", "embed"):
         raise InputError("edge_heads takes a neuron or logit target and a neuron, remainder or embedding source")

@@ -1,0 +1,317 @@
+"""Gemma 4's components as graph nodes (the neuron basis): dense neurons (each layer's own width, the double-wide
+MLP included), each selected expert's neurons, the per-layer-input (PLE) neurons, and a PLE token node per layer
+and position (docs/math.md section 7.7).
+
+Under the full freeze (build's module docstring, plus the router: gradients.FREEZABLE's "router") layer l is
+
+    resid_post = lam_l (resid_mlp + ple.out),   resid_mlp = resid_mid + mlp.out
+    mlp.out  = N_post(N_post1(act W_down) + N_post2(sum_j w_j act_j We_down[e_j]))   (N_post1, N_post2: MoE only)
+    ple.out  = N_ple_post(ple.act W_ple_proj),  ple.act = gelu(ple.gate) * ple.input[:, l]
+    ple.input[t, l] = (x_0[t] W_ple_model[:, l] / sqrt(D)) w_pln / s_pln[t, l] / sqrt(2) + ple.token[t, l] / sqrt(2)
+
+with every norm a frozen scale, the routing weights w_j and choices e_j frozen, every gelu factor frozen and lam_l
+the layer_scalar. So the nodes of (l, t) are
+    dense neuron n     value mlp.act[t, n],       input mlp.up[t, n] = u_n . resid_mid_l[t],
+                       u_n = W_up[:, n] w_ln2 / s_ln2[t]
+    expert neuron      value moe.act[t, j, i] of the expert e = topk.index[t, j] (index e G + i),
+      (e, i)           input moe.up[t, j, i] = u . resid_mid_l[t],  u = We_up[e][:, i] w_ln2_moe / s_ln2_moe[t]
+    PLE neuron q       value ple.act[t, q],       input ple.input[t, l, q]: linear in the embedding x_0[t] only
+    PLE token (l, t)   a source: its edge to PLE neuron q of (l, t) is ple.token[t, l, q] / sqrt(2)
+and their output vectors at mlp.out_l[t] (= ple.out_l[t]: with every MLP held both have the gradient
+lam_l g(resid_post_l)):
+    dense   W_down[n] (w_post / s_post[t]) (w_post1 / s_post1[t])
+    expert  w_j We_down[e][i] (w_post / s_post[t]) (w_post2 / s_post2[t])     (the routing weight folded in)
+    PLE     W_ple_proj[q] (w_ple_post / s_ple_post[t])
+layer_scalar: the backward seeded at the final residual with every sublayer after l dropped multiplies by
+lam_l ... lam_{L-1} on its way down to resid_mid_l; a target reading resid_mid_l is seeded with u / that product,
+so its gradient there is u. KV sharing and k_eq_v are the backward's own (a consumer's value gradient reaches its
+producer's attn.v; v_norm is a frozen scale): nothing here.
+
+The context's feature axis per layer is the flat slot space [dense F_l | expert slots J G | PLE P] (padded to the
+widest layer, padding inactive), so build._explore and build._assemble run on it unchanged; `finish` turns the
+slots into the kinds and indices above and adds the PLE token nodes. Axis letters as in ops.py; J the top-k
+slots, G an expert's width, P the per-layer input width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from refprism import prisms as P
+from refprism.graphs.build import Graph, _Context
+
+NEW_KINDS = ("expert", "ple", "ple_token")  # Gemma 4's node kinds beside build.KINDS' neuron, remainder, embed, logit
+PLE_TOKEN = -5  # a PLE token node's feature id in the JSON ({layer}_-5_{pos}): after circuit-tracer's -1 and -2..-4
+
+
+@dataclass
+class _Targets:
+    """feature_rows' answer: the residual-reading rows u [Zr, D] (at rows `where` of the Z targets) and the PLE
+    neurons q [Zp] (at rows `ple_where`)."""
+
+    u: np.ndarray
+    where: np.ndarray
+    ple_q: np.ndarray
+    ple_where: np.ndarray
+
+    def __len__(self):
+        return len(self.where) + len(self.ple_where)
+
+
+def widths(cfg, l) -> tuple[int, int, int]:
+    """(F_l, J G, P) of layer l: the dense MLP's width, the expert slots', the PLE neurons' (0 when absent)."""
+    return cfg.mlp_width_of(l), (cfg.top_k * cfg.d_expert if cfg.moe else 0), (cfg.d_ple if cfg.ple else 0)
+
+
+def feature_id(cfg, l, kind, index) -> int:
+    """A node's feature id in layer l's one index space (the JSON's {layer}_{feature}_{pos}): dense neurons
+    [0, F_l), expert neurons F_l + e G + i, PLE neurons F_l + E G + q; a PLE token node PLE_TOKEN."""
+    F = cfg.mlp_width_of(l)
+    if kind == "neuron":
+        return int(index)
+    if kind == "expert":
+        return F + int(index)
+    if kind == "ple":
+        return F + (cfg.n_experts * cfg.d_expert if cfg.moe else 0) + int(index)
+    return PLE_TOKEN
+
+
+def label(cfg, kind, l, index, t) -> str:
+    """L{l}E{e}N{i}@{t} (expert e's neuron i), L{l}P{q}@{t} (PLE neuron q), L{l}.ple_token@{t}."""
+    if kind == "expert":
+        e, i = divmod(int(index), cfg.d_expert)
+        return f"L{l}E{e}N{i}@{t}"
+    if kind == "ple":
+        return f"L{l}P{int(index)}@{t}"
+    return f"L{l}.ple_token@{t}"
+
+
+class Context(_Context):
+    """build._Context on Gemma 4: the flat slot axis of the module docstring, its values, inputs and edges."""
+
+    def __init__(self, model, run, p, batch_size):
+        super().__init__(model, run, p, batch_size)  # the dense neurons as Gemma 1-3 (act, inp of width F_l)
+        cfg, rec, params = self.cfg, run.record, model.params
+        L = cfg.n_layers
+        self.w = [widths(cfg, l) for l in range(L)]
+        self.F = max(sum(w) for w in self.w)
+        self.lam = np.array([float(params.get(l, "layer_scalar")[0]) for l in range(L)])
+        acts, inps = [], []
+        self.active = np.zeros((L, self.T, self.F), bool)
+        for l in range(L):
+            F, JG, Pw = self.w[l]
+            a, x = [self.act[l]], [self.inp[l]]
+            if cfg.moe:
+                a.append(np.asarray(rec[f"blocks.{l}.moe.act"]).reshape(-1, JG))
+                x.append(np.asarray(rec[f"blocks.{l}.moe.up"]).reshape(-1, JG))
+            if cfg.ple:
+                a.append(np.asarray(rec[f"blocks.{l}.ple.act"]))
+                x.append(np.asarray(rec["ple.input"])[:, l])
+            pad = self.F - F - JG - Pw
+            acts.append(np.pad(np.concatenate(a, axis=1), ((0, 0), (0, pad))))
+            inps.append(np.pad(np.concatenate(x, axis=1), ((0, 0), (0, pad)), constant_values=np.nan))
+            self.active[l, :, : F + JG + Pw] = True
+        self.act, self.inp = acts, inps
+
+    def feature_rows(self, l, t, n) -> _Targets:
+        """The targets n (slots) of layer l at position t: residual rows u [Zr, D] (dense, expert) and PLE q."""
+        cfg, params, rec = self.cfg, self.model.params, self.run.record
+        F, JG, _ = self.w[l]
+        n = np.asarray(n)
+        u = np.zeros((len(n), cfg.d_model), self.model.dtype)
+        dense, expert, ple = n < F, (n >= F) & (n < F + JG), n >= F + JG
+        if dense.any():
+            scale = P.gain(self.model, params.get(l, "ln2")) / rec[f"blocks.{l}.ln2.scale"][t]
+            u[dense] = (params.get(l, "W_up")[:, n[dense]] * scale[:, None]).T
+        if expert.any():
+            j, i = np.divmod(n[expert] - F, cfg.d_expert)
+            e = rec[f"blocks.{l}.moe.topk.index"][t, j]
+            scale = P.gain(self.model, params.get(l, "ln2_moe")) / rec[f"blocks.{l}.ln2_moe.scale"][t]
+            u[expert] = params.get(l, "We_up")[e, :, i] * scale[None, :]
+        res = np.flatnonzero(~ple)
+        return _Targets(u[res], res, n[ple] - F - JG, np.flatnonzero(ple))
+
+    def rows(self, l, t, u):
+        """build._Context.rows for Gemma 4 targets: residual rows seeded at u / (lam_l ... lam_{L-1}); a PLE
+        neuron's row is its embedding edge x_0[t] . c_q alone (its input reads no residual),
+        c_q = W_ple_model[:, l, q] / sqrt(D) w_pln[q] / s_pln[t, l] / sqrt(2); its token piece is `finish`'s."""
+        if not isinstance(u, _Targets):  # the logit rows at the final residual: no layer_scalar after them
+            return super().rows(l, t, u)
+        cfg, rec, params = self.cfg, self.run.record, self.model.params
+        Z = len(u)
+        out = {m: np.zeros((Z, t + 1, self.F), self.model.dtype) for m in range(l)}
+        out[-1] = np.zeros((Z, t + 1), self.model.dtype)
+        if len(u.where):
+            lam = np.asarray(np.prod(self.lam[l:]), self.model.dtype)
+            for m, v in super().rows(l, t, u.u / lam).items():
+                out[m][u.where] = v
+        if len(u.ple_where):
+            s = rec["ple.model_proj_norm.scale"][t, l]
+            c = params.ple_model()[:, l, u.ple_q] * (params.ple_norm[u.ple_q] / s)[None, :]
+            c = c * np.asarray(cfg.d_model ** -0.5 * 2.0 ** -0.5, self.model.dtype)
+            out[-1][u.ple_where, t] = rec["embed"][t] @ c
+        return out
+
+    def feature_edges(self, m, g_out):
+        """[Z, S, D] gradients at mlp.out of layer m (= at ple.out: every MLP held) -> [Z, S, F] edges from its
+        slots (the module docstring's output vectors)."""
+        cfg, rec, params, model = self.cfg, self.run.record, self.model.params, self.model
+        Z, S, _ = g_out.shape
+        b = f"blocks.{m}."
+        F, JG, Pw = self.w[m]
+
+        def frozen(key, scale_site):  # a frozen RMSNorm: w / s[t]
+            return P.gain(model, params.get(m, key))[None, :] / rec[b + scale_site][:S, None]
+
+        g = g_out * frozen("ln2_post", "ln2_post.scale")[None]
+        g_dense = g * frozen("ln2_post1", "ln2_post1.scale")[None] if cfg.moe else g
+        parts = [self.act[m][None, :S, :F] * (g_dense @ params.get(m, "W_down").T)]
+        if cfg.moe:
+            g_moe = g * frozen("ln2_post2", "ln2_post2.scale")[None]
+            top = rec[b + "moe.topk.index"][:S]
+            We_down = params.get(m, "We_down")
+            ex = np.zeros((Z, S, cfg.top_k, cfg.d_expert), g_out.dtype)
+            for e in np.unique(top):  # each selected expert once, over its (token, slot) pairs
+                s, j = np.nonzero(top == e)
+                ex[:, s, j] = g_moe[:, s] @ We_down[e].T
+            wts = rec[b + "moe.topk.weight"][:S, :, None]
+            parts.append((ex * (wts * rec[b + "moe.act"][:S])[None]).reshape(Z, S, JG))
+        if cfg.ple:
+            g_ple = g_out * frozen("ple_post", "ple_post.scale")[None]
+            parts.append(self.act[m][None, :S, F + JG: F + JG + Pw] * (g_ple @ params.get(m, "W_ple_proj").T))
+        edges = np.concatenate(parts, axis=2)
+        return np.pad(edges, ((0, 0), (0, 0), (0, self.F - edges.shape[2])))
+
+
+def finish(g: Graph, ctx: Context) -> Graph:
+    """The assembled graph's slots as Gemma 4 nodes: kinds neuron / expert / ple and their indices (module
+    docstring), and a PLE token node for each (l, t) with an explored PLE neuron, placed before the embeddings
+    (circuit-tracer's token group), with its edges ple.token[t, l, q] / sqrt(2) into those neurons' rows."""
+    cfg, rec = ctx.cfg, ctx.run.record
+    kind, index = g.kind.astype(object), g.index.copy()
+    flat = np.flatnonzero(g.kind == "neuron")
+    for i in flat:
+        l, t, n = int(g.layer[i]), int(g.position[i]), int(g.index[i])
+        F, JG, _ = ctx.w[l]
+        if F <= n < F + JG:
+            j, k = divmod(n - F, cfg.d_expert)
+            kind[i], index[i] = "expert", int(rec[f"blocks.{l}.moe.topk.index"][t, j]) * cfg.d_expert + k
+        elif n >= F + JG:
+            kind[i], index[i] = "ple", n - F - JG
+    ple = np.flatnonzero(kind == "ple")
+    lt = sorted({(int(g.layer[i]), int(g.position[i])) for i in ple})
+    emb0 = int(np.flatnonzero(g.kind == "embed")[0])
+    k = len(lt)
+    tok = {x: emb0 + a for a, x in enumerate(lt)}
+    shift = lambda a: np.where(a >= emb0, a + k, a)  # noqa: E731
+    rows, cols = shift(g.rows), shift(g.cols)
+    new = {i + (k if i >= emb0 else 0) for i in ple}  # no PLE neuron is >= emb0: the shift leaves them
+    on_ple = np.isin(rows, list(new))
+    keep = ~on_ple  # a PLE row keeps one of _assemble's edges: its own embedding's
+    keep[on_ple] = cols[on_ple] == emb0 + k + g.position[rows[on_ple]]
+    rows, cols, values = rows[keep], cols[keep], g.values[keep]
+    add_r = ple
+    add_c = np.array([tok[int(g.layer[i]), int(g.position[i])] for i in ple], dtype=np.int64)
+    add_v = np.array([rec["ple.token"][int(g.position[i]), int(g.layer[i]), int(index[i])] for i in ple],
+                     dtype=np.float64) * 2.0 ** -0.5
+    rows, cols = np.concatenate([rows, add_r]).astype(np.int64), np.concatenate([cols, add_c]).astype(np.int64)
+    values = np.concatenate([values, add_v])
+    order = np.lexsort((cols, rows))
+
+    def insert(a, fill):
+        return np.concatenate([a[:emb0], np.asarray(fill, dtype=a.dtype), a[emb0:]])
+
+    g.kind = insert(kind.astype(str).astype(object), ["ple_token"] * k).astype(str)
+    g.layer = insert(g.layer, [x[0] for x in lt])
+    g.position = insert(g.position, [x[1] for x in lt])
+    g.index = insert(index, [PLE_TOKEN] * k)
+    g.activation = insert(g.activation, [np.nan] * k)
+    g.input = insert(g.input, [np.nan] * k)
+    g.rows, g.cols, g.values = rows[order], cols[order], values[order]
+    return g
+
+
+# ------------------------------------------------------------------------------------------------- faithfulness
+
+
+def kept_nodes(g: Graph, pr) -> dict:
+    """The pruned graph's Gemma 4 neurons to keep, by site: dense [L, T, F_max], expert [L, T, E, G] (by expert
+    id: a re-run whose router picks another expert ablates it), ple [L, T, P]. A kept remainder node keeps the
+    unexplored neurons of its (l, t), the clean run's experts'."""
+    cfg = g.model.config
+    L, T = cfg.n_layers, g.read_at + 1
+    E, G = (cfg.n_experts, cfg.d_expert) if cfg.moe else (0, 0)
+    keep = {"neuron": np.zeros((L, T, max(cfg.mlp_width_of(l) for l in range(L))), bool),
+            "expert": np.zeros((L, T, E, G), bool), "ple": np.zeros((L, T, cfg.d_ple if cfg.ple else 0), bool)}
+    explored = {k: np.zeros_like(v) for k, v in keep.items()}
+    for k in keep:
+        for mask, target in ((g.kind == k, explored[k]), (pr.node_mask & (g.kind == k), keep[k])):
+            idx = np.flatnonzero(mask)
+            if k == "expert":
+                target[g.layer[idx], g.position[idx], g.index[idx] // G, g.index[idx] % G] = True
+            else:
+                target[g.layer[idx], g.position[idx], g.index[idx]] = True
+    rec = g.run.record
+    for i in np.flatnonzero(pr.node_mask & (g.kind == "remainder")):
+        l, t = int(g.layer[i]), int(g.position[i])
+        keep["neuron"][l, t, : cfg.mlp_width_of(l)] |= ~explored["neuron"][l, t, : cfg.mlp_width_of(l)]
+        keep["ple"][l, t] |= ~explored["ple"][l, t]
+        if cfg.moe:
+            for e in rec[f"blocks.{l}.moe.topk.index"][t]:
+                keep["expert"][l, t, e] |= ~explored["expert"][l, t, e]
+    return keep
+
+
+def ablation_edit(g: Graph, keep: dict, ablation: str):
+    """A forward edit (forward.forward's edit=) that sets every neuron at positions <= p outside keep to zero or
+    to its mean over positions 1 .. T-1 of the clean run: mlp.act and ple.act per neuron, moe.act per (expert,
+    neuron) of the expert the re-run's own router picked (its mean over the positions that picked it, else 0)."""
+    cfg, rec = g.model.config, g.run.record
+    T = g.read_at + 1
+
+    def fill(name, shape):
+        if ablation == "zero":
+            return np.zeros(shape, rec[name].dtype)
+        return np.broadcast_to(np.asarray(rec[name])[1:].mean(axis=0), shape)
+
+    def expert_mean(l, e):
+        top, act = rec[f"blocks.{l}.moe.topk.index"][1:], rec[f"blocks.{l}.moe.act"][1:]
+        t, j = np.nonzero(top == e)
+        return act[t, j].mean(axis=0) if len(t) else np.zeros(cfg.d_expert, act.dtype)
+
+    def edit(name, value, record):
+        parts = name.split(".")
+        if len(parts) < 4 or parts[0] != "blocks" or ".".join(parts[2:]) not in ("mlp.act", "ple.act", "moe.act"):
+            return value
+        l, site = int(parts[1]), ".".join(parts[2:])
+        out = value.copy()
+        if site == "mlp.act":
+            k = keep["neuron"][l, :, : value.shape[1]]
+            out[:T] = np.where(k, value[:T], fill(name, (T, value.shape[1])))
+        elif site == "ple.act":
+            out[:T] = np.where(keep["ple"][l], value[:T], fill(name, (T, value.shape[1])))
+        else:
+            top = record[f"blocks.{l}.moe.topk.index"][:T]  # this run's choice
+            k = keep["expert"][l, np.arange(T)[:, None], top]  # [T, J, G]
+            if ablation == "zero":
+                f = np.zeros_like(value[:T])
+            else:
+                means = np.stack([expert_mean(l, e) for e in range(cfg.n_experts)])
+                f = means[top]
+            out[:T] = np.where(k, value[:T], f)
+        return out
+
+    return edit
+
+
+def rerouted(g: Graph, record) -> int:
+    """How many (layer, position <= p, slot) of a re-run chose another expert than the clean run."""
+    cfg = g.model.config
+    if not cfg.moe:
+        return 0
+    T = g.read_at + 1
+    name = "blocks.{}.moe.topk.index"
+    return int(sum((record[name.format(l)][:T] != g.run.record[name.format(l)][:T]).sum()
+                   for l in range(cfg.n_layers)))

@@ -1,0 +1,258 @@
+"""refprism.graphs on Gemma 4 (tiny-gemma4: PLE, KV sharing across both layer types, double-wide MLP, k_eq_v, MoE,
+random layer_scalar, router and per-expert scales): the new node kinds (graphs.gemma4), exact rows, every kind of
+edge against a forward with the factors held, the JSON ids, faithfulness, the refusals.
+
+- Edges: circuit-tracer's check as tests/test_graphs.py runs it for Gemma 1-3. A forward edit holds every norm
+  scale (the v_norm, router and PLE projection norms' included), every attention pattern, the router's top-k
+  choices and weights, and every neuron's activation (mlp.act, moe.act, ple.act) at the clean run's values; one
+  source's activation is doubled (a PLE token node: its ple.token[t, l] doubled; an embedding: embed[t]). The change
+  of every target's input (mlp.up, moe.up at its slot, ple.input, the demeaned pre-cap logit) is that source's
+  column. float64: 1e-10 of the largest input, as for Gemma 1-3.
+- Row sums: every node's incoming edges sum to its input within 1e-10 of the largest input.
+"""
+
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+from test_gradients_gemma4 import _smooth_ids
+from test_graphs_output import SCHEMA
+
+import refprism
+from refprism.graphs import Pruned, edge_heads, faithfulness, graph, graph_json
+from refprism.graphs import gemma4 as G4
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return refprism.load(checkpoint("tiny-gemma4"), dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def full(model):
+    """Every node explored (the prompt of test_gradients_gemma4: its routing is away from ties)."""
+    return graph(model, _smooth_ids(model))
+
+
+def _column(g, j):
+    col = np.zeros(g.n)
+    m = g.cols == j
+    col[g.rows[m]] = g.values[m]
+    return col
+
+
+def _slot(rec, l, t, e):
+    return int(np.flatnonzero(rec[f"blocks.{l}.moe.topk.index"][t] == e)[0])
+
+
+def _inputs_with_source_doubled(g, j):
+    """Each target's input in a forward with every factor and every neuron held at the clean run's value and
+    source j doubled (forward edits and the run's record only: none of graphs' code)."""
+    model, run = g.model, g.run
+    cfg, rec = model.config, run.record
+    kind, l, t, n = g.kind[j], int(g.layer[j]), int(g.position[j]), int(g.index[j])
+    held = ("attn.pattern", "mlp.act", "moe.act", "ple.act", "moe.topk.index", "moe.topk.weight")
+
+    def edit(name, value, record):
+        site = name.split(".", 2)[-1]
+        if name.endswith("scale") or site in held:
+            out = rec[name].copy()
+            if name == f"blocks.{l}.mlp.act" and kind == "neuron":
+                out[t, n] *= 2
+            elif name == f"blocks.{l}.moe.act" and kind == "expert":
+                e, i = divmod(n, cfg.d_expert)
+                out[t, _slot(rec, l, t, e), i] *= 2
+            elif name == f"blocks.{l}.ple.act" and kind == "ple":
+                out[t, n] *= 2
+            return out
+        if (name == "embed" and kind == "embed") or (name == "ple.token" and kind == "ple_token"):
+            out = value.copy()
+            if kind == "embed":
+                out[t] *= 2
+            else:
+                out[t, l] *= 2
+            return out
+        return value
+
+    edited = model.run(run.tokens, edit=edit).record
+    change = np.zeros(g.n)
+    for i in np.flatnonzero(np.isin(g.kind, ("neuron", "expert", "ple"))):
+        li, ti, ni = int(g.layer[i]), int(g.position[i]), int(g.index[i])
+        if g.kind[i] == "neuron":
+            where = (f"blocks.{li}.mlp.up", (ti, ni))
+        elif g.kind[i] == "expert":
+            e, k = divmod(ni, cfg.d_expert)
+            where = (f"blocks.{li}.moe.up", (ti, _slot(rec, li, ti, e), k))
+        else:
+            where = ("ple.input", (ti, li, ni))
+        change[i] = edited[where[0]][where[1]] - rec[where[0]][where[1]]
+    logits = np.flatnonzero(g.kind == "logit")
+    new, old = edited["logits_uncapped"][g.read_at], rec["logits_uncapped"][g.read_at]
+    change[logits] = (new[g.index[logits]] - new.mean()) - (old[g.index[logits]] - old.mean())
+    return change
+
+
+def test_the_nodes_are_gemma4s_components(model, full):
+    cfg, g, rec = model.config, full, full.run.record
+    T = g.read_at + 1
+    count = {k: int((g.kind == k).sum()) for k in ("neuron", "expert", "ple", "ple_token", "remainder")}
+    widths = sum(cfg.mlp_width_of(l) for l in range(cfg.n_layers))
+    assert count == {"neuron": widths * T, "expert": cfg.n_layers * T * cfg.top_k * cfg.d_expert,
+                     "ple": cfg.n_layers * T * cfg.d_ple, "ple_token": cfg.n_layers * T, "remainder": 0}
+    wide = (g.kind == "neuron") & (g.index >= cfg.d_mlp)  # the double-wide layers' second half
+    assert set(g.layer[wide]) == {l for l in range(cfg.n_layers) if cfg.mlp_width_of(l) == 2 * cfg.d_mlp}
+    # values and inputs are the run's recorded sites
+    for i in np.flatnonzero(g.kind == "expert")[::97]:
+        l, t, (e, k) = int(g.layer[i]), int(g.position[i]), divmod(int(g.index[i]), cfg.d_expert)
+        j = _slot(rec, l, t, e)
+        assert g.activation[i] == rec[f"blocks.{l}.moe.act"][t, j, k]
+        assert g.input[i] == rec[f"blocks.{l}.moe.up"][t, j, k]
+        assert g.label(i) == f"L{l}E{e}N{k}@{t}"
+    for i in np.flatnonzero(g.kind == "ple")[::41]:
+        l, t, q = int(g.layer[i]), int(g.position[i]), int(g.index[i])
+        assert g.activation[i] == rec[f"blocks.{l}.ple.act"][t, q] and g.input[i] == rec["ple.input"][t, l, q]
+    # circuit-tracer's groups: features, errors, tokens (PLE tokens with the embeddings), logits, in that order
+    n_feat, n_err, n_tok, n_log = g.counts
+    assert (n_feat, n_err, n_log) == (count["neuron"] + count["expert"] + count["ple"], 0, int((g.kind == "logit").sum()))
+    assert set(g.kind[n_feat: n_feat + n_tok]) == {"ple_token", "embed"} and g.scores() == (1.0, 1.0)
+
+
+def test_row_sums_are_exact_at_every_node(model, full):
+    ids = _smooth_ids(model)
+    for g in (full, graph(model, ids, max_nodes=300, batch_size=64, update_interval=2)):
+        targets = np.flatnonzero(~np.isnan(g.input))
+        err = np.abs(g.row_sums()[targets] - g.input[targets]).max()
+        assert err <= 1e-10 * np.abs(g.input[targets]).max(), err
+        raw = g.run.record["logits_uncapped"][g.read_at]
+        logits = g.kind == "logit"
+        np.testing.assert_allclose(g.input[logits], raw[g.index[logits]] - raw.mean(), rtol=1e-12)
+        assert not np.isin(np.flatnonzero(np.isnan(g.input)), g.rows).any()  # sources take no edges
+        for i in np.flatnonzero(g.kind == "ple")[:20]:  # a PLE neuron's row: its embedding and its PLE token
+            src, val = g.incoming(i)
+            assert sorted(g.kind[src]) == ["embed", "ple_token"], g.label(i)
+            assert set(g.position[src]) == {g.position[i]}
+        if g is not full:
+            assert g.explored == 300 and g.counts[1] > 0
+
+
+def test_every_new_kind_of_edge_equals_a_frozen_forward_with_the_source_added(model, full):
+    g, cfg = full, model.config
+    rng = np.random.default_rng(3)
+    L = cfg.n_layers
+    consumer = min(l for l in range(L) if not cfg.has_kv(l))
+
+    def pick(mask, k):
+        return list(rng.choice(np.flatnonzero(mask), k, replace=False))
+
+    below = g.layer < L - 1
+    sources = (pick((g.kind == "expert") & below, 2) + pick((g.kind == "ple") & below, 2)
+               + pick(g.kind == "ple_token", 2) + pick((g.kind == "neuron") & (g.index >= cfg.d_mlp) & below, 1)
+               + pick((g.kind == "neuron") & (g.layer < cfg.kv_source(consumer)), 1) + pick(g.kind == "embed", 1))
+    scale = np.nanmax(np.abs(g.input))
+    reached_consumers = False
+    for j in sources:
+        col, change = _column(g, j), _inputs_with_source_doubled(g, j)
+        err = np.abs(col - change).max()
+        assert err <= 1e-10 * scale, f"source {g.label(j)}: max |edge - change| {err:.2e}"
+        assert np.abs(col).max() > 1e-6, g.label(j)  # the source reaches something
+        if g.layer[j] < cfg.kv_source(consumer) and g.kind[j] != "ple_token":
+            reached_consumers |= bool(np.abs(col[(g.layer >= consumer) & (g.kind != "logit")]).max() > 1e-6)
+    assert reached_consumers  # a consumer layer's inputs, read through its producer's values
+
+
+def test_json_ids_do_not_collide_and_name_the_new_kinds(model):
+    g = graph(model, _smooth_ids(model), max_nodes=400, batch_size=128)
+    doc = json.loads(json.dumps(graph_json(g, slug="g4", node_threshold=0.9, edge_threshold=0.99)))
+    jsonschema.validate(doc, SCHEMA)
+    cfg = model.config
+    everything = [G4.feature_id(cfg, int(g.layer[i]), str(g.kind[i]), int(g.index[i]))
+                  if g.kind[i] in G4.NEW_KINDS else None for i in range(g.n)]
+    from refprism.graphs.export import _node_id
+
+    ids = [_node_id(g, i, cfg.n_layers) for i in range(g.n)]
+    assert len(set(ids)) == g.n  # every node its own id
+    for i in range(g.n):
+        k, l = g.kind[i], int(g.layer[i])
+        F = cfg.mlp_width_of(l) if 0 <= l < cfg.n_layers else 0
+        if k == "expert":
+            assert F <= everything[i] < F + cfg.n_experts * cfg.d_expert
+        elif k == "ple":
+            assert F + cfg.n_experts * cfg.d_expert <= everything[i] < F + cfg.n_experts * cfg.d_expert + cfg.d_ple
+        elif k == "ple_token":
+            assert ids[i] == f"{l}_-5_{g.position[i]}"
+    types = {n["feature_type"] for n in doc["nodes"]}
+    assert {"mlp expert neuron", "per-layer input neuron", "embedding", "logit"} <= types
+    by_id = {n["node_id"]: n for n in doc["nodes"]}
+    index = {x: i for i, x in enumerate(ids)}
+    for link in doc["links"][:: max(1, len(doc["links"]) // 40)]:
+        assert link["source"] in by_id and link["target"] in by_id
+        m = (g.rows == index[link["target"]]) & (g.cols == index[link["source"]])
+        assert link["weight"] == g.values[m][0]
+    assert doc["metadata"]["info"]["max_row_sum_error"] <= 1e-10 * np.nanmax(np.abs(g.input))
+    assert "the router's top-k choices and weights" in doc["metadata"]["info"]["frozen"]
+
+
+def _readout_with_kept(g, keep, ablation):
+    """The logit nodes' demeaned pre-cap readouts with every neuron outside keep set to 0 or its mean (mlp.act,
+    ple.act by position; moe.act by the expert this run's router picked), an edit written here."""
+    model, rec0 = g.model, g.run.record
+    T = g.read_at + 1
+
+    def fill(name, shape):
+        return np.zeros(shape) if ablation == "zero" else np.broadcast_to(rec0[name][1:].mean(axis=0), shape)
+
+    def edit(name, value, record):
+        parts = name.split(".")
+        if name.endswith((".mlp.act", ".ple.act")):
+            l, kind = int(parts[1]), "neuron" if parts[2] == "mlp" else "ple"
+            out = value.copy()
+            out[:T] = np.where(keep[kind][l, :, : value.shape[1]], value[:T], fill(name, (T, value.shape[1])))
+            return out
+        if name.endswith(".moe.act"):
+            l = int(parts[1])
+            out = value.copy()
+            top = record[f"blocks.{l}.moe.topk.index"]
+            for t in range(T):
+                for j, e in enumerate(top[t]):
+                    if ablation == "zero":
+                        f = 0.0
+                    else:
+                        tt, jj = np.nonzero(rec0[f"blocks.{l}.moe.topk.index"][1:] == e)
+                        f = rec0[f"blocks.{l}.moe.act"][1:][tt, jj].mean(axis=0) if len(tt) else 0.0
+                    out[t, j] = np.where(keep["expert"][l, t, e], value[t, j], f)
+            return out
+        return value
+
+    raw = model.run(g.run.tokens, edit=edit).record["logits_uncapped"][g.read_at]
+    logits = g.kind == "logit"
+    return raw[g.index[logits]] - raw.mean()
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_faithfulness_equals_a_forward_with_the_other_neurons_ablated(model, ablation):
+    g = graph(model, _smooth_ids(model), max_nodes=500, batch_size=128)
+    pr = g.pruned()
+    f = faithfulness(g, pruned=pr, ablation=ablation)
+    keep = G4.kept_nodes(g, pr)
+    assert keep["expert"].any() and keep["neuron"].any()
+    none = {k: np.zeros_like(v) for k, v in keep.items()}
+    np.testing.assert_allclose(f["kept"], _readout_with_kept(g, keep, ablation), rtol=1e-10)
+    np.testing.assert_allclose(f["none"], _readout_with_kept(g, none, ablation), rtol=1e-10)
+    raw = g.run.record["logits_uncapped"][g.read_at]
+    np.testing.assert_allclose(f["clean"], raw[g.index[g.kind == "logit"]] - raw.mean(), rtol=1e-12)
+    assert 0 < f["kept_neurons"] < g.n_neurons and f["ablated_neurons"] == g.n_neurons - f["kept_neurons"]
+    assert set(f["rerouted"]) == {"kept", "none"}
+    everything = Pruned(np.ones(g.n, bool), np.ones(len(g.values), bool), pr.cumulative, pr.influence)
+    assert faithfulness(g, pruned=everything, ablation=ablation)["recovered"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_refusals_are_one_line(model, full, checkpoint):
+    with pytest.raises(refprism.InputError, match="^transcoder graphs do not take Gemma 4") as e:
+        graph(refprism.load(checkpoint("tiny-gemma4"), defer=True), "abc", transcoders="none.safetensors")
+    assert "\n" not in str(e.value)
+    logit = int(np.flatnonzero(full.kind == "logit")[0])
+    src = int(np.flatnonzero(full.kind == "neuron")[0])
+    with pytest.raises(refprism.InputError, match="^edge_heads does not split Gemma 4 edges yet") as e:
+        edge_heads(full, logit, src, 1)
+    assert "\n" not in str(e.value)

@@ -16,7 +16,7 @@ import json
 import jsonschema
 import numpy as np
 import pytest
-from test_gradients_gemma4 import _smooth_ids
+from test_gradients_gemma4 import _routing_margin
 from test_graphs_output import SCHEMA
 
 import refprism
@@ -26,13 +26,30 @@ from refprism.graphs import gemma4 as G4
 
 @pytest.fixture(scope="module")
 def model(checkpoint):
-    return refprism.load(checkpoint("tiny-gemma4"), dtype="float64")
+    """tiny-gemma4 with narrower MLPs and experts (every feature still on), so that a whole graph is ~2,000 nodes."""
+    return refprism.load(checkpoint("tiny-gemma4", intermediate_size=16, moe_intermediate_size=8), dtype="float64")
+
+
+def _prompt(model, T=6):
+    """A prompt whose routing is 0.004 away from every tie (test_gradients_gemma4's margin): the edits below hold
+    the routing, the faithfulness re-runs do not."""
+    for seed in range(400):
+        ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, T)
+        if _routing_margin(model, model.run(ids)) > 0.004:
+            return ids
+    raise AssertionError("no prompt with routing away from ties")
 
 
 @pytest.fixture(scope="module")
 def full(model):
-    """Every node explored (the prompt of test_gradients_gemma4: its routing is away from ties)."""
-    return graph(model, _smooth_ids(model))
+    """Every node explored."""
+    return graph(model, _prompt(model), max_nodes=10 ** 6)
+
+
+@pytest.fixture(scope="module")
+def partial(model):
+    """300 nodes explored in influence order: remainder nodes."""
+    return graph(model, _prompt(model), max_nodes=300, batch_size=64, update_interval=2)
 
 
 def _column(g, j):
@@ -118,9 +135,8 @@ def test_the_nodes_are_gemma4s_components(model, full):
     assert set(g.kind[n_feat: n_feat + n_tok]) == {"ple_token", "embed"} and g.scores() == (1.0, 1.0)
 
 
-def test_row_sums_are_exact_at_every_node(model, full):
-    ids = _smooth_ids(model)
-    for g in (full, graph(model, ids, max_nodes=300, batch_size=64, update_interval=2)):
+def test_row_sums_are_exact_at_every_node(model, full, partial):
+    for g in (full, partial):
         targets = np.flatnonzero(~np.isnan(g.input))
         err = np.abs(g.row_sums()[targets] - g.input[targets]).max()
         assert err <= 1e-10 * np.abs(g.input[targets]).max(), err
@@ -161,8 +177,8 @@ def test_every_new_kind_of_edge_equals_a_frozen_forward_with_the_source_added(mo
     assert reached_consumers  # a consumer layer's inputs, read through its producer's values
 
 
-def test_json_ids_do_not_collide_and_name_the_new_kinds(model):
-    g = graph(model, _smooth_ids(model), max_nodes=400, batch_size=128)
+def test_json_ids_do_not_collide_and_name_the_new_kinds(model, partial):
+    g = partial
     doc = json.loads(json.dumps(graph_json(g, slug="g4", node_threshold=0.9, edge_threshold=0.99)))
     jsonschema.validate(doc, SCHEMA)
     cfg = model.config
@@ -230,8 +246,8 @@ def _readout_with_kept(g, keep, ablation):
 
 
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
-def test_faithfulness_equals_a_forward_with_the_other_neurons_ablated(model, ablation):
-    g = graph(model, _smooth_ids(model), max_nodes=500, batch_size=128)
+def test_faithfulness_equals_a_forward_with_the_other_neurons_ablated(model, partial, ablation):
+    g = partial
     pr = g.pruned()
     f = faithfulness(g, pruned=pr, ablation=ablation)
     keep = G4.kept_nodes(g, pr)

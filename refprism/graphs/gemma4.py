@@ -192,41 +192,39 @@ def finish(g: Graph, ctx: Context) -> Graph:
     cfg, rec = ctx.cfg, ctx.run.record
     kind, index = g.kind.astype(object), g.index.copy()
     flat = np.flatnonzero(g.kind == "neuron")
-    for i in flat:
-        l, t, n = int(g.layer[i]), int(g.position[i]), int(g.index[i])
-        F, JG, _ = ctx.w[l]
-        if F <= n < F + JG:
-            j, k = divmod(n - F, cfg.d_expert)
-            kind[i], index[i] = "expert", int(rec[f"blocks.{l}.moe.topk.index"][t, j]) * cfg.d_expert + k
-        elif n >= F + JG:
-            kind[i], index[i] = "ple", n - F - JG
-    ple = np.flatnonzero(kind == "ple")
-    lt = sorted({(int(g.layer[i]), int(g.position[i])) for i in ple})
+    l, t, n = g.layer[flat], g.position[flat], g.index[flat]
+    F, JG = np.array([w[0] for w in ctx.w])[l], np.array([w[1] for w in ctx.w])[l]
+    expert, ple_slot = (n >= F) & (n < F + JG), n >= F + JG
+    if cfg.moe and expert.any():
+        top = np.stack([rec[f"blocks.{m}.moe.topk.index"][: ctx.T] for m in range(cfg.n_layers)])  # [L, T, J]
+        j, k = np.divmod(n[expert] - F[expert], cfg.d_expert)
+        kind[flat[expert]] = "expert"
+        index[flat[expert]] = top[l[expert], t[expert], j] * cfg.d_expert + k
+    kind[flat[ple_slot]] = "ple"
+    index[flat[ple_slot]] = n[ple_slot] - F[ple_slot] - JG[ple_slot]
+    ple = flat[ple_slot]
+    codes, inverse = np.unique(g.layer[ple] * ctx.T + g.position[ple], return_inverse=True)
     emb0 = int(np.flatnonzero(g.kind == "embed")[0])
-    k = len(lt)
-    tok = {x: emb0 + a for a, x in enumerate(lt)}
-    shift = lambda a: np.where(a >= emb0, a + k, a)  # noqa: E731
-    rows, cols = shift(g.rows), shift(g.cols)
-    new = {i + (k if i >= emb0 else 0) for i in ple}  # no PLE neuron is >= emb0: the shift leaves them
-    on_ple = np.isin(rows, list(new))
+    k = len(codes)
+    is_ple = np.zeros(g.n, bool)
+    is_ple[ple] = True
+    on_ple = is_ple[g.rows]
     keep = ~on_ple  # a PLE row keeps one of _assemble's edges: its own embedding's
-    keep[on_ple] = cols[on_ple] == emb0 + k + g.position[rows[on_ple]]
-    rows, cols, values = rows[keep], cols[keep], g.values[keep]
-    add_r = ple
-    add_c = np.array([tok[int(g.layer[i]), int(g.position[i])] for i in ple], dtype=np.int64)
-    add_v = np.array([rec["ple.token"][int(g.position[i]), int(g.layer[i]), int(index[i])] for i in ple],
-                     dtype=np.float64) * 2.0 ** -0.5
-    rows, cols = np.concatenate([rows, add_r]).astype(np.int64), np.concatenate([cols, add_c]).astype(np.int64)
-    values = np.concatenate([values, add_v])
+    keep[on_ple] = g.cols[on_ple] == emb0 + g.position[g.rows[on_ple]]
+    shift = lambda a: np.where(a >= emb0, a + k, a)  # noqa: E731  (no PLE neuron is >= emb0)
+    token = np.asarray(rec["ple.token"])[g.position[ple], g.layer[ple], index[ple].astype(int)]
+    rows = np.concatenate([shift(g.rows[keep]), ple]).astype(np.int64)
+    cols = np.concatenate([shift(g.cols[keep]), emb0 + inverse]).astype(np.int64)
+    values = np.concatenate([g.values[keep], token.astype(np.float64) * 2.0 ** -0.5])
     order = np.lexsort((cols, rows))
 
     def insert(a, fill):
         return np.concatenate([a[:emb0], np.asarray(fill, dtype=a.dtype), a[emb0:]])
 
-    g.kind = insert(kind.astype(str).astype(object), ["ple_token"] * k).astype(str)
-    g.layer = insert(g.layer, [x[0] for x in lt])
-    g.position = insert(g.position, [x[1] for x in lt])
-    g.index = insert(index, [PLE_TOKEN] * k)
+    g.kind = insert(kind.astype("<U16"), ["ple_token"] * k)
+    g.layer = insert(g.layer, codes // ctx.T)
+    g.position = insert(g.position, codes % ctx.T)
+    g.index = insert(index.astype(g.index.dtype), [PLE_TOKEN] * k)
     g.activation = insert(g.activation, [np.nan] * k)
     g.input = insert(g.input, [np.nan] * k)
     g.rows, g.cols, g.values = rows[order], cols[order], values[order]

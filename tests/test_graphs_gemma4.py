@@ -20,7 +20,7 @@ from test_gradients_gemma4 import _routing_margin
 from test_graphs_output import SCHEMA
 
 import refprism
-from refprism.graphs import Pruned, edge_heads, faithfulness, graph, graph_json
+from refprism.graphs import Pruned, edge_heads, faithfulness, graph, graph_json, node_split
 from refprism.graphs import gemma4 as G4
 
 
@@ -131,7 +131,8 @@ def test_the_nodes_are_gemma4s_components(model, full):
         assert g.activation[i] == rec[f"blocks.{l}.ple.act"][t, q] and g.input[i] == rec["ple.input"][t, l, q]
     # circuit-tracer's groups: features, errors, tokens (PLE tokens with the embeddings), logits, in that order
     n_feat, n_err, n_tok, n_log = g.counts
-    assert (n_feat, n_err, n_log) == (count["neuron"] + count["expert"] + count["ple"], 0, int((g.kind == "logit").sum()))
+    assert n_feat == count["neuron"] + count["expert"] + count["ple"]
+    assert (n_err, n_log) == (0, int((g.kind == "logit").sum()))
     assert set(g.kind[n_feat: n_feat + n_tok]) == {"ple_token", "embed"} and g.scores() == (1.0, 1.0)
 
 
@@ -272,3 +273,21 @@ def test_refusals_are_one_line(model, full, checkpoint):
     with pytest.raises(refprism.InputError, match="^edge_heads does not split Gemma 4 edges yet") as e:
         edge_heads(full, logit, src, 1)
     assert "\n" not in str(e.value)
+
+
+def test_view_splits_of_dense_and_expert_neurons_sum_to_their_inputs(model, partial):
+    """graphs.node_split on Gemma 4: a dense or expert neuron's input split by the residual parts at resid_mid (the
+    prisms' Gemma 4 parts, layer_scalars folded); a PLE neuron and a PLE token node have none."""
+    g = partial
+    scale = np.nanmax(np.abs(g.input))
+    seen = set()
+    for kind in ("neuron", "expert", "ple", "ple_token"):
+        for i in np.flatnonzero(g.kind == kind)[:6]:
+            sp = node_split(g, int(i))
+            if kind in ("ple", "ple_token"):
+                assert sp is None
+                continue
+            assert abs(float(sp.values.sum()) - g.input[i]) <= 1e-10 * scale and sp.exact, g.label(i)
+            assert np.abs(sp.values).max() > 0
+            seen.add(kind)
+    assert seen == {"neuron", "expert"}

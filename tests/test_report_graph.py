@@ -56,7 +56,7 @@ def check_view(g, view):
         i = index[n["label"]]
         assert pr.node_mask[i], n["label"]
         assert n["influence"] == float(pr.influence[i])
-        if n["kind"] in ("neuron", "feature", "logit"):
+        if n["kind"] in ("neuron", "feature", "logit", "expert", "ple"):
             assert n["value"] == float(g.activation[i]) and n["input"] == float(g.input[i])
             src, val = g.incoming(i)
             inc = n["incoming"]
@@ -216,11 +216,18 @@ def test_cli(checkpoint, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert not bad.exists()
-    g4 = checkpoint("tiny-gemma4")
-    bad = tmp_path / "g4.html"
-    assert cli.main(["report", PROMPT, "--model", str(g4), "--out", str(bad), "--graph"]) == 2
-    err = capsys.readouterr().err
-    assert "do not take Gemma 4 yet" in err and err.count("\n") == 1 and not bad.exists()
+    # Gemma 4: its experts, PLE neurons and PLE token nodes on the page, every number the Graph's
+    g4 = checkpoint("tiny-gemma4", intermediate_size=16, moe_intermediate_size=8)
+    page4 = tmp_path / "g4.html"
+    short = "The capital"
+    assert cli.main(["report", short, "--model", str(g4), "--dtype", "float64", "--out", str(page4), "--depth", "0",
+                     "--graph", "--max-nodes", "300", "--graph-nodes", "60", "--graph-edges", "80"]) == 0
+    view4 = report.page_data(page4.read_text(encoding="utf-8"))["sections"]["graph"]
+    g = graph(refprism.load(g4, dtype="float64"), short, max_nodes=300)
+    assert view4 == graph_view(g, max_nodes=60, max_edges=80)
+    check_view(g, view4)
+    assert {"expert", "ple"} & {n["kind"] for n in view4["nodes"]}
+    capsys.readouterr()
     # without --graph the page has no graph section
     assert cli.main([*args, "--force"]) == 0
     assert "graph" not in report.page_data(out.read_text(encoding="utf-8"))["sections"]

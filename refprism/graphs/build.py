@@ -57,6 +57,7 @@ from refprism import prisms as P
 from refprism.errors import InputError
 from refprism.gemma import ops
 from refprism.gradients.backward import FREEZABLE, Seed, _layer_source, backward
+from refprism.graphs import gemma4 as _g4
 from refprism.graphs import prune as _prune
 from refprism.graphs import transcoders as _tc
 from refprism.model import Run
@@ -122,10 +123,8 @@ class Graph:
         """refprism's label of node i: L{l}N{n}@{t}, L{l}F{f}@{t}, L{l}.rest@{t}, L{l}.err@{t}, L{l}.b_dec@{t},
         L{l}.b_enc@{t}, E@{t}, the logit's label; Gemma 4's graphs.gemma4.label."""
         k, l, t = self.kind[i], int(self.layer[i]), int(self.position[i])
-        if k in ("expert", "ple", "ple_token"):
-            from refprism.graphs import gemma4
-
-            return gemma4.label(self.model.config, k, l, int(self.index[i]), t)
+        if k in _g4.NEW_KINDS:
+            return _g4.label(self.model.config, k, l, int(self.index[i]), t)
         if k == "neuron":
             return f"L{l}N{int(self.index[i])}@{t}"
         if k == "feature":
@@ -195,12 +194,7 @@ def graph(model, prompt, *, position=-1, targets=None, versus=(), max_nodes=7500
         raise InputError("a graph reads every site of the run: run the prompt with a full record")
     text = prompt if isinstance(prompt, str) else "".join(run.pieces)
     p = P.resolve_position(run, position)
-    if cfg.gemma4:  # experts, per-layer inputs, double-wide layers: graphs.gemma4's slots and nodes
-        from refprism.graphs import gemma4 as _g4
-
-        ctx = _g4.Context(model, run, p, batch_size)
-    else:
-        ctx = _Context(model, run, p, batch_size, transcoders, zero_positions)
+    ctx = _Context(model, run, p, batch_size, transcoders, zero_positions)
     u, labels, weights, kind, ids = _logit_rows(model, run, p, targets, versus, desired_prob, max_logits)
     total = int(ctx.active.sum())  # positions after p never reach the readout
     if max_nodes >= total:
@@ -275,6 +269,8 @@ class _Context:
             self.post = [((1 + model.params.get(l, "ln2_post"))[None, :] / rec[f"blocks.{l}.ln2_post.scale"][:, None])
                          if self.cfg.post_norms else None for l in range(L)]
             self.active = np.ones((L, self.T, self.F), bool)
+            if self.cfg.gemma4:  # experts, per-layer inputs, per-layer widths: graphs.gemma4's flat slots
+                _g4.setup(self)
             return
         self.F = tc.layers[0].d_sae
         self.c, self.act, self.inp, self.err = [], [], [], []
@@ -305,6 +301,8 @@ class _Context:
                 post-norm); A[z, err(l', s)] = err_l'[s] . g_l'[z, s];  A[z, dec(l', s)] = b_dec_l' . g_l'[z, s]
                 A[z, E@s] = embed[s] . g_embed[z, s]
         """
+        if isinstance(u, _g4.Targets):  # Gemma 4's neuron targets (graphs.gemma4.feature_rows)
+            return _g4.rows(self, l, t, u)
         cfg, run = self.cfg, self.run
         L = cfg.n_layers
         drop = frozenset({(m, "mlp") for m in range(L)} | {(m, "attn") for m in range(l + 1, L)})
@@ -331,6 +329,8 @@ class _Context:
     def feature_edges(self, m, g_out):
         """[Z, S, D] gradients at mlp.out of layer m -> [Z, S, F] edges from its neurons (post-norm frozen) or its
         transcoder's features (written at mlp.out itself)."""
+        if self.cfg.gemma4:
+            return _g4.feature_edges(self, m, g_out)
         S = g_out.shape[1]
         if self.tc is not None:
             return self.act[m][None, :S] * (g_out @ self.tc.layers[m].W_dec.T)
@@ -341,6 +341,8 @@ class _Context:
     def feature_rows(self, l, t, n):
         """u [Z, D] of neurons n of layer l at position t: u . resid_mid_l[t] = up[t, n] (ln2 scale frozen); of
         features n: u . resid_mid_l[t] = pre[t, n] - b_enc[n], u = W_enc[:, n] c_l[t] (c: _transcode)."""
+        if self.cfg.gemma4:
+            return _g4.feature_rows(self, l, t, n)
         if self.tc is not None:
             return (self.tc.layers[l].W_enc[:, n] * self.c[l][t][:, None]).T
         params, rec = self.model.params, self.run.record

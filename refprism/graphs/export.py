@@ -26,6 +26,8 @@ from refprism.files import atomic_write
 from refprism.graphs import gemma4 as _gemma4
 
 SCHEMA_VERSION = 1
+_GEMMA4_TYPES = {"expert": "mlp expert neuron", "ple": "per-layer input neuron",
+                 "ple_token": "per-layer token embedding"}  # graphs.gemma4's kinds
 
 
 def graph_json(g, *, slug=None, node_threshold=0.8, edge_threshold=0.98, faithfulness=None) -> dict:
@@ -109,13 +111,13 @@ def _node(g, i, node_id, L, influence, probs, logits) -> dict:
     if k == "neuron":
         return {**base, "feature": n, "layer": str(l), "feature_type": "mlp neuron", "jsNodeId": f"{l}_{n}-0",
                 "clerp": f"L{l}N{n} at {t} (act {g.activation[i]:.3g})", "activation": float(g.activation[i])}
-    if k in ("expert", "ple", "ple_token"):
+    if k in _gemma4.NEW_KINDS:
         f = _gemma4.feature_id(g.model.config, l, k, n)
-        kind = {"expert": "mlp expert neuron", "ple": "per-layer input neuron", "ple_token": "per-layer token embedding"}
         label = _gemma4.label(g.model.config, k, l, n, t).replace("@", " at ")
         act = None if k == "ple_token" else float(g.activation[i])
-        return {**base, "feature": f, "layer": str(l), "feature_type": kind[k], "jsNodeId": f"{l}_{f}-{0 if act is not None else t}",
-                "clerp": label + ("" if act is None else f" (act {act:.3g})"), "activation": act}
+        return {**base, "feature": f, "layer": str(l), "feature_type": _GEMMA4_TYPES[k],
+                "jsNodeId": f"{l}_{f}-{0 if act is not None else t}", "activation": act,
+                "clerp": label + ("" if act is None else f" (act {act:.3g})")}
     if k == "feature":
         return {**base, "feature": n, "layer": str(l), "feature_type": "cross layer transcoder",
                 "jsNodeId": f"{l}_{n}-0", "clerp": f"L{l}F{n} at {t} (act {g.activation[i]:.3g})",

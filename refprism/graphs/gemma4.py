@@ -27,9 +27,10 @@ lam_l ... lam_{L-1} on its way down to resid_mid_l; a target reading resid_mid_l
 so its gradient there is u. KV sharing and k_eq_v are the backward's own (a consumer's value gradient reaches its
 producer's attn.v; v_norm is a frozen scale): nothing here.
 
-The context's feature axis per layer is the flat slot space [dense F_l | expert slots J G | PLE P] (padded to the
-widest layer, padding inactive), so build._explore and build._assemble run on it unchanged; `finish` turns the
-slots into the kinds and indices above and adds the PLE token nodes. Axis letters as in ops.py; J the top-k
+build._Context's feature axis per layer is here the flat slot space [dense F_l | expert slots J G | PLE P] (padded
+to the widest layer, padding inactive; `setup`), so build._explore and build._assemble run on it unchanged; the
+context's feature_rows, rows and feature_edges hand Gemma 4 to the functions of the same names here, and `finish`
+turns the slots into the kinds and indices above and adds the PLE token nodes. Axis letters as in ops.py; J the top-k
 slots, G an expert's width, P the per-layer input width.
 """
 
@@ -40,14 +41,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from refprism import prisms as P
-from refprism.graphs.build import Graph, _Context
 
 NEW_KINDS = ("expert", "ple", "ple_token")  # Gemma 4's node kinds beside build.KINDS' neuron, remainder, embed, logit
 PLE_TOKEN = -5  # a PLE token node's feature id in the JSON ({layer}_-5_{pos}): after circuit-tracer's -1 and -2..-4
 
 
 @dataclass
-class _Targets:
+class Targets:
     """feature_rows' answer: the residual-reading rows u [Zr, D] (at rows `where` of the Z targets) and the PLE
     neurons q [Zp] (at rows `ple_where`)."""
 
@@ -88,104 +88,103 @@ def label(cfg, kind, l, index, t) -> str:
     return f"L{l}.ple_token@{t}"
 
 
-class Context(_Context):
-    """build._Context on Gemma 4: the flat slot axis of the module docstring, its values, inputs and edges."""
-
-    def __init__(self, model, run, p, batch_size):
-        super().__init__(model, run, p, batch_size)  # the dense neurons as Gemma 1-3 (act, inp of width F_l)
-        cfg, rec, params = self.cfg, run.record, model.params
-        L = cfg.n_layers
-        self.w = [widths(cfg, l) for l in range(L)]
-        self.F = max(sum(w) for w in self.w)
-        self.lam = np.array([float(params.get(l, "layer_scalar")[0]) for l in range(L)])
-        acts, inps = [], []
-        self.active = np.zeros((L, self.T, self.F), bool)
-        for l in range(L):
-            F, JG, Pw = self.w[l]
-            a, x = [self.act[l]], [self.inp[l]]
-            if cfg.moe:
-                a.append(np.asarray(rec[f"blocks.{l}.moe.act"]).reshape(-1, JG))
-                x.append(np.asarray(rec[f"blocks.{l}.moe.up"]).reshape(-1, JG))
-            if cfg.ple:
-                a.append(np.asarray(rec[f"blocks.{l}.ple.act"]))
-                x.append(np.asarray(rec["ple.input"])[:, l])
-            pad = self.F - F - JG - Pw
-            acts.append(np.pad(np.concatenate(a, axis=1), ((0, 0), (0, pad))))
-            inps.append(np.pad(np.concatenate(x, axis=1), ((0, 0), (0, pad)), constant_values=np.nan))
-            self.active[l, :, : F + JG + Pw] = True
-        self.act, self.inp = acts, inps
-
-    def feature_rows(self, l, t, n) -> _Targets:
-        """The targets n (slots) of layer l at position t: residual rows u [Zr, D] (dense, expert) and PLE q."""
-        cfg, params, rec = self.cfg, self.model.params, self.run.record
-        F, JG, _ = self.w[l]
-        n = np.asarray(n)
-        u = np.zeros((len(n), cfg.d_model), self.model.dtype)
-        dense, expert, ple = n < F, (n >= F) & (n < F + JG), n >= F + JG
-        if dense.any():
-            scale = P.gain(self.model, params.get(l, "ln2")) / rec[f"blocks.{l}.ln2.scale"][t]
-            u[dense] = (params.get(l, "W_up")[:, n[dense]] * scale[:, None]).T
-        if expert.any():
-            j, i = np.divmod(n[expert] - F, cfg.d_expert)
-            e = rec[f"blocks.{l}.moe.topk.index"][t, j]
-            scale = P.gain(self.model, params.get(l, "ln2_moe")) / rec[f"blocks.{l}.ln2_moe.scale"][t]
-            u[expert] = params.get(l, "We_up")[e, :, i] * scale[None, :]
-        res = np.flatnonzero(~ple)
-        return _Targets(u[res], res, n[ple] - F - JG, np.flatnonzero(ple))
-
-    def rows(self, l, t, u):
-        """build._Context.rows for Gemma 4 targets: residual rows seeded at u / (lam_l ... lam_{L-1}); a PLE
-        neuron's row is its embedding edge x_0[t] . c_q alone (its input reads no residual),
-        c_q = W_ple_model[:, l, q] / sqrt(D) w_pln[q] / s_pln[t, l] / sqrt(2); its token piece is `finish`'s."""
-        if not isinstance(u, _Targets):  # the logit rows at the final residual: no layer_scalar after them
-            return super().rows(l, t, u)
-        cfg, rec, params = self.cfg, self.run.record, self.model.params
-        Z = len(u)
-        out = {m: np.zeros((Z, t + 1, self.F), self.model.dtype) for m in range(l)}
-        out[-1] = np.zeros((Z, t + 1), self.model.dtype)
-        if len(u.where):
-            lam = np.asarray(np.prod(self.lam[l:]), self.model.dtype)
-            for m, v in super().rows(l, t, u.u / lam).items():
-                out[m][u.where] = v
-        if len(u.ple_where):
-            s = rec["ple.model_proj_norm.scale"][t, l]
-            c = params.ple_model()[:, l, u.ple_q] * (params.ple_norm[u.ple_q] / s)[None, :]
-            c = c * np.asarray(cfg.d_model ** -0.5 * 2.0 ** -0.5, self.model.dtype)
-            out[-1][u.ple_where, t] = rec["embed"][t] @ c
-        return out
-
-    def feature_edges(self, m, g_out):
-        """[Z, S, D] gradients at mlp.out of layer m (= at ple.out: every MLP held) -> [Z, S, F] edges from its
-        slots (the module docstring's output vectors)."""
-        cfg, rec, params, model = self.cfg, self.run.record, self.model.params, self.model
-        Z, S, _ = g_out.shape
-        b = f"blocks.{m}."
-        F, JG, Pw = self.w[m]
-
-        def frozen(key, scale_site):  # a frozen RMSNorm: w / s[t]
-            return P.gain(model, params.get(m, key))[None, :] / rec[b + scale_site][:S, None]
-
-        g = g_out * frozen("ln2_post", "ln2_post.scale")[None]
-        g_dense = g * frozen("ln2_post1", "ln2_post1.scale")[None] if cfg.moe else g
-        parts = [self.act[m][None, :S, :F] * (g_dense @ params.get(m, "W_down").T)]
+def setup(ctx):
+    """build._Context's values on Gemma 4 (after its dense neurons' act, inp of width F_l): the flat slots' act,
+    inp [T, F_max] per layer, active [L, T, F_max], the widths w and the layer_scalars lam."""
+    cfg, rec, params = ctx.cfg, ctx.run.record, ctx.model.params
+    L = cfg.n_layers
+    ctx.w = [widths(cfg, l) for l in range(L)]
+    ctx.F = max(sum(w) for w in ctx.w)
+    ctx.lam = np.array([float(params.get(l, "layer_scalar")[0]) for l in range(L)])
+    acts, inps = [], []
+    ctx.active = np.zeros((L, ctx.T, ctx.F), bool)
+    for l in range(L):
+        F, JG, Pw = ctx.w[l]
+        a, x = [ctx.act[l]], [ctx.inp[l]]
         if cfg.moe:
-            g_moe = g * frozen("ln2_post2", "ln2_post2.scale")[None]
-            top = rec[b + "moe.topk.index"][:S]
-            We_down = params.get(m, "We_down")
-            ex = np.zeros((Z, S, cfg.top_k, cfg.d_expert), g_out.dtype)
-            for e in np.unique(top):  # each selected expert once, over its (token, slot) pairs
-                s, j = np.nonzero(top == e)
-                ex[:, s, j] = g_moe[:, s] @ We_down[e].T
-            wts = rec[b + "moe.topk.weight"][:S, :, None]
-            parts.append((ex * (wts * rec[b + "moe.act"][:S])[None]).reshape(Z, S, JG))
+            a.append(np.asarray(rec[f"blocks.{l}.moe.act"]).reshape(-1, JG))
+            x.append(np.asarray(rec[f"blocks.{l}.moe.up"]).reshape(-1, JG))
         if cfg.ple:
-            g_ple = g_out * frozen("ple_post", "ple_post.scale")[None]
-            parts.append(self.act[m][None, :S, F + JG: F + JG + Pw] * (g_ple @ params.get(m, "W_ple_proj").T))
-        edges = np.concatenate(parts, axis=2)
-        return np.pad(edges, ((0, 0), (0, 0), (0, self.F - edges.shape[2])))
+            a.append(np.asarray(rec[f"blocks.{l}.ple.act"]))
+            x.append(np.asarray(rec["ple.input"])[:, l])
+        pad = ctx.F - F - JG - Pw
+        acts.append(np.pad(np.concatenate(a, axis=1), ((0, 0), (0, pad))))
+        inps.append(np.pad(np.concatenate(x, axis=1), ((0, 0), (0, pad)), constant_values=np.nan))
+        ctx.active[l, :, : F + JG + Pw] = True
+    ctx.act, ctx.inp = acts, inps
 
 
-def finish(g: Graph, ctx: Context) -> Graph:
+def feature_rows(ctx, l, t, n) -> Targets:
+    """The targets n (slots) of layer l at position t: residual rows u [Zr, D] (dense, expert) and PLE q."""
+    cfg, params, rec, model = ctx.cfg, ctx.model.params, ctx.run.record, ctx.model
+    F, JG, _ = ctx.w[l]
+    n = np.asarray(n)
+    u = np.zeros((len(n), cfg.d_model), model.dtype)
+    dense, expert, ple = n < F, (n >= F) & (n < F + JG), n >= F + JG
+    if dense.any():
+        scale = P.gain(model, params.get(l, "ln2")) / rec[f"blocks.{l}.ln2.scale"][t]
+        u[dense] = (params.get(l, "W_up")[:, n[dense]] * scale[:, None]).T
+    if expert.any():
+        j, i = np.divmod(n[expert] - F, cfg.d_expert)
+        e = rec[f"blocks.{l}.moe.topk.index"][t, j]
+        scale = P.gain(model, params.get(l, "ln2_moe")) / rec[f"blocks.{l}.ln2_moe.scale"][t]
+        u[expert] = params.get(l, "We_up")[e, :, i] * scale[None, :]
+    res = np.flatnonzero(~ple)
+    return Targets(u[res], res, n[ple] - F - JG, np.flatnonzero(ple))
+
+
+def rows(ctx, l, t, u: Targets) -> dict:
+    """build._Context.rows of Gemma 4 targets: the residual rows through ctx.rows seeded at u / (lam_l ...
+    lam_{L-1}); a PLE neuron's row is its embedding edge x_0[t] . c_q alone (its input reads no residual),
+    c_q = W_ple_model[:, l, q] / sqrt(D) w_pln[q] / s_pln[t, l] / sqrt(2); its token piece is `finish`'s."""
+    cfg, rec, params, dt = ctx.cfg, ctx.run.record, ctx.model.params, ctx.model.dtype
+    Z = len(u)
+    out = {m: np.zeros((Z, t + 1, ctx.F), dt) for m in range(l)}
+    out[-1] = np.zeros((Z, t + 1), dt)
+    if len(u.where):
+        lam = np.asarray(np.prod(ctx.lam[l:]), dt)
+        for m, v in ctx.rows(l, t, u.u / lam).items():
+            out[m][u.where] = v
+    if len(u.ple_where):
+        s = rec["ple.model_proj_norm.scale"][t, l]
+        c = params.ple_model()[:, l, u.ple_q] * (params.ple_norm[u.ple_q] / s)[None, :]
+        c = c * np.asarray(cfg.d_model ** -0.5 * 2.0 ** -0.5, dt)
+        out[-1][u.ple_where, t] = rec["embed"][t] @ c
+    return out
+
+
+def feature_edges(ctx, m, g_out) -> np.ndarray:
+    """[Z, S, D] gradients at mlp.out of layer m (= at ple.out: every MLP held) -> [Z, S, F_max] edges from its
+    slots (the module docstring's output vectors)."""
+    cfg, rec, params, model = ctx.cfg, ctx.run.record, ctx.model.params, ctx.model
+    Z, S, _ = g_out.shape
+    b = f"blocks.{m}."
+    F, JG, Pw = ctx.w[m]
+
+    def frozen(key, scale_site):  # a frozen RMSNorm: w / s[t]
+        return P.gain(model, params.get(m, key))[None, :] / rec[b + scale_site][:S, None]
+
+    g = g_out * frozen("ln2_post", "ln2_post.scale")[None]
+    g_dense = g * frozen("ln2_post1", "ln2_post1.scale")[None] if cfg.moe else g
+    parts = [ctx.act[m][None, :S, :F] * (g_dense @ params.get(m, "W_down").T)]
+    if cfg.moe:
+        g_moe = g * frozen("ln2_post2", "ln2_post2.scale")[None]
+        top = rec[b + "moe.topk.index"][:S]
+        We_down = params.get(m, "We_down")
+        ex = np.zeros((Z, S, cfg.top_k, cfg.d_expert), g_out.dtype)
+        for e in np.unique(top):  # each selected expert once, over its (token, slot) pairs
+            s, j = np.nonzero(top == e)
+            ex[:, s, j] = g_moe[:, s] @ We_down[e].T
+        wts = rec[b + "moe.topk.weight"][:S, :, None]
+        parts.append((ex * (wts * rec[b + "moe.act"][:S])[None]).reshape(Z, S, JG))
+    if cfg.ple:
+        g_ple = g_out * frozen("ple_post", "ple_post.scale")[None]
+        parts.append(ctx.act[m][None, :S, F + JG: F + JG + Pw] * (g_ple @ params.get(m, "W_ple_proj").T))
+    edges = np.concatenate(parts, axis=2)
+    return np.pad(edges, ((0, 0), (0, 0), (0, ctx.F - edges.shape[2])))
+
+
+def finish(g, ctx):
     """The assembled graph's slots as Gemma 4 nodes: kinds neuron / expert / ple and their indices (module
     docstring), and a PLE token node for each (l, t) with an explored PLE neuron, placed before the embeddings
     (circuit-tracer's token group), with its edges ple.token[t, l, q] / sqrt(2) into those neurons' rows."""
@@ -234,7 +233,7 @@ def finish(g: Graph, ctx: Context) -> Graph:
 # ------------------------------------------------------------------------------------------------- faithfulness
 
 
-def kept_nodes(g: Graph, pr) -> dict:
+def kept_nodes(g, pr) -> dict:
     """The pruned graph's Gemma 4 neurons to keep, by site: dense [L, T, F_max], expert [L, T, E, G] (by expert
     id: a re-run whose router picks another expert ablates it), ple [L, T, P]. A kept remainder node keeps the
     unexplored neurons of its (l, t), the clean run's experts'."""
@@ -262,7 +261,7 @@ def kept_nodes(g: Graph, pr) -> dict:
     return keep
 
 
-def ablation_edit(g: Graph, keep: dict, ablation: str):
+def ablation_edit(g, keep: dict, ablation: str):
     """A forward edit (forward.forward's edit=) that sets every neuron at positions <= p outside keep to zero or
     to its mean over positions 1 .. T-1 of the clean run: mlp.act and ple.act per neuron, moe.act per (expert,
     neuron) of the expert the re-run's own router picked (its mean over the positions that picked it, else 0)."""
@@ -304,7 +303,7 @@ def ablation_edit(g: Graph, keep: dict, ablation: str):
     return edit
 
 
-def rerouted(g: Graph, record) -> int:
+def rerouted(g, record) -> int:
     """How many (layer, position <= p, slot) of a re-run chose another expert than the clean run."""
     cfg = g.model.config
     if not cfg.moe:

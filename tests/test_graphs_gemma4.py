@@ -264,15 +264,41 @@ def test_faithfulness_equals_a_forward_with_the_other_neurons_ablated(model, par
     assert faithfulness(g, pruned=everything, ablation=ablation)["recovered"] == pytest.approx(1.0, abs=1e-12)
 
 
-def test_refusals_are_one_line(model, full, checkpoint):
+def test_edge_heads_sum_to_the_edge_through_consumers_experts_and_ple(model, full):
+    """skip + sum_h heads = the edge for each new kind of source, at every layer between its ends, consumer layers
+    (whose heads read their producer's values) included; the per-source terms sum to the heads."""
+    g, cfg = full, model.config
+    L = cfg.n_layers
+    consumers = [l for l in range(L) if not cfg.has_kv(l)]
+    logit = int(np.flatnonzero(g.kind == "logit")[0])
+    pos = g.read_at - 1
+    picks = [(logit, int(np.flatnonzero((g.kind == k) & (g.layer == 0) & (g.position == pos))[3]))
+             for k in ("neuron", "expert", "ple")] + [(logit, int(np.flatnonzero(g.kind == "embed")[pos]))]
+    expert_target = int(np.flatnonzero((g.kind == "expert") & (g.layer == consumers[0]) & (g.position == g.read_at))[0])
+    picks.append((expert_target, picks[0][1]))
+    through_consumer = 0
+    for target, src in picks:
+        edge = _column(g, src)[target]
+        top = min(int(g.layer[target]), L - 1)
+        for m in range(int(g.layer[src]) + 1, top + 1):
+            skip, heads = edge_heads(g, target, src, m)
+            assert abs(skip + heads.sum() - edge) <= 1e-10 * max(1.0, abs(edge)), (g.label(target), g.label(src), m)
+            _, terms = edge_heads(g, target, src, m, by_source=True)
+            np.testing.assert_allclose(terms.sum(axis=1), heads, rtol=0, atol=1e-12 * max(1.0, abs(edge)))
+            through_consumer += m in consumers and np.abs(heads).max() > 1e-6
+    assert through_consumer >= 3
+    with pytest.raises(refprism.InputError, match="no path"):
+        edge_heads(g, logit, picks[0][1], 0)
+    ple_target = int(np.flatnonzero(g.kind == "ple")[0])
+    with pytest.raises(refprism.InputError, match="PLE neuron's input reads no head"):
+        edge_heads(g, ple_target, picks[3][1], 1)
+
+
+def test_transcoders_refuse_gemma4_in_one_line(checkpoint):
+    model = refprism.load(checkpoint("tiny-gemma4"), defer=True)
     with pytest.raises(refprism.InputError, match="^transcoder graphs do not take Gemma 4") as e:
-        graph(refprism.load(checkpoint("tiny-gemma4"), defer=True), "abc", transcoders="none.safetensors")
-    assert "\n" not in str(e.value)
-    logit = int(np.flatnonzero(full.kind == "logit")[0])
-    src = int(np.flatnonzero(full.kind == "neuron")[0])
-    with pytest.raises(refprism.InputError, match="^edge_heads does not split Gemma 4 edges yet") as e:
-        edge_heads(full, logit, src, 1)
-    assert "\n" not in str(e.value)
+        graph(model, "abc", transcoders="none.safetensors")
+    assert "\n" not in str(e.value) and model.deferred is not None
 
 
 def test_view_splits_of_dense_and_expert_neurons_sum_to_their_inputs(model, partial):

@@ -575,9 +575,8 @@ def edge_heads(g: Graph, target: int, source: int, layer: int, *, by_source=Fals
     L = cfg.n_layers
     if g.basis != "neurons":
         raise InputError("edge_heads splits the neuron basis' edges only (not a transcoder graph's yet)")
-    if cfg.gemma4:
-        raise InputError("edge_heads does not split Gemma 4 edges yet (its source-alone forward holds no experts, "
-                         "PLE neurons or layer_scalar seed); the edges themselves are exact")
+    if cfg.gemma4:  # experts, PLE neurons, layer_scalars, KV sharing: graphs.gemma4.edge_heads
+        return _g4.edge_heads(g, _Context(model, run, g.read_at, 1), target, source, layer, by_source)
     tk, sk = g.kind[target], g.kind[source]
     if tk not in ("neuron", "logit") or sk not in ("neuron", "remainder", "embed"):
         raise InputError("edge_heads takes a neuron or logit target and a neuron, remainder or embedding source")

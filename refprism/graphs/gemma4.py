@@ -312,3 +312,107 @@ def rerouted(g, record) -> int:
     name = "blocks.{}.moe.topk.index"
     return int(sum((record[name.format(l)][:T] != g.run.record[name.format(l)][:T]).sum()
                    for l in range(cfg.n_layers)))
+
+
+# ------------------------------------------------------------------------------------------------- edge_heads
+
+
+def _slots(g, ctx, i) -> np.ndarray:
+    """The context slots of node i of (l, t): one for a neuron, expert or PLE neuron; a remainder's unexplored."""
+    kind, l, t, n = str(g.kind[i]), int(g.layer[i]), int(g.position[i]), int(g.index[i])
+    F, JG, _ = ctx.w[l]
+    if kind == "neuron":
+        return np.array([n])
+    if kind == "expert":
+        e, k = divmod(n, ctx.cfg.d_expert)
+        j = int(np.flatnonzero(ctx.run.record[f"blocks.{l}.moe.topk.index"][t] == e)[0])
+        return np.array([F + j * ctx.cfg.d_expert + k])
+    if kind == "ple":
+        return np.array([F + JG + n])
+    here = np.flatnonzero((g.layer == l) & (g.position == t) & np.isin(g.kind, ("neuron", "expert", "ple")))
+    done = np.concatenate([_slots(g, ctx, int(x)) for x in here]) if len(here) else np.zeros(0, int)
+    rest = ctx.active[l, t].copy()
+    rest[done] = False
+    return np.flatnonzero(rest)
+
+
+def edge_heads(g, ctx, target, source, layer, by_source=False):
+    """build.edge_heads on Gemma 4: one edge split over layer m's heads (and source tokens).
+
+    Math:   the frozen model is linear, so the part of A_ij through head h of layer m is g_i(z_m[., h]) . z_j[., h]
+            (z_j: the source alone through the frozen model, `_alone`; a consumer's z reads its producer's v_j), and
+            the rest, skip, is the edge of a backward with layer m's attention dropped (its consumers' key / value
+            paths kept): skip + sum_h heads[h] = A_ij. (On Gemma 4 resid_pre_m is no cut: a consumer after m reads
+            its producer's input before m.)
+    Shapes: -> (skip: float, heads [N] or [N, S])
+    """
+    from refprism.errors import InputError
+    from refprism.gemma import ops
+    from refprism.gradients.backward import FREEZABLE, Seed, backward
+
+    model, run, cfg = g.model, g.run, g.model.config
+    L = cfg.n_layers
+    tk, sk = str(g.kind[target]), str(g.kind[source])
+    if tk not in ("neuron", "expert", "logit") or sk not in ("neuron", "expert", "ple", "remainder", "embed"):
+        raise InputError("edge_heads takes a neuron, expert neuron or logit target (a PLE neuron's input reads no "
+                         "head) and a neuron, expert or PLE neuron, remainder or embedding source")
+    lt, ls = int(g.layer[target]), int(g.layer[source])
+    if not ls < layer <= min(lt, L - 1):
+        raise InputError(f"layer {layer} lies on no path from {g.label(source)} to {g.label(target)}")
+    t, s0 = int(g.position[target]), int(g.position[source])
+    if tk == "logit":
+        u = g.logit_u[[int(target - np.flatnonzero(g.kind == "logit")[0])]]
+    else:
+        u = feature_rows(ctx, lt, t, _slots(g, ctx, target)).u / np.asarray(np.prod(ctx.lam[lt:]), model.dtype)
+    drop = {(m, "mlp") for m in range(L)} | {(m, "attn") for m in range(lt + 1, L)}
+    b = f"blocks.{layer}."
+    seed = Seed(None, u, {})
+    g_z = backward(model, ctx.layers, seed, t, freeze=frozenset(FREEZABLE), drop=frozenset(drop),
+                   keep=[b + "attn.z"])[b + "attn.z"][0]  # [T, N, H]
+    g_skip = backward(model, ctx.layers, seed, t, freeze=frozenset(FREEZABLE), drop=frozenset(drop | {(layer, "attn")}),
+                      keep=["embed", f"blocks.{ls}.mlp.out"])
+    if sk == "embed":
+        skip = float(g_skip["embed"][0, s0] @ run.record["embed"][s0])
+    else:
+        edges = feature_edges(ctx, ls, g_skip[f"blocks.{ls}.mlp.out"][:, : s0 + 1])
+        skip = float(edges[0, s0, _slots(g, ctx, source)].sum())
+    alone = _alone(g, ctx, source)
+    if not by_source:
+        return skip, np.einsum("tnh,tnh->n", g_z, alone[b + "attn.z"])
+    kv = ops.kv_index(cfg.n_heads, cfg.kv_heads_of(layer))
+    v = alone[f"blocks.{cfg.kv_source(layer)}.attn.v"][:, kv]  # [S, N, H]: a consumer's are its producer's
+    return skip, np.einsum("nts,tnh,snh->ns", run.record[b + "attn.pattern"], g_z, v)
+
+
+def _alone(g, ctx, source):
+    """The frozen forward of one source alone: embeddings and PLE tokens zero but the source's, every norm scale,
+    pattern and top-k choice and weight held, every neuron's act (mlp.act, moe.act, ple.act) zero but the
+    source's slots. Linear and without biases: exactly the source's own contribution at every site."""
+    rec = ctx.run.record
+    kind, l, t = str(g.kind[source]), int(g.layer[source]), int(g.position[source])
+    slots = _slots(g, ctx, source) if kind != "embed" else np.zeros(0, int)
+    F, JG, _ = ctx.w[l] if kind != "embed" else (0, 0, 0)
+    on = {"mlp.act": slots[slots < F], "moe.act": slots[(slots >= F) & (slots < F + JG)] - F,
+          "ple.act": slots[slots >= F + JG] - F - JG}
+    held = ("attn.pattern", "moe.topk.index", "moe.topk.weight")
+
+    def edit(name, value, record):
+        site = name.split(".", 2)[-1]
+        if name == "embed":
+            out = np.zeros_like(value)
+            if kind == "embed":
+                out[t] = rec["embed"][t]
+            return out
+        if name == "ple.token":
+            return np.zeros_like(value)
+        if name.endswith("scale") or site in held:
+            return rec[name].copy()
+        if site in on:
+            out = np.zeros_like(value)
+            if name == f"blocks.{l}.{site}" and len(on[site]):
+                flat = out.reshape(out.shape[0], -1)
+                flat[t, on[site]] = np.asarray(rec[name]).reshape(out.shape[0], -1)[t, on[site]]
+            return out
+        return value
+
+    return ctx.model.run(ctx.run.tokens, edit=edit).record

@@ -266,7 +266,8 @@ class _Context:
             self.F = self.cfg.d_mlp
             self.act = [np.asarray(rec[f"blocks.{l}.mlp.act"]) for l in range(L)]  # once: a Lazy
             self.inp = [np.asarray(rec[f"blocks.{l}.mlp.up"]) for l in range(L)]  # recomputes per read
-            self.post = [((1 + model.params.get(l, "ln2_post"))[None, :] / rec[f"blocks.{l}.ln2_post.scale"][:, None])
+            self.post = [(P.gain(model, model.params.get(l, "ln2_post"))[None, :]
+                          / rec[f"blocks.{l}.ln2_post.scale"][:, None])
                          if self.cfg.post_norms else None for l in range(L)]
             self.active = np.ones((L, self.T, self.F), bool)
             if self.cfg.gemma4:  # experts, per-layer inputs, per-layer widths: graphs.gemma4's flat slots

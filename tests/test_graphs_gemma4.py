@@ -70,12 +70,25 @@ def _inputs_with_source_doubled(g, j):
     cfg, rec = model.config, run.record
     kind, l, t, n = g.kind[j], int(g.layer[j]), int(g.position[j]), int(g.index[j])
     held = ("attn.pattern", "mlp.act", "moe.act", "ple.act", "moe.topk.index", "moe.topk.weight")
+    here = (g.layer == l) & (g.position == t)
+    rest = {}  # a remainder: every neuron of (l, t) that is no node, by site
+    if kind == "remainder":
+        rest["mlp.act"] = np.setdiff1d(np.arange(cfg.mlp_width_of(l)), g.index[here & (g.kind == "neuron")])
+        rest["ple.act"] = np.setdiff1d(np.arange(cfg.d_ple), g.index[here & (g.kind == "ple")])
+        slots = [(_slot(rec, l, t, e), i) for e, i in (divmod(int(x), cfg.d_expert)
+                                                       for x in g.index[here & (g.kind == "expert")])]
+        moe = np.ones((cfg.top_k, cfg.d_expert), bool)
+        for j, i in slots:
+            moe[j, i] = False
+        rest["moe.act"] = moe
 
     def edit(name, value, record):
         site = name.split(".", 2)[-1]
         if name.endswith("scale") or site in held:
             out = rec[name].copy()
-            if name == f"blocks.{l}.mlp.act" and kind == "neuron":
+            if kind == "remainder" and name == f"blocks.{l}.{site}" and site in rest:
+                out[t, rest[site]] *= 2
+            elif name == f"blocks.{l}.mlp.act" and kind == "neuron":
                 out[t, n] *= 2
             elif name == f"blocks.{l}.moe.act" and kind == "expert":
                 e, i = divmod(n, cfg.d_expert)
@@ -176,6 +189,21 @@ def test_every_new_kind_of_edge_equals_a_frozen_forward_with_the_source_added(mo
         if g.layer[j] < cfg.kv_source(consumer) and g.kind[j] != "ple_token":
             reached_consumers |= bool(np.abs(col[(g.layer >= consumer) & (g.kind != "logit")]).max() > 1e-6)
     assert reached_consumers  # a consumer layer's inputs, read through its producer's values
+
+
+def test_remainder_edges_equal_a_forward_with_every_unexplored_slot_doubled(model, partial):
+    """A remainder of (l, t) stands for its unexplored dense, expert and PLE neurons together."""
+    g = partial
+    scale = np.nanmax(np.abs(g.input))
+    rem = np.flatnonzero(g.kind == "remainder")
+    assert len(rem) > 10
+    reaching = 0
+    for j in rem[:: max(1, len(rem) // 6)]:
+        col = _column(g, j)
+        err = np.abs(col - _inputs_with_source_doubled(g, j)).max()
+        assert err <= 1e-10 * scale, (g.label(j), err)
+        reaching += np.abs(col).max() > 1e-6  # (position 0 may lie outside every later sliding window)
+    assert reaching >= 3
 
 
 def test_json_ids_do_not_collide_and_name_the_new_kinds(model, partial):

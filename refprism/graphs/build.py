@@ -44,6 +44,9 @@ truncation only lowers an influence). The final rows are then recomputed exactly
 unexplored ones of layer l at position t send to a row is one remainder node {l}_-1_{t} (circuit-tracer's
 error-node slot; {l}_-4_{t} in the transcoder basis, where the error node has that id), so every row still sums to
 its input.
+**Gemma 4** (graphs.gemma4): the neurons are each layer's dense neurons (its own width), the selected experts'
+neurons (routing frozen, its weight on their output vectors) and the per-layer-input neurons, with a PLE token node
+per layer and position for the per-layer input's token-identity piece; _Context hands them to graphs.gemma4.
 Axis letters as in ops.py; Z target rows of one backward pass.
 """
 
@@ -71,7 +74,8 @@ BIAS_DEC, BIAS_ENC = -2, -3  # a bias node's index: the decoder's b_dec, the enc
 class Graph:
     """An attribution graph: nodes in circuit-tracer's order, the adjacency as sparse rows.
 
-    kind [N] (KINDS), layer [N] (embed -1, logit L), index [N] (neuron id, token id; -1 for a remainder),
+    kind [N] (KINDS), layer [N] (embed -1, logit L), index [N] (neuron id, token id; -1 for a remainder; Gemma 4:
+    an expert neuron e * d_expert + i, a PLE neuron q, a PLE token gemma4.PLE_TOKEN),
     position [N], activation [N] (neurons: act; logits: the readout; else nan), input [N] (neurons: up, logits:
     the readout; nan for sources). rows, cols, values [E]: A[rows, cols] = values, target <- source.
     logit_weights [n_logits]: the logit probabilities (or 1/Z for given targets) that seed the influence.

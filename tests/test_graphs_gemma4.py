@@ -166,6 +166,26 @@ def test_row_sums_are_exact_at_every_node(model, full, partial):
             assert g.explored == 300 and g.counts[1] > 0
 
 
+@pytest.mark.parametrize("overrides", [{"enable_moe_block": False}, {"hidden_size_per_layer_input": 0}],
+                         ids=["no-moe (E2B-like)", "no-ple (26B-A4B-like)"])
+def test_row_sums_are_exact_without_experts_or_per_layer_inputs(checkpoint, overrides):
+    model = refprism.load(checkpoint("tiny-gemma4", intermediate_size=16, moe_intermediate_size=8, **overrides),
+                          dtype="float64")
+    cfg = model.config
+    g = graph(model, np.random.default_rng(2).integers(0, cfg.vocab_size, 4), max_nodes=10 ** 6)
+    targets = np.flatnonzero(~np.isnan(g.input))
+    assert np.abs(g.row_sums()[targets] - g.input[targets]).max() <= 1e-10 * np.abs(g.input[targets]).max()
+    kinds = set(g.kind)
+    assert ("expert" in kinds) == cfg.moe and ("ple" in kinds) == ("ple_token" in kinds) == cfg.ple
+    col = _column(g, int(np.flatnonzero(g.kind == "neuron")[7]))
+    assert np.abs(col - _inputs_with_source_doubled(g, int(np.flatnonzero(g.kind == "neuron")[7]))).max() <= \
+        1e-10 * np.nanmax(np.abs(g.input))
+    pr = g.pruned()
+    everything = Pruned(np.ones(g.n, bool), np.ones(len(g.values), bool), pr.cumulative, pr.influence)
+    assert faithfulness(g, pruned=everything)["recovered"] == pytest.approx(1.0, abs=1e-12)
+    assert 0 < faithfulness(g)["kept_neurons"] < g.n_neurons
+
+
 def test_every_new_kind_of_edge_equals_a_frozen_forward_with_the_source_added(model, full):
     g, cfg = full, model.config
     rng = np.random.default_rng(3)

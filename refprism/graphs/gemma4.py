@@ -211,7 +211,8 @@ def finish(g, ctx):
     keep = ~on_ple  # a PLE row keeps one of _assemble's edges: its own embedding's
     keep[on_ple] = g.cols[on_ple] == emb0 + g.position[g.rows[on_ple]]
     shift = lambda a: np.where(a >= emb0, a + k, a)  # noqa: E731  (no PLE neuron is >= emb0)
-    token = np.asarray(rec["ple.token"])[g.position[ple], g.layer[ple], index[ple].astype(int)]
+    token = np.asarray(rec["ple.token"])[g.position[ple], g.layer[ple], index[ple].astype(int)] if cfg.ple \
+        else np.zeros(0)
     rows = np.concatenate([shift(g.rows[keep]), ple]).astype(np.int64)
     cols = np.concatenate([shift(g.cols[keep]), emb0 + inverse]).astype(np.int64)
     values = np.concatenate([g.values[keep], token.astype(np.float64) * 2.0 ** -0.5])

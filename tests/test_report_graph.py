@@ -312,3 +312,38 @@ def test_the_graph_in_chromium(browser, models, tmp_path):  # noqa: F811
     assert tab.page.get_attribute("[data-role=graph-panel]", "data-node") == str(target)
     tab.close()  # no console error or warning, no request but the file itself
     assert ARTIFACTS.is_dir()
+
+
+def test_a_gemma4_graph_in_chromium(browser, checkpoint, tmp_path):  # noqa: F811
+    """Gemma 4's node kinds on the page: drawn in their own colours, an expert neuron's panel (its exact incoming
+    edges and split), a PLE neuron's (two incoming edges, no split); no console error."""
+    model = refprism.load(checkpoint("tiny-gemma4", intermediate_size=16, moe_intermediate_size=8), dtype="float64")
+    prompt = "The capital"
+    run = model.run(prompt)
+    g = graph(model, prompt, max_nodes=300)
+    view = graph_view(g, max_nodes=80, max_edges=120, top=5)
+    top = [f"#{int(np.argmax(run.record['logits'][-1]))}"]
+    page_file = report.write_report(tmp_path / "g4.html", model, run, top, depth=0, graph=view)
+    tab = Tab(browser, page_file.as_uri())
+    index = {g.label(i): i for i in range(g.n)}
+    ids = tab.page.eval_on_selector_all("[data-section=graph] circle", "els => els.map(e => e.dataset.id)")
+    assert ids == [n["id"] for n in view["nodes"]]
+    fills = dict(tab.page.eval_on_selector_all("[data-section=graph] circle",
+                                               "els => els.map(e => [e.dataset.kind, e.getAttribute('fill')])"))
+    assert fills["expert"] != fills["neuron"] and fills["ple"] != fills["neuron"]
+    scale = np.nanmax(np.abs(g.input))
+    for kind in ("expert", "ple"):
+        node = max((n for n in view["nodes"] if n["kind"] == kind), key=lambda n: n["influence"])
+        i = index[node["label"]]
+        tab.page.click(f"circle[data-id='{node['id']}']")
+        assert tab.page.get_attribute("[data-role=graph-panel]", "data-id") == node["id"]
+        assert one(tab, "g-input") == float(g.input[i])
+        assert abs(one(tab, "g-in-sum") - g.input[i]) <= 1e-10 * scale
+        src, val = g.incoming(i)
+        assert [(index[label], v) for label, v in panel_cells(tab, "g-in")] == _top(val, src, 5)
+        if kind == "expert":
+            assert abs(one(tab, "g-split-sum") - g.input[i]) <= 1e-10 * scale
+        else:
+            assert len(val) == 2 and not panel_cells(tab, "g-split")
+    tab.shot("graph-gemma4")
+    tab.close()  # no console error or warning

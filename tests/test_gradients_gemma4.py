@@ -314,15 +314,6 @@ def test_gradient_equals_torch_autograd_on_hf_float64(checkpoint, model):
     assert len(grads) == 3 * cfg.n_layers + 2
 
 
-def test_graph_refuses_gemma4_in_one_line_before_reading_weights(checkpoint):
-    from refprism.errors import InputError
-
-    model = refprism.load(checkpoint("tiny-gemma4"), defer=True)
-    with pytest.raises(InputError, match="^attribution graphs do not take Gemma 4 yet") as e:
-        refprism.graph(model, "abc")
-    assert "\n" not in str(e.value) and model.deferred is not None  # no weight was read
-
-
 def test_edge_attribution_refuses_gemma4_in_one_line_before_reading_weights(checkpoint):
     from refprism.errors import InputError
     from refprism.interventions.edges import attribute_edges

@@ -56,7 +56,7 @@ def check_view(g, view):
         i = index[n["label"]]
         assert pr.node_mask[i], n["label"]
         assert n["influence"] == float(pr.influence[i])
-        if n["kind"] in ("neuron", "feature", "logit"):
+        if n["kind"] in ("neuron", "feature", "logit", "expert", "ple"):
             assert n["value"] == float(g.activation[i]) and n["input"] == float(g.input[i])
             src, val = g.incoming(i)
             inc = n["incoming"]
@@ -216,11 +216,18 @@ def test_cli(checkpoint, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert not bad.exists()
-    g4 = checkpoint("tiny-gemma4")
-    bad = tmp_path / "g4.html"
-    assert cli.main(["report", PROMPT, "--model", str(g4), "--out", str(bad), "--graph"]) == 2
-    err = capsys.readouterr().err
-    assert "do not take Gemma 4 yet" in err and err.count("\n") == 1 and not bad.exists()
+    # Gemma 4: its experts, PLE neurons and PLE token nodes on the page, every number the Graph's
+    g4 = checkpoint("tiny-gemma4", intermediate_size=16, moe_intermediate_size=8)
+    page4 = tmp_path / "g4.html"
+    short = "The capital"
+    assert cli.main(["report", short, "--model", str(g4), "--dtype", "float64", "--out", str(page4), "--depth", "0",
+                     "--graph", "--max-nodes", "300", "--graph-nodes", "60", "--graph-edges", "80"]) == 0
+    view4 = report.page_data(page4.read_text(encoding="utf-8"))["sections"]["graph"]
+    g = graph(refprism.load(g4, dtype="float64"), short, max_nodes=300)
+    assert view4 == graph_view(g, max_nodes=60, max_edges=80)
+    check_view(g, view4)
+    assert {"expert", "ple"} & {n["kind"] for n in view4["nodes"]}
+    capsys.readouterr()
     # without --graph the page has no graph section
     assert cli.main([*args, "--force"]) == 0
     assert "graph" not in report.page_data(out.read_text(encoding="utf-8"))["sections"]
@@ -305,3 +312,38 @@ def test_the_graph_in_chromium(browser, models, tmp_path):  # noqa: F811
     assert tab.page.get_attribute("[data-role=graph-panel]", "data-node") == str(target)
     tab.close()  # no console error or warning, no request but the file itself
     assert ARTIFACTS.is_dir()
+
+
+def test_a_gemma4_graph_in_chromium(browser, checkpoint, tmp_path):  # noqa: F811
+    """Gemma 4's node kinds on the page: drawn in their own colours, an expert neuron's panel (its exact incoming
+    edges and split), a PLE neuron's (two incoming edges, no split); no console error."""
+    model = refprism.load(checkpoint("tiny-gemma4", intermediate_size=16, moe_intermediate_size=8), dtype="float64")
+    prompt = "The capital"
+    run = model.run(prompt)
+    g = graph(model, prompt, max_nodes=300)
+    view = graph_view(g, max_nodes=80, max_edges=120, top=5)
+    top = [f"#{int(np.argmax(run.record['logits'][-1]))}"]
+    page_file = report.write_report(tmp_path / "g4.html", model, run, top, depth=0, graph=view)
+    tab = Tab(browser, page_file.as_uri())
+    index = {g.label(i): i for i in range(g.n)}
+    ids = tab.page.eval_on_selector_all("[data-section=graph] circle", "els => els.map(e => e.dataset.id)")
+    assert ids == [n["id"] for n in view["nodes"]]
+    fills = dict(tab.page.eval_on_selector_all("[data-section=graph] circle",
+                                               "els => els.map(e => [e.dataset.kind, e.getAttribute('fill')])"))
+    assert fills["expert"] != fills["neuron"] and fills["ple"] != fills["neuron"]
+    scale = np.nanmax(np.abs(g.input))
+    for kind in ("expert", "ple"):
+        node = max((n for n in view["nodes"] if n["kind"] == kind), key=lambda n: n["influence"])
+        i = index[node["label"]]
+        tab.page.click(f"circle[data-id='{node['id']}']")
+        assert tab.page.get_attribute("[data-role=graph-panel]", "data-id") == node["id"]
+        assert one(tab, "g-input") == float(g.input[i])
+        assert abs(one(tab, "g-in-sum") - g.input[i]) <= 1e-10 * scale
+        src, val = g.incoming(i)
+        assert [(index[label], v) for label, v in panel_cells(tab, "g-in")] == _top(val, src, 5)
+        if kind == "expert":
+            assert abs(one(tab, "g-split-sum") - g.input[i]) <= 1e-10 * scale
+        else:
+            assert len(val) == 2 and not panel_cells(tab, "g-split")
+    tab.shot("graph-gemma4")
+    tab.close()  # no console error or warning

@@ -64,17 +64,6 @@ def check_graph_args(args) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
 
 
-def _graph_check(args):
-    """The _readout check of --graph: the model's config can take a graph (before its weights are read)."""
-    def check(model, T, p):
-        if args.graph and model.config.gemma4:
-            from refprism.errors import InputError
-
-            raise InputError("--graph: attribution graphs do not take Gemma 4 yet (its experts, per-layer inputs "
-                             "and double-wide layers are not graph nodes); the report's prisms do (drop --graph)")
-    return check
-
-
 def cmd_report(args) -> int:
     from refprism import report
 
@@ -83,7 +72,7 @@ def cmd_report(args) -> int:
     out = check_out_path(args.out, args.force)
     sections = {kind: report.load_section(kind, getattr(args, kind))
                 for kind in ("validate", "compare", "sweep") if getattr(args, kind) is not None}
-    readout = _readout(args, _graph_check(args), work=REPORT_WORK)
+    readout = _readout(args, work=REPORT_WORK)
     if args.graph:
         from refprism.graphs import graph, graph_view
 

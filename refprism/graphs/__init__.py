@@ -5,6 +5,8 @@ a transcoder basis (its error and bias nodes make the rows exact).
                     and their exact edges, from batched frozen backward passes (gradients.backward);
                     influence-ordered exploration; edge_heads (per-head splits, both bases)
     transcoders.py  read_transcoders(): GemmaScope, circuit-tracer and SAE Lens transcoder files, every shape checked
+    gemma4.py       Gemma 4's nodes: dense neurons of each layer's width, experts' neurons, per-layer-input neurons
+                    and PLE token nodes (the slots build's context hands Gemma 4 to; faithfulness' ablation edit)
     prune.py        circuit-tracer's pruning (node 0.8, edge 0.98) and its replacement / completeness scores, on
                     sparse rows with partial selection
     check.py        faithfulness(): the pruned graph's neurons (features) kept, the rest ablated (interventions' rerun)

@@ -44,6 +44,9 @@ truncation only lowers an influence). The final rows are then recomputed exactly
 unexplored ones of layer l at position t send to a row is one remainder node {l}_-1_{t} (circuit-tracer's
 error-node slot; {l}_-4_{t} in the transcoder basis, where the error node has that id), so every row still sums to
 its input.
+**Gemma 4** (graphs.gemma4): the neurons are each layer's dense neurons (its own width), the selected experts'
+neurons (routing frozen, its weight on their output vectors) and the per-layer-input neurons, with a PLE token node
+per layer and position for the per-layer input's token-identity piece; _Context hands them to graphs.gemma4.
 Axis letters as in ops.py; Z target rows of one backward pass.
 """
 
@@ -57,11 +60,13 @@ from refprism import prisms as P
 from refprism.errors import InputError
 from refprism.gemma import ops
 from refprism.gradients.backward import FREEZABLE, Seed, _layer_source, backward
+from refprism.graphs import gemma4 as _g4
 from refprism.graphs import prune as _prune
 from refprism.graphs import transcoders as _tc
 from refprism.model import Run
 
-KINDS = ("neuron", "feature", "remainder", "error", "bias", "embed", "logit")
+KINDS = ("neuron", "feature", "remainder", "error", "bias", "embed", "logit",
+         "expert", "ple", "ple_token")  # the last three: Gemma 4's (graphs.gemma4)
 BIAS_DEC, BIAS_ENC = -2, -3  # a bias node's index: the decoder's b_dec, the encoder's b_enc
 
 
@@ -69,7 +74,8 @@ BIAS_DEC, BIAS_ENC = -2, -3  # a bias node's index: the decoder's b_dec, the enc
 class Graph:
     """An attribution graph: nodes in circuit-tracer's order, the adjacency as sparse rows.
 
-    kind [N] (KINDS), layer [N] (embed -1, logit L), index [N] (neuron id, token id; -1 for a remainder),
+    kind [N] (KINDS), layer [N] (embed -1, logit L), index [N] (neuron id, token id; -1 for a remainder; Gemma 4:
+    an expert neuron e * d_expert + i, a PLE neuron q, a PLE token gemma4.PLE_TOKEN),
     position [N], activation [N] (neurons: act; logits: the readout; else nan), input [N] (neurons: up, logits:
     the readout; nan for sources). rows, cols, values [E]: A[rows, cols] = values, target <- source.
     logit_weights [n_logits]: the logit probabilities (or 1/Z for given targets) that seed the influence.
@@ -105,7 +111,8 @@ class Graph:
         """circuit-tracer's groups (features, errors, tokens, logits): neurons or features; remainders and error
         nodes; bias nodes and embeddings (the sources that are exact parts of the replacement); logits."""
         c = {k: int((self.kind == k).sum()) for k in KINDS}
-        return (c["neuron"] + c["feature"], c["remainder"] + c["error"], c["bias"] + c["embed"], c["logit"])
+        return (c["neuron"] + c["feature"] + c["expert"] + c["ple"], c["remainder"] + c["error"],
+                c["bias"] + c["ple_token"] + c["embed"], c["logit"])
 
     @property
     def n(self) -> int:
@@ -119,8 +126,10 @@ class Graph:
 
     def label(self, i) -> str:
         """refprism's label of node i: L{l}N{n}@{t}, L{l}F{f}@{t}, L{l}.rest@{t}, L{l}.err@{t}, L{l}.b_dec@{t},
-        L{l}.b_enc@{t}, E@{t}, or the logit's label."""
+        L{l}.b_enc@{t}, E@{t}, the logit's label; Gemma 4's graphs.gemma4.label."""
         k, l, t = self.kind[i], int(self.layer[i]), int(self.position[i])
+        if k in _g4.NEW_KINDS:
+            return _g4.label(self.model.config, k, l, int(self.index[i]), t)
         if k == "neuron":
             return f"L{l}N{int(self.index[i])}@{t}"
         if k == "feature":
@@ -173,9 +182,9 @@ def graph(model, prompt, *, position=-1, targets=None, versus=(), max_nodes=7500
     Shapes: -> Graph with N nodes and E edges
     """
     cfg = model.config
-    if cfg.gemma4:  # read from the config: a command refuses before any weight is read
-        raise InputError("attribution graphs do not take Gemma 4 yet (its experts, per-layer inputs and double-wide "
-                         "layers are not graph nodes); gradients, attribute and validate do")
+    if cfg.gemma4 and transcoders is not None:  # read from the config: refused before any weight is read
+        raise InputError("transcoder graphs do not take Gemma 4 (no Gemma 4 transcoders are read); its neuron-basis "
+                         "graph does (drop transcoders)")
     if max_nodes < 0 or batch_size < 1 or update_interval < 1 or explore_k < 1:
         raise InputError("max_nodes >= 0, batch_size, update_interval and explore_k >= 1 are required")
     if zero_positions < 0:
@@ -199,7 +208,7 @@ def graph(model, prompt, *, position=-1, targets=None, versus=(), max_nodes=7500
         explored = _explore(ctx, u, weights, max_nodes, update_interval, explore_k)
     g = _assemble(ctx, text, explored, u, labels, weights, (kind, ids))
     g.zero_positions = zero_positions
-    return g
+    return _g4.finish(g, ctx) if cfg.gemma4 else g
 
 
 # ------------------------------------------------------------------------------------------------- logit nodes
@@ -224,7 +233,7 @@ def _logit_rows(model, run, p, targets, versus, desired_prob, max_logits):
         ids = top[: min(cut, max_logits)]
         mean = _mean_embedding(params, cfg.vocab_size)
         rows = params.embed_rows(ids) - mean[None]
-        scale = (1 + params.ln_final) / run.record["ln_final.scale"][p]
+        scale = P.gain(model, params.ln_final) / run.record["ln_final.scale"][p]  # 1 + w; w on Gemma 4
         labels = [f'Output "{model.piece(int(i))}" (p={probs[i]:.3f})' for i in ids]
         return rows * scale, labels, probs[ids], "demeaned", ids
     readout = P.logits_readout(model, run, targets, position=p, versus=versus)
@@ -263,9 +272,12 @@ class _Context:
             self.F = self.cfg.d_mlp
             self.act = [np.asarray(rec[f"blocks.{l}.mlp.act"]) for l in range(L)]  # once: a Lazy
             self.inp = [np.asarray(rec[f"blocks.{l}.mlp.up"]) for l in range(L)]  # recomputes per read
-            self.post = [((1 + model.params.get(l, "ln2_post"))[None, :] / rec[f"blocks.{l}.ln2_post.scale"][:, None])
+            self.post = [(P.gain(model, model.params.get(l, "ln2_post"))[None, :]
+                          / rec[f"blocks.{l}.ln2_post.scale"][:, None])
                          if self.cfg.post_norms else None for l in range(L)]
             self.active = np.ones((L, self.T, self.F), bool)
+            if self.cfg.gemma4:  # experts, per-layer inputs, per-layer widths: graphs.gemma4's flat slots
+                _g4.setup(self)
             return
         self.F = tc.layers[0].d_sae
         self.c, self.act, self.inp, self.err = [], [], [], []
@@ -296,6 +308,8 @@ class _Context:
                 post-norm); A[z, err(l', s)] = err_l'[s] . g_l'[z, s];  A[z, dec(l', s)] = b_dec_l' . g_l'[z, s]
                 A[z, E@s] = embed[s] . g_embed[z, s]
         """
+        if isinstance(u, _g4.Targets):  # Gemma 4's neuron targets (graphs.gemma4.feature_rows)
+            return _g4.rows(self, l, t, u)
         cfg, run = self.cfg, self.run
         L = cfg.n_layers
         drop = frozenset({(m, "mlp") for m in range(L)} | {(m, "attn") for m in range(l + 1, L)})
@@ -322,6 +336,8 @@ class _Context:
     def feature_edges(self, m, g_out):
         """[Z, S, D] gradients at mlp.out of layer m -> [Z, S, F] edges from its neurons (post-norm frozen) or its
         transcoder's features (written at mlp.out itself)."""
+        if self.cfg.gemma4:
+            return _g4.feature_edges(self, m, g_out)
         S = g_out.shape[1]
         if self.tc is not None:
             return self.act[m][None, :S] * (g_out @ self.tc.layers[m].W_dec.T)
@@ -332,6 +348,8 @@ class _Context:
     def feature_rows(self, l, t, n):
         """u [Z, D] of neurons n of layer l at position t: u . resid_mid_l[t] = up[t, n] (ln2 scale frozen); of
         features n: u . resid_mid_l[t] = pre[t, n] - b_enc[n], u = W_enc[:, n] c_l[t] (c: _transcode)."""
+        if self.cfg.gemma4:
+            return _g4.feature_rows(self, l, t, n)
         if self.tc is not None:
             return (self.tc.layers[l].W_enc[:, n] * self.c[l][t][:, None]).T
         params, rec = self.model.params, self.run.record
@@ -568,6 +586,8 @@ def edge_heads(g: Graph, target: int, source: int, layer: int, *, by_source=Fals
     model, run = g.model, g.run
     cfg = model.config
     L = cfg.n_layers
+    if cfg.gemma4:  # experts, PLE neurons, layer_scalars, KV sharing: graphs.gemma4.edge_heads
+        return _g4.edge_heads(g, _Context(model, run, g.read_at, 1), target, source, layer, by_source)
     tc = g.transcoders if g.basis == "transcoders" else None
     unit = "neuron" if tc is None else "feature"
     tk, sk = g.kind[target], g.kind[source]

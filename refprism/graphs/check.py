@@ -8,6 +8,10 @@ Math:   R(run) = the logit nodes' readouts at p in a real forward (nothing froze
         recovered = sum_z w_z (R_z(kept) - R_z(none)) / sum_z w_z (R_z(clean) - R_z(none))   (w: logit weights)
 Ablations as interventions does them (interventions.Edit on mlp.act, re-run resumed at layer 0): zero, or the
 prompt's own mean over positions 1 .. T-1 (interventions.mean_activation).
+Gemma 4 (graphs.gemma4.ablation_edit): the dense neurons (mlp.act), the PLE neurons (ple.act) and the experts'
+neurons (moe.act, by the expert the re-run's own router picks: nothing is frozen, so an ablation may reroute; the
+count of slots whose expert changed is reported as "rerouted") are the neurons; PLE token nodes and embeddings
+are never ablated.
 
 The transcoder basis (docs/math.md 7.5): the check runs the replacement model, every MLP output replaced by its
 transcoder's, recomputed from the live input (nothing frozen: norm scales, patterns and gates live), with the error
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from refprism import prisms as P
 from refprism.errors import InputError
 from refprism.graphs.build import _transcode
 from refprism.interventions.components import EMPTY_MEAN_SET, Group, mean_activation
@@ -56,6 +61,8 @@ def faithfulness(g, *, pruned=None, ablation="zero", scores=None) -> dict:
         return {**_faithfulness_transcoders(g, pr, ablation), **scores}
     model, run = g.model, g.run
     cfg = model.config
+    if cfg.gemma4:
+        return {**_gemma4(g, pr, ablation), **scores}
     L, T, F = cfg.n_layers, g.read_at + 1, cfg.d_mlp
     keep = np.zeros((L, T, F), bool)
     on = pr.node_mask & (g.kind == "neuron")
@@ -141,6 +148,23 @@ class _Replacement:
         return out.astype(value.dtype, copy=False)
 
 
+def _gemma4(g, pr, ablation) -> dict:
+    """faithfulness on Gemma 4: graphs.gemma4's kept neurons and ablation edit, full re-runs."""
+    from refprism.graphs import gemma4
+
+    model, run = g.model, g.run
+    keep = gemma4.kept_nodes(g, pr)
+    kept_rec = model.run(run.tokens, edit=gemma4.ablation_edit(g, keep, ablation)).record
+    none_rec = model.run(run.tokens, edit=gemma4.ablation_edit(g, {k: np.zeros_like(v) for k, v in keep.items()},
+                                                                ablation)).record
+    clean, kept, none = _readout(g, run.record), _readout(g, kept_rec), _readout(g, none_rec)
+    n_kept = int(sum(v.sum() for v in keep.values()))
+    n_all = g.n_neurons  # dense, expert-slot and PLE neurons at positions <= p
+    return {**_recovered(g, clean, kept, none), "ablation": ablation,
+            "kept_neurons": n_kept, "ablated_neurons": n_all - n_kept,
+            "rerouted": {"kept": gemma4.rerouted(g, kept_rec), "none": gemma4.rerouted(g, none_rec)}}
+
+
 def _ablate(model, run, keep, ablation) -> Edit:
     """Every neuron not in keep [L, T, F] replaced (zero or its mean), one interventions Group per (layer, position)."""
     changes = []
@@ -163,6 +187,6 @@ def _readout(g, record) -> np.ndarray:
     """The logit nodes' readouts in a real forward: (E[ids] rows as the graph reads them) . ln_final.out[p]."""
     model = g.model
     h = record["ln_final.out"][g.read_at]
-    scale = (1 + model.params.ln_final) / g.run.record["ln_final.scale"][g.read_at]
+    scale = P.gain(model, model.params.ln_final) / g.run.record["ln_final.scale"][g.read_at]
     rows = g.logit_u / scale[None]  # the graph's rows before the frozen final norm: E[t] - mean
     return rows @ h

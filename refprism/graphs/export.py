@@ -6,6 +6,10 @@ a logit {L+1}_{token}_{pos} with the clerp 'Output "piece" (p=...)'. In the tran
 {layer}_{feature}_{pos} ("cross layer transcoder", circuit-tracer's type for every transcoder feature), an error
 node {layer}_-1_{pos}, the unexplored features {layer}_-4_{pos} (both "mlp reconstruction error"), and refprism's
 bias nodes (circuit-tracer has none) {layer}_-2_{pos} (b_dec) and {layer}_-3_{pos} (b_enc), feature_type "bias".
+Gemma 4 (graphs.gemma4): one feature index space per layer, so that no id collides with circuit-tracer's: a dense
+neuron {layer}_{n}_{pos} (n < F_l, the layer's own width), expert e's neuron i {layer}_{F_l + e G + i}_{pos}
+(feature_type "mlp expert neuron"), PLE neuron q {layer}_{F_l + E G + q}_{pos} ("per-layer input neuron"), and the
+PLE token node {layer}_-5_{pos} ("per-layer token embedding", a source beside the embeddings).
 Only the pruned graph's kept nodes and edges
 are written (embeddings and logits always); `influence` is circuit-tracer's cumulative influence score.
 metadata.info carries refprism's own numbers (basis, explored neurons, passes, scores, exactness).
@@ -19,8 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from refprism.files import atomic_write
+from refprism.graphs import gemma4 as _gemma4
 
 SCHEMA_VERSION = 1
+_GEMMA4_TYPES = {"expert": "mlp expert neuron", "ple": "per-layer input neuron",
+                 "ple_token": "per-layer token embedding"}  # graphs.gemma4's kinds
 
 
 def graph_json(g, *, slug=None, node_threshold=0.8, edge_threshold=0.98, faithfulness=None) -> dict:
@@ -48,7 +55,8 @@ def graph_json(g, *, slug=None, node_threshold=0.8, edge_threshold=0.98, faithfu
     info = {"creator": "refprism", "basis": g.basis, "readout": g.readout, "explored_neurons": g.explored,
             "neurons": g.n_neurons, "backward_passes": g.passes, "replacement_score": replacement,
             "completeness_score": completeness, "max_row_sum_error": exact, "edge_threshold": edge_threshold,
-            "frozen": ["norm scales", "attention patterns", "gelu(gate) factors"],
+            "frozen": ["norm scales", "attention patterns", "gelu(gate) factors"]
+            + (["the router's top-k choices and weights"] if cfg.moe else []),
             "left_out": ["the gate path", "the query/key path"]}
     if g.basis == "transcoders":
         tc = g.transcoders
@@ -82,6 +90,8 @@ def _probabilities(g) -> np.ndarray:
 
 def _node_id(g, i, L) -> str:
     k, l, t, n = g.kind[i], int(g.layer[i]), int(g.position[i]), int(g.index[i])
+    if k in ("expert", "ple", "ple_token"):
+        return f"{l}_{_gemma4.feature_id(g.model.config, l, k, n)}_{t}"
     if k in ("neuron", "feature", "bias"):
         return f"{l}_{n}_{t}"
     if k == "remainder":
@@ -101,6 +111,13 @@ def _node(g, i, node_id, L, influence, probs, logits) -> dict:
     if k == "neuron":
         return {**base, "feature": n, "layer": str(l), "feature_type": "mlp neuron", "jsNodeId": f"{l}_{n}-0",
                 "clerp": f"L{l}N{n} at {t} (act {g.activation[i]:.3g})", "activation": float(g.activation[i])}
+    if k in _gemma4.NEW_KINDS:
+        f = _gemma4.feature_id(g.model.config, l, k, n)
+        label = _gemma4.label(g.model.config, k, l, n, t).replace("@", " at ")
+        act = None if k == "ple_token" else float(g.activation[i])
+        return {**base, "feature": f, "layer": str(l), "feature_type": _GEMMA4_TYPES[k],
+                "jsNodeId": f"{l}_{f}-{0 if act is not None else t}", "activation": act,
+                "clerp": label + ("" if act is None else f" (act {act:.3g})")}
     if k == "feature":
         return {**base, "feature": n, "layer": str(l), "feature_type": "cross layer transcoder",
                 "jsNodeId": f"{l}_{n}-0", "clerp": f"L{l}F{n} at {t} (act {g.activation[i]:.3g})",

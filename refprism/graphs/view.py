@@ -134,7 +134,8 @@ def graph_view(g, *, node_threshold=0.8, edge_threshold=0.98, max_nodes=200, max
 
 def node_split(g, i) -> P.Split | None:
     """Node i's input split by the residual parts its readout reads (the module docstring's readouts); None for a
-    source (embedding, remainder, error, bias), which has no input.
+    source (embedding, remainder, error, bias, PLE token), which has no input, and for a Gemma 4 PLE neuron, whose
+    input reads no residual (its two edges, the embedding's and the PLE token's, are its split).
 
     Math:   input_i = sum_c u_i . part_c(x_site[t])  (+ b_enc[f] for a transcoder feature)
     Shapes: -> Split with Z = 1 column (the node's input)
@@ -148,6 +149,11 @@ def node_split(g, i) -> P.Split | None:
     elif k == "neuron":  # up[t, n] = (x / s_ln2[t] (1 + w_ln2)) . W_up[:, n]: the ln2 scale frozen
         scale = rec[f"blocks.{l}.ln2.scale"][t]
         u = (params.get(l, "W_up")[:, n] * P.gain(model, params.get(l, "ln2")) / scale)[None, :]
+        site = 2 * l + 1
+    elif k == "expert":  # Gemma 4: moe.up[t, j, i] = (x / s_ln2_moe[t] w_ln2_moe) . We_up[e][:, i]
+        e, n_e = divmod(n, cfg.d_expert)
+        scale = rec[f"blocks.{l}.ln2_moe.scale"][t]
+        u = (params.get(l, "We_up")[e, :, n_e] * P.gain(model, params.get(l, "ln2_moe")) / scale)[None, :]
         site = 2 * l + 1
     elif k == "feature":  # pre[t, f] = (resid_mid c) . W_enc[:, f] + b_enc[f]: c of graphs.build.input_factor
         tc = g.transcoders

@@ -511,7 +511,7 @@ function sections() {
 // frontend lays it out, x = token position, y = layer (embeddings at the bottom, logits at the top). Every number
 // shown is the embedded one, computed in Python; nothing is summed here.
 const KIND_FILL = { embed: "#9ae6b4", neuron: "#90cdf4", feature: "#90cdf4", remainder: "#cbd5e0", error: "#cbd5e0",
-                    bias: "#e9d8fd", logit: "#fbd38d" };
+                    bias: "#e9d8fd", logit: "#fbd38d", expert: "#b2f5ea", ple: "#fed7e2", ple_token: "#c6f6d5" };
 
 function graphRow(G, n) {
   if (n.kind === "embed") return 0;

@@ -240,3 +240,37 @@ def test_all_frozen_second_differences_vanish(models, preset):
     first = (r1 - r2) / 2
     np.testing.assert_allclose(first, g.record["embed"].reshape(2, -1) @ d.ravel(), rtol=1e-10)
     assert np.abs(r1 - 2 * r0 + r2).max() <= 1e-10 * np.abs(first).max()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("freeze", [(), FREEZABLE])
+def test_backward_truncated_to_the_rows_positions_equals_the_full_one(models, preset, freeze):
+    """backward(upto=S) with rows at several positions in one pass: every site's gradient over positions 0 .. S-1
+    is each row's own full pass's there, and the full pass is exactly zero after the row's position (causal)."""
+    from refprism.gemma.record import symbolic_shapes
+    from refprism.gradients.backward import Seed, _layer_source, backward
+
+    model = models[preset]
+    cfg = model.config
+    run = model.run(_ids(model))  # T = 9
+    layers = _layer_source(model, run, 8)
+    u = np.random.default_rng(3).normal(size=(3, cfg.d_model))
+    at, S = np.array([2, 5, 5]), 6
+    kw = {"freeze": frozenset(freeze), "drop": frozenset({(1, "mlp")})}
+    cut = backward(model, layers, Seed(None, u, {}), at, upto=S, **kw)
+    shapes = symbolic_shapes(cfg)
+    assert cut["embed"].shape == (3, S, cfg.d_model)
+    for z in range(3):
+        full = backward(model, layers, Seed(None, u[[z]], {}), int(at[z]), **kw)
+        assert set(full) == set(cut)
+        for name, g in full.items():
+            axes = shapes[name]
+            window = tuple(slice(0, S) if a in ("T", "S") else slice(None) for a in axes)
+            scale = np.abs(g).max() + 1e-300
+            err = np.abs(cut[name][z][window] - g[0][window]).max()
+            assert err <= 1e-12 * scale, f"{preset} {name} row {z}: {err:.2e}"
+            later = tuple(slice(int(at[z]) + 1, None) if a == "T" else slice(None) for a in axes)
+            if "T" in axes:
+                assert not g[0][later].any(), f"{name}: a gradient after the row's position"
+    with pytest.raises(InputError, match="upto 5"):
+        backward(model, layers, Seed(None, u, {}), at, upto=5, **kw)

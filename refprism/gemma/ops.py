@@ -468,17 +468,18 @@ def softmax_vjp(g, pattern):
     return pattern * (g - np.sum(g * pattern, axis=-1, keepdims=True))
 
 
-def attention_mix_vjp(g_z, pattern, v):
+def attention_mix_vjp(g_z, pattern, v, *, pattern_grad=True):
     """Through z[t, n] = sum_s pattern[n, t, s] v[s, kv(n)] (query heads grouped on their shared kv head).
 
     Math:   dR/dpattern[n, t, s] = g_z[t, n] . v[s, kv(n)]
             dR/dv[s, k]          = sum_{n: kv(n) = k} sum_t pattern[n, t, s] g_z[t, n]
+    pattern_grad: False skips dR/dpattern (None): a backward with the pattern frozen that keeps no pattern gradient
     Shapes: g_z [Z, T, N, H], pattern [N, T, S], v [S, K, H] -> g_pattern [Z, N, T, S], g_v [Z, S, K, H]
     """
     Z, _, N, H = g_z.shape
     K = v.shape[1]
     kv = kv_index(N, K)
-    g_pattern = np.einsum("ztnh,snh->znts", g_z, v[:, kv, :], optimize=True)
+    g_pattern = np.einsum("ztnh,snh->znts", g_z, v[:, kv, :], optimize=True) if pattern_grad else None
     g_vn = np.einsum("nts,ztnh->zsnh", pattern, g_z, optimize=True)  # [Z, S, N, H] per query head
     return g_pattern, g_vn.reshape(Z, v.shape[0], K, N // K, H).sum(axis=3)
 

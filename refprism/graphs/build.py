@@ -16,8 +16,9 @@ neuron, embed[t] for an embedding) and g_i the gradient of target i's input, fro
 package (gradients.backward, frozen, every MLP and the attention after the target's layer dropped) that computes
 many targets' rows of one layer at once: sorted by position, each pass over positions 0 .. its last row's t only
 (g_i is exactly zero after the target's position), as many rows per pass as ROWS_BYTES allows (_Context.row_passes).
-Only the explored sources' columns are formed: a remainder takes its layer's whole share minus theirs. Attention lives on the edges: an edge sums the paths
-through every head of every layer between its ends (edge_heads splits it per head and source token).
+Only the explored sources' columns are formed: a remainder takes its layer's whole share minus theirs. Attention
+lives on the edges: an edge sums the paths through every head of every layer between its ends (edge_heads splits it
+per head and source token).
 
 **What the freeze leaves out**, by construction: the gate path (a neuron's input changes gelu(gate) too; the graph
 reads only its up projection), and the query/key path (a source changes where later heads look; the graph holds
@@ -550,14 +551,7 @@ def _assemble(ctx, text, explored, u_logits, labels, weights, readout) -> Graph:
         for a, b, S, g in ctx.row_passes(l, t, u):
             tz = t[a:b]
             R, C, V = [], [], []
-
-            def put(node_rows, node_cols, values, at):
-                """Entries [z, k] where their source position `at` [k] (or [z, k]) is <= the row's position."""
-                ok = np.broadcast_to(np.asarray(at), values.shape) <= tz[:, None]
-                R.append(np.broadcast_to(np.asarray(node_rows)[:, None], values.shape)[ok])
-                C.append(np.broadcast_to(np.asarray(node_cols), values.shape)[ok])
-                V.append(values[ok])
-
+            put = _Entries(R, C, V, tz)
             tg = targets[a:b]
             pos = np.arange(S)
             put(tg, emb0 + pos, ctx.embed_edges(g, S), pos)
@@ -601,6 +595,20 @@ def _assemble(ctx, text, explored, u_logits, labels, weights, readout) -> Graph:
                  np.asarray(weights, float), list(labels), u_logits,
                  readout[0], int(explored.sum()), int(ctx.active.sum()), ctx.passes, ctx.most, ctx.p,
                  "neurons" if tc is None else "transcoders", tc)
+
+
+class _Entries:
+    """Collects a pass's entries [z, k] whose source position `at` ([k] or [z, k]) is <= the row's position tz [z]
+    (later sources reach no row: their exact zeros are not entries)."""
+
+    def __init__(self, R, C, V, tz):
+        self.R, self.C, self.V, self.tz = R, C, V, tz
+
+    def __call__(self, node_rows, node_cols, values, at):
+        ok = np.broadcast_to(np.asarray(at), values.shape) <= self.tz[:, None]
+        self.R.append(np.broadcast_to(np.asarray(node_rows)[:, None], values.shape)[ok])
+        self.C.append(np.broadcast_to(np.asarray(node_cols), values.shape)[ok])
+        self.V.append(values[ok])
 
 
 def edge_heads(g: Graph, target: int, source: int, layer: int, *, by_source=False):

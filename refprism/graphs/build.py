@@ -358,7 +358,9 @@ class _Context:
         transcoder's features (written at mlp.out itself)."""
         S = g_out.shape[1]
         W = self.tc.layers[m].W_dec if self.tc is not None else self.model.params.get(m, "W_down")
-        return self.act[m][None, :S] * (self.written(m, g_out) @ W.T)
+        out = self.written(m, g_out) @ W.T
+        out *= self.act[m][None, :S]
+        return out
 
     def feature_rows(self, l, t, n):
         """u [Z, D] of neurons n of layer l at position t: u . resid_mid_l[t] = up[t, n] (ln2 scale frozen); of
@@ -438,10 +440,12 @@ def _explore(ctx, u_logits, weights, max_nodes, update_interval, explore_k) -> n
                 if ctx.tc is not None:  # error and bias nodes: in the row's sum, never explored
                     for e in ctx.extra_edges(m, g[m]):
                         absum += np.abs(e).sum(axis=1)
-                e = np.abs(ctx.feature_edges(m, g[m]).reshape(Z, -1))  # [Z, S*F], column s * F + n
+                e = ctx.feature_edges(m, g[m]).reshape(Z, -1)  # [Z, S*F], column s * F + n
+                np.abs(e, out=e)
                 absum += e.sum(axis=1)
                 k = min(explore_k, e.shape[1])
-                idx = np.argpartition(-e, k - 1, axis=1)[:, :k] if k < e.shape[1] else np.broadcast_to(
+                n_e = e.shape[1]  # the k largest, selected from the end (no negated copy of e)
+                idx = np.argpartition(e, n_e - k, axis=1)[:, n_e - k:] if k < n_e else np.broadcast_to(
                     np.arange(e.shape[1]), (Z, e.shape[1]))
                 cand_c.append(m * T * F + idx)
                 cand_v.append(np.take_along_axis(e, idx, axis=1))

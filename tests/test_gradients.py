@@ -242,35 +242,41 @@ def test_all_frozen_second_differences_vanish(models, preset):
     assert np.abs(r1 - 2 * r0 + r2).max() <= 1e-10 * np.abs(first).max()
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("freeze", [(), FREEZABLE])
-def test_backward_truncated_to_the_rows_positions_equals_the_full_one(models, preset, freeze):
+def check_truncated(model, ids, freeze, drop=frozenset()):
     """backward(upto=S) with rows at several positions in one pass: every site's gradient over positions 0 .. S-1
-    is each row's own full pass's there, and the full pass is exactly zero after the row's position (causal)."""
+    is each row's own full pass's there (1e-10 of the site's largest + 1e-13 of the pass's: the summation order of
+    another Z), and
+    the full pass is exactly zero after the row's position (causal)."""
     from refprism.gemma.record import symbolic_shapes
     from refprism.gradients.backward import Seed, _layer_source, backward
 
-    model = models[preset]
     cfg = model.config
-    run = model.run(_ids(model))  # T = 9
-    layers = _layer_source(model, run, 8)
+    run = model.run(ids)
+    layers = _layer_source(model, run, len(ids) - 1)
     u = np.random.default_rng(3).normal(size=(3, cfg.d_model))
     at, S = np.array([2, 5, 5]), 6
-    kw = {"freeze": frozenset(freeze), "drop": frozenset({(1, "mlp")})}
+    kw = {"freeze": frozenset(freeze), "drop": drop}
     cut = backward(model, layers, Seed(None, u, {}), at, upto=S, **kw)
     shapes = symbolic_shapes(cfg)
     assert cut["embed"].shape == (3, S, cfg.d_model)
     for z in range(3):
         full = backward(model, layers, Seed(None, u[[z]], {}), int(at[z]), **kw)
         assert set(full) == set(cut)
+        top = max(np.abs(g).max() for g in full.values())
         for name, g in full.items():
             axes = shapes[name]
             window = tuple(slice(0, S) if a in ("T", "S") else slice(None) for a in axes)
             scale = np.abs(g).max() + 1e-300
             err = np.abs(cut[name][z][window] - g[0][window]).max()
-            assert err <= 1e-12 * scale, f"{preset} {name} row {z}: {err:.2e}"
+            assert err <= 1e-10 * scale + 1e-13 * top, f"{name} row {z}: {err:.2e}"  # BLAS order (another Z)
             later = tuple(slice(int(at[z]) + 1, None) if a == "T" else slice(None) for a in axes)
             if "T" in axes:
                 assert not g[0][later].any(), f"{name}: a gradient after the row's position"
     with pytest.raises(InputError, match="upto 5"):
         backward(model, layers, Seed(None, u, {}), at, upto=5, **kw)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("freeze", [(), FREEZABLE])
+def test_backward_truncated_to_the_rows_positions_equals_the_full_one(models, preset, freeze):
+    check_truncated(models[preset], _ids(models[preset]), freeze, frozenset({(1, "mlp")}))

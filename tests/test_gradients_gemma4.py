@@ -337,3 +337,11 @@ def test_float32_stays_float32_and_close_to_float64(checkpoint):
     for name in g32.record:
         assert g32.record[name].dtype == np.float32, name
         assert np.abs(g32.record[name] - g64.record[name]).max() <= 1e-3 * top, name
+
+
+@pytest.mark.parametrize("freeze", [(), FREEZABLE])
+def test_backward_truncated_to_the_rows_positions_equals_the_full_one(model, freeze):
+    """Gemma 4 (KV sharing, per-layer inputs, experts): as test_gradients' check_truncated."""
+    from test_gradients import check_truncated
+
+    check_truncated(model, _ids(model), freeze)

@@ -178,3 +178,27 @@ def test_bad_arguments(models):
     run = model.run(_ids(model), record=["embed"])
     with pytest.raises(refprism.InputError, match="full record"):
         graph(model, run)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_tiny_byte_budget_gives_the_same_graph_edge_for_edge(models, preset, monkeypatch):
+    """ROWS_BYTES = 1: one row per backward pass, each truncated to its row's position, against every row of a
+    layer in one pass: the same explored neurons and the same entries (BLAS order aside)."""
+    from refprism.graphs import build
+
+    model = models[preset]
+    ids = _ids(model, 9, 5)
+    kw = {"max_nodes": 120, "batch_size": 512, "update_interval": 1}
+    one = graph(model, ids, **kw)
+    monkeypatch.setattr(build, "ROWS_BYTES", 1)
+    many = graph(model, ids, **kw)
+    assert many.batch_rows == 1 and one.batch_rows > 1
+    assert many.passes == 2 * len(one.logit_weights) + 120 + int(((one.kind == "neuron") & (one.layer > 0)).sum())
+    assert many.passes > 10 * one.passes
+    for key in ("kind", "layer", "index", "position", "rows", "cols"):
+        np.testing.assert_array_equal(getattr(many, key), getattr(one, key), err_msg=key)
+    np.testing.assert_allclose(many.values, one.values, rtol=0, atol=1e-12 * np.abs(one.values).max())
+    assert many.rows.dtype == np.int32 and many.cols.dtype == np.int32
+    assert (np.diff(many.rows) >= 0).all()  # sorted by (row, col)
+    r, c = many.rows.astype(np.int64), many.cols.astype(np.int64)
+    assert (np.diff(r * many.n + c) > 0).all()

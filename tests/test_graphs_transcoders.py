@@ -640,3 +640,20 @@ def test_a_folder_is_walked_to_a_bounded_depth_and_size(models, tmp_path, monkey
     with pytest.raises(refprism.RefprismError, match=f"over {2 * cfg.n_layers} entries under the folder") as e:
         tc.read_transcoders(folder)
     assert "\n" not in str(e.value)
+
+
+def test_a_tiny_byte_budget_gives_the_same_transcoder_graph(models, tmp_path, monkeypatch):
+    """ROWS_BYTES = 1 (one row per pass, each truncated to its position) against one pass per layer: the same
+    features, errors, biases and entries."""
+    from refprism.graphs import build
+
+    model = models["tiny-gemma2"]
+    ts = read_transcoders(write_gemmascope(tmp_path / "gs", _weights(model.config, seed=2)))
+    kw = {"max_nodes": 25, "batch_size": 512, "update_interval": 1}
+    one = graph(model, _ids(model, 8, 3), transcoders=ts, **kw)
+    monkeypatch.setattr(build, "ROWS_BYTES", 1)
+    many = graph(model, _ids(model, 8, 3), transcoders=ts, **kw)
+    assert many.batch_rows == 1 and many.passes > 5 * one.passes
+    for key in ("kind", "layer", "index", "position", "rows", "cols"):
+        np.testing.assert_array_equal(getattr(many, key), getattr(one, key), err_msg=key)
+    np.testing.assert_allclose(many.values, one.values, rtol=0, atol=1e-12 * np.abs(one.values).max())

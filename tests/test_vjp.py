@@ -144,6 +144,22 @@ def test_attention_mix_and_scores_vjp(NK):
     check("scores k", lambda kk: ops.attention_scores(q, kk, 0.3), k, g_k, gs)
 
 
+@pytest.mark.parametrize("window", [None, 200])
+def test_attention_mix_vjp_by_source_blocks_equals_the_plain_sum(window):
+    """T = 600 > 2 MIX_BLOCK: dR/dv summed block by block over the queries that read each block (the causal triangle
+    and the window skipped) equals the plain sum over every query, kv heads shared; pattern_grad=False gives None."""
+    N, K, T, H = 4, 2, 600, 3
+    pattern = ops.causal_softmax(RNG.standard_normal((N, T, T)), window)
+    g, v = RNG.standard_normal((2, T, N, H)), RNG.standard_normal((T, K, H))
+    g_p, g_v = ops.attention_mix_vjp(g, pattern, v)
+    plain = np.einsum("nts,ztnh->zsnh", pattern, g).reshape(2, T, K, N // K, H).sum(axis=3)
+    np.testing.assert_allclose(g_v, plain, rtol=1e-12, atol=1e-12 * np.abs(plain).max())
+    g_p_plain = np.einsum("ztnh,snh->znts", g, v[:, ops.kv_index(N, K)])
+    np.testing.assert_allclose(g_p, g_p_plain, rtol=0, atol=1e-12 * np.abs(g_p_plain).max())
+    none, g_v2 = ops.attention_mix_vjp(g, pattern, v, pattern_grad=False)
+    assert none is None and np.array_equal(g_v2, g_v)
+
+
 def test_projections_vjp():
     T, D, N, H = 4, 6, 3, 2
     x = RNG.standard_normal((T, D))

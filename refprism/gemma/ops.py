@@ -468,19 +468,34 @@ def softmax_vjp(g, pattern):
     return pattern * (g - np.sum(g * pattern, axis=-1, keepdims=True))
 
 
-def attention_mix_vjp(g_z, pattern, v):
+MIX_BLOCK = 256  # attention_mix_vjp's source block: its queries are the span that reads the block
+
+
+def attention_mix_vjp(g_z, pattern, v, *, pattern_grad=True):
     """Through z[t, n] = sum_s pattern[n, t, s] v[s, kv(n)] (query heads grouped on their shared kv head).
 
     Math:   dR/dpattern[n, t, s] = g_z[t, n] . v[s, kv(n)]
             dR/dv[s, k]          = sum_{n: kv(n) = k} sum_t pattern[n, t, s] g_z[t, n]
+    pattern_grad: False skips dR/dpattern (None): a backward with the pattern frozen that keeps no pattern gradient
+    dR/dv is summed over the queries t that attend to each block of sources s only (pattern[., t, s] != 0: t >= s,
+    and within the window): the causal triangle's and the window's zeros are skipped, not multiplied.
     Shapes: g_z [Z, T, N, H], pattern [N, T, S], v [S, K, H] -> g_pattern [Z, N, T, S], g_v [Z, S, K, H]
     """
     Z, _, N, H = g_z.shape
-    K = v.shape[1]
+    S, K = v.shape[0], v.shape[1]
     kv = kv_index(N, K)
-    g_pattern = np.einsum("ztnh,snh->znts", g_z, v[:, kv, :], optimize=True)
-    g_vn = np.einsum("nts,ztnh->zsnh", pattern, g_z, optimize=True)  # [Z, S, N, H] per query head
-    return g_pattern, g_vn.reshape(Z, v.shape[0], K, N // K, H).sum(axis=3)
+    g_pattern = np.einsum("ztnh,snh->znts", g_z, v[:, kv, :], optimize=True) if pattern_grad else None
+    g_vn = np.zeros((Z, N, S, H), np.result_type(pattern, g_z))  # per query head
+    reads = (pattern != 0).any(axis=0)  # [T, S]: which queries read each source
+    p_t = pattern.transpose(0, 2, 1)  # [N, S, T] views: matmul reads them in place
+    g_t = g_z.transpose(0, 2, 1, 3)  # [Z, N, T, H]
+    for s0 in range(0, S, MIX_BLOCK):
+        s1 = min(S, s0 + MIX_BLOCK)
+        t = np.flatnonzero(reads[:, s0:s1].any(axis=1))
+        if len(t):
+            t0, t1 = t[0], t[-1] + 1
+            g_vn[:, :, s0:s1] = np.matmul(p_t[None, :, s0:s1, t0:t1], g_t[:, :, t0:t1])  # sum_t p[n,t,s] g[t,n]
+    return g_pattern, g_vn.transpose(0, 2, 1, 3).reshape(Z, S, K, N // K, H).sum(axis=3)
 
 
 def attention_scores_vjp(g_scores, q, k, scale):

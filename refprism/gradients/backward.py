@@ -303,8 +303,37 @@ def _one_layer(model, tokens, top, l) -> Record:
 # ------------------------------------------------------------------------------------------------- the backward
 
 
-def backward(model, layers: _Layers, seed: Seed, p: int, *, freeze=frozenset(), drop=frozenset(), keep=None,
-             down_to=0, linear_mlp=None) -> Record:
+class _Window:
+    """A record read at positions 0 .. T-1 only: every T and S axis sliced (views, nothing copied)."""
+
+    def __init__(self, rec, T, shapes):
+        self.rec, self.T, self.shapes = rec, T, shapes
+
+    def __contains__(self, name):
+        return name in self.rec
+
+    def __getitem__(self, name):
+        value = self.rec[name]
+        axes = self.shapes.get(name)
+        if axes is None:
+            return value
+        return value[tuple(slice(0, self.T) if a in ("T", "S") else slice(None) for a in axes)]
+
+
+class _WindowLayers:
+    """_Layers read through a _Window: the forward values of a backward truncated to positions 0 .. T-1."""
+
+    def __init__(self, layers, T):
+        self.layers, self.run, self.T = layers, layers.run, T
+        self.shapes = symbolic_shapes(layers.model.config)
+        self.top = _Window(layers.top, T, self.shapes)
+
+    def layer(self, l):
+        return _Window(self.layers.layer(l), self.T, self.shapes)
+
+
+def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=frozenset(), keep=None,
+             down_to=0, linear_mlp=None, upto=None) -> Record:
     """Every site's gradient, layer by layer in reverse (docs/math.md section 5).
 
     Math:   per layer (reverse):  g(resid_mid) = g(resid_post) + ln2^T . geglu^T . W_down^T . post2^T g(resid_post)
@@ -313,31 +342,50 @@ def backward(model, layers: _Layers, seed: Seed, p: int, *, freeze=frozenset(), 
     down_to: the lowest layer to go down to (the sites below it, and embed, are not computed when > 0)
     linear_mlp: {layer: vjp} for dropped MLPs replaced by a linear map of resid_mid (a skip transcoder's h W_skip
              under the freeze): g(resid_mid) = g(resid_post) + vjp(g(resid_post)), vjp [Z, T, D] -> [Z, T, D]
-    Shapes: seed rows Z -> record[name] [Z, *site shape]
+    p:       the seed's position, or one position per row [Z] (rows at several positions in one pass)
+    upto:    None (every position), or compute positions 0 .. upto - 1 only (upto > every row's position): the
+             readout at p reads no position after p (causal attention, per-position norms and MLPs), so every
+             site's gradient there is exactly zero, for any freeze; each site's T and S axes are then upto long
+    Shapes: seed rows Z -> record[name] [Z, *site shape] (T, S -> upto with upto)
     """
     cfg, params, dtype = model.config, model.params, model.dtype
     eps_frozen = "norm" in freeze
     top = layers.top
     T = top.shape_of("embed")[0] if "embed" in top else len(layers.run.tokens)
     Z = len(seed.at_norm if seed.at_norm is not None else seed.at_final)
+    rows_at = np.broadcast_to(np.asarray(p), (Z,))
+    if upto is not None:
+        if not int(rows_at.max()) < upto <= T:
+            raise InputError(f"upto {upto}: the rows sit at positions up to {int(rows_at.max())} of {T}")
+        T = int(upto)
+        layers = _WindowLayers(layers, T)
+        top = layers.top
+    z_all = np.arange(Z)
     D, H = cfg.d_model, cfg.d_head
     out = Record()
 
+    def kept(name):
+        return keep is None or any(fnmatch.fnmatchcase(name, g) for g in keep)
+
     def put(name, value):
-        if keep is None or any(fnmatch.fnmatchcase(name, g) for g in keep):
+        if kept(name):
             out[name] = value
 
+    def wanted(name, freeze):
+        """The pattern's gradient: needed unless the pattern is frozen and its gradient not kept."""
+        return "pattern" not in freeze or kept(name)
+
     for name, g in seed.logits.items():  # [Z, V] at p; zero at every other position: built when read
-        put(name, Lazy(lambda g=g: _at_position(g, p, T), (Z, T, g.shape[1]), dtype))
+        put(name, Lazy(lambda g=g: _at_position(g, rows_at, T), (Z, T, g.shape[1]), dtype))
     x_final = top[P.site_name(2 * cfg.n_layers, cfg.n_layers)]
     if seed.at_final is not None:
         g_x = np.zeros((Z, T, D), dtype)
-        g_x[:, p] = seed.at_final
+        g_x[z_all, rows_at] = seed.at_final
         put("ln_final.out", np.zeros((Z, T, D), dtype))
         put("ln_final.scale", np.zeros((Z, T), dtype))
     else:
         g_h = np.zeros((Z, T, D), dtype)
-        g_h[:, p] = seed.at_norm
+        g_h[z_all, rows_at] = seed.at_norm
         put("ln_final.out", g_h)
         g_x, g_s = ops.rms_norm_vjp(g_h, x_final, top["ln_final.scale"], params.ln_final, offset=cfg.norm_offset,
                                     frozen=eps_frozen)
@@ -399,7 +447,7 @@ def backward(model, layers: _Layers, seed: Seed, p: int, *, freeze=frozenset(), 
         g_z = ops.heads_out_vjp(g, w("W_O"))  # [Z, T, N, H]
         put(b + "attn.z", g_z)
         pattern, v = rec[b + "attn.pattern"], rec[b + "attn.v"]
-        g_pattern, g_v = ops.attention_mix_vjp(g_z, pattern, v)
+        g_pattern, g_v = ops.attention_mix_vjp(g_z, pattern, v, pattern_grad=wanted(b + "attn.pattern", freeze))
         del g_z
         put(b + "attn.pattern", g_pattern)
         put(b + "attn.v", g_v)
@@ -689,7 +737,7 @@ def _dropped(put, cfg, l, kind, g_x, Z, T, dtype):
 
 def _at_position(g, p, T):
     full = np.zeros((g.shape[0], T, g.shape[1]), g.dtype)
-    full[:, p] = g
+    full[np.arange(len(g)), p] = g
     return full
 
 

@@ -14,8 +14,11 @@ edges of the graph, not one). Under that freeze Gemma has no biases and is linea
 with a_j the source's value, d_j its output vector at its site (W_down[n] through the frozen post-norm for a
 neuron, embed[t] for an embedding) and g_i the gradient of target i's input, from one backward pass of the gradients
 package (gradients.backward, frozen, every MLP and the attention after the target's layer dropped) that computes
-the rows of every target at one (layer, position) at once. Attention lives on the edges: an edge sums the paths
-through every head of every layer between its ends (edge_heads splits it per head and source token).
+many targets' rows of one layer at once: sorted by position, each pass over positions 0 .. its last row's t only
+(g_i is exactly zero after the target's position), as many rows per pass as ROWS_BYTES allows (_Context.row_passes).
+Only the explored sources' columns are formed: a remainder takes its layer's whole share minus theirs. Attention
+lives on the edges: an edge sums the paths through every head of every layer between its ends (edge_heads splits it
+per head and source token).
 
 **What the freeze leaves out**, by construction: the gate path (a neuron's input changes gelu(gate) too; the graph
 reads only its up projection), and the query/key path (a source changes where later heads look; the graph holds
@@ -68,6 +71,7 @@ from refprism.model import Run
 KINDS = ("neuron", "feature", "remainder", "error", "bias", "embed", "logit",
          "expert", "ple", "ple_token")  # the last three: Gemma 4's (graphs.gemma4)
 BIAS_DEC, BIAS_ENC = -2, -3  # a bias node's index: the decoder's b_dec, the encoder's b_enc
+ROWS_BYTES = 1 << 30  # one backward pass's rows at most take about this much memory (_Context.per_pass)
 
 
 @dataclass
@@ -174,6 +178,7 @@ def graph(model, prompt, *, position=-1, targets=None, versus=(), max_nodes=7500
              cumulative, at most max_logits; each read through the demeaned unembedding E[t] - mean_v E[v], pre-cap);
              or the prisms' targets and foils (rows E[t] - mean_f E[f], pre-cap; each weighted 1/Z)
     max_nodes: neurons (features) explored at most (influence order); batch_size: rows of one backward pass at most
+             (fewer at long prompts: ROWS_BYTES bounds a pass's memory)
     transcoders: None (the neurons), or a path / graphs.transcoders.Transcoders: one per layer, replacing the MLPs
     zero_positions: with transcoders, the features at positions < zero_positions are zero (circuit-tracer's BOS
              rule): the whole MLP output there is the error node's
@@ -258,8 +263,10 @@ class _Context:
     """The run's values the rows read, and the backward's source of forward values, in one basis: the neurons, or
     the transcoders' features (tc: graphs.transcoders.Transcoders, in the model's dtype)."""
 
-    def __init__(self, model, run, p, batch_size, tc=None, zero_positions=1):
+    def __init__(self, model, run, p, batch_size, tc=None, zero_positions=1, rows_bytes=None):
         self.model, self.run, self.p, self.batch = model, run, p, batch_size
+        self.rows_bytes = ROWS_BYTES if rows_bytes is None else rows_bytes
+        self._total = {}
         self.cfg = model.config
         self.layers = _layer_source(model, run, p)
         self.passes = 0
@@ -296,42 +303,79 @@ class _Context:
         return {m: (lambda g, W=self.tc.layers[m].W_skip, c=self.c[m]: (g @ W.T) * c[None])
                 for m in range(l) if self.tc.layers[m].W_skip is not None}
 
-    def rows(self, l, t, u):
-        """Target rows at (layer l, position t) [l = L: the final residual], in passes of at most batch rows.
+    def per_pass(self, l, S) -> int:
+        """Rows of one backward pass at layer l truncated to S positions: the batch size, or fewer where the pass's
+        working set would exceed rows_bytes: per row the kept gradients (embed and l mlp.out sites, [S, D] each),
+        the backward's own few [S, D] arrays, and one source layer's dense edges [S, F] while exploring (the
+        edges, their |.|, and argpartition's int64 indices)."""
+        D, b = self.cfg.d_model, np.dtype(self.model.dtype).itemsize
+        row = S * ((l + 6) * D * b + self.F * (2 * b + 16))
+        return int(max(1, min(self.batch, self.rows_bytes // row)))
 
-        Yields per source layer l' < l (or -1 for the embeddings): edges [Z, t+1, F] (embeddings: [Z, t+1]);
-        with transcoders also ("err", l') and ("dec", l'): [Z, t+1] from the error and decoder-bias nodes.
+    def row_passes(self, l, t, u):
+        """The frozen backward passes of target rows u [Z, D] at (layer l, positions t [Z], nondecreasing); l = L:
+        the final residual. Each pass takes the next rows (as many as per_pass allows) and runs over positions
+        0 .. S-1 only, S = its last row's position + 1 (gradients.backward's upto: a row at t reads no later
+        position, so nothing is left out).
+
+        Yields (a, b, S, g): rows a .. b-1, g["embed"] [z, S, D] and g[m] [z, S, D] the gradient at mlp.out of
+        each layer m < l. Row z's gradient is exactly zero at positions > t[z] (causal attention).
         Math:   g = the frozen gradient of u . resid_mid_l[t] (MLPs dropped, attention after l dropped; a skip
                 transcoder's W_skip carried as the MLP's linear stand-in)
-                neurons: A[z, (l', s, n)] = act_l'[s, n] (W_down[n] . g_l'[z, s] (1 + w_post) / s_post[s])
-                features: A[z, (l', s, f)] = act_l'[s, f] (W_dec[f] . g_l'[z, s]) (written at mlp.out, after the
-                post-norm); A[z, err(l', s)] = err_l'[s] . g_l'[z, s];  A[z, dec(l', s)] = b_dec_l' . g_l'[z, s]
-                A[z, E@s] = embed[s] . g_embed[z, s]
         """
-        if isinstance(u, _g4.Targets):  # Gemma 4's neuron targets (graphs.gemma4.feature_rows)
-            return _g4.rows(self, l, t, u)
-        cfg, run = self.cfg, self.run
-        L = cfg.n_layers
+        if isinstance(u, _g4.Targets):  # Gemma 4's neuron targets (graphs.gemma4.target_rows)
+            yield from _g4.row_passes(self, l, t, u)
+            return
+        L = self.cfg.n_layers
         drop = frozenset({(m, "mlp") for m in range(L)} | {(m, "attn") for m in range(l + 1, L)})
-        out = {m: [] for m in range(-1, l)}
-        if self.tc is not None:
-            out.update({(k, m): [] for m in range(l) for k in ("err", "dec")})
-        for a in range(0, len(u), self.batch):
-            chunk = u[a: a + self.batch]
-            g = backward(self.model, self.layers, Seed(None, chunk, {}), t, freeze=frozenset(FREEZABLE),
-                         drop=drop, keep=["embed"] + [f"blocks.{m}.mlp.out" for m in range(l)],
-                         linear_mlp=self._linear_mlp(l))
+        keep = ["embed"] + [f"blocks.{m}.mlp.out" for m in range(l)]
+        Z, a = len(u), 0
+        while a < Z:
+            z = self.per_pass(l, int(t[min(a + self.batch, Z) - 1]) + 1)
+            b = min(a + z, Z)
+            S = int(t[b - 1]) + 1
+            g = backward(self.model, self.layers, Seed(None, u[a:b], {}), t[a:b], freeze=frozenset(FREEZABLE),
+                         drop=drop, keep=keep, linear_mlp=self._linear_mlp(l), upto=S)
             self.passes += 1
-            self.most = max(self.most, len(chunk))
-            out[-1].append(np.einsum("zsd,sd->zs", g["embed"][:, : t + 1], run.record["embed"][: t + 1]))
-            for m in range(l):
-                g_out = g[f"blocks.{m}.mlp.out"][:, : t + 1]
-                out[m].append(self.feature_edges(m, g_out))
-                if self.tc is not None:
-                    out["err", m].append(np.einsum("zsd,sd->zs", g_out, self.err[m][: t + 1]))
-                    out["dec", m].append(g_out @ self.tc.layers[m].b_dec)
+            self.most = max(self.most, b - a)
+            yield a, b, S, {-1: g["embed"], **{m: g[f"blocks.{m}.mlp.out"] for m in range(l)}}
             del g
-        return {m: np.concatenate(v) for m, v in out.items()}
+            a = b
+
+    def embed_edges(self, g, S):
+        """A[z, E@s] = embed[s] . g_embed[z, s]  [z, S]."""
+        return np.einsum("zsd,sd->zs", g[-1], self.run.record["embed"][:S])
+
+    def extra_edges(self, m, g_out):
+        """Transcoders: A[z, err(m, s)] = err_m[s] . g_m[z, s] and A[z, dec(m, s)] = b_dec_m . g_m[z, s]  [z, S]."""
+        S = g_out.shape[1]
+        return np.einsum("zsd,sd->zs", g_out, self.err[m][:S]), g_out @ self.tc.layers[m].b_dec
+
+    def written(self, m, g_out):
+        """The gradient where layer m's features write: mlp.out (transcoders), or mlp.down through the frozen
+        post-norm (neurons on Gemma 2/3): [z, S, D]."""
+        if self.cfg.gemma4:  # graphs.gemma4.out_vector carries the frozen norms (each kind its own)
+            return g_out
+        if self.tc is None and self.post[m] is not None:
+            return g_out * self.post[m][None, : g_out.shape[1]]
+        return g_out
+
+    def out_vector(self, m, s, f):
+        """W_down[f] (W_dec[f]) and act_m[s, f]: the explored sources' output vectors [k, D] and values [k]."""
+        if self.cfg.gemma4:
+            return _g4.out_vector(self, m, s, f)
+        W = self.tc.layers[m].W_dec if self.tc is not None else self.model.params.get(m, "W_down")
+        return W[f], self.act[m][s, f]
+
+    def total(self, m):
+        """sum_f act_m[s, f] W[f] [T, D]: every neuron (feature) of layer m at once, what its remainder node is
+        the unexplored part of (cached)."""
+        if self.cfg.gemma4:
+            return _g4.total(self, m)
+        if m not in self._total:
+            W = self.tc.layers[m].W_dec if self.tc is not None else self.model.params.get(m, "W_down")
+            self._total[m] = self.act[m][: self.T] @ W
+        return self._total[m]
 
     def feature_edges(self, m, g_out):
         """[Z, S, D] gradients at mlp.out of layer m -> [Z, S, F] edges from its neurons (post-norm frozen) or its
@@ -339,11 +383,10 @@ class _Context:
         if self.cfg.gemma4:
             return _g4.feature_edges(self, m, g_out)
         S = g_out.shape[1]
-        if self.tc is not None:
-            return self.act[m][None, :S] * (g_out @ self.tc.layers[m].W_dec.T)
-        if self.post[m] is not None:
-            g_out = g_out * self.post[m][None, :S]
-        return self.act[m][None, :S] * (g_out @ self.model.params.get(m, "W_down").T)
+        W = self.tc.layers[m].W_dec if self.tc is not None else self.model.params.get(m, "W_down")
+        out = self.written(m, g_out) @ W.T
+        out *= self.act[m][None, :S]
+        return out
 
     def feature_rows(self, l, t, n):
         """u [Z, D] of neurons n of layer l at position t: u . resid_mid_l[t] = up[t, n] (ln2 scale frozen); of
@@ -355,6 +398,13 @@ class _Context:
         params, rec = self.model.params, self.run.record
         scale = (1 + params.get(l, "ln2")) / rec[f"blocks.{l}.ln2.scale"][t]
         return (params.get(l, "W_up")[:, n] * scale[:, None]).T
+
+    def target_rows(self, l, t, n):
+        """u [Z, D] of the neurons (features) n [Z] of layer l at positions t [Z] (nondecreasing): feature_rows
+        position by position."""
+        if self.cfg.gemma4:
+            return _g4.target_rows(self, l, t, n)
+        return np.concatenate([self.feature_rows(l, int(s), n[t == s]) for s in np.unique(t)])
 
 
 def input_factor(model, rec, l, input_hook) -> np.ndarray:
@@ -409,35 +459,39 @@ def _explore(ctx, u_logits, weights, max_nodes, update_interval, explore_k) -> n
     max_nodes = min(max_nodes, int((~inactive).sum()))
     row_node, row_w, ent_row, ent_col, ent_val = [], [], [], [], []
 
-    def add(rows, nodes, w0):
-        """Keep each row's explore_k largest |edges| over the features, normalised by its exact |row| sum."""
-        l_max = max(m for m in rows if isinstance(m, int)) + 1
-        Z = len(nodes)
-        absum = np.abs(rows[-1]).sum(axis=1)
-        for key in rows:
-            if not isinstance(key, int):  # error and bias nodes: in the row's sum, never explored
-                absum += np.abs(rows[key]).sum(axis=1)
-        cand_c, cand_v = [], []
-        for m in range(l_max):
-            e = np.abs(rows[m].reshape(Z, -1))  # [Z, S*F], column s * F + n
-            absum += e.sum(axis=1)
-            k = min(explore_k, e.shape[1])
-            idx = np.argpartition(-e, k - 1, axis=1)[:, :k] if k < e.shape[1] else np.broadcast_to(
-                np.arange(e.shape[1]), (Z, e.shape[1]))
-            cand_c.append(m * T * F + idx)
-            cand_v.append(np.take_along_axis(e, idx, axis=1))
-        c, v = np.concatenate(cand_c, axis=1), np.concatenate(cand_v, axis=1)
-        if c.shape[1] > explore_k:
-            idx = np.argpartition(-v, explore_k - 1, axis=1)[:, :explore_k]
-            c, v = np.take_along_axis(c, idx, axis=1), np.take_along_axis(v, idx, axis=1)
-        first = len(row_node)
-        row_node.extend(nodes)
-        row_w.extend(w0)
-        ent_row.append(np.repeat(np.arange(first, first + Z, dtype=np.int32), c.shape[1]))
-        ent_col.append(c.ravel().astype(np.int32))
-        ent_val.append((v / np.maximum(absum, 1e-10)[:, None]).ravel().astype(np.float32))  # a ranking only
+    def add(l, t, u, nodes, w0):
+        """The rows of targets u [Z, D] at (l, positions t [Z], nondecreasing): keep each row's explore_k largest
+        |edges| over the features, normalised by its exact |row| sum; one source layer's dense edges at a time."""
+        for a, b, S, g in ctx.row_passes(l, t, u):
+            Z = b - a
+            absum = np.abs(ctx.embed_edges(g, S)).sum(axis=1)
+            cand_c, cand_v = [], []
+            for m in range(l):
+                if ctx.tc is not None:  # error and bias nodes: in the row's sum, never explored
+                    for e in ctx.extra_edges(m, g[m]):
+                        absum += np.abs(e).sum(axis=1)
+                e = ctx.feature_edges(m, g[m]).reshape(Z, -1)  # [Z, S*F], column s * F + n
+                np.abs(e, out=e)
+                absum += e.sum(axis=1)
+                k = min(explore_k, e.shape[1])
+                n_e = e.shape[1]  # the k largest, selected from the end (no negated copy of e)
+                idx = np.argpartition(e, n_e - k, axis=1)[:, n_e - k:] if k < n_e else np.broadcast_to(
+                    np.arange(e.shape[1]), (Z, e.shape[1]))
+                cand_c.append(m * T * F + idx)
+                cand_v.append(np.take_along_axis(e, idx, axis=1))
+                del e, idx
+            c, v = np.concatenate(cand_c, axis=1), np.concatenate(cand_v, axis=1)
+            if c.shape[1] > explore_k:
+                idx = np.argpartition(-v, explore_k - 1, axis=1)[:, :explore_k]
+                c, v = np.take_along_axis(c, idx, axis=1), np.take_along_axis(v, idx, axis=1)
+            first = len(row_node)
+            row_node.extend(nodes[a:b])
+            row_w.extend(w0[a:b])
+            ent_row.append(np.repeat(np.arange(first, first + Z, dtype=np.int32), c.shape[1]))
+            ent_col.append(c.ravel().astype(np.int32))
+            ent_val.append((v / np.maximum(absum, 1e-10)[:, None]).ravel().astype(np.float32))  # a ranking only
 
-    add(ctx.rows(L, ctx.p, u_logits), [-1] * len(u_logits), list(weights))
+    add(L, np.full(len(u_logits), ctx.p), u_logits, [-1] * len(u_logits), list(weights))
     n_done = 0
     while n_done < max_nodes:
         infl = _partial_influence(np.array(row_node), np.array(row_w), np.concatenate(ent_row),
@@ -448,15 +502,12 @@ def _explore(ctx, u_logits, weights, max_nodes, update_interval, explore_k) -> n
         pick = pick[np.argsort(-infl[pick], kind="stable")]
         explored[pick] = True
         n_done += len(pick)
-        l_, rest = np.divmod(pick, T * F)
-        t_, n_ = np.divmod(rest, F)
-        for l in np.unique(l_):
-            for t in np.unique(t_[l_ == l]):
-                sel = (l_ == l) & (t_ == t)
-                if l == 0:  # layer 0's inputs come from the embeddings only: nothing to rank further
-                    continue
-                rows = ctx.rows(int(l), int(t), ctx.feature_rows(int(l), int(t), n_[sel]))
-                add(rows, list(pick[sel]), [0.0] * int(sel.sum()))
+        for l in np.unique(pick // (T * F)):
+            if l == 0:  # layer 0's inputs come from the embeddings only: nothing to rank further
+                continue
+            nodes = np.sort(pick[pick // (T * F) == l])  # by (position, neuron)
+            t_, n_ = np.divmod(nodes % (T * F), F)
+            add(int(l), t_, ctx.target_rows(int(l), t_, n_), list(nodes), [0.0] * len(nodes))
     return explored.reshape(L, T, F)
 
 
@@ -491,7 +542,7 @@ def _assemble(ctx, text, explored, u_logits, labels, weights, readout) -> Graph:
     rec = run.record
     ll, tt, nn = np.nonzero(explored)  # sorted by (layer, position, feature)
     n_feat = len(ll)
-    col = np.full((L, T, F), -1)
+    col = np.full((L, T, F), -1, np.int32)
     col[ll, tt, nn] = np.arange(n_feat)
     rem_lt = [(l, t) for l in range(L) for t in range(T) if (ctx.active[l, t] & ~explored[l, t]).any()]
     rem = {lt: n_feat + i for i, lt in enumerate(rem_lt)}
@@ -524,48 +575,74 @@ def _assemble(ctx, text, explored, u_logits, labels, weights, readout) -> Graph:
     inp = np.full(N, np.nan)
     inp[:n_feat] = np.array([ctx.inp[l][t, n] for l, t, n in zip(ll, tt, nn)]) if n_feat else []
     inp[log0:] = readout_values
-    R, C, V = [], [], []
+    chunks = []  # (first target, rows, cols, values): one per pass, sorted by (row, col) within
 
-    def emit(targets, rows, l, t, n=None):
-        """Entries of the rows of `targets` [Z] at (l, t): explored features, remainders, errors and biases of the
-        layers below, embeddings; features n of a transcoder also take their encoder bias b_enc[n]."""
-        R.append(np.repeat(targets, t + 1))
-        C.append(np.tile(emb0 + np.arange(t + 1), len(targets)))
-        V.append(rows[-1].ravel())
-        if n is not None and tc is not None:
-            R.append(targets)
-            C.append(np.full(len(targets), enc[l, t]))
-            V.append(tc.layers[l].b_enc[n].astype(np.float64))
-        for m in range(l):
-            e = rows[m]  # [Z, t+1, F]
-            cm = col[m, : t + 1]  # [t+1, F]
-            s, f = np.nonzero(cm >= 0)
-            R.append(np.repeat(targets, len(s)))
-            C.append(np.tile(cm[s, f], len(targets)))
-            V.append(e[:, s, f].ravel())
-            for s in range(t + 1):
-                if (m, s) in rem:
-                    R.append(targets)
-                    C.append(np.full(len(targets), rem[m, s]))
-                    V.append(np.where(cm[s] < 0, e[:, s], 0.0).sum(axis=1))
-            if tc is not None:
-                for key, nodes in (("err", err), ("dec", dec)):
-                    R.append(np.repeat(targets, t + 1))
-                    C.append(np.tile([nodes[m, s] for s in range(t + 1)], len(targets)))
-                    V.append(rows[key, m].ravel())
+    def emit(targets, l, t, u, n=None):
+        """The exact rows of `targets` [Z] at (l, positions t [Z], nondecreasing; node ids increasing), read u [Z, D]:
+        explored features, remainders, errors and biases of the layers below at positions <= t, embeddings;
+        features n of a transcoder also take their encoder bias b_enc[n]. Only the explored columns are formed:
+        a remainder is the whole layer's share minus theirs, (sum_f act[s, f] W[f]) . g - sum_explored A."""
+        for a, b, S, g in ctx.row_passes(l, t, u):
+            tz = t[a:b]
+            R, C, V = [], [], []
+            put = _Entries(R, C, V, tz)
+            tg = targets[a:b]
+            pos = np.arange(S)
+            put(tg, emb0 + pos, ctx.embed_edges(g, S), pos)
+            if n is not None and tc is not None:
+                put(tg, np.array([[enc[l, int(s)]] for s in tz]), tc.layers[l].b_enc[n[a:b]][:, None], tz[:, None])
+            for m in range(l):
+                gw = ctx.written(m, g[m])  # [z, S, D]
+                s_, f_ = np.nonzero(col[m, :S] >= 0)
+                W, act_ = ctx.out_vector(m, s_, f_)
+                e = act_[None] * np.einsum("zkd,kd->zk", gw[:, s_], W)  # [z, k] the explored sources
+                put(tg, col[m, s_, f_], e, s_)
+                rem_s = np.array([s for s in range(S) if (m, s) in rem], int)
+                if len(rem_s):
+                    whole = np.einsum("zsd,sd->zs", gw[:, rem_s], ctx.total(m)[rem_s])
+                    mine = np.zeros((b - a, S), whole.dtype)
+                    np.add.at(mine, (slice(None), s_), e)
+                    put(tg, np.array([rem[m, int(s)] for s in rem_s]), whole - mine[:, rem_s], rem_s)
+                if tc is not None:
+                    for e_x, nodes in zip(ctx.extra_edges(m, g[m]), (err, dec)):
+                        put(tg, np.array([nodes[m, s] for s in range(S)]), e_x, pos)
+            del g
+            r, c_, v = (np.concatenate(x) for x in (R, C, V))
+            order = np.lexsort((c_, r))
+            chunks.append((int(tg[0]), r[order].astype(np.int32), c_[order].astype(np.int32), v[order]))
 
-    emit(log0 + np.arange(Z), ctx.rows(L, ctx.p, u_logits), L, ctx.p)
+    emit(log0 + np.arange(Z), L, np.full(Z, ctx.p), u_logits)
     for l in range(L):
-        for t in range(T):
-            n = np.flatnonzero(explored[l, t])
-            if len(n):
-                emit(col[l, t, n], ctx.rows(l, t, ctx.feature_rows(l, t, n)), l, t, n)
-    rows_, cols_, vals_ = (np.concatenate(a) if a else np.zeros(0) for a in (R, C, V))
-    order = np.lexsort((cols_, rows_))
-    return Graph(model, run, text, kind, layer, index, position, act, inp, rows_[order].astype(np.int64),
-                 cols_[order].astype(np.int64), vals_[order], np.asarray(weights, float), list(labels), u_logits,
+        sel = ll == l
+        if sel.any():
+            emit(col[l, tt[sel], nn[sel]], l, tt[sel], ctx.target_rows(l, tt[sel], nn[sel]), nn[sel])
+    chunks.sort(key=lambda c: c[0])  # targets of different passes are disjoint ranges: now sorted by (row, col)
+    E = sum(len(c[1]) for c in chunks)
+    rows_, cols_ = np.empty(E, np.int32), np.empty(E, np.int32)
+    vals_ = np.empty(E, np.result_type(*[c[3].dtype for c in chunks]))
+    at = 0
+    while chunks:  # each pass's entries freed once copied: never the edges twice
+        _, r, c_, v = chunks.pop(0)
+        rows_[at: at + len(r)], cols_[at: at + len(r)], vals_[at: at + len(r)] = r, c_, v
+        at += len(r)
+    return Graph(model, run, text, kind, layer, index, position, act, inp, rows_, cols_, vals_,
+                 np.asarray(weights, float), list(labels), u_logits,
                  readout[0], int(explored.sum()), int(ctx.active.sum()), ctx.passes, ctx.most, ctx.p,
                  "neurons" if tc is None else "transcoders", tc)
+
+
+class _Entries:
+    """Collects a pass's entries [z, k] whose source position `at` ([k] or [z, k]) is <= the row's position tz [z]
+    (later sources reach no row: their exact zeros are not entries)."""
+
+    def __init__(self, R, C, V, tz):
+        self.R, self.C, self.V, self.tz = R, C, V, tz
+
+    def __call__(self, node_rows, node_cols, values, at):
+        ok = np.broadcast_to(np.asarray(at), values.shape) <= self.tz[:, None]
+        self.R.append(np.broadcast_to(np.asarray(node_rows)[:, None], values.shape)[ok])
+        self.C.append(np.broadcast_to(np.asarray(node_cols), values.shape)[ok])
+        self.V.append(values[ok])
 
 
 def edge_heads(g: Graph, target: int, source: int, layer: int, *, by_source=False):

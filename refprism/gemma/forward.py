@@ -315,8 +315,8 @@ def _ple_inputs(params, cfg, site, tokens, x0):
     """
     dt = x0.dtype
     token = site("ple.token", params.ple_rows(tokens) * np.asarray(np.sqrt(np.float64(cfg.d_ple)), dt))
-    model = site("ple.model_proj", np.einsum("td,dlp->tlp", x0, params.ple_model()) *
-                 np.asarray(cfg.d_model ** -0.5, dt))
+    # x_0 W_ple_model as one BLAS product over the [D, L*P] view (np.einsum looped in C: 5x slower at T = 128)
+    model = site("ple.model_proj", _project(x0, params.ple_model()) * np.asarray(cfg.d_model ** -0.5, dt))
     s = site("ple.model_proj_norm.scale", ops.rms_scale(model, eps=cfg.rms_norm_eps))
     return site("ple.input", (ops.rms_apply(model, s, params.ple_norm, 0) + token) * np.asarray(2.0 ** -0.5, dt))
 

@@ -240,3 +240,32 @@ def test_all_frozen_second_differences_vanish(models, preset):
     first = (r1 - r2) / 2
     np.testing.assert_allclose(first, g.record["embed"].reshape(2, -1) @ d.ravel(), rtol=1e-10)
     assert np.abs(r1 - 2 * r0 + r2).max() <= 1e-10 * np.abs(first).max()
+
+
+@pytest.mark.parametrize("preset", ["tiny-gemma2", "tiny-gemma3"])
+def test_a_long_prompts_lazy_record_is_recomputed_once_per_layer_with_the_same_bits(models, preset, monkeypatch):
+    """From LONG_PROMPT tokens a full record keeps most sites as recipes (record.Lazy): the backward recomputes each
+    such layer once from its resid_pre (backward._one_layer) and gets every gradient bit for bit as from a record
+    that kept every site as an array (all but the logits: nothing lazy)."""
+    from refprism.gemma import record as R
+    from refprism.gemma.record import Lazy, everything_but
+    from refprism.gradients import backward as B
+
+    model = models[preset]
+    monkeypatch.setattr(R, "LONG_PROMPT", 16)  # (the tiny models' context is 128 tokens)
+    ids = _ids(model, T=24, seed=5)
+    lazy = model.run(ids)
+    assert isinstance(dict.__getitem__(lazy.record, "blocks.0.mlp.gate"), Lazy)
+    eager = model.run(ids, record=everything_but(model.config, ("logits", "logits_uncapped")))
+    assert not isinstance(dict.__getitem__(eager.record, "blocks.0.mlp.gate"), Lazy)
+    calls = []
+    one_layer = B._one_layer
+    monkeypatch.setattr(B, "_one_layer", lambda *a: calls.append(a[-1]) or one_layer(*a))
+    got = gradients(model, lazy, targets=["#5"], versus=["#3"], position=20)
+    assert sorted(calls) == list(range(model.config.n_layers))
+    calls.clear()
+    want = gradients(model, eager, targets=["#5"], versus=["#3"], position=20)
+    assert calls == []
+    assert set(got.record) == set(want.record)
+    for name in want.record:
+        np.testing.assert_array_equal(got.record[name], want.record[name], err_msg=name)

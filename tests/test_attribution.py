@@ -287,3 +287,8 @@ def test_attribute_runs_unembed_only_the_readout_position_with_the_same_scores(g
         np.testing.assert_array_equal(a.values, scores(full, groups))
     with pytest.raises(InputError, match="position 9 is out of range for 9 tokens"):
         attribute(gemma2, ids, method="atp", level="heads", position=9)
+    # the runs it made (logits at the readout position only) are taken back as full ones (the CLI's many methods)
+    again = attribute(gemma2, s.clean, method="atp", level="heads", **{**kw, "counterfactual": s.counterfactual})
+    np.testing.assert_array_equal(again.values, linear_scores(full, groups))
+    with pytest.raises(InputError, match="the prompt is a run with a selective record"):  # sites missing: refused
+        attribute(gemma2, gemma2.run(ids, record=["logits@-1"]), method="atp", level="heads", targets=["#5"])

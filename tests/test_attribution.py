@@ -257,3 +257,38 @@ def test_validate_methods_table_and_figure_show_every_method(gemma2):
                                                                          1), rtol=1e-6)
     j = r.to_json()
     assert j["methods"]["prism"]["cost"]["seconds"] is None and j["methods"]["ig"]["cost"]["seconds"] > 0
+
+
+@pytest.mark.parametrize("direction", ["noising", "denoising"])
+def test_attribute_runs_unembed_only_the_readout_position_with_the_same_scores(gemma2, direction):
+    """attribute's own runs keep the logits only at the readout position (the [T, V] product elsewhere skipped);
+    its scores are those computed from full-record runs bit for bit (no score reads the logits; the readout's value,
+    one row of the unembedding, agrees to rounding)."""
+    from refprism.gemma.record import Rows
+    from refprism.interventions.attribution import linear_scores, qk_fixed_scores
+    from refprism.interventions.components import level_groups
+    from refprism.interventions.setting import setting
+
+    ids, other = _ids(gemma2, 3), _ids(gemma2, 4)
+    kw = dict(targets=["#5"], versus=["#3"], position=-2, at="all", ablate="resample", counterfactual=other,
+              direction=direction)
+    s = setting(gemma2, ids, readout_logits_only=True, **kw)
+    for run in (s.clean, s.counterfactual):
+        logits = run.record["logits_uncapped"]
+        assert isinstance(logits, Rows) and logits.positions == (len(ids) - 2,)
+        assert run.record.shape_of("blocks.0.mlp.gate") == (len(ids), gemma2.config.d_mlp)
+    full = setting(gemma2, ids, **kw)
+    assert full.clean.record.selection is None
+    # the readout's value is one row of the unembedding: a 1-row product sums in another order than the [T, V] one
+    np.testing.assert_allclose(s.readout.whole, full.readout.whole, rtol=1e-14)
+    groups = level_groups(gemma2.config, "heads", full.position)
+    for method, scores in (("atp", linear_scores), ("atp*", qk_fixed_scores)):
+        a = attribute(gemma2, ids, method=method, level="heads", **kw)
+        np.testing.assert_array_equal(a.values, scores(full, groups))
+    with pytest.raises(InputError, match="position 9 is out of range for 9 tokens"):
+        attribute(gemma2, ids, method="atp", level="heads", position=9)
+    # the runs it made (logits at the readout position only) are taken back as full ones (the CLI's many methods)
+    again = attribute(gemma2, s.clean, method="atp", level="heads", **{**kw, "counterfactual": s.counterfactual})
+    np.testing.assert_array_equal(again.values, linear_scores(full, groups))
+    with pytest.raises(InputError, match="the prompt is a run with a selective record"):  # sites missing: refused
+        attribute(gemma2, gemma2.run(ids, record=["logits@-1"]), method="atp", level="heads", targets=["#5"])

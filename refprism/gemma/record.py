@@ -244,6 +244,14 @@ def everything_but(cfg: Config, names) -> Selection:
     return Selection([n for n in symbolic_shapes(cfg) if n not in set(names)])
 
 
+def whole_but_logits(cfg: Config, record, T: int) -> bool:
+    """Whether a record of T tokens keeps every site whole, the logits perhaps only at some positions (a run made
+    with Model.run's positions=): what the backward and the interventions read as a full record."""
+    sel = record.selection
+    return sel is None or all(dict.__contains__(record, n) and sel.rows(n, T) is ALL
+                              for n in symbolic_shapes(cfg) if not n.startswith("logits"))
+
+
 def as_selection(record) -> Selection | None:
     """None (everything), a Selection, a string or a list of strings -> Selection or None."""
     if record is None or isinstance(record, Selection):

@@ -57,7 +57,7 @@ from refprism import prisms as P
 from refprism.errors import InputError
 from refprism.gemma import ops
 from refprism.gemma.forward import forward
-from refprism.gemma.record import Lazy, Record, axis_sizes, layer_of, symbolic_shapes
+from refprism.gemma.record import Lazy, Record, axis_sizes, layer_of, symbolic_shapes, whole_but_logits
 from refprism.model import Run
 
 FREEZABLE = ("norm", "pattern", "gelu", "softcap", "router")
@@ -254,9 +254,27 @@ class _Layers:
         self.model, self.run, self.top, self.full = model, run, top, full
 
     def layer(self, l):
-        if self.full:
-            return self.run.record
-        return _one_layer(self.model, self.run.tokens, self.top, l)
+        if not self.full:
+            return _one_layer(self.model, self.run.tokens, self.top, l)
+        rec = self.run.record
+        if _recipes(self.model.config, rec, l):
+            # a long prompt's full record keeps most of layer l as recipes (record.Lazy), and the backward's reads
+            # would recompute each chain once per read (mlp.down alone recomputes gate, up and act; mlp.gate and
+            # mlp.up again): one pass of the layer from its resid_pre computes each site once, the same bits
+            return _one_layer(self.model, self.run.tokens, rec, l)
+        return rec
+
+
+# Recipes that cost no weight product (the neuron activations from gate and up; the scores from q and k, read
+# only through Gemma 2's soft-cap): a layer with only these is read from the record as it is
+_CHEAP_RECIPES = ("mlp.act", "attn.scores", "moe.act")
+
+
+def _recipes(cfg, rec, l) -> bool:
+    """Whether the full record keeps a site of layer l, other than _CHEAP_RECIPES, as a recipe (record.Lazy)."""
+    b = f"blocks.{l}."
+    return any(isinstance(dict.get(rec, n), Lazy) for n in symbolic_shapes(cfg)
+               if n.startswith(b) and not n.endswith(_CHEAP_RECIPES))
 
 
 def _layer_source(model, run, p) -> _Layers:
@@ -264,8 +282,7 @@ def _layer_source(model, run, p) -> _Layers:
     edited run's included); else a checkpoint forward of the tokens (a selective record's edits are not replayed)."""
     cfg = model.config
     rec = run.record
-    if rec.selection is None or all(dict.__contains__(rec, n) and rec.selection.rows(n, len(run.tokens)) == "all"
-                                    for n in symbolic_shapes(cfg) if not n.startswith("logits")):
+    if whole_but_logits(cfg, rec, len(run.tokens)):
         return _Layers(model, run, rec, True)
     keep = ["embed", "blocks.*.resid_pre", f"blocks.{cfg.n_layers - 1}.resid_post", "ln_final.scale",
             "ln_final.out", f"logits@{p}"] + ([f"logits_uncapped@{p}"] if cfg.final_softcap is not None else [])

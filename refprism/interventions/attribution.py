@@ -101,8 +101,9 @@ def attribute(model, prompt, *, method="atp", level="heads", targets=None, versu
         return attribute_edges(model, prompt, method=method, level=level, targets=targets, versus=versus,
                                position=position, at=at, ablate=ablate, counterfactual=counterfactual,
                                reference=reference, direction=direction, steps=steps)
+    # every method here reads the logits at the readout position only: its runs unembed only there
     s = setting(model, prompt, targets=targets, versus=versus, position=position, at=at, ablate=ablate,
-                counterfactual=counterfactual, reference=reference, direction=direction)
+                counterfactual=counterfactual, reference=reference, direction=direction, readout_logits_only=True)
     groups = level_groups(model.config, level, s.position)
     C = sum(len(g) for g in groups)
     if method == "ig" and C * steps > max_reruns:

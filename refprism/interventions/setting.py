@@ -12,6 +12,7 @@ import numpy as np
 from refprism import prisms as P
 from refprism.errors import InputError
 from refprism.gemma import ops
+from refprism.gemma.record import whole_but_logits
 from refprism.interventions.components import Group, activation, chosen, mean_activation
 from refprism.interventions.edit import Edit, rerun
 from refprism.model import Run, check_text
@@ -76,15 +77,22 @@ def _tokens_json(model, ids) -> list[dict]:
     return [{"id": int(i), "piece": model.piece(i)} for i in ids]
 
 
-def _as_run(model, prompt, what) -> Run:
-    """A prompt (text or ids) -> a run with the full record; a given Run is used as it is (it must be full)."""
-    if isinstance(prompt, Run):
-        if prompt.record.selection is not None:
+def _as_run(model, prompt, what, position=None) -> Run:
+    """A prompt (text or ids) -> a run with the full record (the logits only at `position` when one is given and
+    in range; out of range, the full run, and the setting's own error follows); a given Run is used as it is (it
+    must be full)."""
+    if isinstance(prompt, Run):  # (its logits may be kept at some positions only: a run this function made)
+        if not whole_but_logits(model.config, prompt.record, len(prompt.tokens)):
             raise InputError(f"{what} is a run with a selective record: interventions need the full record")
         return prompt
     if isinstance(prompt, str):
         check_text(prompt, what)
-    return model.run(prompt)
+    if position is None:
+        return model.run(prompt)
+    tokens = model.encode(prompt)
+    inside = isinstance(position, (int, np.integer)) and not isinstance(position, bool) and \
+        -len(tokens) <= position < len(tokens)
+    return model.run(tokens, positions=[int(position)] if inside else None)
 
 
 def check_options(ablate, direction, counterfactual, reference) -> None:
@@ -108,18 +116,24 @@ def check_options(ablate, direction, counterfactual, reference) -> None:
 
 
 def setting(model, prompt, *, targets=None, versus=(), position=-1, at=None, ablate="zero", counterfactual=None,
-            reference=None, direction="noising") -> Setting:
+            reference=None, direction="noising", readout_logits_only=False) -> Setting:
     """Run what an intervention needs and check every argument (one-line InputErrors).
 
     targets: None -> the clean prompt's top token, versus the counterfactual's top token (resample, when it
              differs) or else the clean prompt's second token: one logit difference.
     at:      None (the readout position), "all", an int or a list of positions (negative from the end).
+    readout_logits_only: the prompt's and the counterfactual's runs made here unembed only at the readout
+             position (every other site whole): for a caller that reads the logits nowhere else (the gradient
+             methods of attribution.attribute), the [T, V] product at the other positions is skipped. The same
+             record but the logits; the readout's value is that row computed alone (equal to float rounding: a
+             1-row product sums in another order than the [T, V] one); a given Run is used as it is.
     """
     check_options(ablate, direction, counterfactual, reference)
-    clean = _as_run(model, prompt, "the prompt")
+    at_readout = (-1 if position is None else position) if readout_logits_only else None
+    clean = _as_run(model, prompt, "the prompt", at_readout)
     cf = None
     if counterfactual is not None:
-        cf = _as_run(model, counterfactual, "the counterfactual")
+        cf = _as_run(model, counterfactual, "the counterfactual", at_readout)
         if len(cf.tokens) != len(clean.tokens):
             raise InputError(f"the counterfactual has {len(cf.tokens)} tokens and the prompt {len(clean.tokens)}: "
                              "resample patching pairs positions, so both need the same token count")

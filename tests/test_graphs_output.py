@@ -135,6 +135,45 @@ def test_faithfulness_equals_a_forward_with_the_other_neurons_ablated(model, abl
     assert faithfulness(g, pruned=everything, ablation=ablation)["recovered"] == pytest.approx(1.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_faithfulness_at_a_longer_prompt_equals_ablating_each_neuron_by_hand(checkpoint, ablation):
+    """The fast path (one merged assignment per layer, means from one read of the clean record) against a
+    reference that sets each ablated neuron (l, t, n) on its own in a forward edit: T = 40, remainders kept."""
+    model = refprism.load(checkpoint("tiny-gemma3"), dtype="float64")
+    g = graph(model, _ids(model, T=40, seed=9), max_nodes=60)
+    pr = g.pruned()
+    assert (pr.node_mask & (g.kind == "remainder")).any() and g.explored < g.n_neurons
+    f = faithfulness(g, pruned=pr, ablation=ablation)
+    cfg, run, p = model.config, g.run, g.read_at
+    nodes = [(str(k), int(l), int(t), int(n)) for k, l, t, n, on in
+             zip(g.kind, g.layer, g.position, g.index, pr.node_mask)]
+    explored = {(l, t, n) for k, l, t, n in nodes if k == "neuron"}
+    kept = {(l, t, n) for (k, l, t, n), on in zip(nodes, pr.node_mask) if k == "neuron" and on}
+    for (k, l, t, _), on in zip(nodes, pr.node_mask):
+        if k == "remainder" and on:
+            kept |= {(l, t, n) for n in range(cfg.d_mlp) if (l, t, n) not in explored}
+
+    def readout(keep):
+        def edit(name, value, record):
+            if not name.endswith(".mlp.act"):
+                return value
+            l, out = int(name.split(".")[1]), value.copy()
+            acts = run.record[name]
+            for t in range(p + 1):
+                for n in range(cfg.d_mlp):
+                    if (l, t, n) not in keep:
+                        out[t, n] = 0.0 if ablation == "zero" else sum(acts[s, n] for s in range(1, len(acts))) / (
+                            len(acts) - 1)
+            return out
+
+        raw = model.run(run.tokens, edit=edit).record["logits"][p]  # Gemma 3: no final cap
+        return raw[g.index[g.kind == "logit"]] - raw.mean()
+
+    np.testing.assert_allclose(f["kept"], readout(kept), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(f["none"], readout(set()), rtol=1e-10, atol=1e-12)
+    assert f["kept_neurons"] == len(kept)
+
+
 def test_cli_writes_the_graph(model, checkpoint, tmp_path, capsys):
     out = tmp_path / "graph.json"
     assert cli.main(["graph", "--ids", "2 17 33 5 9", "--model", str(checkpoint("tiny-gemma2")), "--out", str(out),

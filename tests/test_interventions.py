@@ -229,6 +229,31 @@ def test_edit_does_not_modify_its_input(models64):
     np.testing.assert_array_equal(base.record["blocks.1.attn.z"], z)
 
 
+def test_many_groups_at_one_site_are_the_groups_applied_one_after_another(models64):
+    """Edit merges a site's consecutive setting groups into one assignment: where groups overlap the last one given
+    wins, as when each is applied on its own in order (heads and neurons, overlapping and repeated positions)."""
+    model = models64[0]
+    base = model.run(PROMPT)
+    rng = np.random.default_rng(7)
+    cfg = model.config
+    for kind, width, site in (("neuron", cfg.d_mlp, "mlp.act"), ("head", cfg.n_heads, "attn.z")):
+        W = 1 if kind == "neuron" else cfg.d_head
+        changes = []
+        for _ in range(6):
+            idx = rng.choice(width, size=3, replace=False)
+            g = I.Group(kind, 1, idx, np.full(3, -1))
+            pos = rng.choice(7, size=2, replace=False)
+            changes.append((g, pos, rng.normal(size=(2, 3, W))))
+        want = base.record[f"blocks.1.{site}"].copy()
+        for g, pos, vals in changes:  # one after another, by hand
+            for p_, v in zip(pos, vals):
+                want[p_, g.index] = v[:, 0] if kind == "neuron" else v
+        edit = I.Edit(cfg, changes)
+        assert len(edit.ops[f"blocks.1.{site}"]) == 1  # merged
+        got = edit(f"blocks.1.{site}", base.record[f"blocks.1.{site}"], base.record)
+        np.testing.assert_array_equal(got, want)
+
+
 # ----------------------------------------------------------------------------------------- the numbers
 
 

@@ -73,8 +73,9 @@ def faithfulness(g, *, pruned=None, ablation="zero", scores=None) -> dict:
     for i in np.flatnonzero(pr.node_mask & (g.kind == "remainder")):
         keep[g.layer[i], g.position[i]] |= ~explored[g.layer[i], g.position[i]]
     clean = _readout(g, run.record)
-    kept = _readout(g, rerun(model, run, _ablate(model, run, keep, ablation)))
-    none = _readout(g, rerun(model, run, _ablate(model, run, np.zeros_like(keep), ablation)))
+    fill = _fill(model, run, keep.shape, ablation)
+    kept = _readout(g, rerun(model, run, _ablate(model.config, keep, fill)))
+    none = _readout(g, rerun(model, run, _ablate(model.config, np.zeros_like(keep), fill)))
     return {**_recovered(g, clean, kept, none), "ablation": ablation, "kept_neurons": int(keep.sum()),
             "ablated_neurons": int((~keep).sum()), **scores}
 
@@ -165,22 +166,31 @@ def _gemma4(g, pr, ablation) -> dict:
             "rerouted": {"kept": gemma4.rerouted(g, kept_rec), "none": gemma4.rerouted(g, none_rec)}}
 
 
-def _ablate(model, run, keep, ablation) -> Edit:
-    """Every neuron not in keep [L, T, F] replaced (zero or its mean), one interventions Group per (layer, position)."""
+def _fill(model, run, shape, ablation) -> np.ndarray:
+    """What an ablated neuron (l, t, n) is set to, fill[l, n]: zero, or its mean over positions 1 .. T-1 of the clean
+    run (interventions.mean_activation: one read of each layer's mlp.act, shared by the kept and none re-runs).
+
+    Shapes: shape (L, T, F) -> [L, F]
+    """
+    L, _, F = shape
+    if ablation == "zero":
+        return np.zeros((L, F), model.dtype)
+    return np.stack([mean_activation(model, [run], Group("neuron", l, np.arange(F), np.full(F, -1)))[:, 0]
+                     for l in range(L)])
+
+
+def _ablate(config, keep, fill) -> Edit:
+    """Every neuron not in keep [L, T, F] set to fill [L, F]: one interventions Group per (layer, position), which
+    the Edit applies as one assignment per layer's mlp.act."""
     changes = []
     L, T, _ = keep.shape
     for l in range(L):
-        means = None
-        if ablation == "mean":
-            means = mean_activation(model, [run], Group("neuron", l, np.arange(keep.shape[2]),
-                                                        np.full(keep.shape[2], -1)))[:, 0]
         for t in range(T):
             n = np.flatnonzero(~keep[l, t])
             if len(n) == 0:
                 continue
-            values = np.zeros((1, len(n), 1), model.dtype) if means is None else means[n][None, :, None]
-            changes.append((Group("neuron", l, n, np.full(len(n), -1)), [t], values))
-    return Edit(model.config, changes)
+            changes.append((Group("neuron", l, n, np.full(len(n), -1)), [t], fill[l, n][None, :, None]))
+    return Edit(config, changes)
 
 
 def _readout(g, record) -> np.ndarray:

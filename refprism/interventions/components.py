@@ -193,6 +193,17 @@ def activation(model, record, g: Group, t: int) -> np.ndarray:
     return weight[:, None] * record[f"blocks.{cfg.kv_source(g.layer)}.attn.v"][g.source, kv[g.index]]
 
 
+def _site_rows(record, g: Group) -> np.ndarray:
+    """activation(t) for every position t at once, from one read of the site: [T, C, W] (heads, neurons, residual
+    parts; not experts or edges)."""
+    value = record[g.site]
+    if g.kind in RESIDUAL_LIKE:
+        return value[:, None]
+    if g.kind == "head":
+        return value[:, g.index]
+    return value[:, g.index][:, :, None]
+
+
 def chosen(record, g: Group, t: int) -> np.ndarray:
     """Gemma 4: whether the router chose each expert of g at position t ([C] bool; True for other kinds)."""
     if g.kind != "expert":
@@ -218,8 +229,11 @@ def mean_activation(model, runs, g: Group) -> np.ndarray:
             part = rec[b + "attn.z"][1:, g.index].sum(axis=0)  # [C, H]
             window = model.config.sliding_window if model.config.is_sliding(g.layer) else None
             n = int(ops.causal_mask(T, window)[1:].sum())
-        else:
+        elif g.kind == "expert":
             part = sum(activation(model, rec, g, t) for t in range(1, T))
+            n = T - 1
+        else:  # one read of the site (a long prompt's record recomputes a lazy one per read): rows 1 .. T-1 summed
+            part = sum(_site_rows(rec, g)[1:])  # activation(t) added in position order (bit for bit as per t)
             n = T - 1
         total = part if total is None else total + part
         count += n

@@ -8,6 +8,7 @@ import numpy as np
 
 from refprism.gemma import ops
 from refprism.gemma.record import everything_but
+from refprism.interventions.components import RESIDUAL_LIKE
 from refprism.model import Run
 
 
@@ -41,6 +42,7 @@ class Edit:
             self.ops.setdefault(g.site, []).append((g, t, g.index[rows], g.source[rows], vals))
             layers.append(None if g.kind == "embed" else g.layer)
         self.first_layer = None if (None in layers or not layers) else min(layers)
+        self.ops = {site: _merged(todo) for site, todo in self.ops.items()}
 
     def __call__(self, name, value, record):
         todo = self.ops.get(name)
@@ -68,6 +70,33 @@ class Edit:
                 term = record[b + "attn.pattern"][index, t, source][:, None] * v[source, kv[index]]
                 np.add.at(value, (t, index), vals - term)  # several edges may end at one (t, h)
         return value
+
+
+_SET = ("embed", "attn", "mlp", "ple", "dense", "head", "neuron")  # the kinds whose edit only sets values
+
+
+def _merged(todo: list) -> list:
+    """A site's ops with every run of consecutive setting ops (one kind) merged into one: a single fancy-index
+    assignment for any number of groups (faithfulness: one group per (layer, position)). Where several set one
+    entry the last one given wins, as applied one after another: only each entry's last occurrence is kept."""
+    runs: list[list] = []
+    for op in todo:
+        if runs and op[0].kind in _SET and runs[-1][0][0].kind == op[0].kind:
+            runs[-1].append(op)
+        else:
+            runs.append([op])
+    out = []
+    for run in runs:
+        if len(run) == 1:
+            out.append(run[0])
+            continue
+        g = run[0][0]
+        t, index, source, vals = (np.concatenate([op[k] for op in run]) for k in range(1, 5))
+        key = t if g.kind in RESIDUAL_LIKE else t * (int(index.max()) + 1) + index
+        _, last = np.unique(key[::-1], return_index=True)  # each entry's last occurrence
+        rows = np.sort(len(key) - 1 - last)
+        out.append((g, t[rows], index[rows], source[rows], vals[rows]))
+    return out
 
 
 def rerun(model, base: Run, edit: Edit):

@@ -36,14 +36,19 @@ def _hf(d):
 @pytest.mark.parametrize("overrides", [{}, {"attention_k_eq_v": False}, {"enable_moe_block": False,
                                                                           "hidden_size_per_layer_input": 0}])
 def test_gemma4_matches_hf_activation_by_activation(checkpoint, overrides):
+    """float32 against HF's float32 at every site, to 1e-5 of the site's scale; where the two float32 roundings
+    part by more (seen 1.08e-5 at blocks.4.ple.out on an AMD EPYC, torch's AVX2 kernels), refprism's float32 is held
+    to 1e-5 of the float64 truth instead (its own float64 run, which test_gemma4_float64_matches_hf_float64 ties
+    to HF's float64 at 1e-9), with HF's float32 within 1e-5 of that truth too: both roundings of one function are
+    bounded, and which of them HF's kernels happen to match is not asked."""
     d = checkpoint("tiny-gemma4", **overrides)
-    ours = refprism.load(d)
+    ours, exact = refprism.load(d), refprism.load(d, dtype="float64")
     hf = _hf(d)
     cfg = ours.config
     assert cfg.head_dim_of(1) == 32 and cfg.head_dim_of(0) == 16 and [cfg.kv_source(l) for l in (4, 5, 6)] == [1, 3, 1]
     for T, seed in [(1, 0), (9, 1), (17, 2)]:  # longer than the window of 4
         ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, T)
-        run, ref = ours.run(ids), hf_gemma4_record(hf, ids)
+        run, ref, truth = ours.run(ids), hf_gemma4_record(hf, ids), exact.run(ids).record
         names = expected_shapes(cfg, T)
         assert set(names) <= set(ref), sorted(set(names) - set(ref))
         for name in names:
@@ -52,6 +57,12 @@ def test_gemma4_matches_hf_activation_by_activation(checkpoint, overrides):
                 continue
             assert run.record[name].dtype == np.float32, name
             scale = max(1.0, np.abs(ref[name]).max())
+            if np.abs(run.record[name].astype(np.float64) - ref[name]).max() > 1e-5 * scale:
+                assert_close(f"gemma4 T={T} {name} (HF's float32 to our float64)", truth[name], ref[name],
+                             atol=1e-5 * scale)  # the same function as HF's: a mistake fails here
+                assert_close(f"gemma4 T={T} {name} (our float32 to our float64)", run.record[name], truth[name],
+                             atol=1e-5 * scale)
+                continue
             assert_close(f"gemma4 T={T} {name}", run.record[name], ref[name], atol=1e-5 * scale)
 
 

@@ -177,11 +177,7 @@ def test_hf_names_that_are_mis_shaped_or_unknown_are_named(g4dir, g4, tmp_path):
               r"model is \[T, 2\]"),
              ("model.embed_tokens_per_layer", np.zeros((1, T, 100), np.float32),
               r"model\.embed_tokens_per_layer has shape \[9, 100\]: ple\.token needs a last axis of 7 layers x 16")]
-    for key, bad, message in cases:
-        dumps.write_dump(tmp_path / "bad.npz", {**good, key: bad})
-        with pytest.raises(InputError, match=message) as e:
-            compare(g4, IDS, against=str(tmp_path / "bad.npz"), names="hf")
-        assert "\n" not in str(e.value)
+    _each_refused_in_one_line(g4, tmp_path, good, cases, IDS, "hf")
     odd = {"model.layers.5.self_attn.k_proj": good["model.layers.3.self_attn.k_proj"],  # 5 is a consumer
            "model.layers.7.input_layernorm": good["model.layers.0.input_layernorm"],  # 7 layers: 0-6
            "model.layers.0.self_attn.q_norm": good["model.layers.0.self_attn.q_norm"]}  # before RoPE: no site
@@ -351,11 +347,7 @@ def test_llamacpp_names_that_are_mis_shaped_are_named_with_their_layers_widths(g
               r"Vcur_normed-2: shape \[9, 2, 32\], but llama\.cpp's Vcur_normed for this model is \[T, 2, 16\]"),
              ("inp_per_layer", np.zeros((T, 7, 15), np.float32),
               r"inp_per_layer: shape \[9, 7, 15\], but llama\.cpp's inp_per_layer for this model is \[T, 7, 16\]")]
-    for key, bad, message in cases:
-        dumps.write_dump(tmp_path / "bad.npz", {**base, key: bad})
-        with pytest.raises(InputError, match=message) as e:
-            compare(g4, None, against=str(tmp_path / "bad.npz"), names="llama.cpp")
-        assert "\n" not in str(e.value)
+    _each_refused_in_one_line(g4, tmp_path, base, cases, None, "llama.cpp")
     odd = {"Kcur_normed-0": np.zeros((T, 2, 16), np.float32), "node_17": np.zeros((T, 4), np.float32),
            "l_out-7": base["inp_scaled"]}
     dumps.write_dump(tmp_path / "odd.npz", {**base, **odd})
@@ -363,3 +355,12 @@ def test_llamacpp_names_that_are_mis_shaped_are_named_with_their_layers_widths(g
     assert set(cap.arrays) == {"embed", "blocks.0.resid_pre"}
     assert "3 arrays of the dump name no refprism site in the llama.cpp scheme, ignored: " + ", ".join(odd) \
         in cap.notes
+
+
+def _each_refused_in_one_line(g4, tmp_path, base, cases, ids, names):
+    """Each (key, bad array, message) of cases, put into the dump base: compare refuses it in one line."""
+    for key, bad, message in cases:
+        dumps.write_dump(tmp_path / "bad.npz", {**base, key: bad})
+        with pytest.raises(InputError, match=message) as e:
+            compare(g4, ids, against=str(tmp_path / "bad.npz"), names=names)
+        assert "\n" not in str(e.value)

@@ -365,3 +365,14 @@ def test_view_splits_of_dense_and_expert_neurons_sum_to_their_inputs(model, part
             assert np.abs(sp.values).max() > 0
             seen.add(kind)
     assert seen == {"neuron", "expert"}
+
+
+def test_a_float32_graph_keeps_float32_edges_and_exact_row_sums(checkpoint):
+    """A float32 model's graph stores its edges in float32, the PLE token edges too (a float64 term among them
+    would promote every edge), and its rows still sum to their inputs to float32 rounding."""
+    model = refprism.load(checkpoint("tiny-gemma4", intermediate_size=16, moe_intermediate_size=8))
+    g = graph(model, _prompt(model), max_nodes=200, batch_size=64)
+    assert g.values.dtype == np.float32 and (g.kind == "ple_token").any()
+    targets = np.flatnonzero(~np.isnan(g.input))
+    err = np.abs(g.row_sums()[targets] - g.input[targets]).max()
+    assert err <= 1e-5 * np.abs(g.input[targets]).max(), err

@@ -294,7 +294,8 @@ def finish(g, ctx):
         else np.zeros(0)
     rows = np.concatenate([shift(g.rows[keep]), ple]).astype(g.rows.dtype)
     cols = np.concatenate([shift(g.cols[keep]), emb0 + inverse]).astype(g.cols.dtype)
-    values = np.concatenate([g.values[keep], token.astype(np.float64) * 2.0 ** -0.5])
+    # the edge ple.token / sqrt 2 in the values' own dtype (a float64 token term would promote every edge)
+    values = np.concatenate([g.values[keep], (token * 2.0 ** -0.5).astype(g.values.dtype, copy=False)])
     order = np.lexsort((cols, rows))
 
     def insert(a, fill):

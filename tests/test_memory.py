@@ -42,6 +42,32 @@ def test_low_memory_unembeds_in_chunks(tiny_dir):
     assert np.all(np.abs(chunked - exact) <= bound)
 
 
+def test_few_rows_unembed_in_slices_exactly_on_any_thread_count(monkeypatch):
+    """weights.times_rows: a short prompt's h E^T in column slices (OpenBLAS's small-matrix kernels). Each logit is
+    still one float32 dot product (within 64 eps of the exact one, as above); the bits do not depend on the thread
+    count, nor on where a caller's E starts if at a multiple of 4096 (the low-memory mode's chunks)."""
+    from refprism.gemma.weights import slice_width, times_rows
+
+    assert (slice_width(7, 2816), slice_width(12, 2816), slice_width(64, 2816)) == (32, 16, None)
+    assert (slice_width(1, 640), slice_width(7, 64)) == (1024, 2048)
+    rng = np.random.default_rng(0)
+    D, V = 64, 70_001  # not a multiple of the width: the last slice is short, the threads' halves uneven
+    E = rng.standard_normal((V, D)).astype(np.float32)
+    for T in (1, 3, 7, 30):
+        h = rng.standard_normal((T, D)).astype(np.float32)
+        assert slice_width(T, D) < V  # the sliced path
+        runs = {}
+        for threads in ("1", "2"):
+            monkeypatch.setenv("OPENBLAS_NUM_THREADS", threads)
+            runs[threads] = times_rows(h, E, np.full((T, V), np.nan, np.float32))
+        np.testing.assert_array_equal(runs["1"], runs["2"])
+        exact = h.astype(np.float64) @ E.astype(np.float64).T
+        bound = 64 * np.finfo(np.float32).eps * (np.abs(h).astype(np.float64) @ np.abs(E).astype(np.float64).T)
+        assert np.all(np.abs(runs["1"] - exact) <= bound)
+        part = times_rows(h, E[8192:16384], np.empty((T, 8192), np.float32))
+        np.testing.assert_array_equal(part, runs["1"][:, 8192:16384])
+
+
 def test_fast_mode_keeps_no_file_mapped(tiny_dir):
     model = refprism.load(tiny_dir, memory="fast")
     maps = open("/proc/self/maps").read()

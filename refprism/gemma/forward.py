@@ -374,17 +374,17 @@ def _gemma4_moe(cfg, b, site, x, dense, p, eps):
     h2 = site(b + "ln2_moe.out", ops.rms_apply(x, s2, p["ln2_moe"], 0))
     T, J, G = len(x), cfg.top_k, cfg.d_expert
     gate, up = np.empty((T, J, G), dt), np.empty((T, J, G), dt)
-    for e in np.unique(top):  # each selected expert once, over the (token, slot) pairs that chose it
-        t, j = np.nonzero(top == e)
-        gate[t, j] = h2[t] @ p["We_gate"][e]
-        up[t, j] = h2[t] @ p["We_up"][e]
+    chosen = [(e, np.nonzero(top == e)) for e in np.unique(top)]  # each selected expert, its (token, slot) pairs
+    for e, (t, j) in chosen:
+        x = h2[t]
+        gate[t, j] = _experts(x, p["We_gate"][e])
+        up[t, j] = _experts(x, p["We_up"][e])
     gate = site(b + "moe.gate", gate)
     up = site(b + "moe.up", up)
     act = site(b + "moe.act", ops.gelu_tanh(gate) * up)
     out = np.empty((T, J, cfg.d_model), dt)
-    for e in np.unique(top):
-        t, j = np.nonzero(top == e)
-        out[t, j] = act[t, j] @ p["We_down"][e]
+    for e, (t, j) in chosen:
+        out[t, j] = _experts(act[t, j], p["We_down"][e])
     out = site(b + "moe.expert_out", out)
     down = site(b + "moe.down", np.einsum("tj,tjd->td", w, out))
     s3 = site(b + "ln2_post2.scale", ops.rms_scale(down, eps=eps))
@@ -407,6 +407,13 @@ def _gemma4_ple(cfg, l, b, site, x, ple, p, eps):
 def _project(h, W):
     """h W for W [D, heads, H] (W_Q, W_K, W_V): one BLAS product over a [D, heads*H] view -> [T, heads, H]."""
     return (h @ W.reshape(W.shape[0], -1)).reshape(len(h), W.shape[1], W.shape[2])
+
+
+def _experts(x, W):
+    """x W for one expert's few rows x [n, in] and W [in, out], a transposed view of the stored [out, in]
+    (weights.Weights): computed as (W^T x^T)^T, which streams W's stored rows; at the handful of rows an expert
+    gets, OpenBLAS runs this orientation 10-20% faster than x W on the same memory (docs/performance.md)."""
+    return (W.T @ x.T).T
 
 
 def _heads_out(z, W_O):

@@ -494,8 +494,9 @@ def attention_mix_vjp(g_z, pattern, v, *, pattern_grad=True):
         t = np.flatnonzero(reads[:, s0:s1].any(axis=1))
         if len(t):
             t0, t1 = t[0], t[-1] + 1
-            g_vn[:, :, s0:s1] = np.matmul(p_t[None, :, s0:s1, t0:t1], g_t[:, :, t0:t1])  # sum_t p[n,t,s] g[t,n]
-    return g_pattern, g_vn.transpose(0, 2, 1, 3).reshape(Z, S, K, N // K, H).sum(axis=3)
+            np.matmul(p_t[None, :, s0:s1, t0:t1], g_t[:, :, t0:t1], out=g_vn[:, :, s0:s1])  # sum_t p[n,t,s] g[t,n]
+    # each kv head's query heads summed in place (no [Z, S, N, H] copy first): the same sums, in the same order
+    return g_pattern, g_vn.reshape(Z, K, N // K, S, H).sum(axis=2).transpose(0, 2, 1, 3)
 
 
 def attention_scores_vjp(g_scores, q, k, scale):

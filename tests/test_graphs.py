@@ -247,3 +247,25 @@ def test_a_long_prompt_reads_each_recipe_once_with_the_same_bits(checkpoint, mon
     assert held.values.dtype == np.float32 and held.passes > 8
     _same_bits(held, whole)
     _same_bits(held, two)
+
+
+@pytest.mark.parametrize("k, widths", [(50, [40, 30, 200, 7, 500]), (16, [300, 300, 300]), (1000, [20, 30])])
+def test_the_exploration_keeps_each_rows_largest_edges_over_all_layers(k, widths):
+    """build._largest, layer by layer (a partition, then only the values >= each row's smallest kept), keeps the
+    same (column, value) entries per row as one partition over every layer's values (continuous: no ties)."""
+    from refprism.graphs.build import _largest
+
+    rng = np.random.default_rng(len(widths))
+    Z = 5
+    layers = [np.abs(rng.standard_normal((Z, n)) * rng.lognormal(0, 2, n)).astype(np.float32) for n in widths]
+    layers[-1][1] = 0.0  # a row with nothing to add at the last layer
+    c = v = None
+    for m, e in enumerate(layers):
+        c, v = _largest(c, v, e.copy(), 1000 * m, k)
+    every_c = np.concatenate([1000 * m + np.arange(e.shape[1]) for m, e in enumerate(layers)])
+    every_v = np.concatenate(layers, axis=1)
+    assert c.shape == (Z, min(k, len(every_c)))
+    for z in range(Z):
+        top = np.argsort(-every_v[z], kind="stable")[: c.shape[1]]
+        np.testing.assert_array_equal(np.sort(c[z]), np.sort(every_c[top]))
+        np.testing.assert_array_equal(v[z][np.argsort(c[z])], every_v[z][top][np.argsort(every_c[top])])

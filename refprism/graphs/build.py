@@ -482,7 +482,7 @@ def _explore(ctx, u_logits, weights, max_nodes, update_interval, explore_k) -> n
         at a time."""
         Z = b - a
         absum = np.abs(ctx.embed_edges(g, S)).sum(axis=1)
-        cand_c, cand_v = [], []
+        c = v = None  # each row's explore_k largest |edges| so far: flat columns, values [Z, k]
         for m in range(l):
             if ctx.tc is not None:  # error and bias nodes: in the row's sum, never explored
                 for e in ctx.extra_edges(m, g[m]):
@@ -490,18 +490,9 @@ def _explore(ctx, u_logits, weights, max_nodes, update_interval, explore_k) -> n
             e = ctx.feature_edges(m, g[m]).reshape(Z, -1)  # [Z, S*F], column s * F + n
             np.abs(e, out=e)
             absum += e.sum(axis=1)
-            k = min(explore_k, e.shape[1])
-            n_e = e.shape[1]  # the k largest, selected from the end (no negated copy of e)
-            idx = np.argpartition(e, n_e - k, axis=1)[:, n_e - k:] if k < n_e else np.broadcast_to(
-                np.arange(e.shape[1]), (Z, e.shape[1]))
-            cand_c.append(m * T * F + idx)
-            cand_v.append(np.take_along_axis(e, idx, axis=1))
-            del e, idx
+            c, v = _largest(c, v, e, m * T * F, explore_k)
+            del e
         del g
-        c, v = np.concatenate(cand_c, axis=1), np.concatenate(cand_v, axis=1)
-        if c.shape[1] > explore_k:
-            idx = np.argpartition(-v, explore_k - 1, axis=1)[:, :explore_k]
-            c, v = np.take_along_axis(c, idx, axis=1), np.take_along_axis(v, idx, axis=1)
         return c.astype(np.int32), (v / np.maximum(absum, 1e-10)[:, None]).astype(np.float32)  # a ranking only
 
     def add(jobs):
@@ -537,6 +528,34 @@ def _explore(ctx, u_logits, weights, max_nodes, update_interval, explore_k) -> n
             jobs.append((int(l), t_, ctx.target_rows(int(l), t_, n_), list(nodes), [0.0] * len(nodes)))
         add(jobs)
     return explored.reshape(L, T, F)
+
+
+def _largest(c, v, e, first, k):
+    """Each row's k largest values of its kept (c, v [Z, j]: flat columns, values; None at first) and of e [Z, n]
+    (columns first .. first + n - 1): the same entries as one partition over all of them (which of equal values
+    at the k-th is kept aside). Once a row keeps k, a value of e can enter only if it is >= the row's smallest
+    kept one: those are found by one comparison (a few per row), not by partitioning e's n values again.
+    Shapes: -> c [Z, min(k, j + n)] (int64), v [Z, min(k, j + n)]
+    """
+    Z, n = e.shape
+    if v is None or v.shape[1] < k:
+        kk = min(k, n)  # the k largest, selected from the end (no negated copy of e)
+        idx = np.argpartition(e, n - kk, axis=1)[:, n - kk:] if kk < n else np.broadcast_to(np.arange(n), (Z, n))
+        c_e, v_e = first + idx, np.take_along_axis(e, idx, axis=1)
+        if v is None:
+            return c_e, v_e
+        c, v = np.concatenate([c, c_e], axis=1), np.concatenate([v, v_e], axis=1)
+        if c.shape[1] > k:
+            idx = np.argpartition(-v, k - 1, axis=1)[:, :k]
+            c, v = np.take_along_axis(c, idx, axis=1), np.take_along_axis(v, idx, axis=1)
+        return c, v
+    hit = e >= v.min(axis=1)[:, None]
+    for z in np.flatnonzero(hit.any(axis=1)):
+        j = np.flatnonzero(hit[z])
+        c_z, v_z = np.concatenate([c[z], first + j]), np.concatenate([v[z], e[z, j]])
+        keep = np.argpartition(v_z, len(v_z) - k)[len(v_z) - k:]
+        c[z], v[z] = c_z[keep], v_z[keep]
+    return c, v
 
 
 def _each_pass(ctx, tasks) -> list:

@@ -442,7 +442,7 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
         g_h[z_all, rows_at] = seed.at_norm
         put("ln_final.out", g_h)
         g_x, g_s = ops.rms_norm_vjp(g_h, x_final, top["ln_final.scale"], params.ln_final, offset=cfg.norm_offset,
-                                    frozen=eps_frozen)
+                                    frozen=eps_frozen, scale_grad=kept("ln_final.scale"))
         put("ln_final.scale", g_s)
     positions = np.arange(T)
     shared = {}  # Gemma 4 KV sharing: producer layer -> [g_k, g_v] summed over its consumers (later layers)
@@ -468,7 +468,7 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
             g = g_x
             if cfg.post_norms:
                 g, g_sp = ops.rms_norm_vjp(g, rec[b + "mlp.down"], rec[b + "ln2_post.scale"], w("ln2_post"),
-                                           frozen=eps_frozen)
+                                           frozen=eps_frozen, scale_grad=kept(b + "ln2_post.scale"))
                 put(b + "mlp.down", g)
                 put(b + "ln2_post.scale", g_sp)
             g_act = g @ w("W_down").T  # [Z, T, F]
@@ -482,7 +482,8 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
                 g_h += g_gate @ w("W_gate").T
             del g_gate, g_up
             put(b + "ln2.out", g_h)
-            g_xm, g_s = ops.rms_norm_vjp(g_h, rec[b + "resid_mid"], rec[b + "ln2.scale"], w("ln2"), frozen=eps_frozen)
+            g_xm, g_s = ops.rms_norm_vjp(g_h, rec[b + "resid_mid"], rec[b + "ln2.scale"], w("ln2"), frozen=eps_frozen,
+                                         scale_grad=kept(b + "ln2.scale"))
             put(b + "ln2.scale", g_s)
             g_x = g_x + g_xm  # resid_mid: the skip path plus the MLP's
             put(b + "resid_mid", g_x)
@@ -495,7 +496,7 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
         g = g_x
         if cfg.post_norms:
             g, g_sp = ops.rms_norm_vjp(g, rec[b + "attn.o_proj"], rec[b + "ln1_post.scale"], w("ln1_post"),
-                                       frozen=eps_frozen)
+                                       frozen=eps_frozen, scale_grad=kept(b + "ln1_post.scale"))
             put(b + "attn.o_proj", g)
             put(b + "ln1_post.scale", g_sp)
         g_z = ops.heads_out_vjp(g, w("W_O"))  # [Z, T, N, H]
@@ -538,7 +539,8 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
             g_h += ops.project_vjp(g_q, w("W_Q")) + ops.project_vjp(g_k, w("W_K"))
             del g_q, g_k
         put(b + "ln1.out", g_h)
-        g_xp, g_s = ops.rms_norm_vjp(g_h, rec[b + "resid_pre"], rec[b + "ln1.scale"], w("ln1"), frozen=eps_frozen)
+        g_xp, g_s = ops.rms_norm_vjp(g_h, rec[b + "resid_pre"], rec[b + "ln1.scale"], w("ln1"), frozen=eps_frozen,
+                                     scale_grad=kept(b + "ln1.scale"))
         put(b + "ln1.scale", g_s)
         g_x = g_x + g_xp
         put(b + "resid_pre", g_x)

@@ -354,7 +354,7 @@ VALUES.update({  # the interventions' options (patch, validate)
     "--steps": numbers,
     "--llama-cpp": st.sampled_from(["absent", ".", ""]) | texts,  # compare: a llama.cpp build (refused without one)
     # graph
-    "--max-nodes": numbers, "--batch-size": numbers, "--slug": texts,
+    "--max-nodes": numbers, "--batch-size": numbers, "--threads": numbers, "--slug": texts,
     "--node-threshold": st.sampled_from(["0.8", "1.5", "-0.1", "nan", "x"]) | numbers | texts,
     "--edge-threshold": st.sampled_from(["0.98", "2", "-1", "inf"]) | numbers | texts,
     "--check": st.sampled_from(["zero", "mean", "resample"]) | texts,
@@ -399,6 +399,7 @@ GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads,
     "--methods": st.sampled_from(["atp", "gradxact,atp-gd", "ig"]), "--steps": st.integers(1, 2).map(str),
     "--llama-cpp": st.just("absent"),
     "--max-nodes": st.integers(0, 400).map(str), "--batch-size": st.integers(1, 300).map(str),
+    "--threads": st.integers(1, 2).map(str),
     "--slug": st.just("g"), "--node-threshold": st.sampled_from(["0.8", "0.5", "1.0"]),
     "--edge-threshold": st.sampled_from(["0.98", "0.9"]), "--check": st.sampled_from(["zero", "mean"]),
     "--transcoders": st.sampled_from(["tc", "tc/layer_*/params.npz"]), "--zero-positions": st.integers(0, 2).map(str),

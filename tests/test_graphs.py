@@ -175,6 +175,9 @@ def test_bad_arguments(models):
         graph(model, _ids(model), versus=["#3"])
     with pytest.raises(refprism.InputError, match="max_nodes"):
         graph(model, _ids(model), batch_size=0)
+    for bad in (0, 1.5, True):
+        with pytest.raises(refprism.InputError, match="threads"):
+            graph(model, _ids(model), threads=bad)
     run = model.run(_ids(model), record=["embed"])
     with pytest.raises(refprism.InputError, match="full record"):
         graph(model, run)
@@ -202,3 +205,67 @@ def test_a_tiny_byte_budget_gives_the_same_graph_edge_for_edge(models, preset, m
     assert (np.diff(many.rows) >= 0).all()  # sorted by (row, col)
     r, c = many.rows.astype(np.int64), many.cols.astype(np.int64)
     assert (np.diff(r * many.n + c) > 0).all()
+
+
+def _same_bits(a, b):
+    for key in ("kind", "layer", "index", "position", "activation", "input", "rows", "cols", "values"):
+        x, y = getattr(a, key), getattr(b, key)
+        assert x.dtype == y.dtype, key
+        np.testing.assert_array_equal(x, y, err_msg=key)  # bit for bit (nan where both are nan)
+    assert (a.passes, a.batch_rows) == (b.passes, b.batch_rows)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_two_threads_give_the_same_graph_bit_for_bit(models, preset):
+    """threads=2 runs the passes of an exploration step and the exact rows two at a time: the same nodes, the
+    same entries in the same order, the same values to the bit (each pass's values depend on its rows alone)."""
+    model = models[preset]
+    kw = {"max_nodes": 60, "batch_size": 4, "update_interval": 2}
+    one = graph(model, _ids(model, 9, 5), **kw)
+    two = graph(model, _ids(model, 9, 5), threads=2, **kw)
+    assert one.passes > 20
+    _same_bits(one, two)
+
+
+def test_a_long_prompt_reads_each_recipe_once_with_the_same_bits(checkpoint, monkeypatch):
+    """T = 300 (>= record.LONG_PROMPT: most of each layer's record is recipes): the graph's passes read the
+    record through gradients.backward._Held (each site resolved once) and give the same graph, bit for bit, as
+    passes that recompute each layer whole from its resid_pre (_Layers.layer), with one thread or two; float32."""
+    from refprism.gemma.record import LONG_PROMPT, Lazy
+    from refprism.graphs import build
+
+    model = refprism.load(checkpoint("tiny-gemma3", max_position_embeddings=512))
+    ids = _ids(model, 300, 7)
+    run = model.run(ids)
+    assert len(ids) >= LONG_PROMPT and isinstance(dict.__getitem__(run.record, "blocks.1.attn.o_proj"), Lazy)
+    kw = {"max_nodes": 40, "batch_size": 8, "update_interval": 2}
+    held = graph(model, run, **kw)
+    two = graph(model, run, threads=2, **kw)
+    source = build._layer_source
+    monkeypatch.setattr(build, "_layer_source", lambda model, run, p, held=False: source(model, run, p))
+    whole = graph(model, run, **kw)
+    assert held.values.dtype == np.float32 and held.passes > 8
+    _same_bits(held, whole)
+    _same_bits(held, two)
+
+
+@pytest.mark.parametrize("k, widths", [(50, [40, 30, 200, 7, 500]), (16, [300, 300, 300]), (1000, [20, 30])])
+def test_the_exploration_keeps_each_rows_largest_edges_over_all_layers(k, widths):
+    """build._largest, layer by layer (a partition, then only the values >= each row's smallest kept), keeps the
+    same (column, value) entries per row as one partition over every layer's values (continuous: no ties)."""
+    from refprism.graphs.build import _largest
+
+    rng = np.random.default_rng(len(widths))
+    Z = 5
+    layers = [np.abs(rng.standard_normal((Z, n)) * rng.lognormal(0, 2, n)).astype(np.float32) for n in widths]
+    layers[-1][1] = 0.0  # a row with nothing to add at the last layer
+    c = v = None
+    for m, e in enumerate(layers):
+        c, v = _largest(c, v, e.copy(), 1000 * m, k)
+    every_c = np.concatenate([1000 * m + np.arange(e.shape[1]) for m, e in enumerate(layers)])
+    every_v = np.concatenate(layers, axis=1)
+    assert c.shape == (Z, min(k, len(every_c)))
+    for z in range(Z):
+        top = np.argsort(-every_v[z], kind="stable")[: c.shape[1]]
+        np.testing.assert_array_equal(np.sort(c[z]), np.sort(every_c[top]))
+        np.testing.assert_array_equal(v[z][np.argsort(c[z])], every_v[z][top][np.argsort(every_c[top])])

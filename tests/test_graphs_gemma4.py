@@ -376,3 +376,11 @@ def test_a_float32_graph_keeps_float32_edges_and_exact_row_sums(checkpoint):
     targets = np.flatnonzero(~np.isnan(g.input))
     err = np.abs(g.row_sums()[targets] - g.input[targets]).max()
     assert err <= 1e-5 * np.abs(g.input[targets]).max(), err
+
+
+def test_two_threads_give_the_same_graph_bit_for_bit(model, partial):
+    """threads=2 (experts, PLE neurons and their PLE-only passes among the rows): the same graph to the bit."""
+    two = graph(model, _prompt(model), max_nodes=300, batch_size=64, update_interval=2, threads=2)
+    assert partial.passes > 10 and two.passes == partial.passes
+    for key in ("kind", "layer", "index", "position", "activation", "input", "rows", "cols", "values"):
+        np.testing.assert_array_equal(getattr(two, key), getattr(partial, key), err_msg=key)

@@ -657,3 +657,15 @@ def test_a_tiny_byte_budget_gives_the_same_transcoder_graph(models, tmp_path, mo
     for key in ("kind", "layer", "index", "position", "rows", "cols"):
         np.testing.assert_array_equal(getattr(many, key), getattr(one, key), err_msg=key)
     np.testing.assert_allclose(many.values, one.values, rtol=0, atol=1e-12 * np.abs(one.values).max())
+
+
+def test_two_threads_give_the_same_transcoder_graph_bit_for_bit(models, tmp_path):
+    """threads=2: the same features, errors, biases and entries, every value to the bit."""
+    model = models["tiny-gemma2"]
+    ts = read_transcoders(write_gemmascope(tmp_path / "gs", _weights(model.config, seed=2)))
+    kw = {"max_nodes": 25, "batch_size": 4, "update_interval": 1, "transcoders": ts}
+    one = graph(model, _ids(model, 8, 3), **kw)
+    two = graph(model, _ids(model, 8, 3), threads=2, **kw)
+    assert one.passes > 10 and one.passes == two.passes
+    for key in ("kind", "layer", "index", "position", "activation", "input", "rows", "cols", "values"):
+        np.testing.assert_array_equal(getattr(two, key), getattr(one, key), err_msg=key)

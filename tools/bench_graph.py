@@ -3,7 +3,10 @@ max_nodes neurons explored: wall time per phase, peak RSS (ru_maxrss), backward 
 scores and faithfulness (zero and mean ablation of every neuron outside it). Prints one JSON line.
 
     python tools/bench_graph.py [--max-nodes 5000] [--prompt TEXT] [--tokens T] [--dtype float32] [--out graph.json]
-                                [--no-faithfulness]
+                                [--no-faithfulness] [--threads N]
+
+--threads N: refprism.graph's threads (N backward passes at once, one per worker thread; run with
+OPENBLAS_NUM_THREADS=1). The JSON line adds the process's CPU seconds in the graph beside its wall seconds.
 
 --tokens T: the prompt lengthened to T tokens deterministically: its first token (BOS), then fixed pseudo-random
 ids (tools/bench.py's prompt_ids: seed and range), then the rest of the prompt, so the readout is still the prompt's
@@ -62,6 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--no-faithfulness", action="store_true", help="skip the two ablated re-runs")
+    ap.add_argument("--threads", type=int, default=1, help="refprism.graph's threads (default 1)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import refprism
@@ -73,12 +77,12 @@ def main(argv=None) -> int:
     model = refprism.load(str(demo.gguf_path()), dtype=args.dtype)
     t_load = time.perf_counter() - t0
     rss_load = peak_rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ids = prompt
     if args.tokens is not None:
         ids = long_prompt(list(model.run(prompt).tokens), args.tokens, model.config.vocab_size)
-    g = graph(model, ids, max_nodes=args.max_nodes, batch_size=args.batch_size)
-    t_graph = time.perf_counter() - t0
+    g = graph(model, ids, max_nodes=args.max_nodes, batch_size=args.batch_size, threads=args.threads)
+    t_graph, cpu_graph = time.perf_counter() - t0, time.process_time() - c0
     rss_graph = peak_rss()
     t0 = time.perf_counter()
     pr = g.pruned()
@@ -95,11 +99,13 @@ def main(argv=None) -> int:
         write_graph_json(g, args.out, faithfulness=faith)
     print(json.dumps({
         "model": model.name, "dtype": args.dtype, "prompt": prompt, "uptime": uptime(), "T": int(len(g.run.tokens)),
-        "max_nodes": args.max_nodes, "explored": g.explored, "neurons": g.n_neurons, "nodes": g.n,
+        "max_nodes": args.max_nodes, "threads": args.threads, "explored": g.explored, "neurons": g.n_neurons,
+        "nodes": g.n,
         "edges": int(len(g.values)), "logits": g.logit_labels, "backward_passes": g.passes,
         "largest_pass_rows": g.batch_rows, "rows_computed": rows_computed(g),
         "rows_per_s": round(rows_computed(g) / t_graph, 2),
-        "seconds": {"load": round(t_load, 2), "graph": round(t_graph, 2), "prune_and_scores": round(t_prune, 2),
+        "seconds": {"load": round(t_load, 2), "graph": round(t_graph, 2), "graph_cpu": round(cpu_graph, 2),
+                    "prune_and_scores": round(t_prune, 2),
                     "faithfulness": round(t_check, 2)},
         "peak_rss_gib": {"after_load": round(rss_load / 2 ** 30, 3), "after_graph": round(rss_graph / 2 ** 30, 3),
                          "end": round(peak_rss() / 2 ** 30, 3)},

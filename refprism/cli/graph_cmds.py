@@ -20,6 +20,9 @@ def register(sub) -> None:
     p.add_argument("--versus", nargs="+", metavar="TOKEN", help="foils: each target minus the mean of the foils")
     p.add_argument("--max-nodes", type=int, default=7500, help="neurons explored, in influence order (default 7500)")
     p.add_argument("--batch-size", type=int, default=256, help="target rows of one backward pass (default 256)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="backward passes run at once, one per thread: the same graph, up to N x the passes' memory; "
+                        "set OPENBLAS_NUM_THREADS=1 with it (default 1)")
     p.add_argument("--node-threshold", type=float, default=0.8, help="pruning: the nodes' influence kept (0.8)")
     p.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: the edges' influence kept (0.98)")
     p.add_argument("--slug", default=None, help="the graph's slug in the JSON (default: refprism-graph)")
@@ -48,6 +51,9 @@ def cmd_graph(args) -> int:
     if args.max_nodes < 0 or args.batch_size < 1:  # graph() says the same; here before any weights are read
         raise InputError(f"--max-nodes {args.max_nodes}, --batch-size {args.batch_size}: max_nodes >= 0, batch_size, "
                          "update_interval and explore_k >= 1 are required")
+    if args.threads < 1:
+        raise InputError(f"--threads {args.threads}: the backward passes run at once, one per thread: give a "
+                         "whole number, 1 or more")
     if args.versus and not args.targets:
         raise InputError("--versus: versus needs targets (give --targets: the default logits are circuit-tracer's "
                          "top tokens, which take no foils)")
@@ -66,7 +72,7 @@ def cmd_graph(args) -> int:
         model = load_model(args)
     g = graph(model, prompt, position=args.position, targets=args.targets, versus=args.versus or (),
               max_nodes=args.max_nodes, batch_size=args.batch_size, transcoders=transcoders,
-              zero_positions=args.zero_positions)
+              zero_positions=args.zero_positions, threads=args.threads)
     pr = g.pruned(args.node_threshold, args.edge_threshold)
     replacement, completeness = g.scores()
     faith = (faithfulness(g, pruned=pr, ablation=args.check, scores=(replacement, completeness)) if args.check

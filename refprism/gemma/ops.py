@@ -357,18 +357,19 @@ def embed_vjp(g, normalizer):
     return g * np.asarray(normalizer, dtype=g.dtype)
 
 
-def rms_apply_vjp(g, x, s, w, *, offset=1):
+def rms_apply_vjp(g, x, s, w, *, offset=1, scale_grad=True):
     """Through y = x / s * (offset + w) with s an input of its own (the norm scale is a recorded site).
 
     Math:   dR/dx|_s = g * (offset + w) / s
             dR/ds    = -sum_d g_d x_d (offset + w_d) / s^2  = -sum_d g_d y_d / s
             offset = 1 for every Gemma 1/2/3 norm (the (1 + w) trap); Gemma 4 applies w itself (offset = 0); a norm
             without a weight (Gemma 4's v norm) is w = None: the gain is 1.
+    scale_grad: False skips dR/ds (None), for a backward that neither reads nor keeps it
     Shapes: g [Z, ..., D], x [..., D], s [...], w [D] or None -> g_x [Z, ..., D], g_s [Z, ...]
     """
     gain = np.ones((), dtype=g.dtype) if w is None else (np.asarray(offset, dtype=g.dtype) + w.astype(g.dtype))
     gx = g * (gain / s[..., None])
-    gs = -np.sum(gx * x, axis=-1) / s
+    gs = -np.sum(gx * x, axis=-1) / s if scale_grad else None
     return gx, gs
 
 
@@ -382,13 +383,14 @@ def rms_scale_vjp(g_s, x, s):
     return g_s[..., None] * (x / (D * s[..., None]))
 
 
-def rms_norm_vjp(g, x, s, w, *, offset=1, frozen=False):
+def rms_norm_vjp(g, x, s, w, *, offset=1, frozen=False, scale_grad=True):
     """RMSNorm's whole VJP: rms_apply_vjp, then (unless the scale is frozen) rms_scale_vjp.
 
     Math:   dR/dx = g (offset + w) / s + [not frozen] (dR/ds) x / (D s)
+    scale_grad: False with frozen skips dR/ds (None): a frozen scale's gradient that nothing keeps
     Shapes: g [Z, ..., D] -> g_x [Z, ..., D], g_s [Z, ...]
     """
-    gx, gs = rms_apply_vjp(g, x, s, w, offset=offset)
+    gx, gs = rms_apply_vjp(g, x, s, w, offset=offset, scale_grad=scale_grad or not frozen)
     if not frozen:
         gx = gx + rms_scale_vjp(gs, x, s)
     return gx, gs
@@ -494,8 +496,9 @@ def attention_mix_vjp(g_z, pattern, v, *, pattern_grad=True):
         t = np.flatnonzero(reads[:, s0:s1].any(axis=1))
         if len(t):
             t0, t1 = t[0], t[-1] + 1
-            g_vn[:, :, s0:s1] = np.matmul(p_t[None, :, s0:s1, t0:t1], g_t[:, :, t0:t1])  # sum_t p[n,t,s] g[t,n]
-    return g_pattern, g_vn.transpose(0, 2, 1, 3).reshape(Z, S, K, N // K, H).sum(axis=3)
+            np.matmul(p_t[None, :, s0:s1, t0:t1], g_t[:, :, t0:t1], out=g_vn[:, :, s0:s1])  # sum_t p[n,t,s] g[t,n]
+    # each kv head's query heads summed in place (no [Z, S, N, H] copy first): the same sums, in the same order
+    return g_pattern, g_vn.reshape(Z, K, N // K, S, H).sum(axis=2).transpose(0, 2, 1, 3)
 
 
 def attention_scores_vjp(g_scores, q, k, scale):

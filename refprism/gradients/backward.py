@@ -49,7 +49,9 @@ Axis letters as in ops.py; Z readout rows.
 from __future__ import annotations
 
 import fnmatch
+import threading
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -265,6 +267,38 @@ class _Layers:
         return rec
 
 
+class _Held(_Layers):
+    """A full record's values for many backward passes over one run (the graphs' rows, graphs.build): each site
+    resolved on its first read and kept, so a long prompt's recipes (record.Lazy) are computed once per run, not
+    once per pass, and no layer is recomputed whole (_Layers.layer's one-layer forward, per pass: at T = 1,024 it
+    was 45% of a graph's time, for the few attention sites a pass with every MLP dropped reads). The same values
+    (a recipe recomputes its site bit for bit); only what is read is kept. Safe for concurrent passes: a site is
+    resolved under a lock."""
+
+    def __init__(self, layers: _Layers):
+        super().__init__(layers.model, layers.run, layers.top, layers.full)
+        self._values = _Resolved(layers.run.record) if layers.full else None
+
+    def layer(self, l):
+        return self._values if self.full else super().layer(l)
+
+
+class _Resolved:
+    """A record read with each value resolved once: a Lazy entry computed on its first read, then kept."""
+
+    def __init__(self, rec):
+        self.rec, self.values, self.lock = rec, {}, threading.Lock()
+
+    def __contains__(self, name):
+        return name in self.rec
+
+    def __getitem__(self, name):
+        with self.lock:
+            if name not in self.values:
+                self.values[name] = self.rec[name]
+            return self.values[name]
+
+
 # Recipes that cost no weight product (the neuron activations from gate and up; the scores from q and k, read
 # only through Gemma 2's soft-cap): a layer with only these is read from the record as it is
 _CHEAP_RECIPES = ("mlp.act", "attn.scores", "moe.act")
@@ -277,13 +311,14 @@ def _recipes(cfg, rec, l) -> bool:
                if n.startswith(b) and not n.endswith(_CHEAP_RECIPES))
 
 
-def _layer_source(model, run, p) -> _Layers:
+def _layer_source(model, run, p, *, held=False) -> _Layers:
     """The run's own record when it holds every site but the logits (then its values are used as they are, an
-    edited run's included); else a checkpoint forward of the tokens (a selective record's edits are not replayed)."""
+    edited run's included); else a checkpoint forward of the tokens (a selective record's edits are not replayed).
+    held: a full record read through _Held (for many passes over the run)."""
     cfg = model.config
     rec = run.record
     if whole_but_logits(cfg, rec, len(run.tokens)):
-        return _Layers(model, run, rec, True)
+        return _Held(_Layers(model, run, rec, True)) if held else _Layers(model, run, rec, True)
     keep = ["embed", "blocks.*.resid_pre", f"blocks.{cfg.n_layers - 1}.resid_post", "ln_final.scale",
             "ln_final.out", f"logits@{p}"] + ([f"logits_uncapped@{p}"] if cfg.final_softcap is not None else [])
     if cfg.ple:  # Gemma 4: a resumed layer reads the per-layer inputs; the backward ends through them
@@ -385,8 +420,10 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
         return keep is None or any(fnmatch.fnmatchcase(name, g) for g in keep)
 
     def put(name, value):
+        """Record a kept site's gradient; value: an array, or a function that makes one (a site of zeros is only
+        allocated when kept: at T = 1,024 a frozen pattern's zero scores are [Z, N, T, S])."""
         if kept(name):
-            out[name] = value
+            out[name] = value() if callable(value) else value
 
     def wanted(name, freeze):
         """The pattern's gradient: needed unless the pattern is frozen and its gradient not kept."""
@@ -398,14 +435,14 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
     if seed.at_final is not None:
         g_x = np.zeros((Z, T, D), dtype)
         g_x[z_all, rows_at] = seed.at_final
-        put("ln_final.out", np.zeros((Z, T, D), dtype))
-        put("ln_final.scale", np.zeros((Z, T), dtype))
+        put("ln_final.out", partial(np.zeros, (Z, T, D), dtype))
+        put("ln_final.scale", partial(np.zeros, (Z, T), dtype))
     else:
         g_h = np.zeros((Z, T, D), dtype)
         g_h[z_all, rows_at] = seed.at_norm
         put("ln_final.out", g_h)
         g_x, g_s = ops.rms_norm_vjp(g_h, x_final, top["ln_final.scale"], params.ln_final, offset=cfg.norm_offset,
-                                    frozen=eps_frozen)
+                                    frozen=eps_frozen, scale_grad=kept("ln_final.scale"))
         put("ln_final.scale", g_s)
     positions = np.arange(T)
     shared = {}  # Gemma 4 KV sharing: producer layer -> [g_k, g_v] summed over its consumers (later layers)
@@ -431,7 +468,7 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
             g = g_x
             if cfg.post_norms:
                 g, g_sp = ops.rms_norm_vjp(g, rec[b + "mlp.down"], rec[b + "ln2_post.scale"], w("ln2_post"),
-                                           frozen=eps_frozen)
+                                           frozen=eps_frozen, scale_grad=kept(b + "ln2_post.scale"))
                 put(b + "mlp.down", g)
                 put(b + "ln2_post.scale", g_sp)
             g_act = g @ w("W_down").T  # [Z, T, F]
@@ -445,7 +482,8 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
                 g_h += g_gate @ w("W_gate").T
             del g_gate, g_up
             put(b + "ln2.out", g_h)
-            g_xm, g_s = ops.rms_norm_vjp(g_h, rec[b + "resid_mid"], rec[b + "ln2.scale"], w("ln2"), frozen=eps_frozen)
+            g_xm, g_s = ops.rms_norm_vjp(g_h, rec[b + "resid_mid"], rec[b + "ln2.scale"], w("ln2"), frozen=eps_frozen,
+                                         scale_grad=kept(b + "ln2.scale"))
             put(b + "ln2.scale", g_s)
             g_x = g_x + g_xm  # resid_mid: the skip path plus the MLP's
             put(b + "resid_mid", g_x)
@@ -458,7 +496,7 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
         g = g_x
         if cfg.post_norms:
             g, g_sp = ops.rms_norm_vjp(g, rec[b + "attn.o_proj"], rec[b + "ln1_post.scale"], w("ln1_post"),
-                                       frozen=eps_frozen)
+                                       frozen=eps_frozen, scale_grad=kept(b + "ln1_post.scale"))
             put(b + "attn.o_proj", g)
             put(b + "ln1_post.scale", g_sp)
         g_z = ops.heads_out_vjp(g, w("W_O"))  # [Z, T, N, H]
@@ -474,7 +512,7 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
             del g_pattern
             for name in ("attn.scores", "attn.q", "attn.k", "attn.q_pre", "attn.k_pre") + \
                     (("attn.q_norm.scale", "attn.k_norm.scale") if cfg.qk_norm else ()):
-                put(b + name, np.zeros((Z,) + _shape(cfg, b + name, T), dtype))
+                put(b + name, partial(np.zeros, (Z,) + _shape(cfg, b + name, T), dtype))
         else:
             g_a = ops.softmax_vjp(g_pattern, pattern)
             del g_pattern
@@ -501,7 +539,8 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
             g_h += ops.project_vjp(g_q, w("W_Q")) + ops.project_vjp(g_k, w("W_K"))
             del g_q, g_k
         put(b + "ln1.out", g_h)
-        g_xp, g_s = ops.rms_norm_vjp(g_h, rec[b + "resid_pre"], rec[b + "ln1.scale"], w("ln1"), frozen=eps_frozen)
+        g_xp, g_s = ops.rms_norm_vjp(g_h, rec[b + "resid_pre"], rec[b + "ln1.scale"], w("ln1"), frozen=eps_frozen,
+                                     scale_grad=kept(b + "ln1.scale"))
         put(b + "ln1.scale", g_s)
         g_x = g_x + g_xp
         put(b + "resid_pre", g_x)
@@ -559,7 +598,7 @@ def _gemma4_block(model, layers, l, g_x, put, freeze, drop, shared, g_ple, posit
         return g_in
 
     def zeros(name):
-        put(b + name, np.zeros((Z,) + _shape(cfg, b + name, T), dtype))
+        put(b + name, partial(np.zeros, (Z,) + _shape(cfg, b + name, T), dtype))
 
     rec = layers.layer(l)
     g = g_x * w("layer_scalar").astype(dtype)  # dR/d(resid_mlp + ple.out)
@@ -569,7 +608,7 @@ def _gemma4_block(model, layers, l, g_x, put, freeze, drop, shared, g_ple, posit
             if site in ("mlp.out", "ple.out", "resid_mlp", "resid_mid"):
                 put(name, g)
             elif site.startswith(("ln2.", "mlp.", "ln2_post", "moe.", "ln2_moe.", "ple.", "ple_post.")):
-                put(name, np.zeros((Z,) + _shape(cfg, name, T), dtype))
+                put(name, partial(np.zeros, (Z,) + _shape(cfg, name, T), dtype))
         g_mid = g
     else:
         if cfg.ple:  # resid_post / layer_scalar = resid_mlp + rms_norm((gelu(gate) * ple_l) W_pp; ple_post)
@@ -634,7 +673,7 @@ def _gemma4_block(model, layers, l, g_x, put, freeze, drop, shared, g_ple, posit
             if site == "attn.out":
                 put(name, g_mid)
             elif site.startswith(("ln1.", "attn.", "ln1_post.")):
-                put(name, np.zeros((Z,) + _shape(cfg, name, T), dtype))
+                put(name, partial(np.zeros, (Z,) + _shape(cfg, name, T), dtype))
         g_pre = g_mid
         if cfg.has_kv(l) and l in shared:  # its consumers' key and value gradients are theirs: not dropped
             zero = np.zeros((Z, T) + _shape(cfg, b + "attn.k", T)[1:], dtype)
@@ -720,8 +759,8 @@ def _moe_vjp(model, rec, l, g_sum, put, norm, freeze):
     put(b + "ln2_moe.out", g_h2)
     g_mid = norm(g_h2, "resid_mid", "ln2_moe.scale", params.get(l, "ln2_moe"))
     if "router" in freeze:
-        put(b + "moe.router.logits", np.zeros((Z, T, cfg.n_experts), dt))
-        put(b + "moe.router.scale", np.zeros((Z, T), dt))
+        put(b + "moe.router.logits", partial(np.zeros, (Z, T, cfg.n_experts), dt))
+        put(b + "moe.router.scale", partial(np.zeros, (Z, T), dt))
         return g_mid
     r = rec[b + "moe.router.logits"]
     prob = np.exp(r - r.max(axis=-1, keepdims=True))
@@ -748,7 +787,7 @@ def _dropped(put, cfg, l, kind, g_x, Z, T, dtype):
         if site == kind + ".out":
             put(name, g_x)
         elif site.startswith(inner):
-            put(name, np.zeros((Z,) + _shape(cfg, name, T), dtype))
+            put(name, partial(np.zeros, (Z,) + _shape(cfg, name, T), dtype))
     put(b + ("resid_mid" if kind == "mlp" else "resid_pre"), g_x)
 
 

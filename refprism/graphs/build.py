@@ -16,6 +16,8 @@ neuron, embed[t] for an embedding) and g_i the gradient of target i's input, fro
 package (gradients.backward, frozen, every MLP and the attention after the target's layer dropped) that computes
 many targets' rows of one layer at once: sorted by position, each pass over positions 0 .. its last row's t only
 (g_i is exactly zero after the target's position), as many rows per pass as ROWS_BYTES allows (_Context.row_passes).
+The passes of one exploration step, and the exact rows' passes, are independent: `threads` of them run at once in
+worker threads (_each_pass), the same values to the bit, the results kept in the serial order.
 Only the explored sources' columns are formed: a remainder takes its layer's whole share minus theirs. Attention
 lives on the edges: an edge sums the paths through every head of every layer between its ends (edge_heads splits it
 per head and source token).
@@ -55,7 +57,10 @@ Axis letters as in ops.py; Z target rows of one backward pass.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -170,7 +175,7 @@ class Graph:
 
 def graph(model, prompt, *, position=-1, targets=None, versus=(), max_nodes=7500, batch_size=256,
           update_interval=4, explore_k=4096, desired_prob=0.95, max_logits=10, transcoders=None,
-          zero_positions=1) -> Graph:
+          zero_positions=1, threads=1) -> Graph:
     """The attribution graph of the prediction at `position`, in the neuron basis or the transcoders' (the module
     docstring).
 
@@ -182,6 +187,9 @@ def graph(model, prompt, *, position=-1, targets=None, versus=(), max_nodes=7500
     transcoders: None (the neurons), or a path / graphs.transcoders.Transcoders: one per layer, replacing the MLPs
     zero_positions: with transcoders, the features at positions < zero_positions are zero (circuit-tracer's BOS
              rule): the whole MLP output there is the error node's
+    threads: backward passes run at once, each in a worker thread (the rows of an exploration step and the exact
+             rows are independent): the same graph bit for bit for any count; the passes' memory is up to threads x
+             ROWS_BYTES. Give each thread one BLAS thread (OPENBLAS_NUM_THREADS=1, docs/performance.md)
     Math:   rows of the targets at (l, t): u_n = W_up[:, n] (1 + w_ln2) / s_ln2[t] at resid_mid_l[t];
             logits: u = (E[t] - mean) (1 + w_final) / s_final[p] at the final residual
     Shapes: -> Graph with N nodes and E edges
@@ -192,6 +200,9 @@ def graph(model, prompt, *, position=-1, targets=None, versus=(), max_nodes=7500
                          "graph does (drop transcoders)")
     if max_nodes < 0 or batch_size < 1 or update_interval < 1 or explore_k < 1:
         raise InputError("max_nodes >= 0, batch_size, update_interval and explore_k >= 1 are required")
+    if not isinstance(threads, (int, np.integer)) or isinstance(threads, bool) or threads < 1:
+        raise InputError(f"threads {threads!r}: the backward passes run at once, one per thread: give a whole "
+                         "number, 1 or more")
     if zero_positions < 0:
         raise InputError(f"zero_positions {zero_positions}: give 0 or more")
     if transcoders is not None:
@@ -204,7 +215,7 @@ def graph(model, prompt, *, position=-1, targets=None, versus=(), max_nodes=7500
         raise InputError("a graph reads every site of the run: run the prompt with a full record")
     text = prompt if isinstance(prompt, str) else "".join(run.pieces)
     p = P.resolve_position(run, position)
-    ctx = _Context(model, run, p, batch_size, transcoders, zero_positions)
+    ctx = _Context(model, run, p, batch_size, transcoders, zero_positions, threads=int(threads))
     u, labels, weights, kind, ids = _logit_rows(model, run, p, targets, versus, desired_prob, max_logits)
     total = int(ctx.active.sum())  # positions after p never reach the readout
     if max_nodes >= total:
@@ -263,12 +274,13 @@ class _Context:
     """The run's values the rows read, and the backward's source of forward values, in one basis: the neurons, or
     the transcoders' features (tc: graphs.transcoders.Transcoders, in the model's dtype)."""
 
-    def __init__(self, model, run, p, batch_size, tc=None, zero_positions=1, rows_bytes=None):
-        self.model, self.run, self.p, self.batch = model, run, p, batch_size
+    def __init__(self, model, run, p, batch_size, tc=None, zero_positions=1, rows_bytes=None, threads=1):
+        self.model, self.run, self.p, self.batch, self.threads = model, run, p, batch_size, threads
         self.rows_bytes = ROWS_BYTES if rows_bytes is None else rows_bytes
         self._total = {}
+        self._lock = threading.Lock()  # total's cache, filled from the worker threads
         self.cfg = model.config
-        self.layers = _layer_source(model, run, p)
+        self.layers = _layer_source(model, run, p, held=True)  # each site resolved once for all the passes
         self.passes = 0
         self.most = 0
         self.T = p + 1
@@ -312,35 +324,39 @@ class _Context:
         row = S * ((l + 6) * D * b + self.F * (2 * b + 16))
         return int(max(1, min(self.batch, self.rows_bytes // row)))
 
-    def row_passes(self, l, t, u):
+    def row_passes(self, l, t, u) -> list:
         """The frozen backward passes of target rows u [Z, D] at (layer l, positions t [Z], nondecreasing); l = L:
         the final residual. Each pass takes the next rows (as many as per_pass allows) and runs over positions
         0 .. S-1 only, S = its last row's position + 1 (gradients.backward's upto: a row at t reads no later
-        position, so nothing is left out).
+        position, so nothing is left out). The plan depends on the rows alone (never on ctx.threads).
 
-        Yields (a, b, S, g): rows a .. b-1, g["embed"] [z, S, D] and g[m] [z, S, D] the gradient at mlp.out of
-        each layer m < l. Row z's gradient is exactly zero at positions > t[z] (causal attention).
+        Returns the plan [(a, b, S, grads)], counted in passes and most: rows a .. b-1, and grads() the pass itself
+        (run when called, in any thread; _each_pass runs them), giving g["embed"] [z, S, D] and g[m] [z, S, D] the
+        gradient at mlp.out of each layer m < l. Row z's gradient is exactly zero at positions > t[z] (causal).
         Math:   g = the frozen gradient of u . resid_mid_l[t] (MLPs dropped, attention after l dropped; a skip
                 transcoder's W_skip carried as the MLP's linear stand-in)
         """
         if isinstance(u, _g4.Targets):  # Gemma 4's neuron targets (graphs.gemma4.target_rows)
-            yield from _g4.row_passes(self, l, t, u)
-            return
-        L = self.cfg.n_layers
-        drop = frozenset({(m, "mlp") for m in range(L)} | {(m, "attn") for m in range(l + 1, L)})
-        keep = ["embed"] + [f"blocks.{m}.mlp.out" for m in range(l)]
-        Z, a = len(u), 0
+            return _g4.row_passes(self, l, t, u)
+        plan, Z, a = [], len(u), 0
         while a < Z:
             z = self.per_pass(l, int(t[min(a + self.batch, Z) - 1]) + 1)
             b = min(a + z, Z)
             S = int(t[b - 1]) + 1
-            g = backward(self.model, self.layers, Seed(None, u[a:b], {}), t[a:b], freeze=frozenset(FREEZABLE),
-                         drop=drop, keep=keep, linear_mlp=self._linear_mlp(l), upto=S)
+            plan.append((a, b, S, partial(self._grads, l, t[a:b], u[a:b], S)))
             self.passes += 1
             self.most = max(self.most, b - a)
-            yield a, b, S, {-1: g["embed"], **{m: g[f"blocks.{m}.mlp.out"] for m in range(l)}}
-            del g
             a = b
+        return plan
+
+    def _grads(self, l, t, u, S) -> dict:
+        """One pass of row_passes: rows u [z, D] at positions t [z] of layer l, over positions 0 .. S-1."""
+        L = self.cfg.n_layers
+        drop = frozenset({(m, "mlp") for m in range(L)} | {(m, "attn") for m in range(l + 1, L)})
+        keep = ["embed"] + [f"blocks.{m}.mlp.out" for m in range(l)]
+        g = backward(self.model, self.layers, Seed(None, u, {}), t, freeze=frozenset(FREEZABLE), drop=drop,
+                     keep=keep, linear_mlp=self._linear_mlp(l), upto=S)
+        return {-1: g["embed"], **{m: g[f"blocks.{m}.mlp.out"] for m in range(l)}}
 
     def embed_edges(self, g, S):
         """A[z, E@s] = embed[s] . g_embed[z, s]  [z, S]."""
@@ -370,12 +386,13 @@ class _Context:
     def total(self, m):
         """sum_f act_m[s, f] W[f] [T, D]: every neuron (feature) of layer m at once, what its remainder node is
         the unexplored part of (cached)."""
-        if self.cfg.gemma4:
-            return _g4.total(self, m)
-        if m not in self._total:
-            W = self.tc.layers[m].W_dec if self.tc is not None else self.model.params.get(m, "W_down")
-            self._total[m] = self.act[m][: self.T] @ W
-        return self._total[m]
+        with self._lock:  # one thread computes it, the other waits: computed once
+            if self.cfg.gemma4:
+                return _g4.total(self, m)
+            if m not in self._total:
+                W = self.tc.layers[m].W_dec if self.tc is not None else self.model.params.get(m, "W_down")
+                self._total[m] = self.act[m][: self.T] @ W
+            return self._total[m]
 
     def feature_edges(self, m, g_out):
         """[Z, S, D] gradients at mlp.out of layer m -> [Z, S, F] edges from its neurons (post-norm frozen) or its
@@ -459,39 +476,39 @@ def _explore(ctx, u_logits, weights, max_nodes, update_interval, explore_k) -> n
     max_nodes = min(max_nodes, int((~inactive).sum()))
     row_node, row_w, ent_row, ent_col, ent_val = [], [], [], [], []
 
-    def add(l, t, u, nodes, w0):
-        """The rows of targets u [Z, D] at (l, positions t [Z], nondecreasing): keep each row's explore_k largest
-        |edges| over the features, normalised by its exact |row| sum; one source layer's dense edges at a time."""
-        for a, b, S, g in ctx.row_passes(l, t, u):
-            Z = b - a
-            absum = np.abs(ctx.embed_edges(g, S)).sum(axis=1)
-            cand_c, cand_v = [], []
-            for m in range(l):
-                if ctx.tc is not None:  # error and bias nodes: in the row's sum, never explored
-                    for e in ctx.extra_edges(m, g[m]):
-                        absum += np.abs(e).sum(axis=1)
-                e = ctx.feature_edges(m, g[m]).reshape(Z, -1)  # [Z, S*F], column s * F + n
-                np.abs(e, out=e)
-                absum += e.sum(axis=1)
-                k = min(explore_k, e.shape[1])
-                n_e = e.shape[1]  # the k largest, selected from the end (no negated copy of e)
-                idx = np.argpartition(e, n_e - k, axis=1)[:, n_e - k:] if k < n_e else np.broadcast_to(
-                    np.arange(e.shape[1]), (Z, e.shape[1]))
-                cand_c.append(m * T * F + idx)
-                cand_v.append(np.take_along_axis(e, idx, axis=1))
-                del e, idx
-            c, v = np.concatenate(cand_c, axis=1), np.concatenate(cand_v, axis=1)
-            if c.shape[1] > explore_k:
-                idx = np.argpartition(-v, explore_k - 1, axis=1)[:, :explore_k]
-                c, v = np.take_along_axis(c, idx, axis=1), np.take_along_axis(v, idx, axis=1)
+    def ranked(l, a, b, S, g):
+        """One pass's rows a .. b-1 of layer l: each row's explore_k largest |edges| over the features (flat
+        columns [z, k]) and their values normalised by the row's exact |row| sum; one source layer's dense edges
+        at a time."""
+        Z = b - a
+        absum = np.abs(ctx.embed_edges(g, S)).sum(axis=1)
+        c = v = None  # each row's explore_k largest |edges| so far: flat columns, values [Z, k]
+        for m in range(l):
+            if ctx.tc is not None:  # error and bias nodes: in the row's sum, never explored
+                for e in ctx.extra_edges(m, g[m]):
+                    absum += np.abs(e).sum(axis=1)
+            e = ctx.feature_edges(m, g[m]).reshape(Z, -1)  # [Z, S*F], column s * F + n
+            np.abs(e, out=e)
+            absum += e.sum(axis=1)
+            c, v = _largest(c, v, e, m * T * F, explore_k)
+            del e
+        del g
+        return c.astype(np.int32), (v / np.maximum(absum, 1e-10)[:, None]).astype(np.float32)  # a ranking only
+
+    def add(jobs):
+        """The rows of each job (l, t, u, nodes, w0): targets u [Z, D] at (l, positions t [Z], nondecreasing),
+        their node ids and logit weights; every pass of every job at once (_each_pass), kept in the jobs' order."""
+        plan = [(a, b, S, grads, job) for job in jobs for a, b, S, grads in ctx.row_passes(*job[:3])]
+        done = _each_pass(ctx, [(grads, partial(ranked, job[0], a, b, S)) for a, b, S, grads, job in plan])
+        for (a, b, _, _, (_, _, _, nodes, w0)), (c, v) in zip(plan, done):
             first = len(row_node)
             row_node.extend(nodes[a:b])
             row_w.extend(w0[a:b])
-            ent_row.append(np.repeat(np.arange(first, first + Z, dtype=np.int32), c.shape[1]))
-            ent_col.append(c.ravel().astype(np.int32))
-            ent_val.append((v / np.maximum(absum, 1e-10)[:, None]).ravel().astype(np.float32))  # a ranking only
+            ent_row.append(np.repeat(np.arange(first, first + b - a, dtype=np.int32), c.shape[1]))
+            ent_col.append(c.ravel())
+            ent_val.append(v.ravel())
 
-    add(L, np.full(len(u_logits), ctx.p), u_logits, [-1] * len(u_logits), list(weights))
+    add([(L, np.full(len(u_logits), ctx.p), u_logits, [-1] * len(u_logits), list(weights))])
     n_done = 0
     while n_done < max_nodes:
         infl = _partial_influence(np.array(row_node), np.array(row_w), np.concatenate(ent_row),
@@ -502,13 +519,60 @@ def _explore(ctx, u_logits, weights, max_nodes, update_interval, explore_k) -> n
         pick = pick[np.argsort(-infl[pick], kind="stable")]
         explored[pick] = True
         n_done += len(pick)
+        jobs = []
         for l in np.unique(pick // (T * F)):
             if l == 0:  # layer 0's inputs come from the embeddings only: nothing to rank further
                 continue
             nodes = np.sort(pick[pick // (T * F) == l])  # by (position, neuron)
             t_, n_ = np.divmod(nodes % (T * F), F)
-            add(int(l), t_, ctx.target_rows(int(l), t_, n_), list(nodes), [0.0] * len(nodes))
+            jobs.append((int(l), t_, ctx.target_rows(int(l), t_, n_), list(nodes), [0.0] * len(nodes)))
+        add(jobs)
     return explored.reshape(L, T, F)
+
+
+def _largest(c, v, e, first, k):
+    """Each row's k largest values of its kept (c, v [Z, j]: flat columns, values; None at first) and of e [Z, n]
+    (columns first .. first + n - 1): the same entries as one partition over all of them (which of equal values
+    at the k-th is kept aside). Once a row keeps k, a value of e can enter only if it is >= the row's smallest
+    kept one: those are found by one comparison (a few per row), not by partitioning e's n values again.
+    Shapes: -> c [Z, min(k, j + n)] (int64), v [Z, min(k, j + n)]
+    """
+    Z, n = e.shape
+    if v is None or v.shape[1] < k:
+        kk = min(k, n)  # the k largest, selected from the end (no negated copy of e)
+        idx = np.argpartition(e, n - kk, axis=1)[:, n - kk:] if kk < n else np.broadcast_to(np.arange(n), (Z, n))
+        c_e, v_e = first + idx, np.take_along_axis(e, idx, axis=1)
+        if v is None:
+            return c_e, v_e
+        c, v = np.concatenate([c, c_e], axis=1), np.concatenate([v, v_e], axis=1)
+        if c.shape[1] > k:
+            idx = np.argpartition(-v, k - 1, axis=1)[:, :k]
+            c, v = np.take_along_axis(c, idx, axis=1), np.take_along_axis(v, idx, axis=1)
+        return c, v
+    hit = e >= v.min(axis=1)[:, None]
+    for z in np.flatnonzero(hit.any(axis=1)):
+        j = np.flatnonzero(hit[z])
+        c_z, v_z = np.concatenate([c[z], first + j]), np.concatenate([v[z], e[z, j]])
+        keep = np.argpartition(v_z, len(v_z) - k)[len(v_z) - k:]
+        c[z], v[z] = c_z[keep], v_z[keep]
+    return c, v
+
+
+def _each_pass(ctx, tasks) -> list:
+    """[work(a, b, S, grads())] for the tasks [(grads, work)] (a pass of row_passes and what reads it), in the
+    tasks' order, ctx.threads of them at a time: each pass runs in one worker thread from start to end (NumPy's
+    products and BLAS release the GIL), and its values do not depend on the thread or on the others, so the
+    results are bit for bit the serial ones. With ctx.threads passes in flight the passes' memory is
+    ctx.threads x ROWS_BYTES at most."""
+
+    def one(task):
+        grads, work = task
+        return work(grads())
+
+    if ctx.threads == 1 or len(tasks) < 2:
+        return [one(task) for task in tasks]
+    with ThreadPoolExecutor(min(ctx.threads, len(tasks))) as pool:
+        return list(pool.map(one, tasks))
 
 
 def _partial_influence(row_node, row_w, ent_row, ent_col, ent_val, n_flat, max_iter=128) -> np.ndarray:
@@ -575,47 +639,53 @@ def _assemble(ctx, text, explored, u_logits, labels, weights, readout) -> Graph:
     inp = np.full(N, np.nan)
     inp[:n_feat] = np.array([ctx.inp[l][t, n] for l, t, n in zip(ll, tt, nn)]) if n_feat else []
     inp[log0:] = readout_values
-    chunks = []  # (first target, rows, cols, values): one per pass, sorted by (row, col) within
+    tasks = []  # (grads, work): every pass of every layer's rows, run by _each_pass
 
     def emit(targets, l, t, u, n=None):
-        """The exact rows of `targets` [Z] at (l, positions t [Z], nondecreasing; node ids increasing), read u [Z, D]:
-        explored features, remainders, errors and biases of the layers below at positions <= t, embeddings;
-        features n of a transcoder also take their encoder bias b_enc[n]. Only the explored columns are formed:
-        a remainder is the whole layer's share minus theirs, (sum_f act[s, f] W[f]) . g - sum_explored A."""
-        for a, b, S, g in ctx.row_passes(l, t, u):
-            tz = t[a:b]
-            R, C, V = [], [], []
-            put = _Entries(R, C, V, tz)
-            tg = targets[a:b]
-            pos = np.arange(S)
-            put(tg, emb0 + pos, ctx.embed_edges(g, S), pos)
-            if n is not None and tc is not None:
-                put(tg, np.array([[enc[l, int(s)]] for s in tz]), tc.layers[l].b_enc[n[a:b]][:, None], tz[:, None])
-            for m in range(l):
-                gw = ctx.written(m, g[m])  # [z, S, D]
-                s_, f_ = np.nonzero(col[m, :S] >= 0)
-                W, act_ = ctx.out_vector(m, s_, f_)
-                e = act_[None] * np.einsum("zkd,kd->zk", gw[:, s_], W)  # [z, k] the explored sources
-                put(tg, col[m, s_, f_], e, s_)
-                rem_s = np.array([s for s in range(S) if (m, s) in rem], int)
-                if len(rem_s):
-                    whole = np.einsum("zsd,sd->zs", gw[:, rem_s], ctx.total(m)[rem_s])
-                    mine = np.zeros((b - a, S), whole.dtype)
-                    np.add.at(mine, (slice(None), s_), e)
-                    put(tg, np.array([rem[m, int(s)] for s in rem_s]), whole - mine[:, rem_s], rem_s)
-                if tc is not None:
-                    for e_x, nodes in zip(ctx.extra_edges(m, g[m]), (err, dec)):
-                        put(tg, np.array([nodes[m, s] for s in range(S)]), e_x, pos)
-            del g
-            r, c_, v = (np.concatenate(x) for x in (R, C, V))
-            order = np.lexsort((c_, r))
-            chunks.append((int(tg[0]), r[order].astype(np.int32), c_[order].astype(np.int32), v[order]))
+        """The passes of the exact rows of `targets` [Z] at (l, positions t [Z], nondecreasing; node ids
+        increasing), read u [Z, D] (_exact_rows: one pass's entries)."""
+        for a, b, S, grads in ctx.row_passes(l, t, u):
+            tasks.append((grads, partial(exact, targets[a:b], l, t[a:b], None if n is None else n[a:b], S)))
+
+    def exact(tg, l, tz, n, S, g):
+        """One pass's exact rows of targets tg [z] at (l, positions tz [z]): explored features, remainders,
+        errors and biases of the layers below at positions <= tz, embeddings; features n of a transcoder also take
+        their encoder bias b_enc[n]. Only the explored columns are formed: a remainder is the whole layer's share
+        minus theirs, (sum_f act[s, f] W[f]) . g - sum_explored A. -> (first target, rows, cols, values), sorted
+        by (row, col)."""
+        R, C, V = [], [], []
+        put = _Entries(R, C, V, tz)
+        pos = np.arange(S)
+        put(tg, emb0 + pos, ctx.embed_edges(g, S), pos)
+        if n is not None and tc is not None:
+            put(tg, np.array([[enc[l, int(s)]] for s in tz]), tc.layers[l].b_enc[n][:, None], tz[:, None])
+        for m in range(l):
+            gw = ctx.written(m, g[m])  # [z, S, D]
+            s_, f_ = np.nonzero(col[m, :S] >= 0)
+            W, act_ = ctx.out_vector(m, s_, f_)
+            e = act_[None] * np.einsum("zkd,kd->zk", gw[:, s_], W)  # [z, k] the explored sources
+            put(tg, col[m, s_, f_], e, s_)
+            rem_s = np.array([s for s in range(S) if (m, s) in rem], int)
+            if len(rem_s):
+                whole = np.einsum("zsd,sd->zs", gw[:, rem_s], ctx.total(m)[rem_s])
+                mine = np.zeros((len(tg), S), whole.dtype)
+                np.add.at(mine, (slice(None), s_), e)
+                put(tg, np.array([rem[m, int(s)] for s in rem_s]), whole - mine[:, rem_s], rem_s)
+            if tc is not None:
+                for e_x, nodes in zip(ctx.extra_edges(m, g[m]), (err, dec)):
+                    put(tg, np.array([nodes[m, s] for s in range(S)]), e_x, pos)
+        del g
+        r, c_, v = (np.concatenate(x) for x in (R, C, V))
+        order = np.lexsort((c_, r))
+        return int(tg[0]), r[order].astype(np.int32), c_[order].astype(np.int32), v[order]
 
     emit(log0 + np.arange(Z), L, np.full(Z, ctx.p), u_logits)
     for l in range(L):
         sel = ll == l
         if sel.any():
             emit(col[l, tt[sel], nn[sel]], l, tt[sel], ctx.target_rows(l, tt[sel], nn[sel]), nn[sel])
+    chunks = _each_pass(ctx, tasks)  # (first target, rows, cols, values): one per pass
+    tasks.clear()
     chunks.sort(key=lambda c: c[0])  # targets of different passes are disjoint ranges: now sorted by (row, col)
     E = sum(len(c[1]) for c in chunks)
     rows_, cols_ = np.empty(E, np.int32), np.empty(E, np.int32)

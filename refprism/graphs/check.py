@@ -74,8 +74,9 @@ def faithfulness(g, *, pruned=None, ablation="zero", scores=None) -> dict:
         keep[g.layer[i], g.position[i]] |= ~explored[g.layer[i], g.position[i]]
     clean = _readout(g, run.record)
     fill = _fill(model, run, keep.shape, ablation)
-    kept = _readout(g, rerun(model, run, _ablate(model.config, keep, fill)))
-    none = _readout(g, rerun(model, run, _ablate(model.config, np.zeros_like(keep), fill)))
+    read = [f"ln_final.out@{g.read_at}"]  # all _readout reads: the neuron edits read no site of the re-run
+    kept = _readout(g, rerun(model, run, _ablate(model.config, keep, fill), read))
+    none = _readout(g, rerun(model, run, _ablate(model.config, np.zeros_like(keep), fill), read))
     return {**_recovered(g, clean, kept, none), "ablation": ablation, "kept_neurons": int(keep.sum()),
             "ablated_neurons": int((~keep).sum()), **scores}
 

@@ -39,6 +39,7 @@ slots, G an expert's width, P the per-layer input width.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -157,11 +158,11 @@ def target_rows(ctx, l, t, n) -> Targets:
     return Targets(u, where, ple_q, ple_where, _ple_c(ctx, l, t[ple_where], ple_q) if len(ple_q) else None)
 
 
-def row_passes(ctx, l, t, u: Targets):
+def row_passes(ctx, l, t, u: Targets) -> list:
     """build._Context.row_passes of Gemma 4 targets: the residual rows through ctx.row_passes seeded at
     u / (lam_l ... lam_{L-1}) (the backward multiplies by each layer_scalar it passes); a PLE neuron's gradient is
-    c_q at embed[t] and zero at every mlp.out (its input reads no residual). Yields (a, b, S, g) over the Z targets
-    in order, as build's does."""
+    c_q at embed[t] and zero at every mlp.out (its input reads no residual). Returns the plan [(a, b, S, grads)]
+    over the Z targets in order, as build's does (grads() runs the pass)."""
     dt = ctx.model.dtype
     Z = len(u)
     is_ple = np.zeros(Z, bool)
@@ -174,23 +175,23 @@ def row_passes(ctx, l, t, u: Targets):
         S = int(t[B - 1]) + 1
         g = {m: np.zeros((B - A, S, ctx.cfg.d_model), dt) for m in range(-1, l)}
         if sub is not None:
-            a_, b_, S_, g_ = sub
+            a_, b_, S_, grads = sub
             rows = u.where[a_:b_] - A
-            for m, v in g_.items():
+            for m, v in grads().items():
                 g[m][rows, :S_] = v
         for z in np.flatnonzero(is_ple[A:B]):
             g[-1][z, t[A + z]] = u.ple_c[ple_row[A + z]]
-        return A, B, S, g
+        return g
 
-    A = 0
+    plan, A = [], 0
     if len(u.where):
-        for a_, b_, S_, g_ in ctx.row_passes(l, t[u.where], u.u / lam):
-            B = int(u.where[b_ - 1]) + 1
-            yield combined(A, B, (a_, b_, S_, g_))
-            del g_
+        for sub in ctx.row_passes(l, t[u.where], u.u / lam):
+            B = int(u.where[sub[1] - 1]) + 1
+            plan.append((A, B, int(t[B - 1]) + 1, partial(combined, A, B, sub)))
             A = B
     if A < Z:  # PLE rows after the last residual row
-        yield combined(A, Z)
+        plan.append((A, Z, int(t[Z - 1]) + 1, partial(combined, A, Z)))
+    return plan
 
 
 def out_vector(ctx, m, s, f):

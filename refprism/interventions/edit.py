@@ -99,10 +99,12 @@ def _merged(todo: list) -> list:
     return out
 
 
-def rerun(model, base: Run, edit: Edit):
+def rerun(model, base: Run, edit: Edit, record=None):
     """The base run re-run with the edit, resumed at its first edited layer from the base run's record (bit for bit
     a full re-run: forward.forward's resume); returns its Record, which keeps every site but the logits (a readout
-    needs ln_final.out at one position and a few unembedding rows, not the [T, V] product)."""
+    needs ln_final.out at one position and a few unembedding rows, not the [T, V] product), or only the sites
+    `record` names (Model.run's record=; an edit that reads no site of the pass, as a neuron edit: the same values,
+    the rest never kept: at T = 1,024 an edited run's whole record is ~1.4 GB)."""
     resume = None if edit.first_layer is None else (edit.first_layer, base.record)
-    return model.run(base.tokens, edit=edit, resume=resume,
-                     record=everything_but(model.config, ("logits", "logits_uncapped"))).record
+    keep = everything_but(model.config, ("logits", "logits_uncapped")) if record is None else record
+    return model.run(base.tokens, edit=edit, resume=resume, record=keep).record

@@ -42,30 +42,30 @@ def test_low_memory_unembeds_in_chunks(tiny_dir):
     assert np.all(np.abs(chunked - exact) <= bound)
 
 
-def test_few_rows_unembed_in_slices_exactly_on_any_thread_count(monkeypatch):
-    """weights.times_rows: a short prompt's h E^T in column slices (OpenBLAS's small-matrix kernels). Each logit is
-    still one float32 dot product (within 64 eps of the exact one, as above); the bits do not depend on the thread
-    count, nor on where a caller's E starts if at a multiple of 4096 (the low-memory mode's chunks)."""
-    from refprism.gemma.weights import slice_width, times_rows
+def test_few_row_products_in_slices_are_exact_and_placed():
+    """ops.matmul: a short prompt's x W in column slices of W (OpenBLAS's small-matrix kernels), on stored and
+    transposed layouts. Each output is still one float32 dot product (within K eps of the exact one, in units of
+    sum |x_k W_kv|; a slice written at the wrong columns is off by order 1), and a slice's bits do not depend on
+    where a caller's W starts if at a multiple of 4096 (the low-memory unembedding's chunks)."""
+    from refprism.gemma.ops import matmul, slice_width
 
-    assert (slice_width(7, 2816), slice_width(12, 2816), slice_width(64, 2816)) == (32, 16, None)
+    assert [slice_width(7, 2816), slice_width(12, 2816), slice_width(7, 12288)] == [32, 16, 8]
+    assert slice_width(64, 2816) is None
     assert (slice_width(1, 640), slice_width(7, 64)) == (1024, 2048)
     rng = np.random.default_rng(0)
-    D, V = 64, 70_001  # not a multiple of the width: the last slice is short, the threads' halves uneven
-    E = rng.standard_normal((V, D)).astype(np.float32)
+    K, V = 64, 70_001  # not a multiple of the width: the last slice is short
+    E = rng.standard_normal((V, K)).astype(np.float32)  # stored [V, K]; the product reads E^T
     for T in (1, 3, 7, 30):
-        h = rng.standard_normal((T, D)).astype(np.float32)
-        assert slice_width(T, D) < V  # the sliced path
-        runs = {}
-        for threads in ("1", "2"):
-            monkeypatch.setenv("OPENBLAS_NUM_THREADS", threads)
-            runs[threads] = times_rows(h, E, np.full((T, V), np.nan, np.float32))
-        np.testing.assert_array_equal(runs["1"], runs["2"])
-        exact = h.astype(np.float64) @ E.astype(np.float64).T
-        bound = 64 * np.finfo(np.float32).eps * (np.abs(h).astype(np.float64) @ np.abs(E).astype(np.float64).T)
-        assert np.all(np.abs(runs["1"] - exact) <= bound)
-        part = times_rows(h, E[8192:16384], np.empty((T, 8192), np.float32))
-        np.testing.assert_array_equal(part, runs["1"][:, 8192:16384])
+        x = rng.standard_normal((T, K)).astype(np.float32)
+        assert slice_width(T, K) < V  # the sliced path
+        for W in (E.T, np.ascontiguousarray(E.T)):  # a transposed view, and the same values laid out [K, V]
+            got = matmul(x, W, np.full((T, V), np.nan, np.float32))
+            exact = x.astype(np.float64) @ W.astype(np.float64)
+            bound = K * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(W).astype(np.float64))
+            assert np.all(np.abs(got - exact) <= bound)
+            np.testing.assert_array_equal(matmul(x, W[:, 8192:16384]), got[:, 8192:16384])
+    x = rng.standard_normal((200, K)).astype(np.float32)  # many rows: one product, as NumPy's own
+    np.testing.assert_array_equal(matmul(x, E.T), x @ E.T)
 
 
 def test_fast_mode_keeps_no_file_mapped(tiny_dir):

@@ -146,6 +146,43 @@ def softcap(x, cap):
     return cap * np.tanh(x / cap)
 
 
+# A product x W of a few rows x against a wide W (a short prompt's weight products; its unembedding, [7, D] x
+# [D, 262144]) runs near W's streaming rate when cut into column slices of at most this many multiply-adds
+# (M N K) each: OpenBLAS's small-matrix kernels take such products without first packing W, which one big product
+# does (2-2.5x slower at T = 7 on this machine's AVX-512 cores, docs/performance.md; cores without those kernels
+# take the slices at the big product's speed).
+SLICE_MNK = 1_000_000
+
+
+def slice_width(T: int, K: int) -> int | None:
+    """The column-slice width `matmul` uses for x [T, K]: the largest power of two (at most 4096) with
+    T * width * K <= SLICE_MNK, or None (one product) when that is under 8."""
+    width = 4096
+    while width >= 8 and T * width * K > SLICE_MNK:
+        width //= 2
+    return width if width >= 8 else None
+
+
+def matmul(x: np.ndarray, W: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x W for x [T, K], W [K, N] with any strides BLAS takes (a transposed view of a stored [N, K] included).
+
+    Few rows (slice_width): in column slices W[:, i : i + width] at multiples of the width, each its own BLAS
+    product, so an output's bits depend only on x and its slice (not on where a caller's W starts if at a multiple
+    of 4096: weights.unembed's chunks). Otherwise one BLAS product.
+    Shapes: x [T, K], W [K, N] -> out [T, N]
+    """
+    T, K = x.shape
+    N = W.shape[1]
+    if out is None:
+        out = np.empty((T, N), np.result_type(x, W))
+    width = slice_width(T, K)
+    if width is None or N <= width:
+        return np.matmul(x, W, out=out)
+    for i in range(0, N, width):
+        np.matmul(x, W[:, i:i + width], out=out[:, i:i + width])
+    return out
+
+
 def zeros(shape, dtype, *, sparse_from=2**20):
     """A zero array whose pages are only made resident when written (for arrays of at least `sparse_from` bytes).
 

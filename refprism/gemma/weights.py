@@ -201,55 +201,6 @@ def convert(src: np.ndarray, dtype, out: np.ndarray | None = None) -> np.ndarray
     return out
 
 
-# A product h E^T of a few rows h against a tall E (the unembedding at a short prompt, [7, D] x [D, 262144]) runs
-# near E's streaming rate when cut into column slices of at most this many multiply-adds (M N K) each: OpenBLAS's
-# small-matrix kernels take such products without packing E; one big product packs all of E first (2x slower on
-# this machine at T = 7, docs/performance.md; on cores without those kernels the slices cost the same).
-SLICE_MNK = 1_000_000
-_SLICE_POOL = []  # the threads the slices run on (made once, when first needed)
-
-
-def slice_width(T: int, D: int) -> int | None:
-    """The column-slice width times_rows uses for [T, D] rows: the largest power of two (at most 4096) with
-    T * width * D <= SLICE_MNK, or None (one product) when that is under 16."""
-    width = 4096
-    while width >= 16 and T * width * D > SLICE_MNK:
-        width //= 2
-    return width if width >= 16 else None
-
-
-def times_rows(h: np.ndarray, E: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = h E^T for h [T, D], E [V, D] (out [T, V], written in place and returned).
-
-    Few rows (slice_width): in slices E[i : i + width] at multiples of the width, so a slice's values do not
-    depend on where a caller's E starts, if it starts at a multiple of 4096 (weights.unembed's chunks), shared
-    between two threads (the BLAS thread count the environment sets, at most 2; each slice is its own product, so
-    the bits do not depend on the threads). Otherwise one BLAS product."""
-    width = slice_width(*h.shape)
-    V = E.shape[0]
-    if width is None or V <= width:
-        return np.matmul(h, E.T, out=out)
-
-    def part(lo, hi):
-        for i in range(lo, hi, width):
-            np.matmul(h, E[i:i + width].T, out=out[:, i:i + width])
-
-    threads = min(2, os.cpu_count() or 1, int(os.environ.get("OPENBLAS_NUM_THREADS")
-                                              or os.environ.get("OMP_NUM_THREADS") or 2))
-    if threads < 2:
-        part(0, V)
-        return out
-    if not _SLICE_POOL:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _SLICE_POOL.append(ThreadPoolExecutor(2, thread_name_prefix="refprism-unembed"))
-    half = (V // 2 + width - 1) // width * width
-    done = _SLICE_POOL[0].submit(part, half, V)
-    part(0, half)
-    done.result()
-    return out
-
-
 def to_compute(a: np.ndarray, dtype) -> np.ndarray:
     """A stored tensor converted to the compute dtype (a new array)."""
     return convert(a, dtype)
@@ -443,8 +394,8 @@ class Weights:
             hf = {"W_ple_gate": "per_layer_input_gate.weight", "W_ple_proj": "per_layer_projection.weight",
                   "W_router": "router.proj.weight"}[key]
             return self._convert(p + hf, reuse=reuse).T
-        # The experts as stored, per expert [out, in], read through transposed views (as W_gate below): the
-        # forward's few-row products stream each expert's rows (forward._experts)
+        # The experts as stored, per expert [out, in], read through transposed views (as W_gate below): an
+        # expert's few rows stream its stored rows in ops.matmul's slices
         if key in ("We_gate", "We_up"):  # gate_up_proj [E, 2I, D]: gate rows [:I], up rows [I:] -> [E, I, D].T
             I = cfg.d_expert
             rows = slice(0, I) if key == "We_gate" else slice(I, 2 * I)
@@ -507,7 +458,7 @@ class Weights:
         The [T, V] result is written into 4 KiB pages (ops.zeros: faulted in by the BLAS threads as they write),
         not NumPy's 2 MiB ones: a long prompt's logits are GBs (T = 2048 on Gemma 3: 2.1 GB, ~0.5 s less here)."""
         if self._embed is not None:
-            return times_rows(h, self._embed, ops.zeros((h.shape[0], self._embed.shape[0]), self.dtype))
+            return ops.matmul(h, self._embed.T, out=ops.zeros((h.shape[0], self._embed.shape[0]), self.dtype))
         E = self._source("model.embed_tokens.weight")
         out = ops.zeros((h.shape[0], E.shape[0]), dtype=self.dtype)
         buf = self._scratch.get("unembed")
@@ -515,7 +466,7 @@ class Weights:
             buf = self._scratch["unembed"] = np.empty((chunk, E.shape[1]), self.dtype)  # reused every call
         for i in range(0, E.shape[0], chunk):  # chunk: a multiple of every slice width, so the same bits as fast
             rows = E[i:i + chunk]
-            times_rows(h, convert(rows, self.dtype, out=buf[: len(rows)]), out[:, i:i + chunk])
+            ops.matmul(h, convert(rows, self.dtype, out=buf[: len(rows)]).T, out=out[:, i:i + chunk])
         return out
 
     def ple_rows(self, ids) -> np.ndarray:

@@ -54,6 +54,19 @@ if os.environ.get("CI") == "true":
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# tools/test.sh runs the suite on two pytest-xdist workers (-n 2 --dist loadfile), one per core of the machine it is
+# sized for: each worker (and every process a test starts) gets one BLAS and OpenMP thread, not one per core, so
+# two workers do not fight over the cores. The workers read these when they import NumPy and torch, which happens
+# before this file is imported in them: the controller sets them in its own environment, which the workers (started
+# after pytest_configure) inherit. A variable set by the caller wins.
+XDIST_THREADS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        for name, value in XDIST_THREADS.items():
+            os.environ.setdefault(name, value)
+
 
 # The real gemma-2b tokenizer folder (tokenizer.json, tokenizer.model) is part of the test environment, found by
 # the one rule refprism.checkpoints.synth uses: $REFPRISM_SHARED_TOKENIZER, else ../shared/gemma-2b-tokenizer.

@@ -1,18 +1,37 @@
 """`refprism demo`: the whole tour on the real Gemma 3 270M from PyPI, offline, in CI."""
 
+import contextlib
+import io
+
 import numpy as np
 import pytest
 
-import refprism
 from refprism import cli, demo, report
 
 
+@pytest.fixture(scope="module")
+def tour(tmp_path_factory):
+    """`refprism demo` run once (the tour takes a minute or more): (its stdout, its figures folder, its cache
+    folder, the model the command loaded, what demo.run_tour returned to it). Both tests read this one run: the
+    CLI's output, and the numbers behind it, which the second test recomputes independently."""
+    tmp = tmp_path_factory.mktemp("demo")
+    real, seen = demo.run_tour, {}
+
+    def watched(model, out, **kw):  # the CLI's own call, passed through; its model and result kept
+        seen["model"], seen["found"] = model, real(model, out, **kw)
+        return seen["found"]
+
+    out, stdout = tmp / "figures", io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setenv("REFPRISM_CACHE", str(tmp / "cache"))
+        mp.setattr(demo, "run_tour", watched)
+        assert cli.main(["demo", "--out", str(out)]) == 0
+    return stdout.getvalue(), out, tmp / "cache", seen["model"], seen["found"]
+
+
 @pytest.mark.slow
-def test_demo_tour_on_gemma3_270m(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("REFPRISM_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "figures"
-    assert cli.main(["demo", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
+def test_demo_tour_on_gemma3_270m(tour):
+    text, out, cache, model, _ = tour
     first = text.split("== 2.")[0]
     assert first.index("▁Paris") < first.index("▁Bordeaux")  # the model's top token, printed first
     assert "exact: NO" not in text and text.count("exact: yes") == 5  # residual, attention, chain, digits, neurons
@@ -28,8 +47,7 @@ def test_demo_tour_on_gemma3_270m(tmp_path, monkeypatch, capsys):
     # picks; an independent oracle for the chain terms does not exist outside refprism.
     from refprism import prisms as P
 
-    model = refprism.load(demo.gguf_path())
-    run = model.run(demo.CAPITAL_PROMPT)
+    run = model.run(demo.CAPITAL_PROMPT)  # the model the command loaded
     diff = P.logits_readout(model, run, [demo.CAPITALS[0]], versus=demo.CAPITALS[1:])
     layer = demo.separating_layer(P.residual_prism(diff))
     h, src = demo.top_head_source(P.attention_prism(diff, layer))
@@ -39,20 +57,19 @@ def test_demo_tour_on_gemma3_270m(tmp_path, monkeypatch, capsys):
     opened = [f"L{k}.mlp" for k in head["mlp"]] + [f"L{k}.attn" for k in head["attention"]]
     assert sorted(opened) == sorted(largest)
     assert (out / "report.html").stat().st_size < 3e6
-    assert (tmp_path / "cache" / "gemma-3-270m-Q4_K_M.gguf").is_file()  # assembled once, reused
+    assert (cache / "gemma-3-270m-Q4_K_M.gguf").is_file()  # assembled once, reused
 
 
 @pytest.mark.slow
-def test_demo_finds_the_capital_head(tmp_path, monkeypatch, gemma3_q4_gguf, llama_logits_output):
+def test_demo_finds_the_capital_head(tour, gemma3_270m, gemma3_q4_gguf, llama_logits_output):
     """What the tour reports is computed, not assumed: its predictions are llama.cpp's on the same GGUF, its frozen
     map sends most countries to their own capital (the post's Fig 6, on Gemma 3 270M), and its causal check's
-    numbers are the effects of forward passes written here."""
+    numbers are the effects of forward passes written here (on the session's load of the same file, not the
+    command's model)."""
     from refprism import prisms as P
     from refprism.crosscheck.sides import llamacpp
 
-    monkeypatch.setenv("REFPRISM_CACHE", str(tmp_path / "cache"))
-    model = refprism.load(demo.gguf_path())
-    found = demo.run_tour(model, tmp_path / "figs", say=lambda *a: None)
+    found, model = tour[4], gemma3_270m  # what the `refprism demo` run's tour returned; conftest's load
     # the oracle: llama.cpp (llama-cpp-python) tokenizes and runs the same file; its top token for the capital
     # prompt and its best digit after "2+3=" are the tour's (and "5" is the sum)
     ids = llamacpp.tokenize(gemma3_q4_gguf, demo.CAPITAL_PROMPT)

@@ -5,9 +5,10 @@ names the library call and the CLI arguments that must refuse it with a message 
 case both are checked:
 
 - the library raises a RefprismError subclass whose one-line message matches;
-- the CLI, in a fresh `python -m refprism.cli` process, exits with status 2, prints exactly one line on stderr,
-  `refprism: error: ...` matching the same pattern, no traceback, nothing on stdout, and leaves no output file
-  (every case that can writes to --out / --plot in an `out` directory that must stay empty).
+- the CLI, in a process of its own (forked from a server that imported refprism.cli once: CLI_SERVER), exits
+  with status 2, prints exactly one line on stderr, `refprism: error: ...` matching the same pattern, no
+  traceback, nothing on stdout, and leaves no output file (every case that can writes to --out / --plot in an
+  `out` directory that must stay empty).
 
 docs/errors.md shows each case's message as a user sees it; a test checks the two tables agree. To add a case:
 append a Case to CASES, run the tests, and add its row to docs/errors.md.
@@ -18,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import queue
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -979,33 +982,104 @@ _m.Model.load_weights = _watched
 """
 
 
-def _run_cli(case, ctx, target):
+# A fresh `python -c` spends about a second importing refprism.cli (numpy, ml_dtypes, ...), most of what each case's
+# process costs. So the cases' processes are forked from a server process that has done that import once and nothing
+# else: each case still runs in a process of its own, made before it touched anything, with its environment set
+# before any import of its own, its stdin /dev/null (as pytest gives a fresh process) and its stdout and stderr files,
+# ending as a `python -c` ends (sys.exit, a traceback for an uncaught exception, atexit). Nothing the server imported
+# reads the cases' variables (HF_*, REFPRISM_*) at import time: huggingface_hub, which does, it must not import.
+CLI_SERVER = r"""
+import json, os, sys
+import refprism.cli
+assert "huggingface_hub" not in sys.modules, "the CLI server must not import huggingface_hub (it reads HF_* once)"
+while True:
+    line = sys.stdin.buffer.readline()
+    if not line:
+        break
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:  # the case's process: it never returns to this loop (its code ends with sys.exit)
+        os.environ.clear()
+        os.environ.update(job["env"])
+        write = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, job["stdout"], write), (2, job["stderr"], write)):
+            opened = os.open(path, flags)
+            os.dup2(opened, fd)
+            os.close(opened)
+        sys.argv = ["-c", *(os.fsdecode(bytes.fromhex(arg)) for arg in job["argv"])]
+        exec(compile(job["code"], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        sys.exit(0)
+    status = os.waitpid(pid, 0)[1]
+    os.write(1, (json.dumps(os.waitstatus_to_exitcode(status)) + "\n").encode())
+"""
+
+
+class CliServer:
+    """One CLI_SERVER process; run() sends it one case and waits for that case's process to end."""
+
+    def __init__(self, env):
+        self.proc = subprocess.Popen([sys.executable, "-c", CLI_SERVER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env)
+
+    def run(self, argv, env, code, logs: Path, *, timeout=300) -> subprocess.CompletedProcess:
+        out, err = logs.with_suffix(".stdout"), logs.with_suffix(".stderr")
+        job = {"argv": [os.fsencode(a).hex() for a in argv], "env": env, "code": code, "stdout": str(out),
+               "stderr": str(err)}
+        self.proc.stdin.write((json.dumps(job) + "\n").encode())
+        self.proc.stdin.flush()
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            self.proc.kill()
+            raise subprocess.TimeoutExpired(argv, timeout)
+        line = self.proc.stdout.readline()
+        assert line, f"the CLI server ended (exit {self.proc.wait()})"
+        return subprocess.CompletedProcess(argv, json.loads(line), out.read_bytes(), err.read_bytes())
+
+    def close(self) -> int:
+        self.proc.stdin.close()
+        return self.proc.wait(timeout=60)
+
+
+def _run_cli(case, ctx, target, servers, logs):
     env = {k: v for k, v in os.environ.items() if k != "REFPRISM_MODEL"}
     env.update({"HF_HUB_OFFLINE": "1", **{k: v.format(tmp=ctx.tmp) for k, v in case.env.items()}})
     argv = [fill(a, target, ctx) for a in case.args]
     code = "import sys\n" + WATCH_WEIGHTS.format(mark=str(ctx.tmp / "weights-read"))
-    if case.patch:  # a fresh process still, with the hub call replaced before main runs
+    if case.patch:  # a process of its own still, with the hub call replaced before main runs
         code += (f"sys.path.insert(0, {str(HERE)!r}); from test_errors import PATCHES; "
                  f"PATCHES[{case.patch!r}](setattr)\n")
     code += "from refprism.cli import main; sys.exit(main(sys.argv[1:]))\n"
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, env=env, timeout=300)
+    server = servers.get()
+    try:
+        return server.run(argv, env, code, logs / case.name)  # its stdout and stderr beside, not in, ctx.tmp
+    finally:
+        servers.put(server)
 
 
 @pytest.fixture(scope="module")
 def cli_results(checkpoint, tmp_path_factory):
-    """Every case's CLI run, each in its own fresh process, run a few at a time (one process is ~0.3 s)."""
+    """Every case's CLI run, each in a process of its own (forked by a CliServer), a few at a time."""
     jobs = {}
     for case in CASES:
         ctx = Ctx(tmp_path_factory.mktemp(case.name), checkpoint)
         if case.root_skips_cli and os.geteuid() == 0:
             continue
         jobs[case.name] = (ctx, case.build(ctx))
-    with ThreadPoolExecutor(max_workers=max(2, 2 * (os.cpu_count() or 1))) as pool:
-        futures = {name: pool.submit(_run_cli, next(c for c in CASES if c.name == name), ctx, target)
-                   for name, (ctx, target) in jobs.items()}
-        results = {name: (jobs[name][0], f.result()) for name, f in futures.items()}
-    for _ctx, target in jobs.values():
-        _restore(target)
+    n = max(2, 2 * (os.cpu_count() or 1))
+    base = {k: v for k, v in os.environ.items() if k != "REFPRISM_MODEL"}
+    servers, logs = queue.Queue(), tmp_path_factory.mktemp("cli-io")
+    for _ in range(n):
+        servers.put(CliServer(base))
+    try:
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            futures = {name: pool.submit(_run_cli, next(c for c in CASES if c.name == name), ctx, target, servers,
+                                   logs)
+                       for name, (ctx, target) in jobs.items()}
+            results = {name: (jobs[name][0], f.result()) for name, f in futures.items()}
+    finally:
+        ends = [server.close() for server in list(servers.queue)]
+        for _ctx, target in jobs.values():
+            _restore(target)
+    assert ends == [0] * n, f"a CLI server failed: exits {ends}"
     return results
 
 

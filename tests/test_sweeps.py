@@ -558,13 +558,11 @@ def test_shipped_data_sets_are_the_tools_and_fit_gemmas_tokenizer():
 
 
 @pytest.mark.slow
-def test_shipped_data_sets_on_gemma3_270m(tmp_path):
+def test_shipped_data_sets_on_gemma3_270m(tmp_path, gemma3_270m):
     """The shipped data sets on Gemma 3 270M (docs/sweeps.md's numbers): every row fits its tokenizer, the roles sit
     on their tokens, and the findings hold across the set with intervals: L12H2 reading the country carries the
     capital in every prompt; the sum's digit wins on average."""
-    from refprism import demo
-
-    model = refprism.load(demo.gguf_path())
+    model = gemma3_270m  # the demo's GGUF, loaded once per session (conftest)
     cap = S.sweep("capitals", model, tmp_path / "capitals", levels="residual,head-source", quiet=True)
     assert cap["sweep"]["prompts"] == 40 and cap["sweep"]["bad_rows"] == 0 and cap["exact"]
     for line in lines_of(tmp_path / "capitals"):

@@ -502,7 +502,11 @@ def softmax_vjp(g, pattern):
     Math:   p = softmax(a) over the allowed s:  dR/da_s = p_s (g_s - sum_s' p_s' g_s')
     Shapes: g [Z, N, T, S], pattern [N, T, S] -> [Z, N, T, S]
     """
-    return pattern * (g - np.sum(g * pattern, axis=-1, keepdims=True))
+    out = np.multiply(g, pattern)  # (in place from here: pattern * (g - <g, p>) in one [Z, N, T, S] array)
+    row = np.sum(out, axis=-1, keepdims=True)
+    np.subtract(g, row, out=out)
+    out *= pattern
+    return out
 
 
 MIX_BLOCK = 256  # attention_mix_vjp's source block: its queries are the span that reads the block

@@ -286,7 +286,7 @@ def test_backward_truncated_to_the_rows_positions_equals_the_full_one(models, pr
 
 @pytest.mark.parametrize("preset", ["tiny-gemma2", "tiny-gemma3"])
 def test_a_long_prompts_lazy_record_is_recomputed_once_per_layer_with_the_same_bits(models, preset, monkeypatch):
-    """From LONG_PROMPT tokens a full record keeps most sites as recipes (record.Lazy): the backward recomputes each
+    """A long record (record.long_record) keeps most sites as recipes (record.Lazy): the backward recomputes each
     such layer once from its resid_pre (backward._one_layer) and gets every gradient bit for bit as from a record
     that kept every site as an array (all but the logits: nothing lazy)."""
     from refprism.gemma import record as R
@@ -295,6 +295,7 @@ def test_a_long_prompts_lazy_record_is_recomputed_once_per_layer_with_the_same_b
 
     model = models[preset]
     monkeypatch.setattr(R, "LONG_PROMPT", 16)  # (the tiny models' context is 128 tokens)
+    monkeypatch.setattr(R, "LAZY_BUDGET", 0)  # (their records are far under the budget)
     ids = _ids(model, T=24, seed=5)
     lazy = model.run(ids)
     assert isinstance(dict.__getitem__(lazy.record, "blocks.0.mlp.gate"), Lazy)

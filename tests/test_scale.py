@@ -361,15 +361,25 @@ def test_scores_and_activations_are_recomputed_exactly(family):
 
 
 @pytest.mark.parametrize("preset", FAMILIES)
-def test_a_long_prompt_keeps_the_stream_and_recomputes_the_rest_exactly(checkpoint, preset):
-    """From LONG_PROMPT tokens, an unedited full record keeps the residual stream, the sublayer outputs, the
-    scales, the pattern and the logits as arrays; every other site is a recipe whose value is the one an edited
-    run (which stores everything) recorded, bit for bit. Resuming from such a record equals a full re-run."""
+def test_a_long_prompt_keeps_the_stream_and_recomputes_the_rest_exactly(checkpoint, preset, monkeypatch):
+    """From LONG_PROMPT tokens, an unedited full record over LAZY_BUDGET keeps the residual stream, the sublayer
+    outputs, the scales, the pattern and the logits as arrays; every other site is a recipe whose value is the one
+    an edited run (which stores everything) recorded, bit for bit. Resuming from such a record equals a full
+    re-run. Under the budget (the tiny models' record is a few MB) the same prompt keeps every site as an array
+    but the scores and the neuron activations."""
+    from refprism.gemma import record as R
     from refprism.gemma.record import LAZY_KEPT, LONG_PROMPT
 
     extra = {} if preset == "tiny" else {"sliding_window": 40}
     model = refprism.load(checkpoint(preset, max_position_embeddings=1024, **extra))
     ids = np.random.default_rng(0).integers(3, model.config.vocab_size, LONG_PROMPT + 20).tolist()
+    small = model.run(ids)
+    assert {n for n in small.record if isinstance(dict.__getitem__(small.record, n), Lazy)} == \
+        {n for n in small.record if n.endswith(("attn.scores", "mlp.act"))}
+    assert not R.long_record(model.config, LONG_PROMPT + 20, model.dtype)
+    monkeypatch.setattr(R, "LAZY_BUDGET", R._long_lazy_bytes(model.config, LONG_PROMPT + 20, model.dtype) - 1)
+    assert R.long_record(model.config, LONG_PROMPT + 20, model.dtype)
+    assert not R.long_record(model.config, LONG_PROMPT - 1, model.dtype)
     plain, edited = model.run(ids), model.run(ids, edit=Recorded())
     lazy = {n for n in plain.record if isinstance(dict.__getitem__(plain.record, n), Lazy)}
     kept = {n.split(".", 2)[-1] if n.startswith("blocks.") else n for n in set(plain.record) - lazy}

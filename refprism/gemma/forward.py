@@ -109,11 +109,13 @@ class _Recorder:
         recompute: a function that computes `value` again bit for bit, by the same function, from what the record
         holds (by name); the record stores it instead of the array (record.Lazy) where record.lazy_entry says so:
         one unedited prompt recording everything, for the activations always, for every other site but the
-        residual stream, the sublayer outputs, the norm scales, the pattern and the logits from LONG_PROMPT tokens.
+        residual stream, the sublayer outputs, the norm scales, the pattern and the logits in a long record
+        (record.long_record: from LONG_PROMPT tokens, where those sites would exceed LAZY_BUDGET bytes).
         """
         if self.edit is not None:
             value = self.edit(name, value, self.records[0])
-        elif recompute is not None and lazy_entry(name, self.lengths, self.selection, edited=False):
+        elif recompute is not None and lazy_entry(self.cfg, name, self.lengths, self.selection, value.dtype,
+                                                  edited=False):
             self.records[0][name] = Lazy(recompute, value.shape, value.dtype)
             return value
         for i, rec in enumerate(self.records):

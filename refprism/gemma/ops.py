@@ -469,9 +469,46 @@ def geglu_vjp(g_act, gate, up, *, frozen=False):
             dR/dgate = g * up * gelu'(gate)          (0 when the gelu(gate) factor is frozen: act = G_0 * up)
     Shapes: g_act [Z, T, F], gate/up [T, F] -> g_gate [Z, T, F], g_up [Z, T, F]
     """
-    g_up = g_act * gelu_tanh(gate)
-    g_gate = np.zeros_like(g_act) if frozen else g_act * (up * gelu_tanh_grad(gate))
-    return g_gate, g_up
+    if frozen:
+        return np.zeros_like(g_act), g_act * gelu_tanh(gate)
+    gelu, grad = gelu_tanh_and_grad(gate)
+    grad *= up  # up * gelu'(gate)
+    return g_act * grad, g_act * gelu
+
+
+def gelu_tanh_and_grad(x):
+    """gelu_tanh(x) and gelu_tanh_grad(x) at once, bit for bit those two functions' values: the same operations
+    in the same order, tanh(u) computed once, every step in place (a [T, F] array's temporaries cost more than
+    the arithmetic).
+
+    Math:   t = tanh(u),  u = sqrt(2/pi) (x + 0.044715 x^3)
+            gelu = (0.5 x) (1 + t);  gelu' = 0.5 (1 + t) + (0.5 x) (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    Shapes: x [...] (an array) -> gelu, gelu' [...]
+    """
+    c = np.asarray(np.sqrt(2.0 / np.pi), dtype=x.dtype)
+    k = np.asarray(0.044715, dtype=x.dtype)
+    half = np.asarray(0.5, dtype=x.dtype)
+    t = np.multiply(k, x)  # u = c (x + k x x x), as gelu_tanh computes it
+    t *= x
+    t *= x
+    t += x
+    t *= c
+    np.tanh(t, out=t)
+    one_t = np.add(t, 1)  # 1 + t
+    gelu = np.multiply(half, x)
+    gelu *= one_t
+    b = np.multiply(half, x)  # ((0.5 x) (1 - t t)) c (1 + (3k x) x)
+    np.multiply(t, t, out=t)
+    np.subtract(1, t, out=t)
+    b *= t
+    b *= c
+    np.multiply(3 * k, x, out=t)
+    t *= x
+    t += 1
+    b *= t
+    one_t *= half  # 0.5 (1 + t) + b
+    one_t += b
+    return gelu, one_t
 
 
 def softcap_factor(x, cap):
@@ -504,7 +541,11 @@ def softmax_vjp(g, pattern):
     Math:   p = softmax(a) over the allowed s:  dR/da_s = p_s (g_s - sum_s' p_s' g_s')
     Shapes: g [Z, N, T, S], pattern [N, T, S] -> [Z, N, T, S]
     """
-    return pattern * (g - np.sum(g * pattern, axis=-1, keepdims=True))
+    out = np.multiply(g, pattern)  # (in place from here: pattern * (g - <g, p>) in one [Z, N, T, S] array)
+    row = np.sum(out, axis=-1, keepdims=True)
+    np.subtract(g, row, out=out)
+    out *= pattern
+    return out
 
 
 MIX_BLOCK = 256  # attention_mix_vjp's source block: its queries are the span that reads the block

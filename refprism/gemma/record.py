@@ -378,25 +378,53 @@ class Record(dict):
 # What a long single unedited prompt recording everything keeps as arrays (besides the norm scales): the rest is
 # recomputed exactly when read (forward._Recorder, record.Lazy). Below LONG_PROMPT tokens the record is small and
 # reading it often (a prism set reads every layer) must not re-read the weights: only the activations are lazy.
+# From LONG_PROMPT tokens too, a record whose other sites would take at most LAZY_BUDGET bytes keeps them whole
+# (Gemma 3 270M in float32 up to 667 tokens; gemma-2b's shape never): a backward then reads each layer as it is
+# instead of computing it again (backward._Layers.layer).
 LAZY_KEPT = {"embed", "resid_pre", "attn.pattern", "attn.out", "mlp.out", "resid_post", "logits", "logits_uncapped"}
 LONG_PROMPT = 256
+LAZY_BUDGET = 2**29
 
 
-def lazy_entry(name: str, lengths, selection, *, edited: bool) -> bool:
-    """Whether a run stores `name` as a recipe (Lazy) rather than an array (see LAZY_KEPT, LONG_PROMPT).
+def _site(name: str) -> str:
+    return name.split(".", 2)[-1] if name.startswith("blocks.") else name
+
+
+def _long_lazy(site: str) -> bool:
+    """A site a long prompt's record keeps as a recipe (on top of the scores and the neuron activations)."""
+    return site not in LAZY_KEPT and not site.endswith("scale")
+
+
+@functools.lru_cache(maxsize=256)
+def _long_lazy_bytes(cfg: Config, T: int, dtype) -> int:
+    """Bytes of the sites _long_lazy names (the scores and the activations aside) in a record of T tokens."""
+    n = sum(math.prod(axis_sizes(cfg, T, layer_of(name))[a] for a in shape)
+            for name, shape in symbolic_shapes(cfg).items()
+            if _long_lazy(_site(name)) and _site(name) not in ("attn.scores", "mlp.act"))
+    return n * np.dtype(dtype).itemsize
+
+
+def long_record(cfg: Config, T: int, dtype) -> bool:
+    """Whether one prompt of T tokens recording everything keeps most of each layer as recipes: from LONG_PROMPT
+    tokens, where those sites would take more than LAZY_BUDGET bytes as arrays."""
+    return T >= LONG_PROMPT and _long_lazy_bytes(cfg, T, np.dtype(dtype)) > LAZY_BUDGET
+
+
+def lazy_entry(cfg: Config, name: str, lengths, selection, dtype, *, edited: bool) -> bool:
+    """Whether a run stores `name` as a recipe (Lazy) rather than an array (see LAZY_KEPT, long_record).
 
     The scores are lazy whenever kept whole and not edited (each prompt's own q and k recompute them); the rest
     only for one prompt recording everything, unedited: the neuron activations always (elementwise from the kept
-    gate and up), every site outside LAZY_KEPT and the scales from LONG_PROMPT tokens.
+    gate and up), every site outside LAZY_KEPT but the scales for a long record (long_record).
     """
     if edited:
         return False
-    site = name.split(".", 2)[-1] if name.startswith("blocks.") else name
+    site = _site(name)
     if site == "attn.scores":
         return True
     if len(lengths) != 1 or selection is not None:
         return False
-    return site == "mlp.act" or (lengths[0] >= LONG_PROMPT and site not in LAZY_KEPT and not site.endswith("scale"))
+    return site == "mlp.act" or (_long_lazy(site) and long_record(cfg, lengths[0], dtype))
 
 
 def estimate_bytes(cfg: Config, lengths, dtype, selection: Selection | None = None, *,
@@ -423,7 +451,7 @@ def prompt_bytes(cfg: Config, T: int, dtype, selection: Selection | None = None,
     record = logits = 0
     for name, shape in symbolic_shapes(cfg).items():
         rows = ALL if selection is None else selection.rows(name, T)
-        if rows is None or (rows is ALL and lazy_entry(name, lengths, selection, edited=edited)):
+        if rows is None or (rows is ALL and lazy_entry(cfg, name, lengths, selection, dtype, edited=edited)):
             continue
         n = math.prod(axis_sizes(cfg, T, layer_of(name))[a] for a in shape)
         if rows is not ALL:

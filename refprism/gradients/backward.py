@@ -446,6 +446,7 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
         put("ln_final.scale", g_s)
     positions = np.arange(T)
     shared = {}  # Gemma 4 KV sharing: producer layer -> [g_k, g_v] summed over its consumers (later layers)
+    ropes = {}  # (theta, scale) -> cos, sin [T, H]
     g_ple = np.zeros((Z, T, cfg.n_layers, cfg.d_ple), dtype) if cfg.ple else None  # dR/dple.input, over layers
     for l in reversed(range(down_to, cfg.n_layers)):
         b = f"blocks.{l}."
@@ -525,7 +526,9 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
             put(b + "attn.q", g_q)
             put(b + "attn.k", g_k)
             theta, scale = cfg.rope_of(l)
-            cos, sin = ops.rope_tables(positions / scale, H, theta, dtype)
+            if (theta, scale) not in ropes:  # one table per layer type (Gemma 3: sliding and full)
+                ropes[theta, scale] = ops.rope_tables(positions / scale, H, theta, dtype)
+            cos, sin = ropes[theta, scale]
             g_q, g_k = ops.rope_vjp(g_q, cos, sin), ops.rope_vjp(g_k, cos, sin)
             if cfg.qk_norm:  # Gemma 3: each head's q and k normalised over H before RoPE
                 g_q, g_sq = ops.rms_norm_vjp(g_q, rec[b + "attn.q_pre"], rec[b + "attn.q_norm.scale"],

@@ -285,7 +285,7 @@ def ensure_checkpoint(folder: Path, preset: str, config: dict | None = None) -> 
     refprism.checkpoints.synth.write_checkpoint(folder, make_config(preset), dtype="bfloat16", shards=2): the hub's
     layout, random weights, the real gemma-2b tokenizer when the vocabulary is 256000. The write is atomic.
     """
-    from refprism.checkpoints.synth import make_config, write_checkpoint
+    from refprism.checkpoints.synth import make_config
 
     config = make_config(preset) if config is None else config
     if checkpoint_complete(folder):
@@ -294,7 +294,12 @@ def ensure_checkpoint(folder: Path, preset: str, config: dict | None = None) -> 
             return folder
     log(f"writing a {preset}-shaped bf16 checkpoint (2 shards) to {folder} ...")
     t = time.perf_counter()
-    write_checkpoint(folder, config, dtype="bfloat16", shards=2, force=True)
+    # In a process of its own: Linux carries a process's peak RSS (ru_maxrss) into the children it forks, so a
+    # parent that held the random weights (GBs) would lift every later child's measured peak to its own
+    code = ("import json, pathlib, sys; from refprism.checkpoints.synth import write_checkpoint; "
+            "write_checkpoint(pathlib.Path(sys.argv[1]), json.loads(sys.argv[2]), dtype='bfloat16', shards=2, "
+            "force=True)")
+    subprocess.run([sys.executable, "-c", code, str(folder), json.dumps(config)], check=True)
     log(f"  written in {time.perf_counter() - t:.1f} s")
     return folder
 

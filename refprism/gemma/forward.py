@@ -379,9 +379,9 @@ def _gemma4_moe(cfg, b, site, x, dense, p, eps):
     gate, up = np.empty((T, J, G), dt), np.empty((T, J, G), dt)
     chosen = [(e, np.nonzero(top == e)) for e in np.unique(top)]  # each selected expert, its (token, slot) pairs
     for e, (t, j) in chosen:
-        x = h2[t]
-        gate[t, j] = ops.matmul(x, p["We_gate"][e])
-        up[t, j] = ops.matmul(x, p["We_up"][e])
+        rows = h2[t]  # the expert's input rows (x, the residual, stays what the docstring names)
+        gate[t, j] = ops.matmul(rows, p["We_gate"][e])
+        up[t, j] = ops.matmul(rows, p["We_up"][e])
     gate = site(b + "moe.gate", gate)
     up = site(b + "moe.up", up)
     act = site(b + "moe.act", ops.gelu_tanh(gate) * up)

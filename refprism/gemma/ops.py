@@ -148,9 +148,10 @@ def softcap(x, cap):
 
 # A product x W of a few rows x against a wide W (a short prompt's weight products; its unembedding, [7, D] x
 # [D, 262144]) runs near W's streaming rate when cut into column slices of at most this many multiply-adds
-# (M N K) each: OpenBLAS's small-matrix kernels take such products without first packing W, which one big product
-# does (2-2.5x slower at T = 7 on this machine's AVX-512 cores, docs/performance.md; cores without those kernels
-# take the slices at the big product's speed).
+# (M N K) each: OpenBLAS's small-matrix kernels (its SkylakeX build) take such products without first packing W,
+# which one big product does (2-2.5x slower at T = 7 on an AVX-512 Xeon, docs/performance.md; with the Haswell
+# kernels, which have no small-matrix path, 32-column slices of [7, 2816] x [2816, 262144] took 0.52 s on one
+# thread against 0.63 s for wider slices, which give the big product's bits).
 SLICE_MNK = 1_000_000
 
 

@@ -464,7 +464,7 @@ class Weights:
         buf = self._scratch.get("unembed")
         if buf is None or buf.shape != (chunk, E.shape[1]):
             buf = self._scratch["unembed"] = np.empty((chunk, E.shape[1]), self.dtype)  # reused every call
-        for i in range(0, E.shape[0], chunk):  # chunk: a multiple of every slice width, so the same bits as fast
+        for i in range(0, E.shape[0], chunk):  # the default chunk is a multiple of every slice width: fast's bits
             rows = E[i:i + chunk]
             ops.matmul(h, convert(rows, self.dtype, out=buf[: len(rows)]).T, out=out[:, i:i + chunk])
         return out

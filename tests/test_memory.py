@@ -43,10 +43,11 @@ def test_low_memory_unembeds_in_chunks(tiny_dir):
 
 
 def test_few_row_products_in_slices_are_exact_and_placed():
-    """ops.matmul: a short prompt's x W in column slices of W (OpenBLAS's small-matrix kernels), on stored and
-    transposed layouts. Each output is still one float32 dot product (within K eps of the exact one, in units of
-    sum |x_k W_kv|; a slice written at the wrong columns is off by order 1), and a slice's bits do not depend on
-    where a caller's W starts if at a multiple of 4096 (the low-memory unembedding's chunks)."""
+    """ops.matmul: a short prompt's x W in column slices of W (OpenBLAS's small-matrix kernels) where W's columns
+    are contiguous (a transposed view), one product for a row-major W. Each output is still one float32 dot
+    product (within K eps of the exact one, in units of sum |x_k W_kv|; a slice written at the wrong columns is off
+    by order 1), and a slice's bits do not depend on where a caller's W starts if at a multiple of 4096 (the
+    low-memory unembedding's chunks)."""
     from refprism.gemma.ops import matmul, slice_width
 
     assert [slice_width(7, 2816), slice_width(12, 2816), slice_width(7, 12288)] == [32, 16, 8]
@@ -64,6 +65,15 @@ def test_few_row_products_in_slices_are_exact_and_placed():
             bound = K * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(W).astype(np.float64))
             assert np.all(np.abs(got - exact) <= bound)
             np.testing.assert_array_equal(matmul(x, W[:, 8192:16384]), got[:, 8192:16384])
+        # a row-major W (W_Q, W_O as stored): its column slices would read a few floats of every row, so it is one
+        # product, NumPy's own bits
+        Wc = np.ascontiguousarray(E.T)
+        np.testing.assert_array_equal(matmul(x, Wc), x @ Wc)
+        # the sliced path writes through views of `out`, here a column chunk of a wider array: every column written
+        wide = np.full((T, V + 100), np.nan, np.float32)
+        matmul(x, E.T, out=wide[:, 50:50 + V])
+        np.testing.assert_array_equal(wide[:, 50:50 + V], matmul(x, E.T))
+        assert np.isnan(wide[:, :50]).all() and np.isnan(wide[:, 50 + V:]).all()
     x = rng.standard_normal((200, K)).astype(np.float32)  # many rows: one product, as NumPy's own
     np.testing.assert_array_equal(matmul(x, E.T), x @ E.T)
 

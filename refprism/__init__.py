@@ -8,6 +8,13 @@ pyproject.toml): errors, files, figures; gemma (the architecture); checkpoints (
 prisms; interventions | crosscheck; gradients; sweeps | report; demo; cli. Each package's docstring says what is in it.
 """
 
+import os as _os
+
+# After each threaded product OpenBLAS's idle threads spin for 2^28 cycles (~0.1 s) on the cores that ops.matmul's
+# slice threads need next (gemma-2b's forward at T = 16, two cores: 1.9 -> 1.2 s with 2^20, docs/performance.md).
+# OpenBLAS reads this when it loads (with NumPy): import refprism first, or set it yourself.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+
 # refprism.prisms.needs, ... without a second import; refprism.gradients is a callable package (gradients(model, ...))
 from refprism import gradients, prisms  # noqa: F401
 from refprism.crosscheck import compare

@@ -189,3 +189,54 @@ def test_low_memory_blocks_are_the_callers_own_unless_scratch(tiny_dir):
     assert np.shares_memory(s0["W_down"], s1["W_down"])  # one buffer per role, overwritten layer by layer
     np.testing.assert_array_equal(s1["W_down"], fast.params.block(1)["W_down"])
     np.testing.assert_array_equal(w0, fast.params.block(0)["W_down"])
+
+
+def test_slice_threads_give_the_same_bits_and_survive_fork(monkeypatch):
+    """ops.matmul's slices on 1, 2 or 3 threads (ops.threads: REFPRISM_THREADS first): the same BLAS call per slice
+    on whichever thread, so the same bits; one row stays on the calling thread. A child forked after the pool
+    exists has none of its threads and makes its own (without os.register_at_fork's reset it would wait forever)."""
+    import multiprocessing
+
+    from refprism.gemma import ops
+
+    monkeypatch.delenv("REFPRISM_THREADS", raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    assert ops.threads() == 3
+    monkeypatch.setenv("REFPRISM_THREADS", "2")
+    assert ops.threads() == 2
+    rng = np.random.default_rng(1)
+    K, V = 96, 50_003
+    E = rng.standard_normal((V, K)).astype(np.float32)
+    for T in (1, 2, 9):
+        x = rng.standard_normal((T, K)).astype(np.float32)
+        got = {}
+        for n in ("1", "2", "3"):
+            monkeypatch.setenv("REFPRISM_THREADS", n)
+            got[n] = matmul_nan(ops, x, E.T)
+        np.testing.assert_array_equal(got["2"], got["1"])
+        np.testing.assert_array_equal(got["3"], got["1"])
+        exact = x.astype(np.float64) @ E.T.astype(np.float64)
+        bound = K * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(E.T).astype(np.float64))
+        assert np.all(np.abs(got["3"] - exact) <= bound)
+    monkeypatch.setenv("REFPRISM_THREADS", "2")
+    np.testing.assert_array_equal(matmul_nan(ops, x, E.T), got["2"])  # the pool the child inherits: one worker
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_threaded_product_in_child, args=(x, E, got["2"]))
+    child.start()
+    child.join(timeout=60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0
+
+
+def matmul_nan(ops, x, W):
+    return ops.matmul(x, W, np.full((len(x), W.shape[1]), np.nan, np.float32))
+
+
+def _threaded_product_in_child(x, E, expected):
+    import os
+
+    from refprism.gemma import ops
+
+    os._exit(0 if np.array_equal(ops.matmul(x, E.T), expected) else 1)

@@ -374,9 +374,10 @@ def load_refprism(folder: str, dtype: str, memory: str):
 def worker_refprism(spec: dict) -> dict:
     """refprism: load in a dtype and memory mode, N full-record forwards, then (optionally) the full prism set."""
     t = time.perf_counter()
-    import numpy as np
+    from refprism import prisms  # before NumPy, as the CLI does: refprism's OPENBLAS_THREAD_TIMEOUT default applies
 
-    from refprism import prisms
+    # isort: split
+    import numpy as np
 
     out = {"import_s": time.perf_counter() - t, "rss_import": peak_rss()}
     t = time.perf_counter()

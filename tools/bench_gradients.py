@@ -74,6 +74,8 @@ def _ids(T):
 
 
 def worker(side, T, d):
+    if side in ("refprism", "atp"):
+        import refprism  # noqa: F401  (before NumPy, as the CLI does: its OPENBLAS_THREAD_TIMEOUT default applies)
     clean, other = _ids(T)
     out = {"side": side, "T": T}
     if side in ("refprism", "atp"):

@@ -178,11 +178,8 @@ def matmul(x: np.ndarray, W: np.ndarray, out: np.ndarray | None = None) -> np.nd
     and the unembedding): a slice of a row-major W reads `width` floats of every row, 1.2-3.5 GB/s against
     6.4-8.2 GB/s for one product (W_Q, W_O: [2048, 2048] at T = 16, [1536, 2048] at T = 7, one thread).
     Otherwise one BLAS product.
-    Shapes: x [T, K], W [K, N] -> out [T, N]; x [..., K] (the backward's [Z, T, K]) -> [..., N], over all its rows
+    Shapes: x [T, K], W [K, N] -> out [T, N]
     """
-    if x.ndim != 2:
-        assert out is None, "out is for a [T, K] x"
-        return matmul(x.reshape(-1, x.shape[-1]), W).reshape(*x.shape[:-1], W.shape[1])
     T, K = x.shape
     N = W.shape[1]
     if out is None:

@@ -17,7 +17,7 @@ The parameters are kept as the checkpoint stores them (raw norm weights w, appli
                         Gemma 2/3: pre_feedforward_layernorm.weight
       W_gate [D, F]     mlp.gate_proj.weight [F, D], transposed
       W_up  [D, F]      mlp.up_proj.weight [F, D], transposed
-      W_down [F, D]     mlp.down_proj.weight [D, F], transposed into rows (gate, up: transposed views)
+      W_down [F, D]     mlp.down_proj.weight [D, F], transposed
       ln1_post [D]      Gemma 2/3: post_attention_layernorm.weight (norm of the attention output)
       ln2_post [D]      Gemma 2/3: post_feedforward_layernorm.weight (norm of the MLP output)
       q_norm, k_norm [H]  Gemma 3: self_attn.q_norm.weight, self_attn.k_norm.weight (per-head norms of q, k)
@@ -411,13 +411,8 @@ class Weights:
             return self._convert(name, lambda a: a.T.reshape(D, K, H), reuse)
         if key == "W_O":  # o_proj columns are [head, h]: [D, N*H] -> [D, N, H] -> [N, H, D]
             return self._convert(p + "self_attn.o_proj.weight", lambda a: a.reshape(D, N, H).transpose(1, 2, 0), reuse)
-        # down [D, F] transposed into rows W_down [F, D] (neuron n is the row W_down[n]), gate/up [F, D] kept as
-        # stored and read through a transposed view W_gate, W_up [D, F]. So each of the MLP's products whose
-        # reduction axis is short (D) reads W's columns contiguously, which a few rows take in ops.matmul's slices:
-        # x W_gate and x W_up forward, g W_down^T backward. Measured at 16 rows, [16384, 2048] (docs/performance.md):
-        # act W_down 4.5-4.8 -> 6.9-7.1 GB/s, g W_down^T 3.4-3.6 -> 6.7-8.2 GB/s with the rows layout.
-        if key == "W_down":
-            return self._convert(p + "mlp.down_proj.weight", lambda a: a.T, reuse)
+        # gate/up [F, D] and down [D, F] kept as stored and read through a transposed view (BLAS takes the
+        # transpose for free): W_gate, W_up [D, F], W_down [F, D]
         return self._convert(p + f"mlp.{key[2:]}_proj.weight", reuse=reuse).T
 
     def _convert_block(self, l, reuse=False) -> dict:

@@ -472,7 +472,7 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
                                            frozen=eps_frozen, scale_grad=kept(b + "ln2_post.scale"))
                 put(b + "mlp.down", g)
                 put(b + "ln2_post.scale", g_sp)
-            g_act = ops.matmul(g, w("W_down").T)  # [Z, T, F]: W_down^T's columns are contiguous (few rows: slices)
+            g_act = g @ w("W_down").T  # [Z, T, F]
             put(b + "mlp.act", g_act)
             g_gate, g_up = ops.geglu_vjp(g_act, rec[b + "mlp.gate"], rec[b + "mlp.up"], frozen="gelu" in freeze)
             del g_act
@@ -637,7 +637,7 @@ def _gemma4_block(model, layers, l, g_x, put, freeze, drop, shared, g_ple, posit
             g_mid = g_mid + _moe_vjp(model, rec, l, g_sum, put, norm, freeze)
             g_sum = norm(g_sum, "mlp.down", "ln2_post1.scale", w("ln2_post1"))
         put(b + "mlp.down", g_sum)
-        g_act = ops.matmul(g_sum, w("W_down").T)  # [Z, T, F]
+        g_act = g_sum @ w("W_down").T  # [Z, T, F]
         put(b + "mlp.act", g_act)
         g_gate, g_up = ops.geglu_vjp(g_act, rec[b + "mlp.gate"], rec[b + "mlp.up"], frozen="gelu" in freeze)
         put(b + "mlp.gate", g_gate)

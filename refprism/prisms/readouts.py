@@ -287,9 +287,9 @@ def neuron_terms(readout, layer) -> np.ndarray:
     """
     _check_layer(readout, layer, "mlp")
     act = readout.run.record[f"blocks.{layer}.mlp.act"][readout.position]  # [F]
-    W_down = readout.model.params.get(layer, "W_down")  # [F, D], rows (weights.Weights)
+    W_down = readout.model.params.get(layer, "W_down")  # [F, D], a transposed view of the stored [D, F]
     u = through_post_norm(readout, layer, "dense" if readout.model.config.moe else "mlp")
-    return act[:, None] * ops.matmul(u, W_down.T).T  # (u W_down^T)^T = W_down u: W_down^T in column slices
+    return act[:, None] * (u @ W_down.T).T  # (u W_down^T)^T = W_down u: streams the [D, F] rows in order
 
 
 def check_head(readout, layer, head, source) -> None:

@@ -10,7 +10,6 @@ import numpy as np
 
 from refprism import prisms
 from refprism.errors import InputError
-from refprism.gemma import ops
 from refprism.gemma.record import Selection
 from refprism.sweeps.rows import OTHER, Item, _is_int
 
@@ -213,7 +212,7 @@ def neuron_terms_many(readouts) -> list[np.ndarray]:
     out = np.empty((P, cfg.n_layers, cfg.d_mlp, Z), dtype=dtype)
     for l in range(cfg.n_layers):
         u = np.concatenate([prisms.through_post_norm(r, l, "mlp") for r in readouts])  # [P*Z, D]
-        proj = ops.matmul(u, model.params.get(l, "W_down").T)  # [P*Z, F]: W_down u for every readout row
+        proj = u @ model.params.get(l, "W_down").T  # [P*Z, F]: W_down u for every readout row
         for i, r in enumerate(readouts):
             act = r.run.record[f"blocks.{l}.mlp.act"][r.position]  # [F]
             out[i, l] = act[:, None] * proj[i * Z:(i + 1) * Z].T

@@ -218,6 +218,13 @@ def test_slice_threads_give_the_same_bits_and_survive_fork(monkeypatch):
         exact = x.astype(np.float64) @ E.T.astype(np.float64)
         bound = K * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(E.T).astype(np.float64))
         assert np.all(np.abs(got["3"] - exact) <= bound)
+    # fewer slices than runs (5 slices of 1024 and a short one, on 3 threads: one slice a run)
+    assert ops.slice_width(9, K) == 1024
+    x5, W5 = rng.standard_normal((9, K)).astype(np.float32), E[:5 * 1024 + 7].T
+    monkeypatch.setenv("REFPRISM_THREADS", "1")
+    one = matmul_nan(ops, x5, W5)
+    monkeypatch.setenv("REFPRISM_THREADS", "3")
+    np.testing.assert_array_equal(matmul_nan(ops, x5, W5), one)
     monkeypatch.setenv("REFPRISM_THREADS", "2")
     np.testing.assert_array_equal(matmul_nan(ops, x, E.T), got["2"])  # the pool the child inherits: one worker
     ctx = multiprocessing.get_context("fork")

@@ -10,8 +10,8 @@ float32 * float64 to float64 silently.
 
 from __future__ import annotations
 
-import itertools
 import os
+import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -201,7 +201,8 @@ def _slices_product(x, W, out, width, n):
     the slices cost about 6% more at T = 7, and holds the GIL between calls). With threads() > 1 and at least two
     rows, the slices are cut into 8 runs a thread, which the threads (the calling one included) take in turn: a batched
     np.matmul releases the GIL, and OpenBLAS runs each small-kernel slice on the thread that calls it, so the runs
-    stream W side by side (a [16, 2048] x [2048, 16384] MLP product: 7 -> 13 GB/s on two threads). The same BLAS
+    stream W side by side (a [16, 2048] x [2048, 16384] MLP product: 4.6 -> 10.3 GB/s on two threads,
+    docs/performance.md). The same BLAS
     call per slice whatever the thread count: the same bits."""
     Wb = W[:, :n * width].reshape(W.shape[0], n, width).transpose(1, 0, 2)
     ob = out[:, :n * width].reshape(out.shape[0], n, width).transpose(1, 0, 2)
@@ -211,15 +212,19 @@ def _slices_product(x, W, out, width, n):
         return
     m = min(n, 8 * k)  # runs, taken in turn by whichever thread is free: a late or slowed thread takes fewer
     cuts = [n * i // m for i in range(m + 1)]
-    taken = itertools.count()  # next() on a count is one bytecode-free C call: atomic under the GIL
+    runs = queue.SimpleQueue()  # thread-safe without relying on the GIL
+    for i in range(m):
+        runs.put(i)
 
     def work():
-        for i in iter(taken.__next__, None):
-            if i >= m:
+        while True:
+            try:
+                i = runs.get_nowait()
+            except queue.Empty:
                 return
             np.matmul(x, Wb[cuts[i]:cuts[i + 1]], out=ob[cuts[i]:cuts[i + 1]])
 
-    helpers = [_pool(k - 1).submit(work) for _ in range(k - 1)]
+    helpers = _submit(k - 1, work)
     work()
     for helper in helpers:
         helper.result()
@@ -240,15 +245,16 @@ _POOL: list = [None, 0]  # the worker pool of _slices_product and its size
 _POOL_LOCK = threading.Lock()
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool of `workers` threads (made again when the count changes). Its tasks are single BLAS
-    calls that never wait on other tasks, so callers on many threads (graphs' passes) may share it."""
+def _submit(workers: int, fn) -> list:
+    """fn on each of `workers` threads of a process-wide pool (made again when the count changes; the check and
+    the submits under one lock, so no caller submits to a pool another has just shut down). Its tasks are single
+    BLAS calls that never wait on other tasks, so callers on many threads (graphs' passes) may share it."""
     with _POOL_LOCK:
         if _POOL[1] != workers:
             if _POOL[0] is not None:
                 _POOL[0].shutdown(wait=False)
             _POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="refprism-matmul"), workers]
-        return _POOL[0]
+        return [_POOL[0].submit(fn) for _ in range(workers)]
 
 
 def _forget_pool():

@@ -162,7 +162,8 @@ class Model:
         record:    None (everything) or entries of record.Selection (`["blocks.*.attn.out@-1", "logits@-1"]`)
         positions: where logits are computed and kept (an int or a list, negative from the end); None: wherever
                    `record` keeps them (everything by default). The unembedding is the largest product of a long
-                   prompt: ask only for the positions you read.
+                   prompt: ask only for the positions you read. With record=None, the rest of the record is the
+                   full one's (the same recipes, record.lazy_entry).
         edit, resume: forward.forward's edit function and (layer, clean record) resume point.
         Before running, the record's size is estimated; a run that cannot fit in the memory available is refused
         in one line (`preflight`), not killed by the kernel minutes later.
@@ -173,6 +174,15 @@ class Model:
         rec = forward(self.params, self.config, tokens, normalizer=self.normalizer, edit=edit, resume=resume,
                       record=selection)
         return Run(tokens=tokens, pieces=[self.piece(t) for t in tokens], record=rec)
+
+    def run_reading(self, prompt, position) -> Run:
+        """The run a readout at `position` needs: the full record, the logits only there (no other row of the
+        [T, V] unembedding is computed); the full run where `position` is not an integer in range (the reader's
+        own error then follows)."""
+        tokens = self.encode(prompt)
+        inside = isinstance(position, (int, np.integer)) and not isinstance(position, bool) and \
+            -len(tokens) <= position < len(tokens)
+        return self.run(tokens, positions=[int(position)] if inside else None)
 
     def run_many(self, prompts, *, record=None, positions=None, pack_tokens=1024) -> list[Run]:
         """Many prompts, computed in packed passes (forward.forward_packed): one Run per prompt, each its own
@@ -244,7 +254,7 @@ class Model:
             entries = [g + ("" if r is None else "@" + ",".join(map(str, r))) for g, r in selection.entries
                        if not any(fnmatch.fnmatchcase(n, g) for n in logit_names)]
         entries += [n + at for n in logit_names if n in symbolic_shapes(self.config)]
-        return Selection(entries)
+        return Selection(entries, everything=selection is None)
 
 
 # The share of available memory a run may plan to use: the rest is left for the OS, the page cache and the

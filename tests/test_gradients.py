@@ -166,6 +166,25 @@ def test_selective_record_is_recomputed_layer_by_layer(models, preset):
                                    atol=1e-13 * max(1.0, np.abs(full.record[name]).max()), err_msg=name)
 
 
+@pytest.mark.parametrize("readout", ["logit", "logprob"])
+def test_a_prompt_is_unembedded_only_at_the_readouts_position(models, readout):
+    """gradients(model, prompt) runs the full record with the logits at `position` only (Model.run_reading):
+    every gradient equals the one from the full run's record, where the [T, V] product rounds that row as the
+    1-row product need not (the readout's value and the log-softmax seed within 1e-13, the rest the same)."""
+    model = models["tiny-gemma3"]
+    ids = _ids(model, 11, 3)
+    full = gradients(model, model.run(ids), targets=TARGETS, versus=FOILS, readout=readout, position=6)
+    part = gradients(model, ids, targets=TARGETS, versus=FOILS, readout=readout, position=6)
+    assert part.run.record["logits"].positions == (6,)
+    np.testing.assert_allclose(part.value, full.value, rtol=1e-14, atol=1e-13)
+    assert set(part.record) == set(full.record)
+    for name in full.record:
+        np.testing.assert_allclose(part.record[name], full.record[name], rtol=0,
+                                   atol=1e-13 * max(1.0, np.abs(full.record[name]).max()), err_msg=name)
+    with pytest.raises(InputError, match="position 11 is out of range for 11 tokens"):
+        gradients(model, ids, targets=TARGETS, position=11)
+
+
 def test_direction_readout_and_gradient_drop(models):
     model = models["tiny-gemma2"]
     cfg = model.config

@@ -400,6 +400,40 @@ def test_a_long_prompt_keeps_the_stream_and_recomputes_the_rest_exactly(checkpoi
         np.testing.assert_array_equal(resumed.record[name], full.record[name], err_msg=name)
 
 
+@pytest.mark.parametrize("long", [False, True])
+def test_logits_at_some_positions_keep_the_full_records_recipes(checkpoint, long, monkeypatch):
+    """positions= on a full record changes the logits only: the same sites are recipes (record.Lazy) as in the
+    full record, short (the scores and the activations) or long (most of each layer), the same bits, and the
+    memory estimate differs by the logits' rows alone. An explicit selection of every site (everything_but)
+    still keeps every site but the scores as an array."""
+    from refprism.gemma import record as R
+    from refprism.gemma.record import everything_but
+
+    model = refprism.load(checkpoint("tiny-gemma2", max_position_embeddings=1024, sliding_window=40))
+    cfg = model.config
+    T = R.LONG_PROMPT + 20
+    if long:
+        monkeypatch.setattr(R, "LAZY_BUDGET", 0)
+    ids = np.random.default_rng(1).integers(3, cfg.vocab_size, T).tolist()
+    full, part = model.run(ids), model.run(ids, positions=[-1])
+
+    def lazy(run):
+        return {n for n in run.record if isinstance(dict.__getitem__(run.record, n), Lazy)}
+
+    assert lazy(part) == lazy(full) and ("blocks.0.mlp.gate" in lazy(part)) == long
+    assert "blocks.0.mlp.act" in lazy(part)
+    assert set(part.record) == set(full.record)
+    assert part.record["logits"].positions == (T - 1,)
+    for name in set(full.record) - {"logits", "logits_uncapped"}:
+        np.testing.assert_array_equal(part.record[name], full.record[name], err_msg=name)
+    est = {k: R.estimate_bytes(cfg, [T], model.dtype, sel)["record"]
+           for k, sel in (("full", None), ("part", model._selection(None, [-1], [T])))}
+    rows = 2 * (T - 1) * cfg.vocab_size * np.dtype(model.dtype).itemsize  # logits and logits_uncapped
+    assert est["full"] - est["part"] == rows
+    eager = model.run(ids, record=everything_but(cfg, ("logits", "logits_uncapped")))
+    assert lazy(eager) == {n for n in eager.record if n.endswith("attn.scores")}
+
+
 def test_an_edited_pattern_is_mixed_whole(tiny64):
     """A pattern an edit replaced may weigh sources outside the causal band (another implementation's, wrong):
     z is then that pattern times v over every source, not only the band."""

@@ -184,9 +184,12 @@ class Selection:
     (the query axis of scores and pattern); sources S are always kept whole, since a prism sums over them.
     """
 
-    def __init__(self, entries):
+    def __init__(self, entries, *, everything: bool = False):
         if isinstance(entries, str):
             entries = [entries]
+        # everything: the entries name every site (Model.run's positions= on a full record: the logits at some
+        # positions only), and the run records as a full one does, its recipes (lazy_entry) included
+        self.everything = everything
         self.entries: list[tuple[str, tuple[int, ...] | None]] = []
         self._rows: dict[tuple[str, int], object] = {}  # (name, T) -> rows, asked for at every site of a pass
         for entry in entries:
@@ -202,6 +205,21 @@ class Selection:
                 raise InputError(f"record entry {entry!r}: positions after @ are integers, comma separated "
                                  "(e.g. logits@-1 or blocks.*.attn.out@0,5)") from None
             self.entries.append((glob, positions))
+        # a name's entries: literal names by a dict lookup, the globs by fnmatch (a full record made with
+        # positions= names every site literally: hundreds of entries, asked at every site of a pass)
+        self._literal: dict[str, list[int]] = {}
+        self._globs: list[int] = []
+        for i, (glob, _) in enumerate(self.entries):
+            if any(c in glob for c in "*?["):
+                self._globs.append(i)
+            else:
+                self._literal.setdefault(glob, []).append(i)
+
+    def _matching(self, name: str):
+        """The entries whose glob matches name, in the order given."""
+        found = self._literal.get(name, []) + [i for i in self._globs
+                                               if fnmatch.fnmatchcase(name, self.entries[i][0])]
+        return [self.entries[i] for i in sorted(found)]
 
     def __repr__(self):
         return "Selection([" + ", ".join(repr(g + ("" if r is None else "@" + ",".join(map(str, r))))
@@ -215,9 +233,7 @@ class Selection:
 
     def _find(self, name: str, T: int):
         found = None
-        for glob, positions in self.entries:
-            if not fnmatch.fnmatchcase(name, glob):
-                continue
+        for glob, positions in self._matching(name):
             if positions is None:
                 return ALL
             for p in positions:
@@ -230,6 +246,8 @@ class Selection:
         """Every glob must name at least one site of this model: a typo is an error, never an empty record."""
         names = list(symbolic_shapes(cfg))
         for glob, _ in self.entries:
+            if glob in self._literal and glob in symbolic_shapes(cfg):
+                continue
             if not any(fnmatch.fnmatchcase(n, glob) for n in names):
                 raise InputError(f"record entry {glob!r} names no recorded site of this model (see "
                                  "refprism.RECORD_TABLE, e.g. blocks.3.attn.pattern)")
@@ -414,15 +432,16 @@ def lazy_entry(cfg: Config, name: str, lengths, selection, dtype, *, edited: boo
     """Whether a run stores `name` as a recipe (Lazy) rather than an array (see LAZY_KEPT, long_record).
 
     The scores are lazy whenever kept whole and not edited (each prompt's own q and k recompute them); the rest
-    only for one prompt recording everything, unedited: the neuron activations always (elementwise from the kept
-    gate and up), every site outside LAZY_KEPT but the scales for a long record (long_record).
+    only for one prompt recording everything, unedited (selection None, or one made `everything`: the logits at
+    some positions only): the neuron activations always (elementwise from the kept gate and up), every site
+    outside LAZY_KEPT but the scales for a long record (long_record).
     """
     if edited:
         return False
     site = _site(name)
     if site == "attn.scores":
         return True
-    if len(lengths) != 1 or selection is not None:
+    if len(lengths) != 1 or (selection is not None and not selection.everything):
         return False
     return site == "mlp.act" or (_long_lazy(site) and long_record(cfg, lengths[0], dtype))
 

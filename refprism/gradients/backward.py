@@ -99,7 +99,8 @@ def gradients(model, prompt_or_run, *, targets=None, versus=(), position=-1, rea
     """The gradient of a readout of the run with respect to every recorded site, in one backward pass.
 
     model:   a loaded refprism Model;  prompt_or_run: text, token ids, or a Run (a full record is read as it is; a
-             selective one is recomputed layer by layer, never more than one layer at a time beyond it)
+             selective one is recomputed layer by layer, never more than one layer at a time beyond it). A prompt
+             runs with the full record, its logits only at `position` (Model.run's positions=)
     targets, versus: the readout's rows, as the prisms take them (None: the run's top token at `position`)
     readout: "logit" (default, pre-cap), "capped", "logprob", or directions u [Z, D] / [D] at the final residual
     freeze:  a subset of FREEZABLE;  drop: layers (or "L{l}.attn" / "L{l}.mlp") the backward skips (GradDrop)
@@ -115,7 +116,7 @@ def gradients(model, prompt_or_run, *, targets=None, versus=(), position=-1, rea
                          f"refprism.load(..., dtype={np.dtype(dtype).name!r}) for a {np.dtype(dtype).name} gradient")
     freeze = _freeze(freeze)
     drop = _drop(cfg, drop)
-    run = prompt_or_run if isinstance(prompt_or_run, Run) else model.run(prompt_or_run)
+    run = prompt_or_run if isinstance(prompt_or_run, Run) else model.run_reading(prompt_or_run, position)
     p = P.resolve_position(run, position)
     layers = _layer_source(model, run, p)
     top = layers.top  # a record with the final residual, the final norm and the logits at the readout position

@@ -87,12 +87,7 @@ def _as_run(model, prompt, what, position=None) -> Run:
         return prompt
     if isinstance(prompt, str):
         check_text(prompt, what)
-    if position is None:
-        return model.run(prompt)
-    tokens = model.encode(prompt)
-    inside = isinstance(position, (int, np.integer)) and not isinstance(position, bool) and \
-        -len(tokens) <= position < len(tokens)
-    return model.run(tokens, positions=[int(position)] if inside else None)
+    return model.run(prompt) if position is None else model.run_reading(prompt, position)
 
 
 def check_options(ablate, direction, counterfactual, reference) -> None:

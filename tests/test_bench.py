@@ -395,3 +395,15 @@ def test_gemma4_quick_writes_its_section_before_the_notes_and_keeps_the_rest(tmp
     assert "- tiny-gemma4, T=7: refprism-fast same, refprism-low same" in section
     assert table_row(section, "tiny-gemma4 fast forward / HF forward, T=7")[3] in ("PASS", "FAIL")
     assert re.search(r"Load average \(1 min.*\d+\.\d\d at the start, \d+\.\d\d at the end", section)
+
+
+def test_bench_blas_quick_reports_every_product_on_every_side():
+    """tools/bench_blas.py --quick: a row per product and row count, a rate (GB/s) on each side, torch's included."""
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_blas.py"), "--quick", "--threads", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| small |")]
+    assert len(rows) == 5 * 2
+    for line in rows:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert cells[3] in ("1", "7") and all(float(c) > 0 for c in cells[4:7]), line

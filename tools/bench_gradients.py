@@ -8,10 +8,15 @@
 Two measurements, each side in its own fresh process (this script as `--worker SIDE T DIR`, one JSON line out):
 
 gradient (issue 18, target a): the forward + the backward of one logit, float32, no weight gradients
-    refprism  refprism.load(dir, memory="fast"), model.run(ids) (full record), refprism.gradients(model, run,
-              targets=[t]) (every site's gradient, one readout row)
+    refprism  refprism.load(dir, memory="fast"), refprism.gradients(model, ids, targets=[t]): the forward with the
+              full record but the logits at the readout's position only (Model.run_reading), then the backward
+              (every site's gradient, one readout row)
+    refprism-run  the same from model.run(ids) (the full record, the logits at every position), then
+              refprism.gradients(model, run, targets=[t])
     hf        AutoModelForCausalLM (eager, float32), inputs_embeds = embed(ids) with requires_grad, one forward,
               torch.autograd.grad(logits[0, -1, t], inputs_embeds)
+    hf-keep1  the same with logits_to_keep=1 (HF unembeds the last position only, and its backward skips the
+              [T, V] product too): the like-for-like of `refprism`
 atp (target b, refprism only, --atp): attribute(model, ids, method="atp", level="heads", at="all",
               ablate="resample", counterfactual=other ids): every head at every position patched from the other
               run, i.e. two full-record forwards (clean, corrupt) and one backward; its seconds divided by one
@@ -74,11 +79,12 @@ def _ids(T):
 
 
 def worker(side, T, d):
-    if side in ("refprism", "atp"):
+    ours = side in ("refprism", "refprism-run", "atp")
+    if ours:
         import refprism  # noqa: F401  (before NumPy, as the CLI does: its OPENBLAS_THREAD_TIMEOUT default applies)
     clean, other = _ids(T)
     out = {"side": side, "T": T}
-    if side in ("refprism", "atp"):
+    if ours:
         import refprism
 
         model = refprism.load(d, memory="fast")
@@ -102,24 +108,26 @@ def worker(side, T, d):
         seconds = time.perf_counter() - t0
         return seconds, (_status_kb("VmHWM") / 2**20 if reset else None), res
 
-    if side == "refprism":
+    if side in ("refprism", "refprism-run"):
         parts = {}
 
         def grad():
             t0 = time.perf_counter()
-            run = model.run(clean)
-            t1 = time.perf_counter()
+            run = model.run_reading(clean, -1) if side == "refprism" else model.run(clean)
+            t1 = time.perf_counter()  # (refprism.gradients(model, clean, ...) is these two steps)
             refprism.gradients(model, run, targets=[f"#{TARGET}"])
             parts.update(forward=t1 - t0, backward=time.perf_counter() - t1)
 
         out["seconds"], out["call_peak_gb"], _ = timed(grad)
         out.update(parts)
-    elif side == "hf":
+    elif side in ("hf", "hf-keep1"):
         import torch
+
+        keep = {"logits_to_keep": 1} if side == "hf-keep1" else {}
 
         def grad():
             e = model.get_input_embeddings()(torch.tensor([clean.tolist()])).detach().requires_grad_(True)
-            logit = model(inputs_embeds=e, use_cache=False).logits[0, -1, TARGET]
+            logit = model(inputs_embeds=e, use_cache=False, **keep).logits[0, -1, TARGET]
             return torch.autograd.grad(logit, e)
 
         out["seconds"], out["call_peak_gb"], _ = timed(grad)
@@ -187,18 +195,20 @@ def main(argv=None):
         print("| T | side | seconds (fwd + bwd) | fwd s | bwd s | peak RSS GB (process) | peak RSS GB (the call) |\n"
               "| --- | --- | --- | --- | --- | --- | --- |")
         for T in lengths:
-            res = {side: _measure(side, T, folder, args.runs, args.threads) for side in ("refprism", "hf")}
+            res = {side: _measure(side, T, folder, args.runs, args.threads)
+                   for side in ("refprism", "refprism-run", "hf", "hf-keep1")}
             for side, r in res.items():
                 if r:
                     fmt = lambda k, r=r: f"{r[k]:.2f}" if r.get(k) is not None else "-"  # noqa: E731
                     print(f"| {T} | {side} | {fmt('seconds')} | {fmt('forward')} | {fmt('backward')} | "
                           f"{fmt('peak_rss_gb')} | {fmt('call_peak_gb')} |", flush=True)
-            if all(res.values()):
-                a, b = res["refprism"], res["hf"]
-                call = (f"{a['call_peak_gb'] / b['call_peak_gb']:.2f}" if a.get("call_peak_gb") and
-                        b.get("call_peak_gb") else "-")
-                print(f"| {T} | refprism / hf | {a['seconds'] / b['seconds']:.2f} | | | "
-                      f"{a['peak_rss_gb'] / b['peak_rss_gb']:.2f} | {call} |", flush=True)
+            for x, y in (("refprism", "hf"), ("refprism-run", "hf"), ("refprism", "hf-keep1")):
+                a, b = res[x], res[y]
+                if a and b:
+                    call = (f"{a['call_peak_gb'] / b['call_peak_gb']:.2f}" if a.get("call_peak_gb") and
+                            b.get("call_peak_gb") else "-")
+                    print(f"| {T} | {x} / {y} | {a['seconds'] / b['seconds']:.2f} | | | "
+                          f"{a['peak_rss_gb'] / b['peak_rss_gb']:.2f} | {call} |", flush=True)
         print(f"\nload average after the gradients: {' '.join(_uptime())}\n")
     if args.atp:
         print("| T | components x positions | AtP s | one forward s | forward-pass equivalents | passes | "

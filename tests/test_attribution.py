@@ -292,3 +292,52 @@ def test_attribute_runs_unembed_only_the_readout_position_with_the_same_scores(g
     np.testing.assert_array_equal(again.values, linear_scores(full, groups))
     with pytest.raises(InputError, match="the prompt is a run with a selective record"):  # sites missing: refused
         attribute(gemma2, gemma2.run(ids, record=["logits@-1"]), method="atp", level="heads", targets=["#5"])
+
+
+def test_validate_methods_score_the_re_run_components_so_ig_runs_at_a_neurons_level(gemma2):
+    """A level larger than the budget: validate re-runs the prism's top-k and a sample, and every method scores
+    those components only. ig on all 128 neurons x 16 steps (2048 re-runs) is more than attribute allows; on the
+    8 re-run ones it is 128 re-runs, and each score is that neuron's (it converges to its total; the other
+    methods' scores are their whole-level scores at the same labels)."""
+    from refprism.interventions.agreement import agreement
+    from refprism.interventions.attribution import validate_methods
+
+    ids = _ids(gemma2, 12)
+    kw = dict(level="neurons:1", targets=["#5"], versus=["#3"])
+    with pytest.raises(InputError, match="2048 re-runs"):
+        attribute(gemma2, ids, method="ig", steps=16, **kw)
+    r = validate_methods(gemma2, ids, methods=["ig", "atp"], steps=16, budget=8, top=3, faithfulness=False, **kw)
+    v = r.validation
+    rows = np.flatnonzero(v.verified)
+    assert len(v.labels) == 128 and len(rows) == 8
+    verified = [v.labels[i] for i in rows]
+    assert r.methods["ig"].labels == verified and r.methods["atp"].labels == verified
+    assert r.methods["ig"].cost["forward"] == 8 * 16 + 1 and r.methods["ig"].cost["backward"] == 8 * 16
+    whole = attribute(gemma2, ids, method="atp", **kw)
+    np.testing.assert_array_equal(r.scores("atp"), whole.values[rows])
+    ig, total = r.scores("ig")[:, 0], v.total[rows, 0]
+    assert np.abs(total).max() > 1e-3
+    assert np.abs(ig - total).max() < 1e-3 * np.abs(total).max(), np.c_[ig, total]  # midpoint rule, k = 16
+    assert np.abs(r.scores("atp")[:, 0] - total).max() > 10 * np.abs(ig - total).max()  # not the linearisation
+    assert r.agreement("ig") == {**agreement(ig, total, 3), "reruns_to_true_top_k": None}
+    j = r.to_json()
+    assert [c["label"] for c in j["components"]] == verified and all("ig" in c for c in j["components"])
+    with pytest.raises(InputError, match="'L1N999' is not a component of level neurons:1"):
+        attribute(gemma2, ids, method="atp", components=["L1N3", "L1N999"], **kw)
+
+
+def test_cli_validate_ig_at_a_neurons_level_beyond_attributes_limit(checkpoint, capsys):
+    import json
+
+    from refprism import cli
+
+    args = ["--model", str(checkpoint("tiny-gemma3")), "--ids", "2,5,7,9,11,13", "--level", "neurons:1", "--ablate",
+            "zero", "--targets", "#5", "--steps", "9"]  # 128 neurons x 9 steps = 1152 re-runs: attribute refuses
+    assert cli.main(["attribute", *args, "--method", "ig"]) == 2
+    assert "1152 re-runs" in capsys.readouterr().err
+    assert cli.main(["validate", *args, "--methods", "ig", "--budget", "4", "--top", "2", "--no-faithfulness",
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_components"] == 128 and out["n_verified"] == 4 and len(out["components"]) == 4
+    assert all(len(c["ig"]) == 1 for c in out["components"])
+    assert out["methods"]["ig"]["cost"]["forward"] == 4 * 9 + 1

@@ -42,7 +42,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="the random sample's seed (default 0)")
     p.add_argument("--no-faithfulness", action="store_true", help="skip the faithfulness curve (its ~25 re-runs)")
     p.add_argument("--methods", metavar="M,M", help="attribution methods to set beside the prism, comma separated: "
-                                                   "gradxact, atp, atp*, atp-gd, ig (refprism/gradients/)")
+                                                   "gradxact, atp, atp*, atp-gd, ig (refprism/gradients/); each "
+                                                   "scores the components validate re-runs (ig: --steps re-runs "
+                                                   "each, so at most --budget x --steps)")
     p.add_argument("--steps", type=int, default=8, help="ig's steps k (midpoint rule; default 8)")
     p.set_defaults(func=cmd_validate)
 

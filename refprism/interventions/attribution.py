@@ -88,15 +88,19 @@ class Attribution:
 
 def attribute(model, prompt, *, method="atp", level="heads", targets=None, versus=(), position=-1, at=None,
               ablate="zero", counterfactual=None, reference=None, direction="noising", steps=8,
-              max_reruns=1024) -> Attribution:
+              max_reruns=1024, components=None) -> Attribution:
     """Score every component of a level by one attribution method (module docstring); arguments as validate's.
     The edge methods (eap, eap-ig) score the edges between components instead: edges.attribute_edges, an
     EdgeAttribution.
 
     steps: ig's k (midpoint rule);  max_reruns: ig costs components x steps re-runs (and backward passes): more
-           than this is refused before any is run
+           than this is refused before any is run (None: no limit)
+    components: labels of the level's components to score (validate --methods: the ones validate re-ran); the
+           result holds those, in the level's order. None: every component of the level
     """
     check_method(method, level, ablate, steps)
+    if method in EDGE_METHODS and components is not None:
+        raise InputError(f"{method} scores every edge of the level: components= picks components, not edges")
     if method in EDGE_METHODS:  # the edges between components: edges.py
         return attribute_edges(model, prompt, method=method, level=level, targets=targets, versus=versus,
                                position=position, at=at, ablate=ablate, counterfactual=counterfactual,
@@ -105,8 +109,10 @@ def attribute(model, prompt, *, method="atp", level="heads", targets=None, versu
     s = setting(model, prompt, targets=targets, versus=versus, position=position, at=at, ablate=ablate,
                 counterfactual=counterfactual, reference=reference, direction=direction, readout_logits_only=True)
     groups = level_groups(model.config, level, s.position)
+    if components is not None:
+        groups = only_components(groups, components, level)
     C = sum(len(g) for g in groups)
-    if method == "ig" and C * steps > max_reruns:
+    if method == "ig" and max_reruns is not None and C * steps > max_reruns:
         raise InputError(f"ig on {level} would run {C} components x {steps} steps = {C * steps} re-runs (at most "
                          f"{max_reruns}): pick a smaller level, fewer steps, or raise max_reruns")
     started = time.perf_counter()
@@ -139,6 +145,22 @@ def check_method(method, level, ablate, steps) -> None:
         raise InputError("gradxact linearises zero or mean ablation; for a counterfactual use --method atp")
     if method == "ig" and (not isinstance(steps, (int, np.integer)) or steps < 1):
         raise InputError(f"steps must be a positive integer, got {steps!r}")
+
+
+def only_components(groups, labels, level) -> list[Group]:
+    """The level's groups cut down to the components named by `labels` (each group keeps its rows in order; a
+    group left empty is dropped); a label not in the level is a one-line InputError."""
+    wanted = set(labels)
+    known = {label for g in groups for label in g.labels}
+    missing = [label for label in labels if label not in known]
+    if missing:
+        raise InputError(f"component {missing[0]!r} is not a component of level {level}")
+    out = []
+    for g in groups:
+        rows = [r for r, label in enumerate(g.labels) if label in wanted]
+        if rows:
+            out.append(g.take(rows))
+    return out
 
 
 def _base_gradients(s: Setting, run=None, **kwargs):
@@ -300,17 +322,24 @@ def ig_scores(s: Setting, groups, k: int):
 @dataclass
 class MethodsValidation:
     """validate's result with one column per attribution method beside prism, direct and total: each method's
-    scores, its agreement with the totals (interventions.agreement: Spearman, Kendall, sign agreement, top-k
-    precision/recall, re-runs to the true top-k) over the re-run components, and its cost."""
+    scores of the components validate re-ran (a level larger than the budget: its top-k by |prism| and the
+    sample), its agreement with the totals (interventions.agreement: Spearman, Kendall, sign agreement, top-k
+    precision/recall, re-runs to the true top-k) over them, and its cost."""
 
     validation: object  # interventions.Validation
-    methods: dict  # method -> Attribution
+    methods: dict  # method -> Attribution of the re-run components
+
+    def scores(self, method) -> np.ndarray:
+        """The method's scores of the re-run components, in the validation's order: [n verified, Z]."""
+        a = self.methods[method]
+        row = {label: i for i, label in enumerate(a.labels)}
+        v = self.validation
+        return a.values[[row[v.labels[i]] for i in np.flatnonzero(v.verified)]]
 
     def agreement(self, method) -> dict:
         v = self.validation
-        a = self.methods[method]
         k = v.agreement["k"]
-        scores = a.values[v.verified, v.column]
+        scores = self.scores(method)[:, v.column]
         out = agreement(scores, v.total[v.verified, v.column], k)
         if not v.verified.all():
             out["reruns_to_true_top_k"] = None
@@ -351,9 +380,14 @@ class MethodsValidation:
 
 
 def validate_methods(model, prompt, *, methods=("atp",), level="heads", steps=8, **kwargs) -> MethodsValidation:
-    """interventions.validate with one column per attribution method (METHODS) on the same components, runs,
-    readout and ablation; kwargs as validate's (targets, versus, position, at, ablate, counterfactual, reference,
-    direction, top, budget, seed, column, faithfulness, logprob)."""
+    """interventions.validate with one column per attribution method (METHODS) on the same runs, readout and
+    ablation; kwargs as validate's (targets, versus, position, at, ablate, counterfactual, reference, direction,
+    top, budget, seed, column, faithfulness, logprob).
+
+    Each method scores the components validate re-ran (every one of a level within the budget; else the prism's
+    top-k and the sample), the only ones it is compared with: ig then costs at most budget x steps re-runs, which
+    validate's budget bounds (attribute's max_reruns is not applied).
+    """
     from refprism.interventions import validate
 
     methods = [methods] if isinstance(methods, str) else list(methods)
@@ -368,5 +402,7 @@ def validate_methods(model, prompt, *, methods=("atp",), level="heads", steps=8,
     same = {"targets": s.readout.targets, "position": s.position, "at": list(s.at), "ablate": s.ablate,
             "counterfactual": s.counterfactual, "reference": s.means if s.ablate == "mean" else None,
             "direction": s.direction}
-    found = {m: attribute(model, s.clean, method=m, level=level, steps=steps, **same) for m in methods}
+    scored = None if v.verified.all() else [v.labels[i] for i in np.flatnonzero(v.verified)]
+    found = {m: attribute(model, s.clean, method=m, level=level, steps=steps, max_reruns=None, components=scored,
+                          **same) for m in methods}
     return MethodsValidation(v, found)

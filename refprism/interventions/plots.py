@@ -100,7 +100,7 @@ def _validation_fig(v, *, top=20):
         colors = _colors(len(methods) + 1)
         ax.scatter(total, prism, s=10, color=colors[0], alpha=0.7, label=_method_label("prism", v.agreement, None))
         for (m, a), color in zip(methods.items(), colors[1:]):
-            ax.scatter(total, a.values[rows, z], s=10, color=color, alpha=0.7,
+            ax.scatter(total, found.scores(m)[:, z], s=10, color=color, alpha=0.7,
                        label=_method_label(m, found.agreement(m), a.cost))
         ax.plot([-lim, lim], [-lim, lim], color="0.5", lw=0.8, ls="--")
         ax.axhline(0, color="0.8", lw=0.6), ax.axvline(0, color="0.8", lw=0.6)

@@ -2,6 +2,9 @@
 
 - Everything frozen, Gemma is linear in every residual with no biases: grad . x = the readout at every residual
   site (Euler: the map is homogeneous of degree 1), in float64 within 1e-10 relative.
+- Everything frozen, the gradient is the same for other tokens run with every factor held at the clean run's
+  value (norm scales, patterns, gelu gates), 1e-10 of each site's largest, at every site but the factors' own
+  (norm scales, patterns: their gradient reads this run's activations).
 - Everything frozen and every later layer dropped, grad x activation of each component is its prism term
   (residual parts, heads, head x source terms, neurons), float64 1e-10 of the readout's size.
 - Each freeze switch alone equals central differences of a forward with that factor held by a forward edit
@@ -331,3 +334,68 @@ def test_a_long_prompts_lazy_record_is_recomputed_once_per_layer_with_the_same_b
     assert set(got.record) == set(want.record)
     for name in want.record:
         np.testing.assert_array_equal(got.record[name], want.record[name], err_msg=name)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_all_frozen_gradient_is_the_same_for_other_tokens_with_the_factors_held(models, preset):
+    """Everything frozen the readout is a linear map of the input whose coefficients are the frozen factors: run
+    other tokens with every factor held at the clean run's value by edits, and the freeze=all gradient of that
+    run is the clean run's, 1e-10 of the site's largest in float64 (the backward reads the held factors from the
+    edited record: the norm scales, the patterns and the gates, whose gelu is act's factor).
+
+    Held here: every RMSNorm scale (ln1, ln2, the post-norms, q/k norms, the final norm: `held`'s norm edit), every
+    pattern, every gelu(gate) (mlp.gate set to the clean one: act = gelu(gate_clean) * up, and the backward's
+    frozen gelu reads gelu of the recorded gate). The soft-caps are held without an edit of their own: the held
+    pattern fixes everything the capped scores feed (Gemma 2), and the readout is the prisms' pre-cap logit, which
+    the final soft-cap comes after. So this test catches a norm, pattern or gelu switch not honoured, not a
+    soft-cap one (test_each_freeze_switch_equals_differences_... covers that).
+
+    The same at every site but these, whose gradient multiplies the factor's input with this run's activations:
+    a norm scale's (dR/ds = -sum_d g_d y_d / s: y is this run's normalised input) and a pattern's
+    (dR/dpattern[t, s] = dR/dz[t] . v[s]: this run's values); Gemma 3's q/k norm scales sit behind the frozen
+    pattern, zero in both runs like the scores, q and k (equal, trivially). The embedding's site is among the
+    equal ones: embed is the input of the linear map, not a factor of it (its gradient is the map's row)."""
+    model = models[preset]
+    cfg = model.config
+    ids, p = _ids(model), 6
+    other_ids = _ids(model, seed=9)
+    assert (ids != other_ids).sum() >= 7
+    clean = model.run(ids)
+    holds = [held(model, clean, s, "logit") for s in ("norm", "pattern")]
+
+    def edit(name, v, record):
+        for hold in holds:
+            v = hold(name, v, record)
+        return clean.record[name].copy() if name.endswith("mlp.gate") else v
+
+    other = model.run(other_ids, edit=edit)
+    kw = dict(targets=TARGETS, versus=FOILS, position=p, freeze=FREEZABLE)
+    want = gradients(model, clean, **kw)
+    got = gradients(model, other, **kw)
+    readout = P.logits_readout(model, other, TARGETS, versus=FOILS, position=p)
+    np.testing.assert_allclose(got.value, readout.whole, rtol=1e-14)  # the gradient is of the edited run
+    assert np.abs(got.value - want.value).max() > 1e-2 * np.abs(want.value).max()  # other tokens, another readout
+    # the linear map's row, applied to the other run's input, is its readout (Euler, as for the clean run)
+    np.testing.assert_allclose(np.einsum("ztd,td->z", want.record["embed"], other.record["embed"]), got.value,
+                               rtol=1e-10)
+
+    def differs(name):  # the factors' own sites: their gradient reads this run's activations (the q/k norms'
+        # scales are behind the frozen pattern: zero in both, as the scores, q and k are)
+        return (name.endswith("scale") and "_norm." not in name) or name.endswith("attn.pattern")
+
+    checked = []
+    for name in want.record:
+        a, b = got.record[name], want.record[name]
+        scale = np.abs(b).max()
+        if differs(name):
+            assert np.abs(a - b).max() > 1e-6 * scale, f"{name}: expected to read this run's activations"
+            continue
+        assert np.abs(a - b).max() <= 1e-10 * scale, (name, np.abs(a - b).max(), scale)
+        if scale > 0:
+            checked.append(name)
+    assert {"embed", "blocks.0.resid_mid", "blocks.0.attn.v", "blocks.0.mlp.up", "blocks.0.ln1.out"} <= set(checked)
+    assert len(checked) >= 10 * cfg.n_layers
+    true_clean = gradients(model, clean, targets=TARGETS, versus=FOILS, position=p)
+    true_other = gradients(model, other_ids, targets=TARGETS, versus=FOILS, position=p)
+    assert np.abs(true_other.record["embed"] - true_clean.record["embed"]).max() > 1e-3 * \
+        np.abs(true_clean.record["embed"]).max()  # unfrozen, the gradient depends on the input

@@ -186,11 +186,42 @@ def test_cli_attribute_and_validate_methods(checkpoint, capsys):
     assert err.startswith("refprism: error: method 'eip'") and "\n" not in err
 
 
+def _qk_brute(model, clean, other, p, l, n, g_z):
+    """The QK fix of head n (layer l) at the readout position p by brute force: z's change (clean minus other)
+    from the values (linear), the row softmaxed again with the other run's query, and with each other-run key
+    alone (the other keys clean), read by g_z = dR/dz[p, n] [Z, H]: [Z]. Head n's own row only: its kv head's
+    keys and values, no other query head."""
+    cfg = model.config
+    b = f"blocks.{l}."
+    j = ops.kv_index(cfg.n_heads, cfg.n_kv_heads)[n]
+    q, k, v = (clean.record[b + x][:, [n if x == "attn.q" else j]] for x in ("attn.q", "attn.k", "attn.v"))
+    q2, k2, v2 = (other.record[b + x][:, [n if x == "attn.q" else j]] for x in ("attn.q", "attn.k", "attn.v"))
+    scale = cfg.query_pre_attn_scalar ** -0.5
+    window = cfg.sliding_window if cfg.is_sliding(l) else None  # Gemma 2/3's sliding layers
+
+    def row(qq, kk):
+        return ops.causal_softmax(ops.attention_scores(qq, kk, scale), window, cap=cfg.attn_softcap)[0, p]  # [S]
+
+    A = row(q, k)
+    dz = A @ (v[:, 0] - v2[:, 0])  # the value part's change of z (clean minus other)
+    dz -= (row(q2, k) - A) @ v[:, 0]
+    for s in range(p + 1):
+        k_s = k.copy()
+        k_s[s] = k2[s]
+        dz -= (row(q, k_s) - A) @ v[:, 0]
+    return g_z @ dz  # [Z]
+
+
 def test_atp_star_qk_fix_against_brute_force_and_its_linear_limit(gemma2):
     """atp* (heads, resample): each part recomputed by brute force here (the pattern row softmaxed again with the
-    other run's query, and with each other-run key alone), and as the other run approaches the clean one, atp*
-    and atp agree to second order: |atp* - atp| / |atp| shrinks in proportion to the change."""
+    other run's query, and with each other-run key alone) for every head of a layer whose query heads share kv
+    heads (4 heads, 2 kv heads: a key part summed over the heads of a kv group would differ), and as the other run
+    approaches the clean one, atp* and atp agree to second order: |atp* - atp| / |atp| shrinks in proportion to
+    the change."""
+    from refprism.gradients.backward import gradients
+
     model, cfg = gemma2, gemma2.config
+    assert cfg.n_kv_heads < cfg.n_heads
     ids = _ids(model, 10)
     clean = model.run(ids)
     d = np.random.default_rng(0).standard_normal(clean.record["embed"].shape)
@@ -201,28 +232,11 @@ def test_atp_star_qk_fix_against_brute_force_and_its_linear_limit(gemma2):
     other = nearby(1.0)
     kw = dict(level="heads", targets=["#5"], versus=["#3"], ablate="resample")
     star = attribute(model, clean, method="atp*", counterfactual=other, **kw)
-    p, l, n = star.setting.position, 1, 2  # one head checked by brute force: layer 1 (full), head 2
-    b = f"blocks.{l}."
-    from refprism.gradients.backward import gradients
-
-    g_z = gradients(model, clean, targets=star.setting.readout.targets, position=p).record[b + "attn.z"][:, p, n]
-    j = ops.kv_index(cfg.n_heads, cfg.n_kv_heads)[n]
-    q, k, v = (clean.record[b + x][:, [n if x == "attn.q" else j]] for x in ("attn.q", "attn.k", "attn.v"))
-    q2, k2, v2 = (other.record[b + x][:, [n if x == "attn.q" else j]] for x in ("attn.q", "attn.k", "attn.v"))
-    scale = cfg.query_pre_attn_scalar ** -0.5
-
-    def row(qq, kk):
-        return ops.causal_softmax(ops.attention_scores(qq, kk, scale), cap=cfg.attn_softcap)[0, p]  # [S]
-
-    A = row(q, k)
-    dz = A @ (v[:, 0] - v2[:, 0])  # the value part's change of z (clean minus other)
-    dz -= (row(q2, k) - A) @ v[:, 0]
-    for s in range(p + 1):
-        k_s = k.copy()
-        k_s[s] = k2[s]
-        dz -= (row(q, k_s) - A) @ v[:, 0]
-    expected = g_z @ dz  # [Z]
-    np.testing.assert_allclose(star.values[star.labels.index(f"L{l}H{n}")], expected, rtol=1e-10)
+    p, l = star.setting.position, 1  # layer 1 (full attention)
+    g_z = gradients(model, clean, targets=star.setting.readout.targets, position=p).record[f"blocks.{l}.attn.z"]
+    for n in range(cfg.n_heads):
+        expected = _qk_brute(model, clean, other, p, l, n, g_z[:, p, n])
+        np.testing.assert_allclose(star.values[star.labels.index(f"L{l}H{n}")], expected, rtol=1e-10)
 
     gaps = []
     for eps in (1e-2, 1e-3):
@@ -231,6 +245,43 @@ def test_atp_star_qk_fix_against_brute_force_and_its_linear_limit(gemma2):
         a0 = attribute(model, clean, method="atp", counterfactual=o, **kw).values
         gaps.append(np.abs(a1 - a0).max() / np.abs(a0).max())
     assert 5 < gaps[0] / gaps[1] < 20, gaps  # O(eps): 10x smaller for a 10x smaller change
+
+
+def test_atp_star_with_graddrop_against_brute_force(gemma2):
+    """atp*-gd, AtP* in full: the brute-force QK fix read by the gradient of each backward with one other layer
+    dropped, |.| averaged over those layers; a last-layer head's is |atp*| (no later layer to drop)."""
+    from refprism.gradients.backward import gradients
+
+    model, cfg = gemma2, gemma2.config
+    ids, cf = _ids(model, 13), _ids(model, 14)
+    clean, other = model.run(ids), model.run(cf)
+    kw = dict(level="heads", targets=["#5"], versus=["#3"], ablate="resample", counterfactual=other)
+    full = attribute(model, clean, method="atp*-gd", **kw)
+    star = attribute(model, clean, method="atp*", **kw)
+    assert full.cost["backward"] == cfg.n_layers and full.cost["forward"] == 2
+    s = full.setting
+    L = cfg.n_layers
+    drops = {d: gradients(model, clean, targets=s.readout.targets, position=s.position, drop=[d]).record
+             for d in range(L)}
+    for l in range(L):
+        for n in range(cfg.n_heads):
+            parts = [np.abs(_qk_brute(model, clean, other, s.position, l, n,
+                                      drops[d][f"blocks.{l}.attn.z"][:, s.position, n])) for d in range(L) if d != l]
+            np.testing.assert_allclose(full.values[full.labels.index(f"L{l}H{n}")], np.mean(parts, axis=0),
+                                       rtol=1e-10, err_msg=f"L{l}H{n}")
+    last = [i for i, label in enumerate(full.labels) if label.startswith(f"L{L - 1}H")]
+    np.testing.assert_allclose(full.values[last], np.abs(star.values[last]), rtol=1e-12)
+    first = [i for i, label in enumerate(full.labels) if label.startswith("L0H")]
+    assert np.abs(full.values[first] - np.abs(star.values[first])).max() > 1e-6  # dropping a later layer matters
+    with pytest.raises(InputError, match="atp\\*-gd estimates a head's patch"):
+        attribute(model, clean, method="atp*-gd", level="heads", targets=["#5"])
+    from refprism.interventions.attribution import validate_methods
+
+    r = validate_methods(model, clean, methods=["atp*-gd"], faithfulness=False, **kw)
+    np.testing.assert_array_equal(r.scores("atp*-gd"), full.values)
+    assert r.agreement("atp*-gd")["sign_agreement"] is None  # unsigned, as atp-gd
+    with pytest.raises(InputError, match="atp\\*-gd estimates a head's patch"):
+        validate_methods(model, clean, methods=["atp", "atp*-gd"], level="heads", targets=["#5"], ablate="zero")
 
 
 def test_validate_methods_table_and_figure_show_every_method(gemma2):

@@ -709,6 +709,7 @@ def test_validate_methods_are_aggregated_with_intervals(tiny, tmp_path):
     (["--validate", "heads", "--validate-methods", ","], "--validate-methods is empty"),
     (["--validate", "heads", "--ablate", "zero", "--validate-methods", "eap"], "'eap' is not one of"),
     (["--validate", "heads", "--ablate", "zero", "--validate-methods", "atp*"], "atp* needs"),
+    (["--validate", "neurons:1", "--ablate", "resample", "--validate-methods", "atp,atp*-gd"], "atp*-gd needs"),
     (["--validate", "heads", "--validate-steps", "3"], "--validate-steps goes with --validate-methods"),
 ])
 def test_cli_validate_methods_refusals(tiny_dir, tmp_path, capsys, extra, text):

@@ -42,7 +42,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="the random sample's seed (default 0)")
     p.add_argument("--no-faithfulness", action="store_true", help="skip the faithfulness curve (its ~25 re-runs)")
     p.add_argument("--methods", metavar="M,M", help="attribution methods to set beside the prism, comma separated: "
-                                                   "gradxact, atp, atp*, atp-gd, ig (refprism/gradients/); each "
+                                                   "gradxact, atp, atp*, atp-gd, atp*-gd, ig (refprism/gradients/); "
+                                                   "each "
                                                    "scores the components validate re-runs (ig: --steps re-runs "
                                                    "each, so at most --budget x --steps)")
     p.add_argument("--steps", type=int, default=8, help="ig's steps k (midpoint rule; default 8)")
@@ -53,7 +54,8 @@ def register(sub) -> None:
                                          "between components (EAP, EAP-IG)")
     _intervention_args(p, work="many")
     p.add_argument("--method", action="append", required=True, metavar="METHOD",
-                   help="gradxact, atp, atp* (heads, resample), atp-gd or ig (repeatable); or the edge methods eap, "
+                   help="gradxact, atp, atp* (heads, resample), atp-gd, atp*-gd (heads, resample) or ig (repeatable); "
+                        "or the edge methods eap, "
                         "eap-ig (resample; --level heads or neurons:L)")
     p.add_argument("--level", required=True, metavar="LEVEL",
                    help="residual, heads, head-source:L, neurons:L, neurons or (Gemma 4 MoE) experts:L (edges: "

@@ -28,7 +28,8 @@ def register(sub) -> None:
     p.add_argument("--ablate", metavar="MODE", help="with --validate: how components are ablated")
     p.add_argument("--validate-top", type=int, metavar="N", help="with --validate: how many components to check")
     p.add_argument("--validate-methods", metavar="M,M",
-                   help="with --validate: attribution methods beside the prism (gradxact, atp, atp*, atp-gd, ig), "
+                   help="with --validate: attribution methods beside the prism (gradxact, atp, atp*, atp-gd, atp*-gd, "
+                        "ig), "
                         "each one's agreement with the totals aggregated with intervals")
     p.add_argument("--validate-steps", type=int, metavar="K", help="with --validate-methods: ig's steps k")
     p.add_argument("--backend", default="local", choices=["local", "ray"],

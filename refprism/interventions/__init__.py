@@ -67,7 +67,7 @@ from refprism.interventions.agreement import (
                                               spearman,
                                               top_set,
 )
-from refprism.interventions.attribution import METHODS, Attribution, MethodsValidation, attribute
+from refprism.interventions.attribution import METHODS, QK_METHODS, Attribution, MethodsValidation, attribute
 from refprism.interventions.components import (
                                               KINDS,
                                               LABEL_FORMS,
@@ -96,7 +96,7 @@ from refprism.interventions.setting import (
 )
 from refprism.interventions.validation import Validation, faithfulness_grid, recovered_curve, validate
 
-__all__ = ["METHODS", "Attribution", "MethodsValidation", "attribute",
+__all__ = ["METHODS", "QK_METHODS", "Attribution", "MethodsValidation", "attribute",
            "EDGE_METHODS", "EdgeAttribution", "attribute_edges", "edge_count", "edge_patch",
            "ABLATIONS", "CHUNK", "DIRECTIONS", "KINDS", "LABEL_FORMS", "LEVELS", "Edit", "Group", "Patch",
            "Readings", "Setting", "Validation", "activation", "agreement", "binomial_upper", "deltas",

@@ -14,9 +14,11 @@ total sit side by side. With c the component at the edited positions t of the ba
                                                          the TransformerLens demo's form (scores labelled)
     atp-gd     mean over l != layer(c) of |atp with layer l's block dropped from the backward|: AtP*'s GradDrop,
                                                          unsigned, large where effects that cancel in AtP are large
-    atp*       heads under resample only: AtP*'s estimate of patching the head through its inputs, each row's
-               softmax recomputed for the other run's query and for each other-run key alone (the QK fix), the
-               values linear, plus GradDrop's |.| average when asked (atp-gd); see qk_fixed_scores
+    atp*       heads under resample only: AtP*'s QK fix alone, its estimate of patching the head through its inputs,
+               each row's softmax recomputed for the other run's query and for each other-run key alone, the values
+               linear (signed; no GradDrop); see qk_fixed_scores
+    atp*-gd    AtP* in full (Kramar et al. 2024): the QK fix with GradDrop applied to its gradient part, the mean over
+               l != layer(c) of |atp* with layer l's block dropped from the backward| (unsigned; heads, resample)
     ig         sign * sum_t (c(t) - c'(t)) . (1/k) sum_i g_i(t),  g_i the gradient of a run with the component at
                                                          c' + (i + 1/2)/k (c - c') (everything downstream recomputed):
                                                          the midpoint rule for the path integral, which is the total
@@ -46,7 +48,9 @@ from refprism.interventions.edit import Edit, rerun
 from refprism.interventions.setting import Setting, setting
 from refprism.model import Run
 
-METHODS = ("gradxact", "atp", "atp*", "atp-gd", "ig")
+METHODS = ("gradxact", "atp", "atp*", "atp-gd", "atp*-gd", "ig")
+QK_METHODS = ("atp*", "atp*-gd")  # the QK fix: heads level, resample
+UNSIGNED = ("atp-gd", "atp*-gd")  # GradDrop's mean of |.|: its sign says nothing
 
 
 @dataclass
@@ -120,6 +124,9 @@ def attribute(model, prompt, *, method="atp", level="heads", targets=None, versu
         values, cost = linear_scores(s, groups), {"forward": 2 if s.donor is not None else 1, "backward": 1}
     elif method == "atp-gd":
         values, cost = graddrop_scores(s, groups)
+    elif method == "atp*-gd":
+        values, cost = graddrop_scores(s, groups, score=qk_fixed_scores)
+        cost["forward"] = 2
     elif method == "atp*":
         values, cost = qk_fixed_scores(s, groups), {"forward": 2, "backward": 1}
     else:
@@ -138,9 +145,9 @@ def check_method(method, level, ablate, steps) -> None:
         return
     if method not in METHODS:
         raise InputError(f"method {method!r} is not one of {', '.join(METHODS + EDGE_METHODS)}")
-    if method == "atp*" and (ablate != "resample" or str(level) != "heads"):
-        raise InputError("atp* estimates a head's patch through its queries, keys and values: it needs --level heads "
-                         "and --ablate resample (the other run's q, k and v)")
+    if method in QK_METHODS and (ablate != "resample" or str(level) != "heads"):
+        raise InputError(f"{method} estimates a head's patch through its queries, keys and values: it needs --level "
+                         "heads and --ablate resample (the other run's q, k and v)")
     if method == "gradxact" and ablate == "resample":
         raise InputError("gradxact linearises zero or mean ablation; for a counterfactual use --method atp")
     if method == "ig" and (not isinstance(steps, (int, np.integer)) or steps < 1):
@@ -213,12 +220,15 @@ def linear_scores(s: Setting, groups, *, record=None) -> np.ndarray:
     return np.concatenate(out)
 
 
-def graddrop_scores(s: Setting, groups):
-    """AtP*'s GradDrop: the mean over the other layers l of |atp with layer l's block dropped from the backward|
-    ([C, Z], unsigned); the embedding averages over every layer.
+def graddrop_scores(s: Setting, groups, score=None):
+    """AtP*'s GradDrop: the mean over the other layers l of |score with layer l's block dropped from the backward|
+    ([C, Z], unsigned); the embedding averages over every layer. score: linear_scores (atp-gd, the default) or
+    qk_fixed_scores (atp*-gd: GradDrop on the QK fix's gradient part, dR/dz and with it g_A), each given the
+    dropped backward's record.
 
-    Math:   atp-gd(c) = 1 / #{l != layer(c)} sum_{l != layer(c)} |atp_{drop l}(c)|
+    Math:   atp-gd(c) = 1 / #{l != layer(c)} sum_{l != layer(c)} |atp_{drop l}(c)|   (atp*-gd: atp*_{drop l})
     """
+    score = linear_scores if score is None else score
     L = s.model.config.n_layers
     sites = sorted({g.site for g in groups})
     total = [0] * len(groups)
@@ -226,12 +236,12 @@ def graddrop_scores(s: Setting, groups):
         record = _base_gradients(s, drop=[l], record=sites).record
         for i, g in enumerate(groups):
             if g.layer != l:
-                total[i] = total[i] + np.abs(linear_scores(s, [g], record=record))
+                total[i] = total[i] + np.abs(score(s, [g], record=record))
     values = np.concatenate([t / (L if g.layer < 0 else L - 1) for t, g in zip(total, groups)])
     return values, {"forward": 2 if s.donor is not None else 1, "backward": L}
 
 
-def qk_fixed_scores(s: Setting, groups) -> np.ndarray:
+def qk_fixed_scores(s: Setting, groups, *, record=None) -> np.ndarray:
     """AtP*'s QK fix for heads: patching head n's output at t, estimated through its inputs from the other run O
     (q', k', v'), the softmax exact where AtP's linearisation of it saturates.
 
@@ -242,11 +252,15 @@ def qk_fixed_scores(s: Setting, groups) -> np.ndarray:
             keys:   -sum_s <g_A[t], A with only key s moved to k'_s - A[n,t]>                (each key alone, the
                     closed form ops.softmax_key_change: delta = c(q_t . k'_s scale) - c(q_t . k_s scale))
             score = sign * (value + query + keys) summed over the edited positions t; c the soft-cap (Gemma 2)
+            The component is head n's output z[:, n]: the other run's key k'_s of kv head kv(n) enters head n's
+            rows only (the other query heads sharing that kv head keep their outputs), so nothing is summed over
+            them; such a sum belongs to a key node (kv head j's keys patched), which no level has
+    record: a gradient record holding the groups' attn.z (graddrop_scores' dropped backwards); None: the base run's
     Shapes: -> [C, Z]
     """
     model, cfg = s.model, s.model.config
     base, other = s.base.record, s.donor.record
-    grads = _base_gradients(s, record=[g.site for g in groups]).record
+    grads = _base_gradients(s, record=[g.site for g in groups]).record if record is None else record
     scale = np.asarray(cfg.query_pre_attn_scalar ** -0.5, dtype=model.dtype)  # Gemma 4: 1
     cap = cfg.attn_softcap
     capped = (lambda x: x) if cap is None else (lambda x: ops.softcap(x, cap))  # noqa: E731
@@ -343,7 +357,7 @@ class MethodsValidation:
         out = agreement(scores, v.total[v.verified, v.column], k)
         if not v.verified.all():
             out["reruns_to_true_top_k"] = None
-        if method == "atp-gd":  # unsigned by construction: its sign says nothing
+        if method in UNSIGNED:  # unsigned by construction: its sign says nothing
             out["sign_agreement"] = None
         return out
 
@@ -394,9 +408,9 @@ def validate_methods(model, prompt, *, methods=("atp",), level="heads", steps=8,
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise InputError(f"method {bad[0] if bad else None!r} is not one of {', '.join(METHODS)}")
-    if "atp*" in methods and (kwargs.get("ablate") != "resample" or str(level) != "heads"):
-        raise InputError("atp* estimates a head's patch through its queries, keys and values: it needs --level heads "
-                         "and --ablate resample (the other run's q, k and v)")
+    for m in QK_METHODS:
+        if m in methods:
+            check_method(m, level, kwargs.get("ablate"), steps)
     v = validate(model, prompt, level=level, **kwargs)
     s = v.setting
     same = {"targets": s.readout.targets, "position": s.position, "at": list(s.at), "ablate": s.ablate,

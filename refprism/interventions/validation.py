@@ -113,9 +113,10 @@ def validate(model, prompt, *, level="heads", targets=None, versus=(), position=
     """Every component of a level: prism beside direct and total effect, their agreement, circuit faithfulness.
 
     methods: attribution methods to set beside them (interventions.attribution.METHODS: gradxact, atp, atp*,
-            atp-gd, ig), each scoring the re-run components, with its agreement with the totals and its cost; then
-            the result is a `MethodsValidation` holding this Validation (`.validation`) and one Attribution per
-            method. steps: ig's (ig re-runs each scored component k times: at most budget x steps re-runs).
+            atp-gd, atp*-gd, ig), each scoring the re-run components, with its agreement with the totals and its
+            cost; then the result is a `MethodsValidation` holding this Validation (`.validation`) and one
+            Attribution per method. steps: ig's (ig re-runs each scored component k times: at most budget x steps
+            re-runs).
 
     level:  residual | heads | head-source:L | neurons:L | neurons (see level_groups)
     top:    k of the top-k metrics (and of the verified top when the level is sampled)

@@ -83,8 +83,8 @@ class Validation:
         for m in self.methods:
             if m not in interventions.METHODS:
                 raise InputError(f"--validate-methods: {m!r} is not one of {', '.join(interventions.METHODS)}")
-            if m == "atp*" and (self.ablate != "resample" or self.level != "heads"):
-                raise InputError("--validate-methods atp* needs --validate heads and --ablate resample")
+            if m in interventions.QK_METHODS and (self.ablate != "resample" or self.level != "heads"):
+                raise InputError(f"--validate-methods {m} needs --validate heads and --ablate resample")
             if m == "gradxact" and self.ablate == "resample":
                 raise InputError("--validate-methods gradxact linearises zero or mean ablation; with resample use atp")
 

@@ -179,6 +179,22 @@ def test_cli_attribute_and_validate_methods(checkpoint, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["components"][0]["label"] == "L0H0" and set(out["methods"]) == {"atp", "gradxact"}
     assert out["components"][0]["atp"] == out["components"][0]["gradxact"]
+    assert (out["intervention"], out["ablate"], out["direction"], out["position"], out["at"]) == \
+        ("attribute", "zero", "noising", 5, [5])
+    assert out["counterfactual"] is None and out["reference"] is None and [t["id"] for t in out["targets"]] == [5]
+    # every setting key from its flag: resample, denoising, another position, the counterfactual's tokens
+    cf = [2, 6, 8, 10, 12, 14]
+    assert cli.main(["attribute", *args[:-4], "--ablate", "resample", "--counterfactual-ids", ",".join(map(str, cf)),
+                     "--direction", "denoising", "--position", "4", "--targets", "#5", "--method", "atp",
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["ablate"], out["direction"], out["position"], out["at"]) == ("resample", "denoising", 4, [4])
+    assert [t["id"] for t in out["counterfactual"]] == cf and out["reference"] is None
+    assert [t["id"] for t in out["tokens"]] == [2, 5, 7, 9, 11, 13] and set(out["methods"]) == {"atp"}
+    api = attribute(refprism.load(d), [2, 5, 7, 9, 11, 13], method="atp", level="heads", targets=["#5"],
+                    ablate="resample", counterfactual=cf, direction="denoising", position=4)
+    assert [c["label"] for c in out["components"]] == api.labels
+    np.testing.assert_array_equal([c["atp"] for c in out["components"]], api.values)
     assert cli.main(["validate", *args, "--methods", "atp", "--no-faithfulness"]) == 0
     assert "each method's agreement" in capsys.readouterr().out
     assert cli.main(["attribute", *args, "--method", "eip"]) == 2

@@ -7,9 +7,10 @@ Gemma 3 270M (the GGUF from PyPI, dequantized to float32): the table of docs/att
 
 Settings (each one refprism.interventions.validate(..., methods=[...]) per prompt; every component re-run):
     demo, heads, zero ablation           gradxact, atp, atp-gd, ig (k = --steps)
-    demo, heads, resample (noising)      atp, atp*, atp-gd, ig      counterfactual: Germany in place of France
-    demo, neurons:L, zero ablation       gradxact, atp, atp-gd     (ig would be 2048 x k re-runs; the totals of
-                                                                   the top-k and a sample: --budget, default 64)
+    demo, heads, resample (noising)      atp, atp*, atp*-gd, atp-gd, ig   counterfactual: Germany for France
+    demo, neurons:L, zero ablation       gradxact, atp, atp-gd, ig (the totals of the top-k and a sample:
+                                                                   --budget, default 64; every method scores
+                                                                   those, ig at budget x k re-runs)
     capitals, heads, zero ablation       gradxact, atp, atp-gd     (each prompt: its target versus the mean of the
                                                                    other capitals, as the data set gives them;
                                                                    ig too with --capitals-ig)
@@ -60,8 +61,8 @@ def settings(model, layer, capitals, capitals_ig):
     demo = CAPITAL_PROMPT
     out = [("demo", "heads", "zero", demo, {}, ["gradxact", "atp", "atp-gd", "ig"]),
            ("demo", "heads", "resample", demo, {"counterfactual": demo.replace("France", "Germany")},
-            ["atp", "atp*", "atp-gd", "ig"]),
-           ("demo", f"neurons:{layer}", "zero", demo, {}, ["gradxact", "atp", "atp-gd"])]
+            ["atp", "atp*", "atp*-gd", "atp-gd", "ig"]),
+           ("demo", f"neurons:{layer}", "zero", demo, {}, ["gradxact", "atp", "atp-gd", "ig"])]
     out = [out[0], out[2], out[1]]  # the cheap one first
     rows = [json.loads(line) for line in
             (Path(refprism.__file__).parent / "sweeps" / "data" / "capitals.jsonl").read_text().splitlines()]

@@ -197,6 +197,22 @@ def test_gemma3n_and_unified_are_refused_in_one_line(model_type, what):
     assert "\n" not in str(e.value)
 
 
+def test_gemma4_vision_bidirectional_is_causal_on_text_as_hf(checkpoint, tmp_path):
+    """use_bidirectional_attention "vision" is read (HF's text model is causal with it: only image tokens would
+    attend both ways); HF's "all" on the same weights gives other logits, so the key is one HF reads."""
+    d = _refusal(tmp_path / "v", checkpoint("tiny-gemma4"), config_edit=lambda c: c.update(
+        use_bidirectional_attention="vision"))
+    ids = np.arange(2, 11)
+    run, hf = refprism.load(d).run(ids), _hf(d)
+    assert hf.model.layers[0].self_attn.is_causal
+    ref = hf_gemma4_record(hf, ids)
+    assert_close("vision logits", run.logits, ref["logits"], atol=1e-5 * max(1.0, np.abs(ref["logits"]).max()))
+    everywhere = _hf(_refusal(tmp_path / "a", d, config_edit=lambda c: c.update(use_bidirectional_attention="all")))
+    with torch.no_grad():
+        other = everywhere(torch.tensor([ids.tolist()]), use_cache=False, output_hidden_states=True).logits[0]
+    assert np.abs(other.numpy() - run.logits).max() > 1e-3
+
+
 def test_gemma4_last_layer_is_forced_full_as_hf(tmp_path):
     """Gemma4TextConfig forces the last layer to full_attention; so does refprism."""
     from refprism.gemma.config import Config

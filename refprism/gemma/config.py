@@ -407,8 +407,13 @@ def _family_fields(hf: dict, model_type: str, n_layers) -> dict:
         "post_norms": True,
         "qk_norm": not gemma2,
     }
-    if hf.get("use_bidirectional_attention"):
-        raise ConfigError("config.json: use_bidirectional_attention is not supported (causal models only)")
+    bidirectional = hf.get("use_bidirectional_attention")
+    # Gemma 4's "vision" opens attention both ways within each run of image tokens only (Gemma4Model builds that
+    # mask from mm_token_type_ids); text tokens stay causal, and refprism's prompts are text. Gemma 3 reads any
+    # truthy value as bidirectional text attention, Gemma 4's "all" too.
+    if bidirectional not in (None, False) and not (model_type == "gemma4_text" and bidirectional == "vision"):
+        raise ConfigError(f"config.json: use_bidirectional_attention {_short(bidirectional)} is not supported: "
+                          "refprism runs causal attention only (Gemma 4's 'vision', causal on text, is read)")
     return fields
 
 

@@ -123,6 +123,36 @@ def test_gemma4_features_are_not_no_ops(checkpoint):
         assert np.abs(other - logits).max() > 1e-3, name
 
 
+def test_gemma4_moe_computes_only_the_selected_experts(checkpoint):
+    """NaN weights in an expert that no position selects at its layer leave every recorded site and the logits
+    bit for bit as they were (a forward that ran every expert and weighted the unselected ones by 0 would carry
+    NaN * 0 = NaN); the same NaN in a selected expert reaches the logits (so this test can fail). The NaNs are
+    put in the loaded weights (the loader refuses a file holding any)."""
+    d = checkpoint("tiny-gemma4")
+    ids = np.array([2, 17])  # two positions x top 2 of 4 experts: some expert of some layer is never chosen
+    model = refprism.load(d)
+    run, cfg = model.run(ids), model.config
+    chosen = {l: set(run.record[f"blocks.{l}.moe.topk.index"].ravel().tolist()) for l in range(cfg.n_layers)}
+    l, idle = next((l, e) for l in range(cfg.n_layers) for e in range(cfg.n_experts) if e not in chosen[l])
+    busy = min(chosen[l])
+
+    def poisoned(e):
+        model = refprism.load(d)
+        block = model.params.block(l)
+        for key in ("We_gate", "We_up", "We_down"):
+            block[key][e] = np.nan
+        assert np.isnan(model.params.block(l)["We_down"][e]).all()  # the weights the forward reads
+        return model.run(ids)
+
+    quiet = poisoned(idle)
+    assert set(quiet.record) == set(run.record)
+    for name, value in run.record.items():
+        np.testing.assert_array_equal(quiet.record[name], value, err_msg=name)
+    np.testing.assert_array_equal(quiet.logits, run.logits)
+    loud = poisoned(busy)
+    assert np.isnan(loud.record[f"blocks.{l}.moe.out"]).any() and np.isnan(loud.logits).any()
+
+
 def test_gemma4_multimodal_checkpoint_loads_the_text_decoder(checkpoint, tmp_path):
     """A Gemma4ForConditionalGeneration checkpoint: config text_config nested, decoder weights under
     model.language_model.*, a vision tower beside it (ignored, named in the notes)."""

@@ -39,7 +39,8 @@ def hf_record(model, ids) -> dict[str, np.ndarray]:
 
 
 def hf_gemma4_record(model, ids) -> dict[str, np.ndarray]:
-    """Gemma4ForCausalLM (eager attention, eager experts) on ids [T], with hooks; {refprism record name: array}.
+    """Gemma4ForCausalLM (eager attention, eager experts) or Gemma4UnifiedForCausalLM (the same decoder without
+    per-layer embeddings and MoE) on ids [T], with hooks; {refprism record name: array}.
 
     Module outputs and inputs are stored (cloned: Gemma4TextDecoderLayer scales its output in place by
     layer_scalar), eager_attention_forward is wrapped for q, k, v after HF's norms and RoPE and for the pattern;
@@ -50,11 +51,12 @@ def hf_gemma4_record(model, ids) -> dict[str, np.ndarray]:
     HF's own norm inputs, in float64.
     """
     import torch
-    from transformers.models.gemma4 import modeling_gemma4 as g4
 
+    g4 = gemma4_module(model)
     tm = model.model
     cfg = model.config
     eps = cfg.rms_norm_eps
+    ple = getattr(tm, "hidden_size_per_layer_input", 0)  # Gemma4Unified*: no PLE or MoE attributes at all
     got: dict = {}
     hooks = []
 
@@ -74,7 +76,7 @@ def hf_gemma4_record(model, ids) -> dict[str, np.ndarray]:
             hooks.append(module.register_forward_hook(out(name)))
 
     on(tm.embed_tokens, "embed")
-    if tm.hidden_size_per_layer_input:
+    if ple:
         on(tm.embed_tokens_per_layer, "ple.token")
         on(tm.per_layer_projection_norm, "ple.model_proj", pre=True)
         original_project = tm.project_per_layer_inputs
@@ -104,9 +106,10 @@ def hf_gemma4_record(model, ids) -> dict[str, np.ndarray]:
         on(layer.mlp.up_proj, b + "mlp.up")
         on(layer.mlp.down_proj, b + "mlp.act", pre=True)
         on(layer.mlp.down_proj, b + "mlp.down")
-        on(layer.post_feedforward_layernorm, b + ("mlp.sum" if layer.enable_moe_block else "mlp.down"), pre=True)
+        moe = getattr(layer, "enable_moe_block", False)
+        on(layer.post_feedforward_layernorm, b + ("mlp.sum" if moe else "mlp.down"), pre=True)
         on(layer.post_feedforward_layernorm, b + "mlp.out")
-        if layer.enable_moe_block:
+        if moe:
             on(layer.post_feedforward_layernorm_1, b + "mlp.dense")
             on(layer.router.proj, b + "moe.router.logits")
             def router(mod, args, o, b=b):  # (probabilities, top-k weights, top-k index); returns None: o unchanged
@@ -117,7 +120,7 @@ def hf_gemma4_record(model, ids) -> dict[str, np.ndarray]:
             on(layer.pre_feedforward_layernorm_2, b + "ln2_moe.out")
             on(layer.experts, b + "moe.down")
             on(layer.post_feedforward_layernorm_2, b + "moe.out")
-        if layer.hidden_size_per_layer_input:
+        if ple:
             on(layer.per_layer_input_gate, b + "resid_mlp", pre=True)
             on(layer.per_layer_input_gate, b + "ple.gate")
             on(layer.per_layer_projection, b + "ple.act", pre=True)
@@ -153,7 +156,7 @@ def hf_gemma4_record(model, ids) -> dict[str, np.ndarray]:
         g4.eager_attention_forward = original
         for h in hooks:
             h.remove()
-        if tm.hidden_size_per_layer_input:
+        if ple:
             del tm.project_per_layer_inputs
     rec = {}
     T = len(ids)
@@ -162,7 +165,7 @@ def hf_gemma4_record(model, ids) -> dict[str, np.ndarray]:
         if x.ndim and x.shape[0] == 1:
             x = x[0]
         rec[name] = x
-    L, P = cfg.num_hidden_layers, cfg.hidden_size_per_layer_input
+    L, P = cfg.num_hidden_layers, ple
     for name in ("ple.token", "ple.model_proj", "ple.input"):
         if name in rec:
             rec[name] = rec[name].reshape(T, L, P)
@@ -187,12 +190,13 @@ def hf_gemma4_record(model, ids) -> dict[str, np.ndarray]:
         rec[b + "ln1.scale"] = rms(rec[b + "resid_pre"])
         rec[b + "ln2.scale"] = rms(rec[b + "resid_mid"])
         rec[b + "ln1_post.scale"] = rms(rec[b + "attn.o_proj"])
-        rec[b + "ln2_post.scale"] = rms(rec[b + ("mlp.sum" if layer.enable_moe_block else "mlp.down")])
+        moe = getattr(layer, "enable_moe_block", False)
+        rec[b + "ln2_post.scale"] = rms(rec[b + ("mlp.sum" if moe else "mlp.down")])
         rec[b + "attn.q_norm.scale"] = rms(rec[b + "attn.q_pre"])
         if not a.is_kv_shared_layer:
             rec[b + "attn.k_norm.scale"] = rms(rec[b + "attn.k_pre"])
             rec[b + "attn.v_norm.scale"] = rms(rec[b + "attn.v_pre"])
-        if layer.enable_moe_block:
+        if moe:
             rec[b + "ln2_post1.scale"] = rms(rec[b + "mlp.down"])
             rec[b + "moe.router.scale"] = rms(rec[b + "resid_mid"])
             rec[b + "ln2_moe.scale"] = rms(rec[b + "resid_mid"])
@@ -206,7 +210,7 @@ def hf_gemma4_record(model, ids) -> dict[str, np.ndarray]:
                 expert_out = torch.einsum("tjdf,tjf->tjd", layer.experts.down_proj[idx], act)
             for site, value in (("moe.gate", gate), ("moe.up", up), ("moe.act", act), ("moe.expert_out", expert_out)):
                 rec[b + site] = value.double().numpy()
-        if layer.hidden_size_per_layer_input:
+        if ple:
             rec[b + "ple_post.scale"] = rms(rec[b + "ple.proj"])
     if "ple.model_proj" in rec:
         rec["ple.model_proj_norm.scale"] = rms(rec["ple.model_proj"])
@@ -214,15 +218,28 @@ def hf_gemma4_record(model, ids) -> dict[str, np.ndarray]:
     return rec
 
 
+def gemma4_module(model):
+    """The transformers module whose code `model` runs: modeling_gemma4 (Gemma4ForCausalLM) or
+    modeling_gemma4_unified (Gemma4UnifiedForCausalLM: the same attention, MLP, norm and RoPE code, copied there by
+    transformers' modular generation, so it must be hooked and patched in that module)."""
+    if type(model).__module__.endswith("modeling_gemma4_unified"):
+        from transformers.models.gemma4_unified import modeling_gemma4_unified as module
+    else:
+        from transformers.models.gemma4 import modeling_gemma4 as module
+    return module
+
+
 def gemma4_float64(model):
     """A float64 Gemma4ForCausalLM computing in float64 where HF computes in float32 whatever the model's dtype:
     Gemma4RMSNorm (`.float()`), the softmaxes (eager attention's and the router's `dtype=torch.float32`) and the
     RoPE tables (float32 inv_freq and angles). Returns an undo function. The module's own code runs otherwise."""
     import torch
-    from transformers.models.gemma4 import modeling_gemma4 as g4
 
-    norm_forward, rope_forward, softmax = g4.Gemma4RMSNorm.forward, g4.Gemma4TextRotaryEmbedding.forward, \
-        torch.nn.functional.softmax
+    g4 = gemma4_module(model)
+    unified = g4.__name__.endswith("unified")
+    norm_class = g4.Gemma4UnifiedRMSNorm if unified else g4.Gemma4RMSNorm
+    rope_class = g4.Gemma4UnifiedTextRotaryEmbedding if unified else g4.Gemma4TextRotaryEmbedding
+    norm_forward, rope_forward, softmax = norm_class.forward, rope_class.forward, torch.nn.functional.softmax
 
     def norm(self, x):
         y = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
@@ -244,10 +261,10 @@ def gemma4_float64(model):
     def soft(x, dim=None, dtype=None, **kw):
         return softmax(x, dim=dim, dtype=torch.float64 if x.dtype == torch.float64 else dtype, **kw)
 
-    g4.Gemma4RMSNorm.forward, g4.Gemma4TextRotaryEmbedding.forward, torch.nn.functional.softmax = norm, rope, soft
+    norm_class.forward, rope_class.forward, torch.nn.functional.softmax = norm, rope, soft
 
     def undo():
-        g4.Gemma4RMSNorm.forward, g4.Gemma4TextRotaryEmbedding.forward = norm_forward, rope_forward
+        norm_class.forward, rope_class.forward = norm_forward, rope_forward
         torch.nn.functional.softmax = softmax
 
     return undo

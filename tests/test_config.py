@@ -84,3 +84,21 @@ def test_read_config_file_errors(tmp_path):
         read_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(make_config()))
     assert read_config(tmp_path).n_layers == 2
+
+
+def test_gemma4_vision_bidirectional_is_causal_text_and_read():
+    """Gemma 4's use_bidirectional_attention "vision" opens attention only within runs of image tokens: a text
+    prompt is causal, so the config reads as without it (tests/test_parity_gemma4.py holds HF to that)."""
+    plain = Config.from_hf(make_config("tiny-gemma4"))
+    assert Config.from_hf({**make_config("tiny-gemma4"), "use_bidirectional_attention": "vision"}) == plain
+    assert Config.from_hf({**make_config("tiny-gemma4"), "use_bidirectional_attention": None}) == plain
+
+
+@pytest.mark.parametrize("preset, value", [("tiny-gemma4", "all"), ("tiny-gemma4", True), ("tiny-gemma4", "text"),
+                                           ("tiny-gemma3", True), ("tiny-gemma3", "vision")])
+def test_bidirectional_text_attention_refused_in_one_line(preset, value):
+    """Any value under which HF lets text tokens see later ones (Gemma 4's "all"; Gemma 3 reads any truthy value
+    as bidirectional), or that HF does not define, is refused naming the key and the value."""
+    with pytest.raises(ConfigError, match=f"use_bidirectional_attention {value!r} is not supported") as e:
+        Config.from_hf({**make_config(preset), "use_bidirectional_attention": value})
+    assert "\n" not in str(e.value)

@@ -208,6 +208,17 @@ PRESETS["tiny-gemma4"] = {
     "max_position_embeddings": 128,
     "torch_dtype": "float32",
 }
+# Gemma 4 unified (12B's decoder, model_type gemma4_unified_text) in miniature: tiny-gemma4 without the features it
+# lacks (per-layer embeddings, MoE); k_eq_v, KV sharing over both layer types, the double-wide MLP, two head
+# geometries and proportional RoPE stay on. "vision" bidirectional attention (its class default) is causal on text.
+PRESETS["tiny-gemma4-unified"] = {
+    **{k: v for k, v in PRESETS["tiny-gemma4"].items() if k not in (
+        "hidden_size_per_layer_input", "vocab_size_per_layer_input", "enable_moe_block", "num_experts",
+        "top_k_experts", "moe_intermediate_size")},
+    "architectures": ["Gemma4UnifiedForCausalLM"],
+    "model_type": "gemma4_unified_text",
+    "use_bidirectional_attention": "vision",
+}
 # The released sizes' shapes (text decoders of the hub's google/gemma-4-* config.json files' text_config).
 _GEMMA4_COMMON = {**{k: v for k, v in PRESETS["tiny-gemma4"].items() if k in (
     "architectures", "model_type", "hidden_activation", "rms_norm_eps", "attention_bias", "attention_dropout",
@@ -241,6 +252,8 @@ PRESETS["gemma-4-26b-a4b"] = {**_GEMMA4_COMMON, "hidden_size": 2816, "intermedia
                               "layer_types": _pattern(30, 6), "sliding_window": 1024, "num_kv_shared_layers": 0,
                               "hidden_size_per_layer_input": 0, "enable_moe_block": True, "num_experts": 128,
                               "top_k_experts": 8, "moe_intermediate_size": 704, "max_position_embeddings": 262144}
+
+_GEMMA4_TYPES = ("gemma4_text", "gemma4_unified_text")  # Gemma 4 norms scale by w: their weights are drawn around 1
 
 # Name -> numpy dtype of the tensors written. bfloat16 is ml_dtypes' type, which
 # safetensors.numpy saves as "BF16" and loads back as ml_dtypes.bfloat16.
@@ -286,9 +299,9 @@ def _validate_config(config: dict) -> None:
             raise ValueError(f"config[{key!r}] must be a positive number, got {value!r}")
     if config.get("tie_word_embeddings", True) is not True:
         raise ValueError("Gemma ties the unembedding to the embedding: tie_word_embeddings must be true")
-    if config.get("model_type", "gemma") not in ("gemma", "gemma2", "gemma3_text", "gemma4_text"):
-        raise ValueError(f"model_type must be 'gemma', 'gemma2', 'gemma3_text' or 'gemma4_text', got "
-                         f"{config.get('model_type')!r}")
+    if config.get("model_type", "gemma") not in ("gemma", "gemma2", "gemma3_text", *_GEMMA4_TYPES):
+        raise ValueError(f"model_type must be 'gemma', 'gemma2', 'gemma3_text', 'gemma4_text' or "
+                         f"'gemma4_unified_text', got {config.get('model_type')!r}")
 
 
 def make_config(preset: str = "tiny", **overrides) -> dict:
@@ -650,7 +663,7 @@ def write_checkpoint(
             for i in group:
                 name = names[i]
                 values = random_tensor(name, shapes[name], seed=seed,
-                                       norm_mean=1.0 if config.get("model_type") == "gemma4_text" else 0.0)
+                                       norm_mean=1.0 if config.get("model_type") in _GEMMA4_TYPES else 0.0)
                 tensors[name] = values.astype(np_dtype, copy=False)  # round to nearest even
                 del values  # the float32 draw goes now, not at the end of the shard
                 weight_map[name] = file_name

@@ -26,11 +26,16 @@ MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma4_text")
 FULL, SLIDING = "full_attention", "sliding_attention"
 # Gemma 4's multimodal config.json nests the decoder under text_config (weights under model.language_model.*)
 MULTIMODAL_GEMMA4 = "gemma4"
+# Gemma 4 unified (12B; transformers' models/gemma4_unified): the Gemma 4 text decoder without per-layer embeddings
+# and MoE. Gemma4UnifiedTextDecoderLayer is Gemma4TextDecoderLayer's code without those two branches, over the
+# same Gemma4TextAttention, Gemma4TextMLP, Gemma4RMSNorm and RoPE; Gemma4UnifiedTextConfig is Gemma4TextConfig
+# with other defaults (below) and the PLE / MoE keys removed (HF builds no such modules whatever config.json says).
+# Its multimodal config ("gemma4_unified") nests the decoder under text_config, weights under model.language_model.
+UNIFIED_GEMMA4, MULTIMODAL_UNIFIED_GEMMA4 = "gemma4_unified_text", "gemma4_unified"
+_UNIFIED_DEFAULTS = {"sliding_window": 1024, "max_position_embeddings": 262_144}
 _REFUSED = {
     "gemma3n": "Gemma 3n (AltUp's four-stream residual, LAuReL) is not supported",
     "gemma3n_text": "Gemma 3n (AltUp's four-stream residual, LAuReL) is not supported",
-    "gemma4_unified": "Gemma 4 unified (12B: its own attention with query_pre_attn_scalar) is not supported",
-    "gemma4_unified_text": "Gemma 4 unified (12B: its own attention with query_pre_attn_scalar) is not supported",
 }
 
 
@@ -177,12 +182,16 @@ class Config:
         if isinstance(model_type, str) and model_type in _REFUSED:
             raise ConfigError(f"config.json has model_type {model_type!r}: {_REFUSED[model_type]} (refprism reads "
                               "Gemma 1, 2, 3 and 4 text decoders)")
-        if model_type == MULTIMODAL_GEMMA4:
+        if model_type in (MULTIMODAL_GEMMA4, MULTIMODAL_UNIFIED_GEMMA4):
             text = hf.get("text_config")
             if not isinstance(text, dict):
-                raise ConfigError("config.json is a multimodal Gemma 4 (model_type 'gemma4') without a text_config "
-                                  "object: re-download the model's config.json")
-            return cls.from_hf({"model_type": "gemma4_text", **text})
+                raise ConfigError(f"config.json is a multimodal Gemma 4 (model_type {model_type!r}) without a "
+                                  "text_config object: re-download the model's config.json")
+            inner = "gemma4_text" if model_type == MULTIMODAL_GEMMA4 else UNIFIED_GEMMA4
+            return cls.from_hf({"model_type": inner, **text})
+        if model_type == UNIFIED_GEMMA4:  # the Gemma 4 text decoder with PLE and MoE off, whatever config.json says
+            return cls.from_hf({**_UNIFIED_DEFAULTS, **hf, "model_type": "gemma4_text",
+                                "hidden_size_per_layer_input": 0, "enable_moe_block": False})
         if model_type == "gemma3" and isinstance(hf.get("text_config"), dict):
             raise ConfigError("config.json is a multimodal Gemma 3 (model_type 'gemma3'); refprism reads the text "
                               "models (model_type 'gemma3_text', e.g. google/gemma-3-270m, google/gemma-3-1b-pt)")
@@ -407,8 +416,13 @@ def _family_fields(hf: dict, model_type: str, n_layers) -> dict:
         "post_norms": True,
         "qk_norm": not gemma2,
     }
-    if hf.get("use_bidirectional_attention"):
-        raise ConfigError("config.json: use_bidirectional_attention is not supported (causal models only)")
+    bidirectional = hf.get("use_bidirectional_attention")
+    # Gemma 4's "vision" opens attention both ways within each run of image tokens only (Gemma4Model builds that
+    # mask from mm_token_type_ids); text tokens stay causal, and refprism's prompts are text. Gemma 3 reads any
+    # truthy value as bidirectional text attention, Gemma 4's "all" too.
+    if bidirectional not in (None, False) and not (model_type == "gemma4_text" and bidirectional == "vision"):
+        raise ConfigError(f"config.json: use_bidirectional_attention {_short(bidirectional)} is not supported: "
+                          "refprism runs causal attention only (Gemma 4's 'vision', causal on text, is read)")
     return fields
 
 

@@ -140,7 +140,10 @@ def gemma4_ignored(cfg: Config, name: str) -> bool:
 # A multimodal Gemma 4 checkpoint (Gemma4ForConditionalGeneration): the decoder under model.language_model., the
 # towers beside it (ignored: refprism reads the text decoder)
 GEMMA4_DECODER = "model.language_model."
-GEMMA4_TOWERS = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
+# (Gemma 4 unified, Gemma4UnifiedForConditionalGeneration, has no towers but embedders: model.embed_vision.*,
+# model.embed_audio.* and, as its files name the patch embedder, model.vision_embedder.*)
+GEMMA4_TOWERS = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.",
+                 "model.vision_embedder.")
 
 
 def text_decoder_names(tensors: dict) -> tuple[dict, list[str]]:

@@ -97,7 +97,8 @@ def main(argv=None):
     repeat = 1 if args.quick else args.repeat
     print(f"threads {args.threads}; GB/s of float32 weights streamed (higher is faster); "
           f"load average {' '.join(open('/proc/loadavg').read().split()[:3])}\n")
-    print("| shape | product | K x N | T | numpy @ | ops.matmul | torch @ |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("| shape | product | K x N | T | numpy @ | ops.matmul | torch @ |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for name, (D, F, V) in shapes.items():
         for label, K, N, layout in products(D, F, V):
             copies = max(1, round(args.bytes / (K * N * 4)))

@@ -50,3 +50,17 @@ def test_the_catalogue_table_lists_every_mistake():
         for suffix in re.findall(r"`(_[a-z0-9_]+)`", first):
             expanded.add(base[0].rsplit("_in_", 1)[0] + suffix)
     assert {m.name for m in CATALOGUE} | set(TOKEN_MISTAKES) <= expanded
+
+
+def test_the_catalogue_tables_gemma4_column_says_no_exactly_for_not_on_gemma4():
+    from refprism.crosscheck.catalogue import NOT_ON_GEMMA4
+
+    table = DOC[DOC.index("| mistake | where |"):]
+    table = table[: table.index("\n\n")]
+    no = set()
+    for line in table.splitlines()[2:]:
+        cells = line.split("|")
+        assert cells[-2].strip().startswith(("yes", "no: ")), line
+        if cells[-2].strip().startswith("no: "):
+            no |= set(re.findall(r"`([a-z0-9_]+)`", cells[1]))
+    assert no == set(NOT_ON_GEMMA4)

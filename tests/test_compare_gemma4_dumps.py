@@ -140,8 +140,13 @@ def test_a_dump_of_module_outputs_alone_derives_what_no_output_holds(g4dir, g4, 
     assert r.exit_status == 0, r.table()
 
 
+def _no_post_attention_norm(hf):
+    hf.model.layers[0].post_attention_layernorm = torch.nn.Identity()  # the module path stays: its output is o_proj's
+
+
 HF_PLANTS = {  # tests/test_compare_gemma4.py's breakers of HF's own model -> the first wrong op
     "v_norm_missing": (_no_v_norm, "blocks.3.attn.v"),  # v_norm's output is its input
+    "post_norm_missing": (_no_post_attention_norm, "blocks.0.attn.out"),  # a Gemma 1-3 entry, run on Gemma 4
     "layer_scalar_missing": (_no_layer_scalar, "blocks.2.resid_post"),
     "per_expert_scale_dropped": (_no_per_expert_scale, "blocks.4.moe.topk.weight"),  # the router's output [1]
 }
@@ -313,6 +318,9 @@ def _wrong_producer_scores(d, cfg, consumer, producer):
 
 
 LLAMA_DUMP_PLANTS = {  # a mistake planted in llama.cpp's own dump -> (its first wrong op, the variant naming it)
+    # layer 2's attn_post_norm holds the o_proj product itself: a build that skips the post-attention norm
+    "post_norm_missing": (lambda d, cfg: {"attn_post_norm-2": d["attn_output-2"].reshape(d["attn_post_norm-2"].shape)},
+                          "blocks.2.attn.out"),
     "v_norm_missing": (lambda d, cfg: {"Vcur_normed-3": d["Vcur-3"].reshape(d["Vcur_normed-3"].shape)},
                        "blocks.3.attn.v"),
     "kv_producer_first_of_type": (lambda d, cfg: {"kq-4": _wrong_producer_scores(d, cfg, 4, 0)},
@@ -323,8 +331,9 @@ LLAMA_DUMP_PLANTS = {  # a mistake planted in llama.cpp's own dump -> (its first
 @pytest.mark.parametrize("mistake", sorted(LLAMA_DUMP_PLANTS))
 def test_a_mistake_planted_in_llamacpps_dump_is_found_and_named(g4llama, tmp_path, mistake):
     """llama.cpp's own dump with one tensor replaced by a port's mistake: layer 3's values left un-normed
-    (Vcur_normed = Vcur), or consumer 4's scores over layer 0's keys (the first sliding layer, not its producer,
-    layer 2: the first of its type). Exit 1 at the planted site and the catalogue names the mistake alone."""
+    (Vcur_normed = Vcur), consumer 4's scores over layer 0's keys (the first sliding layer, not its producer,
+    layer 2: the first of its type), or layer 2's post-attention norm skipped (attn_post_norm = the attn_output
+    product). Exit 1 at the planted site and the catalogue names the mistake alone."""
     model, _, path = g4llama
     planted, site = LLAMA_DUMP_PLANTS[mistake]
     d = dumps.load_arrays(path)
@@ -364,3 +373,24 @@ def _each_refused_in_one_line(g4, tmp_path, base, cases, ids, names):
         with pytest.raises(InputError, match=message) as e:
             compare(g4, ids, against=str(tmp_path / "bad.npz"), names=names)
         assert "\n" not in str(e.value)
+
+
+def test_a_skipped_post_norm_in_llama_debugs_print_is_named_from_the_print_alone(g4gguf, llama_bin_dir):
+    """No replay: llama.cpp's own capture (its logits and llama-debug's print: some elements and the sum of each
+    tensor), with layer 0's attn_post_norm print replaced by its attn_output product's, as a build that skips the
+    post-attention norm prints there (the sites after it are left as printed). The first divergence is that site,
+    and of the variants run on the printed values alone post_norm_missing (a Gemma 1-3 entry) alone reproduces it."""
+    import dataclasses
+
+    from refprism.crosscheck.sides import llamacpp as L
+
+    model = refprism.load(g4gguf)
+    cap = L.capture(g4gguf, PROMPT, cache_type="f32")
+    o_proj = cap.summaries["blocks.0.attn.o_proj"]
+    cap.summaries["blocks.0.attn.out"] = dataclasses.replace(o_proj)
+    r = compare(model, None, against=cap)  # the capture says its arithmetic (f32 KV cache)
+    assert r.exit_status == 1 and r.first_wrong_op is None
+    assert r.first_divergence == "blocks.0.attn.out", r.table()
+    explained = [d["variant"] for d in r.diagnosis if d["explains"]]
+    assert explained == ["post_norm_missing"], r.diagnosis
+    assert all(d["from"] == "printed" for d in r.diagnosis)

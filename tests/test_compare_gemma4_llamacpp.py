@@ -4,7 +4,8 @@ k_eq_v, the double-wide MLP on the consumers, MoE, per-layer inputs, proportiona
 weights, in a layer layout llama.cpp's KV-sharing rule takes (docs/gemma4.md). An honest run is within every
 floor with either KV cache; a mistake planted in llama.cpp's source (tools/build_llama_cpp.py PLANTS: gemma4.cpp's
 layer_output_scale skipped, llama-model.cpp's KV-sharing rule giving a consumer the wrong producer) is found at its
-first divergence and named by the Gemma 4 catalogue from llama-debug's printed values alone."""
+first divergence and named by the catalogue from llama-debug's printed values alone; so is gemma4.cpp's
+post-attention norm skipped (a Gemma 1-3 entry, post_norm_missing, run on Gemma 4)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,20 @@ def test_planted_layer_scalar_skipped_is_found_and_named(g4gguf, llama_planted):
     assert r.first_divergence == "blocks.0.resid_post", r.table()
     explained = [d["variant"] for d in r.diagnosis if d["explains"]]
     assert explained == ["layer_scalar_missing"], r.diagnosis
+
+
+def test_planted_post_norm_skipped_is_found_and_named(g4gguf, llama_planted):
+    """llama.cpp's gemma4.cpp with the post-attention norm's build_norm removed (PLANTS "gemma4-post-norm-skipped",
+    as "post-norm-skipped" in gemma3.cpp): every site before layer 0's attn_post_norm agrees, it is the first
+    divergence, and from llama-debug's printed values alone a Gemma 1-3 catalogue entry run on Gemma 4,
+    post_norm_missing, alone reproduces it."""
+    r = compare(refprism.load(g4gguf), PROMPT, against="llama.cpp", kv_cache="f32",
+                llama_cpp=llama_planted["gemma4-post-norm-skipped"])
+    assert r.exit_status == 1
+    assert r.first_divergence == "blocks.0.attn.out", r.table()
+    explained = [d["variant"] for d in r.diagnosis if d["explains"]]
+    assert explained == ["post_norm_missing"], r.diagnosis
+    assert all(d["from"] == "printed" for d in r.diagnosis)
 
 
 def test_planted_wrong_kv_producer_is_found_at_the_consumer_and_named(g4gguf, llama_planted):

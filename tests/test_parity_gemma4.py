@@ -343,6 +343,9 @@ def test_gemma4_low_memory_resume_and_packed_equal_the_plain_run(checkpoint):
     for first in (2, 5):  # 5: a consumer whose producer (3) is before it
         resumed = forward(fast.params, cfg, ids, resume=(first, run.record), normalizer=fast.normalizer)
         np.testing.assert_array_equal(resumed["logits"], run.logits)
+        # the record holds every site of the full run, the per-layer inputs (computed before layer 0) too
+        assert set(resumed) == set(run.record)
+        np.testing.assert_array_equal(resumed["ple.input"], run.record["ple.input"])
     other = np.random.default_rng(4).integers(0, 512, 6)
     packed = forward_packed(fast.params, cfg, [ids, other], normalizer=fast.normalizer)
     for rec, toks in zip(packed, [ids, other]):

@@ -96,6 +96,12 @@ PLANTS = {
         "            cur = ggml_mul(ctx0, cur, model.layers[il].out_scale);\n",
         "            // refprism's planted mistake: layer_output_scale skipped\n",
     ),
+    "gemma4-post-norm-skipped": (  # Gemma 4: the post-attention norm skipped, as post-norm-skipped in gemma3.cpp
+        "src/models/gemma4.cpp",
+        "        cur = build_norm(cur,\n                model.layers[il].attn_post_norm, nullptr,\n"
+        "                LLM_NORM_RMS, il);\n        cb(cur, \"attn_post_norm\", il);",
+        "        cb(cur, \"attn_post_norm\", il);  // refprism's planted mistake: the post-attention norm skipped",
+    ),
     # Gemma 4's KV sharing (the Gemma 3n / Gemma 4 reuse callback): a sliding consumer reuses the K/V of layer
     # (first shared layer) - 4, not - 2; on tests/test_compare_gemma4_llamacpp.py's layout S F S F | S F F that is
     # layer 0 for consumer 4 (the first sliding layer; its producer is layer 2), a layer of the same shapes.

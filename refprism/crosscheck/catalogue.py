@@ -84,23 +84,34 @@ class Mistake:
 _NORM_OF = {  # norm output -> (input, recorded scale, weight key); ln_final.out handled apart
     "ln1.out": ("resid_pre", "ln1.scale", "ln1"),
     "ln2.out": ("resid_mid", "ln2.scale", "ln2"),
-    "attn.out": ("attn.o_proj", "ln1_post.scale", "ln1_post"),  # Gemma 2/3 post-norms
+    "attn.out": ("attn.o_proj", "ln1_post.scale", "ln1_post"),  # Gemma 2-4 post-norms
     "mlp.out": ("mlp.down", "ln2_post.scale", "ln2_post"),
 }
+# Gemma 4's further norm outputs: the MoE layer's two post-norms and its experts' input norm, the per-layer input's
+# post-norm, and v_norm (no learned scale: weight None); ple.input (the per-layer inputs' norm) is handled apart
+_NORM_OF_4 = {**_NORM_OF, "mlp.dense": ("mlp.down", "ln2_post1.scale", "ln2_post1"),
+              "moe.out": ("moe.down", "ln2_post2.scale", "ln2_post2"),
+              "ln2_moe.out": ("resid_mid", "ln2_moe.scale", "ln2_moe"),
+              "ple.out": ("ple.proj", "ple_post.scale", "ple_post"),
+              "attn.v": ("attn.v_pre", "attn.v_norm.scale", None)}
 
 
 NORM_OUTPUTS = ("ln1.out", "ln2.out", "attn.out", "mlp.out", "ln_final.out", "attn.q", "attn.k")
+NORM_OUTPUTS_4 = (*NORM_OUTPUTS, "mlp.dense", "moe.out", "ln2_moe.out", "ple.out", "attn.v")
+# ple.input = (rms_norm(model_proj; ple_norm) + token) / sqrt(2) is a norm's output carried on by float64 steps:
+# a norm rounded there leaves no fingerprint of its dtype in the site's values, so only norm_one_plus_w acts there
 
 
 def _norm_parts(op: Op):
     """(x, recorded s, w, finish) of the norm that produces op.site; finish(y) completes the op (RoPE for Gemma
-    3's q / k norms). None when the site is not a norm's output in this model."""
+    3/4's q / k norms, the token term of Gemma 4's per-layer inputs). w None: a norm without a learned scale
+    (Gemma 4's v_norm). None when the site is not a norm's output in this model."""
     cfg = op.cfg
     if op.kind == "ln_final.out":
         return (op.record[f"blocks.{cfg.n_layers - 1}.resid_post"], op.record["ln_final.scale"],
                 op.weights.ln_final, lambda y: y)
     if op.kind in ("attn.q", "attn.k"):
-        if not cfg.qk_norm:
+        if not cfg.qk_norm or (op.kind == "attn.k" and not cfg.has_kv(op.layer)):
             return None
         w = op.kind[-1]
         cos, sin = _tables(op)
@@ -108,19 +119,32 @@ def _norm_parts(op: Op):
                 lambda y: ops.rope(y, cos, sin))
     if op.kind in ("attn.out", "mlp.out") and not cfg.post_norms:
         return None
-    x, s, w = _NORM_OF[op.kind]
-    return op.at(x), op.at(s), op.block[w], lambda y: y
+    if op.kind in _NORM_OF:
+        x, s, w = _NORM_OF[op.kind]
+        if op.kind == "mlp.out" and cfg.moe:  # Gemma 4 MoE: the post-norm of the dense and expert branches' sum
+            x = "mlp.sum"
+        return op.at(x), op.at(s), op.block[w], lambda y: y
+    if not cfg.gemma4:
+        return None
+    if op.kind == "ple.input":  # (rms_norm(model_proj; ple_norm) + token) / sqrt(2)
+        token = op.record["ple.token"]
+        return (op.record["ple.model_proj"], op.record["ple.model_proj_norm.scale"], op.weights.ple_norm,
+                lambda y: (y + token) * 2.0 ** -0.5)
+    if op.kind == "attn.v" and not cfg.has_kv(op.layer):
+        return None
+    x, s, w = _NORM_OF_4[op.kind]
+    return op.at(x), op.at(s), None if w is None else op.block[w], lambda y: y
 
 
-def _tables(op: Op, *, theta=None, scale=None, offset=0):
-    """cos, sin [T, H] of the op's layer (float64 angles), optionally with another base, scale or position offset
-    (Gemma 4: the layer's own head width and proportional fraction)."""
+def _tables(op: Op, *, theta=None, scale=None, offset=0, partial=None):
+    """cos, sin [T, H] of the op's layer (float64 angles), optionally with another base, scale, position offset or
+    rotated fraction (Gemma 4: the layer's own head width and proportional fraction)."""
     th, sc = op.cfg.rope_of(op.layer)
     th = th if theta is None else theta
     sc = sc if scale is None else scale
+    p = op.cfg.rope_partial_of(op.layer) if partial is None else partial
     T = len(op.tokens)
-    return ops.rope_tables((np.arange(T) + offset) / sc, op.cfg.head_dim_of(op.layer), th, np.float64,
-                           op.cfg.rope_partial_of(op.layer))
+    return ops.rope_tables((np.arange(T) + offset) / sc, op.cfg.head_dim_of(op.layer), th, np.float64, p)
 
 
 def _norm_w(op):
@@ -137,20 +161,25 @@ def _norm_in(dt_name):
         if parts is None:
             return None
         x, _, w, finish = parts
-        return finish(norm_rounded(x, w, op.cfg.rms_norm_eps, dt_name))
+        return finish(norm_rounded(x, w, op.cfg.rms_norm_eps, dt_name, offset=op.cfg.norm_offset))
     return compute
 
 
-def norm_rounded(x, w, eps, dt_name):
+def norm_rounded(x, w, eps, dt_name, *, offset=1):
     """RMSNorm with every step in a low dtype, as torch computes it on such a tensor without upcasting:
-    x^2, the mean (accumulated in float32, rounded), + eps, rsqrt, x * r, 1 + w and the product, each rounded."""
+    x^2, the mean (accumulated in float32, rounded), + eps, rsqrt, x * r, offset + w and the product, each rounded
+    (Gemma 1-3: offset 1; Gemma 4: offset 0, w itself; w None: no learned scale, Gemma 4's v_norm)."""
     f = np.float32
     dt = np.float32 if dt_name == "float32" else profile_of(dt_name).rounds_to
     x = _round(np.asarray(x, dtype=f), dt)
     ms = _round(np.mean(_round(x * x, dt), axis=-1, dtype=f), dt)
     r = _round(f(1) / np.sqrt(_round(ms + f(eps), dt)), dt)
-    scale = _round(f(1) + _round(np.asarray(w, dtype=f), dt), dt)
-    return _round(_round(x * r[..., None], dt) * scale, dt).astype(np.float64)
+    y = _round(x * r[..., None], dt)
+    if w is None:
+        return y.astype(np.float64)
+    w = _round(np.asarray(w, dtype=f), dt)
+    scale = _round(f(1) + w, dt) if offset else w
+    return _round(y * scale, dt).astype(np.float64)
 
 
 def _swapped_norm_weight(op):
@@ -160,17 +189,23 @@ def _swapped_norm_weight(op):
         return None
     x, s, _, _ = _norm_parts(op)
     other = "ln2" if op.kind == "attn.out" else "ln1_post"
-    return ops.rms_apply(x, s, op.block[other])
+    return ops.rms_apply(x, s, op.block[other], op.cfg.norm_offset)
+
+
+POST_NORMED = ("attn.out", "mlp.out", "mlp.dense", "moe.out", "ple.out")  # Gemma 4: the last three too
 
 
 def _post_norm_missing(op):
+    """The post-norm's input as its output (Gemma 4 MoE: mlp.out's input is mlp.sum)."""
     if not op.cfg.post_norms:
         return None
-    return op.at("attn.o_proj" if op.kind == "attn.out" else "mlp.down")
+    parts = _norm_parts(op)
+    return None if parts is None else parts[0]
 
 
 def _embed_scale_missing(op):
-    return op.weights.embed_rows(op.tokens)
+    """E[tokens] unscaled; Gemma 4's per-layer token embedding (ple.token) without its sqrt(P) likewise."""
+    return op.weights.ple_rows(op.tokens) if op.kind == "ple.token" else op.weights.embed_rows(op.tokens)
 
 
 def _with_dtype(name):
@@ -186,9 +221,21 @@ def _embed_rounded(dt_name):
     return compute
 
 
+_GLU_OF = {"mlp.act": ("mlp.gate", "mlp.up"), "moe.act": ("moe.gate", "moe.up")}  # Gemma 4: the experts' too
+
+
+def _glu_inputs(op):
+    """(gate, up) of a GeGLU: the MLP's, Gemma 4's experts' ([T, J, G]) or its per-layer input's (ple.act = gelu(
+    ple.gate) * ple.input[:, l])."""
+    if op.kind == "ple.act":
+        return op.at("ple.gate"), op.record["ple.input"][:, op.layer]
+    gate, up = _GLU_OF[op.kind]
+    return op.at(gate), op.at(up)
+
+
 def _gelu_exact(op):
-    gate = op.at("mlp.gate")
-    return gelu_erf(gate) * op.at("mlp.up")
+    gate, up = _glu_inputs(op)
+    return gelu_erf(gate) * up
 
 
 def gelu_erf(x):
@@ -198,7 +245,8 @@ def gelu_erf(x):
 
 
 def _geglu_swapped(op):
-    return ops.gelu_tanh(op.at("mlp.up")) * op.at("mlp.gate")
+    gate, up = _glu_inputs(op)
+    return ops.gelu_tanh(up) * gate
 
 
 def _rope_variant(**how):
@@ -218,7 +266,10 @@ def _rope_variant(**how):
         scale = how.get("scale")(op) if how.get("scale") else None
         if scale is not None and scale == op.cfg.rope_of(op.layer)[1]:
             return None
-        cos, sin = _tables(op, theta=theta, scale=scale, offset=how.get("offset", 0))
+        partial = how.get("partial")
+        if partial is not None and partial == op.cfg.rope_partial_of(op.layer):
+            return None  # Gemma 4's sliding layers rotate every pair
+        cos, sin = _tables(op, theta=theta, scale=scale, offset=how.get("offset", 0), partial=partial)
         if how.get("interleaved"):
             return rope_interleaved(x, cos, sin)
         return ops.rope(x, cos, sin)
@@ -253,15 +304,18 @@ def _query_scale(which):
 
 
 def _kv_interleaved(op):
-    """Query head n reads kv head n % K (torch .repeat instead of repeat_interleave) instead of n // (N / K)."""
+    """Query head n reads kv head n % K (torch .repeat instead of repeat_interleave) instead of n // (N / K).
+    Gemma 4: K is the layer's own (kv_heads_of), a KV-sharing consumer reads its producer's k and v."""
     cfg = op.cfg
-    if not 1 < cfg.n_kv_heads < cfg.n_heads:
+    K = cfg.kv_heads_of(op.layer)
+    if not 1 < K < cfg.n_heads:
         return None
-    kv = np.arange(cfg.n_heads) % cfg.n_kv_heads
+    kv = np.arange(cfg.n_heads) % K
+    src = f"blocks.{cfg.kv_source(op.layer)}."
     if op.kind == "attn.scores":
-        q, k = op.at("attn.q"), op.at("attn.k")
+        q, k = op.at("attn.q"), op.record[src + "attn.k"]
         return np.einsum("tnh,snh->nts", q, k[:, kv]) * cfg.query_pre_attn_scalar ** -0.5
-    return np.einsum("nts,snh->tnh", op.at("attn.pattern"), op.at("attn.v")[:, kv])
+    return np.einsum("nts,snh->tnh", op.at("attn.pattern"), op.record[src + "attn.v"][:, kv])
 
 
 def _pattern_variant(which):
@@ -310,8 +364,11 @@ def _final_softcap_missing(op):
 
 
 def _unembed_scaled(op):
-    raw = op.weights.unembed(op.record["ln_final.out"]) * math.sqrt(op.cfg.d_model)
-    return ops.softcap(raw, op.cfg.final_softcap) if op.cfg.final_softcap is not None else raw
+    """The logits of E * sqrt(D). With a final soft-cap (Gemma 2, 4) it acts at logits_uncapped, and the honest cap
+    follows; the logits of a model without one."""
+    if op.kind == "logits" and op.cfg.final_softcap is not None:
+        return None
+    return op.weights.unembed(op.record["ln_final.out"]) * math.sqrt(op.cfg.d_model)
 
 
 def _kv_rounded(dt_name):
@@ -322,30 +379,34 @@ def _kv_rounded(dt_name):
 CATALOGUE: list[Mistake] = [
     Mistake("norm_w", NORM_OUTPUTS, _norm_w,
             "a norm scales by w instead of 1 + w; Gemma's RMSNorm stores w and scales by 1 + w"),
-    Mistake("norm_in_float32", NORM_OUTPUTS, _norm_in("float32"),
+    Mistake("norm_in_float32", NORM_OUTPUTS_4, _norm_in("float32"),
             "a norm is computed in float32 in a float64 run; the rest of the run is float64",
             rounds_to="float32"),
-    Mistake("norm_in_float16", NORM_OUTPUTS, _norm_in("float16"),
+    Mistake("norm_in_float16", NORM_OUTPUTS_4, _norm_in("float16"),
             "a norm is computed in float16 step by step; Gemma implementations compute it in float32 and round "
             "once", rounds_to="float16"),
     Mistake("norm_weights_swapped", ("attn.out", "ln2.out"), _swapped_norm_weight,
             "the attention's post-norm and the MLP's input norm have each other's weights: HF's "
-            "post_attention_layernorm is read as the MLP's input norm (its Gemma 1 meaning); in Gemma 2/3 it "
+            "post_attention_layernorm is read as the MLP's input norm (its Gemma 1 meaning); in Gemma 2-4 it "
             "is the attention's output norm and pre_feedforward_layernorm is the MLP's"),
-    Mistake("post_norm_missing", ("attn.out", "mlp.out"), _post_norm_missing,
-            "a sublayer's output is added to the residual without its post-norm; Gemma 2/3 normalise the "
-            "attention and MLP outputs (post_attention_layernorm, post_feedforward_layernorm)"),
-    Mistake("embed_scale_missing", ("embed",), _embed_scale_missing,
-            "the embedding is not multiplied by sqrt(D); Gemma scales it by sqrt(hidden_size)"),
+    Mistake("post_norm_missing", POST_NORMED, _post_norm_missing,
+            "a sublayer's output is added to the residual without its post-norm; Gemma 2-4 normalise the "
+            "attention and MLP outputs (post_attention_layernorm, post_feedforward_layernorm; Gemma 4 also the "
+            "dense and expert branches of a MoE layer, post_feedforward_layernorm_1 / _2, and the per-layer "
+            "input, post_per_layer_input_norm)"),
+    Mistake("embed_scale_missing", ("embed", "ple.token"), _embed_scale_missing,
+            "the embedding is not multiplied by sqrt(D); Gemma scales it by sqrt(hidden_size) (Gemma 4's "
+            "per-layer token embedding by sqrt(hidden_size_per_layer_input))"),
     Mistake("embed_scale_in_bfloat16", ("embed",), _embed_rounded("bfloat16"),
             "sqrt(D) is rounded to bfloat16 (as a bfloat16 run does) in a run of higher precision"),
     Mistake("embed_scale_in_float16", ("embed",), _embed_rounded("float16"),
             "sqrt(D) is rounded to float16 in a run of higher precision"),
     Mistake("embed_scale_in_float32", ("embed",), _embed_rounded("float32"),
             "sqrt(D) is rounded to float32 in a float64 run (HF makes the constant a float32 tensor)"),
-    Mistake("gelu_exact", ("mlp.act",), _gelu_exact,
-            "the MLP uses the exact erf GELU; Gemma uses the tanh approximation"),
-    Mistake("geglu_swapped", ("mlp.act",), _geglu_swapped,
+    Mistake("gelu_exact", ("mlp.act", "moe.act", "ple.act"), _gelu_exact,
+            "the MLP uses the exact erf GELU; Gemma uses the tanh approximation (Gemma 4: in its experts and "
+            "per-layer input gate too)"),
+    Mistake("geglu_swapped", ("mlp.act", "moe.act"), _geglu_swapped,
             "the GeGLU applies gelu to up_proj instead of gate_proj: act = gelu(up) * gate; Gemma's is "
             "gelu(gate) * up"),
     Mistake("rope_interleaved", ("attn.q", "attn.k"), _rope_variant(interleaved=True),
@@ -355,25 +416,26 @@ CATALOGUE: list[Mistake] = [
             "q and k are not rotated (no RoPE)"),
     Mistake("rope_base_10000", ("attn.q", "attn.k"), _rope_variant(theta=lambda op: 10_000.0),
             "RoPE uses base 10000 here; this layer's base is the config's (rope_theta, or Gemma 3's "
-            "rope_local_base_freq on sliding layers)"),
+            "rope_local_base_freq on sliding layers; Gemma 4's per layer type)"),
     Mistake("rope_base_1000000", ("attn.q", "attn.k"), _rope_variant(theta=lambda op: 1_000_000.0),
             "RoPE uses base 1000000 (Gemma 3's global base) here; this layer's base is the config's"),
     Mistake("rope_local_base_on_global", ("attn.q", "attn.k"),
             _rope_variant(theta=lambda op: op.cfg.rope_local_theta,
                           applies=lambda op: op.cfg.qk_norm and not op.cfg.is_sliding(op.layer)),
-            "a Gemma 3 full-attention layer uses the local RoPE base (rope_local_base_freq) of sliding layers; "
-            "full layers use rope_theta"),
+            "a Gemma 3/4 full-attention layer uses the local RoPE base (rope_local_base_freq; Gemma 4: the "
+            "sliding layers' rope_theta) of sliding layers; full layers use rope_theta"),
     Mistake("rope_global_base_on_local", ("attn.q", "attn.k"),
             _rope_variant(theta=lambda op: op.cfg.rope_theta,
                           applies=lambda op: op.cfg.qk_norm and op.cfg.is_sliding(op.layer)),
-            "a Gemma 3 sliding layer uses the global RoPE base (rope_theta); sliding layers use "
-            "rope_local_base_freq"),
+            "a Gemma 3/4 sliding layer uses the global RoPE base (rope_theta of full layers); sliding layers use "
+            "rope_local_base_freq (Gemma 4: their own rope_theta)"),
     Mistake("rope_scaling_missing", ("attn.q", "attn.k"), _rope_variant(scale=lambda op: 1.0),
-            "RoPE ignores the linear rope_scaling factor of full layers (Gemma 3 4B and larger)"),
+            "RoPE ignores the linear rope_scaling factor of full layers (Gemma 3 4B and larger; Gemma 4's "
+            "proportional factor)"),
     Mistake("rope_positions_from_1", ("attn.q", "attn.k"), _rope_variant(offset=1),
             "RoPE positions start at 1 instead of 0"),
     Mistake("qk_norm_missing", ("attn.q", "attn.k"), _rope_variant(qk_norm_missing=True),
-            "q and k are rotated without Gemma 3's q_norm / k_norm"),
+            "q and k are rotated without Gemma 3/4's q_norm / k_norm"),
     Mistake("query_scale_head_dim", ("attn.scores",), _query_scale("head_dim"),
             "the query scale is head_dim ** -0.5; this model's is query_pre_attn_scalar ** -0.5"),
     Mistake("query_scale_d_model_over_heads", ("attn.scores",), _query_scale("d_model_over_heads"),
@@ -399,40 +461,20 @@ CATALOGUE: list[Mistake] = [
     Mistake("kv_in_bfloat16", ("attn.k", "attn.v"), _kv_rounded("bfloat16"),
             "keys and values are stored in bfloat16 (a bfloat16 KV cache)", rounds_to="bfloat16"),
     Mistake("final_softcap_missing", ("logits",), _final_softcap_missing,
-            "the logits are not soft-capped; Gemma 2 caps them, cap * tanh(logits / cap)"),
-    Mistake("unembed_scaled", ("logits",), _unembed_scaled,
+            "the logits are not soft-capped; Gemma 2 and 4 cap them, cap * tanh(logits / cap)"),
+    Mistake("unembed_scaled", ("logits_uncapped", "logits"), _unembed_scaled,
             "the unembedding uses the scaled embedding E * sqrt(D); Gemma's tied unembedding is E itself"),
 ]
 
 
 # ------------------------------------------------------------------------------------------------ Gemma 4
 
-# Gemma 4's norm outputs -> (input, recorded scale, weight key)
-_NORM_OF_4 = {**_NORM_OF, "mlp.dense": ("mlp.down", "ln2_post1.scale", "ln2_post1"),
-              "moe.out": ("moe.down", "ln2_post2.scale", "ln2_post2"),
-              "ln2_moe.out": ("resid_mid", "ln2_moe.scale", "ln2_moe"), "ple.out": ("ple.proj", "ple_post.scale",
-                                                                                  "ple_post")}
-NORM_OUTPUTS_4 = (*NORM_OUTPUTS, "mlp.dense", "moe.out", "ln2_moe.out", "ple.out")
-
-
 def _norm_one_plus_w(op):
-    """Gemma 4's norms with Gemma 3's (1 + w) (the trap of a port from Gemma 3)."""
-    cfg = op.cfg
-    if op.kind == "ln_final.out":
-        x, s, w, finish = (op.record[f"blocks.{cfg.n_layers - 1}.resid_post"], op.record["ln_final.scale"],
-                           op.weights.ln_final, lambda y: y)
-    elif op.kind in ("attn.q", "attn.k"):
-        which = op.kind[-1]
-        if which == "k" and not cfg.has_kv(op.layer):
-            return None
-        cos, sin = _tables(op)
-        x, s, w = op.at(f"attn.{which}_pre"), op.at(f"attn.{which}_norm.scale"), op.block[f"{which}_norm"]
-        finish = lambda y: ops.rope(y, cos, sin)  # noqa: E731
-    else:
-        x, s, w = _NORM_OF_4[op.kind]
-        if op.kind == "mlp.out" and cfg.moe:
-            x = "mlp.sum"
-        x, s, w, finish = op.at(x), op.at(s), op.block[w], lambda y: y
+    """Gemma 4's norms with Gemma 3's (1 + w) (the trap of a port from Gemma 3); v_norm has no w to offset."""
+    parts = _norm_parts(op)
+    if parts is None or parts[2] is None:
+        return None
+    x, s, w, finish = parts
     return finish(x / s[..., None] * (1 + w))
 
 
@@ -516,7 +558,7 @@ def _rope_neox_partial(op):
 
 
 GEMMA4_CATALOGUE: list[Mistake] = [
-    Mistake("norm_one_plus_w", NORM_OUTPUTS_4, _norm_one_plus_w,
+    Mistake("norm_one_plus_w", (*NORM_OUTPUTS_4, "ple.input"), _norm_one_plus_w,
             "a norm scales by 1 + w (Gemma 1-3's RMSNorm); Gemma 4's scales by w itself (its weights start at 1)"),
     Mistake("v_norm_missing", ("attn.v",), _v_norm_missing,
             "the values are not RMS-normalised; Gemma 4 normalises each value head (v_norm, no learned scale)"),
@@ -535,6 +577,10 @@ GEMMA4_CATALOGUE: list[Mistake] = [
     Mistake("kv_producer_first_of_type", ("attn.scores",), _kv_producer(_first_producer),
             "a KV-sharing consumer attends over the keys of the first non-shared layer of its type; HF's producer "
             "is the last one"),
+    Mistake("rope_proportional_missing", ("attn.q", "attn.k"), _rope_variant(partial=1.0),
+            "a full layer rotates every pair of its head (default RoPE, theta^(-2i/H) for every i); Gemma 4's "
+            "proportional RoPE rotates the first int(p H / 2) pairs only (partial_rotary_factor p), the others "
+            "have frequency 0"),
     Mistake("rope_partial_contiguous", ("attn.q", "attn.k"), _rope_neox_partial,
             "a full layer rotates its first dims contiguously (NeoX's partial rotary); Gemma 4's proportional RoPE "
             "rotates dims [0, R) with [H/2, H/2 + R), frequencies theta^(-2i/H)"),
@@ -562,12 +608,27 @@ _COARSER = {"float64": ("float32", "bfloat16", "float16"), "float32": ("bfloat16
 _NORM_ROUNDING = {"float64": "float32", "float16": "float16"}
 
 
+# The Gemma 1-3 entries that cannot apply to Gemma 4, and why; every other entry runs on Gemma 4 too, its variant
+# made right there (norms by w, the layer's own head width, RoPE geometry and kv heads, the producer's keys of a
+# KV-sharing consumer, the MoE and per-layer-input sites: see each compute function).
+NOT_ON_GEMMA4 = {
+    "norm_w": "Gemma 4's norms do scale by w; its norm mistake is the other way round, norm_one_plus_w",
+    "query_scale_head_dim": "Gemma 4 has no query_pre_attn_scalar (its scale is 1); head_dim ** -0.5 there is "
+                            "query_scale_head_dim_4, with each layer type's own head width",
+    "query_scale_d_model_over_heads": "a wrong query_pre_attn_scalar, which Gemma 4 does not have (its scale is 1)",
+    "query_scale_missing": "Gemma 4's attention scale is 1: an unscaled q . k is the right one",
+    "attn_softcap_missing": "Gemma 4 does not soft-cap its attention scores",
+}
+
+
 def candidates(profile: Profile, cfg: Config | None = None) -> list[Mistake]:
-    """The catalogue entries that can be told apart at this arithmetic (Gemma 4: GEMMA4_CATALOGUE)."""
+    """The catalogue entries that apply to this model and can be told apart at this arithmetic: on Gemma 4 every
+    entry of CATALOGUE but NOT_ON_GEMMA4's, then GEMMA4_CATALOGUE."""
+    pool = CATALOGUE
     if cfg is not None and cfg.gemma4:
-        return list(GEMMA4_CATALOGUE)
+        pool = [m for m in CATALOGUE if m.name not in NOT_ON_GEMMA4] + GEMMA4_CATALOGUE
     out = []
-    for m in CATALOGUE:
+    for m in pool:
         if m.name.startswith("norm_in_"):
             if m.rounds_to != _NORM_ROUNDING.get(profile.dtype):
                 continue
@@ -615,7 +676,10 @@ def diagnose(model, tokens, wrong: str, theirs: dict, runs: _Runs, profile: Prof
     w64 = runs.w64
     n64 = embed_normalizer(cfg.d_model, np.float64)
     layer = split_site(order[start])[0]
-    resume = None if order[start] == "embed" else (layer if layer is not None else cfg.n_layers - 1, runs.Pflow)
+    # Before layer 0 (embed, Gemma 4's per-layer inputs ple.*) the replay runs from the start; after the last
+    # layer (ln_final, logits) it resumes at the last layer
+    before = start <= order.index("blocks.0.resid_pre")
+    resume = None if before else (layer if layer is not None else cfg.n_layers - 1, runs.Pflow)
     mask = compared_mask(cfg, wrong, len(tokens))
     target = theirs.get(wrong)
     out = []

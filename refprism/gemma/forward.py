@@ -178,8 +178,10 @@ def _forward(params, cfg, prompts, *, normalizer=None, edit=None, resume=None, r
         if not 0 <= first < cfg.n_layers:
             raise InputError(f"resume layer {first} is out of range (the model has layers 0 .. {cfg.n_layers - 1})")
         rec = site.records[0]
-        for name, value in dict.items(clean):  # everything before the first layer, as stored (a Lazy stays lazy)
-            if name == "embed" or (name.startswith("blocks.") and int(name.split(".")[1]) < first):
+        for name, value in dict.items(clean):  # everything before the first layer, as stored (a Lazy stays lazy):
+            # the embedding, Gemma 4's per-layer inputs (ple.*, computed once before layer 0) and the earlier layers
+            if name == "embed" or name.startswith("ple.") or (name.startswith("blocks.")
+                                                              and int(name.split(".")[1]) < first):
                 rec[name] = Lazy(value.compute, value.shape, value.dtype, keep=clean) if isinstance(value, Lazy) \
                     else value
         x = clean[f"blocks.{first}.resid_pre"]

@@ -38,6 +38,24 @@ def test_hf_gemma4_is_within_every_floor(g4dir):
         assert all(m.endswith(".scale") or ".moe." in m for m in r.missing), r.missing
 
 
+def test_hf_gemma4_unified_is_within_every_floor_and_its_layer_scalar_is_named(checkpoint):
+    """Gemma 4 unified (Gemma4UnifiedForCausalLM, its own modeling module: the decoder without PLE and MoE) is
+    captured like Gemma 4: an honest run within every floor (no MoE note), a layer_scalar left at 1 found at
+    that layer's output and named."""
+    d = checkpoint("tiny-gemma4-unified")
+    ours, hf = refprism.load(d), other_hf.load(d)
+    assert type(hf).__name__ == "Gemma4UnifiedForCausalLM"
+    r = compare(ours, IDS, against=hf)
+    assert r.exit_status == 0, r.table()
+    assert all(m.endswith((".scale", ".resid_mlp")) for m in r.missing), r.missing
+    assert not any("expert" in n for n in r.notes)
+    hf.model.layers[2].layer_scalar.fill_(1.0)
+    r = compare(ours, IDS, against=hf)
+    assert r.exit_status == 1
+    assert r.first_wrong_op == "blocks.2.resid_post"
+    assert [d["variant"] for d in r.diagnosis if d["explains"]] == ["layer_scalar_missing"], r.diagnosis
+
+
 def _one_plus_w(hf):
     n = hf.model.layers[2].post_attention_layernorm
     f = n.forward

@@ -1,4 +1,4 @@
-"""The Gemma forward pass (Gemma 1, 2 and 3 text) over refprism's parameter layout, recording every activation.
+"""The Gemma forward pass (Gemma 1, 2, 3 and 4 text) over refprism's parameter layout, recording every activation.
 
 No KV cache, no sampling, no batch axis. Each line is one equation of docs/math.md.
 

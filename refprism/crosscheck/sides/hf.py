@@ -65,7 +65,7 @@ import numpy as np
 
 from refprism.crosscheck.capture import Capture
 from refprism.errors import CheckpointError, InputError
-from refprism.gemma.config import MODEL_TYPES, Config
+from refprism.gemma.config import MODEL_TYPES, UNIFIED_GEMMA4, Config
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -127,13 +127,18 @@ NOTES_GEMMA4 = ["HF never forms the RMSNorm scales: the replay uses refprism's s
 
 
 def capture_gemma4(model, ids) -> tuple[dict, str]:
-    """One hooked forward of an HF Gemma4ForCausalLM (eager attention; its layer output scaled in place by
-    layer_scalar, so every stored tensor is a clone) -> ({refprism site: array}, dtype). What HF computes as a
-    tensor: module outputs and inputs, eager attention's query / key / value (after HF's norms and RoPE) and
-    weights, the router's logits, top-k index and weights, the experts' summed output, the per-layer inputs."""
-    import torch
-    from transformers.models.gemma4 import modeling_gemma4 as g4
+    """One hooked forward of an HF Gemma4ForCausalLM or Gemma4UnifiedForCausalLM (eager attention; its layer
+    output scaled in place by layer_scalar, so every stored tensor is a clone) -> ({refprism site: array}, dtype).
+    What HF computes as a tensor: module outputs and inputs, eager attention's query / key / value (after HF's
+    norms and RoPE) and weights, the router's logits, top-k index and weights, the experts' summed output, the
+    per-layer inputs."""
+    import importlib
 
+    import torch
+
+    # the modeling module of the model's own class: Gemma4ForCausalLM's, or Gemma 4 unified's, whose generated file
+    # has its own copy of eager_attention_forward (the same code) and decoder layers without PLE and MoE
+    g4 = importlib.import_module(type(model).__module__)
     tm, hf_cfg = model.model, model.config
     got: dict = {}
     hooks = []
@@ -151,7 +156,7 @@ def capture_gemma4(model, ids) -> tuple[dict, str]:
 
     on(tm.embed_tokens, "embed")
     projected = None
-    if tm.hidden_size_per_layer_input:
+    if getattr(tm, "hidden_size_per_layer_input", 0):
         on(tm.embed_tokens_per_layer, "ple.token")
         on(tm.per_layer_projection_norm, "ple.model_proj", pre=True)
         projected = tm.project_per_layer_inputs
@@ -180,9 +185,10 @@ def capture_gemma4(model, ids) -> tuple[dict, str]:
         on(layer.mlp.up_proj, b + "mlp.up")
         on(layer.mlp.down_proj, b + "mlp.act", pre=True)
         on(layer.mlp.down_proj, b + "mlp.down")
-        on(layer.post_feedforward_layernorm, b + ("mlp.sum" if layer.enable_moe_block else "mlp.down"), pre=True)
+        moe = getattr(layer, "enable_moe_block", False)
+        on(layer.post_feedforward_layernorm, b + ("mlp.sum" if moe else "mlp.down"), pre=True)
         on(layer.post_feedforward_layernorm, b + "mlp.out")
-        if layer.enable_moe_block:
+        if moe:
             on(layer.post_feedforward_layernorm_1, b + "mlp.dense")
             on(layer.router.proj, b + "moe.router.logits")
 
@@ -194,7 +200,7 @@ def capture_gemma4(model, ids) -> tuple[dict, str]:
             on(layer.pre_feedforward_layernorm_2, b + "ln2_moe.out")
             on(layer.experts, b + "moe.down")
             on(layer.post_feedforward_layernorm_2, b + "moe.out")
-        if layer.hidden_size_per_layer_input:
+        if getattr(layer, "hidden_size_per_layer_input", 0):
             on(layer.per_layer_input_gate, b + "resid_mlp", pre=True)
             on(layer.per_layer_input_gate, b + "ple.gate")
             on(layer.per_layer_projection, b + "ple.act", pre=True)
@@ -236,7 +242,7 @@ def capture_gemma4(model, ids) -> tuple[dict, str]:
         if before != "eager":
             model.set_attn_implementation(before)
     T = len(ids)
-    L, P = hf_cfg.num_hidden_layers, hf_cfg.hidden_size_per_layer_input
+    L, P = hf_cfg.num_hidden_layers, getattr(hf_cfg, "hidden_size_per_layer_input", 0)
     arrays = {}
     for name, t in got.items():
         x = (t.double().numpy() if t.dtype == torch.float64 else t.float().numpy()) if t.dtype.is_floating_point \
@@ -284,9 +290,9 @@ def _hook_makers(got: dict):
 def config_of(model) -> Config:
     """refprism's Config of an HF model object (its config.to_dict(), read like a config.json)."""
     hf = model.config.to_dict()
-    if hf.get("model_type") not in MODEL_TYPES:
-        raise InputError(f"the HF model is a {hf.get('model_type')!r}; compare takes Gemma 1, 2 and 3 text models "
-                         f"(model_type {', '.join(MODEL_TYPES)})")
+    if hf.get("model_type") not in MODEL_TYPES + (UNIFIED_GEMMA4,):
+        raise InputError(f"the HF model is a {hf.get('model_type')!r}; compare takes Gemma 1, 2, 3 and 4 text models "
+                         f"(model_type {', '.join(MODEL_TYPES + (UNIFIED_GEMMA4,))})")
     return Config.from_hf(hf)
 
 
@@ -302,10 +308,11 @@ def capture(model, ids, *, dtype: str = "float32", cfg: Config | None = None) ->
     """
     if isinstance(model, (str, Path)):
         model = load(model, dtype)
-    if getattr(model.config, "model_type", None) == "gemma4_text":
+    if getattr(model.config, "model_type", None) in ("gemma4_text", UNIFIED_GEMMA4):
         arrays, dt = capture_gemma4(model, ids)
+        moe = getattr(model.config, "enable_moe_block", False)
         return Capture(source="hf", tokens=np.asarray(ids, dtype=np.int64), arrays=arrays, dtype=dt,
-                       notes=NOTES_GEMMA4)
+                       notes=[n for n in NOTES_GEMMA4 if moe or "expert" not in n])
     raw, dt, notes = capture_hf_names(model, ids)
     cfg = cfg or config_of(model)
     arrays = {}

@@ -297,7 +297,8 @@ def test_catalogue_entries_are_named_once_with_their_site_kinds():
     from refprism.checkpoints.synth import make_config
     from refprism.gemma.record import symbolic_shapes
 
-    kinds = set(symbolic_shapes(refprism.Config.from_hf(make_config("tiny-gemma3"))))
+    kinds = set().union(*(symbolic_shapes(refprism.Config.from_hf(make_config(p)))  # (Gemma 4: experts, PLE)
+                          for p in ("tiny-gemma3", "tiny-gemma4")))
     kinds = {floors.split_site(n)[1] for n in kinds} | {"logits"}
     for m in catalogue.CATALOGUE:
         assert set(m.kinds) <= kinds, m.name

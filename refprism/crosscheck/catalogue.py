@@ -404,8 +404,7 @@ CATALOGUE: list[Mistake] = [
     Mistake("embed_scale_in_float32", ("embed",), _embed_rounded("float32"),
             "sqrt(D) is rounded to float32 in a float64 run (HF makes the constant a float32 tensor)"),
     Mistake("gelu_exact", ("mlp.act", "moe.act", "ple.act"), _gelu_exact,
-            "the MLP uses the exact erf GELU; Gemma uses the tanh approximation (Gemma 4: in its experts and "
-            "per-layer input gate too)"),
+            "the MLP uses the exact erf GELU; Gemma uses the tanh approximation"),  # (Gemma 4: experts, PLE gate too)
     Mistake("geglu_swapped", ("mlp.act", "moe.act"), _geglu_swapped,
             "the GeGLU applies gelu to up_proj instead of gate_proj: act = gelu(up) * gate; Gemma's is "
             "gelu(gate) * up"),

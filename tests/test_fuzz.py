@@ -349,7 +349,8 @@ VALUES.update({  # the interventions' options (patch, validate)
     "--counterfactual": st.sampled_from([PROMPT.replace("France", "Japan"), "Paris", ""]) | texts,
     "--counterfactual-ids": st.sampled_from(["2,5,7", "", "2,-1"]) | numbers | texts,
     "--reference": st.sampled_from([PROMPT, "", "Paris is"]) | texts,
-    "--method": st.sampled_from(["gradxact", "atp", "atp*", "atp-gd", "ig", "eap", "eap-ig", ""]) | texts,  # attribute
+    "--method": st.sampled_from(["gradxact", "atp", "atp*", "atp*-gd", "atp-gd", "ig", "eap", "eap-ig", ""])
+    | texts,  # attribute
     "--methods": st.sampled_from(["atp", "atp,ig", "gradxact,atp-gd", "", ",", "eap"]) | texts,  # validate
     "--steps": numbers,
     "--llama-cpp": st.sampled_from(["absent", ".", ""]) | texts,  # compare: a llama.cpp build (refused without one)
@@ -395,7 +396,7 @@ GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads,
     "--counterfactual": st.just(PROMPT.replace("France", "Japan")), "--counterfactual-ids": st.just("2,5,7"),
     "--reference": st.sampled_from([PROMPT, "Paris is"]), "--budget": st.integers(10, 300).map(str),
     "--seed": st.integers(0, 5).map(str),
-    "--method": st.sampled_from(["gradxact", "atp", "atp*", "atp-gd", "ig", "eap", "eap-ig"]),
+    "--method": st.sampled_from(["gradxact", "atp", "atp*", "atp*-gd", "atp-gd", "ig", "eap", "eap-ig"]),
     "--methods": st.sampled_from(["atp", "gradxact,atp-gd", "ig"]), "--steps": st.integers(1, 2).map(str),
     "--llama-cpp": st.just("absent"),
     "--max-nodes": st.integers(0, 400).map(str), "--batch-size": st.integers(1, 300).map(str),

@@ -194,3 +194,30 @@ def test_key_fix_closed_form_equals_the_softmax_recomputed_and_tends_to_the_vjp(
     for h in (1e-3, 1e-5):  # the fix -> the linear estimate: error O(h^2)
         err = np.abs(ops.softmax_key_change(g, pattern, s, h * direction) - h * direction * vjp).max()
         assert err <= 10 * h * h * (1 + np.abs(vjp).max()), (h, err)
+
+
+@pytest.mark.parametrize("sharp", [0.0, 9.0])  # 9: each row's top expert near one-hot (p > 0.9)
+def test_route_topk_vjp_with_the_choice_held(sharp):
+    """Gemma 4's router: w = softmax(r)[top] / sum softmax(r)[top] * c. The choice top is a step function, held
+    by the differences (h is far below the rows' gaps between the k-th and (k+1)-th logits, asserted)."""
+    T, E, k = 5, 8, 3
+    r = RNG.standard_normal((T, E)) * 2
+    r[np.arange(T), RNG.integers(0, E, T)] += sharp
+    c = RNG.uniform(0.5, 1.5, E)
+    g = RNG.standard_normal((Z, T, k))
+    top, w = ops.route_topk(r, k, c)
+    gaps = np.sort(r, axis=-1)[:, ::-1]
+    assert (gaps[:, k - 1] - gaps[:, k]).min() > 1e-3  # the choice survives the stencil
+    p = np.exp(r - r.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if sharp:
+        assert p.max(-1).min() > 0.9
+
+    def weights(rr):
+        again, ww = ops.route_topk(rr, k, c)
+        assert np.array_equal(again, top)
+        return ww
+
+    check("route_topk", weights, r, ops.route_topk_vjp(g, r, top, c), g)
+    np.testing.assert_array_equal(top, np.argsort(-p, axis=-1, kind="stable")[:, :k])  # the k most probable
+    np.testing.assert_allclose((w / c[top]).sum(-1), 1, rtol=1e-14)  # renormalised over the k before the scale

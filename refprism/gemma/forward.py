@@ -369,12 +369,10 @@ def _gemma4_moe(cfg, b, site, x, dense, p, eps):
     sr = site(b + "moe.router.scale", ops.rms_scale(x, eps=eps))
     logits = site(b + "moe.router.logits", (ops.rms_apply(x, sr, None) * p["router_scale"] *
                                             np.asarray(cfg.d_model ** -0.5, dt)) @ p["W_router"])
-    prob = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    prob /= prob.sum(axis=-1, keepdims=True)
     # Gemma 4 trap: top-k of the probabilities, then renormalised over the k, then per_expert_scale
-    top = site(b + "moe.topk.index", np.argsort(-prob, axis=-1, kind="stable")[:, : cfg.top_k])  # [T, J]
-    w = np.take_along_axis(prob, top, axis=-1)
-    w = site(b + "moe.topk.weight", w / w.sum(axis=-1, keepdims=True) * p["per_expert_scale"][top])
+    top, w = ops.route_topk(logits, cfg.top_k, p["per_expert_scale"])
+    top = site(b + "moe.topk.index", top)  # [T, J]
+    w = site(b + "moe.topk.weight", w)
     s2 = site(b + "ln2_moe.scale", ops.rms_scale(x, eps=eps))
     h2 = site(b + "ln2_moe.out", ops.rms_apply(x, s2, p["ln2_moe"], 0))
     T, J, G = len(x), cfg.top_k, cfg.d_expert

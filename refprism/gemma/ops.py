@@ -461,6 +461,21 @@ def geglu(x, W_gate, W_up):
     return gate, up, gelu_tanh(gate) * up
 
 
+def route_topk(logits, k, expert_scale):
+    """Gemma 4's MoE router after its logits: softmax over the experts, the k most probable, renormalised over
+    the k, times each chosen expert's scale (HF: Gemma4TextRouter).
+
+    Math:   p = softmax(r) over the E experts;  top = the k largest p (ties: the lower expert first)
+            w_j = p[top_j] / sum_j' p[top_j'] * c[top_j]          (c = per_expert_scale; top-k before renormalising)
+    Shapes: logits [T, E], expert_scale [E] -> top [T, k] (int), w [T, k]
+    """
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    top = np.argsort(-p, axis=-1, kind="stable")[:, :k]
+    w = np.take_along_axis(p, top, axis=-1)
+    return top, w / w.sum(axis=-1, keepdims=True) * expert_scale[top]
+
+
 # ------------------------------------------------------------------------------------ vector-Jacobian products
 #
 # The backward pass (refprism/gradients/backward.py) runs these in reverse forward order. Each takes the gradient
@@ -678,6 +693,24 @@ def attention_scores_vjp(g_scores, q, k, scale):
     g_q = sc * np.einsum("znts,snh->ztnh", g_scores, k[:, kv, :], optimize=True)
     g_kn = sc * np.einsum("znts,tnh->zsnh", g_scores, q, optimize=True)
     return g_q, g_kn.reshape(Z, S, K, N // K, H).sum(axis=3)
+
+
+def route_topk_vjp(g_w, logits, top, expert_scale):
+    """Through route_topk's weights w with the choice `top` held (a step function: it has no gradient).
+
+    Math:   w_j = p_j / P * c_j,  P = sum_{i in top} p_i  =>  dR/dp_j = (c_j dR/dw_j - sum_i w_i dR/dw_i) / P
+            (j chosen; 0 for the others), then the softmax over all E:  dR/dr_e = p_e (dR/dp_e - sum_e' p_e' dR/dp_e')
+    Shapes: g_w [Z, T, k], logits [T, E], top [T, k] -> [Z, T, E]
+    """
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    p_top = np.take_along_axis(p, top, axis=-1)  # [T, k]
+    c = expert_scale[top]
+    w = p_top / p_top.sum(axis=-1, keepdims=True) * c
+    g_top = (c[None] * g_w - np.sum(w[None] * g_w, axis=-1, keepdims=True)) / p_top.sum(-1)[None, :, None]
+    g_p = np.zeros(g_w.shape[:2] + (logits.shape[-1],), g_w.dtype)
+    np.put_along_axis(g_p, np.broadcast_to(top[None], g_top.shape), g_top, axis=-1)
+    return p[None] * (g_p - np.sum(g_p * p[None], axis=-1, keepdims=True))
 
 
 def project_vjp(g, W):

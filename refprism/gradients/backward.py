@@ -730,8 +730,7 @@ def _moe_vjp(model, rec, l, g_sum, put, norm, freeze):
     Math:   moe.out = rms_norm(down; post2),  down = sum_j w_j out_j,  out_j = (gelu(h2 Wg_e) * (h2 Wu_e)) Wd_e
             h2 = rms_norm(resid_mid; ln2_moe)
             dR/dw_j = dR/ddown . out_j;   dR/dout_j = w_j dR/ddown
-            router (unless frozen): w_j = p_j / P c_j (P = sum_i p_i over the selected, c = per_expert_scale)
-              dR/dp_j = (c_j dR/dw_j - sum_i w_i dR/dw_i) / P,  p = softmax(r): dR/dr = p (dR/dp - sum_e p_e dR/dp_e)
+            router (unless frozen): w = route_topk(r) with the choice held: dR/dr = ops.route_topk_vjp(dR/dw)
               r = (resid_mid / s_r * router_scale / sqrt(D)) W_router
     Shapes: g_sum [Z, T, D] -> [Z, T, D]
     """
@@ -766,15 +765,7 @@ def _moe_vjp(model, rec, l, g_sum, put, norm, freeze):
         put(b + "moe.router.logits", partial(np.zeros, (Z, T, cfg.n_experts), dt))
         put(b + "moe.router.scale", partial(np.zeros, (Z, T), dt))
         return g_mid
-    r = rec[b + "moe.router.logits"]
-    prob = np.exp(r - r.max(axis=-1, keepdims=True))
-    prob /= prob.sum(axis=-1, keepdims=True)
-    p_sel = np.take_along_axis(prob, top, axis=-1)  # [T, J]
-    c = params.get(l, "per_expert_scale")[top]  # [T, J]
-    g_p_sel = (c[None] * g_w - np.sum(wts[None] * g_w, axis=-1, keepdims=True)) / p_sel.sum(-1)[None, :, None]
-    g_prob = np.zeros((Z, T, cfg.n_experts), dt)
-    np.put_along_axis(g_prob, np.broadcast_to(top[None], g_p_sel.shape), g_p_sel, axis=-1)
-    g_r = prob[None] * (g_prob - np.sum(g_prob * prob[None], axis=-1, keepdims=True))
+    g_r = ops.route_topk_vjp(g_w, rec[b + "moe.router.logits"], top, params.get(l, "per_expert_scale"))
     put(b + "moe.router.logits", g_r)
     g_n = (g_r @ params.get(l, "W_router").T) * (params.get(l, "router_scale").astype(dt) *
                                                 np.asarray(cfg.d_model ** -0.5, dt))

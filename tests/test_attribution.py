@@ -408,3 +408,31 @@ def test_cli_validate_ig_at_a_neurons_level_beyond_attributes_limit(checkpoint, 
     assert out["n_components"] == 128 and out["n_verified"] == 4 and len(out["components"]) == 4
     assert all(len(c["ig"]) == 1 for c in out["components"])
     assert out["methods"]["ig"]["cost"]["forward"] == 4 * 9 + 1
+
+
+def test_cli_attribute_scores_only_the_components_given(checkpoint, capsys):
+    """--components: ig on a few neurons of a level whose whole ig attribute refuses (128 x 9 re-runs); the JSON
+    holds those components, in the level's order, with the numbers attribute(components=) gives; bad lists are
+    one line, before or after the weights."""
+    import json
+
+    from refprism import cli
+
+    d = checkpoint("tiny-gemma3")
+    args = ["--model", str(d), "--ids", "2,5,7,9,11,13", "--level", "neurons:1", "--ablate", "zero", "--targets",
+            "#5", "--steps", "9"]
+    assert cli.main(["attribute", *args, "--method", "ig", "--method", "atp", "--components", "L1N7, L1N2",
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [c["label"] for c in out["components"]] == ["L1N2", "L1N7"]
+    assert out["methods"]["ig"]["cost"]["forward"] == 2 * 9 + 1
+    model = refprism.load(d)
+    lib = attribute(model, [2, 5, 7, 9, 11, 13], method="ig", level="neurons:1", ablate="zero", targets=["#5"],
+                    steps=9, components=["L1N2", "L1N7"])
+    np.testing.assert_allclose([c["ig"][0] for c in out["components"]], lib.values[:, 0], rtol=1e-6, atol=1e-9)
+    for extra, text in [(["--components", "L1N2", "--method", "eap"], "--components picks components, not edges"),
+                        (["--components", " , ", "--method", "atp"], "--components names no component"),
+                        (["--components", "L0N2", "--method", "atp"], "'L0N2' is not a component of level neurons:1")]:
+        assert cli.main(["attribute", *args, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert text in err and "\n" not in err, err

@@ -913,6 +913,12 @@ CASES = [
          ("attribute", PROMPT, "--model", "{model}", "--level", "residual", "--ablate", "zero", "--method", "eap"),
          r"edge attribution scores edges between heads, MLPs and one layer's neurons: use --level heads or "
          r"--level neurons:L, not 'residual'", InputError),
+    Case("attribute-components-with-edges", lambda ctx: ctx.good(),
+         lambda t, ctx: interventions.attribute(refprism.load(t), PROMPT, method="eap", level="heads",
+                                                components=["L0H0"]),
+         ("attribute", PROMPT, "--model", "{model}", "--level", "heads", "--ablate", "zero", "--method", "eap",
+          "--components", "L0H0"),
+         r"every edge of the level: (components=|--components) picks components, not edges", InputError),
 ]
 
 

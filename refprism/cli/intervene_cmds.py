@@ -61,6 +61,9 @@ def register(sub) -> None:
                    help="residual, heads, head-source:L, neurons:L, neurons or (Gemma 4 MoE) experts:L (edges: "
                         "heads = heads and MLPs, neurons:L = layer L's MLP as its neurons)")
     p.add_argument("--steps", type=int, default=8, help="ig's and eap-ig's steps k (midpoint rule; default 8)")
+    p.add_argument("--components", metavar="LABEL,LABEL",
+                   help="score only these components of the level, comma separated (e.g. L3H1,L5H0: ig on a few "
+                        "heads); not with eap, eap-ig")
     p.add_argument("--top", type=int, default=20, help="rows of the text table (default 20)")
     p.set_defaults(func=cmd_attribute)
 
@@ -239,12 +242,21 @@ def cmd_attribute(args) -> int:
     if len(edge) > 1:
         raise InputError("eap and eap-ig score edges, the other methods components: give one kind per command")
     edge = edge.pop()
+    components = None
+    if args.components is not None:
+        components = [c.strip() for c in args.components.split(",") if c.strip()]
+        if edge:
+            raise InputError("eap and eap-ig score every edge of the level: --components picks components, not "
+                             "edges")
+        if not components:
+            raise InputError("--components names no component: give labels of the level, comma separated")
     prompt = prompt_of(args)
     model = _checked_model(args, options, prompt, level=args.level, work="many")  # gradients: many passes
     args.progress.phase(f"running the prompt, then {', '.join(args.method)} over --level {args.level}")
     results = []
     for method in args.method:
-        results.append(attribute(model, prompt, method=method, level=args.level, steps=args.steps, **options))
+        results.append(attribute(model, prompt, method=method, level=args.level, steps=args.steps,
+                                 components=components, **options))
         prompt = results[0].setting.clean  # the same runs for every method
         if options["counterfactual"] is not None:
             options["counterfactual"] = results[0].setting.counterfactual

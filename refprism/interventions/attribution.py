@@ -118,7 +118,8 @@ def attribute(model, prompt, *, method="atp", level="heads", targets=None, versu
     C = sum(len(g) for g in groups)
     if method == "ig" and max_reruns is not None and C * steps > max_reruns:
         raise InputError(f"ig on {level} would run {C} components x {steps} steps = {C * steps} re-runs (at most "
-                         f"{max_reruns}): pick a smaller level, fewer steps, or raise max_reruns")
+                         f"{max_reruns}): pick a smaller level, fewer steps or a few components (components=, the "
+                         f"CLI's --components), or raise max_reruns")
     started = time.perf_counter()
     if method in ("gradxact", "atp"):
         values, cost = linear_scores(s, groups), {"forward": 2 if s.donor is not None else 1, "backward": 1}

@@ -224,3 +224,44 @@ def test_scaled_embeddings_take_pieces_as_every_prism_does(tiny):
                                   prisms.scaled_embeddings(tiny, tokens))
     with pytest.raises(InputError, match="not in the vocabulary|not one"):
         prisms.scaled_embeddings(tiny, ["▁Nowhere-at-all"])
+
+
+def test_gemma4_layer_parts_on_the_command_line(checkpoint, capsys):
+    """mlp --part moe / expert:E / ple and chain --split moe:L / expert:L:E / ple:L print the library's splits
+    (moe_prism, expert_prism, ple_prism), exact; bad parts, parts a model lacks and out-of-range experts are one
+    line before the weights are read."""
+    import refprism
+
+    d = checkpoint("tiny-gemma4")
+    model = refprism.load(d)
+    ids = [2, 5, 7, 9, 11, 13, 17]
+    cfg = model.config
+    assert cfg.moe and cfg.ple
+    ro = P.logits_readout(model, model.run(ids), ["#5", "#6"])
+    top = model.run(ids).record["blocks.3.moe.topk.index"][-1]
+    base = ["--ids", ",".join(map(str, ids)), "--model", d, "--targets", "#5", "#6"]
+    for part, split in [("moe", P.moe_prism(ro, 3)), (f"expert:{int(top[0])}", P.expert_prism(ro, 3, int(top[0]))),
+                        ("ple", P.ple_prism(ro, 3))]:
+        data = run_json(capsys, "mlp", *base, "--layer", 3, "--part", part)
+        check_schema(data, split.prism)
+        assert [c["label"] for c in data["components"]] == split.labels and data["exact"]
+        np.testing.assert_allclose([c["values"] for c in data["components"]], split.values, rtol=1e-5, atol=1e-7)
+    head = P.through_head(ro, 5, 0, 4)
+    chained = head.run.record["blocks.1.moe.topk.index"][4]
+    for last, split in [("moe:1", P.moe_prism(head, 1)), ("ple:1", P.ple_prism(head, 1)),
+                        (f"expert:1:{int(chained[0])}", P.expert_prism(head, 1, int(chained[0])))]:
+        data = run_json(capsys, "chain", *base, "--layer", 5, "--head", 0, "--source", 4, "--split", last)
+        assert [c["label"] for c in data["components"]] == split.labels and data["exact"]
+        np.testing.assert_allclose([c["values"] for c in data["components"]], split.values, rtol=1e-5, atol=1e-7)
+    gemma1 = checkpoint("tiny")
+    for model_dir, extra, text in [
+            (d, ["mlp", "--layer", "3", "--part", "bogus"], "--part 'bogus': use neurons, moe, expert:E or ple"),
+            (d, ["mlp", "--layer", "3", "--part", "expert:99"], "expert 99 is out of range"),
+            (d, ["chain", "--layer", "5", "--head", "0", "--source", "1", "--split", "moe:6"], "L6.mlp is not part"),
+            (d, ["chain", "--layer", "5", "--head", "0", "--source", "1", "--split", "expert:1"], "--split 'expert:1'"),
+            (gemma1, ["mlp", "--layer", "1", "--part", "moe"], "moe: this model has no mixture of experts"),
+            (gemma1, ["mlp", "--layer", "1", "--part", "ple"], "ple: this model has no per-layer embeddings")]:
+        args = [extra[0], "--ids", "2,5,7", "--model", str(model_dir), *extra[1:]]
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert text in err and "\n" not in err, (args, err)

@@ -23,7 +23,7 @@ def page_for(model, run, **kw):
 def full_split(readout, kind, layer=None):
     if kind == "residual":
         return P.residual_prism(readout)
-    return (P.attention_prism if kind == "attention" else P.mlp_prism)(readout, layer)
+    return {"attention": P.attention_prism, "mlp": P.mlp_prism, "ple": P.ple_prism}[kind](readout, layer)
 
 
 def check_node(model, run, data, key, node, targets=TARGETS, versus=()):
@@ -39,6 +39,8 @@ def check_node(model, run, data, key, node, targets=TARGETS, versus=()):
                                 data["dtype"] == "float32" else "<f8")
         expected = run.record[f"blocks.{layer}.attn.pattern"][:, readout.position, : readout.position + 1]
         np.testing.assert_array_equal(pattern.reshape(expected.shape), expected)
+    for layer, panel in node.get("ple", {}).items():  # Gemma 4: whole, as the library gives it
+        assert report.decode_split(panel["split"], data) == full_split(readout, "ple", int(layer)).to_json()
     for layer, panel in node.get("mlp", {}).items():
         split = full_split(readout, "mlp", int(layer))
         whole = split.to_json()
@@ -72,6 +74,31 @@ def test_gemma2_and_3_pages_hold_the_library_splits(checkpoint, preset):
     extras = report.decode_split(data["nodes"][""]["residual"], data)["extras"]
     assert ("softcapped" in extras) == (preset == "tiny-gemma2")
     assert data["columns"] == ["▁Paris - ▁Tokyo", "▁London - ▁Tokyo"]
+
+
+def test_gemma4_pages_hold_the_per_layer_inputs_and_the_experts(checkpoint):
+    """tiny-gemma4 (every feature on: per-layer inputs, MoE, double-wide consumers, KV sharing): every node's
+    residual split has its L{l}.ple parts, each opened node a ple panel per layer (ple_prism, exact), every MLP
+    panel the library's mlp_prism (neurons, then the selected experts); the chains go through neurons only (an
+    expert is a leaf), across the double-wide layers' 2F neurons."""
+    model = refprism.load(checkpoint("tiny-gemma4"))
+    cfg = model.config
+    ids = [2, 5, 7, 9, 11, 13, 17]
+    run = model.run(ids)
+    data = page_for(model, run, targets=["#5", "#6"], depth=1, top=6, branch=3)
+    root = data["nodes"][""]
+    assert sorted(map(int, root["ple"])) == list(range(cfg.n_layers))
+    assert {f"L{l}.ple" for l in range(cfg.n_layers)} <= {c["label"] for c in
+                                                          report.decode_split(root["residual"], data)["components"]}
+    experts = [c["label"] for panel in root["mlp"].values()
+               for c in report.decode_split(panel["split"], data)["components"] if "E" in c["label"]]
+    assert experts, "some experts rank among the top parts of an MLP"
+    chained = [k for k in data["nodes"] if k]
+    assert chained and all(re.fullmatch(r"L\d+(H\d+\.src\d+|N\d+)", k) for k in chained), chained
+    wide = [k for k in chained if "N" in k and int(k.split("N")[1]) >= cfg.d_mlp]  # a double-wide layer's upper half
+    assert wide, chained
+    for key, node in data["nodes"].items():
+        check_node(model, run, data, key, node, targets=["#5", "#6"])
 
 
 def test_float64_pages_are_exact_too(tiny64):

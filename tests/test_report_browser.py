@@ -305,3 +305,38 @@ def test_the_network_check_can_fail(browser, tmp_path):
     assert any(re.match(r"http://127\.0\.0\.1:9/", u) for u in tab.requests)
     with pytest.raises(AssertionError, match="asked for more than itself|error"):
         tab.close()
+
+
+def test_gemma4_page_shows_the_per_layer_inputs_and_the_experts(browser, checkpoint, tmp_path):
+    """tiny-gemma4: the residual table has a per-layer input column (each L{l}.ple part, exact); its cell opens
+    the ple panel (the token and embedding pieces, ple_prism); an MoE layer's MLP panel shows its selected experts
+    beside its neurons, as leaves (no chain), with the library's numbers."""
+    model = refprism.load(checkpoint("tiny-gemma4"))
+    run = model.run([2, 5, 7, 9, 11, 13, 17])
+    targets = ["#5", "#6"]
+    page_file = report.write_report(tmp_path / "report.html", model, run, targets, depth=1, top=40, branch=2)
+    tab = Tab(browser, page_file.as_uri())
+    root = P.logits_readout(model, run, targets)
+    res = P.residual_prism(root)
+    assert check_parts(tab, res, 0) == set(res.labels)
+    assert {f"L{l}.ple" for l in range(model.config.n_layers)} <= set(res.labels)
+    check_exactness(tab, res)
+    click(tab, "td[data-label='L3.ple']")
+    assert tab.panel() == ["ple", "", "3"]
+    ple = P.ple_prism(root, 3)
+    assert check_parts(tab, ple, 1, role="piece") == {"L3.ple.token", "L3.ple.embed"}
+    check_exactness(tab, ple)
+    assert tab.crumbs() == ["logits", "L3.ple"]
+    tab.shot("gemma4-ple")
+    tab.page.click("[data-crumb='0']")
+    click(tab, "td[data-label='L3.mlp']")
+    assert tab.panel() == ["mlp", "", "3"]
+    mlp = P.mlp_prism(root, 3)
+    experts = check_parts(tab, mlp, 0, role="expert")
+    assert experts and all(re.fullmatch(r"L3E\d+", e) for e in experts)
+    assert tab.page.eval_on_selector_all("tr[data-expert]", "els => els.map(e => e.className)") == \
+        ["leaf"] * len(experts)
+    check_parts(tab, mlp, 0, role="neuron")
+    check_exactness(tab, mlp)
+    tab.shot("gemma4-mlp")
+    tab.close()

@@ -37,8 +37,8 @@ GROUPS = (basic, prism_cmds, intervene_cmds, graph_cmds, compare_cmds, sweep_cmd
 
 
 def build_parser() -> _Parser:
-    parser = _Parser(prog="refprism", description="NumPy reference gemma-2b (and the Gemma 1/2/3 family, safetensors "
-                                                   "or GGUF) with exact logit prisms.")
+    parser = _Parser(prog="refprism", description="NumPy reference gemma-2b (and the Gemma 1, 2, 3 and 4 text "
+                                                   "family, safetensors or GGUF) with exact logit prisms.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for group in GROUPS:
         group.register(sub)

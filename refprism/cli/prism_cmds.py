@@ -38,6 +38,10 @@ def register(sub) -> None:
     p = sub.add_parser("mlp", help="layer L's MLP term split into neurons (Fig 8)")
     _prism_common(p)
     p.add_argument("--layer", type=int, required=True, help="the layer (0-based)")
+    p.add_argument("--part", default="neurons", metavar="PART",
+                   help="neurons (default: the neurons, and on a Gemma 4 MoE layer each selected expert); Gemma 4: "
+                        "moe (the dense branch and each selected expert), expert:E (expert E's neurons), ple (the "
+                        "per-layer input term's token and embedding pieces)")
     p.add_argument("--top", type=int, default=20, help="rows in the table (default 20; JSON holds all)")
     p.set_defaults(func=cmd_mlp)
 
@@ -48,7 +52,8 @@ def register(sub) -> None:
     p.add_argument("--then", action="append", default=[], metavar="STEP",
                    help="pull back further: head:L:H:S (a head of layer L at source S) or neuron:L:N; repeatable")
     p.add_argument("--split", default="residual", metavar="PRISM",
-                   help="the last prism: residual (default), attention:L or mlp:L")
+                   help="the last prism: residual (default), attention:L or mlp:L; Gemma 4 also moe:L, expert:L:E "
+                        "and ple:L (mlp --part)")
     p.add_argument("--top", type=int, default=None, help="rows in the table (default: all)")
     p.set_defaults(func=cmd_chain)
 
@@ -128,10 +133,52 @@ def cmd_attention(args) -> int:
 
 
 def cmd_mlp(args) -> int:
+    _check_top(args)
+    part = _part(args.part, args.layer)
+    return _show(args, _split_of(_readout(args, _part_check(part)), part), top=args.top)
+
+
+LAYER_PARTS = "neurons, moe, expert:E or ple"
+
+
+def _part(text, layer) -> tuple:
+    """mlp --part parsed: ("mlp", L), ("moe", L), ("expert", L, E) or ("ple", L)."""
+    kind, _, arg = str(text).partition(":")
+    if kind in ("neurons", "moe", "ple") and not arg:
+        return ("mlp" if kind == "neurons" else kind, layer)
+    if kind == "expert" and _is_int(arg):
+        return ("expert", layer, int(arg))
+    raise InputError(f"--part {short(text)}: use {LAYER_PARTS}")
+
+
+def _check_part(plan, part) -> None:
+    """A layer prism's checks on a _Plan (or a readout), before the weights are read."""
+    from refprism.prisms.readouts import _check_layer
+
+    kind, layer = part[0], part[1]
+    cfg = plan.model.config
+    if kind in ("moe", "expert") and not cfg.moe:
+        raise InputError(f"{kind}: this model has no mixture of experts (Gemma 4 26B-A4B does)")
+    if kind == "ple" and not cfg.ple:
+        raise InputError("ple: this model has no per-layer embeddings (Gemma 4 E2B / E4B do)")
+    if kind == "expert" and not 0 <= part[2] < cfg.n_experts:
+        raise InputError(f"expert {part[2]} is out of range (layer {layer} has experts 0 .. {cfg.n_experts - 1})")
+    _check_layer(plan, layer, {"attention": "attn", "ple": "ple"}.get(kind, "mlp"))
+
+
+def _part_check(part):
+    def check(model, T, p):
+        _check_part(_Plan(model, 2 * model.config.n_layers, p), part)
+    return check
+
+
+def _split_of(readout, part):
+    """The Split of a layer prism: attention, mlp (neurons), and Gemma 4's moe, expert and ple."""
     from refprism import prisms
 
-    _check_top(args)
-    return _show(args, prisms.mlp_prism(_readout(args, _layer_check(args, "mlp")), args.layer), top=args.top)
+    kind, layer, *rest = part
+    return {"attention": prisms.attention_prism, "mlp": prisms.mlp_prism, "moe": prisms.moe_prism,
+            "expert": prisms.expert_prism, "ple": prisms.ple_prism}[kind](readout, layer, *rest)
 
 
 def _parse_int_fields(step, fields, expected):
@@ -164,20 +211,23 @@ def _steps(args) -> list[tuple]:
 
 
 def _last_split(args):
-    """--split parsed: ("residual", None), ("attention", L) or ("mlp", L)."""
-    kind, _, layer = args.split.partition(":")
-    if kind == "residual" and not layer:
+    """--split parsed: ("residual", None), ("attention", L), ("mlp", L), ("moe", L), ("expert", L, E), ("ple", L)."""
+    kind, _, rest = args.split.partition(":")
+    fields = rest.split(":") if rest else []
+    if kind == "residual" and not fields:
         return kind, None
-    if kind in ("attention", "mlp") and _is_int(layer):
-        return kind, int(layer)
-    raise InputError(f"--split {short(args.split)}: use residual, attention:LAYER or mlp:LAYER")
+    if kind in ("attention", "mlp", "moe", "ple") and len(fields) == 1 and _is_int(fields[0]):
+        return kind, int(fields[0])
+    if kind == "expert" and len(fields) == 2 and all(map(_is_int, fields)):
+        return kind, int(fields[0]), int(fields[1])
+    raise InputError(f"--split {short(args.split)}: use residual, attention:LAYER or mlp:LAYER (Gemma 4: moe:LAYER, "
+                     f"expert:LAYER:E, ple:LAYER)")
 
 
 def _check_steps(args, last=None):
     """Every step's checks (and the last split's, and map's --inputs) on a _Plan, before the weights are read."""
     def check(model, T, p):
         from refprism import prisms
-        from refprism.prisms.readouts import _check_layer
 
         plan = _Plan(model, 2 * model.config.n_layers, p)
         for kind, layer, *rest in _steps(args):
@@ -188,7 +238,7 @@ def _check_steps(args, last=None):
                 prisms.check_neuron(plan, layer, *rest)
                 plan = _Plan(model, 2 * layer + 1, plan.position)
         if last is not None and last[0] != "residual":
-            _check_layer(plan, last[1], "attn" if last[0] == "attention" else "mlp")
+            _check_part(plan, last)
         for t in getattr(args, "inputs", None) or ():
             prisms.resolve_token(model, t)
     return check
@@ -210,12 +260,9 @@ def cmd_chain(args) -> int:
     from refprism import prisms
 
     _check_top(args)
-    kind, layer = last = _last_split(args)
+    last = _last_split(args)
     readout = _pull_back(args, last)
-    if kind == "residual":
-        split = prisms.residual_prism(readout)
-    else:
-        split = (prisms.attention_prism if kind == "attention" else prisms.mlp_prism)(readout, layer)
+    split = prisms.residual_prism(readout) if last[0] == "residual" else _split_of(readout, last)
     return _show(args, split, top=args.top)
 
 

@@ -189,7 +189,7 @@ def build_data(model, run, targets, *, position=-1, versus=(), depth=2, top=50, 
     config (n_layers, n_heads, n_kv_heads, d_mlp, model_type, final_softcap), prediction (the top next tokens: id,
     piece, logit, prob), budget (depth, top, branch), command (the arguments that make `refprism chain` compute the
     same readout), nodes (node_key -> {"path", "depth", "residual", "attention": {layer: {"split", "pattern"}},
-    "mlp": {layer: {"split"}}}) and sections (validate, compare, sweep: their JSON as given).
+    "mlp": {layer: {"split"}}, and on Gemma 4 "ple": {layer: {"split"}}}) and sections (validate, compare, sweep: their JSON as given).
     """
     check_budget(depth, top, branch)
     readout = P.logits_readout(model, run, targets, position=position, versus=versus)
@@ -263,11 +263,15 @@ def _expand(data, readout, d, *, depth, top, branch, open_it=True):
             for h, s in chained:
                 _expand(data, P.through_head(readout, layer, h, s), d + 1, depth=depth, top=top, branch=branch,
                         open_it=(h, s) in opened)
+        elif label.endswith(".ple"):  # Gemma 4: the per-layer input term, its two exact pieces (a leaf panel)
+            node.setdefault("ple", {})[str(layer)] = {"split": encode_split(P.ple_prism(readout, layer))}
         else:
             split = P.mlp_prism(readout, layer)
             ranked = split.top(top)
             node["mlp"][str(layer)] = {"split": encode_split(split, keep=ranked)}
-            for n in ranked[:branch] if chain else []:
+            # the neurons chain; a Gemma 4 MoE layer's experts (L{l}E{e}, after the neurons) are leaves here
+            neurons = [n for n in ranked if split.labels[n].startswith(f"L{layer}N")]
+            for n in neurons[:branch] if chain else []:
                 _expand(data, P.through_neuron(readout, layer, n), d + 1, depth=depth, top=top, branch=branch)
 
 

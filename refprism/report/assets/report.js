@@ -173,6 +173,7 @@ function commandFor(view) {
   const path = view.node ? view.node.split("/") : [];
   if (!path.length) {
     if (view.kind === "residual") return `refprism residual ${D.command}`;
+    if (view.kind === "ple") return `refprism mlp ${D.command} --layer ${view.layer} --part ple`;
     return `refprism ${view.kind === "attention" ? "attention" : "mlp"} ${D.command} --layer ${view.layer}`;
   }
   const split = view.kind === "residual" ? "" : ` --split ${view.kind}:${view.layer}`;
@@ -187,7 +188,8 @@ function nodeTitle(key) {
 
 function crumbLabel(view) {
   if (view.kind === "residual") return nodeTitle(view.node);
-  return `L${view.layer}.${view.kind === "attention" ? "attn" : "mlp"}`;
+  const part = view.kind === "attention" ? "attn" : view.kind === "ple" ? "ple" : "mlp";
+  return `L${view.layer}.${part}`;
 }
 
 function go(view) {
@@ -277,7 +279,9 @@ function viewResidual(view) {
   const rows = [];
   const extras = s.extras;
   const showX = !!extras.frozen_running_sum;
+  const ple = s.labels.some((l) => /^L\d+\.ple$/.test(l));  // Gemma 4: each layer's per-layer input term
   const head = el("tr", {}, el("th", { class: "label" }, "layer"), el("th", {}, "attention"), el("th", {}, "MLP"),
+    ple ? el("th", { title: "Gemma 4: the per-layer input term, after the MLP" }, "per-layer input") : [],
     showX ? [el("th", { title: "Σ of the frozen parts so far" }, "running sum"),
              el("th", { title: "the residual so far through the real final norm" }, "logit lens")] : []);
   const xcell = (label) => showX ? [
@@ -287,7 +291,7 @@ function viewResidual(view) {
                numCell("embed", values[0], { scale, role: "part" }), el("td", {}, ""), xcell("embed")));
   const L = D.config.n_layers;
   for (let l = 0; l < L; l++) {
-    const a = `L${l}.attn`, m = `L${l}.mlp`;
+    const a = `L${l}.attn`, m = `L${l}.mlp`, e = `L${l}.ple`;
     if (!(a in idx)) break;
     const cell = (label, kind) => {
       if (!(label in idx)) return el("td", {}, "");
@@ -295,14 +299,15 @@ function viewResidual(view) {
       return numCell(label, values[idx[label]], { scale, role: "part", cls: open ? "open" : "closed",
         onclick: () => go({ kind, node: view.node, layer: l }) });
     };
-    const last = m in idx ? m : a;
+    const last = e in idx ? e : m in idx ? m : a;
     rows.push(el("tr", {}, el("td", { class: "label" }, `L${l}`), cell(a, "attention"), cell(m, "mlp"),
-                 showX ? xcell(last) : []));
+                 ple ? cell(e, "ple") : [], showX ? xcell(last) : []));
   }
   out.append(el("div", { class: "card scroll" },
     el("p", { class: "legend" }, `Column: ${D.columns[z]}. Underlined terms open their prism; dotted ones were ` +
                                  "not precomputed (the page gives the command)." +
-                                 (showX ? " Running sum and logit lens: after the layer's MLP." : "")),
+                                 (showX ? ` Running sum and logit lens: after the layer's ${ple ? "per-layer input" :
+                                          "MLP"}.` : "")),
     el("table", {}, el("thead", {}, head), el("tbody", {}, rows))));
   if (showX) out.append(lensCard(s, z));
   return out;
@@ -394,7 +399,10 @@ function viewMlp(view) {
   if (!panel) return notPrecomputed(view, `L${view.layer}.mlp of ${nodeTitle(view.node)} was not split here.`);
   const s = decode(panel.split);
   const out = el("div", { "data-panel": "mlp", "data-node": view.node, "data-layer": view.layer });
-  out.append(el("h2", {}, `${s.whole.label}: its top ${s.values.length} of ${D.config.d_mlp} neurons`));
+  const total = s.values.length + (s.omitted ? s.omitted.count : 0);
+  const moe = s.labels.some((l) => /E\d+$/.test(l));  // Gemma 4 MoE: the selected experts beside the neurons
+  out.append(el("h2", {}, `${s.whole.label}: its top ${s.values.length} of ${total} ` +
+                          (moe ? "neurons and selected experts" : "neurons")));
   out.append(el("p", { class: "mute" }, "Each neuron's term: its activation (gelu(gate) × up) times its output " +
     "vector, read by each target. Ranked by the largest |term| over the targets; the others are summed in the last " +
     "row. Click a neuron for its chain: the residual parts that fed it."));
@@ -403,6 +411,11 @@ function viewMlp(view) {
   const head = el("tr", {}, el("th", { class: "label" }, "neuron"), D.columns.map((c) => el("th", {}, c)));
   const rows = s.labels.map((label, i) => {
     const key = view.node ? `${view.node}/${label}` : label;
+    if (/E\d+$/.test(label))  // an expert: a leaf here (its neurons: refprism mlp --part expert:E)
+      return el("tr", { class: "leaf", "data-expert": label, title: `its neurons: refprism mlp ... --layer ` +
+                        `${view.layer} --part expert:${label.split("E")[1]}` },
+        el("td", { class: "label" }, label),
+        s.values[i].map((v, z) => numCell(label, v, { col: z, scale: scales[z], role: "expert" })));
     return el("tr", { class: "click " + (key in D.nodes ? "open" : "closed"), "data-neuron": label,
                       onclick: () => go({ kind: "residual", node: key }) },
       el("td", { class: "label" }, label),
@@ -414,12 +427,33 @@ function viewMlp(view) {
   return out;
 }
 
+function viewPle(view) {
+  const node = D.nodes[view.node];
+  const panel = node && node.ple && node.ple[String(view.layer)];
+  if (!panel) return notPrecomputed(view, `L${view.layer}.ple of ${nodeTitle(view.node)} was not split here.`);
+  const s = decode(panel.split);
+  const out = el("div", { "data-panel": "ple", "data-node": view.node, "data-layer": view.layer });
+  out.append(el("h2", {}, `${s.whole.label}: the per-layer input term, in its two pieces`));
+  out.append(el("p", { class: "mute" }, "Gemma 4 adds, after each layer's MLP, a term gated by the layer's own " +
+    "slice of the per-layer input: a token-identity piece (its embedding row in the per-layer table) and a piece " +
+    "linear in the scaled embedding. With the gelu(gate) and the norm scales frozen the term splits exactly into " +
+    "the two."));
+  out.append(exactBox(s));
+  const scales = D.columns.map((_, z) => maxAbs(s.values.map((r) => r[z])));
+  const head = el("tr", {}, el("th", { class: "label" }, "piece"), D.columns.map((c) => el("th", {}, c)));
+  const rows = s.labels.map((label, i) => el("tr", { "data-piece": label }, el("td", { class: "label" }, label),
+    s.values[i].map((v, z) => numCell(label, v, { col: z, scale: scales[z], role: "piece" }))));
+  out.append(el("div", { class: "card scroll" }, el("table", {}, el("thead", {}, head), el("tbody", {}, rows))));
+  return out;
+}
+
 function viewOf(view) {
   if (view.kind === "residual" && view.masked)
     return el("div", { class: "card", "data-role": "masked" }, el("p", {}, `${lastLabel(view.node)} has attention ` +
       "weight 0 (the source is outside this layer's window): its term and its whole chain are exactly 0."));
   if (view.kind === "residual") return viewResidual(view);
   if (view.kind === "attention") return viewAttention(view);
+  if (view.kind === "ple") return viewPle(view);
   return viewMlp(view);
 }
 

@@ -331,7 +331,10 @@ VALUES = {  # option -> strategy for its values (a list: some options take sever
     "--plot": st.sampled_from(["no/such/fig.png", "fig.jpg", ""]) | texts,  # never a valid PNG: too slow to draw
     "--then": st.builds("head:{}:{}:{}".format, small, small, small) | st.builds("neuron:{}:{}".format, small, small)
               | texts,
-    "--split": st.sampled_from(["residual", "attention:0", "mlp:1", "mlp:-1", "attention:x", "mlp:²"]) | texts,
+    "--split": st.sampled_from(["residual", "attention:0", "mlp:1", "mlp:-1", "attention:x", "mlp:²", "moe:0",
+                                "expert:0:1", "ple:1"]) | texts,
+    "--part": st.sampled_from(["neurons", "moe", "ple", "expert:0", "expert:x", "neurons:3"]) | texts,
+    "--components": st.sampled_from(["L0H1", "L0H1,L1N5", "", ",", "L9H9"]) | texts,
     # compare: dumps and nonsense only (hf, tl and llama.cpp would run other implementations live)
     "--against": st.sampled_from(["run.npz", "absent.npz", "prompt.txt", "run.safetensors", "."]) | texts,
     "--names": st.sampled_from(["refprism", "hf", "tl", "llama.cpp", "map.json", "prompt.txt"]) | texts,
@@ -380,7 +383,8 @@ GOOD = {  # values that fit the tiny model (T = 7 for PROMPT, 2 layers, 4 heads,
     "--out": st.just("out.npz"), "--position": st.integers(-3, -1).map(str), "--layer": st.integers(0, 1).map(str),
     "--head": st.integers(0, 3).map(str), "--source": st.integers(0, 2).map(str),
     "--neuron": st.integers(0, 127).map(str), "--then": st.sampled_from(["head:0:1:0", "neuron:0:5"]),
-    "--split": st.sampled_from(["residual", "mlp:0"]),
+    "--split": st.sampled_from(["residual", "mlp:0"]), "--part": st.just("neurons"),
+    "--components": st.sampled_from(["L0H1", "L1H2,L0H0"]),
     "--targets": st.sampled_from(["▁Paris", "#108", " Tokyo", "▁London", "7"]),
     "--versus": st.sampled_from(["▁France", "#3"]), "--inputs": st.sampled_from(["▁France", "#9", "▁Japan"]),
     "--depth": st.integers(0, 2).map(str), "--branch": st.integers(1, 3).map(str),

@@ -3,15 +3,34 @@
 **Nodes** (the EAP literature's graph, Syed et al. 2023, Hanna et al. 2024): upstream nodes write into the residual
 stream, downstream nodes read it.
     upstream    embed;  every head L{l}H{h} (its z, validate's head);  every MLP L{l}.mlp (its output, post-norm
-                included);  with neurons=m, layer m's MLP is its neurons L{m}N{n} (their act) instead
+                included);  with neurons=m, layer m's MLP is its neurons L{m}N{n} (their act) instead;  Gemma 4 with
+                per-layer inputs: every L{l}.ple (ple.out, validate's component)
     downstream  every head's three inputs L{l}H{h}.q, .k, .v;  every MLP L{l}.mlp (its input);  with neurons=m,
-                layer m's neurons L{m}N{n} (the input of that neuron's gate and up columns);  logits
+                layer m's neurons L{m}N{n} (the input of that neuron's gate and up columns);  Gemma 4: every L{l}.ple
+                (its gate's input, resid_mlp);  logits
 An edge u -> d exists when d reads the residual stream after u has written into it: u writes at residual index
 w(embed) = 0, w(head of l) = 2l + 1 (resid_mid), w(mlp of l) = 2l + 2 (resid_post); d reads at r(head of l) = 2l
 (resid_pre), r(mlp of l) = 2l + 1, r(logits) = 2L; the edge is there iff w(u) <= r(d). Labels: `U->D`, e.g.
-`L3H1->L14H5.q`, `embed->L0.mlp`, `L17N230->logits`.
+`L3H1->L14H5.q`, `embed->L0.mlp`, `L17N230->logits`, `L4.ple->L9H0.v`.
 
-**Counts** (edge_count): for L layers of N heads, MLPs whole,
+**Gemma 4** (three residual indices per layer: resid_pre 3l, resid_mid 3l + 1, resid_mlp 3l + 2; writes, reads):
+    heads write at 3l + 1, MLPs at 3l + 2, ple nodes at 3l + 3 (resid_post = lambda_l (resid_mlp + ple.out));
+    q reads 3l, an MLP 3l + 1, a ple node 3l + 2, the logits 3L;  k and v of layer l read 3 s, s = kv_source(l):
+    a KV-sharing consumer attends over its producer's post-RoPE keys and post-v_norm values, so its .k and .v
+    copies are the producer's resid_pre (through the producer's ln1, W_K / W_V of kv head kv(n) among the
+    producer's, k_norm / v_norm, RoPE), used for head n of layer l only; edges into them come only from nodes
+    written before layer s (parse_edge refuses the others).
+    layer_scalar: an upstream write of layer u reaches a reader at index r scaled by gain = prod_{u <= m < r // 3}
+    lambda_m (embed: from m = 0); a score carries the gain, the exact patch adds the scaled change.
+    The MoE FFN (dense branch, router, experts, their post-norms: output mlp.out) is the one node L{l}.mlp both ways;
+    its input copy is resid_mid for every reading path (ln2, the router's norm, ln2_moe). neurons=m on a MoE model
+    is refused (one InputError, edge_level): splitting it would need the router and experts as nodes beside the
+    dense neurons, which the graph does not have.
+    The embedding also reaches every ple_l directly (ple.model_proj reads the scaled embedding): that path is part
+    of the edge embed -> L{l}.ple (through ple.input[:, l] only, as the forward's edit of `embed` propagates it),
+    so embed's out-edges still sum to its AtP, whose gradient at `embed` holds both paths.
+
+**Counts** (edge_count): for L layers of N heads, MLPs whole (Gemma 1-3),
     E = (3NL + L + 1) + N sum_l [3N(L-1-l) + (L-l) + 1] + sum_l [3N(L-1-l) + (L-1-l) + 1]
       = 3NL + L + 1 + N (3N L(L-1)/2 + L(L+1)/2 + L) + 3N L(L-1)/2 + L(L-1)/2 + L
 the literature's convention (per query head q, k and v inputs, MLPs as single nodes): GPT-2 small (12 x 12)
@@ -21,9 +40,10 @@ kv head, the other query heads of the group keep theirs.
 
 **An edge's input path** is d's private copy of the residual stream: for a head's q input, the residual that
 ln1 normalises and W_Q[:, n] projects for head n only; for k (v), the residual that ln1 normalises and W_K[:, kv(n)]
-(W_V) projects for the scores (the values) of query head n only; for an MLP, its ln2 input; for a neuron, the ln2
-input of its gate and up columns; for the logits, the final residual. The input norm is on the path as it is
-(its scale recomputed: the true gradient), so a copy's change is normalised with the copy.
+(W_V) projects for the scores (the values) of query head n only; for an MLP, its ln2 input (Gemma 4: every input of
+the FFN); for a neuron, the ln2 input of its gate and up columns; for a ple node, the input of its gate W_ple_gate;
+for the logits, the final residual. The input norm is on the path as it is (its scale recomputed: the true
+gradient), so a copy's change is normalised with the copy.
 
 **Scores** (each one "the readout with the edge clean minus with it replaced", validate's sign; a the upstream
 activation at the edited positions t of the base run, a' its replacement, Setting.replacement):
@@ -33,18 +53,20 @@ activation at the edited positions t of the base run, a' its replacement, Settin
               x' + alpha_i (x - x'), alpha_i = (i + 1/2) / k (the midpoint rule, error O(1/k^2), where a
               one-sided Riemann sum's is O(1/k); Hanna et al.'s EAP-IG-inputs); resample ablation only (x, x' the two
               prompts' embeddings; the activation changes a - a' are the end points', as in EAP-IG)
-    dR/da|_d through the chain, for a head u = (l, h):  W_O[h] . post1^T(G_d),  post1^T the VJP of the head's
-    post-norm at the base run (Gemma 2/3; the identity on Gemma 1); for a neuron: W_down[n] . post2^T(G_d);
-    embed and MLPs write into the residual directly: G_d; G_d = dR/d(copy of d) [Z, T, D].
+    dR/da|_d through the chain, for a head u = (l, h):  gain W_O[h] . post1^T(G_d),  post1^T the VJP of the head's
+    post-norm at the base run (Gemma 2/3/4; the identity on Gemma 1); for a neuron: gain W_down[n] . post2^T(G_d);
+    embed, MLPs and ple nodes write into the residual directly: gain G_d; G_d = dR/d(copy of d) [Z, T, D].
 Summed over the edges out of u, the G_d add up to dR/d(residual after u) (every reader of the residual is some
 d), so sum_d eap(u -> d) is u's node-level AtP exactly; the edges into the logits are AtP with every later layer
 dropped from the backward (the skip path only). Every gradient comes from refprism.gradients (one backward,
 its freeze switches passed through).
 
-**The exact edge patch** (edge_patch): the base run re-run from d's layer with d's input copy set to x + dr_u,
-dr_u = r(a') - r(a) the residual change u alone makes (its post-norm recomputed with the other heads at their
-recorded values), everything else clean; everything after d recomputed. Built with the forward's one edit hook
-(q_pre column, scores row, z column, ln2.out, gate/up columns or the final residual).
+**The exact edge patch** (edge_patch): the base run re-run from d's layer with d's input copy set to
+x + gain dr_u, dr_u = r(a') - r(a) the residual change u alone makes (its post-norm recomputed with the other heads
+at their recorded values), everything else clean; everything after d recomputed. Built with the forward's one edit
+hook (q_pre column, scores row, z column, ln2.out, gate/up columns or the final residual; Gemma 4's FFN: resid_mid
++ gain dr_u with the skip of resid_mlp kept clean; a ple node: resid_mlp + gain dr_u into its gate, the skip of
+resid_post kept clean, and for embed -> L{l}.ple also ple.act with ple_l of the patched embedding).
 Axis letters as in ops.py; Z readout columns, Y = Z x (downstream nodes of a block), E edges, U upstream nodes.
 """
 

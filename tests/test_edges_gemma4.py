@@ -67,10 +67,11 @@ def _brute_count(cfg, neurons):
     for l in range(cfg.n_layers):
         first[l] = step
         N, m = cfg.n_heads, cfg.mlp_width_of(l) if l == neurons else 1
+        E = cfg.n_experts if l == neurons and cfg.moe else 0  # a split MoE layer: + E experts, + 1 experts' input
         downs += [step] * N + [first[cfg.kv_source(l)]] * (2 * N)
         ups += [step + 1] * N
-        downs += [step + 1] * m
-        ups += [step + 2] * m
+        downs += [step + 1] * (m + (E > 0))
+        ups += [step + 2] * (m + E)
         downs += [step + 2] if cfg.ple else []
         ups += [step + 3] if cfg.ple else []
         step += 3
@@ -79,12 +80,13 @@ def _brute_count(cfg, neurons):
 
 
 def test_edge_count_is_the_brute_enumeration(model, dense):
-    for m, neurons in [(model, None), (dense, None), (dense, 4), (dense, 0)]:
+    for m, neurons in [(model, None), (dense, None), (dense, 4), (dense, 0), (model, 5), (model, 0)]:
         cfg = m.config
         assert edge_count(cfg, neurons) == _brute_count(cfg, neurons) == len(edges(cfg, neurons))
         n = cfg.mlp_width_of(neurons) - 1 if neurons is not None else 0
-        assert len(upstream_nodes(cfg, neurons)) == 1 + cfg.n_layers * (cfg.n_heads + 2) + n
-        assert len(downstream_nodes(cfg, neurons)) == cfg.n_layers * (3 * cfg.n_heads + 2) + 1 + n
+        E = cfg.n_experts if neurons is not None and cfg.moe else 0
+        assert len(upstream_nodes(cfg, neurons)) == 1 + cfg.n_layers * (cfg.n_heads + 2) + n + E
+        assert len(downstream_nodes(cfg, neurons)) == cfg.n_layers * (3 * cfg.n_heads + 2) + 1 + n + (E > 0)
     cfg = model.config
     labels = {f"{upstream_nodes(cfg)[i][0]}->{downstream_nodes(cfg)[j][0]}" for i, j in edges(cfg)}
     assert "L0H1->L4H2.k" in labels and "L1H1->L4H2.k" not in labels and "L1H1->L4H2.q" in labels
@@ -228,26 +230,56 @@ def test_eap_ig_converges_and_its_embedding_edges_are_complete(dense):
     assert gaps[8] > gaps[16] > gaps[32] > gaps[64] and gaps[64] < 1e-3 * np.abs(whole).max(), gaps
 
 
-def test_neurons_on_a_double_wide_layer_and_refused_on_moe(model, dense):
+def test_neurons_on_a_double_wide_layer(dense):
     cfg = dense.config
     assert cfg.mlp_width_of(5) == 2 * cfg.mlp_width_of(0) and not cfg.moe
     labels = ["L0H1->L5N3", "L5N3->L6H0.q", "L0H2->L5N9", "L5N150->L6H1.q", "L5N2->logits", "embed->L5N0",
               "L5N7->L5.ple"]
     gaps = _gaps(dense, labels, neurons=5, level="neurons:5")
     assert np.all((gaps[0] / gaps[1] > 5) & (gaps[0] / gaps[1] < 20)), gaps
-    e = attribute_edges(dense, _ids(dense, 1), method="eap", level="neurons:5", targets=["#5"], ablate="resample",
-                        counterfactual=_ids(dense, 2), at="all")
+    kw = dict(targets=["#5"], ablate="resample", counterfactual=_ids(dense, 2), at="all")
+    e = attribute_edges(dense, _ids(dense, 1), method="eap", level="neurons:5", **kw)
     by_up = {}
     for u, v in zip(e.upstream, e.values):
         by_up[u] = by_up.get(u, 0) + v
-    a = attribute(dense, _ids(dense, 1), method="atp", level="neurons:5", targets=["#5"], ablate="resample",
-                  counterfactual=_ids(dense, 2), at="all")
+    a = attribute(dense, _ids(dense, 1), method="atp", level="neurons:5", **kw)
     np.testing.assert_allclose(np.stack([by_up[lab] for lab in a.labels]), a.values, rtol=0,
                                atol=1e-10 * np.abs(a.values).max())
     assert len(a.labels) == 192
-    with pytest.raises(InputError, match="mixture-of-experts layer") as ex:
-        attribute_edges(model, "abc", method="eap", level="neurons:2", ablate="resample", counterfactual="abd")
-    assert "\n" not in str(ex.value)
+
+
+def test_neurons_on_a_moe_layer_are_the_dense_neurons_and_the_experts(model):
+    """neurons:L on a MoE layer: upstream the dense neurons L{L}N{n} and validate's experts L{L}E{e}; downstream the
+    dense neurons and L{L}.experts (the router's and ln2_moe's input)."""
+    cfg = model.config
+    L = 5
+    ups = [u for u, *_ in upstream_nodes(cfg, L)]
+    downs = [d for d, *_ in downstream_nodes(cfg, L)]
+    assert {f"L{L}E{e}" for e in range(cfg.n_experts)} <= set(ups) and f"L{L}.experts" in downs
+    assert f"L{L}.mlp" not in ups + downs and len([u for u in ups if u.startswith(f"L{L}N")]) == 192
+    ids = _ids(model, 5)
+    rec = model.run(ids).record
+    e = [int(x) for x in rec[f"blocks.{L}.moe.topk.index"].reshape(-1)]
+    chosen_e = max(set(e), key=e.count)
+    labels = [f"L0H1->L{L}N3", f"L{L}N3->L6H0.q", f"L3.ple->L{L}.experts", f"L{L}H2->L{L}.experts",
+              f"L{L}E{chosen_e}->logits", f"L{L}E{chosen_e}->L{L}.ple", f"L{L}N7->L6.mlp", f"embed->L{L}N0"]
+    gaps = _gaps(model, labels, neurons=L, level=f"neurons:{L}")
+    assert np.all((gaps[0] / gaps[1] > 5) & (gaps[0] / gaps[1] < 20)), dict(zip(labels, gaps[0] / gaps[1]))
+    kw = dict(targets=["#5"], ablate="resample", counterfactual=_ids(model, 2), at="all")
+    ed = attribute_edges(model, _ids(model, 1), method="eap", level=f"neurons:{L}", **kw)
+    by_up = {}
+    for u, v in zip(ed.upstream, ed.values):
+        by_up[u] = by_up.get(u, 0) + v
+    nodes = {}
+    for level in (f"neurons:{L}", f"experts:{L}", "heads", "residual"):
+        a = attribute(model, _ids(model, 1), method="atp", level=level, **kw)
+        nodes.update(zip(a.labels, a.values))
+    scale = max(np.abs(v).max() for v in nodes.values())
+    checked = [lab for lab in nodes if lab in by_up]
+    assert {f"L{L}N0", f"L{L}E{chosen_e}", "embed", "L2H1", "L5.ple"} <= set(checked)
+    err = max(np.abs(by_up[lab] - nodes[lab]).max() for lab in checked) / scale
+    assert err < 1e-10, err
+    assert edge_count(cfg, L) == len(edges(cfg, L))
 
 
 def test_cli_attribute_eap_lists_consumer_and_ple_edges(checkpoint, capsys):

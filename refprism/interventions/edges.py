@@ -81,7 +81,7 @@ from refprism.errors import InputError
 from refprism.gemma import ops
 from refprism.gemma.record import everything_but
 from refprism.gradients.backward import _ple_inputs_vjp, gradients
-from refprism.interventions.components import _group
+from refprism.interventions.components import _group, activation, chosen
 from refprism.interventions.setting import Readings, Setting, setting
 from refprism.model import Run
 
@@ -104,10 +104,6 @@ def edge_level(config, level) -> int | None:
             raise InputError(f"--level {level!r}: the layer after ':' is a number, e.g. neurons:3")
         if config is not None and not 0 <= int(arg) < config.n_layers:
             raise InputError(f"--level {level!r}: the layer after ':' is 0 .. {config.n_layers - 1}")
-        if config is not None and config.moe:  # read from the config: refused before any weight is read
-            raise InputError(f"--level {level!r}: edge attribution takes a Gemma 4 mixture-of-experts layer's FFN "
-                             f"(dense branch, router and experts) as one node L{{l}}.mlp, not as neurons: use "
-                             f"--level heads")
         return int(arg)
     raise InputError(f"edge attribution scores edges between heads, MLPs and one layer's neurons: use --level heads "
                      f"or --level neurons:L, not {level!r}")
@@ -121,6 +117,7 @@ def upstream_nodes(config, neurons=None) -> list[tuple[str, str, int, int]]:
         out += [(f"L{l}H{h}", "head", l, h) for h in range(config.n_heads)]
         out += ([(f"L{l}N{n}", "neuron", l, n) for n in range(config.mlp_width_of(l))] if l == neurons
                 else [(f"L{l}.mlp", "mlp", l, 0)])
+        out += [(f"L{l}E{e}", "expert", l, e) for e in range(config.n_experts)] if l == neurons else []
         out += [(f"L{l}.ple", "ple", l, 0)] if config.ple else []
     return out
 
@@ -134,6 +131,7 @@ def downstream_nodes(config, neurons=None) -> list[tuple[str, str, int, int]]:
         out += [(f"L{l}H{h}.{p}", p, l, h) for h in range(config.n_heads) for p in PATHS]
         out += ([(f"L{l}N{n}", "neuron", l, n) for n in range(config.mlp_width_of(l))] if l == neurons
                 else [(f"L{l}.mlp", "mlp", l, 0)])
+        out += [(f"L{l}.experts", "experts", l, 0)] if l == neurons and config.moe else []
         out += [(f"L{l}.ple", "ple", l, 0)] if config.ple else []
     return out + [("logits", "logits", config.n_layers, 0)]
 
@@ -146,7 +144,8 @@ def _slots(config) -> int:
 def writes(config, kind, layer) -> int:
     """The residual index an upstream node writes into (k = _slots): embed 0, a head of layer l k l + 1
     (resid_mid), an MLP/neuron k l + 2 (Gemma 1-3 resid_post, Gemma 4 resid_mlp), a ple node 3 l + 3 (resid_post)."""
-    return 0 if kind == "embed" else _slots(config) * layer + {"head": 1, "mlp": 2, "neuron": 2, "ple": 3}[kind]
+    return 0 if kind == "embed" else _slots(config) * layer + {"head": 1, "mlp": 2, "neuron": 2, "expert": 2,
+                                                                "ple": 3}[kind]
 
 
 def reads(config, kind, layer) -> int:
@@ -156,7 +155,7 @@ def reads(config, kind, layer) -> int:
     k = _slots(config)
     if kind in ("k", "v"):
         return k * config.kv_source(layer)
-    return k * layer + {"q": 0, "mlp": 1, "neuron": 1, "ple": 2, "logits": 0}[kind]
+    return k * layer + {"q": 0, "mlp": 1, "neuron": 1, "experts": 1, "ple": 2, "logits": 0}[kind]
 
 
 def gain(config, params, u_layer, r) -> np.ndarray:
@@ -189,11 +188,13 @@ def edge_count(config, neurons=None) -> int:
             the MLP B(l) + N, the ple node B(l) + N + F_l, the logits B(L)
     """
     L, N = config.n_layers, config.n_heads
-    mult = [config.mlp_width_of(l) if l == neurons else 1 for l in range(L)]  # nodes of each layer's MLP
+    E = config.n_experts if config.moe else 0
+    mult = [config.mlp_width_of(l) + E if l == neurons else 1 for l in range(L)]  # upstream nodes of each FFN
+    reads_ = [config.mlp_width_of(l) + (E > 0) if l == neurons else 1 for l in range(L)]  # its downstream nodes
     P = 1 if config.ple else 0
     before = [1 + sum(N + mult[i] + P for i in range(l)) for l in range(L + 1)]  # upstream nodes before layer l
     src = [config.kv_source(l) for l in range(L)]
-    total = sum(N * before[l] + 2 * N * before[src[l]] + mult[l] * (before[l] + N) + P * (before[l] + N + mult[l])
+    total = sum(N * before[l] + 2 * N * before[src[l]] + reads_[l] * (before[l] + N) + P * (before[l] + N + mult[l])
                 for l in range(L))
     return int(total + before[L])
 
@@ -296,7 +297,7 @@ def attribute_edges(model, prompt, *, method="eap", level="heads", targets=None,
 def upstream_changes(s: Setting, neurons=None) -> dict:
     """a - a' of every upstream node at every position (0 where not edited), from the base run and the
     replacement: {"embed": [T, D], ("head", l): [T, N, H_l], ("mlp", l): [T, D], ("neuron", l): [T, F_l],
-    ("ple", l): [T, D] (Gemma 4's ple.out)}."""
+    ("ple", l): [T, D] (Gemma 4's ple.out), ("expert", l): [T, E, D] (a split MoE layer's experts)}."""
     cfg, rec = s.model.config, s.base.record
     T = len(s.base.tokens)
     at = list(s.at)
@@ -314,6 +315,12 @@ def upstream_changes(s: Setting, neurons=None) -> dict:
         if l == neurons:
             F = cfg.mlp_width_of(l)
             out["neuron", l] = change(_group("neuron", l, range(F)), b + "mlp.act", (F,))
+            if cfg.moe:  # validate's experts: expert_out at the slot that chose e, 0 where the base did not
+                g = _group("expert", l, range(cfg.n_experts))
+                d = np.zeros((T, cfg.n_experts, cfg.d_model), dtype=s.model.dtype)
+                for t, r in zip(at, s.replacement(g)):
+                    d[t] = np.where(chosen(rec, g, t)[:, None], activation(s.model, rec, g, t) - r, 0)
+                out["expert", l] = d
         else:
             out["mlp", l] = change(_group("mlp", l), b + "mlp.out", (cfg.d_model,))
         if cfg.ple:
@@ -329,6 +336,7 @@ def _sites(cfg, neurons):
     else:
         sites += [f"blocks.{l}.ln2.out" for l in range(cfg.n_layers) if l != neurons]
     sites += [f"blocks.{neurons}.mlp.gate", f"blocks.{neurons}.mlp.up"] if neurons is not None else []
+    sites += [f"blocks.{neurons}.ln2.out"] if neurons is not None and cfg.moe else []
     return sites + [f"blocks.{cfg.n_layers - 1}.resid_post"]
 
 
@@ -350,11 +358,13 @@ def input_gradients(model, run: Run, grads, l, kind, *, frozen_norm=False, rows=
             MLP:          g_h = g(ln2.out);   neuron n: g_h = g(gate)[:, n] W_gate[:, n]^T + g(up)[:, n] W_up[:, n]^T
             Gemma 4 MLP:  G = g(resid_mid) - g(resid_mlp)      (every path through ln2, the router and ln2_moe: the
                           gradient at resid_mid less its skip path, resid_mlp = resid_mid + mlp.out)
+            Gemma 4 split MoE layer: neurons as above; experts (router and ln2_moe): G = g(resid_mid) - g(resid_mlp)
+                          - ln2^T(g(ln2.out))
             Gemma 4 ple:  G = g(resid_mlp) - lambda_l g(resid_post)   (the gate's path: resid_post = lambda_l
                           (resid_mlp + ple.out)); embed's direct path into ple_l is edge_scores'
             logits:       G = g(final residual) (no norm of its own: the final norm is inside the readout)
-    kind:   "attn" (rows: head-major q, k, v of every head), "mlp", "neuron" (layer l's neurons `rows`), "ple",
-            "logits"
+    kind:   "attn" (rows: head-major q, k, v of every head), "mlp", "neuron" (layer l's neurons `rows`),
+            "experts", "ple", "logits"
     """
     cfg, params, rec = model.config, model.params, run.record
     off = cfg.norm_offset
@@ -365,6 +375,10 @@ def input_gradients(model, run: Run, grads, l, kind, *, frozen_norm=False, rows=
         return (grads[b + "resid_mlp"] - params.get(l, "layer_scalar")[0] * grads[b + "resid_post"])[:, None]
     if kind == "mlp" and cfg.gemma4:
         return (grads[b + "resid_mid"] - grads[b + "resid_mlp"])[:, None]
+    if kind == "experts":  # the router's and ln2_moe's paths: the FFN's less the dense branch's (ln2)
+        dense = ops.rms_norm_vjp(grads[b + "ln2.out"], rec[b + "resid_mid"], rec[b + "ln2.scale"],
+                                 params.get(l, "ln2"), offset=off, frozen=frozen_norm)[0]
+        return (grads[b + "resid_mid"] - grads[b + "resid_mlp"] - dense)[:, None]
     if kind == "mlp":
         g_h = grads[b + "ln2.out"][:, None]
     elif kind == "neuron":
@@ -409,7 +423,7 @@ def _block_reads(cfg, l, kind, n) -> list[int]:
     """The residual index each of a block's n downstream nodes reads (a consumer's k, v read before its q)."""
     if kind == "attn":
         return [reads(cfg, p, l) for _ in range(cfg.n_heads) for p in PATHS]
-    return [reads(cfg, {"logits": "logits", "ple": "ple"}.get(kind, "mlp"), l)] * n
+    return [reads(cfg, {"logits": "logits", "ple": "ple", "experts": "experts"}.get(kind, "mlp"), l)] * n
 
 
 def _ple_direct(model, run, grads, l, frozen) -> np.ndarray:
@@ -438,7 +452,18 @@ def _columns(model, run, Gy, r, deltas, neurons, frozen, d_o) -> np.ndarray:
         cols.append(np.einsum("ytd,ntd->yn", Gp, d_o[u], optimize=True))
         if writes(cfg, "mlp", u) > r:
             break
-        if u == neurons:
+        if u == neurons and cfg.moe:  # mlp.out = ln2_post(ln2_post1(act W_down) + ln2_post2(sum_j w_j out_j))
+            def post(g, x, scale, w, b=b, u=u):
+                return ops.rms_norm_vjp(g, rec[b + x], rec[b + scale], params.get(u, w), offset=off,
+                                        frozen=frozen)[0]
+            Gs = post(Gu, "mlp.sum", "ln2_post.scale", "ln2_post")
+            Gp = post(Gs, "mlp.down", "ln2_post1.scale", "ln2_post1")
+            cols.append(np.einsum("ytf,tf->yf", Gp @ params.get(u, "W_down").T, deltas["neuron", u]))
+            Gq = post(Gs, "moe.down", "ln2_post2.scale", "ln2_post2")
+            top, w = rec[b + "moe.topk.index"], rec[b + "moe.topk.weight"]  # [T, J]
+            we = np.einsum("tj,tje->te", w, top[..., None] == np.arange(cfg.n_experts))  # expert e's weight at t
+            cols.append(np.einsum("ytd,te,ted->ye", Gq, we, deltas["expert", u], optimize=True))
+        elif u == neurons:
             Gp = Gu if not cfg.post_norms else ops.rms_norm_vjp(
                 Gu, rec[b + "mlp.down"], rec[b + "ln2_post.scale"], params.get(u, "ln2_post"), offset=off,
                 frozen=frozen)[0]
@@ -472,6 +497,7 @@ def edge_scores(s: Setting, run: Run, deltas, neurons=None, *, freeze=()) -> np.
         blocks.append((l, "attn", slice(None)))
         if l == neurons:  # a split layer's neurons in chunks: their copies are [Z, chunk, T, D]
             blocks += [(l, "neuron", slice(a, a + NEURON_CHUNK)) for a in range(0, cfg.mlp_width_of(l), NEURON_CHUNK)]
+            blocks += [(l, "experts", slice(None))] if cfg.moe else []
         else:
             blocks.append((l, "mlp", slice(None)))
         blocks += [(l, "ple", slice(None))] if cfg.ple else []
@@ -525,6 +551,17 @@ def residual_change(s: Setting, node, deltas) -> np.ndarray:
     if kind in ("mlp", "ple"):
         return -deltas[kind, l]
     b = f"blocks.{l}."
+    if cfg.moe and kind in ("neuron", "expert"):  # a split MoE layer: through both of its post-norms, then ln2_post
+        dense, experts = rec[b + "mlp.dense"], rec[b + "moe.out"]
+        if kind == "neuron":
+            change = -deltas["neuron", l][:, i][:, None] * params.get(l, "W_down")[i][None]
+            dense = _norm(cfg, rec[b + "mlp.down"] + change, params.get(l, "ln2_post1"))
+        else:
+            top, w = rec[b + "moe.topk.index"], rec[b + "moe.topk.weight"]
+            we = (w * (top == i)).sum(axis=1)  # [T]
+            experts = _norm(cfg, rec[b + "moe.down"] - we[:, None] * deltas["expert", l][:, i],
+                            params.get(l, "ln2_post2"))
+        return _norm(cfg, dense + experts, params.get(l, "ln2_post")) - rec[b + "mlp.out"]
     if kind == "head":
         change = -deltas["head", l][:, i] @ params.get(l, "W_O")[i]  # [T, D]
         pre, post = "attn.o_proj", "ln1_post"
@@ -588,6 +625,17 @@ def edge_patch(s: Setting, label, neurons=None, *, deltas=None) -> np.ndarray:
                 return value + dr
             if name == b + "resid_mlp":
                 return (record[b + "resid_pre"] + record[b + "attn.out"]) + record[b + "mlp.out"]
+            return value
+        if kind == "experts":  # the router and ln2_moe see the copy; ln2 (the dense neurons) and the skip do not
+            if name == b + "resid_mid":
+                return value + dr
+            if name in (b + "ln2.scale", b + "ln2.out", b + "resid_mlp"):
+                clean = record[b + "resid_pre"] + record[b + "attn.out"]  # resid_mid as the forward adds it
+                if name == b + "ln2.scale":
+                    return ops.rms_scale(clean, eps=cfg.rms_norm_eps)
+                if name == b + "ln2.out":
+                    return ops.rms_apply(clean, record[b + "ln2.scale"], params.get(l, "ln2"), cfg.norm_offset)
+                return clean + record[b + "mlp.out"]
             return value
         if kind == "mlp" and name == b + "ln2.out":
             return normed(record, b + "resid_mid", l, "ln2")

@@ -23,9 +23,11 @@ w(embed) = 0, w(head of l) = 2l + 1 (resid_mid), w(mlp of l) = 2l + 2 (resid_pos
     layer_scalar: an upstream write of layer u reaches a reader at index r scaled by gain = prod_{u <= m < r // 3}
     lambda_m (embed: from m = 0); a score carries the gain, the exact patch adds the scaled change.
     The MoE FFN (dense branch, router, experts, their post-norms: output mlp.out) is the one node L{l}.mlp both ways;
-    its input copy is resid_mid for every reading path (ln2, the router's norm, ln2_moe). neurons=m on a MoE model
-    is refused (one InputError, edge_level): splitting it would need the router and experts as nodes beside the
-    dense neurons, which the graph does not have.
+    its input copy is resid_mid for every reading path (ln2, the router's norm, ln2_moe). neurons=m on a MoE layer
+    splits it: upstream the dense neurons L{m}N{n} (act, through ln2_post1 then ln2_post) and validate's experts
+    L{m}E{e} (expert_out at the slot that chose e, weighted by w_j, through ln2_post2 then ln2_post; 0 where the
+    base did not choose e); downstream the dense neurons (their gate/up columns of ln2) and one node L{m}.experts
+    (the router's and ln2_moe's input), G = g(resid_mid) - g(resid_mlp) - ln2^T(g(ln2.out)).
     The embedding also reaches every ple_l directly (ple.model_proj reads the scaled embedding): that path is part
     of the edge embed -> L{l}.ple (through ple.input[:, l] only, as the forward's edit of `embed` propagates it),
     so embed's out-edges still sum to its AtP, whose gradient at `embed` holds both paths.

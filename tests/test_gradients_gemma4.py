@@ -316,16 +316,6 @@ def test_gradient_equals_torch_autograd_on_hf_float64(checkpoint, model):
     assert len(grads) == 3 * cfg.n_layers + 2
 
 
-def test_edge_attribution_refuses_gemma4_in_one_line_before_reading_weights(checkpoint):
-    from refprism.errors import InputError
-    from refprism.interventions.edges import attribute_edges
-
-    model = refprism.load(checkpoint("tiny-gemma4"), defer=True)
-    with pytest.raises(InputError, match="^edge attribution .* does not take Gemma 4 yet") as e:
-        attribute_edges(model, "abc", method="eap", level="heads", ablate="resample", counterfactual="abd")
-    assert "\n" not in str(e.value) and model.deferred is not None
-
-
 def test_float32_stays_float32_and_close_to_float64(checkpoint):
     """No site's gradient is silently promoted, and float32 is float64's within 1e-3 of the record's largest
     gradient (per site, the near-zero ln1.scale gradients are rounding noise: q, k, v are normed after it)."""

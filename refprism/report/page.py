@@ -189,7 +189,8 @@ def build_data(model, run, targets, *, position=-1, versus=(), depth=2, top=50, 
     config (n_layers, n_heads, n_kv_heads, d_mlp, model_type, final_softcap), prediction (the top next tokens: id,
     piece, logit, prob), budget (depth, top, branch), command (the arguments that make `refprism chain` compute the
     same readout), nodes (node_key -> {"path", "depth", "residual", "attention": {layer: {"split", "pattern"}},
-    "mlp": {layer: {"split"}}, and on Gemma 4 "ple": {layer: {"split"}}}) and sections (validate, compare, sweep: their JSON as given).
+    "mlp": {layer: {"split"}}, and on Gemma 4 "ple": {layer: {"split"}}}) and sections (validate, compare, sweep:
+    their JSON as given).
     """
     check_budget(depth, top, branch)
     readout = P.logits_readout(model, run, targets, position=position, versus=versus)

@@ -246,7 +246,10 @@ def test_gradient_equals_torch_autograd_on_hf_float64(checkpoint, model):
     """HF's Gemma4ForCausalLM in float64 (hf_reference.gemma4_float64 patches the float32 norms, softmaxes and
     RoPE tables), torch.autograd on the capped logits' readout: the gradient at the scaled embedding (both its
     paths: the layers and the per-layer inputs), every layer's input and output, the attention and MLP outputs
-    and the final norm's output, within 1e-8 of each site's largest |gradient|. HF's autograd is first checked
+    and the final norm's output, and each layer's module outputs that are refprism sites as they are (ln1.out,
+    q_pre, k_pre, o_proj, ln2.out, the MLP's gate, up and down, the MoE's dense branch, router logits, experts'
+    input, sum and post-norm, the per-layer input's gate, projection and output), within 1e-8 of each site's
+    largest |gradient|. HF's autograd is first checked
     against central differences of its own forward along one direction."""
     import torch
     import transformers
@@ -279,9 +282,25 @@ def test_gradient_equals_torch_autograd_on_hf_float64(checkpoint, model):
             hooks.append(tm.embed_tokens.register_forward_hook(keep("embed", shifted=True)))
             for l, layer in enumerate(tm.layers):
                 b = f"blocks.{l}."
+                a = layer.self_attn
                 hooks.append(layer.register_forward_hook(keep(b + "resid_post")))
                 hooks.append(layer.post_attention_layernorm.register_forward_hook(keep(b + "attn.out")))
                 hooks.append(layer.post_feedforward_layernorm.register_forward_hook(keep(b + "mlp.out")))
+                # module outputs that are refprism sites as they are (up to a reshape): each one's whole gradient
+                inner = [(layer.input_layernorm, "ln1.out"), (a.q_proj, "attn.q_pre"), (a.o_proj, "attn.o_proj"),
+                         (layer.pre_feedforward_layernorm, "ln2.out"), (layer.mlp.gate_proj, "mlp.gate"),
+                         (layer.mlp.up_proj, "mlp.up"), (layer.mlp.down_proj, "mlp.down")]
+                if not a.is_kv_shared_layer:  # (on a k_eq_v layer the k_proj output is V's input too: both paths)
+                    inner.append((a.k_proj, "attn.k_pre"))
+                if getattr(layer, "enable_moe_block", False):
+                    inner += [(layer.post_feedforward_layernorm_1, "mlp.dense"),
+                              (layer.router.proj, "moe.router.logits"),
+                              (layer.pre_feedforward_layernorm_2, "ln2_moe.out"), (layer.experts, "moe.down"),
+                              (layer.post_feedforward_layernorm_2, "moe.out")]
+                if cfg.ple:
+                    inner += [(layer.per_layer_input_gate, "ple.gate"), (layer.per_layer_projection, "ple.proj"),
+                              (layer.post_per_layer_input_norm, "ple.out")]
+                hooks += [module.register_forward_hook(keep(b + site)) for module, site in inner]
             hooks.append(tm.norm.register_forward_hook(keep("ln_final.out")))
             try:
                 logits = hf(torch.tensor([list(map(int, ids))]), use_cache=False, output_hidden_states=True).logits
@@ -299,8 +318,8 @@ def test_gradient_equals_torch_autograd_on_hf_float64(checkpoint, model):
             for t in kept.values():
                 t.grad = None
             readout[z].backward(retain_graph=True)
-            for name, t in kept.items():
-                grads.setdefault(name, []).append(t.grad[0].numpy().copy())
+            for name, t in kept.items():  # [1, T, ...] or flattened [T, ...]: refprism's layout by a reshape
+                grads.setdefault(name, []).append(t.grad.numpy().reshape(ours.record[name].shape[1:]).copy())
         grads = {name: np.stack(g) for name, g in grads.items()}
         with torch.no_grad():
             h = 1e-5
@@ -313,7 +332,9 @@ def test_gradient_equals_torch_autograd_on_hf_float64(checkpoint, model):
         scale = np.abs(theirs).max()
         assert scale > 1e-6, name
         assert np.abs(ours.record[name] - theirs).max() <= 1e-8 * scale, name
-    assert len(grads) == 3 * cfg.n_layers + 2
+    producers = sum(cfg.has_kv(l) for l in range(cfg.n_layers))
+    per_moe = 5 * cfg.n_layers if cfg.moe else 0
+    assert len(grads) == (3 + 7 + 3 * cfg.ple) * cfg.n_layers + producers + per_moe + 2, sorted(grads)
 
 
 def test_float32_stays_float32_and_close_to_float64(checkpoint):

@@ -248,8 +248,8 @@ def test_gradient_equals_torch_autograd_on_hf_float64(checkpoint, model):
     paths: the layers and the per-layer inputs), every layer's input and output, the attention and MLP outputs
     and the final norm's output, and each layer's module outputs that are refprism sites as they are (ln1.out,
     q_pre, k_pre, o_proj, ln2.out, the MLP's gate, up and down, the MoE's dense branch, router logits, experts'
-    input, sum and post-norm, the per-layer input's gate, projection and output), within 1e-8 of each site's
-    largest |gradient|. HF's autograd is first checked
+    input, sum and post-norm, the per-layer input's gate, projection and output) and inputs (attn.z, resid_mid,
+    mlp.act, resid_mlp, ple.act), within 1e-8 of each site's largest |gradient|. HF's autograd is first checked
     against central differences of its own forward along one direction."""
     import torch
     import transformers
@@ -279,6 +279,14 @@ def test_gradient_equals_torch_autograd_on_hf_float64(checkpoint, model):
                     return t if not isinstance(out, tuple) else (t, *out[1:])
                 return hook
 
+            def keep_input(name):  # a module's input: the tensor itself (every reader's gradient in its .grad)
+                def hook(mod, args, kwargs):
+                    t = args[0] if args else kwargs["hidden_states"]
+                    if t.requires_grad:
+                        t.retain_grad()
+                    kept[name] = t
+                return hook
+
             hooks.append(tm.embed_tokens.register_forward_hook(keep("embed", shifted=True)))
             for l, layer in enumerate(tm.layers):
                 b = f"blocks.{l}."
@@ -301,6 +309,12 @@ def test_gradient_equals_torch_autograd_on_hf_float64(checkpoint, model):
                     inner += [(layer.per_layer_input_gate, "ple.gate"), (layer.per_layer_projection, "ple.proj"),
                               (layer.post_per_layer_input_norm, "ple.out")]
                 hooks += [module.register_forward_hook(keep(b + site)) for module, site in inner]
+                inputs = [(a.o_proj, "attn.z"), (layer.pre_feedforward_layernorm, "resid_mid"),
+                          (layer.mlp.down_proj, "mlp.act")]
+                if cfg.ple:
+                    inputs += [(layer.per_layer_input_gate, "resid_mlp"), (layer.per_layer_projection, "ple.act")]
+                hooks += [module.register_forward_pre_hook(keep_input(b + site), with_kwargs=True)
+                          for module, site in inputs]
             hooks.append(tm.norm.register_forward_hook(keep("ln_final.out")))
             try:
                 logits = hf(torch.tensor([list(map(int, ids))]), use_cache=False, output_hidden_states=True).logits
@@ -334,7 +348,7 @@ def test_gradient_equals_torch_autograd_on_hf_float64(checkpoint, model):
         assert np.abs(ours.record[name] - theirs).max() <= 1e-8 * scale, name
     producers = sum(cfg.has_kv(l) for l in range(cfg.n_layers))
     per_moe = 5 * cfg.n_layers if cfg.moe else 0
-    assert len(grads) == (3 + 7 + 3 * cfg.ple) * cfg.n_layers + producers + per_moe + 2, sorted(grads)
+    assert len(grads) == (3 + 7 + 3 + 5 * cfg.ple) * cfg.n_layers + producers + per_moe + 2, sorted(grads)
 
 
 def test_float32_stays_float32_and_close_to_float64(checkpoint):

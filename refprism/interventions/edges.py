@@ -84,7 +84,7 @@ from refprism.gemma import ops
 from refprism.gemma.record import everything_but
 from refprism.gradients.backward import _ple_inputs_vjp, gradients
 from refprism.interventions.components import _group, activation, chosen
-from refprism.interventions.setting import Readings, Setting, setting
+from refprism.interventions.setting import Readings, Setting, _norm, setting
 from refprism.model import Run
 
 EDGE_METHODS = ("eap", "eap-ig")
@@ -342,11 +342,6 @@ def _sites(cfg, neurons):
     return sites + [f"blocks.{cfg.n_layers - 1}.resid_post"]
 
 
-def _norm(cfg, x, w):
-    """rms_norm(x; w) with the family's offset (Gemma trap: 1 + w on Gemma 1-3, w on Gemma 4; w None: gain 1)."""
-    return ops.rms_apply(x, ops.rms_scale(x, eps=cfg.rms_norm_eps), w, cfg.norm_offset)
-
-
 def input_gradients(model, run: Run, grads, l, kind, *, frozen_norm=False, rows=slice(None)) -> np.ndarray:
     """G_d = dR/d(copy of d's input) [Z, n, T, D] for the downstream nodes of one block, from the backward's
     gradient record `grads` of `run` (module docstring).
@@ -557,13 +552,13 @@ def residual_change(s: Setting, node, deltas) -> np.ndarray:
         dense, experts = rec[b + "mlp.dense"], rec[b + "moe.out"]
         if kind == "neuron":
             change = -deltas["neuron", l][:, i][:, None] * params.get(l, "W_down")[i][None]
-            dense = _norm(cfg, rec[b + "mlp.down"] + change, params.get(l, "ln2_post1"))
+            dense = _norm(s.model, rec[b + "mlp.down"] + change, params.get(l, "ln2_post1"))
         else:
             top, w = rec[b + "moe.topk.index"], rec[b + "moe.topk.weight"]
             we = (w * (top == i)).sum(axis=1)  # [T]
-            experts = _norm(cfg, rec[b + "moe.down"] - we[:, None] * deltas["expert", l][:, i],
+            experts = _norm(s.model, rec[b + "moe.down"] - we[:, None] * deltas["expert", l][:, i],
                             params.get(l, "ln2_post2"))
-        return _norm(cfg, dense + experts, params.get(l, "ln2_post")) - rec[b + "mlp.out"]
+        return _norm(s.model, dense + experts, params.get(l, "ln2_post")) - rec[b + "mlp.out"]
     if kind == "head":
         change = -deltas["head", l][:, i] @ params.get(l, "W_O")[i]  # [T, D]
         pre, post = "attn.o_proj", "ln1_post"
@@ -573,7 +568,7 @@ def residual_change(s: Setting, node, deltas) -> np.ndarray:
     if not cfg.post_norms:
         return change
     before, w = rec[b + pre], params.get(l, post)
-    return _norm(cfg, before + change, w) - _norm(cfg, before, w)
+    return _norm(s.model, before + change, w) - _norm(s.model, before, w)
 
 
 def edge_patch(s: Setting, label, neurons=None, *, deltas=None) -> np.ndarray:
@@ -594,7 +589,7 @@ def edge_patch(s: Setting, label, neurons=None, *, deltas=None) -> np.ndarray:
                         record=["ple.input"]).record["ple.input"]
 
     def normed(record, site, layer, norm):  # the input copy of d, normalised by d's own input norm
-        return _norm(cfg, record[site] + dr, params.get(layer, norm))
+        return _norm(model, record[site] + dr, params.get(layer, norm))
 
     def edit(name, value, record):
         if kind == "logits" and name == f"blocks.{L - 1}.resid_post":
@@ -609,12 +604,12 @@ def edge_patch(s: Setting, label, neurons=None, *, deltas=None) -> np.ndarray:
             if kind == "v":
                 W = params.get(src, "W_K" if cfg.k_eq_v_at(src) else "W_V")
                 v = h @ W[:, j]
-                v = _norm(cfg, v, None) if cfg.gemma4 else v  # Gemma 4's v_norm: no weight
+                v = _norm(model, v, None) if cfg.gemma4 else v  # Gemma 4's v_norm: no weight
                 value[:, n] = record[b + "attn.pattern"][n] @ v
             else:  # head n's own keys: its kv head's projection of the copy, k norm (Gemma 3, 4) and RoPE
                 k = (h @ params.get(src, "W_K")[:, j])[:, None]  # [S, 1, H]
                 if cfg.qk_norm:
-                    k = _norm(cfg, k, params.get(src, "k_norm"))
+                    k = _norm(model, k, params.get(src, "k_norm"))
                 theta, scale = cfg.rope_of(src)
                 cos, sin = ops.rope_tables(np.arange(len(k)) / scale, cfg.head_dim_of(src), theta, model.dtype,
                                            cfg.rope_partial_of(src))

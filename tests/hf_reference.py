@@ -229,10 +229,14 @@ def gemma4_module(model):
     return module
 
 
-def gemma4_float64(model):
+def gemma4_float64(model, on_scale=None):
     """A float64 Gemma4ForCausalLM computing in float64 where HF computes in float32 whatever the model's dtype:
     Gemma4RMSNorm (`.float()`), the softmaxes (eager attention's and the router's `dtype=torch.float32`) and the
-    RoPE tables (float32 inv_freq and angles). Returns an undo function. The module's own code runs otherwise."""
+    RoPE tables (float32 inv_freq and angles). Returns an undo function. The module's own code runs otherwise.
+
+    The norm forms its scale s = sqrt(mean(x^2) + eps) [..., 1] as a tensor of its own, y = x / s (* w), as
+    refprism's rms_scale / rms_apply do; on_scale(norm, s), if given, is called with each norm module and that
+    tensor as it is formed (the autograd tests keep it: it is refprism's `...scale` site)."""
     import torch
 
     g4 = gemma4_module(model)
@@ -242,7 +246,10 @@ def gemma4_float64(model):
     norm_forward, rope_forward, softmax = norm_class.forward, rope_class.forward, torch.nn.functional.softmax
 
     def norm(self, x):
-        y = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        s = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if on_scale is not None:
+            on_scale(self, s)
+        y = x / s
         return y * self.weight if self.with_scale else y
 
     cfg = model.config

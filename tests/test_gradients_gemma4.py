@@ -14,6 +14,8 @@ O(1) readouts; 1e-7 of the directional derivative's size leaves that margin, and
 is O(1) off.
 """
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -242,113 +244,279 @@ def test_gradient_drop_keeps_the_consumers_key_value_path(model):
     np.testing.assert_allclose(an, fd, rtol=1e-7)
 
 
-def test_gradient_equals_torch_autograd_on_hf_float64(checkpoint, model):
-    """HF's Gemma4ForCausalLM in float64 (hf_reference.gemma4_float64 patches the float32 norms, softmaxes and
-    RoPE tables), torch.autograd on the capped logits' readout: the gradient at the scaled embedding (both its
-    paths: the layers and the per-layer inputs), every layer's input and output, the attention and MLP outputs
-    and the final norm's output, and each layer's module outputs that are refprism sites as they are (ln1.out,
-    q_pre, k_pre, o_proj, ln2.out, the MLP's gate, up and down, the MoE's dense branch, router logits, experts'
-    input, sum and post-norm, the per-layer input's gate, projection and output) and inputs (attn.z, resid_mid,
-    mlp.act, resid_mlp, ple.act), within 1e-8 of each site's largest |gradient|. HF's autograd is first checked
-    against central differences of its own forward along one direction."""
+# Gemma 4 against HF's autograd: every feature on; HF's own copy of the decoder without PLE and MoE
+# (Gemma4UnifiedForCausalLM); and a V projection of its own on the full layers (no k_eq_v)
+HF_PRESETS = [("tiny-gemma4", {}), ("tiny-gemma4-unified", {}), ("tiny-gemma4", {"attention_k_eq_v": False})]
+
+# recorded sites that have no tensor in HF's computation, with the reason (none: every site of the gradient record is
+# compared; the integer top-k indices are not in it, and are compared as the routing HF chose)
+NO_HF_TENSOR: dict[str, str] = {}
+
+
+def _heads(g):
+    """HF's attention layout [1, heads, T, H] -> refprism's [T, heads, H]."""
+    return g[0].transpose(1, 0, 2)
+
+
+def _slots(g, *, tok, slot, T, J, part=slice(None)):
+    """One expert's rows g[:, part] [n, width] (HF's order: torch.where over [J, T]) -> refprism's [T, J, width],
+    0 at the other experts' slots."""
+    out = np.zeros((T, J, g[:, part].shape[-1]))
+    out[tok, slot] = g[:, part]
+    return out
+
+
+def _hf_sites(hf, keep, routes):
+    """Hooks on HF's Gemma 4 that hand every tensor of its forward which is a refprism site to
+    keep(name, tensor, layout=None) (layout: that tensor's gradient [1, ...] -> refprism's shape, else a reshape; a
+    site given several pieces is their sum: the experts' slots) and each MoE layer's top-k index to routes[layer].
+    Returns (on_scale for hf_reference.gemma4_float64, remove)."""
+    import torch
+    from hf_reference import gemma4_module
+
+    g4 = gemma4_module(hf)
+    tm = hf.model
+    ple = getattr(tm, "hidden_size_per_layer_input", 0)  # Gemma4Unified*: no PLE or MoE attributes at all
+    hooks = []
+
+    def on(module, name, layout=None):  # the module's output
+        hooks.append(module.register_forward_hook(
+            lambda mod, args, out: keep(name, out[0] if isinstance(out, tuple) else out, layout)))
+
+    def on_input(module, name, alias=False):  # the module's input; alias: a view of its own is passed on instead,
+        def hook(mod, args, kwargs):  # whose gradient is this reader's alone
+            x = args[0] if args else kwargs["hidden_states"]
+            if alias:
+                x = x.view_as(x)
+                args, kwargs = ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+            keep(name, x)
+            return args, kwargs
+        hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    norms = {tm.norm: "ln_final.scale"}  # each RMSNorm's s = sqrt(mean(x^2) + eps): refprism's `.scale` site
+    on(tm.embed_tokens, "embed")
+    on(tm.norm, "ln_final.out")
+    if ple:
+        norms[tm.per_layer_projection_norm] = "ple.model_proj_norm.scale"
+        on(tm.embed_tokens_per_layer, "ple.token")
+        on_input(tm.per_layer_projection_norm, "ple.model_proj")
+        project = tm.project_per_layer_inputs
+
+        def project_per_layer_inputs(*args, **kwargs):
+            out = project(*args, **kwargs)
+            keep("ple.input", out)
+            return out
+
+        tm.project_per_layer_inputs = project_per_layer_inputs
+    for l, layer in enumerate(tm.layers):
+        b = f"blocks.{l}."
+        a = layer.self_attn
+        moe = getattr(layer, "enable_moe_block", False)
+        norms.update({layer.input_layernorm: b + "ln1.scale", layer.post_attention_layernorm: b + "ln1_post.scale",
+                      layer.pre_feedforward_layernorm: b + "ln2.scale",
+                      layer.post_feedforward_layernorm: b + "ln2_post.scale", a.q_norm: b + "attn.q_norm.scale"})
+        # the layer's input: an alias, so that layer 0's is the layers' path alone (the embedding feeds the PLE too)
+        on_input(layer, b + "resid_pre", alias=True)
+        on(layer, b + "resid_post")
+        on(layer.input_layernorm, b + "ln1.out")
+        on(a.q_proj, b + "attn.q_pre")
+        on_input(a.o_proj, b + "attn.z")
+        on(a.o_proj, b + "attn.o_proj")
+        on(layer.post_attention_layernorm, b + "attn.out")
+        if not a.is_kv_shared_layer:
+            norms.update({a.k_norm: b + "attn.k_norm.scale", a.v_norm: b + "attn.v_norm.scale"})
+            on(a.k_proj, b + "attn.k_pre")  # (on a k_eq_v layer the k_proj output is V's input too: both paths)
+            on_input(a.v_norm, b + "attn.v_pre", alias=True)  # V's path alone (k_eq_v: v_pre is k_pre's tensor)
+        on_input(layer.pre_feedforward_layernorm, b + "resid_mid")
+        on(layer.pre_feedforward_layernorm, b + "ln2.out")
+        on(layer.mlp.gate_proj, b + "mlp.gate")
+        on(layer.mlp.up_proj, b + "mlp.up")
+        on_input(layer.mlp.down_proj, b + "mlp.act")
+        on(layer.mlp.down_proj, b + "mlp.down")
+        on(layer.post_feedforward_layernorm, b + "mlp.out")
+        if ple:
+            norms[layer.post_per_layer_input_norm] = b + "ple_post.scale"
+            on_input(layer.per_layer_input_gate, b + "resid_mlp")
+            on(layer.per_layer_input_gate, b + "ple.gate")
+            on_input(layer.per_layer_projection, b + "ple.act")
+            on(layer.per_layer_projection, b + "ple.proj")
+            on(layer.post_per_layer_input_norm, b + "ple.out")
+        else:  # resid_mlp = resid_mid + mlp.out is the tensor HF scales in place by layer_scalar (no tensor of its
+            on(layer.post_feedforward_layernorm, b + "resid_mlp")  # own): its gradient is the addend mlp.out's
+        if moe:
+            norms.update({layer.post_feedforward_layernorm_1: b + "ln2_post1.scale",
+                          layer.pre_feedforward_layernorm_2: b + "ln2_moe.scale",
+                          layer.post_feedforward_layernorm_2: b + "ln2_post2.scale",
+                          layer.router.norm: b + "moe.router.scale"})
+            on_input(layer.post_feedforward_layernorm, b + "mlp.sum")
+            on(layer.post_feedforward_layernorm_1, b + "mlp.dense")
+            on(layer.router.proj, b + "moe.router.logits")
+
+            def router(mod, args, out, b=b):  # (probabilities, top-k weights [T, J], top-k index [T, J])
+                keep(b + "moe.topk.weight", out[1])
+                routes[b] = out[2].numpy().copy()
+
+            hooks.append(layer.router.register_forward_hook(router))
+            on(layer.pre_feedforward_layernorm_2, b + "ln2_moe.out")
+            on(layer.experts, b + "moe.down")
+            on(layer.post_feedforward_layernorm_2, b + "moe.out")
+            hooks += _expert_slots(layer.experts, b, keep)
+
+    original = g4.eager_attention_forward
+
+    def attention(module, query, key, value, *args, **kwargs):
+        b = f"blocks.{module.layer_idx}."
+        keep(b + "attn.q", query, _heads)
+        if not module.is_kv_shared_layer:  # a consumer's k and v are its producer's tensors: kept there
+            keep(b + "attn.k", key, _heads)
+            keep(b + "attn.v", value, _heads)
+        softmax = torch.nn.functional.softmax
+
+        def pattern(x, *a, **kw):  # eager's one softmax: of the scores plus the mask (a constant: same gradient)
+            keep(b + "attn.scores", x)
+            p = softmax(x, *a, **kw)
+            keep(b + "attn.pattern", p)
+            return p
+
+        torch.nn.functional.softmax = pattern
+        try:
+            return original(module, query, key, value, *args, **kwargs)
+        finally:
+            torch.nn.functional.softmax = softmax
+
+    g4.eager_attention_forward = attention
+
+    def remove():
+        g4.eager_attention_forward = original
+        for h in hooks:
+            h.remove()
+        if ple:
+            del tm.project_per_layer_inputs
+
+    return (lambda norm, s: keep(norms[norm], s)), remove
+
+
+def _expert_slots(experts, b, keep):
+    """Hooks on HF's expert loop (Gemma4TextExperts.forward: per expert e hit, rows (slot, token) = torch.where of
+    its one-hot mask [J, T]; gate, up = linear(rows, gate_up_proj[e]).chunk(2); out = linear(act, down_proj[e])):
+    torch's linear is wrapped while it runs, and each call's weight tells the expert (by value) and the kind."""
+    import torch
+
+    state = {}
+
+    def start(mod, args):
+        _, index, _ = args
+        T, J = index.shape
+        linear = state["linear"] = torch.nn.functional.linear
+
+        def spy(x, w, *rest):
+            y = linear(x, w, *rest)
+            for e in range(experts.num_experts):
+                slot, tok = (i.numpy() for i in torch.where((index == e).T))  # HF's rows of expert e
+                place = functools.partial(_slots, tok=tok, slot=slot, T=T, J=J)  # (g, part) -> [T, J, width]
+                if w.shape == experts.gate_up_proj.shape[1:] and torch.equal(w, experts.gate_up_proj[e]):
+                    G = w.shape[0] // 2
+                    keep(b + "moe.gate", y, functools.partial(place, part=slice(None, G)))
+                    keep(b + "moe.up", y, functools.partial(place, part=slice(G, None)))
+                elif w.shape == experts.down_proj.shape[1:] and torch.equal(w, experts.down_proj[e]):
+                    keep(b + "moe.act", x, place)
+                    keep(b + "moe.expert_out", y, place)
+            return y
+
+        torch.nn.functional.linear = spy
+
+    def stop(mod, args, out):
+        torch.nn.functional.linear = state.pop("linear")
+
+    return [experts.register_forward_pre_hook(start), experts.register_forward_hook(stop)]
+
+
+@pytest.mark.parametrize("preset, overrides", HF_PRESETS)
+def test_gradient_equals_torch_autograd_on_hf_float64(checkpoint, preset, overrides):
+    """HF's Gemma4ForCausalLM (or Gemma4UnifiedForCausalLM) in float64 (hf_reference.gemma4_float64 patches the
+    float32 norms, softmaxes and RoPE tables), torch.autograd on the capped logits' readout, at every site of
+    refprism's gradient record: module outputs and inputs (forward hooks), each norm's scale s as the patched norm
+    forms it, q, k, v after norms and RoPE and the scores (+ the constant mask) and pattern at eager attention's
+    softmax, each selected expert's gate, up, act and output at torch's linear inside HF's expert loop (placed by
+    HF's own routing, which must be refprism's), the top-k weights, the per-layer inputs' pieces and the logits;
+    within 1e-8 of each site's largest |gradient|. HF's autograd is first checked against central differences of
+    its own forward along one direction."""
     import torch
     import transformers
     from hf_reference import gemma4_float64
 
-    d = checkpoint("tiny-gemma4")
-    hf = transformers.Gemma4ForCausalLM.from_pretrained(str(d), dtype=torch.float64, attn_implementation="eager",
-                                                        experts_implementation="eager").eval()
+    d = checkpoint(preset, **overrides)
+    model = refprism.load(d, dtype="float64")
+    cls = transformers.Gemma4UnifiedForCausalLM if preset.endswith("unified") else transformers.Gemma4ForCausalLM
+    hf = cls.from_pretrained(str(d), dtype=torch.float64, attn_implementation="eager",
+                             experts_implementation="eager").eval()
     cfg = model.config
-    ids = _smooth_ids(model)
-    ours = gradients(model, model.run(ids), targets=TARGETS, versus=FOILS, position=POSITION, readout="capped")
+    ids = _smooth_ids(model) if cfg.moe else _ids(model)
+    run = model.run(ids)
+    ours = gradients(model, run, targets=TARGETS, versus=FOILS, position=POSITION, readout="capped")
     tids, coef = ours.targets.coefficients(np.float64)
-    tm = hf.model
-    undo = gemma4_float64(hf)
-    try:
-        def run(shift=None):
-            kept, hooks = {}, []
+    logits = "logits_uncapped" if cfg.final_softcap is not None else "logits"
 
-            def keep(name, shifted=False):
-                def hook(mod, args, out):
-                    t = out[0] if isinstance(out, tuple) else out
-                    if shifted and shift is not None:
-                        t = t + torch.from_numpy(shift)[None]
-                    if t.requires_grad:  # (not in the no_grad difference runs)
-                        t.retain_grad()
-                    kept[name] = t
-                    return t if not isinstance(out, tuple) else (t, *out[1:])
-                return hook
+    def forward(shift=None, keep=None, routes=None):
+        hooks, on_scale = [], None
+        if keep is not None:
+            on_scale, remove = _hf_sites(hf, keep, routes)
+            hooks.append(remove)
+            hooks.append(hf.lm_head.register_forward_hook(lambda mod, args, out: keep(logits, out)).remove)
+        if shift is not None:  # the embedding moved along shift (the difference runs)
+            hooks.append(hf.model.embed_tokens.register_forward_hook(
+                lambda mod, args, out: out + torch.from_numpy(shift)[None]).remove)
+        hooks.append(gemma4_float64(hf, on_scale=on_scale))
+        try:
+            # output_hidden_states: see hf_reference.hf_gemma4_record (the KV-shared layers' slicing stays off)
+            out = hf(torch.tensor([list(map(int, ids))]), use_cache=False, output_hidden_states=True).logits
+        finally:
+            for undo in reversed(hooks):
+                undo()
+        if keep is not None and logits != "logits":
+            keep("logits", out)
+        return out[0, POSITION, torch.from_numpy(tids)] @ torch.from_numpy(coef).T
 
-            def keep_input(name):  # a module's input: the tensor itself (every reader's gradient in its .grad)
-                def hook(mod, args, kwargs):
-                    t = args[0] if args else kwargs["hidden_states"]
-                    if t.requires_grad:
-                        t.retain_grad()
-                    kept[name] = t
-                return hook
+    kept, routes = {}, {}
 
-            hooks.append(tm.embed_tokens.register_forward_hook(keep("embed", shifted=True)))
-            for l, layer in enumerate(tm.layers):
-                b = f"blocks.{l}."
-                a = layer.self_attn
-                hooks.append(layer.register_forward_hook(keep(b + "resid_post")))
-                hooks.append(layer.post_attention_layernorm.register_forward_hook(keep(b + "attn.out")))
-                hooks.append(layer.post_feedforward_layernorm.register_forward_hook(keep(b + "mlp.out")))
-                # module outputs that are refprism sites as they are (up to a reshape): each one's whole gradient
-                inner = [(layer.input_layernorm, "ln1.out"), (a.q_proj, "attn.q_pre"), (a.o_proj, "attn.o_proj"),
-                         (layer.pre_feedforward_layernorm, "ln2.out"), (layer.mlp.gate_proj, "mlp.gate"),
-                         (layer.mlp.up_proj, "mlp.up"), (layer.mlp.down_proj, "mlp.down")]
-                if not a.is_kv_shared_layer:  # (on a k_eq_v layer the k_proj output is V's input too: both paths)
-                    inner.append((a.k_proj, "attn.k_pre"))
-                if getattr(layer, "enable_moe_block", False):
-                    inner += [(layer.post_feedforward_layernorm_1, "mlp.dense"),
-                              (layer.router.proj, "moe.router.logits"),
-                              (layer.pre_feedforward_layernorm_2, "ln2_moe.out"), (layer.experts, "moe.down"),
-                              (layer.post_feedforward_layernorm_2, "moe.out")]
-                if cfg.ple:
-                    inner += [(layer.per_layer_input_gate, "ple.gate"), (layer.per_layer_projection, "ple.proj"),
-                              (layer.post_per_layer_input_norm, "ple.out")]
-                hooks += [module.register_forward_hook(keep(b + site)) for module, site in inner]
-                inputs = [(a.o_proj, "attn.z"), (layer.pre_feedforward_layernorm, "resid_mid"),
-                          (layer.mlp.down_proj, "mlp.act")]
-                if cfg.ple:
-                    inputs += [(layer.per_layer_input_gate, "resid_mlp"), (layer.per_layer_projection, "ple.act")]
-                hooks += [module.register_forward_pre_hook(keep_input(b + site), with_kwargs=True)
-                          for module, site in inputs]
-            hooks.append(tm.norm.register_forward_hook(keep("ln_final.out")))
-            try:
-                logits = hf(torch.tensor([list(map(int, ids))]), use_cache=False, output_hidden_states=True).logits
-            finally:
-                for h in hooks:
-                    h.remove()
-            readout = logits[0, POSITION, torch.from_numpy(tids)] @ torch.from_numpy(coef).T
-            return readout, kept
+    def keep(name, t, layout=None):
+        t.retain_grad()
+        kept.setdefault(name, []).append((t, layout))
 
-        # HF's own autograd against its own central differences (along one direction at the embedding)
-        u = np.random.default_rng(7).standard_normal((len(ids), cfg.d_model))
-        readout, kept = run()
-        grads = {}
-        for z in range(len(coef)):
-            for t in kept.values():
+    readout = forward(keep=keep, routes=routes)
+    for b, index in routes.items():  # the slots are refprism's (HF's torch.topk and route_topk: by falling prob)
+        np.testing.assert_array_equal(index, run.record[b + "moe.topk.index"], err_msg=b)
+    grads = {name: [] for name in kept}
+    for z in range(len(coef)):
+        for pieces in kept.values():
+            for t, _ in pieces:
                 t.grad = None
-            readout[z].backward(retain_graph=True)
-            for name, t in kept.items():  # [1, T, ...] or flattened [T, ...]: refprism's layout by a reshape
-                grads.setdefault(name, []).append(t.grad.numpy().reshape(ours.record[name].shape[1:]).copy())
-        grads = {name: np.stack(g) for name, g in grads.items()}
-        with torch.no_grad():
-            h = 1e-5
-            fd = (run(h * u)[0] - run(-h * u)[0]).numpy() / (2 * h)
-        an = grads["embed"].reshape(len(coef), -1) @ u.ravel()
-        np.testing.assert_allclose(an, fd, rtol=1e-7)
-    finally:
-        undo()
-    for name, theirs in grads.items():
+        readout[z].backward(retain_graph=True)
+        for name, pieces in kept.items():
+            shape = ours.record[name].shape[1:]
+            grads[name].append(sum(layout(t.grad.numpy()) if layout else t.grad.numpy().reshape(shape)
+                                   for t, layout in pieces))
+    grads = {name: np.stack(g) for name, g in grads.items()}
+    # HF's own autograd against its own central differences (along one direction at the embedding)
+    u = np.random.default_rng(7).standard_normal((len(ids), cfg.d_model))
+    with torch.no_grad():  # the five-point stencil of _directional
+        h = 1e-4
+        step = lambda k: forward(shift=k * h * u).numpy()  # noqa: E731
+        fd = (8 * (step(1) - step(-1)) - (step(2) - step(-2))) / (12 * h)
+    np.testing.assert_allclose(grads["embed"].reshape(len(coef), -1) @ u.ravel(), fd, rtol=1e-7)
+
+    assert set(grads) == set(ours.record) - set(NO_HF_TENSOR), (
+        sorted(set(ours.record) - set(grads)), sorted(set(grads) - set(ours.record)))
+    worst = (0.0, None)
+    for name, theirs in sorted(grads.items()):
         scale = np.abs(theirs).max()
-        assert scale > 1e-6, name
-        assert np.abs(ours.record[name] - theirs).max() <= 1e-8 * scale, name
-    producers = sum(cfg.has_kv(l) for l in range(cfg.n_layers))
-    per_moe = 5 * cfg.n_layers if cfg.moe else 0
-    assert len(grads) == (3 + 7 + 3 + 5 * cfg.ple) * cfg.n_layers + producers + per_moe + 2, sorted(grads)
+        # ln1.out feeds only q, k and v, each RMS-normed per head after it: the readout sees ln1's scale only
+        # through those norms' eps (its gradient 1e-8 .. 1e-6; every other site's > 1e-6)
+        assert scale > (1e-9 if name.endswith("ln1.scale") else 1e-6), (name, scale)
+        err = np.abs(ours.record[name] - theirs).max() / scale
+        worst = max(worst, (err, name))
+        assert err <= 1e-8, (name, err, ours.record[name].ravel()[:4], theirs.ravel()[:4])
+    print(f"{preset} {overrides}: {len(grads)} of {len(ours.record)} sites, worst {worst[0]:.1e} at {worst[1]}")
 
 
 def test_float32_stays_float32_and_close_to_float64(checkpoint):

@@ -4,7 +4,8 @@ The Gemma 4 backward (gradients.backward._gemma4_block, _moe_vjp, _ple_inputs_vj
 - the true gradient at every recorded float site, against central differences of the forward with that site
   perturbed by the forward's own edit hook (the forward is HF's to 1e-9 in float64: test_parity_gemma4.py), and
   against torch autograd on HF's Gemma4ForCausalLM in float64 (tests/hf_reference.gemma4_float64: HF's float32
-  norms, softmaxes and RoPE tables patched) at the embedding and every layer's input and output;
+  norms, softmaxes and RoPE tables patched) at every site of the gradient record, on tiny-gemma4, on it without
+  k_eq_v and on tiny-gemma4-unified (Gemma4UnifiedForCausalLM);
 - each freeze switch alone, against differences of a forward holding that factor (norm scales, pattern, gelu
   factors of the MLP, the experts and the per-layer inputs, the routing weights);
 - everything frozen: grad . x = the readout at every residual site, and grad x activation = the prisms' terms.
@@ -439,8 +440,10 @@ def test_gradient_equals_torch_autograd_on_hf_float64(checkpoint, preset, overri
     forms it, q, k, v after norms and RoPE and the scores (+ the constant mask) and pattern at eager attention's
     softmax, each selected expert's gate, up, act and output at torch's linear inside HF's expert loop (placed by
     HF's own routing, which must be refprism's), the top-k weights, the per-layer inputs' pieces and the logits;
-    within 1e-8 of each site's largest |gradient|. HF's autograd is first checked against central differences of
-    its own forward along one direction."""
+    within 1e-8 of each site's largest |gradient|. (Without per-layer inputs, resid_mlp = resid_mid + mlp.out has no
+    tensor of its own, HF scales it in place by layer_scalar: it is compared with mlp.out's, a sum's gradient being
+    each addend's.) HF's autograd is first checked against central differences of its own forward along one
+    direction."""
     import torch
     import transformers
     from hf_reference import gemma4_float64

@@ -247,3 +247,58 @@ def _threaded_product_in_child(x, E, expected):
     from refprism.gemma import ops
 
     os._exit(0 if np.array_equal(ops.matmul(x, E.T), expected) else 1)
+
+
+def test_each_runs_every_item_once_on_the_threads_and_raises_a_tasks_error(monkeypatch):
+    """ops.each: every item exactly once, on up to threads() threads (the caller one of them); a task's own
+    products stay on its thread (an each or a sliced matmul inside a task runs serially, not on the pool it is
+    running on: no wait on itself); a task's exception reaches the caller after the other threads stop, and the
+    next call works."""
+    import threading
+
+    from refprism.gemma import ops
+
+    monkeypatch.setenv("REFPRISM_THREADS", "2")
+    seen, names, lock = [], set(), threading.Lock()
+    x = np.ones((9, 96), np.float32)
+    W = np.ones((4096 + 5, 96), np.float32).T  # sliced (slice_width(9, 96) = 1024), on the task's thread
+
+    def task(i):
+        inner = []
+        ops.each(range(3), inner.append)  # nested: serial, in order
+        product = ops.matmul(x, W)
+        with lock:
+            seen.append(i)
+            names.add(threading.current_thread().name)
+        assert inner == [0, 1, 2] and (product == 96).all()
+
+    ops.each(range(40), task)
+    assert sorted(seen) == list(range(40))
+    assert threading.current_thread().name in names and len(names) <= 2
+
+    def fails(i):
+        if i == 7:
+            raise ValueError("task 7")
+
+    with pytest.raises(ValueError, match="task 7"):
+        ops.each(range(20), fails)
+    seen.clear()
+    ops.each(range(5), task)
+    assert sorted(seen) == list(range(5))
+
+
+@pytest.mark.parametrize("T", [1, 48])
+def test_experts_side_by_side_give_the_same_bits_on_any_thread_count(checkpoint, monkeypatch, T):
+    """Gemma 4's MoE runs its selected experts on ops.each's threads: every recorded site (the experts' slots
+    included) is bit for bit the one-thread run's, with 1, 2 and 3 threads, at one token and at 48."""
+    model = refprism.load(checkpoint("tiny-gemma4"), dtype="float32")
+    ids = np.random.default_rng(3).integers(3, model.config.vocab_size, T)
+    runs = {}
+    for n in ("1", "2", "3"):
+        monkeypatch.setenv("REFPRISM_THREADS", n)
+        runs[n] = model.run(ids).record
+    assert any(len(np.unique(runs["1"][f"blocks.{l}.moe.topk.index"])) > 1 for l in range(model.config.n_layers))
+    for n in ("2", "3"):
+        assert runs[n].keys() == runs["1"].keys()
+        for name in runs["1"]:
+            np.testing.assert_array_equal(runs[n][name], runs["1"][name], err_msg=name)

@@ -378,16 +378,26 @@ def _gemma4_moe(cfg, b, site, x, dense, p, eps):
     T, J, G = len(x), cfg.top_k, cfg.d_expert
     gate, up = np.empty((T, J, G), dt), np.empty((T, J, G), dt)
     chosen = [(e, np.nonzero(top == e)) for e in np.unique(top)]  # each selected expert, its (token, slot) pairs
-    for e, (t, j) in chosen:
+
+    We_gate, We_up = p["We_gate"], p["We_up"]
+
+    def expert_in(chosen_e):  # the experts side by side (ops.each): each writes only its own (token, slot) rows
+        e, (t, j) = chosen_e
         rows = h2[t]  # the expert's input rows (x, the residual, stays what the docstring names)
-        gate[t, j] = ops.matmul(rows, p["We_gate"][e])
-        up[t, j] = ops.matmul(rows, p["We_up"][e])
+        gate[t, j] = ops.matmul(rows, We_gate[e])
+        up[t, j] = ops.matmul(rows, We_up[e])
+
+    ops.each(chosen, expert_in)
     gate = site(b + "moe.gate", gate)
     up = site(b + "moe.up", up)
     act = site(b + "moe.act", ops.gelu_tanh(gate) * up)
-    out = np.empty((T, J, cfg.d_model), dt)
-    for e, (t, j) in chosen:
-        out[t, j] = ops.matmul(act[t, j], p["We_down"][e])
+    out, We_down = np.empty((T, J, cfg.d_model), dt), p["We_down"]
+
+    def expert_out(chosen_e):
+        e, (t, j) = chosen_e
+        out[t, j] = ops.matmul(act[t, j], We_down[e])
+
+    ops.each(chosen, expert_out)
     out = site(b + "moe.expert_out", out)
     down = site(b + "moe.down", np.einsum("tj,tjd->td", w, out))
     s3 = site(b + "ln2_post2.scale", ops.rms_scale(down, eps=eps))

@@ -206,7 +206,8 @@ def _slices_product(x, W, out, width, n):
     call per slice whatever the thread count: the same bits."""
     Wb = W[:, :n * width].reshape(W.shape[0], n, width).transpose(1, 0, 2)
     ob = out[:, :n * width].reshape(out.shape[0], n, width).transpose(1, 0, 2)
-    k = min(threads(), n) if x.shape[0] > 1 else 1  # one row: a matrix-vector product OpenBLAS may thread itself
+    # one row: a matrix-vector product OpenBLAS may thread itself; inside `each`'s tasks: on the task's own thread
+    k = min(threads(), n) if x.shape[0] > 1 and not getattr(_TASK, "serial", False) else 1
     if k == 1:
         np.matmul(x, Wb, out=ob)
         return
@@ -226,6 +227,47 @@ def _slices_product(x, W, out, width, n):
 
     helpers = _submit(k - 1, work)
     work()
+    for helper in helpers:
+        helper.result()
+
+
+_TASK = threading.local()  # .serial: this thread is running one of `each`'s tasks
+
+
+def each(items, fn) -> None:
+    """fn(item) for every item, on threads() threads that take the items in turn as they come free (the calling
+    one included): many small independent products, such as a mixture of experts' experts, side by side. Inside a
+    task the products run on the task's own thread (matmul's slices are not threaded again; the same BLAS call
+    per slice, so the same bits as one thread). fn must write only its own item's outputs. An exception in a task
+    is raised here once every thread has stopped."""
+    items = list(items)
+    k = min(threads(), len(items))
+    if k <= 1 or getattr(_TASK, "serial", False):
+        for item in items:
+            fn(item)
+        return
+    todo = queue.SimpleQueue()
+    for i in range(len(items)):
+        todo.put(i)
+
+    def work():
+        _TASK.serial = True
+        try:
+            while True:
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                fn(items[i])
+        finally:
+            _TASK.serial = False
+
+    helpers = _submit(k - 1, work)
+    try:
+        work()
+    finally:
+        for helper in helpers:
+            helper.exception()  # waits
     for helper in helpers:
         helper.result()
 

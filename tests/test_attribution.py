@@ -327,10 +327,11 @@ def test_validate_methods_table_and_figure_show_every_method(gemma2):
 
 
 @pytest.mark.parametrize("direction", ["noising", "denoising"])
-def test_attribute_runs_unembed_only_the_readout_position_with_the_same_scores(gemma2, direction):
-    """attribute's own runs keep the logits only at the readout position (the [T, V] product elsewhere skipped);
-    its scores are those computed from full-record runs bit for bit (no score reads the logits; the readout's value,
-    one row of the unembedding, agrees to rounding)."""
+def test_attribute_runs_unembed_only_the_readout_position_with_the_same_scores(gemma2, direction, monkeypatch):
+    """attribute's own runs keep the logits only at the readout position (the [T, V] product elsewhere skipped),
+    the prompt and its counterfactual in one packed pass (Model.run_many: each run is the packed pass's own, and
+    its own separate run's to rounding); its scores are those computed from full-record runs of that pass bit for
+    bit (no score reads the logits), and the separate runs' to rounding."""
     from refprism.gemma.record import Rows
     from refprism.interventions.attribution import linear_scores, qk_fixed_scores
     from refprism.interventions.components import level_groups
@@ -339,11 +340,30 @@ def test_attribute_runs_unembed_only_the_readout_position_with_the_same_scores(g
     ids, other = _ids(gemma2, 3), _ids(gemma2, 4)
     kw = dict(targets=["#5"], versus=["#3"], position=-2, at="all", ablate="resample", counterfactual=other,
               direction=direction)
+    import refprism.model as M
+
+    passes = []
+
+    def counted(name, f):
+        return lambda *a, **k: passes.append(name) or f(*a, **k)
+
+    for name in ("forward", "forward_packed"):  # the passes Model.run and Model.run_many make
+        monkeypatch.setattr(M, name, counted(name, getattr(M, name)))
     s = setting(gemma2, ids, readout_logits_only=True, **kw)
+    assert passes == ["forward_packed"]  # the two prompts in one pass
+    monkeypatch.undo()
     for run in (s.clean, s.counterfactual):
         logits = run.record["logits_uncapped"]
         assert isinstance(logits, Rows) and logits.positions == (len(ids) - 2,)
         assert run.record.shape_of("blocks.0.mlp.gate") == (len(ids), gemma2.config.d_mlp)
+    # the pair is one packed pass: each run is run_many's, bit for bit
+    packed = gemma2.run_many([ids, other], positions=[-2])
+    for run, own in zip((s.clean, s.counterfactual), packed):
+        for name in own.record:
+            if name.startswith("logits"):
+                np.testing.assert_array_equal(run.record[name][len(ids) - 2], own.record[name][len(ids) - 2])
+            else:
+                np.testing.assert_array_equal(run.record[name], own.record[name], err_msg=name)
     full = setting(gemma2, ids, **kw)
     assert full.clean.record.selection is None
     # the readout's value is one row of the unembedding: a 1-row product sums in another order than the [T, V] one
@@ -351,12 +371,14 @@ def test_attribute_runs_unembed_only_the_readout_position_with_the_same_scores(g
     groups = level_groups(gemma2.config, "heads", full.position)
     for method, scores in (("atp", linear_scores), ("atp*", qk_fixed_scores)):
         a = attribute(gemma2, ids, method=method, level="heads", **kw)
-        np.testing.assert_array_equal(a.values, scores(full, groups))
+        np.testing.assert_array_equal(a.values, scores(s, groups))
+        separate = scores(full, groups)  # each prompt run alone: the same to float64 rounding
+        np.testing.assert_allclose(a.values, separate, rtol=0, atol=1e-12 * np.abs(separate).max())
     with pytest.raises(InputError, match="position 9 is out of range for 9 tokens"):
         attribute(gemma2, ids, method="atp", level="heads", position=9)
     # the runs it made (logits at the readout position only) are taken back as full ones (the CLI's many methods)
     again = attribute(gemma2, s.clean, method="atp", level="heads", **{**kw, "counterfactual": s.counterfactual})
-    np.testing.assert_array_equal(again.values, linear_scores(full, groups))
+    np.testing.assert_array_equal(again.values, linear_scores(s, groups))
     with pytest.raises(InputError, match="the prompt is a run with a selective record"):  # sites missing: refused
         attribute(gemma2, gemma2.run(ids, record=["logits@-1"]), method="atp", level="heads", targets=["#5"])
 

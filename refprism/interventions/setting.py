@@ -90,6 +90,23 @@ def _as_run(model, prompt, what, position=None) -> Run:
     return model.run(prompt) if position is None else model.run_reading(prompt, position)
 
 
+def _packed_pair(model, prompt, counterfactual, position):
+    """(clean, counterfactual) runs from one packed pass (each with its logits at `position` only), or None where
+    _as_run makes them one by one: no counterfactual, no `position` (readout_logits_only off), either one a Run,
+    different lengths (the setting's own error follows), or `position` out of range."""
+    if counterfactual is None or position is None or isinstance(prompt, Run) or isinstance(counterfactual, Run):
+        return None
+    for p, what in ((prompt, "the prompt"), (counterfactual, "the counterfactual")):
+        if isinstance(p, str):
+            check_text(p, what)
+    tokens = [model.encode(prompt), model.encode(counterfactual)]
+    T = len(tokens[0])
+    if len(tokens[1]) != T or isinstance(position, bool) or not isinstance(position, (int, np.integer)) or \
+            not -T <= position < T:
+        return None
+    return tuple(model.run_many(tokens, positions=[int(position)], pack_tokens=2 * T))
+
+
 def check_options(ablate, direction, counterfactual, reference) -> None:
     """The checks of `setting` that need no run: the ablation, the direction and the prompts they go with."""
     if ablate not in ABLATIONS:
@@ -121,14 +138,17 @@ def setting(model, prompt, *, targets=None, versus=(), position=-1, at=None, abl
              position (every other site whole): for a caller that reads the logits nowhere else (the gradient
              methods of attribution.attribute), the [T, V] product at the other positions is skipped. The same
              record but the logits; the readout's value is that row computed alone (equal to float rounding: a
-             1-row product sums in another order than the [T, V] one); a given Run is used as it is.
+             1-row product sums in another order than the [T, V] one); a given Run is used as it is. Both
+             prompts given as text or ids, of one length: the two runs are one packed pass (Model.run_many: the
+             weights read once for both, each run equal to its own within float rounding).
     """
     check_options(ablate, direction, counterfactual, reference)
     at_readout = (-1 if position is None else position) if readout_logits_only else None
-    clean = _as_run(model, prompt, "the prompt", at_readout)
+    pair = _packed_pair(model, prompt, counterfactual, at_readout)
+    clean = pair[0] if pair else _as_run(model, prompt, "the prompt", at_readout)
     cf = None
     if counterfactual is not None:
-        cf = _as_run(model, counterfactual, "the counterfactual", at_readout)
+        cf = pair[1] if pair else _as_run(model, counterfactual, "the counterfactual", at_readout)
         if len(cf.tokens) != len(clean.tokens):
             raise InputError(f"the counterfactual has {len(cf.tokens)} tokens and the prompt {len(clean.tokens)}: "
                              "resample patching pairs positions, so both need the same token count")

@@ -1,6 +1,6 @@
 """refprism.gradients on Gemma 4 (tiny-gemma4: every feature on, every scalar that starts at 1 randomised).
 
-The Gemma 4 backward (gradients.backward._gemma4_block, _moe_vjp, _ple_inputs_vjp) against independent references:
+The Gemma 4 backward (gradients.backward._gemma4_block, _moe_vjp, ple_inputs_vjp) against independent references:
 - the true gradient at every recorded float site, against central differences of the forward with that site
   perturbed by the forward's own edit hook (the forward is HF's to 1e-9 in float64: test_parity_gemma4.py), and
   against torch autograd on HF's Gemma4ForCausalLM in float64 (tests/hf_reference.gemma4_float64: HF's float32

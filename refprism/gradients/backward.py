@@ -551,13 +551,16 @@ def backward(model, layers: _Layers, seed: Seed, p, *, freeze=frozenset(), drop=
         del rec
     if down_to == 0:
         if cfg.ple:
-            g_x = g_x + _ple_inputs_vjp(model, top, g_ple, put, eps_frozen)
+            g_x = g_x + ple_inputs_vjp(model, top, g_ple, put, eps_frozen)
         put("embed", g_x)
     return out
 
 
-def _ple_inputs_vjp(model, top, g_ple, put, eps_frozen):
+def ple_inputs_vjp(model, top, g_ple, put, eps_frozen):
     """Gemma 4: from dR/dple.input [Z, T, L, P] (collected over the layers) to the embedding's share.
+    top: the record's ple.model_proj and its norm scale; put(name, gradient) receives each site's gradient (the
+    backward's; edges._ple_direct passes a no-op to score embed -> ple on one layer's slice); eps_frozen: the norm
+    scale held (the "norm" freeze switch).
 
     Math:   ple = (rms_norm(model; ple_norm) + token) / sqrt(2),  model = x_0 W_ple_model / sqrt(D)
             dR/dtoken = dR/dple / sqrt(2);  dR/dmodel = rms_norm^T(dR/dple / sqrt(2))

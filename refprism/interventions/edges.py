@@ -82,7 +82,7 @@ import numpy as np
 from refprism.errors import InputError
 from refprism.gemma import ops
 from refprism.gemma.record import everything_but
-from refprism.gradients.backward import _ple_inputs_vjp, gradients
+from refprism.gradients.backward import gradients, ple_inputs_vjp
 from refprism.interventions.components import _group, activation, chosen
 from refprism.interventions.setting import Readings, Setting, _norm, setting
 from refprism.model import Run
@@ -425,11 +425,11 @@ def _block_reads(cfg, l, kind, n) -> list[int]:
 
 def _ple_direct(model, run, grads, l, frozen) -> np.ndarray:
     """Gemma 4: dR/dx_0 [Z, T, D] along the embedding's direct path into layer l's per-layer input only
-    (ple.model_proj -> ple.input[:, l]): the backward's _ple_inputs_vjp of g(ple.input) with every other layer's
+    (ple.model_proj -> ple.input[:, l]): the backward's ple_inputs_vjp of g(ple.input) with every other layer's
     slice zero (the per-layer input norm is over P within each layer, so the slices are independent)."""
     g = np.zeros_like(grads["ple.input"])
     g[:, :, l] = grads["ple.input"][:, :, l]
-    return _ple_inputs_vjp(model, run.record, g, lambda name, value: None, frozen)
+    return ple_inputs_vjp(model, run.record, g, lambda name, value: None, frozen)
 
 
 def _columns(model, run, Gy, r, deltas, neurons, frozen, d_o) -> np.ndarray:

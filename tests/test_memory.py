@@ -218,7 +218,9 @@ def test_slice_threads_give_the_same_bits_and_survive_fork(monkeypatch):
         exact = x.astype(np.float64) @ E.T.astype(np.float64)
         bound = K * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(E.T).astype(np.float64))
         assert np.all(np.abs(got["3"] - exact) <= bound)
-    # fewer slices than runs (5 slices of 1024 and a short one, on 3 threads: one slice a run)
+    # fewer slices than runs (5 slices of 1024 and a short one, on 3 threads: one slice a run); a W this small
+    # (2 MB) runs on the calling thread unless the threshold is lowered, so it is for this check
+    monkeypatch.setattr(ops, "SLICE_THREAD_BYTES", 0)
     assert ops.slice_width(9, K) == 1024
     x5, W5 = rng.standard_normal((9, K)).astype(np.float32), E[:5 * 1024 + 7].T
     monkeypatch.setenv("REFPRISM_THREADS", "1")
@@ -302,3 +304,29 @@ def test_experts_side_by_side_give_the_same_bits_on_any_thread_count(checkpoint,
         assert runs[n].keys() == runs["1"].keys()
         for name in runs["1"]:
             np.testing.assert_array_equal(runs[n][name], runs["1"][name], err_msg=name)
+
+
+def test_small_sliced_products_stay_on_the_calling_thread(monkeypatch):
+    """ops.matmul's slices of a W under SLICE_THREAD_BYTES run on the calling thread (the pool is not woken: it
+    costs more than it saves there), a larger W's on the pool; the same bits either way."""
+    from refprism.gemma import ops
+
+    monkeypatch.setenv("REFPRISM_THREADS", "2")
+    submitted = []
+    real = ops._submit
+    monkeypatch.setattr(ops, "_submit", lambda workers, fn: submitted.append(workers) or real(workers, fn))
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((7, 256)).astype(np.float32)
+    small = rng.standard_normal((1536, 256)).astype(np.float32).T  # 1.6 MB: W_ple_proj's shape on E2B
+    big = rng.standard_normal((16384, 256)).astype(np.float32).T  # 16.8 MB
+    assert small.nbytes < ops.SLICE_THREAD_BYTES <= big.nbytes and ops.slice_width(7, 256) < 1536
+    one = matmul_nan(ops, x, small)
+    assert submitted == []
+    wide = matmul_nan(ops, x, big)
+    assert submitted == [1]
+    # its first 1536 columns alone are a small W (the calling thread): the same slices, so the same bits
+    np.testing.assert_array_equal(matmul_nan(ops, x, big[:, :1536]), wide[:, :1536])
+    assert submitted == [1]
+    monkeypatch.setattr(ops, "SLICE_THREAD_BYTES", 0)
+    np.testing.assert_array_equal(matmul_nan(ops, x, small), one)  # on the pool now: the same BLAS calls
+    assert submitted == [1, 1]

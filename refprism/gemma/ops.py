@@ -159,6 +159,11 @@ def softcap(x, cap):
 # thread against 0.63 s for wider slices, which give the big product's bits).
 SLICE_MNK = 1_000_000
 
+# The slices of a product that streams fewer bytes of W than this run on the calling thread alone: waking a pool
+# thread costs more than it saves there ([7, 1536] x [1536, 1024], 6.3 MB: 0.66 ms on one thread, 0.78 ms on two;
+# 12.6 MB: 1.15 against 0.83 ms), and a thread that is slow to wake stalls the product (up to 16 ms seen).
+SLICE_THREAD_BYTES = 8 << 20
+
 
 def slice_width(T: int, K: int) -> int | None:
     """The column-slice width `matmul` uses for x [T, K]: the largest power of two (at most 4096) with
@@ -199,15 +204,18 @@ def _slices_product(x, W, out, width, n):
     """The first n column slices of matmul's x W as batched np.matmul calls over [n, K, width] views of W and out
     (splitting the column axis is a view, never a copy): one BLAS call per slice, made from C (a Python loop over
     the slices cost about 6% more at T = 7, and holds the GIL between calls). With threads() > 1 and at least two
-    rows, the slices are cut into 8 runs a thread, which the threads (the calling one included) take in turn: a batched
+    rows and a W of at least SLICE_THREAD_BYTES, the slices are cut into 8 runs a thread, which the threads (the
+    calling one included) take in turn: a batched
     np.matmul releases the GIL, and OpenBLAS runs each small-kernel slice on the thread that calls it, so the runs
     stream W side by side (a [16, 2048] x [2048, 16384] MLP product: 4.6 -> 10.3 GB/s on two threads,
     docs/performance.md). The same BLAS
     call per slice whatever the thread count: the same bits."""
     Wb = W[:, :n * width].reshape(W.shape[0], n, width).transpose(1, 0, 2)
     ob = out[:, :n * width].reshape(out.shape[0], n, width).transpose(1, 0, 2)
-    # one row: a matrix-vector product OpenBLAS may thread itself; inside `each`'s tasks: on the task's own thread
-    k = min(threads(), n) if x.shape[0] > 1 and not getattr(_TASK, "serial", False) else 1
+    # one row: a matrix-vector product OpenBLAS may thread itself; inside `each`'s tasks: on the task's own thread;
+    # a small W (SLICE_THREAD_BYTES): on this thread
+    small = n * width * W.shape[0] * W.itemsize < SLICE_THREAD_BYTES
+    k = min(threads(), n) if x.shape[0] > 1 and not small and not getattr(_TASK, "serial", False) else 1
     if k == 1:
         np.matmul(x, Wb, out=ob)
         return

@@ -330,3 +330,23 @@ def test_small_sliced_products_stay_on_the_calling_thread(monkeypatch):
     monkeypatch.setattr(ops, "SLICE_THREAD_BYTES", 0)
     np.testing.assert_array_equal(matmul_nan(ops, x, small), one)  # on the pool now: the same BLAS calls
     assert submitted == [1, 1]
+
+
+def test_the_pool_grows_and_is_shared_by_calls_that_want_fewer_workers(monkeypatch):
+    """ops._submit keeps one pool for calls that want different worker counts (each's experts on threads() - 1
+    helpers, a narrow product's few slices on fewer): it is made again only to grow, never torn down and rebuilt
+    at every switch between them; a call never runs more tasks than it asked for."""
+    from refprism.gemma import ops
+
+    monkeypatch.setattr(ops, "_POOL", [None, 0])
+    ran = []
+    for f in ops._submit(2, lambda: ran.append(2)):
+        f.result()
+    pool = ops._POOL[0]
+    for f in ops._submit(1, lambda: ran.append(1)):
+        f.result()
+    assert ops._POOL[0] is pool and ran == [2, 2, 1]
+    for f in ops._submit(3, lambda: ran.append(3)):
+        f.result()
+    assert ops._POOL[0] is not pool and ops._POOL[1] == 3 and ran.count(3) == 3
+    ops._POOL[0].shutdown()

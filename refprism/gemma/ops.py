@@ -296,11 +296,13 @@ _POOL_LOCK = threading.Lock()
 
 
 def _submit(workers: int, fn) -> list:
-    """fn on each of `workers` threads of a process-wide pool (made again when the count changes; the check and
-    the submits under one lock, so no caller submits to a pool another has just shut down). Its tasks are single
-    BLAS calls that never wait on other tasks, so callers on many threads (graphs' passes) may share it."""
+    """fn on each of `workers` threads of a process-wide pool (made again, larger, when a call wants more workers
+    than it has: a call that wants fewer submits fewer tasks, so the slices of a narrow product and `each`'s
+    experts, which want different counts, share one pool; the check and the submits under one lock, so no caller
+    submits to a pool another has just shut down). Its tasks never wait on other tasks (single BLAS calls, or
+    `each`'s serial tasks), so callers on many threads (graphs' passes) may share it."""
     with _POOL_LOCK:
-        if _POOL[1] != workers:
+        if _POOL[1] < workers:
             if _POOL[0] is not None:
                 _POOL[0].shutdown(wait=False)
             _POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="refprism-matmul"), workers]

@@ -104,9 +104,14 @@ def test_eap_summed_over_a_nodes_out_edges_is_its_node_atp(models, preset, direc
 
 
 def test_eap_edges_into_the_logits_are_atp_with_later_layers_dropped(models):
+    assert_logit_edges_are_atp_with_later_layers_dropped(models["tiny-gemma2"])
+
+
+def assert_logit_edges_are_atp_with_later_layers_dropped(model):
+    """The edges u -> logits (heads level, resample) equal each head's AtP with its layer's MLP and every later
+    layer dropped from the backward (the skip path only): the direct path's gradient (test_edges_gemma4 too)."""
     from refprism.gradients.backward import gradients
 
-    model = models["tiny-gemma2"]
     ids, cf = _ids(model, 3), _ids(model, 4)
     kw = dict(targets=["#5"], versus=["#3"], ablate="resample", counterfactual=cf, at="all")
     e = attribute_edges(model, ids, method="eap", level="heads", **kw)

@@ -15,12 +15,12 @@ Gemma 1-3:
 
 import numpy as np
 import pytest
+from test_edges import assert_logit_edges_are_atp_with_later_layers_dropped
 
 import refprism
 from refprism.errors import InputError
 from refprism.gemma import ops
-from refprism.interventions.attribution import attribute, linear_scores
-from refprism.interventions.components import level_groups
+from refprism.interventions.attribution import attribute
 from refprism.interventions.edges import (
     attribute_edges,
     downstream_nodes,
@@ -115,20 +115,7 @@ def test_eap_summed_over_a_nodes_out_edges_is_its_node_atp(model, direction):
 
 
 def test_eap_edges_into_the_logits_are_atp_with_later_layers_dropped(model):
-    from refprism.gradients.backward import gradients
-
-    ids, cf = _ids(model, 3), _ids(model, 4)
-    e = attribute_edges(model, ids, method="eap", level="heads", targets=["#5"], versus=["#3"], ablate="resample",
-                        counterfactual=cf, at="all")
-    into = {u: v for u, d, v in zip(e.upstream, e.downstream, e.values) if d == "logits"}
-    s = e.setting
-    L = model.config.n_layers
-    for g in level_groups(model.config, "heads", s.position):
-        drop = [f"L{g.layer}.mlp", *range(g.layer + 1, L)]
-        rec = gradients(model, s.base, targets=s.readout.targets, position=s.position, drop=drop).record
-        np.testing.assert_allclose(np.stack([into[lab] for lab in g.labels]), linear_scores(s, [g], record=rec),
-                                   rtol=1e-10)
-    assert np.abs(np.stack(list(into.values()))).max() > 1e-4
+    assert_logit_edges_are_atp_with_later_layers_dropped(model)  # (layer_scalars on the direct path included)
 
 
 LABELS = ["L0H1->L4H2.k", "embed->L6H3.v", "L2H0->L5H1.k", "L0.mlp->L4H0.v", "L3H1->L4H1.q", "L2H1->L3.mlp",

@@ -3,9 +3,10 @@ llama.cpp vendored in llama-cpp-python 0.3.36), run on a tiny Gemma 4 GGUF with 
 k_eq_v, the double-wide MLP on the consumers, MoE, per-layer inputs, proportional RoPE, layer_scalar), F32
 weights, in a layer layout llama.cpp's KV-sharing rule takes (docs/gemma4.md). An honest run is within every
 floor with either KV cache; a mistake planted in llama.cpp's source (tools/build_llama_cpp.py PLANTS: gemma4.cpp's
-layer_output_scale skipped, llama-model.cpp's KV-sharing rule giving a consumer the wrong producer) is found at its
-first divergence and named by the catalogue from llama-debug's printed values alone; so is gemma4.cpp's
-post-attention norm skipped (a Gemma 1-3 entry, post_norm_missing, run on Gemma 4)."""
+layer_output_scale skipped, llama-model.cpp's KV-sharing rule giving a consumer the wrong producer, the router's
+top-k weights unrenormalised or per_expert_scale dropped) is found at its first divergence and named by the
+catalogue from llama-debug's printed values alone; so is gemma4.cpp's post-attention norm skipped (a Gemma 1-3
+entry, post_norm_missing, run on Gemma 4)."""
 
 from __future__ import annotations
 
@@ -98,6 +99,24 @@ def test_planted_wrong_kv_producer_is_found_at_the_consumer_and_named(g4gguf, ll
     assert {"blocks.3.resid_post", "blocks.4.ln1.out", "blocks.4.attn.q_pre", "blocks.4.attn.q"} <= agreed
     explained = [d["variant"] for d in r.diagnosis if d["explains"]]
     assert explained == ["kv_producer_first_of_type"], r.diagnosis
+    assert all(d["from"] == "printed" for d in r.diagnosis)
+
+
+@pytest.mark.parametrize("plant, variant", [("gemma4-topk-not-renormalised", "topk_not_renormalised"),
+                                            ("gemma4-per-expert-scale-dropped", "per_expert_scale_dropped")])
+def test_planted_routing_mistake_is_found_at_the_experts_sum_and_named(g4gguf, llama_planted, plant, variant):
+    """llama.cpp's gemma4.cpp with the router's top-k weights left unrenormalised (build_moe_ffn's norm_w false) or
+    without per_expert_scale (ffn_down_exps_s not passed: llama.cpp applies it to each expert's down output).
+    llama-debug prints no moe.topk.weight, so every site up to the experts' own outputs agrees (their down product
+    is then named ffn_moe_down, still moe.expert_out) and their weighted sum, ffn_moe_out (moe.down), is the first
+    divergence; the catalogue's routing variant, applied to that sum, alone reproduces the print."""
+    r = compare(refprism.load(g4gguf), PROMPT, against="llama.cpp", kv_cache="f32", llama_cpp=llama_planted[plant])
+    assert r.exit_status == 1
+    assert r.first_divergence == "blocks.0.moe.down", r.table()
+    agreed = {row.site for row in r.sites if row.max_abs <= row.floor}
+    assert {"blocks.0.moe.router.logits", "blocks.0.moe.act", "blocks.0.moe.expert_out"} <= agreed
+    explained = [d["variant"] for d in r.diagnosis if d["explains"]]
+    assert explained == [variant], r.diagnosis
     assert all(d["from"] == "printed" for d in r.diagnosis)
 
 

@@ -102,6 +102,18 @@ PLANTS = {
         "                LLM_NORM_RMS, il);\n        cb(cur, \"attn_post_norm\", il);",
         "        cb(cur, \"attn_post_norm\", il);  // refprism's planted mistake: the post-attention norm skipped",
     ),
+    # Gemma 4's router (gemma4.cpp's build_moe_ffn call): the top-k probabilities left unrenormalised (norm_w false),
+    # and per_expert_scale (ffn_down_exps_s, applied to each expert's down output) not passed
+    "gemma4-topk-not-renormalised": (
+        "src/models/gemma4.cpp",
+        "                    LLM_FFN_GELU, true,\n",
+        "                    LLM_FFN_GELU, false,  // refprism's planted mistake: top-k weights not renormalised\n",
+    ),
+    "gemma4-per-expert-scale-dropped": (
+        "src/models/gemma4.cpp",
+        "                    model.layers[il].ffn_down_exps_s);\n",
+        "                    nullptr);  // refprism's planted mistake: per_expert_scale dropped\n",
+    ),
     # Gemma 4's KV sharing (the Gemma 3n / Gemma 4 reuse callback): a sliding consumer reuses the K/V of layer
     # (first shared layer) - 4, not - 2; on tests/test_compare_gemma4_llamacpp.py's layout S F S F | S F F that is
     # layer 0 for consumer 4 (the first sliding layer; its producer is layer 2), a layer of the same shapes.

@@ -526,6 +526,10 @@ def _layer_scalar_missing(op):
 
 
 def _topk_weights(*, renormalise=True, per_expert=True):
+    """The router's top-k weights made the wrong way, at moe.topk.weight, or at moe.down as the experts' sum they
+    weight, sum_j w_j expert_out_j: llama.cpp prints no moe.topk.weight (its ffn_moe_weights_norm lacks
+    per_expert_scale, which it applies to each expert's down output), so there a routing mistake first shows in
+    ffn_moe_out, refprism's moe.down."""
     def compute(op):
         logits = op.at("moe.router.logits")
         prob = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -534,7 +538,10 @@ def _topk_weights(*, renormalise=True, per_expert=True):
         w = np.take_along_axis(prob, top, axis=-1)
         if renormalise:
             w = w / w.sum(axis=-1, keepdims=True)
-        return w * op.block["per_expert_scale"][top] if per_expert else w
+        w = w * op.block["per_expert_scale"][top] if per_expert else w
+        if op.kind == "moe.down":
+            return np.einsum("tj,tjd->td", w, op.at("moe.expert_out"))
+        return w
     return compute
 
 
@@ -565,9 +572,9 @@ GEMMA4_CATALOGUE: list[Mistake] = [
             "q . k is scaled by head_dim ** -0.5; Gemma 4's attention scale is 1 (q and k are RMS-normed)"),
     Mistake("layer_scalar_missing", ("resid_post",), _layer_scalar_missing,
             "the residual stream leaving the layer is not multiplied by layer_scalar"),
-    Mistake("per_expert_scale_dropped", ("moe.topk.weight",), _topk_weights(per_expert=False),
+    Mistake("per_expert_scale_dropped", ("moe.topk.weight", "moe.down"), _topk_weights(per_expert=False),
             "the router's top-k weights are not multiplied by per_expert_scale"),
-    Mistake("topk_not_renormalised", ("moe.topk.weight",), _topk_weights(renormalise=False),
+    Mistake("topk_not_renormalised", ("moe.topk.weight", "moe.down"), _topk_weights(renormalise=False),
             "the top-k probabilities are not renormalised to sum 1 before per_expert_scale"),
     Mistake("kv_producer_llama_cpp_rule", ("attn.scores",), _kv_producer(_llama_cpp_producer),
             "a KV-sharing consumer attends over the keys of layer (first shared layer) - 2 if sliding, - 1 if full "

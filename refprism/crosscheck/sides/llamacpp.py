@@ -386,7 +386,8 @@ def gemma4_f32_only(gguf_path) -> None:
 GEMMA4_UNMAPPED = ("not mapped on Gemma 4 (refprism records no such quantity): embd, per_layer_proj (the per-layer "
                    "projection after its norm), Qcur_normed / Kcur_normed (before RoPE), ffn_moe_probs, "
                    "ffn_moe_weights_norm (without per_expert_scale: refprism's moe.topk.weight has it), "
-                   "ffn_moe_down_scaled, ffn_moe_weighted, the PLE GELU and product nodes, the KV cache copies; "
+                   "ffn_moe_down_scaled (ffn_moe_down, the unscaled down product, is moe.expert_out), ffn_moe_weighted, "
+                   "the PLE GELU and product nodes, the KV cache copies; "
                    "a KV-sharing consumer has no k / v of its own (kq reads its producer's cache)")
 
 

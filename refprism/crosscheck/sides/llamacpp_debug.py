@@ -204,6 +204,7 @@ GEMMA4_SITES = {
     "ffn_moe_up": ("moe.up", "G J T"),
     "ffn_moe_geglu": ("moe.act", "G J T"),
     "mm:ffn_down_exps": ("moe.expert_out", "D J T"),  # before the per-expert scale and the routing weight
+    "ffn_moe_down": ("moe.expert_out", "D J T"),  # that product's name when no per-expert scale follows it
     "ffn_moe_out": ("moe.down", "D T"),
     "ffn_moe": ("moe.out", "D T"),
     "ffn_moe_combined": ("mlp.sum", "D T"),

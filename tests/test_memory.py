@@ -291,19 +291,35 @@ def test_each_runs_every_item_once_on_the_threads_and_raises_a_tasks_error(monke
 
 @pytest.mark.parametrize("T", [1, 48])
 def test_experts_side_by_side_give_the_same_bits_on_any_thread_count(checkpoint, monkeypatch, T):
-    """Gemma 4's MoE runs its selected experts on ops.each's threads: every recorded site (the experts' slots
-    included) is bit for bit the one-thread run's, with 1, 2 and 3 threads, at one token and at 48."""
+    """Gemma 4's MoE runs its selected experts on ops.each's threads when they have forward.MOE_EACH_ROWS rows
+    each on average, else in turn: every recorded site (the experts' slots included) is bit for bit the
+    one-thread run's, with 1, 2 and 3 threads, side by side and in turn (the rule forced both ways), at one token
+    and at 48; and the rule picks side by side at 48 tokens (2 x 48 slots over the tiny model's 4 experts) and in
+    turn at one."""
+    from refprism.gemma import forward, ops
+
     model = refprism.load(checkpoint("tiny-gemma4"), dtype="float32")
-    ids = np.random.default_rng(3).integers(3, model.config.vocab_size, T)
+    cfg = model.config
+    ids = np.random.default_rng(3).integers(3, cfg.vocab_size, T)
+    calls = []
+    real_each = ops.each
+    monkeypatch.setattr(ops, "each", lambda items, fn: (calls.append(len(items)), real_each(items, fn)))
+    model.run(ids)
+    moe_layers = sum(1 for l in range(cfg.n_layers) if cfg.moe)
+    assert len(calls) == (2 * moe_layers if T * cfg.top_k >= forward.MOE_EACH_ROWS * cfg.n_experts else 0)
+    assert (len(calls) > 0) == (T == 48)
     runs = {}
-    for n in ("1", "2", "3"):
-        monkeypatch.setenv("REFPRISM_THREADS", n)
-        runs[n] = model.run(ids).record
-    assert any(len(np.unique(runs["1"][f"blocks.{l}.moe.topk.index"])) > 1 for l in range(model.config.n_layers))
-    for n in ("2", "3"):
-        assert runs[n].keys() == runs["1"].keys()
-        for name in runs["1"]:
-            np.testing.assert_array_equal(runs[n][name], runs["1"][name], err_msg=name)
+    for rule in ("auto", "side by side", "in turn"):
+        monkeypatch.setattr(forward, "MOE_EACH_ROWS", {"auto": 8, "side by side": 0, "in turn": 10**9}[rule])
+        for n in ("1", "2", "3"):
+            monkeypatch.setenv("REFPRISM_THREADS", n)
+            runs[rule, n] = model.run(ids).record
+    one = runs["auto", "1"]
+    assert any(len(np.unique(one[f"blocks.{l}.moe.topk.index"])) > 1 for l in range(cfg.n_layers))
+    for key, record in runs.items():
+        assert record.keys() == one.keys()
+        for name in one:
+            np.testing.assert_array_equal(record[name], one[name], err_msg=f"{key} {name}")
 
 
 def test_small_sliced_products_stay_on_the_calling_thread(monkeypatch):

@@ -352,6 +352,19 @@ def _gemma4_qkv(cfg, l, b, site, h, q, p, cos, sin, shared, eps):
     return q, k, v
 
 
+# Rows an expert (the mean over the chosen ones) from which _gemma4_moe runs the experts side by side: 26B-A4B/2,
+# both layers' experts, in turn -> side by side (docs/performance.md): T = 7 (~1.2 rows an expert) 0.13 -> 0.21-0.23
+# s, T = 32 0.38-0.51 -> 0.45-0.60 s, T = 64 0.57 -> 0.75 s, T = 128 (~8) 0.80-0.97 -> 0.83-0.89 s, T = 256 1.46 ->
+# 1.28 s, T = 512 1.75 -> 1.73 s. Few rows make 1-row products that OpenBLAS threads itself (two callers contend).
+MOE_EACH_ROWS = 8
+
+
+def _in_turn(items, fn):
+    """ops.each's contract (every item once), on this thread."""
+    for item in items:
+        fn(item)
+
+
 def _gemma4_moe(cfg, b, site, x, dense, p, eps):
     """Gemma 4's mixture of experts beside the dense MLP (HF: Gemma4TextDecoderLayer, Gemma4TextRouter,
     Gemma4TextExperts); only the selected experts are computed.
@@ -378,6 +391,9 @@ def _gemma4_moe(cfg, b, site, x, dense, p, eps):
     T, J, G = len(x), cfg.top_k, cfg.d_expert
     gate, up = np.empty((T, J, G), dt), np.empty((T, J, G), dt)
     chosen = [(e, np.nonzero(top == e)) for e in np.unique(top)]  # each selected expert, its (token, slot) pairs
+    # side by side (ops.each) only where the experts have rows enough; a short prompt's 1-2 rows an expert run in
+    # turn, each product threaded as ops.matmul threads it (the same BLAS calls either way: the same bits)
+    each = ops.each if T * J >= MOE_EACH_ROWS * len(chosen) else _in_turn
 
     We_gate, We_up = p["We_gate"], p["We_up"]
 
@@ -387,7 +403,7 @@ def _gemma4_moe(cfg, b, site, x, dense, p, eps):
         gate[t, j] = ops.matmul(rows, We_gate[e])
         up[t, j] = ops.matmul(rows, We_up[e])
 
-    ops.each(chosen, expert_in)
+    each(chosen, expert_in)
     gate = site(b + "moe.gate", gate)
     up = site(b + "moe.up", up)
     act = site(b + "moe.act", ops.gelu_tanh(gate) * up)
@@ -397,7 +413,7 @@ def _gemma4_moe(cfg, b, site, x, dense, p, eps):
         e, (t, j) = chosen_e
         out[t, j] = ops.matmul(act[t, j], We_down[e])
 
-    ops.each(chosen, expert_out)
+    each(chosen, expert_out)
     out = site(b + "moe.expert_out", out)
     down = site(b + "moe.down", np.einsum("tj,tjd->td", w, out))
     s3 = site(b + "ln2_post2.scale", ops.rms_scale(down, eps=eps))

@@ -191,6 +191,27 @@ def _inv_freq(layer_type, base=None, rotated=None):
     return make
 
 
+def _norm_in_float16(hf, mp):
+    """Layer 0's input norm computed in float16 step by step (HF's upcasts to float32): x**2 overflows beyond
+    |x| = 256."""
+    norm = hf.model.layers[0].input_layernorm
+    mp.setattr(norm, "forward", lambda x: x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight)
+
+
+def _float64_but_softmax(hf, mp):
+    """HF float64 made float64 everywhere (hf_reference.gemma4_float64: the norms, the RoPE tables) but its
+    softmaxes, which stay HF's own float32 ones (eager attention's and the router's dtype=torch.float32)."""
+    from hf_reference import gemma4_float64, gemma4_module
+
+    g4 = gemma4_module(hf)
+    classes = (g4.Gemma4RMSNorm, g4.Gemma4TextRotaryEmbedding)
+    undo = gemma4_float64(hf)
+    made = [c.forward for c in classes]
+    undo()  # torch's softmax as it was
+    for c, forward in zip(classes, made):
+        mp.setattr(c, "forward", forward)
+
+
 def _positions_from_1(hf, mp):
     rot = hf.model.rotary_emb
     real = rot.forward
@@ -268,6 +289,13 @@ CASES = {
                                 "blocks.1.attn.q"),
     "rope_proportional_missing": ("rope_proportional_missing", _inv_freq("full_attention", 1e6),
                                   "blocks.1.attn.q"),
+    "norm_in_float16": ("norm_in_float16", _norm_in_float16, "blocks.0.ln1.out", (), {"big_embedding": True},
+                        "float16"),
+    "softmax_in_float32": ("softmax_in_float32", _float64_but_softmax, "blocks.0.attn.pattern", (), {}, "float64"),
+    # a port that ignores the proportional RoPE's factor (no released Gemma 4 config has one; Config reads it):
+    # HF's full layers given the unscaled frequencies theta^(-2i/H) on their 4 rotated pairs
+    "rope_scaling_missing": ("rope_scaling_missing", _inv_freq("full_attention", 1e6, rotated=4), "blocks.1.attn.q",
+                             (), {"full_rope_factor": 8.0}),
     # the Gemma 1-3 entries that apply to Gemma 4 (CATALOGUE but catalogue.NOT_ON_GEMMA4), made right for it
     "norm_in_float32": ("norm_in_float32", None, "blocks.0.ln1.out", (), {"hidden_size_per_layer_input": 0},
                         "float64"),  # HF float64 as it is (its RMSNorm upcasts to float32); no PLE: see test below
@@ -321,12 +349,6 @@ CASES = {
 
 # Entries that run on Gemma 4 but have no case here yet, and why (none may be left out silently)
 NO_CASE = {
-    "norm_in_float16": "needs a float16 HF Gemma 4 whose residual passes |x| = 256 (as the Gemma 1 case's "
-                       "large embedding); not built yet",
-    "softmax_in_float32": "needs an HF float64 Gemma 4 with every norm and both RoPE tables made float64 (as the "
-                          "Gemma 1 case); not built yet",
-    "rope_scaling_missing": "the released Gemma 4 configs have no RoPE factor (a proportional factor is supported "
-                            "by Config); not built yet",
 }
 
 
@@ -352,8 +374,33 @@ def test_every_gemma4_mistake_has_a_case():
 
 
 @pytest.fixture(scope="module")
-def g4made(checkpoint):
-    return lambda overrides: checkpoint("tiny-gemma4", **overrides)
+def g4made(checkpoint, tmp_path_factory):
+    """overrides -> a tiny Gemma 4 directory. {"full_rope_factor": f}: its full layers' proportional RoPE with
+    factor f (frequencies / f), a nested config entry that checkpoint's cache key cannot hold;
+    {"big_embedding": True}: its embedding 300 times larger (test_compare_catalogue.big_embedding)."""
+    made = {}
+
+    def get(overrides):
+        if "big_embedding" in overrides:  # the embedding x 300: the residual stream passes |x| = 256
+            from test_compare_catalogue import big_embedding
+
+            if "big" not in made:
+                made["big"] = big_embedding(checkpoint("tiny-gemma4"), tmp_path_factory.mktemp("g4big"))
+            return made["big"]
+        if "full_rope_factor" not in overrides:
+            return checkpoint("tiny-gemma4", **overrides)
+        f = overrides["full_rope_factor"]
+        if f not in made:
+            import copy
+
+            from refprism.checkpoints.synth import write_checkpoint
+
+            hf_cfg = copy.deepcopy(make_config("tiny-gemma4"))
+            hf_cfg["rope_parameters"]["full_attention"]["factor"] = f
+            made[f] = write_checkpoint(tmp_path_factory.mktemp("g4rope") / "model", hf_cfg)
+        return made[f]
+
+    return get
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

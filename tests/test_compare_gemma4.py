@@ -191,6 +191,19 @@ def _inv_freq(layer_type, base=None, rotated=None):
     return make
 
 
+def _router_attr(layer, **values):
+    """Layer `layer`'s router with its learned scale made ones (scale=None) or an attribute set (scalar_root_size)."""
+    def make(hf, mp):
+        router = hf.model.layers[layer].router
+        for name, value in values.items():
+            if name == "scale":
+                with torch.no_grad():
+                    router.scale.fill_(1.0)
+            else:
+                mp.setattr(router, name, value)
+    return make
+
+
 def _norm_in_float16(hf, mp):
     """Layer 0's input norm computed in float16 step by step (HF's upcasts to float32): x**2 overflows beyond
     |x| = 256."""
@@ -283,6 +296,9 @@ CASES = {
     "v_norm_missing": ("v_norm_missing", _old(_no_v_norm), "blocks.3.attn.v"),
     "query_scale_head_dim_4": ("query_scale_head_dim_4", _old(_head_dim_scale), "blocks.1.attn.scores"),
     "layer_scalar_missing": ("layer_scalar_missing", _old(_no_layer_scalar), "blocks.2.resid_post"),
+    "router_scale_missing": ("router_scale_missing", _router_attr(0, scale=None), "blocks.0.moe.router.logits"),
+    "router_root_d_missing": ("router_root_d_missing", _router_attr(2, scalar_root_size=1.0),
+                              "blocks.2.moe.router.logits"),
     "per_expert_scale_dropped": ("per_expert_scale_dropped", _old(_no_per_expert_scale), "blocks.4.moe.topk.weight"),
     "topk_not_renormalised": ("topk_not_renormalised", _old(_not_renormalised), "blocks.0.moe.topk.weight"),
     "rope_partial_contiguous": ("rope_partial_contiguous", lambda hf, mp: _contiguous_rope(hf, mp),

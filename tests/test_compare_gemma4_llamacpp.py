@@ -2,11 +2,11 @@
 llama.cpp vendored in llama-cpp-python 0.3.36), run on a tiny Gemma 4 GGUF with every feature on (KV sharing,
 k_eq_v, the double-wide MLP on the consumers, MoE, per-layer inputs, proportional RoPE, layer_scalar), F32
 weights, in a layer layout llama.cpp's KV-sharing rule takes (docs/gemma4.md). An honest run is within every
-floor with either KV cache; a mistake planted in llama.cpp's source (tools/build_llama_cpp.py PLANTS: gemma4.cpp's
+floor with either KV cache. A mistake planted in llama.cpp's source (tools/build_llama_cpp.py PLANTS) is found at
+its first divergence and named by the catalogue from llama-debug's printed values alone: gemma4.cpp's
 layer_output_scale skipped, llama-model.cpp's KV-sharing rule giving a consumer the wrong producer, the router's
-top-k weights unrenormalised or per_expert_scale dropped) is found at its first divergence and named by the
-catalogue from llama-debug's printed values alone; so is gemma4.cpp's post-attention norm skipped (a Gemma 1-3
-entry, post_norm_missing, run on Gemma 4)."""
+input unscaled by 1 / sqrt(D), its top-k weights unrenormalised or per_expert_scale dropped; and gemma4.cpp's
+post-attention norm skipped (a Gemma 1-3 entry, post_norm_missing, run on Gemma 4)."""
 
 from __future__ import annotations
 
@@ -118,6 +118,18 @@ def test_planted_routing_mistake_is_found_at_the_experts_sum_and_named(g4gguf, l
     explained = [d["variant"] for d in r.diagnosis if d["explains"]]
     assert explained == [variant], r.diagnosis
     assert all(d["from"] == "printed" for d in r.diagnosis)
+
+
+def test_planted_router_scale_missing_is_found_at_the_router_and_named(g4gguf, llama_planted):
+    """llama.cpp's gemma4.cpp with the router input's ggml_scale by 1 / sqrt(n_embd) deleted (PLANTS
+    "gemma4-router-root-d-missing"): the router's logits (ffn_moe_logits) are the first divergence, and from the
+    printed values alone router_root_d_missing alone reproduces them."""
+    r = compare(refprism.load(g4gguf), PROMPT, against="llama.cpp", kv_cache="f32",
+                llama_cpp=llama_planted["gemma4-router-root-d-missing"])
+    assert r.exit_status == 1
+    assert r.first_divergence == "blocks.0.moe.router.logits", r.table()
+    explained = [d["variant"] for d in r.diagnosis if d["explains"]]
+    assert explained == ["router_root_d_missing"], r.diagnosis
 
 
 def test_quantized_gemma4_is_refused_in_one_line(g4gguf, tmp_path):

@@ -104,6 +104,11 @@ PLANTS = {
     ),
     # Gemma 4's router (gemma4.cpp's build_moe_ffn call): the top-k probabilities left unrenormalised (norm_w false),
     # and per_expert_scale (ffn_down_exps_s, applied to each expert's down output) not passed
+    "gemma4-router-root-d-missing": (  # the router's input not scaled by 1 / sqrt(n_embd)
+        "src/models/gemma4.cpp",
+        "            tmp = ggml_scale(ctx0, tmp, 1.0f / sqrtf((float) n_embd));\n",
+        "            // refprism's planted mistake: the router's 1 / sqrt(n_embd) dropped\n",
+    ),
     "gemma4-topk-not-renormalised": (
         "src/models/gemma4.cpp",
         "                    LLM_FFN_GELU, true,\n",

@@ -525,6 +525,20 @@ def _layer_scalar_missing(op):
     return x + op.at("ple.out") if op.cfg.ple else x
 
 
+def _router_logits(*, scale=True, root_d=True):
+    """The router's logits (x / s_r * router_scale * D^-0.5) W_router (x = resid_mid, s_r its RMS, a norm without
+    weight) with its learned scale or its D^-0.5 left out (llama.cpp: ffn_gate_inp_s, the ggml_scale by
+    1 / sqrt(n_embd))."""
+    def compute(op):
+        x = ops.rms_apply(op.at("resid_mid"), op.at("moe.router.scale"), None)
+        if scale:
+            x = x * op.block["router_scale"]
+        if root_d:
+            x = x * op.cfg.d_model ** -0.5
+        return x @ op.block["W_router"]
+    return compute
+
+
 def _topk_weights(*, renormalise=True, per_expert=True):
     """The router's top-k weights made the wrong way, at moe.topk.weight, or at moe.down as the experts' sum they
     weight, sum_j w_j expert_out_j: llama.cpp prints no moe.topk.weight (its ffn_moe_weights_norm lacks
@@ -572,6 +586,10 @@ GEMMA4_CATALOGUE: list[Mistake] = [
             "q . k is scaled by head_dim ** -0.5; Gemma 4's attention scale is 1 (q and k are RMS-normed)"),
     Mistake("layer_scalar_missing", ("resid_post",), _layer_scalar_missing,
             "the residual stream leaving the layer is not multiplied by layer_scalar"),
+    Mistake("router_scale_missing", ("moe.router.logits",), _router_logits(scale=False),
+            "the router's input is not multiplied by its learned scale (router.scale; GGUF ffn_gate_inp_s)"),
+    Mistake("router_root_d_missing", ("moe.router.logits",), _router_logits(root_d=False),
+            "the router's input is not scaled by hidden_size ** -0.5 (HF's scalar_root_size)"),
     Mistake("per_expert_scale_dropped", ("moe.topk.weight", "moe.down"), _topk_weights(per_expert=False),
             "the router's top-k weights are not multiplied by per_expert_scale"),
     Mistake("topk_not_renormalised", ("moe.topk.weight", "moe.down"), _topk_weights(renormalise=False),

@@ -204,6 +204,14 @@ def _router_attr(layer, **values):
     return make
 
 
+def _router_reads_expert_input(layer):
+    def make(hf, mp):
+        block = hf.model.layers[layer]
+        real = block.router.forward
+        mp.setattr(block.router, "forward", lambda x: real(block.pre_feedforward_layernorm_2(x)))
+    return make
+
+
 def _norm_in_float16(hf, mp):
     """Layer 0's input norm computed in float16 step by step (HF's upcasts to float32): x**2 overflows beyond
     |x| = 256."""
@@ -299,6 +307,8 @@ CASES = {
     "router_scale_missing": ("router_scale_missing", _router_attr(0, scale=None), "blocks.0.moe.router.logits"),
     "router_root_d_missing": ("router_root_d_missing", _router_attr(2, scalar_root_size=1.0),
                               "blocks.2.moe.router.logits"),
+    "router_reads_expert_input": ("router_reads_expert_input", _router_reads_expert_input(3),
+                                  "blocks.3.moe.router.logits"),
     "per_expert_scale_dropped": ("per_expert_scale_dropped", _old(_no_per_expert_scale), "blocks.4.moe.topk.weight"),
     "topk_not_renormalised": ("topk_not_renormalised", _old(_not_renormalised), "blocks.0.moe.topk.weight"),
     "rope_partial_contiguous": ("rope_partial_contiguous", lambda hf, mp: _contiguous_rope(hf, mp),

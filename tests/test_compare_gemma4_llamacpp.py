@@ -5,8 +5,9 @@ weights, in a layer layout llama.cpp's KV-sharing rule takes (docs/gemma4.md). A
 floor with either KV cache. A mistake planted in llama.cpp's source (tools/build_llama_cpp.py PLANTS) is found at
 its first divergence and named by the catalogue from llama-debug's printed values alone: gemma4.cpp's
 layer_output_scale skipped, llama-model.cpp's KV-sharing rule giving a consumer the wrong producer, the router's
-input unscaled by 1 / sqrt(D), its top-k weights unrenormalised or per_expert_scale dropped; and gemma4.cpp's
-post-attention norm skipped (a Gemma 1-3 entry, post_norm_missing, run on Gemma 4)."""
+input unscaled by 1 / sqrt(D) or taken from the experts' input, its top-k weights unrenormalised or
+per_expert_scale dropped; and gemma4.cpp's post-attention norm skipped (a Gemma 1-3 entry, post_norm_missing,
+run on Gemma 4)."""
 
 from __future__ import annotations
 
@@ -120,16 +121,18 @@ def test_planted_routing_mistake_is_found_at_the_experts_sum_and_named(g4gguf, l
     assert all(d["from"] == "printed" for d in r.diagnosis)
 
 
-def test_planted_router_scale_missing_is_found_at_the_router_and_named(g4gguf, llama_planted):
-    """llama.cpp's gemma4.cpp with the router input's ggml_scale by 1 / sqrt(n_embd) deleted (PLANTS
-    "gemma4-router-root-d-missing"): the router's logits (ffn_moe_logits) are the first divergence, and from the
-    printed values alone router_root_d_missing alone reproduces them."""
-    r = compare(refprism.load(g4gguf), PROMPT, against="llama.cpp", kv_cache="f32",
-                llama_cpp=llama_planted["gemma4-router-root-d-missing"])
+@pytest.mark.parametrize("plant, variant", [("gemma4-router-root-d-missing", "router_root_d_missing"),
+                                            ("gemma4-router-reads-expert-input", "router_reads_expert_input")])
+def test_planted_router_mistake_is_found_at_the_router_and_named(g4gguf, llama_planted, plant, variant):
+    """llama.cpp's gemma4.cpp with the router input's ggml_scale by 1 / sqrt(n_embd) deleted, or with the router
+    fed the experts' normed input (cur_moe, ffn_norm_2's output) instead of attn_out (the trap gemma4.cpp's own
+    comment names): the router's logits (ffn_moe_logits) are the first divergence, and from the printed values
+    alone the catalogue's variant alone reproduces them."""
+    r = compare(refprism.load(g4gguf), PROMPT, against="llama.cpp", kv_cache="f32", llama_cpp=llama_planted[plant])
     assert r.exit_status == 1
     assert r.first_divergence == "blocks.0.moe.router.logits", r.table()
     explained = [d["variant"] for d in r.diagnosis if d["explains"]]
-    assert explained == ["router_root_d_missing"], r.diagnosis
+    assert explained == [variant], r.diagnosis
 
 
 def test_quantized_gemma4_is_refused_in_one_line(g4gguf, tmp_path):

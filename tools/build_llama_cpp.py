@@ -109,6 +109,12 @@ PLANTS = {
         "            tmp = ggml_scale(ctx0, tmp, 1.0f / sqrtf((float) n_embd));\n",
         "            // refprism's planted mistake: the router's 1 / sqrt(n_embd) dropped\n",
     ),
+    "gemma4-router-reads-expert-input": (  # the router fed the experts' normed input, not the residual
+        "src/models/gemma4.cpp",
+        "            ggml_tensor * tmp = ggml_rms_norm(ctx0, attn_out, hparams.f_norm_rms_eps);\n",
+        "            ggml_tensor * tmp = ggml_rms_norm(ctx0, cur_moe, hparams.f_norm_rms_eps);"
+        "  // refprism's planted mistake\n",
+    ),
     "gemma4-topk-not-renormalised": (
         "src/models/gemma4.cpp",
         "                    LLM_FFN_GELU, true,\n",

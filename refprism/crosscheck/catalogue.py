@@ -525,12 +525,16 @@ def _layer_scalar_missing(op):
     return x + op.at("ple.out") if op.cfg.ple else x
 
 
-def _router_logits(*, scale=True, root_d=True):
+def _router_logits(*, scale=True, root_d=True, expert_input=False):
     """The router's logits (x / s_r * router_scale * D^-0.5) W_router (x = resid_mid, s_r its RMS, a norm without
     weight) with its learned scale or its D^-0.5 left out (llama.cpp: ffn_gate_inp_s, the ggml_scale by
-    1 / sqrt(n_embd))."""
+    1 / sqrt(n_embd)), or read from the experts' own input x / s_r * w_ln2_moe (ln2_moe.out, which the forward makes
+    after the router: s_r is its scale too)."""
     def compute(op):
         x = ops.rms_apply(op.at("resid_mid"), op.at("moe.router.scale"), None)
+        if expert_input:
+            x = x * op.block["ln2_moe"]
+            x = ops.rms_apply(x, ops.rms_scale(x, eps=op.cfg.rms_norm_eps), None)
         if scale:
             x = x * op.block["router_scale"]
         if root_d:
@@ -590,6 +594,9 @@ GEMMA4_CATALOGUE: list[Mistake] = [
             "the router's input is not multiplied by its learned scale (router.scale; GGUF ffn_gate_inp_s)"),
     Mistake("router_root_d_missing", ("moe.router.logits",), _router_logits(root_d=False),
             "the router's input is not scaled by hidden_size ** -0.5 (HF's scalar_root_size)"),
+    Mistake("router_reads_expert_input", ("moe.router.logits",), _router_logits(expert_input=True),
+            "the router reads the experts' normed input (pre_feedforward_layernorm_2's output); Gemma 4's router "
+            "reads the residual after attention, through its own norm without weight"),
     Mistake("per_expert_scale_dropped", ("moe.topk.weight", "moe.down"), _topk_weights(per_expert=False),
             "the router's top-k weights are not multiplied by per_expert_scale"),
     Mistake("topk_not_renormalised", ("moe.topk.weight", "moe.down"), _topk_weights(renormalise=False),

@@ -114,6 +114,8 @@ def test_planted_routing_mistake_is_found_at_the_experts_sum_and_named(g4gguf, l
     r = compare(refprism.load(g4gguf), PROMPT, against="llama.cpp", kv_cache="f32", llama_cpp=llama_planted[plant])
     assert r.exit_status == 1
     assert r.first_divergence == "blocks.0.moe.down", r.table()
+    # the headline does not call a printed-only divergence accumulated: nothing there was replayed
+    assert "printed in part" in r.headline() and "accumulated" not in r.headline()
     agreed = {row.site for row in r.sites if row.max_abs <= row.floor}
     assert {"blocks.0.moe.router.logits", "blocks.0.moe.act", "blocks.0.moe.expert_out"} <= agreed
     explained = [d["variant"] for d in r.diagnosis if d["explains"]]

@@ -137,7 +137,11 @@ class CompareResult:
             return f"every one of {len(self.sites)} sites is within its floor"
         wrong = self.first_wrong_op
         text = f"first divergence: {self.first_divergence or 'none'}; first wrong op: {wrong or 'none'}"
-        if wrong is None:
+        first = next((s for s in self.sites if s.site == self.first_divergence), None)
+        if wrong is None and first is not None and first.summary:
+            text += (" (the first divergence was printed in part: there is no replay there to isolate one op; "
+                     "the diagnosis meets the print)")
+        elif wrong is None:
             text += " (every op is within its local floor: the divergence is accumulated, not one op's)"
         return text
 

@@ -191,17 +191,17 @@ def _inv_freq(layer_type, base=None, rotated=None):
     return make
 
 
-def _router_attr(layer, **values):
-    """Layer `layer`'s router with its learned scale made ones (scale=None) or an attribute set (scalar_root_size)."""
+def _router_scale_ones(layer):
+    """Layer `layer`'s router without its learned scale (made ones)."""
     def make(hf, mp):
-        router = hf.model.layers[layer].router
-        for name, value in values.items():
-            if name == "scale":
-                with torch.no_grad():
-                    router.scale.fill_(1.0)
-            else:
-                mp.setattr(router, name, value)
+        with torch.no_grad():
+            hf.model.layers[layer].router.scale.fill_(1.0)
     return make
+
+
+def _router_root_d_one(layer):
+    """Layer `layer`'s router without its hidden_size ** -0.5 (scalar_root_size made 1)."""
+    return lambda hf, mp: mp.setattr(hf.model.layers[layer].router, "scalar_root_size", 1.0)
 
 
 def _router_reads_expert_input(layer):
@@ -304,8 +304,8 @@ CASES = {
     "v_norm_missing": ("v_norm_missing", _old(_no_v_norm), "blocks.3.attn.v"),
     "query_scale_head_dim_4": ("query_scale_head_dim_4", _old(_head_dim_scale), "blocks.1.attn.scores"),
     "layer_scalar_missing": ("layer_scalar_missing", _old(_no_layer_scalar), "blocks.2.resid_post"),
-    "router_scale_missing": ("router_scale_missing", _router_attr(0, scale=None), "blocks.0.moe.router.logits"),
-    "router_root_d_missing": ("router_root_d_missing", _router_attr(2, scalar_root_size=1.0),
+    "router_scale_missing": ("router_scale_missing", _router_scale_ones(0), "blocks.0.moe.router.logits"),
+    "router_root_d_missing": ("router_root_d_missing", _router_root_d_one(2),
                               "blocks.2.moe.router.logits"),
     "router_reads_expert_input": ("router_reads_expert_input", _router_reads_expert_input(3),
                                   "blocks.3.moe.router.logits"),
